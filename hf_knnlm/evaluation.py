@@ -1,0 +1,110 @@
+"""Perplexity of the base LM and of the kNN-LM over the same sliding windows as the build."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .corpus import CorpusLike, tokenize_corpus
+from .datastore import Datastore
+from .forward import iter_window_batches
+from .knn import KNNSettings, interpolate, knn_target_log_probs
+from .windows import sliding_windows
+
+
+@dataclass
+class ScoredBatch:
+    """What the mixture needs per scored token: LM log-prob of the target and the neighbours."""
+
+    lm_log_probs: torch.Tensor  # [n]
+    targets: torch.Tensor  # [n]
+    distances: torch.Tensor | None  # [n, k]
+    neighbour_tokens: torch.Tensor | None  # [n, k]
+
+
+def iter_scored_batches(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    datastore: Datastore | None,
+    *,
+    k: int,
+    max_length: int,
+    stride: int,
+    batch_size: int,
+    recompute_dists: bool = False,
+    disable_progress: bool | None = None,
+) -> Iterator[ScoredBatch]:
+    """One forward pass and one batched neighbour search per batch of windows."""
+    windows = list(sliding_windows(len(tokens), max_length, stride))
+    hook = datastore.config.hook_module if datastore is not None else None
+    model.eval()
+    for batch in iter_window_batches(
+        model, tokens, windows, batch_size=batch_size, hook_module=hook, with_log_probs=True,
+        desc="scoring", disable_progress=disable_progress,
+    ):
+        distances = neighbour_tokens = None
+        if datastore is not None:
+            distances, neighbour_tokens = datastore.search(batch.hidden, k, recompute_dists)
+        yield ScoredBatch(batch.lm_log_probs.float().cpu(), batch.targets.cpu(),
+                          None if distances is None else distances.cpu(),
+                          None if neighbour_tokens is None else neighbour_tokens.cpu())
+
+
+def mixed_target_log_probs(batch: ScoredBatch, lmbda: float, temperature: float, k: int | None = None) -> torch.Tensor:
+    """log(lmbda p_kNN(y) + (1 - lmbda) p_LM(y)) for each target y, from (a prefix of) the neighbours."""
+    distances, neighbours = batch.distances[:, :k], batch.neighbour_tokens[:, :k]
+    knn = knn_target_log_probs(distances, neighbours, batch.targets, temperature)
+    return interpolate(batch.lm_log_probs, knn, lmbda)
+
+
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    data: CorpusLike,
+    datastore: Datastore | None = None,
+    *,
+    max_length: int = 1024,
+    stride: int = 512,
+    batch_size: int = 8,
+    k: int = 1024,
+    lmbda: float = 0.25,
+    temperature: float = 1.0,
+    recompute_dists: bool = False,
+    text_column: str = "text",
+    max_tokens: int | None = None,
+    disable_progress: bool | None = None,
+) -> dict[str, float | int | None]:
+    """Sliding-window perplexity of ``model`` and, with a datastore, of the kNN-LM.
+
+    Every token but the first is scored exactly once with at least ``max_length - stride`` tokens
+    of context (the protocol used to build datastores).
+
+    Returns:
+        `dict` with ``base_ppl``, ``knn_ppl`` (None without a datastore) and ``num_tokens``.
+    """
+    settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+    if datastore is not None:
+        datastore.check_compatible(model, tokenizer)
+        settings.k = datastore.clamp_k(k)
+    tokens = tokenize_corpus(tokenizer, data, text_column)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    base_nll = knn_nll = 0.0
+    count = 0
+    for batch in iter_scored_batches(
+        model, tokens, datastore, k=settings.k, max_length=max_length, stride=stride, batch_size=batch_size,
+        recompute_dists=settings.recompute_dists, disable_progress=disable_progress,
+    ):
+        base_nll -= batch.lm_log_probs.double().sum().item()
+        if datastore is not None:
+            knn_nll -= mixed_target_log_probs(batch, settings.lmbda, settings.temperature).double().sum().item()
+        count += len(batch.targets)
+    return {
+        "base_ppl": math.exp(base_nll / count),
+        "knn_ppl": math.exp(knn_nll / count) if datastore is not None else None,
+        "num_tokens": count,
+    }

@@ -1,0 +1,88 @@
+"""Running a causal LM over sliding windows of a token stream, batched, with the FFN input captured.
+
+Building a datastore and scoring text walk the same windows, so both read their keys/queries,
+targets and (for scoring) LM log-probs from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .hooks import FFNInputCapture, StopForward
+from .windows import Window
+
+
+@dataclass
+class WindowBatch:
+    """Everything one batch of windows produced, one row per scored target, in corpus order."""
+
+    first_window: int
+    num_windows: int
+    hidden: torch.Tensor  # [n, d] FFN input at the position before each target
+    targets: torch.Tensor  # [n] token ids
+    lm_log_probs: torch.Tensor | None  # [n] log p_LM(target), when asked for
+
+
+def _pad_batch(tokens: np.ndarray, windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(w.end - w.begin for w in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.long)
+    for row, w in enumerate(windows):
+        ids[row, : w.end - w.begin] = torch.from_numpy(tokens[w.begin : w.end].astype(np.int64))
+        mask[row, : w.end - w.begin] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _target_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(batch row, position of the query) for every target, and the targets' corpus positions."""
+    rows, positions, corpus = [], [], []
+    for row, w in enumerate(windows):
+        t = np.arange(w.first_target, w.end)
+        rows.append(np.full(len(t), row))
+        positions.append(t - 1 - w.begin)
+        corpus.append(t)
+    return (
+        torch.from_numpy(np.concatenate(rows)),
+        torch.from_numpy(np.concatenate(positions)),
+        np.concatenate(corpus),
+    )
+
+
+@torch.no_grad()
+def iter_window_batches(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    windows: list[Window],
+    *,
+    batch_size: int,
+    hook_module: str | None = None,
+    with_log_probs: bool = False,
+    start_window: int = 0,
+    desc: str = "windows",
+    disable_progress: bool | None = None,
+) -> Iterator[WindowBatch]:
+    """Yield one :class:`WindowBatch` per ``batch_size`` windows, starting at ``start_window``."""
+    device = next(model.parameters()).device
+    todo = range(start_window, len(windows), batch_size)
+    with FFNInputCapture(model, hook_module, stop_forward=not with_log_probs) as capture:
+        for first in tqdm(todo, desc=desc, unit="batch", disable=disable_progress):
+            batch = windows[first : first + batch_size]
+            ids, mask = _pad_batch(tokens, batch, device)
+            logits = None
+            try:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            except StopForward:
+                pass
+            rows, positions, corpus_positions = _target_index(batch)
+            hidden = capture.hidden_states(len(batch))[rows.to(device), positions.to(device)]
+            targets = torch.from_numpy(tokens[corpus_positions].astype(np.int64)).to(device)
+            lm_log_probs = None
+            if with_log_probs:
+                scored = torch.log_softmax(logits[rows.to(device), positions.to(device)].float(), dim=-1)
+                lm_log_probs = scored.gather(-1, targets[:, None]).squeeze(-1)
+            yield WindowBatch(first, len(batch), hidden.float(), targets, lm_log_probs)

@@ -1,0 +1,32 @@
+"""Loading a model and tokenizer by Hub id or local path, GGUF checkpoints included."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    tokenizer: str | None = None,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+):
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` the way the CLI and the demo need them."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
+    kwargs = {"revision": revision}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, **(kwargs if tokenizer is None else {}))
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kwargs)
+    if device:
+        model.to(device)
+    return model.eval(), tok

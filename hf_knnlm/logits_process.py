@@ -1,0 +1,108 @@
+"""KNNProcessor: kNN-LM as a transformers ``LogitsProcessor`` for ``model.generate``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from transformers import LogitsProcessor
+
+from .datastore import Datastore
+from .hooks import FFNInputCapture
+from .knn import KNNSettings, interpolate, knn_log_probs
+
+
+def load_datastore(datastore: Datastore | str | os.PathLike, **kwargs) -> Datastore:
+    return datastore if isinstance(datastore, Datastore) else Datastore.from_pretrained(datastore, **kwargs)
+
+
+def mix_with_datastore(
+    datastore: Datastore, queries: torch.Tensor, lm_log_probs: torch.Tensor, settings: KNNSettings
+) -> torch.Tensor:
+    """log(lmbda * p_kNN + (1 - lmbda) * p_LM) for ``[Q, d]`` queries and ``[Q, V]`` LM log-probs.
+
+    One faiss search covers every query.
+    """
+    distances, token_ids = datastore.search(queries, settings.k, settings.recompute_dists)
+    knn = knn_log_probs(distances, token_ids, lm_log_probs.shape[-1], settings.temperature)
+    return interpolate(lm_log_probs, knn.to(lm_log_probs.device), settings.lmbda)
+
+
+class KNNProcessor(LogitsProcessor):
+    r"""
+    [`LogitsProcessor`] that turns a causal LM into a kNN-LM (Khandelwal et al., 2020) during
+    generation: the next-token distribution becomes ``lmbda * p_kNN + (1 - lmbda) * p_LM``, where
+    p_kNN is a softmax over the negative squared L2 distances (divided by ``temperature``) of the
+    ``k`` nearest datastore keys to the current FFN input, summed per stored next token.
+
+    The processor hooks ``model`` itself (the input of the last layer's FFN) and reads the vector of
+    the last position of every sequence, so it works for greedy search, sampling and beam search.
+    The returned scores are log-probabilities (the incoming scores are normalised first, so logits
+    and log-probs are both accepted); they are new tensors, the input is never modified.
+
+    Args:
+        model (`PreTrainedModel`):
+            The model that generates; it must be the model (or a fine-tune of it) that built the store.
+        datastore (`Datastore`, `str` or `os.PathLike`):
+            A datastore, or a local folder / Hub repo id to load one from.
+        k (`int`, *optional*, defaults to 1024):
+            Number of neighbours retrieved per step (clamped to the store size with a warning).
+        lmbda (`float`, *optional*, defaults to 0.25):
+            Weight of p_kNN in the mixture, in [0, 1]; 0 gives the base model exactly.
+        temperature (`float`, *optional*, defaults to 1.0):
+            Divides the distances before the softmax over neighbours.
+        recompute_dists (`bool`, *optional*, defaults to `False`):
+            Use exact distances from the stored keys (useful with PQ-compressed indexes).
+        hook_module (`str`, *optional*):
+            The module to hook; defaults to the one recorded in the datastore.
+
+    Examples:
+
+    ```python
+    >>> import tempfile
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
+    >>> from hf_knnlm import Datastore, KNNProcessor
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], tempfile.mkdtemp(),
+    ...                         max_length=16, stride=8)
+    >>> inputs = tokenizer("The cat", return_tensors="pt")
+    >>> out = model.generate(**inputs, max_new_tokens=5, do_sample=False,
+    ...                      logits_processor=LogitsProcessorList([KNNProcessor(model, store, k=4)]))
+    ```
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        datastore: Datastore | str | os.PathLike,
+        k: int = 1024,
+        lmbda: float = 0.25,
+        temperature: float = 1.0,
+        recompute_dists: bool = False,
+        hook_module: str | None = None,
+    ) -> None:
+        self.settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+        self.datastore = load_datastore(datastore)
+        self.datastore.check_compatible(model)
+        self.settings.k = self.datastore.clamp_k(k)
+        self._capture = FFNInputCapture(model, hook_module or self.datastore.config.hook_module)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # At the prefill step the model saw the whole prompt; only the last position predicts.
+        queries = self._capture.hidden_states(scores.shape[0])[:, -1, :]
+        lm_log_probs = torch.log_softmax(scores.float(), dim=-1)
+        mixed = mix_with_datastore(self.datastore, queries, lm_log_probs, self.settings)
+        # Tokens an earlier processor banned (-inf) stay banned whatever the neighbours say.
+        return mixed.masked_fill(torch.isneginf(scores), -math.inf).to(scores.dtype)
+
+    def remove(self) -> None:
+        """Detach the hook from the model (the processor cannot be used afterwards)."""
+        self._capture.remove()
+
+    def __enter__(self) -> KNNProcessor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

@@ -1,0 +1,57 @@
+"""Sliding windows over a token stream, shared by datastore building and evaluation.
+
+Every target token (every position but the first) is covered exactly once, and every target after
+the first window sees at least ``max_length - stride`` tokens of context, as in the transformers
+perplexity guide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[begin, end)`` are fed to the model; tokens ``[first_target, end)`` are scored.
+
+    Target token ``t`` is predicted from the hidden state at position ``t - 1``.
+    """
+
+    begin: int
+    end: int
+    first_target: int
+
+    @property
+    def num_targets(self) -> int:
+        return self.end - self.first_target
+
+
+def check_window_args(max_length: int, stride: int) -> None:
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be >= 2 (a window needs a context and a target).")
+    if not 0 < stride < max_length:
+        raise ValueError(
+            f"stride={stride} must be in [1, max_length - 1 = {max_length - 1}] so that the first target of "
+            f"every window has context; use stride={max_length - 1} for (almost) non-overlapping windows."
+        )
+
+
+def sliding_windows(num_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
+    """Windows of ``max_length`` tokens; after the first, each one scores the next ``stride`` targets."""
+    check_window_args(max_length, stride)
+    if num_tokens < 2:
+        return
+    prev_end = min(max_length, num_tokens)
+    yield Window(begin=0, end=prev_end, first_target=1)
+    while prev_end < num_tokens:
+        end = min(prev_end + stride, num_tokens)
+        yield Window(begin=max(0, end - max_length), end=end, first_target=prev_end)
+        prev_end = end
+
+
+def count_windows(num_tokens: int, max_length: int, stride: int) -> int:
+    if num_tokens < 2:
+        return 0
+    first = min(max_length, num_tokens)
+    return 1 + -(-(num_tokens - first) // stride)
