@@ -1,0 +1,82 @@
+"""Shared fixtures: an in-process BPE tokenizer, tiny random causal LMs and a small datastore.
+
+Nothing is downloaded: the tokenizer is trained on generated text and models are random.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
+
+SHARED_DATA = Path(os.environ.get("HF_KNNLM_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+_SUBJECTS = ["the king", "a knight", "the old queen", "my lord", "the fool", "a merchant", "the river", "our town"]
+_VERBS = ["sees", "follows", "remembers", "sells", "crosses", "loves", "fears", "praises"]
+_OBJECTS = ["the bridge", "a silver crown", "the northern road", "his brother", "the market", "a quiet song"]
+_ENDINGS = [".", "!", ", and night falls.", ", though it rains.", "?"]
+
+
+def generated_text(num_sentences: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sentences = [
+        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}"
+        for _ in range(num_sentences)
+    ]
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="session")
+def corpus_text() -> str:
+    return generated_text(400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_text() -> str:
+    return generated_text(60, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tk.train_from_iterator([corpus_text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=vocab_size, n_positions=256,
+                        bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def model(tokenizer):
+    return tiny_gpt2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory, model, tokenizer, corpus_text) -> Path:
+    from hf_knnlm import Datastore
+
+    folder = tmp_path_factory.mktemp("store")
+    Datastore.build(model, tokenizer, [corpus_text], folder, max_length=64, stride=32, batch_size=4,
+                    disable_progress=True)
+    return folder
+
+
+@pytest.fixture()
+def store(store_dir):
+    from hf_knnlm import Datastore
+
+    return Datastore.from_pretrained(store_dir)
