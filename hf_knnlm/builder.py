@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 from . import __version__
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
+from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .forward import iter_window_batches
 from .hooks import find_ffn_module
 from .hub import atomic_write_json, file_hashes, temporary_path
@@ -53,9 +54,13 @@ def _build_fingerprint(tokens: np.ndarray, settings: dict) -> str:
 class _Progress:
     """The resumable state of a build: which windows are done and which chunks hold them."""
 
-    def __init__(self, folder: Path, fingerprint: str):
+    def __init__(self, folder: Path, fingerprint: str, load_only: bool = False):
         self.folder = folder
         self.path = folder / PROGRESS_NAME
+        self.fingerprint = fingerprint
+        if load_only:  # another process owns this folder; read it with reload() once it is done
+            self.state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
+            return
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if state.get("fingerprint") != fingerprint:
             if state:
@@ -63,6 +68,12 @@ class _Progress:
             shutil.rmtree(folder, ignore_errors=True)
             state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
         folder.mkdir(parents=True, exist_ok=True)
+        self.state = state
+
+    def reload(self) -> None:
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if state.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(f"{self.path} is missing or from another build; a process did not finish.")
         self.state = state
 
     @property
@@ -109,8 +120,17 @@ def _clear_store(folder: Path) -> None:
             path.unlink()
 
 
-def _finalize(progress: _Progress, output_dir: Path, config: DatastoreConfig, max_shard_size, train_size: int):
-    keys, values = progress.arrays()
+def _merged_arrays(progresses: list[_Progress]) -> tuple[ShardedArray, ShardedArray]:
+    """Every rank's chunks as one (keys, values) pair, in window order (ranks hold contiguous ranges)."""
+    arrays = [p.arrays() for p in progresses if p.state["chunks"]]
+    return (ShardedArray([s for keys, _ in arrays for s in keys.shards]),
+            ShardedArray([s for _, values in arrays for s in values.shards]))
+
+
+def _finalize(
+    keys: ShardedArray, values: ShardedArray, output_dir: Path, config: DatastoreConfig, max_shard_size,
+    train_size: int,
+):
     num = len(values)
     config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
     bounds = shard_bounds(num, config.hidden_size * 2, max_shard_size)
@@ -160,7 +180,8 @@ def build_datastore(
                 f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
                 f"or choose another output_dir."
             )
-        _clear_store(output_dir)
+        if build_state().is_main_process:  # one process deletes; the others would race it
+            _clear_store(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tokens = tokenize_corpus(tokenizer, data, text_column, separator)
@@ -181,22 +202,53 @@ def build_datastore(
         datasets=[corpus_name(data, text_column)],
     )
     settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
-    progress = _Progress(output_dir / PARTIAL_DIR, _build_fingerprint(tokens, settings))
+    fingerprint = _build_fingerprint(tokens, settings)
     windows = list(sliding_windows(len(tokens), max_length, stride))
+    state = build_state()
+    progresses = _rank_progresses(output_dir / PARTIAL_DIR, fingerprint, len(windows), state)
+    first, last = window_range(len(windows), state.process_index, state.num_processes)
+    progress = progresses[state.process_index]
     if progress.windows_done:
-        logger.info("Resuming the build of %s at window %d/%d", output_dir, progress.windows_done, len(windows))
+        logger.info("Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done,
+                    last)
 
     buffer = _Buffer()
-    model.eval()
+    place_model(model, state).eval()
     for batch in iter_window_batches(
-        model, tokens, windows, batch_size=batch_size, hook_module=path, start_window=progress.windows_done,
-        desc="building datastore", disable_progress=disable_progress,
+        model, tokens, windows[first:last], batch_size=batch_size, hook_module=path,
+        start_window=progress.windows_done, desc="building datastore",
+        disable_progress=disable_progress or not state.is_local_main_process,
     ):
         buffer.add(batch.hidden, batch.targets)
         done = batch.first_window + batch.num_windows
-        if buffer.rows >= checkpoint_every or done == len(windows):
+        if buffer.rows >= checkpoint_every or done == last - first:
             progress.add_chunk(*buffer.drain(), windows_done=done)
 
-    _finalize(progress, output_dir, config, max_shard_size, train_size)
-    shutil.rmtree(progress.folder, ignore_errors=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for rank, p in enumerate(progresses):
+            p.reload()
+            todo = window_range(len(windows), rank, state.num_processes)
+            if p.windows_done != todo[1] - todo[0]:
+                raise RuntimeError(f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows.")
+        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size)
+        shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
+    state.wait_for_everyone()
     return output_dir
+
+
+def _rank_progresses(partial: Path, fingerprint: str, num_windows: int, state) -> list[_Progress]:
+    """The progress of every process; a single process keeps its chunks directly in ``partial``.
+
+    Each process opens (and, if stale, resets) only its own folder; the main process reads the
+    others' after the barrier.
+    """
+    if state.num_processes == 1:
+        return [_Progress(partial, fingerprint)]
+    return [
+        _Progress(
+            rank_folder(partial, rank), rank_fingerprint(fingerprint, rank, state.num_processes, num_windows),
+            load_only=rank != state.process_index,
+        )
+        for rank in range(state.num_processes)
+    ]

@@ -14,7 +14,7 @@ from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_si
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, tokenizer_fingerprint
 from .hub import file_hashes, push_folder, resolve_folder, temporary_path, verify_files
-from .index import DEFAULT_NPROBE, INDEX_NAME, read_index, set_nprobe
+from .index import DEFAULT_NPROBE, GPU_MAX_K, INDEX_NAME, index_to_gpus, read_index, set_nprobe
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,12 @@ class Datastore:
     ```
     """
 
-    def __init__(self, folder: Path, config: DatastoreConfig, *, mmap: bool = True, nprobe: int = DEFAULT_NPROBE):
+    def __init__(
+        self, folder: Path, config: DatastoreConfig, *, mmap: bool = True, nprobe: int = DEFAULT_NPROBE,
+        gpu: str | bool = "auto",
+    ):
         self.folder = Path(folder)
+        self.gpu = gpu
         self.config = config
         self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in config.shards])
         values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in config.shards])
@@ -54,6 +58,7 @@ class Datastore:
                 f"{len(self.values)}; config says {config.num_entries}. The datastore is incomplete; rebuild it."
             )
         self.nprobe = nprobe
+        _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -115,11 +120,14 @@ class Datastore:
         verify: bool = True,
         mmap: bool = True,
         nprobe: int = DEFAULT_NPROBE,
+        gpu: str | bool = "auto",
     ) -> Datastore:
         """Open a datastore from a local folder or a Hub repository id.
 
         Every file is checked against the sha256 in ``datastore_config.json`` (``verify=True``)
         before faiss or safetensors read it; the index is memory-mapped where its type allows.
+        With faiss-gpu and CUDA, ``gpu`` (``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``)
+        says how the index is cloned to the GPUs (see :func:`hf_knnlm.index.index_to_gpus`).
         """
         folder = resolve_folder(
             repo_id_or_path, config_name=CONFIG_NAME, allow_patterns=DATASTORE_FILE_PATTERNS, revision=revision,
@@ -128,7 +136,7 @@ class Datastore:
         config = DatastoreConfig.load(folder / CONFIG_NAME)
         if verify:
             verify_files(folder, config.files, what="datastore")
-        return cls(folder, config, mmap=mmap, nprobe=nprobe)
+        return cls(folder, config, mmap=mmap, nprobe=nprobe, gpu=gpu)
 
     def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
         """Write the store to ``save_directory``, re-sharded if ``max_shard_size`` is given."""
@@ -193,6 +201,33 @@ class Datastore:
     def nprobe(self, value: int) -> None:
         self._nprobe = value
         set_nprobe(self.index, value)
+        if getattr(self, "_gpu_index", None) is not None:
+            set_nprobe(self._gpu_index, value, on_gpu=True)
+
+    @property
+    def index(self) -> faiss.Index:
+        """The CPU (memory-mapped) faiss index; saving and rebuilding work on this one."""
+        return self._index
+
+    @index.setter
+    def index(self, value: faiss.Index) -> None:
+        self._index = value
+        self._gpu_index = None  # a new CPU index invalidates its GPU clone
+
+    @property
+    def search_index(self) -> faiss.Index:
+        """The index queries go to: the GPU clone when faiss-gpu sees a GPU (and ``gpu`` allows), else
+        :attr:`index`."""
+        if self._gpu_index is None and self.gpu not in ("none", False, None):
+            clone = index_to_gpus(self._index, self.gpu)
+            if clone is not self._index:
+                self._gpu_index = clone
+                set_nprobe(clone, self.nprobe, on_gpu=True)
+        return self._index if self._gpu_index is None else self._gpu_index
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_index is not None
 
     def __repr__(self) -> str:
         return (f"Datastore(folder={str(self.folder)!r}, entries={len(self)}, hidden_size={self.hidden_size}, "
@@ -214,11 +249,13 @@ class Datastore:
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
         if q.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
-        distances, ids = self.index.search(q, k)
+        if self.on_gpu and k > GPU_MAX_K:
+            raise ValueError(f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
+                             f"k <= {GPU_MAX_K} or open the datastore with gpu='none'.")
+        distances, ids = self.search_index.search(q, k)
         missing = ids < 0
         if recompute_dists:
-            keys = self.keys.take(np.where(missing, 0, ids)).astype(np.float32)
-            distances = ((keys - q[:, None, :]) ** 2).sum(-1)
+            distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))
             # Approximate search orders by approximate distance; exact ones may reorder.
             order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
             distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
@@ -277,3 +314,21 @@ class Datastore:
                     f"tokenizer of {cfg.base_model!r}."
                 )
 
+
+
+_RECOMPUTE_ROWS = 1 << 16  # keys gathered per block: bounds the float32 copy to ~150 MB at d=576
+
+
+def exact_sq_distances(keys: ShardedArray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Squared L2 distances from each query ``[Q, d]`` to its stored fp16 keys ``ids`` ``[Q, k]``.
+
+    Keys are gathered from the memory-mapped shards a block of queries at a time, so RAM stays
+    bounded whatever ``Q * k``; the arithmetic is torch's (multithreaded) in float32.
+    """
+    out = np.empty(ids.shape, dtype=np.float32)
+    step = max(1, _RECOMPUTE_ROWS // max(ids.shape[1], 1))
+    for start in range(0, len(queries), step):
+        block = torch.from_numpy(keys.take(ids[start : start + step])).float()  # [b, k, d]
+        q = torch.from_numpy(queries[start : start + step]).unsqueeze(1)
+        out[start : start + step] = (block - q).square_().sum(-1).numpy()
+    return out

@@ -66,18 +66,114 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _mmap_flags() -> list[int]:
+    """Read flags to try, best first: zero-copy mmap of every code array (faiss >= 1.11), then the
+    classic on-disk inverted lists (IVF only; for other types faiss silently reads into RAM)."""
+    flags = []
+    if hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        flags.append(faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    flags.append(faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    return flags
+
+
 def read_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
-    """Open an index, memory-mapped when its type allows it (IVF lists, flat codes)."""
+    """Open an index, memory-mapped when its type allows it (IVF lists, flat codes).
+
+    A memory-mapped index costs almost no RAM: the OS pages codes in as the search touches them and
+    drops them under memory pressure, so a store larger than RAM can be searched.
+    """
     path = Path(path)
     if mmap:
-        try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError:
-            logger.debug("index type of %s cannot be memory-mapped; reading it into RAM", path)
+        for flags in _mmap_flags():
+            try:
+                return faiss.read_index(str(path), flags)
+            except RuntimeError:
+                continue
+        logger.debug("index type of %s cannot be memory-mapped; reading it into RAM", path)
     return faiss.read_index(str(path))
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+def set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool = False) -> None:
+    if on_gpu:
+        # GPU indexes (and their shard/replica wrappers) are reached through the parameter space.
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nprobe, GPU_MAX_K))
+        return
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe
+
+
+# ----------------------------------------------------------------- threads
+FAISS_THREADS_ENV = "HF_KNNLM_FAISS_THREADS"
+
+
+def configure_threads(faiss_threads: int | None = None, torch_threads: int | None = None) -> tuple[int, int]:
+    """Set the OpenMP thread counts of faiss and torch so that they don't oversubscribe the cores.
+
+    faiss and torch ship separate OpenMP runtimes, each sized to every core by default. In kNN-LM
+    they run one after the other (forward pass, then search), never at once, so the default gives
+    both the same count: ``torch.get_num_threads()`` (itself ``OMP_NUM_THREADS`` or the core count).
+
+    Args:
+        faiss_threads (`int`, *optional*): faiss threads; defaults to the ``HF_KNNLM_FAISS_THREADS``
+            environment variable, else to torch's count.
+        torch_threads (`int`, *optional*): if given, also ``torch.set_num_threads(torch_threads)``.
+
+    Returns:
+        `(faiss_threads, torch_threads)` now in effect.
+    """
+    import torch
+
+    if torch_threads is not None:
+        if torch_threads <= 0:
+            raise ValueError(f"torch_threads={torch_threads} must be a positive number of threads.")
+        torch.set_num_threads(torch_threads)
+    if faiss_threads is None and os.environ.get(FAISS_THREADS_ENV):
+        faiss_threads = int(os.environ[FAISS_THREADS_ENV])
+    if faiss_threads is None:
+        faiss_threads = torch.get_num_threads()
+    if faiss_threads <= 0:
+        raise ValueError(f"faiss_threads={faiss_threads} must be a positive number of threads.")
+    faiss.omp_set_num_threads(faiss_threads)
+    return faiss_threads, torch.get_num_threads()
+
+
+# ----------------------------------------------------------------- GPU
+GPU_MODES = ("auto", "replicate", "shard", "none")
+GPU_MAX_K = 2048  # largest k (and nprobe) faiss GPU indexes accept
+
+
+def num_gpus() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (which has no ``index_cpu_to_all_gpus``) or no CUDA."""
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or not hasattr(faiss, "GpuMultipleClonerOptions"):
+        return 0
+    return int(faiss.get_num_gpus())
+
+
+def index_to_gpus(
+    index: faiss.Index, gpu: str | bool | None = "auto", use_float16: bool = True
+) -> faiss.Index:
+    """Clone ``index`` onto every visible GPU, or return it unchanged when there is none.
+
+    Args:
+        index (`faiss.Index`): a CPU index (memory-mapped is fine; its codes are copied).
+        gpu (`str`, defaults to `"auto"`): ``"auto"`` / ``"replicate"``: a full copy per GPU, queries
+            split across them (fastest when the index fits one GPU); ``"shard"``: entries split
+            across GPUs (for indexes larger than one GPU's memory); ``"none"`` (or `False`): stay on CPU.
+        use_float16 (`bool`, defaults to `True`): float16 IVFPQ lookup tables / flat storage on the
+            GPU, needed for PQ codes of 56+ bytes and halves GPU memory.
+    """
+    mode = {True: "auto", False: "none", None: "none"}.get(gpu, gpu)
+    if mode not in GPU_MODES:
+        raise ValueError(f"gpu={gpu!r} must be one of {GPU_MODES} (or True/False).")
+    count = num_gpus() if mode != "none" else 0
+    if count == 0:
+        if mode in ("replicate", "shard"):
+            logger.warning("gpu=%r, but faiss sees no GPU (faiss-cpu or no CUDA); staying on CPU.", mode)
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = mode == "shard"
+    options.useFloat16 = use_float16
+    logger.info("Cloning the faiss index to %d GPU(s) (shard=%s).", count, options.shard)
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+

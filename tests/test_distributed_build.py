@@ -1,0 +1,82 @@
+"""Multi-process build under accelerate: 2 CPU processes give the single-process store entry for entry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from accelerate import PartialState
+
+from hf_knnlm import Datastore
+from hf_knnlm.distributed import window_range
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("num_windows,num_processes", [(10, 2), (11, 2), (7, 3), (1, 2), (0, 4)])
+def test_window_range_is_accelerate_split(num_windows, num_processes):
+    ranges = [window_range(num_windows, r, num_processes) for r in range(num_processes)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_windows
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous, in rank order
+    # the same split as accelerate's split_between_processes, rank by rank
+    for rank, (first, last) in enumerate(ranges):
+        state = type("S", (), {"num_processes": num_processes, "process_index": rank})()
+        split = PartialState.split_between_processes.__wrapped__(state, list(range(num_windows)))
+        assert list(next(split)) == list(range(first, last))
+
+
+def test_window_range_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank=2"):
+        window_range(10, 2, 2)
+
+
+def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, corpus_text):
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text, encoding="utf-8")
+    build_args = {"max_length": 64, "stride": 32, "batch_size": 4}
+
+    single = Datastore.build(model, tokenizer, corpus, tmp_path / "single", disable_progress=True,
+                             **build_args)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
+    # --multi_gpu makes accelerate start the processes with torchrun; without CUDA they use gloo on CPU.
+    launcher = shutil.which("accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "hf_knnlm.cli", "build", "--model", str(model_dir), "--data", str(corpus),
+           "--output", str(tmp_path / "multi"), "--max-length", "64", "--stride", "32", "--batch-size", "4"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("Datastore(") == 2  # both processes returned the finished store
+
+    multi = Datastore.from_pretrained(tmp_path / "multi")
+    assert not (tmp_path / "multi" / ".partial").exists()
+    assert len(multi) == len(single)
+    assert multi.config.shards == single.config.shards
+    np.testing.assert_array_equal(multi.values.numpy(), single.values.numpy())
+    # Same model, same windows: the keys are bitwise equal in fp16 (not merely close).
+    np.testing.assert_array_equal(multi.keys.to_numpy(), single.keys.to_numpy())
+    assert multi.index.ntotal == single.index.ntotal
+    q = single.keys.take(np.arange(0, len(single), 97)).astype(np.float32)
+    np.testing.assert_array_equal(multi.search_ids(q, 8)[1], single.search_ids(q, 8)[1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork-free check of the rank folder layout only")
+def test_rank_progresses_single_process_layout(tmp_path):
+    from hf_knnlm.builder import _rank_progresses
+
+    state = type("S", (), {"num_processes": 1, "process_index": 0})()
+    (progress,) = _rank_progresses(tmp_path / ".partial", "fp", 5, state)
+    assert progress.folder == tmp_path / ".partial"
+    state = type("S", (), {"num_processes": 2, "process_index": 1})()
+    progresses = _rank_progresses(tmp_path / ".partial2", "fp", 5, state)
+    assert [p.folder.name for p in progresses] == ["rank-00000", "rank-00001"]
+    assert not progresses[0].folder.exists() and progresses[1].folder.exists()  # only its own folder
