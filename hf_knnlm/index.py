@@ -110,32 +110,32 @@ FAISS_THREADS_ENV = "HF_KNNLM_FAISS_THREADS"
 def configure_threads(faiss_threads: int | None = None, torch_threads: int | None = None) -> tuple[int, int]:
     """Set the OpenMP thread counts of faiss and torch so that they don't oversubscribe the cores.
 
-    faiss and torch ship separate OpenMP runtimes, each sized to every core by default. In kNN-LM
-    they run one after the other (forward pass, then search), never at once, so the default gives
-    both the same count: ``torch.get_num_threads()`` (itself ``OMP_NUM_THREADS`` or the core count).
+    In kNN-LM the two never run at once (forward pass, then search), so the default gives faiss the
+    same count as torch (``torch.get_num_threads()``: ``OMP_NUM_THREADS`` or the core count). Two
+    cases exist, and this choice is right in both: when torch is imported before faiss (the usual
+    order: transformers first), faiss's ``omp_*`` calls bind to torch's already-loaded libgomp, so
+    there is one runtime and one count (setting faiss's would silently change torch's; torch's
+    count is therefore set last and wins); otherwise each has its own pool.
 
     Args:
         faiss_threads (`int`, *optional*): faiss threads; defaults to the ``HF_KNNLM_FAISS_THREADS``
             environment variable, else to torch's count.
-        torch_threads (`int`, *optional*): if given, also ``torch.set_num_threads(torch_threads)``.
+        torch_threads (`int`, *optional*): torch threads; defaults to the current count.
 
     Returns:
-        `(faiss_threads, torch_threads)` now in effect.
+        `(faiss_threads, torch_threads)` in effect afterwards, as the libraries report them.
     """
     import torch
 
-    if torch_threads is not None:
-        if torch_threads <= 0:
-            raise ValueError(f"torch_threads={torch_threads} must be a positive number of threads.")
-        torch.set_num_threads(torch_threads)
+    for name, value in (("faiss_threads", faiss_threads), ("torch_threads", torch_threads)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be a positive number of threads.")
+    torch_threads = torch_threads or torch.get_num_threads()
     if faiss_threads is None and os.environ.get(FAISS_THREADS_ENV):
         faiss_threads = int(os.environ[FAISS_THREADS_ENV])
-    if faiss_threads is None:
-        faiss_threads = torch.get_num_threads()
-    if faiss_threads <= 0:
-        raise ValueError(f"faiss_threads={faiss_threads} must be a positive number of threads.")
-    faiss.omp_set_num_threads(faiss_threads)
-    return faiss_threads, torch.get_num_threads()
+    faiss.omp_set_num_threads(faiss_threads or torch_threads)
+    torch.set_num_threads(torch_threads)
+    return faiss.omp_get_max_threads(), torch.get_num_threads()
 
 
 # ----------------------------------------------------------------- GPU
