@@ -14,7 +14,15 @@ from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_si
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, tokenizer_fingerprint
 from .hub import file_hashes, push_folder, resolve_folder, temporary_path, verify_files
-from .index import DEFAULT_NPROBE, GPU_MAX_K, INDEX_NAME, index_to_gpus, read_index, set_nprobe
+from .index import (
+    DEFAULT_NPROBE,
+    GPU_MAX_K,
+    INDEX_NAME,
+    configure_threads,
+    index_to_gpus,
+    read_index,
+    set_nprobe,
+)
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
@@ -47,6 +55,7 @@ class Datastore:
     ):
         self.folder = Path(folder)
         self.gpu = gpu
+        configure_threads()  # faiss gets torch's thread count; see index.configure_threads
         self.config = config
         self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in config.shards])
         values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in config.shards])

@@ -105,6 +105,7 @@ def set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool = False) -> None:
 
 # ----------------------------------------------------------------- threads
 FAISS_THREADS_ENV = "HF_KNNLM_FAISS_THREADS"
+_explicit_faiss_threads: int | None = None
 
 
 def configure_threads(faiss_threads: int | None = None, torch_threads: int | None = None) -> tuple[int, int]:
@@ -119,7 +120,8 @@ def configure_threads(faiss_threads: int | None = None, torch_threads: int | Non
 
     Args:
         faiss_threads (`int`, *optional*): faiss threads; defaults to the ``HF_KNNLM_FAISS_THREADS``
-            environment variable, else to torch's count.
+            environment variable, else to the count of an earlier explicit call, else to torch's count.
+            :class:`~hf_knnlm.Datastore` calls this (with no arguments) when it opens a store.
         torch_threads (`int`, *optional*): torch threads; defaults to the current count.
 
     Returns:
@@ -130,9 +132,14 @@ def configure_threads(faiss_threads: int | None = None, torch_threads: int | Non
     for name, value in (("faiss_threads", faiss_threads), ("torch_threads", torch_threads)):
         if value is not None and value <= 0:
             raise ValueError(f"{name}={value} must be a positive number of threads.")
+    global _explicit_faiss_threads
     torch_threads = torch_threads or torch.get_num_threads()
-    if faiss_threads is None and os.environ.get(FAISS_THREADS_ENV):
+    if faiss_threads is not None:
+        _explicit_faiss_threads = faiss_threads  # later default calls (opening a store) keep it
+    elif os.environ.get(FAISS_THREADS_ENV):
         faiss_threads = int(os.environ[FAISS_THREADS_ENV])
+    else:
+        faiss_threads = _explicit_faiss_threads
     faiss.omp_set_num_threads(faiss_threads or torch_threads)
     torch.set_num_threads(torch_threads)
     return faiss.omp_get_max_threads(), torch.get_num_threads()

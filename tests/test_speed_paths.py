@@ -152,6 +152,11 @@ def test_configure_threads(monkeypatch):
             configure_threads(faiss_threads=0)
         with pytest.raises(ValueError, match="torch_threads=-1"):
             configure_threads(torch_threads=-1)
+        monkeypatch.delenv(index_module.FAISS_THREADS_ENV)
+        monkeypatch.setattr(index_module, "_explicit_faiss_threads", None)
+        torch.set_num_threads(2)
+        assert configure_threads(faiss_threads=1)[1] == 2
+        assert configure_threads()[1] == 2 and index_module._explicit_faiss_threads == 1  # kept
     finally:
         faiss.omp_set_num_threads(before[0])
         torch.set_num_threads(before[1])
