@@ -262,6 +262,7 @@ def bench_synthetic(n: int, dim: int, factory: str, root: Path, args) -> dict:
         keys_size = (folder / "keys.safetensors").stat().st_size
         _log(f"P6: searching it ({built})")
         searched = _child(_SEARCH_CHILD, folder / "index.faiss", dim, args.nprobe, args.k, args.faiss_threads)
+        _log(f"P6: {searched}")
         return {"entries": n, "dim": dim, "factory": factory, "index_bytes": size, "keys_bytes": keys_size,
                 **built, **searched}
     finally:
@@ -325,9 +326,9 @@ def main(argv=None) -> dict:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    _print_table(results)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    _print_table(results)
     return results
 
 
@@ -384,10 +385,11 @@ def _print_table(r: dict) -> None:
         print(f"   kNN-LM ppl {p2['knn_ppl']:.3f} vs exact search {p2['exact_knn_ppl']:.3f} "
               f"({p2['ppl_gap_pct']:+.2f}%); with recompute_dists {p2['knn_ppl_recompute']:.3f} "
               f"({p2['ppl_gap_recompute_pct']:+.2f}%); base ppl {p2['base_ppl']:.3f}")
-    p3 = r["P3"]
-    print(f"P3 build/forward throughput    : {p3['P3']:.3f}  ({p3['build_tok_s']:.0f} vs "
-          f"{p3['forward_tok_s']:.0f} "
-          f"tok/s, {p3['tokens']} tokens)")
+    p3 = r.get("P3")
+    if p3:
+        print(f"P3 build/forward throughput    : {p3['P3']:.3f}  ({p3['build_tok_s']:.0f} vs "
+              f"{p3['forward_tok_s']:.0f} "
+              f"tok/s, {p3['tokens']} tokens)")
     if "P4" in r:
         p4 = r["P4"]
         print(f"P4 generate latency kNN/base   : {p4['P4']:.3f}  ({p4['knn_ms']:.1f} vs "
