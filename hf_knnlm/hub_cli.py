@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 
 
+def _size(text: str) -> int | str:
+    """``--max-shard-size 500MB`` or a plain number of bytes."""
+    return int(text) if text.strip().isdigit() else text
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from .datastore import Datastore
 
@@ -25,6 +30,6 @@ def register(subparsers) -> None:
     p.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
     p.add_argument("--commit-message", default=None, help="Default: Upload kNN-LM datastore.")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
-    p.add_argument("--max-shard-size", default="5GB", help="Largest keys shard uploaded (default 5GB).")
+    p.add_argument("--max-shard-size", type=_size, default="5GB", help="Largest keys shard (default 5GB).")
     p.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
     p.set_defaults(func=cmd_push)
