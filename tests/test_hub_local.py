@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,28 @@ def test_sharded_store_reassembles_exactly(store, sharded_dir):
     q = _queries(store)
     exact = sharded.search(q, 8, recompute_dists=True)  # gathers keys across shard boundaries
     assert torch.equal(exact[0], store.search(q, 8, recompute_dists=True)[0])
+
+
+def test_store_without_index_json_loads_from_config_shards(store, sharded_dir):
+    # Stores written before the index jsons existed list their shards in datastore_config.json only.
+    config = DatastoreConfig.load(sharded_dir / "datastore_config.json")
+    for name in ("keys.safetensors.index.json", "values.safetensors.index.json"):
+        (sharded_dir / name).unlink()
+        del config.files[name]
+    config.save(sharded_dir / "datastore_config.json")
+    old = Datastore.from_pretrained(sharded_dir)
+    assert len(old.keys.shards) > 3
+    _assert_same_search(store, old)
+
+
+def test_loading_unpickles_nothing(sharded_dir, store, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    _assert_same_search(store, Datastore.from_pretrained(sharded_dir))
 
 
 def test_resave_to_one_shard_drops_index_json(sharded_dir, store, tmp_path):
@@ -267,6 +290,13 @@ def test_push_to_hub_is_one_commit_of_the_saved_files(store, hf_api, tmp_path):
     for name, data in files.items():
         (uploaded / name).write_bytes(data)
     _assert_same_search(store, Datastore.from_pretrained(uploaded))
+
+
+def test_pushed_card_reports_a_recorded_evaluation(store, hf_api):
+    store.config.evaluation = {"base_ppl": 61.25, "knn_ppl": 48.5, "num_tokens": 2048}
+    store.push_to_hub("org/name")
+    readme = _uploads(hf_api)[0]["files"]["README.md"].decode()
+    assert "| Perplexity, base model | 61.25 |" in readme and "| Perplexity, kNN-LM | 48.5 |" in readme
 
 
 def test_push_keeps_the_remote_readme_and_creates_the_branch(store, hf_api):
