@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _size(text: str) -> int | str:
@@ -13,7 +14,9 @@ def _size(text: str) -> int | str:
 def cmd_push(args: argparse.Namespace) -> None:
     from .datastore import Datastore
 
-    store = Datastore.from_pretrained(args.dir, local_files_only=True)
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"{args.dir} is not a folder; `hf-knnlm push` uploads a datastore folder.")
+    store = Datastore.from_pretrained(args.dir)  # checks every file before anything is uploaded
     commit = store.push_to_hub(
         args.repo_id, revision=args.revision, private=args.private, commit_message=args.commit_message,
         token=args.token, max_shard_size=args.max_shard_size, create_pr=args.create_pr,

@@ -328,4 +328,13 @@ def test_cli_push(store_dir, store, hf_api, capsys):
 def test_cli_push_of_a_folder_without_a_store_fails_cleanly(tmp_path, hf_api, capsys):
     assert cli_main(["push", str(tmp_path), "org/name"]) == 2
     assert "has no datastore_config.json" in capsys.readouterr().err
+    assert cli_main(["push", "no-such-folder", "org/name"]) == 2
+    assert "no-such-folder is not a folder" in capsys.readouterr().err
+    assert not _uploads(hf_api)
+
+
+def test_cli_push_refuses_a_corrupted_store(sharded_dir, hf_api, capsys):
+    _corrupt(sharded_dir / "index.faiss")
+    assert cli_main(["push", str(sharded_dir), "org/name"]) == 2
+    assert "'index.faiss'" in capsys.readouterr().err
     assert not _uploads(hf_api)

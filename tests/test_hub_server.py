@@ -154,13 +154,18 @@ def built(tmp_path_factory, model, tokenizer, corpus_text, other_text):
 @pytest.fixture(scope="module")
 def published(hub_server, built):
     _, mirrors = hub_server
-    a, b = built["a"], built["b"]
+    a = built["a"]
+    # main: store b re-saved with other shards (build -> save_pretrained -> serve).
+    b = built["b"].parent / "b-saved"
+    Datastore.from_pretrained(built["b"]).save_pretrained(b, max_shard_size="24KB")
+    assert len(list(b.glob("keys-*.safetensors"))) > len(list(built["b"].glob("keys-*.safetensors"))) > 1
     shard = sorted(p.name for p in a.glob("keys-*.safetensors"))[1]
     data = bytearray((a / shard).read_bytes())
     data[-3] ^= 0x55
     return {
         "v1": publish(mirrors, "knn", a, tag="v1"),
         "main": publish(mirrors, "knn", b),
+        "main_folder": b,
         "corrupt_file": shard,
         "corrupt": publish(mirrors, "corrupt", a, edit={shard: bytes(data)}),
         "incomplete": publish(mirrors, "incomplete", a, skip=("values.safetensors.index.json",)),
@@ -198,9 +203,10 @@ def _search(store: Datastore, queries: torch.Tensor) -> tuple[list, list]:
 def test_built_store_round_trips_through_the_hub(hub, built, published, tmp_path):
     local_a, local_b = Datastore.from_pretrained(built["a"]), Datastore.from_pretrained(built["b"])
     q = _queries(local_a)
-    cases = [("v1", local_a, published["v1"]), (published["v1"], local_a, published["v1"]),
-             (None, local_b, published["main"])]
-    for revision, local, commit in cases:
+    served_b = Datastore.from_pretrained(published["main_folder"])
+    cases = [("v1", local_a, local_a, published["v1"]), (published["v1"], local_a, local_a, published["v1"]),
+             (None, local_b, served_b, published["main"])]
+    for revision, local, served, commit in cases:
         remote = Datastore.from_pretrained(f"{ORG}/knn", revision=revision)
         assert remote.folder.name == commit and remote.folder.parent.name == "snapshots"
         assert str(remote.folder).startswith(str(tmp_path / "hf-cache"))
@@ -210,7 +216,7 @@ def test_built_store_round_trips_through_the_hub(hub, built, published, tmp_path
         )
         assert _search(remote, q) == _search(local, q)
         assert torch.equal(remote.values, local.values)
-        assert len(remote.keys.shards) == len(local.keys.shards) > 1
+        assert len(remote.keys.shards) == len(served.keys.shards) > 1
 
 
 def test_explicit_cache_dir_and_revision(hub, built, published, tmp_path):
