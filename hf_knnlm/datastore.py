@@ -299,7 +299,6 @@ class Datastore:
                 )
 
 
-
 def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:
     """The shards of a store, ``[{"keys", "values", "start", "end"}]``, from its shard index jsons.
 
@@ -316,7 +315,8 @@ def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:
             f"ranges (or the latter is missing); re-download or re-save the datastore."
         )
     layout = [
-        {"keys": k, "values": v, "start": s, "end": e} for (k, s, e), (v, _, _) in zip(keys, values, strict=True)
+        {"keys": k, "values": v, "start": s, "end": e}
+        for (k, s, e), (v, _, _) in zip(keys, values, strict=True)
     ]
     if config.shards and config.shards != layout:
         raise IntegrityError(
