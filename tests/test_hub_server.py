@@ -169,6 +169,7 @@ def published(hub_server, built):
         "corrupt_file": shard,
         "corrupt": publish(mirrors, "corrupt", a, edit={shard: bytes(data)}),
         "incomplete": publish(mirrors, "incomplete", a, skip=("values.safetensors.index.json",)),
+        "model": publish(mirrors, "tiny-gpt2", built["a"].parent / "model"),
     }
 
 
@@ -233,6 +234,11 @@ def test_knnlm_model_and_processor_accept_a_repo_id(hub, built, model, tokenizer
                                               datastore_kwargs={"revision": "v1"})
     assert remote.config.datastore == f"{ORG}/knn"
     assert torch.equal(remote(ids).logits, local(ids).logits)
+
+    # Base model and datastore both by repo id, as a user writes it.
+    by_ids = KNNLMForCausalLM.from_pretrained(f"{ORG}/tiny-gpt2", datastore=f"{ORG}/knn", k=8,
+                                              datastore_kwargs={"revision": "v1"})
+    assert torch.equal(by_ids(ids).logits, local(ids).logits)
 
     outputs = []
     for datastore in (built["b"], f"{ORG}/knn"):  # main is store b
