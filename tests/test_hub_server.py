@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("olah", reason="olah (dev extra: pip install -e '.[dev]') serves the local Hub mirror")
+OLAH_MISSING = "olah is not installed (pip install -e '.[dev]'); it serves the Hub mirror these tests use"
+pytest.importorskip("olah", reason=OLAH_MISSING)
 if shutil.which("git") is None:
     pytest.skip("git is needed to create the repositories olah serves", allow_module_level=True)
 
