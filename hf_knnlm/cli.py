@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands contributed by other parts of the package (tuning, Hub push, open-QA)."""
-    return []
+    from . import hub_cli
+
+    return [hub_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
