@@ -41,6 +41,8 @@ def _add_knn_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="Distance temperature (default 1).")
     parser.add_argument("--recompute-dists", action="store_true", help="Exact distances from stored keys.")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default 32).")
+    parser.add_argument("--gpu", default="auto", choices=["auto", "replicate", "shard", "none"],
+                        help="With faiss-gpu: clone the index to every GPU, or split it (default auto).")
 
 
 def _load_model(args: argparse.Namespace):
@@ -65,7 +67,7 @@ def _load_data(args: argparse.Namespace):
 def _load_datastore(args: argparse.Namespace):
     from .datastore import Datastore
 
-    return Datastore.from_pretrained(args.datastore, nprobe=args.nprobe)
+    return Datastore.from_pretrained(args.datastore, nprobe=args.nprobe, gpu=args.gpu)
 
 
 def cmd_build(args: argparse.Namespace) -> None:

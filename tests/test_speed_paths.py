@@ -196,3 +196,12 @@ def test_one_search_per_forward_pass(store, model, tokenizer, other_text):
     num_batches = len(spy.calls)
     tokens = len(tokenizer(other_text)["input_ids"])
     assert sum(spy.calls) == tokens - 1 and num_batches == -(-(1 + -(-(tokens - 64) // 32)) // 4)
+
+
+def test_cli_gpu_flag_reaches_the_datastore(store_dir, fake_gpus):
+    from hf_knnlm.cli import _load_datastore, build_parser
+
+    argv = ["evaluate", "--model", "m", "--data", "x", "--datastore", str(store_dir), "--gpu", "shard"]
+    args = build_parser().parse_args(argv)
+    store = _load_datastore(args)
+    assert store.on_gpu and fake_gpus[-1].options["shard"] is True
