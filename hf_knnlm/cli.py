@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands contributed by other parts of the package (tuning, Hub push, open-QA)."""
-    return []
+    from . import tune_cli
+
+    return [tune_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_si
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, tokenizer_fingerprint
 from .hub import file_hashes, push_folder, resolve_folder, temporary_path, verify_files
-from .index import DEFAULT_NPROBE, INDEX_NAME, read_index, set_nprobe
+from .index import DEFAULT_NPROBE, INDEX_NAME, build_index, read_index, set_nprobe, write_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
@@ -277,3 +277,42 @@ class Datastore:
                     f"tokenizer of {cfg.base_model!r}."
                 )
 
+    # ----------------------------------------------------------------- re-indexing
+    def rebuild_index(
+        self,
+        index_factory: str,
+        output_dir: str | os.PathLike,
+        *,
+        train_size: int = 1_000_000,
+        overwrite: bool = False,
+    ) -> Datastore:
+        """A copy of this store in ``output_dir`` with a new faiss index over the same keys (no model run).
+
+        Args:
+            index_factory (`str`): faiss index-factory string, e.g. ``"IVF1024,PQ64"`` or ``"Flat"``.
+            output_dir (`str` or `os.PathLike`): a new folder; keys and values are copied, not linked,
+                so the two stores share no file.
+            train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
+            overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
+        """
+        out = Path(output_dir)
+        if out.exists() and out.resolve() == self.folder.resolve():
+            raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index.")
+        if (out / CONFIG_NAME).exists():
+            if not overwrite:
+                raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or another output_dir.")
+            (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
+        out.mkdir(parents=True, exist_ok=True)
+        config = DatastoreConfig.from_dict(self.config.to_dict())
+        config.index_factory, config.evaluation = index_factory, None
+        bounds = [(s["start"], s["end"]) for s in config.shards]
+        key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds,
+                                  self.keys.iter_rows(65536))
+        value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
+                                    [self.values.numpy().astype(np.int32)])
+        keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
+        index = build_index(index_factory, self.hidden_size, keys, keys.iter_rows(65536), train_size=train_size)
+        write_index(index, out / INDEX_NAME)
+        config.files = file_hashes(out, [*key_files, *value_files, INDEX_NAME])
+        config.save(out / CONFIG_NAME)
+        return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe)
