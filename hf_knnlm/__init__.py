@@ -9,6 +9,7 @@ from .hooks import FFNInputCapture, find_ffn_module  # noqa: E402
 from .knn import KNNSettings, interpolate, knn_log_probs  # noqa: E402
 from .logits_process import KNNProcessor  # noqa: E402
 from .modeling_knnlm import KNNLMConfig, KNNLMForCausalLM  # noqa: E402
+from .tuning import tune  # noqa: E402
 
 __all__ = [
     "Datastore",
@@ -22,4 +23,5 @@ __all__ = [
     "find_ffn_module",
     "interpolate",
     "knn_log_probs",
+    "tune",
 ]
