@@ -45,7 +45,7 @@ def cut_at_line(text: str, fraction: float) -> int:
     return len(text)
 
 
-def corpus_splits(name: str, quick: bool) -> dict[str, str]:
+def corpus_splits(name: str, quick: bool, store_chars: int | None = None) -> dict[str, str]:
     """Datastore / tuning / test texts of a corpus (character slices cut at line boundaries)."""
     if name == "wikitext2":
         store = (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
@@ -58,8 +58,8 @@ def corpus_splits(name: str, quick: bool) -> dict[str, str]:
         splits = {"store": text[:a], "tune": text[a:b], "test": text[b:]}
     else:
         raise ValueError(f"unknown corpus {name!r}; choose wikitext2 or shakespeare.")
-    if quick:
-        splits["store"] = splits["store"][: cut_at_line(splits["store"], 0.15)]
+    fraction = 0.15 if quick else min(1.0, store_chars / len(splits["store"])) if store_chars else 1.0
+    splits["store"] = splits["store"][: cut_at_line(splits["store"], fraction)]
     return splits
 
 
@@ -83,7 +83,7 @@ def get_store(model, tokenizer, text: str, folder: Path, rebuild: bool) -> tuple
 def run_corpus(model, tokenizer, name: str, args) -> dict:
     t0 = time.time()
     times = {}
-    splits = corpus_splits(name, args.quick)
+    splits = corpus_splits(name, args.quick, args.store_chars)
     work = Path(args.workdir) / ("quick" if args.quick else "full") / name
     flat, times["build_flat_s"] = get_store(model, tokenizer, splits["store"], work / "flat", args.rebuild)
     print(f"[{name}] {flat}", flush=True)
@@ -200,6 +200,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--test-tokens", type=int, default=None, help="Test tokens (default 20000; quick 4000)."
+    )
+    parser.add_argument(
+        "--store-chars",
+        type=int,
+        default=None,
+        help="Build the datastore from the first ~N characters of its text only (default: all of it).",
     )
     parser.add_argument("--train-size", type=int, default=65536, help="Keys sampled to train IVFPQ.")
     parser.add_argument(
