@@ -201,9 +201,13 @@ def plot_sweep(result: dict, path: str | os.PathLike) -> None:
     ks = sorted({p["k"] for p in result["points"]})
     temperatures = sorted({p["temperature"] for p in result["points"]})
     best = result["best"]
-    fig, axes = plt.subplots(1, len(ks), figsize=(3.6 * len(ks), 3.4), sharey=True, squeeze=False)
+    ncols = min(3, len(ks))
+    nrows = -(-len(ks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharey=True, squeeze=False)
     cmap = plt.get_cmap("viridis")
-    for ax, k in zip(axes[0], ks, strict=True):
+    for ax in axes.flat[len(ks) :]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, ks, strict=False):
         for i, temperature in enumerate(temperatures):
             pts = sorted(
                 (p for p in result["points"] if p["k"] == k and p["temperature"] == temperature),
@@ -220,13 +224,15 @@ def plot_sweep(result: dict, path: str | os.PathLike) -> None:
         ax.axhline(result["base_ppl"], color="gray", ls="--", lw=1, label="base LM")
         if best["k"] == k:
             ax.plot([best["lmbda"]], [best["knn_ppl"]], "r*", ms=10, label="best")
-        ax.set_title(f"k={k}")
+        ax.set_title(f"k={k}", fontsize=9)
         ax.set_xlabel("lmbda")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("perplexity")
-    low = min(p["knn_ppl"] for p in result["points"])
-    axes[0][0].set_ylim(low * 0.97, result["base_ppl"] * 1.25)
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+    for row in axes:
+        row[0].set_ylabel("perplexity")
+    # Zoom on the useful region: from the best point to a little above the base LM.
+    low, base = min(p["knn_ppl"] for p in result["points"]), result["base_ppl"]
+    axes[0][0].set_ylim(low - 0.1 * (base - low) - 0.01 * base, base + 0.6 * (base - low) + 0.02 * base)
+    axes.flat[len(ks) - 1].legend(fontsize=6, loc="upper right")
     fig.suptitle(result.get("title") or "kNN-LM tuning sweep", fontsize=9)
     fig.tight_layout()
     tmp = temporary_path(path)
