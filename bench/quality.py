@@ -20,12 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
+import faiss
 import torch
 
 from hf_knnlm import Datastore
 from hf_knnlm.config import CONFIG_NAME
 from hf_knnlm.demo import GGUF_FILE, _package_dir
-from hf_knnlm.evaluation import collect_queries
+from hf_knnlm.evaluation import ScoredBatch, ScoredQueries, collect_queries
 from hf_knnlm.loading import load_model_and_tokenizer
 from hf_knnlm.tuning import base_perplexity, sweep, sweep_result, write_results
 
@@ -150,10 +151,35 @@ def run_corpus(model, tokenizer, name: str, args) -> dict:
             cache = test.search(store, best["k"], recompute)
         result[f"knn_ppl_{label}"] = sweep(cache, *setting)[0]["knn_ppl"]
         times[f"test_search_{label}_s"] = time.time() - t
+    if args.scaling:
+        t = time.time()
+        result["scaling"] = store_scaling(flat, test, best)
+        times["scaling_s"] = time.time() - t
     result["times"] = {key: round(v, 1) for key, v in times.items()}
     result["wall_s"] = round(time.time() - t0, 1)
     print(f"[{name}] {json.dumps(result)}", flush=True)
     return result
+
+
+def store_scaling(
+    flat: Datastore, test: ScoredQueries, best: dict, fractions=(0.125, 0.25, 0.5, 1.0)
+) -> list:
+    """Test perplexity at the tuned setting with the datastore cut to its first entries (exact search)."""
+    points = []
+    for fraction in fractions:
+        n = int(len(flat) * fraction)
+        index = faiss.IndexFlatL2(flat.hidden_size)
+        for start in range(0, n, 65536):
+            index.add(flat.keys.take(range(start, min(n, start + 65536))).astype("float32"))
+        k = min(best["k"], n)
+        distances, ids = index.search(test.queries.numpy(), k)
+        cache = ScoredBatch(
+            test.lm_log_probs, test.targets, torch.from_numpy(distances), flat.values[torch.from_numpy(ids)]
+        )
+        ppl = sweep(cache, [best["lmbda"]], [best["temperature"]], [k])[0]["knn_ppl"]
+        points.append({"entries": n, "knn_ppl": ppl})
+        print(f"  store prefix {n:>8,} entries: kNN-LM ppl {ppl:.3f}", flush=True)
+    return points
 
 
 def table(results: list[dict]) -> str:
@@ -206,6 +232,11 @@ def main() -> None:
         type=int,
         default=None,
         help="Build the datastore from the first ~N characters of its text only (default: all of it).",
+    )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="Also score the test text with 1/8, 1/4, 1/2 of the Flat store.",
     )
     parser.add_argument("--train-size", type=int, default=65536, help="Keys sampled to train IVFPQ.")
     parser.add_argument(
