@@ -26,6 +26,8 @@ from .forward import iter_window_batches
 from .hooks import find_ffn_module
 from .hub import atomic_write_json, file_hashes, temporary_path
 from .index import INDEX_NAME, build_index, write_index
+from .model_card import write_model_card
+from .shard_index import write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 from .windows import check_window_args, sliding_windows
 
@@ -125,11 +127,27 @@ def _finalize(progress: _Progress, output_dir: Path, config: DatastoreConfig, ma
     )
     write_index(index, output_dir / INDEX_NAME)
     config.num_entries = num
+    write_manifest(output_dir, config, key_files, value_files, bounds)
+
+
+def write_manifest(
+    folder: Path,
+    config: DatastoreConfig,
+    key_files: list[str],
+    value_files: list[str],
+    bounds: list[tuple[int, int]],
+) -> None:
+    """Finish a store whose shards and index are written: shard index jsons, model card, config (last)."""
     config.shards = [
-        {"keys": k, "values": v, "start": s, "end": e} for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
+        {"keys": k, "values": v, "start": s, "end": e}
+        for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    config.files = file_hashes(output_dir, [*key_files, *value_files, INDEX_NAME])
-    config.save(output_dir / CONFIG_NAME)
+    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, config.hidden_size * 2)
+    index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
+    # README.md is not hashed: users edit their cards on the Hub.
+    config.files = file_hashes(folder, [*key_files, *value_files, *index_files, INDEX_NAME])
+    write_model_card(folder, config)
+    config.save(folder / CONFIG_NAME)
 
 
 def build_datastore(

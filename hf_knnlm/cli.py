@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands contributed by other parts of the package (tuning, Hub push, open-QA)."""
-    from . import tune_cli
+    from . import hub_cli, tune_cli
 
-    return [tune_cli.register]
+    return [hub_cli.register, tune_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

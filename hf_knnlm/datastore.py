@@ -10,17 +10,22 @@ import faiss
 import numpy as np
 import torch
 
-from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_size
+from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_size, write_manifest
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, tokenizer_fingerprint
-from .hub import file_hashes, push_folder, resolve_folder, temporary_path, verify_files
+from .hub import IntegrityError, push_folder, resolve_folder, temporary_path, verify_files
 from .index import DEFAULT_NPROBE, INDEX_NAME, build_index, read_index, set_nprobe, write_index
+from .model_card import write_model_card
+from .shard_index import INDEX_SUFFIX, read_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
 
 DATASTORE_FILE_PATTERNS = [CONFIG_NAME, "README.md", f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors",
-                           "index.faiss*", "*.ivfdata"]
+                           f"*{INDEX_SUFFIX}", "index.faiss*", "*.ivfdata"]
+# Remote files a push replaces: stale shards of an earlier push with another shard count go.
+DATASTORE_DELETE_PATTERNS = [f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors",
+                             f"*{INDEX_SUFFIX}"]
 
 
 class Datastore:
@@ -44,8 +49,9 @@ class Datastore:
     def __init__(self, folder: Path, config: DatastoreConfig, *, mmap: bool = True, nprobe: int = DEFAULT_NPROBE):
         self.folder = Path(folder)
         self.config = config
-        self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in config.shards])
-        values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in config.shards])
+        layout = shard_layout(self.folder, config)
+        self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
+        values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
         self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
         self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
         if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
@@ -148,12 +154,9 @@ class Datastore:
         tmp = temporary_path(out / INDEX_NAME)
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, out / INDEX_NAME)
-        config.shards = [
-            {"keys": k, "values": v, "start": s, "end": e}
-            for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
-        ]
-        config.files = file_hashes(out, [*key_files, *value_files, INDEX_NAME])
-        config.save(out / CONFIG_NAME)
+        for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a re-save with one shard has no index json
+            stale.unlink()
+        write_manifest(out, config, key_files, value_files, bounds)
 
     def push_to_hub(
         self,
@@ -166,11 +169,29 @@ class Datastore:
         max_shard_size: int | str = "5GB",
         create_pr: bool = False,
     ):
-        """Save into a temporary folder and upload it to ``repo_id`` in one commit."""
+        """Save into a temporary folder and upload it to ``repo_id`` in one commit.
+
+        Args:
+            repo_id (`str`): the Hub model repository (created if missing).
+            revision (`str`, *optional*): branch to commit to (created from the default branch if missing).
+            private (`bool`, *optional*): visibility of a repository this call creates.
+            commit_message (`str`, *optional*): defaults to "Upload kNN-LM datastore".
+            token (`str` or `bool`, *optional*): Hub token; defaults to the logged-in one.
+            max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard uploaded.
+            create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
+
+        A README.md the repository already has is kept; shards of an earlier push that this one
+        does not rewrite are deleted in the same commit.
+        """
+
+        def save(folder: Path) -> None:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            write_model_card(folder, DatastoreConfig.load(folder / CONFIG_NAME), repo_id=repo_id)
+
         return push_folder(
-            lambda folder: self.save_pretrained(folder, max_shard_size=max_shard_size), repo_id,
-            revision=revision, private=private, commit_message=commit_message or "Upload kNN-LM datastore",
-            token=token, create_pr=create_pr,
+            save, repo_id, revision=revision, private=private,
+            commit_message=commit_message or "Upload kNN-LM datastore", token=token, create_pr=create_pr,
+            delete_patterns=DATASTORE_DELETE_PATTERNS,
         )
 
     # ----------------------------------------------------------------- properties
@@ -297,10 +318,10 @@ class Datastore:
         """
         out = Path(output_dir)
         if out.exists() and out.resolve() == self.folder.resolve():
-            raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index.")
+            raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder for the index.")
         if (out / CONFIG_NAME).exists():
             if not overwrite:
-                raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or another output_dir.")
+                raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
             (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
         out.mkdir(parents=True, exist_ok=True)
         config = DatastoreConfig.from_dict(self.config.to_dict())
@@ -311,8 +332,37 @@ class Datastore:
         value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
                                     [self.values.numpy().astype(np.int32)])
         keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
-        index = build_index(index_factory, self.hidden_size, keys, keys.iter_rows(65536), train_size=train_size)
+        index = build_index(index_factory, self.hidden_size, keys, keys.iter_rows(65536),
+                            train_size=train_size)
         write_index(index, out / INDEX_NAME)
-        config.files = file_hashes(out, [*key_files, *value_files, INDEX_NAME])
-        config.save(out / CONFIG_NAME)
+        for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a copy with one shard has no index json
+            stale.unlink()
+        write_manifest(out, config, key_files, value_files, bounds)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe)
+
+
+def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:
+    """The shards of a store, ``[{"keys", "values", "start", "end"}]``, from its shard index jsons.
+
+    A single-shard store (or one saved before the index jsons existed) is described by
+    ``config.shards`` alone; when both exist they must agree.
+    """
+    keys = read_shard_index(folder, KEYS_PREFIX, "keys")
+    if keys is None:
+        return config.shards
+    values = read_shard_index(folder, VALUES_PREFIX, "values")
+    if values is None or [(s, e) for _, s, e in keys] != [(s, e) for _, s, e in values]:
+        raise IntegrityError(
+            f"{folder}: {KEYS_PREFIX}{INDEX_SUFFIX} and {VALUES_PREFIX}{INDEX_SUFFIX} describe different row "
+            f"ranges (or the latter is missing); re-download or re-save the datastore."
+        )
+    layout = [
+        {"keys": k, "values": v, "start": s, "end": e}
+        for (k, s, e), (v, _, _) in zip(keys, values, strict=True)
+    ]
+    if config.shards and config.shards != layout:
+        raise IntegrityError(
+            f"{folder}: the shards in {CONFIG_NAME} differ from {KEYS_PREFIX}{INDEX_SUFFIX}; re-download or "
+            f"re-save the datastore."
+        )
+    return layout

@@ -94,7 +94,9 @@ def resolve_folder(
     path = Path(repo_id_or_path).expanduser()
     if path.is_dir():
         if not (path / config_name).is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no {config_name}; is it a saved {config_name}?")
+            raise FileNotFoundError(
+                f"{path} is a folder but has no {config_name}; is it a saved {config_name}?"
+            )
         return path
     if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{repo_id_or_path} is not a folder with a {config_name}.")
@@ -112,7 +114,9 @@ def resolve_folder(
     )
     folder = Path(folder)
     if not (folder / config_name).is_file():
-        raise FileNotFoundError(f"Hub repository {repo_id_or_path} has no {config_name} at revision {revision}.")
+        raise FileNotFoundError(
+            f"Hub repository {repo_id_or_path} has no {config_name} at revision {revision or 'main'}."
+        )
     return folder
 
 
@@ -126,16 +130,21 @@ def push_folder(
     token: str | bool | None = None,
     create_pr: bool = False,
     keep_remote_readme: bool = True,
+    delete_patterns: list[str] | None = None,
 ) -> Any:
     """Save into a temporary folder with ``save(folder)`` and upload it as one commit.
 
-    A README.md the repository already has is kept (users edit their cards on the Hub).
+    A README.md the repository already has is kept (users edit their cards on the Hub). A missing
+    ``revision`` branch is created first, as transformers' ``push_to_hub`` does; remote files
+    matching ``delete_patterns`` that this upload does not rewrite are deleted in the same commit.
     """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo_url.repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         save(folder)
@@ -148,4 +157,5 @@ def push_folder(
             revision=revision,
             commit_message=commit_message or "Upload with hf_knnlm",
             create_pr=create_pr,
+            delete_patterns=delete_patterns,
         )

@@ -66,12 +66,26 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+# IVF indexes with plain array inverted lists (fourcc at the start of the file): IO_FLAG_MMAP maps
+# their lists, codes and ids alike. Every other type (Flat, PQ, HNSW, fast-scan IVF) keeps its codes
+# in a flat-codes storage that only IO_FLAG_MMAP_IFC maps (IO_FLAG_MMAP would read it into RAM).
+_IVF_ARRAY_FOURCCS = (b"IwFl", b"IwPQ", b"IwSq")
+
+
+def _mmap_flag(path: Path) -> int:
+    with open(path, "rb") as f:
+        fourcc = f.read(4)
+    if fourcc in _IVF_ARRAY_FOURCCS or not hasattr(faiss, "IO_FLAG_MMAP_IFC"):
+        return faiss.IO_FLAG_MMAP
+    return faiss.IO_FLAG_MMAP_IFC
+
+
 def read_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
     """Open an index, memory-mapped when its type allows it (IVF lists, flat codes)."""
     path = Path(path)
     if mmap:
         try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            return faiss.read_index(str(path), _mmap_flag(path) | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
             logger.debug("index type of %s cannot be memory-mapped; reading it into RAM", path)
     return faiss.read_index(str(path))

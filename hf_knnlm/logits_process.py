@@ -101,6 +101,12 @@ class KNNProcessor(LogitsProcessor):
         """Detach the hook from the model (the processor cannot be used afterwards)."""
         self._capture.remove()
 
+    def __del__(self) -> None:
+        # The hook lives on the model and would keep the last FFN input alive after we are gone.
+        capture = self.__dict__.get("_capture")
+        if capture is not None:
+            capture.remove()
+
     def __enter__(self) -> KNNProcessor:
         return self
 

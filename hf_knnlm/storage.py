@@ -28,6 +28,8 @@ def parse_size(size: int | str) -> int:
     """``"5GB"`` -> 5_000_000_000, as transformers' ``max_shard_size``."""
     if isinstance(size, int):
         return size
+    if size.strip().isdigit():
+        return int(size)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
     if match is None:
         raise ValueError(f"max_shard_size={size!r} is not a size such as '5GB', '500MB' or an int of bytes.")

@@ -1,0 +1,102 @@
+"""The model card (``README.md``) of a saved datastore, rendered with ``huggingface_hub.ModelCard``.
+
+The card is rendered from ``model_cards/datastore.md`` and the datastore's config. It is not in the
+config's sha256 ``files`` map: users edit cards on the Hub, and ``push_to_hub`` never overwrites a
+card the repository already has.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .config import DatastoreConfig
+from .hub import atomic_write_bytes
+
+CARD_NAME = "README.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "datastore.md"
+TAGS = ["knn-lm", "retrieval", "hf_knnlm"]
+PLACEHOLDER_REPO_ID = "path/to/this/datastore"
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_FILE_SUFFIXES = (".txt", ".tokens", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".md")
+# Names hf_knnlm.corpus gives corpora that are not Hub datasets.
+_ANONYMOUS_CORPORA = {"texts", "dataset"}
+
+
+def hub_id_or_none(name: str | None, anonymous: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """``name`` if it can be a Hub repo id (metadata the Hub validates), else None (paths, file names)."""
+    if not name or name in anonymous or _REPO_ID.fullmatch(name) is None:
+        return None
+    if name.lower().endswith(_FILE_SUFFIXES) or os.path.exists(name):
+        return None
+    return name
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"`{value}`" if isinstance(value, str) else str(value)
+
+
+def _evaluation_rows(evaluation: dict[str, Any] | None) -> list[tuple[str, str]]:
+    labels = {"base_ppl": "Perplexity, base model", "knn_ppl": "Perplexity, kNN-LM",
+              "num_tokens": "Tokens scored"}
+    rows = []
+    for key, value in (evaluation or {}).items():
+        if value is not None and not isinstance(value, (dict, list)):
+            rows.append((labels.get(key, key), _format_value(value)))
+    return rows
+
+
+def datastore_card(
+    config: DatastoreConfig, repo_id: str | None = None, num_shards: int | None = None
+) -> ModelCard:
+    """Render the card of a datastore described by ``config``.
+
+    Args:
+        config (`DatastoreConfig`): the saved store's config.
+        repo_id (`str`, *optional*): the Hub repository the card is for (used in the usage snippet).
+        num_shards (`int`, *optional*): shard count; defaults to ``len(config.shards)``.
+    """
+    base_model = hub_id_or_none(config.base_model)
+    datasets = [d for d in (hub_id_or_none(n, _ANONYMOUS_CORPORA) for n in config.datasets) if d]
+    card_data = ModelCardData(
+        library_name="hf_knnlm",
+        base_model=base_model,
+        datasets=datasets or None,
+        tags=list(TAGS),
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        base_model=config.base_model,
+        base_model_revision=config.base_model_revision,
+        model_type=config.model_type,
+        corpora=", ".join(f"`{d}`" for d in config.datasets) or "not recorded",
+        num_entries=config.num_entries,
+        hidden_size=config.hidden_size,
+        key_dtype=config.key_dtype,
+        vocab_size=config.vocab_size,
+        index_factory=config.index_factory,
+        hook_module=config.hook_module,
+        max_length=config.max_length,
+        stride=config.stride,
+        num_shards=num_shards if num_shards is not None else max(len(config.shards), 1),
+        hf_knnlm_version=config.hf_knnlm_version or "unknown",
+        format_version=config.format_version,
+        evaluation_rows=_evaluation_rows(config.evaluation),
+        repo_id=repo_id or PLACEHOLDER_REPO_ID,
+        usage_model=config.base_model or "<base model id>",
+    )
+
+
+def write_model_card(folder: str | os.PathLike, config: DatastoreConfig, repo_id: str | None = None) -> Path:
+    """Render the card for ``config`` into ``folder/README.md`` (atomically) and return its path."""
+    path = Path(folder) / CARD_NAME
+    atomic_write_bytes(path, str(datastore_card(config, repo_id=repo_id)).encode("utf-8"))
+    return path
