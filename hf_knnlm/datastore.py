@@ -318,10 +318,14 @@ class Datastore:
         """
         out = Path(output_dir)
         if out.exists() and out.resolve() == self.folder.resolve():
-            raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder for the index.")
+            raise ValueError(
+                f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
+            )
         if (out / CONFIG_NAME).exists():
             if not overwrite:
-                raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
+                raise FileExistsError(
+                    f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
+                )
             (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
         out.mkdir(parents=True, exist_ok=True)
         config = DatastoreConfig.from_dict(self.config.to_dict())
