@@ -129,7 +129,8 @@ def test_rebuild_index_copies_store(store, tmp_path):
     assert np.array_equal(new.keys.to_numpy(), store.keys.to_numpy())
     assert np.array_equal(new.values.numpy(), store.values.numpy())
     inodes = {p.stat().st_ino for p in store.folder.iterdir()}
-    assert not any(p.is_symlink() or p.stat().st_ino in inodes for p in new.folder.iterdir())  # copies, no links
+    # copies, not links
+    assert not any(p.is_symlink() or p.stat().st_ino in inodes for p in new.folder.iterdir())
     Datastore.from_pretrained(new.folder, verify=True)  # hashes recorded
     with pytest.raises(FileExistsError):
         store.rebuild_index("Flat", tmp_path / "ivf")
