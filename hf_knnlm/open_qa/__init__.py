@@ -1,0 +1,31 @@
+"""REALM open-domain QA on transformers 5: dense retriever + span reader, FAISS document index, Trainer support.
+
+Importing this package registers ``RealmConfig`` / ``RealmForOpenQA`` with ``AutoConfig`` / ``AutoModel``
+(model type ``realm_open_qa``), so a saved model loads with ``AutoModel.from_pretrained``.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .callbacks import IndexRefreshCallback
+from .configuration import RealmConfig
+from .data import RealmDataCollator, build_features, normalize_answers, precompute_retrieval, retrieve
+from .document_index import DocumentIndex, embed_corpus
+from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
+
+AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
+AutoModel.register(RealmConfig, RealmForOpenQA, exist_ok=True)
+
+__all__ = [
+    "DocumentIndex",
+    "IndexRefreshCallback",
+    "RealmConfig",
+    "RealmDataCollator",
+    "RealmForOpenQA",
+    "RealmOpenQAOutput",
+    "RealmPreTrainedModel",
+    "build_features",
+    "embed_corpus",
+    "normalize_answers",
+    "precompute_retrieval",
+    "retrieve",
+]
