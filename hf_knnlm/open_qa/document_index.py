@@ -145,6 +145,7 @@ class DocumentIndex:
         self.index_type = index_type
         self.metadata = dict(metadata or {})
         self._lock = threading.Lock()
+        self._position: dict[str, int] | None = None
         self._embeddings = embeddings.float().contiguous()
         self._faiss = faiss_index if faiss_index is not None else _build_faiss(self._embeddings.numpy(), index_type)
 
@@ -179,6 +180,15 @@ class DocumentIndex:
     @property
     def dim(self) -> int:
         return int(self._embeddings.shape[1])
+
+    def positions_of(self, doc_ids: Iterable[str]) -> list[int]:
+        """Index positions of the given document ids."""
+        if getattr(self, "_position", None) is None:
+            self._position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        missing = [doc_id for doc_id in doc_ids if doc_id not in self._position]
+        if missing:
+            raise ValueError(f"document ids {missing[:5]} are not in the index; check the collection it was built on.")
+        return [self._position[doc_id] for doc_id in doc_ids]
 
     @property
     def embeddings(self) -> torch.Tensor:

@@ -192,9 +192,19 @@ class RealmForOpenQA(RealmPreTrainedModel):
         self.span_head = SpanHead(config.encoder_config.hidden_size, config.span_hidden_size,
                                   config.max_span_width)
         self.post_init()
+        self.freeze_document_embedder()
+
+    def freeze_document_embedder(self) -> None:
+        """Fine-tuning keeps the document side frozen, so the index built from it stays valid."""
         if self.doc_embedder is not None:
-            # Fine-tuning keeps the document side frozen: the index built from it stays valid.
             self.doc_embedder.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> RealmForOpenQA:
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading swaps in new Parameter objects, which forgets requires_grad=False.
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_document_embedder()
+        return loaded
 
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str | os.PathLike, **config_kwargs: Any) -> RealmForOpenQA:
