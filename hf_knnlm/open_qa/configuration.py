@@ -79,6 +79,13 @@ class RealmConfig(PreTrainedConfig):
                 f"RealmConfig.retriever_proj_size must be >= 1 or None (no projection), got "
                 f"{self.retriever_proj_size}."
             )
+        limit = getattr(self.encoder_config, "max_position_embeddings", None)
+        for name in ("max_reader_length", "max_doc_embed_length", "max_question_length"):
+            if limit is not None and getattr(self, name) > limit:
+                raise ValueError(
+                    f"RealmConfig.{name}={getattr(self, name)} exceeds the encoder's max_position_embeddings="
+                    f"{limit}; lower it to at most {limit}."
+                )
         if self.max_reader_length <= self.max_question_length + 3:
             raise ValueError(
                 f"RealmConfig.max_reader_length ({self.max_reader_length}) leaves no room for the document after "
