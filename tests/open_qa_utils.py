@@ -42,12 +42,24 @@ def make_tokenizer(folder: Path) -> BertTokenizerFast:
 def make_model(tokenizer: BertTokenizerFast, seed: int = 0, **config_kwargs) -> RealmForOpenQA:
     torch.manual_seed(seed)
     encoder = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    settings = dict(retriever_proj_size=16, span_hidden_size=16, max_span_width=4, top_k=3,
-                    max_question_length=16, max_reader_length=48, max_doc_embed_length=32)
+    settings = dict(
+        retriever_proj_size=16,
+        span_hidden_size=16,
+        max_span_width=4,
+        top_k=3,
+        max_question_length=16,
+        max_reader_length=48,
+        max_doc_embed_length=32,
+    )
     settings.update(config_kwargs)
     model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), **settings))
     return model.eval()

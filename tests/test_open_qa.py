@@ -61,14 +61,18 @@ def test_span_scores_only_cover_document_tokens(model, tokenizer, index):
                         assert spans[b, z, i, w] > SPAN_MASK_VALUE
                     else:
                         assert spans[b, z, i, w] == SPAN_MASK_VALUE
-    # The mask really excludes [CLS], question, [SEP] and padding: the first doc token follows the first [SEP].
+    # The mask really excludes [CLS], question, [SEP] and padding: the first doc token follows the first
+    # [SEP].
     sep = tokenizer.sep_token_id
     first_sep = int((features["reader_input_ids"][0, 0] == sep).nonzero()[0])
     assert int(doc[0, 0].nonzero()[0]) == first_sep + 1
 
 
 def test_answer_matching_finds_token_spans():
-    assert match_answer_spans([5, 1, 2, 3, 1, 2], 1, 5, [[1, 2]], max_span_width=4, max_spans=8) == [(1, 2), (4, 5)]
+    assert match_answer_spans([5, 1, 2, 3, 1, 2], 1, 5, [[1, 2]], max_span_width=4, max_spans=8) == [
+        (1, 2),
+        (4, 5),
+    ]
     assert match_answer_spans([5, 1, 2, 3, 1, 2], 2, 5, [[1, 2]], max_span_width=4, max_spans=8) == [(4, 5)]
     assert match_answer_spans([1, 2, 3], 0, 2, [[1, 2, 3]], max_span_width=2, max_spans=8) == []
 
@@ -88,17 +92,23 @@ def test_marginal_loss_equals_brute_force(model, tokenizer, index):
         for z in range(k):
             candidates = {
                 (i, i + w): float(out.span_logits[b, z, i, w])
-                for i in range(seq) for w in range(width)
+                for i in range(seq)
+                for w in range(width)
                 if i + w < seq and doc_mask[b, z, i] and doc_mask[b, z, i + w]
             }
             span_norm = math.log(sum(math.exp(s) for s in candidates.values()))
-            labels = {(int(s), int(e)) for s, e in zip(features["answer_starts"][b, z], features["answer_ends"][b, z],
-                                                         strict=True) if s >= 0}
+            labels = {
+                (int(s), int(e))
+                for s, e in zip(features["answer_starts"][b, z], features["answer_ends"][b, z], strict=True)
+                if s >= 0
+            }
             for span in labels:
                 marginal += math.exp(retr[z] - doc_norm) * math.exp(candidates[span] - span_norm)
         if marginal > 0:
             losses.append(-math.log(marginal))
-    assert out.has_answer.tolist() == [True, True, True, True][:batch] or len(losses) == int(out.has_answer.sum())
+    assert out.has_answer.tolist() == [True, True, True, True][:batch] or len(losses) == int(
+        out.has_answer.sum()
+    )
     assert len(losses) == int(out.has_answer.sum()) > 0
     assert float(out.loss) == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-5)
 
@@ -125,7 +135,9 @@ def test_batch_of_three_equals_three_batches_of_one(model, tokenizer, index):
     expected = sum(float(s.loss) for s in singles) / 3
     assert float(batched.loss) == pytest.approx(expected, abs=1e-5)
     for b, single in enumerate(singles):
-        torch.testing.assert_close(batched.retriever_logits[b], single.retriever_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            batched.retriever_logits[b], single.retriever_logits[0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_loss_falls_with_trainer(model, tokenizer, index, tmp_path):
@@ -133,11 +145,24 @@ def test_loss_falls_with_trainer(model, tokenizer, index, tmp_path):
     features = _features(model, tokenizer, index, rows)
     with torch.no_grad():
         before = float(model(**features).loss)
-    train = datasets.Dataset.from_list([{"question": r["question"], "answers": normalize_list(r["answers"])}
-                                        for r in rows])
-    trainer = train_realm(model, tokenizer, index, train, output_dir=tmp_path, max_steps=16, batch_size=4,
-                          learning_rate=3e-3, head_learning_rate=1e-2, top_k=len(index), logging_steps=4,
-                          disable_tqdm=True, use_cpu=True)
+    train = datasets.Dataset.from_list(
+        [{"question": r["question"], "answers": normalize_list(r["answers"])} for r in rows]
+    )
+    trainer = train_realm(
+        model,
+        tokenizer,
+        index,
+        train,
+        output_dir=tmp_path,
+        max_steps=16,
+        batch_size=4,
+        learning_rate=3e-3,
+        head_learning_rate=1e-2,
+        top_k=len(index),
+        logging_steps=4,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     model.eval()
     with torch.no_grad():
         after = float(model(**features).loss)
@@ -175,10 +200,20 @@ def test_save_load_round_trip_identical(model, tokenizer, index, tmp_path):
 
 def test_from_encoder_copies_weights_everywhere(tokenizer, tmp_path):
     torch.manual_seed(0)
-    encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
+    encoder = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    )
     encoder.save_pretrained(tmp_path / "encoder")
-    model = RealmForOpenQA.from_encoder(tmp_path / "encoder", retriever_proj_size=None, retriever_pooling="mean")
+    model = RealmForOpenQA.from_encoder(
+        tmp_path / "encoder", retriever_proj_size=None, retriever_pooling="mean"
+    )
     source = encoder.embeddings.word_embeddings.weight
     for module in (model.query_embedder.encoder, model.doc_embedder.encoder, model.reader):
         assert torch.equal(module.embeddings.word_embeddings.weight, source)
@@ -195,7 +230,12 @@ def test_document_index_round_trip_and_integrity(model, tokenizer, index, tmp_pa
     for (s1, p1), (s2, p2) in [(index.search(queries, 3), loaded.search(queries, 3))]:
         assert (p1 == p2).all() and (s1 == s2).all()
     assert sorted(p.name for p in folder.iterdir()) == [
-        "README.md", "document_index.json", "documents.jsonl", "embeddings.safetensors", "index.faiss"]
+        "README.md",
+        "document_index.json",
+        "documents.jsonl",
+        "embeddings.safetensors",
+        "index.faiss",
+    ]
     with open(folder / "documents.jsonl", "a", encoding="utf-8") as f:
         f.write("\n")
     with pytest.raises(IntegrityError, match="documents.jsonl"):
@@ -222,8 +262,9 @@ def test_bad_input_raises_clear_value_errors(model, tokenizer, index):
 
 
 def test_answer_returns_text_score_and_documents(model, tokenizer, index):
-    results = model.answer(["what is the capital of france", "which river flows through rome"], index, tokenizer,
-                           top_k=2)
+    results = model.answer(
+        ["what is the capital of france", "which river flows through rome"], index, tokenizer, top_k=2
+    )
     assert len(results) == 2
     for result in results:
         assert len(result["doc_ids"]) == 2 and result["doc_id"] in result["doc_ids"]
@@ -251,8 +292,9 @@ def test_index_refresh_callback_swaps_in_new_embeddings(tokenizer):
     callback.on_step_end(None, State, None, model=model)
     callback.wait()
     assert callback.refreshes == 1
-    expected = embed_corpus(model.document_embedder, tokenizer, index.titles, index.texts, max_length=32,
-                            show_progress=False)
+    expected = embed_corpus(
+        model.document_embedder, tokenizer, index.titles, index.texts, max_length=32, show_progress=False
+    )
     torch.testing.assert_close(index.embeddings, expected)
     assert not torch.allclose(index.embeddings, old)
     _, positions = index.search(expected[:1], 1)

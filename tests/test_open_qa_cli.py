@@ -28,20 +28,52 @@ def _write_jsonl(path, rows):
 def test_qa_train_then_qa_eval(tmp_path, capsys):
     tokenizer = make_tokenizer(tmp_path / "encoder")
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "encoder")
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "encoder")
     _write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)
-    questions = [{"question": q["question"], "answers": q["answers"]["text"] if isinstance(q["answers"], dict)
-                  else q["answers"], "gold_doc_id": gold} for q, gold in zip(QUESTIONS, GOLD, strict=True)]
+    questions = [
+        {
+            "question": q["question"],
+            "answers": q["answers"]["text"] if isinstance(q["answers"], dict) else q["answers"],
+            "gold_doc_id": gold,
+        }
+        for q, gold in zip(QUESTIONS, GOLD, strict=True)
+    ]
     _write_jsonl(tmp_path / "questions.jsonl", questions)
     out = tmp_path / "run"
     common = ["--top-k", "2"]
-    args = _parser().parse_args([
-        "qa-train", "--encoder", str(tmp_path / "encoder"), "--documents", str(tmp_path / "docs.jsonl"),
-        "--train", str(tmp_path / "questions.jsonl"), "--output-dir", str(out), "--max-steps", "3",
-        "--max-reader-length", "48", "--max-doc-length", "48",
-        "--max-question-length", "16", "--max-span-width", "4", *common,
-    ])
+    args = _parser().parse_args(
+        [
+            "qa-train",
+            "--encoder",
+            str(tmp_path / "encoder"),
+            "--documents",
+            str(tmp_path / "docs.jsonl"),
+            "--train",
+            str(tmp_path / "questions.jsonl"),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--max-reader-length",
+            "48",
+            "--max-doc-length",
+            "48",
+            "--max-question-length",
+            "16",
+            "--max-span-width",
+            "4",
+            *common,
+        ]
+    )
     summary = args.func(args)
     assert summary["train_questions"] == 4
     assert json.loads((out / "train_summary.json").read_text())["train_questions"] == 4
@@ -49,10 +81,21 @@ def test_qa_train_then_qa_eval(tmp_path, capsys):
     assert isinstance(RealmForOpenQA.from_pretrained(out / "model"), RealmForOpenQA)
     assert len(DocumentIndex.from_pretrained(out / "index")) == len(DOCUMENTS)
 
-    args = _parser().parse_args([
-        "qa-eval", "--model", str(out / "model"), "--index", str(out / "index"), "--data",
-        str(tmp_path / "questions.jsonl"), "--gold", "--predictions", str(tmp_path / "pred.json"), *common,
-    ])
+    args = _parser().parse_args(
+        [
+            "qa-eval",
+            "--model",
+            str(out / "model"),
+            "--index",
+            str(out / "index"),
+            "--data",
+            str(tmp_path / "questions.jsonl"),
+            "--gold",
+            "--predictions",
+            str(tmp_path / "pred.json"),
+            *common,
+        ]
+    )
     results = args.func(args)
     assert results["questions"] == 4
     assert set(results) >= {"recall@1", "recall@2", "open", "gold_paragraph"}

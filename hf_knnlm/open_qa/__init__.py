@@ -1,4 +1,5 @@
-"""REALM open-domain QA on transformers 5: dense retriever + span reader, FAISS document index, Trainer support.
+"""REALM open-domain QA on transformers 5: dense retriever + span reader, FAISS document index, Trainer
+support.
 
 Importing this package registers ``RealmConfig`` / ``RealmForOpenQA`` with ``AutoConfig`` / ``AutoModel``
 (model type ``realm_open_qa``), so a saved model loads with ``AutoModel.from_pretrained``.

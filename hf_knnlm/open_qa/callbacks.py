@@ -28,8 +28,16 @@ class IndexRefreshCallback(TrainerCallback):
     consistent set of weights. If the previous refresh is still running, the trigger is skipped.
     """
 
-    def __init__(self, index: DocumentIndex, tokenizer: Any, every_n_steps: int = 0, *, batch_size: int = 64,
-                 max_length: int | None = None, wait_at_end: bool = True):
+    def __init__(
+        self,
+        index: DocumentIndex,
+        tokenizer: Any,
+        every_n_steps: int = 0,
+        *,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        wait_at_end: bool = True,
+    ):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0 = never refresh), got {every_n_steps}.")
         self.index, self.tokenizer = index, tokenizer
@@ -51,8 +59,12 @@ class IndexRefreshCallback(TrainerCallback):
             return control
         snapshot = copy.deepcopy(model.document_embedder).eval()
         max_length = self.max_length or model.config.max_doc_embed_length
-        self._thread = threading.Thread(target=self._refresh, args=(snapshot, max_length), daemon=True,
-                                        name=f"realm-index-refresh-{state.global_step}")
+        self._thread = threading.Thread(
+            target=self._refresh,
+            args=(snapshot, max_length),
+            daemon=True,
+            name=f"realm-index-refresh-{state.global_step}",
+        )
         self._thread.start()
         return control
 
@@ -69,8 +81,15 @@ class IndexRefreshCallback(TrainerCallback):
 
     def _refresh(self, snapshot, max_length: int) -> None:
         try:
-            embeddings = embed_corpus(snapshot, self.tokenizer, self.index.titles, self.index.texts,
-                                      batch_size=self.batch_size, max_length=max_length, show_progress=False)
+            embeddings = embed_corpus(
+                snapshot,
+                self.tokenizer,
+                self.index.titles,
+                self.index.texts,
+                batch_size=self.batch_size,
+                max_length=max_length,
+                show_progress=False,
+            )
             self.index.replace_embeddings(embeddings)
             self.refreshes += 1
         except BaseException as error:  # surfaced on the training thread at the next trigger / at the end

@@ -48,7 +48,9 @@ def load_questions(path: str, articles: str | None = None) -> datasets.Dataset:
     if path.suffix == ".json":
         return load_squad_open(path, articles=_articles(articles))[1]
     if articles:
-        raise ValueError("--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself.")
+        raise ValueError(
+            "--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself."
+        )
     return _read_jsonl(path)
 
 
@@ -72,10 +74,16 @@ def qa_train(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.encoder)
     model = RealmForOpenQA.from_encoder(
-        args.encoder, retriever_pooling=args.pooling, retriever_proj_size=args.proj_size,
-        retriever_normalize=args.normalize, retriever_score_scale=args.score_scale, top_k=args.top_k,
-        max_reader_length=args.max_reader_length, max_span_width=args.max_span_width,
-        max_doc_embed_length=args.max_doc_length, max_question_length=args.max_question_length,
+        args.encoder,
+        retriever_pooling=args.pooling,
+        retriever_proj_size=args.proj_size,
+        retriever_normalize=args.normalize,
+        retriever_score_scale=args.score_scale,
+        top_k=args.top_k,
+        max_reader_length=args.max_reader_length,
+        max_span_width=args.max_span_width,
+        max_doc_embed_length=args.max_doc_length,
+        max_question_length=args.max_question_length,
     )
     output = Path(args.output_dir)
     started = time.perf_counter()
@@ -88,18 +96,29 @@ def qa_train(args: argparse.Namespace) -> dict[str, Any]:
     train = _subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_realm(
-        model, tokenizer, index, train, output_dir=output / "trainer", epochs=args.epochs,
-        max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        head_learning_rate=args.head_learning_rate, refresh_index_every=args.refresh_index_every,
+        model,
+        tokenizer,
+        index,
+        train,
+        output_dir=output / "trainer",
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        head_learning_rate=args.head_learning_rate,
+        refresh_index_every=args.refresh_index_every,
         seed=args.seed,
     )
     model.save_pretrained(output / "model")
     tokenizer.save_pretrained(output / "model")
     if args.refresh_index_every:
         index.save_pretrained(output / "index")  # the refreshed vectors belong with the trained model
-    summary = {"train_questions": len(train), "index_seconds": index_seconds,
-               "train_seconds": time.perf_counter() - started,
-               "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+    summary = {
+        "train_questions": len(train),
+        "index_seconds": index_seconds,
+        "train_seconds": time.perf_counter() - started,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
     atomic_write_json(output / "train_summary.json", summary)
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub)
@@ -120,18 +139,25 @@ def qa_eval(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     index = DocumentIndex.from_pretrained(args.index)
     data = _subset(load_questions(args.data, args.articles), args.max_questions, args.seed)
-    questions, answers = data["question"], data["answers"]
+    # datasets 4 returns lazy Column objects; the evaluation wants plain lists.
+    questions, answers = list(data["question"]), list(data["answers"])
     results: dict[str, Any] = {"questions": len(data)}
     if "gold_doc_id" in data.column_names:
-        results.update(retrieval_recall(model, tokenizer, index, questions, data["gold_doc_id"], ks=(1, args.top_k)))
+        results.update(
+            retrieval_recall(
+                model, tokenizer, index, questions, list(data["gold_doc_id"]), ks=(1, args.top_k)
+            )
+        )
     scores, predictions = evaluate_open(model, tokenizer, index, questions, answers, top_k=args.top_k)
     results["open"] = scores
     if args.gold and "gold_doc_id" in data.column_names:
-        results["gold_paragraph"] = evaluate_gold(model, tokenizer, index, questions, answers,
-                                                  data["gold_doc_id"])[0]
+        results["gold_paragraph"] = evaluate_gold(
+            model, tokenizer, index, questions, answers, list(data["gold_doc_id"])
+        )[0]
     if args.predictions:
-        atomic_write_json(args.predictions, [{"question": q, **p} for q, p in zip(questions, predictions,
-                                                                                    strict=True)])
+        atomic_write_json(
+            args.predictions, [{"question": q, **p} for q, p in zip(questions, predictions, strict=True)]
+        )
     print(json.dumps(results, indent=2))
     return results
 
@@ -142,7 +168,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--encoder", required=True, help="BERT-style checkpoint (folder or Hub id)")
     train.add_argument("--tokenizer", help="tokenizer folder or id (default: --encoder)")
     source = train.add_mutually_exclusive_group(required=True)
-    source.add_argument("--documents", help="SQuAD JSON or JSON lines with title/text to build the index from")
+    source.add_argument(
+        "--documents", help="SQuAD JSON or JSON lines with title/text to build the index from"
+    )
     source.add_argument("--index", help="a saved document index (folder or Hub id) built by this encoder")
     train.add_argument("--train", required=True, help="SQuAD JSON or JSON lines with question/answers")
     train.add_argument("--articles", help="SQuAD articles to take questions from, START:STOP (e.g. 0:38)")
@@ -155,16 +183,21 @@ def register(subparsers: Any) -> None:
     train.add_argument("--head-learning-rate", type=float, default=1e-3)
     train.add_argument("--top-k", type=int, default=5)
     train.add_argument("--pooling", choices=["cls", "mean"], default="mean")
-    train.add_argument("--proj-size", type=_proj_size, default=None, help="retriever projection size or 'none'")
+    train.add_argument(
+        "--proj-size", type=_proj_size, default=None, help="retriever projection size or 'none'"
+    )
     train.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
     train.add_argument("--score-scale", type=float, default=20.0)
     train.add_argument("--max-reader-length", type=int, default=288)
     train.add_argument("--max-doc-length", type=int, default=256, help="tokens the document encoder reads")
     train.add_argument("--max-question-length", type=int, default=64)
     train.add_argument("--max-span-width", type=int, default=10)
-    train.add_argument("--refresh-index-every", type=int, default=0,
-                       help="re-embed the documents every N steps in the background (0: never, as in REALM "
-                            "fine-tuning)")
+    train.add_argument(
+        "--refresh-index-every",
+        type=int,
+        default=0,
+        help="re-embed the documents every N steps in the background (0: never, as in REALM fine-tuning)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--push-to-hub", help="repo id for the model; the index goes to <repo id>-index")
     train.set_defaults(func=qa_train)

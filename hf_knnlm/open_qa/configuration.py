@@ -21,19 +21,20 @@ class RealmConfig(PreTrainedConfig):
             `share_retriever_encoders=True`) for the query embedder, the document embedder and the reader.
             Defaults to a `BertConfig`.
         retriever_pooling (`"cls"` or `"mean"`, defaults to `"cls"`):
-            How a retriever embedding is read from the encoder: the `[CLS]` vector (REALM) or the masked mean of
-            the token vectors (what sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with).
+            How a retriever embedding is read from the encoder: the `[CLS]` vector (REALM) or the masked
+            mean of the token vectors (what sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
+            trained with).
         retriever_proj_size (`int`, *optional*, defaults to 128):
-            Size of the linear projection on top of the pooled vector. `None` keeps the pooled vector as is, which
-            preserves the zero-shot quality of a checkpoint that was trained as a sentence embedder.
+            Size of the linear projection on top of the pooled vector. `None` keeps the pooled vector as is,
+            which preserves the zero-shot quality of a checkpoint that was trained as a sentence embedder.
         retriever_normalize (`bool`, defaults to `False`):
             L2-normalise retriever embeddings, so that f(x, z) is a cosine similarity.
         retriever_score_scale (`float`, defaults to 1.0):
-            Multiplies f(x, z) before the softmax over the top-k documents. Cosine scores live in [-1, 1]; a scale
-            around 20 keeps p(z|x) from being almost uniform.
+            Multiplies f(x, z) before the softmax over the top-k documents. Cosine scores live in [-1, 1]; a
+            scale around 20 keeps p(z|x) from being almost uniform.
         share_retriever_encoders (`bool`, defaults to `False`):
-            Use one encoder for questions and documents. REALM keeps two; a symmetric sentence embedder works with
-            one, and then the document index goes stale while the query side trains (see
+            Use one encoder for questions and documents. REALM keeps two; a symmetric sentence embedder
+            works with one, and then the document index goes stale while the query side trains (see
             `IndexRefreshCallback`).
         span_hidden_size (`int`, defaults to 256):
             Width of the span MLP: start and end vectors are projected to this size, summed, passed through
@@ -70,8 +71,16 @@ class RealmConfig(PreTrainedConfig):
     def validate_architecture(self) -> None:
         """Reject settings no model can be built with, naming the value and the fix."""
         if self.retriever_pooling not in ("cls", "mean"):
-            raise ValueError(f"RealmConfig.retriever_pooling must be 'cls' or 'mean', got {self.retriever_pooling!r}.")
-        for name in ("span_hidden_size", "max_span_width", "top_k", "max_question_length", "max_reader_length"):
+            raise ValueError(
+                f"RealmConfig.retriever_pooling must be 'cls' or 'mean', got {self.retriever_pooling!r}."
+            )
+        for name in (
+            "span_hidden_size",
+            "max_span_width",
+            "top_k",
+            "max_question_length",
+            "max_reader_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"RealmConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.retriever_proj_size is not None and self.retriever_proj_size < 1:
@@ -88,8 +97,8 @@ class RealmConfig(PreTrainedConfig):
                 )
         if self.max_reader_length <= self.max_question_length + 3:
             raise ValueError(
-                f"RealmConfig.max_reader_length ({self.max_reader_length}) leaves no room for the document after "
-                f"a question of up to {self.max_question_length} tokens; raise max_reader_length."
+                f"RealmConfig.max_reader_length ({self.max_reader_length}) leaves no room for the document "
+                f"after a question of up to {self.max_question_length} tokens; raise max_reader_length."
             )
 
     @property

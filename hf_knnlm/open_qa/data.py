@@ -8,7 +8,8 @@ fine-tuning). Rows that already carry ``doc_positions`` (see :func:`precompute_r
 use the precomputed top-k instead.
 
 Answers are matched as token-id sequences inside the document part of ``[CLS] question [SEP] document [SEP]``
-(like REALM, and case-insensitive with an uncased tokenizer); only spans shorter than ``max_span_width`` count.
+(like REALM, and case-insensitive with an uncased tokenizer); only spans shorter than ``max_span_width``
+count.
 """
 
 from __future__ import annotations
@@ -49,10 +50,17 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def retrieve(model: Any, tokenizer: Any, index: DocumentIndex, questions: list[str], top_k: int) -> np.ndarray:
+def retrieve(
+    model: Any, tokenizer: Any, index: DocumentIndex, questions: list[str], top_k: int
+) -> np.ndarray:
     """Top-k document positions ``[len(questions), top_k]`` for the current query encoder (``-1``: none)."""
-    encoded = tokenizer(questions, truncation=True, max_length=model.config.max_question_length, padding=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        questions,
+        truncation=True,
+        max_length=model.config.max_question_length,
+        padding=True,
+        return_tensors="pt",
+    )
     device = _device(model)
     embedder = model.query_embedder
     was_training = embedder.training
@@ -90,7 +98,8 @@ def match_answer_spans(
     max_span_width: int,
     max_spans: int,
 ) -> list[tuple[int, int]]:
-    """Inclusive ``(start, end)`` token spans inside ``[doc_start, doc_end]`` equal to one of ``answer_ids``."""
+    """Inclusive ``(start, end)`` token spans inside ``[doc_start, doc_end]`` equal to one of
+    ``answer_ids``."""
     spans: list[tuple[int, int]] = []
     for answer in answer_ids:
         n = len(answer)
@@ -116,24 +125,29 @@ def build_features(
     """Padded model inputs for ``questions`` paired with the documents at ``doc_positions`` ``[b, k]``.
 
     Returns ``(features, meta)``: ``features`` are the tensors :meth:`RealmForOpenQA.forward` takes
-    (with ``answer_starts`` / ``answer_ends`` when ``answers`` are given); ``meta`` has the document ids, texts
-    and token character offsets that turn a span back into text.
+    (with ``answer_starts`` / ``answer_ends`` when ``answers`` are given); ``meta`` has the document ids,
+    texts and token character offsets that turn a span back into text.
     """
     _require_fast(tokenizer)
     config = model.config
     positions = np.asarray(doc_positions, dtype=np.int64)
     if positions.ndim != 2 or positions.shape[0] != len(questions):
         raise ValueError(
-            f"doc_positions has shape {positions.shape}; expected [{len(questions)}, k], one row per question."
+            f"doc_positions has shape {positions.shape}; expected [{len(questions)}, k], one row per "
+            "question."
         )
     batch, k = positions.shape
-    question_enc = tokenizer(questions, truncation=True, max_length=config.max_question_length, padding=True,
-                             return_tensors="pt")
+    question_enc = tokenizer(
+        questions, truncation=True, max_length=config.max_question_length, padding=True, return_tensors="pt"
+    )
     short_questions = _truncate_questions(tokenizer, questions, config.max_question_length)
     texts = [[index.texts[p] if p >= 0 else "" for p in row] for row in positions]
     reader_enc = tokenizer(
-        [q for q in short_questions for _ in range(k)], [t for row in texts for t in row],
-        truncation="only_second", max_length=config.max_reader_length, padding=True,
+        [q for q in short_questions for _ in range(k)],
+        [t for row in texts for t in row],
+        truncation="only_second",
+        max_length=config.max_reader_length,
+        padding=True,
         return_offsets_mapping=True,
     )
     seq = len(reader_enc["input_ids"][0])
@@ -159,8 +173,14 @@ def build_features(
                 in_doc = doc_mask[row].nonzero().flatten()
                 if positions[b, z] < 0 or in_doc.numel() == 0:
                     continue
-                spans = match_answer_spans(reader_enc["input_ids"][row], int(in_doc[0]), int(in_doc[-1]),
-                                           answer_ids, config.max_span_width, max_answer_spans)
+                spans = match_answer_spans(
+                    reader_enc["input_ids"][row],
+                    int(in_doc[0]),
+                    int(in_doc[-1]),
+                    answer_ids,
+                    config.max_span_width,
+                    max_answer_spans,
+                )
                 for m, (start, end) in enumerate(spans):
                     starts[b, z, m], ends[b, z, m] = start, end
         features["answer_starts"], features["answer_ends"] = starts, ends
@@ -213,16 +233,24 @@ class RealmDataCollator:
             positions = np.asarray([ex["doc_positions"][: self.top_k] for ex in examples])
         else:
             positions = retrieve(self.model, self.tokenizer, self.index, questions, self.top_k)
-        features, _ = build_features(self.model, self.tokenizer, self.index, questions, positions, answers,
-                                     self.max_answer_spans)
+        features, _ = build_features(
+            self.model, self.tokenizer, self.index, questions, positions, answers, self.max_answer_spans
+        )
         return features
 
 
 def precompute_retrieval(
-    dataset: Any, model: Any, tokenizer: Any, index: DocumentIndex, *, top_k: int | None = None,
-    question_column: str = "question", batch_size: int = 64,
+    dataset: Any,
+    model: Any,
+    tokenizer: Any,
+    index: DocumentIndex,
+    *,
+    top_k: int | None = None,
+    question_column: str = "question",
+    batch_size: int = 64,
 ) -> Any:
-    """Add a ``doc_positions`` column (top-k once, with the current query encoder) to a ``datasets.Dataset``."""
+    """Add a ``doc_positions`` column (top-k once, with the current query encoder) to a
+    ``datasets.Dataset``."""
     top_k = top_k or model.config.top_k
 
     def add(batch: dict[str, list]) -> dict[str, list]:
@@ -233,6 +261,10 @@ def precompute_retrieval(
 
 
 __all__ = [
-    "RealmDataCollator", "build_features", "match_answer_spans", "normalize_answers", "precompute_retrieval",
+    "RealmDataCollator",
+    "build_features",
+    "match_answer_spans",
+    "normalize_answers",
+    "precompute_retrieval",
     "retrieve",
 ]

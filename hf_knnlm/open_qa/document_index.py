@@ -46,7 +46,9 @@ def _faiss():
     try:
         import faiss
     except ImportError as error:  # faiss-cpu and faiss-gpu are alternatives, so it is an extra
-        raise ImportError("The document index needs faiss: pip install 'hf-knnlm[cpu]' (or [gpu]).") from error
+        raise ImportError(
+            "The document index needs faiss: pip install 'hf-knnlm[cpu]' (or [gpu])."
+        ) from error
     return faiss
 
 
@@ -104,11 +106,17 @@ def embed_corpus(
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     chunks = []
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="embed documents", disable=not show_progress):
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="embed documents", disable=not show_progress
+        ):
             rows = order[start : start + batch_size]
             encoded = tokenizer(
-                [titles[i] for i in rows], [texts[i] for i in rows], truncation="only_second",
-                max_length=max_length, padding=True, return_tensors="pt",
+                [titles[i] for i in rows],
+                [texts[i] for i in rows],
+                truncation="only_second",
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
             )
             encoded = {name: tensor.to(device) for name, tensor in encoded.items()}
             chunks.append(embedder(**encoded).float().cpu())
@@ -147,7 +155,9 @@ class DocumentIndex:
         self._lock = threading.Lock()
         self._position: dict[str, int] | None = None
         self._embeddings = embeddings.float().contiguous()
-        self._faiss = faiss_index if faiss_index is not None else _build_faiss(self._embeddings.numpy(), index_type)
+        self._faiss = (
+            faiss_index if faiss_index is not None else _build_faiss(self._embeddings.numpy(), index_type)
+        )
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -166,11 +176,22 @@ class DocumentIndex:
         document embedder and index them."""
         ids, titles, texts = _documents_from(documents)
         max_length = max_length or model.config.max_doc_embed_length
-        embeddings = embed_corpus(model.document_embedder, tokenizer, titles, texts, batch_size=batch_size,
-                                  max_length=max_length, show_progress=show_progress)
-        metadata = {"encoder": model.config.name_or_path or "", "max_length": max_length,
-                    "pooling": model.config.retriever_pooling, "normalize": model.config.retriever_normalize,
-                    "proj_size": model.config.retriever_proj_size}
+        embeddings = embed_corpus(
+            model.document_embedder,
+            tokenizer,
+            titles,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            show_progress=show_progress,
+        )
+        metadata = {
+            "encoder": model.config.name_or_path or "",
+            "max_length": max_length,
+            "pooling": model.config.retriever_pooling,
+            "normalize": model.config.retriever_normalize,
+            "proj_size": model.config.retriever_proj_size,
+        }
         return cls(ids, titles, texts, embeddings, index_type=index_type, metadata=metadata)
 
     # -- access ------------------------------------------------------------------------------------------
@@ -187,7 +208,9 @@ class DocumentIndex:
             self._position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         missing = [doc_id for doc_id in doc_ids if doc_id not in self._position]
         if missing:
-            raise ValueError(f"document ids {missing[:5]} are not in the index; check the collection it was built on.")
+            raise ValueError(
+                f"document ids {missing[:5]} are not in the index; check the collection it was built on."
+            )
         return [self._position[doc_id] for doc_id in doc_ids]
 
     @property
@@ -220,7 +243,8 @@ class DocumentIndex:
         return gathered.masked_fill((positions < 0).unsqueeze(-1), 0.0)
 
     def replace_embeddings(self, embeddings: torch.Tensor) -> None:
-        """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new index."""
+        """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
+        index."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "
@@ -235,8 +259,10 @@ class DocumentIndex:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        lines = (json.dumps({"id": i, "title": t, "text": x}, ensure_ascii=False)
-                 for i, t, x in zip(self.ids, self.titles, self.texts, strict=True))
+        lines = (
+            json.dumps({"id": i, "title": t, "text": x}, ensure_ascii=False)
+            for i, t, x in zip(self.ids, self.titles, self.texts, strict=True)
+        )
         atomic_write_bytes(folder / DOCUMENTS_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
         with self._lock:
             embeddings, faiss_index = self._embeddings, self._faiss
@@ -248,14 +274,21 @@ class DocumentIndex:
         os.replace(tmp, folder / FAISS_NAME)
         names = [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
         config = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "num_documents": len(self), "dim": self.dim,
-            "index_type": self.index_type, "metric": "inner_product", "metadata": self.metadata,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "num_documents": len(self),
+            "dim": self.dim,
+            "index_type": self.index_type,
+            "metric": "inner_product",
+            "metadata": self.metadata,
             "files": file_hashes(folder, names),
         }
         atomic_write_json(folder / CONFIG_NAME, config)
         if _CARD.is_file() and not (folder / "README.md").exists():
             card = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
-                num_documents=len(self), dim=self.dim, index_type=self.index_type,
+                num_documents=len(self),
+                dim=self.dim,
+                index_type=self.index_type,
                 encoder=self.metadata.get("encoder", "") or "unknown",
             )
             atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
@@ -273,9 +306,13 @@ class DocumentIndex:
     ) -> DocumentIndex:
         """Load from a folder or a Hub repository id; every file is sha256-checked before it is read."""
         folder = resolve_folder(
-            repo_id_or_path, config_name=CONFIG_NAME,
+            repo_id_or_path,
+            config_name=CONFIG_NAME,
             allow_patterns=[CONFIG_NAME, DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME, "README.md"],
-            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
             force_download=force_download,
         )
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -302,8 +339,15 @@ class DocumentIndex:
                 f"{tuple(embeddings.shape)}, faiss {faiss_index.ntotal} vectors, config says {n} x "
                 f"{config['dim']}. Rebuild it."
             )
-        return cls(ids, titles, texts, embeddings, index_type=config["index_type"],
-                   metadata=config.get("metadata"), faiss_index=faiss_index)
+        return cls(
+            ids,
+            titles,
+            texts,
+            embeddings,
+            index_type=config["index_type"],
+            metadata=config.get("metadata"),
+            faiss_index=faiss_index,
+        )
 
     def push_to_hub(
         self,
@@ -316,9 +360,15 @@ class DocumentIndex:
         create_pr: bool = False,
     ) -> Any:
         """Upload as one commit; a README.md the repository already has is kept."""
-        return push_folder(self.save_pretrained, repo_id, revision=revision, private=private,
-                           commit_message=commit_message or "Upload REALM document index",
-                           token=token, create_pr=create_pr)
+        return push_folder(
+            self.save_pretrained,
+            repo_id,
+            revision=revision,
+            private=private,
+            commit_message=commit_message or "Upload REALM document index",
+            token=token,
+            create_pr=create_pr,
+        )
 
 
 __all__ = ["DocumentIndex", "embed_corpus"]

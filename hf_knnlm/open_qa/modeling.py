@@ -15,9 +15,9 @@ with a no-grad query embedding against the frozen document index and hands the s
 the batch; the model recomputes the query embedding *with* gradients, so the query encoder learns through
 f(x, z) while the document encoder stays frozen, as in the paper's fine-tuning.
 
-A question whose answer matches no span of any retrieved document has an undefined loss (log 0); it is left out
-of the batch mean (``has_answer`` in the output says which questions counted). A batch where no question has an
-answer returns a zero loss that is still connected to the graph, so ``Trainer`` steps over it.
+A question whose answer matches no span of any retrieved document has an undefined loss (log 0); it is left
+out of the batch mean (``has_answer`` in the output says which questions counted). A batch where no question
+has an answer returns a zero loss that is still connected to the graph, so ``Trainer`` steps over it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from .configuration import RealmConfig
 if TYPE_CHECKING:
     from .document_index import DocumentIndex
 
-# Score of spans that are not candidates (question tokens, special tokens, padding, too wide). Finite so that a
-# document with no candidate at all (padding) still gives finite log-softmax values; exp(-1e4) is exactly 0 in
-# float32 and float16, so masked spans never carry probability.
+# Score of spans that are not candidates (question tokens, special tokens, padding, too wide). Finite so
+# that a document with no candidate at all (padding) still gives finite log-softmax values; exp(-1e4) is
+# exactly 0 in float32 and float16, so masked spans never carry probability.
 SPAN_MASK_VALUE = -1e4
 
 _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
@@ -54,8 +54,8 @@ class RealmOpenQAOutput(ModelOutput):
     Args:
         loss: negative log marginal likelihood, averaged over the questions with ``has_answer``.
         retriever_logits: ``[batch, k]`` scaled f(x, z) of the retrieved documents.
-        span_logits: ``[batch, k, seq, max_span_width]`` raw span scores; entry ``[b, z, i, w]`` scores the span
-            from token ``i`` to token ``i + w``; non-candidates hold ``SPAN_MASK_VALUE``.
+        span_logits: ``[batch, k, seq, max_span_width]`` raw span scores; entry ``[b, z, i, w]`` scores
+            the span from token ``i`` to token ``i + w``; non-candidates hold ``SPAN_MASK_VALUE``.
         joint_log_probs: ``[batch, k, seq, max_span_width]`` log p(z|x) + log p(s|z, x).
         has_answer: ``[batch]`` whether any retrieved document has a span matching an answer.
     """
@@ -117,7 +117,7 @@ class SpanHead(nn.Module):
         self.max_span_width = max_span_width
 
     def forward(self, hidden: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
-        """``hidden`` ``[n, seq, h]``, ``doc_mask`` ``[n, seq]`` -> span scores ``[n, seq, max_span_width]``."""
+        """``hidden`` ``[n, seq, h]``, ``doc_mask`` ``[n, seq]`` -> scores ``[n, seq, max_span_width]``."""
         seq = hidden.shape[1]
         widths = min(self.max_span_width, seq)
         start = self.start(hidden)
@@ -127,7 +127,8 @@ class SpanHead(nn.Module):
         end_shifted = torch.stack([nn.functional.pad(end[:, w:], (0, 0, 0, w)) for w in range(widths)], dim=2)
         end_in_doc = torch.stack([nn.functional.pad(doc_mask[:, w:], (0, w)) for w in range(widths)], dim=2)
         scores = self.score(self.norm(torch.relu(start.unsqueeze(2) + end_shifted))).squeeze(-1)
-        # Document tokens are contiguous, so a span whose both ends are document tokens lies inside the document.
+        # Document tokens are contiguous, so a span whose both ends are document tokens lies inside the
+        # document.
         valid = doc_mask.unsqueeze(2) & end_in_doc
         scores = scores.masked_fill(~valid, SPAN_MASK_VALUE)
         if widths < self.max_span_width:
@@ -189,8 +190,9 @@ class RealmForOpenQA(RealmPreTrainedModel):
         self.query_embedder = RetrieverEmbedder(config)
         self.doc_embedder = None if config.share_retriever_encoders else RetrieverEmbedder(config)
         self.reader = AutoModel.from_config(config.encoder_config)
-        self.span_head = SpanHead(config.encoder_config.hidden_size, config.span_hidden_size,
-                                  config.max_span_width)
+        self.span_head = SpanHead(
+            config.encoder_config.hidden_size, config.span_hidden_size, config.max_span_width
+        )
         self.post_init()
         self.freeze_document_embedder()
 
@@ -251,11 +253,11 @@ class RealmForOpenQA(RealmPreTrainedModel):
     ) -> RealmOpenQAOutput:
         """Score the top-k retrieved documents and their spans; compute the loss when answers are given.
 
-        Shapes: ``question_*`` ``[b, q]``; ``doc_embeddings`` ``[b, k, d]`` (the index vectors of the retrieved
-        documents, no gradient); ``reader_*`` and ``doc_mask`` ``[b, k, l]`` (``doc_mask`` marks the document
-        tokens of ``[CLS] question [SEP] document [SEP]``); ``doc_valid`` ``[b, k]`` (false for padding
-        documents); ``answer_starts`` / ``answer_ends`` ``[b, k, m]`` inclusive token positions of the spans that
-        match an answer, ``-1`` for padding.
+        Shapes: ``question_*`` ``[b, q]``; ``doc_embeddings`` ``[b, k, d]`` (the index vectors of the
+        retrieved documents, no gradient); ``reader_*`` and ``doc_mask`` ``[b, k, l]`` (``doc_mask`` marks
+        the document tokens of ``[CLS] question [SEP] document [SEP]``); ``doc_valid`` ``[b, k]`` (false for
+        padding documents); ``answer_starts`` / ``answer_ends`` ``[b, k, m]`` inclusive token positions of
+        the spans that match an answer, ``-1`` for padding.
         """
         batch, k, seq = reader_input_ids.shape
         query = self.embed_questions(question_input_ids, question_attention_mask, question_token_type_ids)
@@ -302,8 +304,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
     ) -> list[dict[str, Any]]:
         """Retrieve, read and return the best span for each question.
 
-        Each result holds ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it
-        came from) and ``doc_ids`` / ``doc_scores`` (the retrieved documents and p(z|x)).
+        Each result holds ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the
+        document it came from) and ``doc_ids`` / ``doc_scores`` (the retrieved documents and p(z|x)).
         """
         from .data import build_features, retrieve
 
@@ -354,7 +356,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
         card = Path(save_directory) / "README.md"
         if not card.exists() and _CARD.is_file():
             text = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
-                encoder=self.config.name_or_path or "unknown", top_k=self.config.top_k,
+                encoder=self.config.name_or_path or "unknown",
+                top_k=self.config.top_k,
                 max_span_width=self.config.max_span_width,
             )
             atomic_write_bytes(card, text.encode("utf-8"))

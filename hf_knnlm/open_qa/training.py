@@ -1,8 +1,8 @@
 """Fine-tune :class:`RealmForOpenQA` with the stock ``transformers.Trainer``.
 
 Nothing here is a custom loop: the model returns its loss first, :class:`RealmDataCollator` does retrieval and
-labelling, and the only additions are two learning rates (pre-trained encoders vs. the freshly initialised span
-head and projections) and the optional index-refresh callback.
+labelling, and the only additions are two learning rates (pre-trained encoders vs. the freshly initialised
+span head and projections) and the optional index-refresh callback.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ _NEW_PARAMETERS = ("span_head.", "projection.")
 
 
 def realm_optimizer(
-    model: torch.nn.Module, learning_rate: float, head_learning_rate: float | None = None,
+    model: torch.nn.Module,
+    learning_rate: float,
+    head_learning_rate: float | None = None,
     weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; new heads use ``head_learning_rate`` (default: the same)."""
