@@ -60,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=3e-5)
     parser.add_argument("--head-learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--retriever-learning-rate", type=float, default=None, help="default: --learning-rate"
+    )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--score-scale", type=float, default=20.0)
     parser.add_argument("--max-reader-length", type=int, default=256)
@@ -149,6 +152,7 @@ def main() -> None:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
+        retriever_learning_rate=args.retriever_learning_rate,
         warmup_steps=max(1, len(train) // args.batch_size // 10),
         top_k=args.top_k,
         seed=args.seed,

@@ -106,6 +106,7 @@ def qa_train(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
+        retriever_learning_rate=args.retriever_learning_rate,
         refresh_index_every=args.refresh_index_every,
         seed=args.seed,
     )
@@ -181,6 +182,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--batch-size", type=int, default=2)
     train.add_argument("--learning-rate", type=float, default=3e-5)
     train.add_argument("--head-learning-rate", type=float, default=1e-3)
+    train.add_argument(
+        "--retriever-learning-rate", type=float, help="query encoder (default: --learning-rate)"
+    )
     train.add_argument("--top-k", type=int, default=5)
     train.add_argument("--pooling", choices=["cls", "mean"], default="mean")
     train.add_argument(

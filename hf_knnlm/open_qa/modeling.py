@@ -249,7 +249,6 @@ class RealmForOpenQA(RealmPreTrainedModel):
         doc_valid: torch.Tensor | None = None,
         answer_starts: torch.Tensor | None = None,
         answer_ends: torch.Tensor | None = None,
-        **kwargs: Any,
     ) -> RealmOpenQAOutput:
         """Score the top-k retrieved documents and their spans; compute the loss when answers are given.
 

@@ -26,14 +26,27 @@ def realm_optimizer(
     learning_rate: float,
     head_learning_rate: float | None = None,
     weight_decay: float = 0.0,
+    retriever_learning_rate: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; new heads use ``head_learning_rate`` (default: the same)."""
-    head_learning_rate = head_learning_rate or learning_rate
-    encoder, head = [], []
+    """AdamW over the trainable parameters in three groups: the reader encoder (``learning_rate``), the query
+    encoder (``retriever_learning_rate``, default ``learning_rate``) and the freshly initialised span head and
+    projections (``head_learning_rate``, default ``learning_rate``)."""
+    rates = {
+        "reader": learning_rate,
+        "retriever": retriever_learning_rate or learning_rate,
+        "head": head_learning_rate or learning_rate,
+    }
+    params: dict[str, list[torch.nn.Parameter]] = {group: [] for group in rates}
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (head if any(part in name for part in _NEW_PARAMETERS) else encoder).append(parameter)
-    groups = [{"params": encoder, "lr": learning_rate}, {"params": head, "lr": head_learning_rate}]
+        if not parameter.requires_grad:
+            continue
+        if any(part in name for part in _NEW_PARAMETERS):
+            params["head"].append(parameter)
+        elif name.startswith("query_embedder."):
+            params["retriever"].append(parameter)
+        else:
+            params["reader"].append(parameter)
+    groups = [{"params": params[group], "lr": rate} for group, rate in rates.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
 
 
@@ -49,6 +62,7 @@ def train_realm(
     batch_size: int = 2,
     learning_rate: float = 3e-5,
     head_learning_rate: float | None = 1e-3,
+    retriever_learning_rate: float | None = None,
     warmup_steps: int = 0,
     refresh_index_every: int = 0,
     top_k: int | None = None,
@@ -81,7 +95,12 @@ def train_realm(
         args=args,
         train_dataset=train_dataset,
         data_collator=RealmDataCollator(model, tokenizer, index, top_k=top_k),
-        optimizers=(realm_optimizer(model, learning_rate, head_learning_rate), None),
+        optimizers=(
+            realm_optimizer(
+                model, learning_rate, head_learning_rate, retriever_learning_rate=retriever_learning_rate
+            ),
+            None,
+        ),
         callbacks=callbacks,
     )
     trainer.train()
