@@ -207,7 +207,7 @@ def test_from_encoder_copies_weights_everywhere(tokenizer, tmp_path):
             num_hidden_layers=1,
             num_attention_heads=2,
             intermediate_size=64,
-            max_position_embeddings=128,
+            max_position_embeddings=512,
         )
     )
     encoder.save_pretrained(tmp_path / "encoder")
