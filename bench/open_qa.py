@@ -37,7 +37,7 @@ TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 38), slice(38, 48)
 # quick: a smoke run in minutes; full: sized for ~20-25 minutes on 2 CPU cores.
 PRESETS = {
     "quick": {"train_questions": 48, "eval_questions": 40, "recall_questions": 400},
-    "full": {"train_questions": 600, "eval_questions": 200, "recall_questions": None},
+    "full": {"train_questions": 1000, "eval_questions": 500, "recall_questions": None},
 }
 
 
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recall-questions", type=int, help="eval questions for recall (default: all)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--head-learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--retriever-learning-rate", type=float, default=None, help="default: --learning-rate"
