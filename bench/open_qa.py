@@ -69,6 +69,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/hf_knnlm_bench/open_qa"))
+    parser.add_argument(
+        "--reuse-index",
+        type=Path,
+        help="load this saved document index instead of embedding the 2,067 paragraphs again (it must have "
+        "been built by this script: same encoder and settings)",
+    )
     args = parser.parse_args()
     preset = PRESETS["quick" if args.quick else "full"]
     for name, value in preset.items():
@@ -122,9 +128,15 @@ def main() -> None:
         span_hidden_size=256,
     )
     started = time.perf_counter()
-    index = DocumentIndex.build(documents, model, tokenizer, batch_size=32)
-    times["index_build_s"] = time.perf_counter() - started
-    index.save_pretrained(args.output_dir / "index")
+    if args.reuse_index:
+        index = DocumentIndex.from_pretrained(args.reuse_index)
+        if index.ids != list(documents["id"]) or index.metadata.get("encoder") != str(encoder):
+            raise SystemExit(f"{args.reuse_index} was not built from this collection with {encoder}.")
+        times["index_load_s"] = time.perf_counter() - started
+    else:
+        index = DocumentIndex.build(documents, model, tokenizer, batch_size=32)
+        times["index_build_s"] = time.perf_counter() - started
+        index.save_pretrained(args.output_dir / "index")
 
     def recall():
         return retrieval_recall(
