@@ -11,7 +11,10 @@ from .callbacks import IndexRefreshCallback
 from .configuration import RealmConfig
 from .data import RealmDataCollator, build_features, normalize_answers, precompute_retrieval, retrieve
 from .document_index import DocumentIndex, embed_corpus
+from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
 from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
+from .squad import load_squad_open
+from .training import realm_optimizer, train_realm
 
 AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
 AutoModel.register(RealmConfig, RealmForOpenQA, exist_ok=True)
@@ -26,7 +29,13 @@ __all__ = [
     "RealmPreTrainedModel",
     "build_features",
     "embed_corpus",
+    "evaluate_gold",
+    "evaluate_open",
+    "load_squad_open",
     "normalize_answers",
     "precompute_retrieval",
+    "realm_optimizer",
+    "retrieval_recall",
     "retrieve",
+    "train_realm",
 ]
