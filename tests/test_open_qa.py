@@ -306,3 +306,38 @@ def test_squad_metrics_follow_the_official_normalisation():
     assert exact_match("the eiffel tower", ["Eiffel Tower"]) == 1.0
     assert f1_score("eiffel tower in paris", ["Eiffel Tower"]) == pytest.approx(2 * 0.5 * 1.0 / 1.5)
     assert f1_score("nothing", ["Eiffel Tower"]) == 0.0
+
+
+def test_index_push_and_load_by_repo_id(index, tmp_path, monkeypatch):
+    """push_to_hub makes one upload_folder commit; from_pretrained(repo_id) goes through snapshot_download."""
+    import shutil
+
+    import huggingface_hub
+
+    remote = tmp_path / "remote"
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("RepoUrl", (), {"repo_id": repo_id})()
+
+        def file_exists(self, repo_id, filename, revision=None):
+            return False
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(repo_id)
+            shutil.copytree(folder_path, remote)
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        assert repo_id == "user/toy-index" and "index.faiss" in allow_patterns
+        return str(remote)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    index.push_to_hub("user/toy-index")
+    assert calls == ["user/toy-index"]
+    loaded = DocumentIndex.from_pretrained("user/toy-index")
+    assert loaded.ids == index.ids and torch.equal(loaded.embeddings, index.embeddings)
