@@ -341,3 +341,21 @@ def test_index_push_and_load_by_repo_id(index, tmp_path, monkeypatch):
     assert calls == ["user/toy-index"]
     loaded = DocumentIndex.from_pretrained("user/toy-index")
     assert loaded.ids == index.ids and torch.equal(loaded.embeddings, index.embeddings)
+
+
+def test_config_rejects_bad_values_and_round_trips(tmp_path):
+    from transformers import AutoConfig
+
+    from hf_knnlm.open_qa import RealmConfig
+
+    with pytest.raises(ValueError, match="retriever_pooling"):
+        RealmConfig(retriever_pooling="max")
+    with pytest.raises(ValueError, match="max_position_embeddings=512"):
+        RealmConfig(max_reader_length=1000)
+    config = RealmConfig(
+        top_k=7, retriever_proj_size=None, encoder_config={"model_type": "bert", "hidden_size": 64}
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, RealmConfig)
+    assert loaded.top_k == 7 and loaded.retriever_proj_size is None and loaded.retriever_dim == 64

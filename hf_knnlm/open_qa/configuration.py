@@ -68,7 +68,12 @@ class RealmConfig(PreTrainedConfig):
     max_doc_embed_length: int = 256
     initializer_range: float = 0.02
 
-    def validate_architecture(self) -> None:
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Checked here rather than in a @strict validator so that bad values raise a plain ValueError.
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
         """Reject settings no model can be built with, naming the value and the fix."""
         if self.retriever_pooling not in ("cls", "mean"):
             raise ValueError(
