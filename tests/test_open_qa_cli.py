@@ -74,7 +74,8 @@ def test_qa_train_then_qa_eval(tmp_path, capsys):
             *common,
         ]
     )
-    summary = args.func(args)
+    assert args.func(args) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
     assert summary["train_questions"] == 4
     assert json.loads((out / "train_summary.json").read_text())["train_questions"] == 4
     assert (out / "model" / "config.json").is_file() and (out / "index" / "index.faiss").is_file()
@@ -93,10 +94,13 @@ def test_qa_train_then_qa_eval(tmp_path, capsys):
             "--gold",
             "--predictions",
             str(tmp_path / "pred.json"),
+            "--results",
+            str(tmp_path / "results.json"),
             *common,
         ]
     )
-    results = args.func(args)
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
     assert results["questions"] == 4
     assert set(results) >= {"recall@1", "recall@2", "open", "gold_paragraph"}
     assert 0.0 <= results["recall@1"] <= results["recall@2"] <= 1.0

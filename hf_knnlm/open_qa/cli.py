@@ -64,7 +64,8 @@ def _proj_size(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
-def qa_train(args: argparse.Namespace) -> dict[str, Any]:
+def qa_train(args: argparse.Namespace) -> int:
+    """``hf-knnlm qa-train``: returns exit status 0; the summary goes to stdout and train_summary.json."""
     from transformers import AutoTokenizer, set_seed
 
     from .document_index import DocumentIndex
@@ -126,10 +127,11 @@ def qa_train(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer.push_to_hub(args.push_to_hub)
         index.push_to_hub(args.push_to_hub + "-index")
     print(json.dumps(summary, indent=2))
-    return summary
+    return 0
 
 
-def qa_eval(args: argparse.Namespace) -> dict[str, Any]:
+def qa_eval(args: argparse.Namespace) -> int:
+    """``hf-knnlm qa-eval``: returns the exit status 0 (the results go to stdout and ``--results``)."""
     from transformers import AutoTokenizer
 
     from .document_index import DocumentIndex
@@ -159,8 +161,10 @@ def qa_eval(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_json(
             args.predictions, [{"question": q, **p} for q, p in zip(questions, predictions, strict=True)]
         )
+    if args.results:
+        atomic_write_json(args.results, results)
     print(json.dumps(results, indent=2))
-    return results
+    return 0
 
 
 def register(subparsers: Any) -> None:
@@ -216,6 +220,7 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--top-k", type=int, default=5)
     evaluate.add_argument("--gold", action="store_true", help="also score the reader on the gold paragraph")
     evaluate.add_argument("--predictions", help="write the predictions to this JSON file")
+    evaluate.add_argument("--results", help="write the scores to this JSON file")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=qa_eval)
 
