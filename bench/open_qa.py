@@ -7,7 +7,7 @@
   before and after fine-tuning; end-to-end exact match / F1 (SQuAD normalisation) and the same reader given
   the gold paragraph on a random subset of ``--eval-questions``.
 
-Usage (from the repository root; data is read from ../shared/data unless --data / HF_KNNLM_DATA say
+Usage (from the repository root; data is read from ../shared/data unless --data / HF_KNNLM_SHARED_DATA say
 otherwise):
 
     nice -n 10 python bench/open_qa.py --quick
@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
         "--data",
         type=Path,
         default=None,
-        help="folder with squad/dev-v1.1.reconstructed.json (default: $HF_KNNLM_DATA or "
+        help="folder with squad/dev-v1.1.reconstructed.json (default: $HF_KNNLM_SHARED_DATA or "
         "../shared/data next to the repository)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes; runs in a few minutes")
@@ -84,10 +84,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def squad_path(data: Path | None) -> Path:
-    folder = data or Path(os.environ.get("HF_KNNLM_DATA", REPO.parent / "shared" / "data"))
+    folder = data or Path(os.environ.get("HF_KNNLM_SHARED_DATA", REPO.parent / "shared" / "data"))
     path = folder / SQUAD
     if not path.is_file():
-        raise SystemExit(f"{path} not found: pass --data FOLDER (holding {SQUAD}) or set HF_KNNLM_DATA.")
+        raise SystemExit(
+            f"{path} not found: pass --data FOLDER (holding {SQUAD}) or set HF_KNNLM_SHARED_DATA."
+        )
     return path
 
 

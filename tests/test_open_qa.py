@@ -7,7 +7,6 @@ import math
 import datasets
 import pytest
 import torch
-from open_qa_utils import DOCUMENTS, QUESTIONS, make_index, make_model, make_tokenizer
 from transformers import AutoModel, BertConfig, BertModel
 
 from hf_knnlm.hub import IntegrityError
@@ -23,6 +22,11 @@ from hf_knnlm.open_qa.data import match_answer_spans
 from hf_knnlm.open_qa.modeling import SPAN_MASK_VALUE
 from hf_knnlm.open_qa.squad import exact_match, f1_score, normalize_answer
 from hf_knnlm.open_qa.training import train_realm
+
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.open_qa_utils import DOCUMENTS, QUESTIONS, make_index, make_model, make_tokenizer
+except ImportError:
+    from open_qa_utils import DOCUMENTS, QUESTIONS, make_index, make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")

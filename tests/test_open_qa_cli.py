@@ -6,13 +6,17 @@ import argparse
 import json
 
 import torch
-from open_qa_utils import DOCUMENTS, QUESTIONS, make_tokenizer
 from transformers import BertConfig, BertModel
 
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA
 from hf_knnlm.open_qa.cli import register
 
 GOLD = ["paris", "berlin", "rome", "vienna"]
+
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.open_qa_utils import DOCUMENTS, QUESTIONS, make_tokenizer
+except ImportError:
+    from open_qa_utils import DOCUMENTS, QUESTIONS, make_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
