@@ -9,10 +9,27 @@ from .hooks import FFNInputCapture, find_ffn_module  # noqa: E402
 from .knn import KNNSettings, interpolate, knn_log_probs  # noqa: E402
 from .logits_process import KNNProcessor  # noqa: E402
 from .modeling_knnlm import KNNLMConfig, KNNLMForCausalLM  # noqa: E402
+from .open_qa import (  # noqa: E402  (also registers RealmConfig/RealmForOpenQA with the Auto classes)
+    DocumentIndex,
+    IndexRefreshCallback,
+    RealmConfig,
+    RealmDataCollator,
+    RealmForOpenQA,
+    RealmOpenQAOutput,
+    train_realm,
+)
+from .tuning import tune  # noqa: E402
 
 __all__ = [
     "Datastore",
     "DatastoreConfig",
+    "DocumentIndex",
+    "IndexRefreshCallback",
+    "RealmConfig",
+    "RealmDataCollator",
+    "RealmForOpenQA",
+    "RealmOpenQAOutput",
+    "train_realm",
     "FFNInputCapture",
     "KNNLMConfig",
     "KNNLMForCausalLM",
@@ -22,4 +39,5 @@ __all__ = [
     "find_ffn_module",
     "interpolate",
     "knn_log_probs",
+    "tune",
 ]

@@ -173,9 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions():
     """Subcommands contributed by other parts of the package (tuning, Hub push, open-QA)."""
-    from . import hub_cli
+    from . import hub_cli, tune_cli
+    from .open_qa import cli as open_qa_cli
 
-    return [hub_cli.register]
+    return [hub_cli.register, tune_cli.register, open_qa_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

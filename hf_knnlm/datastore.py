@@ -18,10 +18,12 @@ from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
+    build_index,
     configure_threads,
     index_to_gpus,
     read_index,
     set_nprobe,
+    write_index,
 )
 from .model_card import write_model_card
 from .shard_index import INDEX_SUFFIX, read_shard_index
@@ -343,6 +345,52 @@ class Datastore:
                     f"{cfg.tokenizer_fingerprint[:19]}...; token ids would mean different words. Load the "
                     f"tokenizer of {cfg.base_model!r}."
                 )
+
+    # ----------------------------------------------------------------- re-indexing
+    def rebuild_index(
+        self,
+        index_factory: str,
+        output_dir: str | os.PathLike,
+        *,
+        train_size: int = 1_000_000,
+        overwrite: bool = False,
+    ) -> Datastore:
+        """A copy of this store in ``output_dir`` with a new faiss index over the same keys (no model run).
+
+        Args:
+            index_factory (`str`): faiss index-factory string, e.g. ``"IVF1024,PQ64"`` or ``"Flat"``.
+            output_dir (`str` or `os.PathLike`): a new folder; keys and values are copied, not linked,
+                so the two stores share no file.
+            train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
+            overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
+        """
+        out = Path(output_dir)
+        if out.exists() and out.resolve() == self.folder.resolve():
+            raise ValueError(
+                f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
+            )
+        if (out / CONFIG_NAME).exists():
+            if not overwrite:
+                raise FileExistsError(
+                    f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
+                )
+            (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
+        out.mkdir(parents=True, exist_ok=True)
+        config = DatastoreConfig.from_dict(self.config.to_dict())
+        config.index_factory, config.evaluation = index_factory, None
+        bounds = [(s["start"], s["end"]) for s in config.shards]
+        key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds,
+                                  self.keys.iter_rows(65536))
+        value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
+                                    [self.values.numpy().astype(np.int32)])
+        keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
+        index = build_index(index_factory, self.hidden_size, keys, keys.iter_rows(65536),
+                            train_size=train_size)
+        write_index(index, out / INDEX_NAME)
+        for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a copy with one shard has no index json
+            stale.unlink()
+        write_manifest(out, config, key_files, value_files, bounds)
+        return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)
 
 
 def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:

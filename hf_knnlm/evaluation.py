@@ -15,6 +15,8 @@ from .forward import iter_window_batches
 from .knn import KNNSettings, interpolate, knn_target_log_probs
 from .windows import sliding_windows
 
+_SEARCH_CHUNK_BYTES = 256 * 2**20
+
 
 @dataclass
 class ScoredBatch:
@@ -48,13 +50,29 @@ def iter_scored_batches(
     ):
         distances = neighbour_tokens = None
         if datastore is not None:
-            distances, neighbour_tokens = datastore.search(batch.hidden, k, recompute_dists)
+            distances, neighbour_tokens = search_in_chunks(datastore, batch.hidden, k, recompute_dists)
         yield ScoredBatch(batch.lm_log_probs.float().cpu(), batch.targets.cpu(),
                           None if distances is None else distances.cpu(),
                           None if neighbour_tokens is None else neighbour_tokens.cpu())
 
 
-def mixed_target_log_probs(batch: ScoredBatch, lmbda: float, temperature: float, k: int | None = None) -> torch.Tensor:
+def search_in_chunks(
+    datastore: Datastore, queries: torch.Tensor, k: int, recompute_dists: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``datastore.search`` over row chunks, so that exact recompute (which gathers a float32
+    ``[rows, k, hidden]`` block of keys) stays within ~256 MB per chunk."""
+    row_bytes = k * datastore.hidden_size * 4 if recompute_dists else k * 12
+    rows = max(1, _SEARCH_CHUNK_BYTES // row_bytes)
+    if len(queries) <= rows:
+        return datastore.search(queries, k, recompute_dists)
+    parts = [datastore.search(queries[i : i + rows], k, recompute_dists)
+             for i in range(0, len(queries), rows)]
+    return torch.cat([d for d, _ in parts]), torch.cat([t for _, t in parts])
+
+
+def mixed_target_log_probs(
+    batch: ScoredBatch, lmbda: float, temperature: float, k: int | None = None
+) -> torch.Tensor:
     """log(lmbda p_kNN(y) + (1 - lmbda) p_LM(y)) for each target y, from (a prefix of) the neighbours."""
     distances, neighbours = batch.distances[:, :k], batch.neighbour_tokens[:, :k]
     knn = knn_target_log_probs(distances, neighbours, batch.targets, temperature)
@@ -101,10 +119,61 @@ def evaluate_perplexity(
     ):
         base_nll -= batch.lm_log_probs.double().sum().item()
         if datastore is not None:
-            knn_nll -= mixed_target_log_probs(batch, settings.lmbda, settings.temperature).double().sum().item()
+            mixed = mixed_target_log_probs(batch, settings.lmbda, settings.temperature)
+            knn_nll -= mixed.double().sum().item()
         count += len(batch.targets)
     return {
         "base_ppl": math.exp(base_nll / count),
         "knn_ppl": math.exp(knn_nll / count) if datastore is not None else None,
         "num_tokens": count,
     }
+
+
+@dataclass
+class ScoredQueries:
+    """One forward pass over a text, kept so that several indexes can be searched without the model."""
+
+    lm_log_probs: torch.Tensor  # [n] float32
+    targets: torch.Tensor  # [n] int64
+    queries: torch.Tensor  # [n, d] FFN inputs, float32
+
+    def search(self, datastore: Datastore, k: int, recompute_dists: bool = False) -> ScoredBatch:
+        """Neighbours of every stored query: a :class:`ScoredBatch` covering the whole text."""
+        k = datastore.clamp_k(k)
+        distances, tokens = search_in_chunks(datastore, self.queries, k, recompute_dists)
+        return ScoredBatch(self.lm_log_probs, self.targets, distances, tokens.to(torch.int32))
+
+
+def collect_queries(
+    model: torch.nn.Module,
+    tokenizer,
+    data: CorpusLike,
+    datastore: Datastore,
+    *,
+    max_length: int = 1024,
+    stride: int = 512,
+    batch_size: int = 8,
+    text_column: str = "text",
+    max_tokens: int | None = None,
+    disable_progress: bool | None = None,
+) -> ScoredQueries:
+    """Run the model once over ``data`` (same windows as :func:`evaluate_perplexity`) and keep the
+    queries and LM target log-probs; memory is ``num_tokens * (hidden_size + 3) * 4`` bytes.
+
+    ``datastore`` only says which FFN module to hook and is checked for compatibility.
+    """
+    datastore.check_compatible(model, tokenizer)
+    tokens = tokenize_corpus(tokenizer, data, text_column)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    windows = list(sliding_windows(len(tokens), max_length, stride))
+    log_probs, targets, queries = [], [], []
+    model.eval()
+    for batch in iter_window_batches(
+        model, tokens, windows, batch_size=batch_size, hook_module=datastore.config.hook_module,
+        with_log_probs=True, desc="queries", disable_progress=disable_progress,
+    ):
+        log_probs.append(batch.lm_log_probs.float().cpu())
+        targets.append(batch.targets.cpu())
+        queries.append(batch.hidden.float().cpu())
+    return ScoredQueries(torch.cat(log_probs), torch.cat(targets), torch.cat(queries))

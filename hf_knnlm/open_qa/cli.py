@@ -1,0 +1,228 @@
+"""``hf-knnlm qa-train`` and ``hf-knnlm qa-eval``: register with :func:`register` on the main parser.
+
+Data files are either SQuAD v1.1 JSON (every paragraph is a document; ``--articles`` picks the questions) or
+JSON lines: documents with ``title``/``text`` (and optionally ``id``), questions with ``question`` and
+``answers`` (and optionally ``gold_doc_id`` for retrieval recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ..hub import atomic_write_json
+
+
+def _articles(text: str | None) -> slice | None:
+    if not text:
+        return None
+    try:
+        start, _, stop = text.partition(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise ValueError(f"--articles must look like START:STOP (e.g. 0:38 or 38:), got {text!r}.") from None
+
+
+def _read_jsonl(path: Path) -> datasets.Dataset:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return datasets.Dataset.from_list(rows)
+
+
+def load_documents(path: str) -> datasets.Dataset:
+    from .squad import load_squad_open
+
+    path = Path(path)
+    return load_squad_open(path)[0] if path.suffix == ".json" else _read_jsonl(path)
+
+
+def load_questions(path: str, articles: str | None = None) -> datasets.Dataset:
+    from .squad import load_squad_open
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return load_squad_open(path, articles=_articles(articles))[1]
+    if articles:
+        raise ValueError(
+            "--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself."
+        )
+    return _read_jsonl(path)
+
+
+def _subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    if limit and limit < len(dataset):
+        return dataset.shuffle(seed=seed).select(range(limit))
+    return dataset
+
+
+def _proj_size(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def qa_train(args: argparse.Namespace) -> int:
+    """``hf-knnlm qa-train``: returns exit status 0; the summary goes to stdout and train_summary.json."""
+    from transformers import AutoTokenizer, set_seed
+
+    from .document_index import DocumentIndex
+    from .modeling import RealmForOpenQA
+    from .training import train_realm
+
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.encoder)
+    model = RealmForOpenQA.from_encoder(
+        args.encoder,
+        retriever_pooling=args.pooling,
+        retriever_proj_size=args.proj_size,
+        retriever_normalize=args.normalize,
+        retriever_score_scale=args.score_scale,
+        top_k=args.top_k,
+        max_reader_length=args.max_reader_length,
+        max_span_width=args.max_span_width,
+        max_doc_embed_length=args.max_doc_length,
+        max_question_length=args.max_question_length,
+    )
+    output = Path(args.output_dir)
+    started = time.perf_counter()
+    if args.index:
+        index = DocumentIndex.from_pretrained(args.index)
+    else:
+        index = DocumentIndex.build(load_documents(args.documents), model, tokenizer)
+        index.save_pretrained(output / "index")
+    index_seconds = time.perf_counter() - started
+    train = _subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
+    started = time.perf_counter()
+    trainer = train_realm(
+        model,
+        tokenizer,
+        index,
+        train,
+        output_dir=output / "trainer",
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        head_learning_rate=args.head_learning_rate,
+        retriever_learning_rate=args.retriever_learning_rate,
+        refresh_index_every=args.refresh_index_every,
+        seed=args.seed,
+    )
+    model.save_pretrained(output / "model")
+    tokenizer.save_pretrained(output / "model")
+    if args.refresh_index_every:
+        index.save_pretrained(output / "index")  # the refreshed vectors belong with the trained model
+    summary = {
+        "train_questions": len(train),
+        "index_seconds": index_seconds,
+        "train_seconds": time.perf_counter() - started,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    }
+    atomic_write_json(output / "train_summary.json", summary)
+    if args.push_to_hub:
+        model.push_to_hub(args.push_to_hub)
+        tokenizer.push_to_hub(args.push_to_hub)
+        index.push_to_hub(args.push_to_hub + "-index")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def qa_eval(args: argparse.Namespace) -> int:
+    """``hf-knnlm qa-eval``: returns the exit status 0 (the results go to stdout and ``--results``)."""
+    from transformers import AutoTokenizer
+
+    from .document_index import DocumentIndex
+    from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
+    from .modeling import RealmForOpenQA
+
+    model = RealmForOpenQA.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    index = DocumentIndex.from_pretrained(args.index)
+    data = _subset(load_questions(args.data, args.articles), args.max_questions, args.seed)
+    # datasets 4 returns lazy Column objects; the evaluation wants plain lists.
+    questions, answers = list(data["question"]), list(data["answers"])
+    results: dict[str, Any] = {"questions": len(data)}
+    if "gold_doc_id" in data.column_names:
+        results.update(
+            retrieval_recall(
+                model, tokenizer, index, questions, list(data["gold_doc_id"]), ks=(1, args.top_k)
+            )
+        )
+    scores, predictions = evaluate_open(model, tokenizer, index, questions, answers, top_k=args.top_k)
+    results["open"] = scores
+    if args.gold and "gold_doc_id" in data.column_names:
+        results["gold_paragraph"] = evaluate_gold(
+            model, tokenizer, index, questions, answers, list(data["gold_doc_id"])
+        )[0]
+    if args.predictions:
+        atomic_write_json(
+            args.predictions, [{"question": q, **p} for q, p in zip(questions, predictions, strict=True)]
+        )
+    if args.results:
+        atomic_write_json(args.results, results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``qa-train`` and ``qa-eval`` to the ``add_subparsers()`` object of the ``hf-knnlm`` parser."""
+    train = subparsers.add_parser("qa-train", help="fine-tune a REALM open-QA model (retriever + reader)")
+    train.add_argument("--encoder", required=True, help="BERT-style checkpoint (folder or Hub id)")
+    train.add_argument("--tokenizer", help="tokenizer folder or id (default: --encoder)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--documents", help="SQuAD JSON or JSON lines with title/text to build the index from"
+    )
+    source.add_argument("--index", help="a saved document index (folder or Hub id) built by this encoder")
+    train.add_argument("--train", required=True, help="SQuAD JSON or JSON lines with question/answers")
+    train.add_argument("--articles", help="SQuAD articles to take questions from, START:STOP (e.g. 0:38)")
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--max-questions", type=int, help="random subset of the training questions")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--learning-rate", type=float, default=3e-5)
+    train.add_argument("--head-learning-rate", type=float, default=1e-3)
+    train.add_argument(
+        "--retriever-learning-rate", type=float, help="query encoder (default: --learning-rate)"
+    )
+    train.add_argument("--top-k", type=int, default=5)
+    train.add_argument("--pooling", choices=["cls", "mean"], default="mean")
+    train.add_argument(
+        "--proj-size", type=_proj_size, default=None, help="retriever projection size or 'none'"
+    )
+    train.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
+    train.add_argument("--score-scale", type=float, default=20.0)
+    train.add_argument("--max-reader-length", type=int, default=288)
+    train.add_argument("--max-doc-length", type=int, default=256, help="tokens the document encoder reads")
+    train.add_argument("--max-question-length", type=int, default=64)
+    train.add_argument("--max-span-width", type=int, default=10)
+    train.add_argument(
+        "--refresh-index-every",
+        type=int,
+        default=0,
+        help="re-embed the documents every N steps in the background (0: never, as in REALM fine-tuning)",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--push-to-hub", help="repo id for the model; the index goes to <repo id>-index")
+    train.set_defaults(func=qa_train)
+
+    evaluate = subparsers.add_parser("qa-eval", help="evaluate a REALM open-QA model: recall, EM, F1")
+    evaluate.add_argument("--model", required=True, help="folder or Hub id saved by qa-train")
+    evaluate.add_argument("--tokenizer", help="default: --model")
+    evaluate.add_argument("--index", required=True, help="document index folder or Hub id")
+    evaluate.add_argument("--data", required=True, help="SQuAD JSON or JSON lines with question/answers")
+    evaluate.add_argument("--articles", help="SQuAD articles to evaluate on, START:STOP (e.g. 38:)")
+    evaluate.add_argument("--max-questions", type=int)
+    evaluate.add_argument("--top-k", type=int, default=5)
+    evaluate.add_argument("--gold", action="store_true", help="also score the reader on the gold paragraph")
+    evaluate.add_argument("--predictions", help="write the predictions to this JSON file")
+    evaluate.add_argument("--results", help="write the scores to this JSON file")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=qa_eval)
+
+
+__all__ = ["qa_eval", "qa_train", "register"]

@@ -1,0 +1,115 @@
+"""Configuration of :class:`~hf_knnlm.open_qa.RealmForOpenQA`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class RealmConfig(PreTrainedConfig):
+    r"""
+    Configuration of a REALM open-domain QA model: a dense retriever (query and document embedders) and a
+    reader with a span-prediction head, all built on one BERT-style encoder architecture.
+
+    Args:
+        encoder_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the encoder used (as three separate copies, or two when
+            `share_retriever_encoders=True`) for the query embedder, the document embedder and the reader.
+            Defaults to a `BertConfig`.
+        retriever_pooling (`"cls"` or `"mean"`, defaults to `"cls"`):
+            How a retriever embedding is read from the encoder: the `[CLS]` vector (REALM) or the masked
+            mean of the token vectors (what sentence-transformers checkpoints such as all-MiniLM-L6-v2 were
+            trained with).
+        retriever_proj_size (`int`, *optional*, defaults to 128):
+            Size of the linear projection on top of the pooled vector. `None` keeps the pooled vector as is,
+            which preserves the zero-shot quality of a checkpoint that was trained as a sentence embedder.
+        retriever_normalize (`bool`, defaults to `False`):
+            L2-normalise retriever embeddings, so that f(x, z) is a cosine similarity.
+        retriever_score_scale (`float`, defaults to 1.0):
+            Multiplies f(x, z) before the softmax over the top-k documents. Cosine scores live in [-1, 1]; a
+            scale around 20 keeps p(z|x) from being almost uniform.
+        share_retriever_encoders (`bool`, defaults to `False`):
+            Use one encoder for questions and documents. REALM keeps two; a symmetric sentence embedder
+            works with one, and then the document index goes stale while the query side trains (see
+            `IndexRefreshCallback`).
+        span_hidden_size (`int`, defaults to 256):
+            Width of the span MLP: start and end vectors are projected to this size, summed, passed through
+            ReLU and LayerNorm and scored by a linear layer.
+        max_span_width (`int`, defaults to 10):
+            Longest answer span, in tokens.
+        top_k (`int`, defaults to 5):
+            Documents retrieved per question for training features and for `answer()`.
+        max_question_length (`int`, defaults to 64):
+            Question tokens kept for the query embedder and in the reader input.
+        max_reader_length (`int`, defaults to 288):
+            Length of `[CLS] question [SEP] document [SEP]`; the document is truncated to fit.
+        max_doc_embed_length (`int`, defaults to 256):
+            Tokens of `title [SEP] text` read by the document embedder.
+    """
+
+    model_type = "realm_open_qa"
+    sub_configs_defaults = {"encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    retriever_pooling: Literal["cls", "mean"] = "cls"
+    retriever_proj_size: int | None = 128
+    retriever_normalize: bool = False
+    retriever_score_scale: float | int = 1.0
+    share_retriever_encoders: bool = False
+    span_hidden_size: int = 256
+    max_span_width: int = 10
+    top_k: int = 5
+    max_question_length: int = 64
+    max_reader_length: int = 288
+    max_doc_embed_length: int = 256
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Checked here rather than in a @strict validator so that bad values raise a plain ValueError.
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        """Reject settings no model can be built with, naming the value and the fix."""
+        if self.retriever_pooling not in ("cls", "mean"):
+            raise ValueError(
+                f"RealmConfig.retriever_pooling must be 'cls' or 'mean', got {self.retriever_pooling!r}."
+            )
+        for name in (
+            "span_hidden_size",
+            "max_span_width",
+            "top_k",
+            "max_question_length",
+            "max_reader_length",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RealmConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.retriever_proj_size is not None and self.retriever_proj_size < 1:
+            raise ValueError(
+                f"RealmConfig.retriever_proj_size must be >= 1 or None (no projection), got "
+                f"{self.retriever_proj_size}."
+            )
+        limit = getattr(self.encoder_config, "max_position_embeddings", None)
+        for name in ("max_reader_length", "max_doc_embed_length", "max_question_length"):
+            if limit is not None and getattr(self, name) > limit:
+                raise ValueError(
+                    f"RealmConfig.{name}={getattr(self, name)} exceeds the encoder's max_position_embeddings="
+                    f"{limit}; lower it to at most {limit}."
+                )
+        if self.max_reader_length <= self.max_question_length + 3:
+            raise ValueError(
+                f"RealmConfig.max_reader_length ({self.max_reader_length}) leaves no room for the document "
+                f"after a question of up to {self.max_question_length} tokens; raise max_reader_length."
+            )
+
+    @property
+    def retriever_dim(self) -> int:
+        """Size of the vectors stored in the document index."""
+        return self.retriever_proj_size or self.encoder_config.hidden_size
+
+
+__all__ = ["RealmConfig"]

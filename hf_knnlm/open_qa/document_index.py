@@ -1,0 +1,374 @@
+"""The REALM document index: passages, their embeddings (safetensors) and a FAISS inner-product index.
+
+Saved like a kNN-LM datastore: ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl``
+(id, title, text per line), ``embeddings.safetensors`` (the source of truth for the vectors) and
+``index.faiss`` (the search structure). Every file is checked against its recorded sha256 before it is parsed;
+nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..hub import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_hashes,
+    push_folder,
+    resolve_folder,
+    temporary_path,
+    verify_files,
+)
+
+CONFIG_NAME = "document_index.json"
+DOCUMENTS_NAME = "documents.jsonl"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+FAISS_NAME = "index.faiss"
+FORMAT = "hf_knnlm.document_index"
+FORMAT_VERSION = 1
+INDEX_TYPES = ("flat", "hnsw")
+
+_CARD = Path(__file__).resolve().parent.parent / "model_cards" / "document_index.md"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as error:  # faiss-cpu and faiss-gpu are alternatives, so it is an extra
+        raise ImportError(
+            "The document index needs faiss: pip install 'hf-knnlm[cpu]' (or [gpu])."
+        ) from error
+    return faiss
+
+
+def _build_faiss(embeddings: np.ndarray, index_type: str):
+    faiss = _faiss()
+    dim = embeddings.shape[1]
+    if index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}.")
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index
+
+
+def _documents_from(documents: Any) -> tuple[list[str], list[str], list[str]]:
+    """ids, titles, texts from a ``datasets.Dataset`` or any iterable of mappings with title/text(/id)."""
+    ids, titles, texts = [], [], []
+    for position, row in enumerate(documents):
+        if not isinstance(row, Mapping) or "text" not in row:
+            raise ValueError(
+                f"document {position} is {type(row).__name__} without a 'text' field; pass rows like "
+                "{'id': ..., 'title': ..., 'text': ...} (a datasets.Dataset with these columns works)."
+            )
+        ids.append(str(row.get("id", position)))
+        titles.append(str(row.get("title") or ""))
+        texts.append(str(row["text"]))
+    if not texts:
+        raise ValueError("the document collection is empty; pass at least one document.")
+    if len(set(ids)) != len(ids):
+        raise ValueError("document ids must be unique; drop the duplicates or leave 'id' out to number them.")
+    return ids, titles, texts
+
+
+@torch.no_grad()
+def embed_corpus(
+    embedder: torch.nn.Module,
+    tokenizer: Any,
+    titles: list[str],
+    texts: list[str],
+    *,
+    batch_size: int = 64,
+    max_length: int = 256,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Embed ``title [SEP] text`` pairs with a retriever embedder; returns float32 ``[n, d]`` on the CPU.
+
+    Documents are processed in length order so that a batch pads to its own longest member.
+    """
+    device = next(embedder.parameters()).device
+    was_training = embedder.training
+    embedder.eval()
+    lengths = [len(title) + len(text) for title, text in zip(titles, texts, strict=True)]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    chunks = []
+    try:
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="embed documents", disable=not show_progress
+        ):
+            rows = order[start : start + batch_size]
+            encoded = tokenizer(
+                [titles[i] for i in rows],
+                [texts[i] for i in rows],
+                truncation="only_second",
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            encoded = {name: tensor.to(device) for name, tensor in encoded.items()}
+            chunks.append(embedder(**encoded).float().cpu())
+    finally:
+        embedder.train(was_training)
+    stacked = torch.cat(chunks)
+    out = torch.empty_like(stacked)
+    out[torch.tensor(order)] = stacked
+    return out
+
+
+class DocumentIndex:
+    """Documents + one embedding each + a FAISS maximum-inner-product index over them."""
+
+    def __init__(
+        self,
+        ids: list[str],
+        titles: list[str],
+        texts: list[str],
+        embeddings: torch.Tensor,
+        *,
+        index_type: str = "flat",
+        metadata: dict[str, Any] | None = None,
+        faiss_index: Any = None,
+    ):
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+            raise ValueError(
+                f"embeddings have shape {tuple(embeddings.shape)} but there are {len(texts)} documents; "
+                "pass one row per document."
+            )
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}.")
+        self.ids, self.titles, self.texts = ids, titles, texts
+        self.index_type = index_type
+        self.metadata = dict(metadata or {})
+        self._lock = threading.Lock()
+        self._position: dict[str, int] | None = None
+        self._embeddings = embeddings.float().contiguous()
+        self._faiss = (
+            faiss_index if faiss_index is not None else _build_faiss(self._embeddings.numpy(), index_type)
+        )
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        documents: Iterable[Mapping[str, Any]],
+        model: Any,
+        tokenizer: Any,
+        *,
+        index_type: str = "flat",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        show_progress: bool = True,
+    ) -> DocumentIndex:
+        """Embed ``documents`` (rows with ``title``, ``text`` and optionally ``id``) with ``model``'s
+        document embedder and index them."""
+        ids, titles, texts = _documents_from(documents)
+        max_length = max_length or model.config.max_doc_embed_length
+        embeddings = embed_corpus(
+            model.document_embedder,
+            tokenizer,
+            titles,
+            texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            show_progress=show_progress,
+        )
+        metadata = {
+            "encoder": model.config.name_or_path or "",
+            "max_length": max_length,
+            "pooling": model.config.retriever_pooling,
+            "normalize": model.config.retriever_normalize,
+            "proj_size": model.config.retriever_proj_size,
+        }
+        return cls(ids, titles, texts, embeddings, index_type=index_type, metadata=metadata)
+
+    # -- access ------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def dim(self) -> int:
+        return int(self._embeddings.shape[1])
+
+    def positions_of(self, doc_ids: Iterable[str]) -> list[int]:
+        """Index positions of the given document ids."""
+        if getattr(self, "_position", None) is None:
+            self._position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        missing = [doc_id for doc_id in doc_ids if doc_id not in self._position]
+        if missing:
+            raise ValueError(
+                f"document ids {missing[:5]} are not in the index; check the collection it was built on."
+            )
+        return [self._position[doc_id] for doc_id in doc_ids]
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self._embeddings
+
+    def search(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, positions) by inner product; positions are ``-1`` where fewer were found."""
+        if k < 1 or k > len(self):
+            raise ValueError(f"k={k} but the index holds {len(self)} documents; use 1 <= k <= {len(self)}.")
+        if isinstance(queries, torch.Tensor):
+            queries = queries.detach().float().cpu().numpy()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(
+                f"queries have shape {queries.shape}; expected [n, {self.dim}] from the same retriever the "
+                "index was built with."
+            )
+        with self._lock:
+            faiss_index = self._faiss
+        scores, positions = faiss_index.search(queries, k)
+        return scores, positions
+
+    def embeddings_for(self, positions: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Stored vectors of the given positions (``-1`` gives zeros), same leading shape plus ``[d]``."""
+        positions = torch.as_tensor(np.asarray(positions), dtype=torch.long)
+        with self._lock:
+            table = self._embeddings
+        gathered = table[positions.clamp(min=0)]
+        return gathered.masked_fill((positions < 0).unsqueeze(-1), 0.0)
+
+    def replace_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
+        index."""
+        if tuple(embeddings.shape) != tuple(self._embeddings.shape):
+            raise ValueError(
+                f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "
+                f"{tuple(self._embeddings.shape)}; re-embed with the same retriever architecture."
+            )
+        embeddings = embeddings.float().contiguous()
+        faiss_index = _build_faiss(embeddings.numpy(), self.index_type)
+        with self._lock:
+            self._embeddings, self._faiss = embeddings, faiss_index
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = (
+            json.dumps({"id": i, "title": t, "text": x}, ensure_ascii=False)
+            for i, t, x in zip(self.ids, self.titles, self.texts, strict=True)
+        )
+        atomic_write_bytes(folder / DOCUMENTS_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
+        with self._lock:
+            embeddings, faiss_index = self._embeddings, self._faiss
+        tmp = temporary_path(folder / EMBEDDINGS_NAME)
+        save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, folder / EMBEDDINGS_NAME)
+        tmp = temporary_path(folder / FAISS_NAME)
+        _faiss().write_index(faiss_index, str(tmp))
+        os.replace(tmp, folder / FAISS_NAME)
+        names = [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "num_documents": len(self),
+            "dim": self.dim,
+            "index_type": self.index_type,
+            "metric": "inner_product",
+            "metadata": self.metadata,
+            "files": file_hashes(folder, names),
+        }
+        atomic_write_json(folder / CONFIG_NAME, config)
+        if _CARD.is_file() and not (folder / "README.md").exists():
+            card = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
+                num_documents=len(self),
+                dim=self.dim,
+                index_type=self.index_type,
+                encoder=self.metadata.get("encoder", "") or "unknown",
+            )
+            atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+    ) -> DocumentIndex:
+        """Load from a folder or a Hub repository id; every file is sha256-checked before it is read."""
+        folder = resolve_folder(
+            repo_id_or_path,
+            config_name=CONFIG_NAME,
+            allow_patterns=[CONFIG_NAME, DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME, "README.md"],
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            force_download=force_download,
+        )
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{folder / CONFIG_NAME} is format {config.get('format')!r} version "
+                f"{config.get('format_version')!r}; this hf_knnlm reads {FORMAT!r} version {FORMAT_VERSION}."
+            )
+        verify_files(folder, config["files"], what="document index")
+        ids, titles, texts = [], [], []
+        with open(folder / DOCUMENTS_NAME, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    ids.append(row["id"])
+                    titles.append(row["title"])
+                    texts.append(row["text"])
+        embeddings = load_file(str(folder / EMBEDDINGS_NAME))["embeddings"]
+        faiss_index = _faiss().read_index(str(folder / FAISS_NAME))
+        n = config["num_documents"]
+        if len(texts) != n or embeddings.shape != (n, config["dim"]) or faiss_index.ntotal != n:
+            raise ValueError(
+                f"document index at {folder} is inconsistent: {len(texts)} documents, embeddings "
+                f"{tuple(embeddings.shape)}, faiss {faiss_index.ntotal} vectors, config says {n} x "
+                f"{config['dim']}. Rebuild it."
+            )
+        return cls(
+            ids,
+            titles,
+            texts,
+            embeddings,
+            index_type=config["index_type"],
+            metadata=config.get("metadata"),
+            faiss_index=faiss_index,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        private: bool | None = None,
+        commit_message: str | None = None,
+        token: str | bool | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload as one commit; a README.md the repository already has is kept."""
+        return push_folder(
+            self.save_pretrained,
+            repo_id,
+            revision=revision,
+            private=private,
+            commit_message=commit_message or "Upload REALM document index",
+            token=token,
+            create_pr=create_pr,
+        )
+
+
+__all__ = ["DocumentIndex", "embed_corpus"]

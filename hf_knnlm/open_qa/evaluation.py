@@ -1,0 +1,103 @@
+"""Retrieval recall, end-to-end exact match / F1, and the gold-paragraph reader upper bound."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import build_features, retrieve
+from .document_index import DocumentIndex
+from .squad import exact_match, f1_score
+
+
+def retrieval_recall(
+    model: Any,
+    tokenizer: Any,
+    index: DocumentIndex,
+    questions: Sequence[str],
+    gold_doc_ids: Sequence[str],
+    *,
+    ks: Sequence[int] = (1, 5),
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Fraction of questions whose gold document is among the top-k retrieved, for each k in ``ks``."""
+    if len(questions) != len(gold_doc_ids):
+        raise ValueError(
+            f"{len(questions)} questions but {len(gold_doc_ids)} gold document ids; pass one each."
+        )
+    gold = np.asarray(index.positions_of(gold_doc_ids))
+    hits = {k: 0 for k in ks}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(questions), batch_size):
+            positions = retrieve(
+                model, tokenizer, index, list(questions[start : start + batch_size]), max(ks)
+            )
+            for k in ks:
+                hits[k] += int((positions[:, :k] == gold[start : start + batch_size, None]).any(axis=1).sum())
+    finally:
+        model.train(was_training)
+    return {f"recall@{k}": hits[k] / max(len(questions), 1) for k in ks}
+
+
+def _score(predictions: list[dict[str, Any]], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    em = [exact_match(p["answer"], list(a)) for p, a in zip(predictions, answers, strict=True)]
+    f1 = [f1_score(p["answer"], list(a)) for p, a in zip(predictions, answers, strict=True)]
+    n = max(len(em), 1)
+    return {"exact_match": 100.0 * sum(em) / n, "f1": 100.0 * sum(f1) / n, "questions": len(em)}
+
+
+def evaluate_open(
+    model: Any,
+    tokenizer: Any,
+    index: DocumentIndex,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    *,
+    top_k: int | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """End-to-end open QA: retrieve top-k, read, SQuAD EM / F1 (in percent) of the best span."""
+    predictions: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc="open QA", disable=not show_progress):
+        predictions += model.answer(
+            list(questions[start : start + batch_size]), index, tokenizer, top_k=top_k, batch_size=batch_size
+        )
+    return _score(predictions, answers), predictions
+
+
+def evaluate_gold(
+    model: Any,
+    tokenizer: Any,
+    index: DocumentIndex,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    gold_doc_ids: Sequence[str],
+    *,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The same reader given only the gold paragraph (p(z|x) = 1): an upper bound for end-to-end EM / F1."""
+    gold = index.positions_of(gold_doc_ids)
+    was_training = model.training
+    model.eval()
+    predictions: list[dict[str, Any]] = []
+    try:
+        for start in tqdm(
+            range(0, len(questions), batch_size), desc="gold paragraph", disable=not show_progress
+        ):
+            chunk = list(questions[start : start + batch_size])
+            positions = np.asarray(gold[start : start + batch_size])[:, None]
+            features, meta = build_features(model, tokenizer, index, chunk, positions)
+            predictions += model.decode(features, meta)
+    finally:
+        model.train(was_training)
+    return _score(predictions, answers), predictions
+
+
+__all__ = ["evaluate_gold", "evaluate_open", "retrieval_recall"]

@@ -1,0 +1,106 @@
+"""Perplexity evaluation: exact references, one score per token, Flat / IVF / IVF + recompute."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_knnlm import Datastore, evaluate_perplexity
+from hf_knnlm import evaluation as evaluation_module
+from hf_knnlm.evaluation import collect_queries, search_in_chunks
+from hf_knnlm.knn import interpolate, knn_target_log_probs
+
+WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
+
+
+def _tokens(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def ivf_stores(store_dir, tmp_path_factory):
+    flat = Datastore.from_pretrained(store_dir)
+    out = tmp_path_factory.mktemp("ivf")
+    return {
+        "ivf_flat": flat.rebuild_index("IVF4,Flat", out / "ivf_flat"),
+        "ivf_pq": flat.rebuild_index("IVF4,PQ4", out / "ivf_pq"),
+    }
+
+
+def test_every_token_scored_once(model, tokenizer, other_text, store):
+    n = len(_tokens(tokenizer, other_text))
+    assert n > 3 * WINDOWS["max_length"]  # several windows
+    result = evaluate_perplexity(model, tokenizer, [other_text], store, k=8, **WINDOWS)
+    assert result["num_tokens"] == n - 1
+    assert evaluate_perplexity(model, tokenizer, [other_text], None, **WINDOWS)["num_tokens"] == n - 1
+
+
+def test_base_ppl_equals_one_forward_when_text_fits_a_window(model, tokenizer, other_text):
+    ids = torch.tensor(_tokens(tokenizer, other_text)[:60])
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[1:]).item()
+    text = tokenizer.decode(ids)
+    assert _tokens(tokenizer, text) == ids.tolist()
+    result = evaluate_perplexity(model, tokenizer, [text], None, **WINDOWS)
+    assert result["num_tokens"] == 59 and result["knn_ppl"] is None
+    assert result["base_ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_knn_ppl_equals_direct_reference(model, tokenizer, other_text, store):
+    """kNN-LM perplexity against a reference that searches the raw faiss index itself."""
+    k, lmbda, temperature = 8, 0.3, 5.0
+    queries = collect_queries(model, tokenizer, [other_text], store, **WINDOWS)
+    distances, ids = store.index.search(queries.queries.numpy(), k)
+    knn = knn_target_log_probs(
+        torch.from_numpy(distances), store.values[torch.from_numpy(ids)], queries.targets, temperature
+    )
+    mixed = interpolate(queries.lm_log_probs, knn, lmbda)
+    expected = math.exp(-mixed.double().mean().item())
+    result = evaluate_perplexity(
+        model, tokenizer, [other_text], store, k=k, lmbda=lmbda, temperature=temperature, **WINDOWS
+    )
+    assert result["knn_ppl"] == pytest.approx(expected, rel=1e-5)
+    assert result["base_ppl"] == pytest.approx(
+        math.exp(-queries.lm_log_probs.double().mean().item()), rel=1e-6
+    )
+
+
+def test_flat_ivf_and_recompute_are_selectable(model, tokenizer, other_text, store, ivf_stores):
+    kwargs = dict(lmbda=0.4, temperature=3.0, **WINDOWS)
+    full = len(store)  # every entry: the exact neighbour set whatever the index
+    flat = evaluate_perplexity(model, tokenizer, [other_text], store, k=16, **kwargs)["knn_ppl"]
+    ivf = ivf_stores["ivf_flat"]
+    ivf.nprobe = 4  # all lists: exact
+    assert evaluate_perplexity(model, tokenizer, [other_text], ivf, k=16, **kwargs)[
+        "knn_ppl"
+    ] == pytest.approx(flat, rel=1e-5)
+
+    pq = ivf_stores["ivf_pq"]
+    pq.nprobe = 4
+    flat_all = evaluate_perplexity(model, tokenizer, [other_text], store, k=full, **kwargs)["knn_ppl"]
+    approx = evaluate_perplexity(model, tokenizer, [other_text], pq, k=full, **kwargs)["knn_ppl"]
+    exact = evaluate_perplexity(model, tokenizer, [other_text], pq, k=full, recompute_dists=True, **kwargs)[
+        "knn_ppl"
+    ]
+    assert exact == pytest.approx(flat_all, rel=1e-5)
+    assert abs(approx - flat_all) > 1e-4 * flat_all  # PQ distances really are approximate
+
+
+def test_search_in_chunks_equals_one_search(store, monkeypatch):
+    queries = torch.from_numpy(store.keys.take(list(range(0, 200, 3))).astype("float32")) + 0.01
+    for recompute in (False, True):
+        d1, t1 = store.search(queries, 8, recompute)
+        monkeypatch.setattr(evaluation_module, "_SEARCH_CHUNK_BYTES", 8 * 12 * 5)
+        d2, t2 = search_in_chunks(store, queries, 8, recompute)
+        monkeypatch.undo()
+        assert torch.equal(d1, d2) and torch.equal(t1, t2)
+
+
+def test_bad_settings_raise(model, tokenizer, other_text, store):
+    with pytest.raises(ValueError, match="lmbda"):
+        evaluate_perplexity(model, tokenizer, [other_text], store, lmbda=1.5, **WINDOWS)
+    with pytest.raises(ValueError, match="stride"):
+        evaluate_perplexity(model, tokenizer, [other_text], store, max_length=64, stride=64, batch_size=4)
