@@ -66,8 +66,10 @@ def main() -> None:
             in_ram, ids_ram = opened_rss(path, False, queries)
             size = path.stat().st_size / 2**20
             ratio = mapped / in_ram if in_ram > 0 else float("nan")
-            print(f"{factory:<14}{size:>10.1f}{mapped:>10.1f}{in_ram:>10.1f}{ratio:>8.3f}  "
-                  f"{np.array_equal(ids_mapped, ids_ram)}")
+            print(
+                f"{factory:<14}{size:>10.1f}{mapped:>10.1f}{in_ram:>10.1f}{ratio:>8.3f}  "
+                f"{np.array_equal(ids_mapped, ids_ram)}"
+            )
             if factory == "Flat":
                 start = time.perf_counter()
                 sha256_file(path)

@@ -62,12 +62,28 @@ def bench_build(
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     forward_s = time.perf_counter() - t
     t = time.perf_counter()
-    store = Datastore.build(model, tokenizer, [text], folder, max_length=max_length, stride=stride,
-                            batch_size=batch_size, disable_progress=True, overwrite=True)
+    store = Datastore.build(
+        model,
+        tokenizer,
+        [text],
+        folder,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        disable_progress=True,
+        overwrite=True,
+    )
     build_s = time.perf_counter() - t
     n = len(tokens) - 1
-    return {"tokens": n, "forward_s": forward_s, "build_s": build_s, "forward_tok_s": n / forward_s,
-            "build_tok_s": n / build_s, "P3": forward_s / build_s, "store": store}
+    return {
+        "tokens": n,
+        "forward_s": forward_s,
+        "build_s": build_s,
+        "forward_tok_s": n / forward_s,
+        "build_tok_s": n / build_s,
+        "P3": forward_s / build_s,
+        "store": store,
+    }
 
 
 # ----------------------------------------------------------------- the >= 1M-entry IVFPQ store
@@ -91,8 +107,12 @@ def make_big_store(real, folder: Path, size: int, factory: str, noise: float, tr
         while left > 0:
             take = min(left, len(keys))
             if with_keys:
-                block = keys[:take] if copy == 0 else keys[:take] + noise * std * rng.standard_normal(
-                    (take, keys.shape[1]), dtype=np.float32)
+                block = (
+                    keys[:take]
+                    if copy == 0
+                    else keys[:take]
+                    + noise * std * rng.standard_normal((take, keys.shape[1]), dtype=np.float32)
+                )
                 yield block.astype(np.float16)
             else:
                 yield values[:take]
@@ -109,8 +129,10 @@ def make_big_store(real, folder: Path, size: int, factory: str, noise: float, tr
     write_index(index, folder / INDEX_NAME)
     config = DatastoreConfig.from_dict(real.config.to_dict())
     config.index_factory, config.num_entries = factory, size
-    config.shards = [{"keys": k, "values": v, "start": s, "end": e}
-                     for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)]
+    config.shards = [
+        {"keys": k, "values": v, "start": s, "end": e}
+        for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
+    ]
     config.files = file_hashes(folder, [*key_files, *value_files, INDEX_NAME])
     config.save(folder / CONFIG_NAME)
     return Datastore.from_pretrained(folder, verify=False), index_s
@@ -130,8 +152,14 @@ def exact_index(store):
 def bench_eval(model, tokenizer, text, store, args) -> dict:
     from hf_knnlm import evaluate_perplexity
 
-    common = {"max_length": args.max_length, "stride": args.stride, "batch_size": args.batch_size,
-              "k": args.k, "lmbda": 0.25, "disable_progress": True}
+    common = {
+        "max_length": args.max_length,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "k": args.k,
+        "lmbda": 0.25,
+        "disable_progress": True,
+    }
     times = {"base": [], "knn": []}
     result = {}
     for _ in range(args.repeats):  # interleaved, best of N: the cores are shared with other jobs
@@ -151,12 +179,23 @@ def bench_eval(model, tokenizer, text, store, args) -> dict:
     store.index = approx_index
     n = result["knn"]["num_tokens"]
     base_s, knn_s = min(times["base"]), min(times["knn"])
-    return {"tokens": n, "base_s": base_s, "knn_s": knn_s, "base_tok_s": n / base_s, "knn_tok_s": n / knn_s,
-            "P2": base_s / knn_s, "knn_recompute_s": recompute_s, "P2_recompute": base_s / recompute_s,
-            "base_ppl": result["base"]["base_ppl"], "knn_ppl": result["knn"]["knn_ppl"],
-            "knn_ppl_recompute": recomputed["knn_ppl"], "exact_knn_ppl": exact["knn_ppl"], "exact_s": exact_s,
-            "ppl_gap_pct": 100 * (result["knn"]["knn_ppl"] / exact["knn_ppl"] - 1),
-            "ppl_gap_recompute_pct": 100 * (recomputed["knn_ppl"] / exact["knn_ppl"] - 1)}
+    return {
+        "tokens": n,
+        "base_s": base_s,
+        "knn_s": knn_s,
+        "base_tok_s": n / base_s,
+        "knn_tok_s": n / knn_s,
+        "P2": base_s / knn_s,
+        "knn_recompute_s": recompute_s,
+        "P2_recompute": base_s / recompute_s,
+        "base_ppl": result["base"]["base_ppl"],
+        "knn_ppl": result["knn"]["knn_ppl"],
+        "knn_ppl_recompute": recomputed["knn_ppl"],
+        "exact_knn_ppl": exact["knn_ppl"],
+        "exact_s": exact_s,
+        "ppl_gap_pct": 100 * (result["knn"]["knn_ppl"] / exact["knn_ppl"] - 1),
+        "ppl_gap_recompute_pct": 100 * (recomputed["knn_ppl"] / exact["knn_ppl"] - 1),
+    }
 
 
 # ----------------------------------------------------------------- P4: generate latency
@@ -166,8 +205,12 @@ def bench_generate(model, tokenizer, prompt: str, store, k: int, new_tokens: int
     from hf_knnlm import KNNProcessor
 
     inputs = tokenizer(prompt, return_tensors="pt")
-    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-          "pad_token_id": tokenizer.eos_token_id}
+    kw = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.eos_token_id,
+    }
     times = {"base": [], "knn": []}
     with KNNProcessor(model, store, k=k) as processor:
         model.generate(**inputs, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
@@ -198,7 +241,9 @@ def _watch():  # the kernel keeps no high-water mark of anonymous memory alone: 
 threading.Thread(target=_watch, daemon=True).start()
 """
 
-_BUILD_CHILD = _CHILD_PREAMBLE + """
+_BUILD_CHILD = (
+    _CHILD_PREAMBLE
+    + """
 import faiss
 from hf_knnlm.index import build_index, write_index
 from hf_knnlm.storage import ShardedArray, StreamingSafetensorsWriter, open_memmap
@@ -220,8 +265,11 @@ index_s = time.perf_counter() - t
 print(json.dumps({"write_keys_s": write_s, "index_s": index_s, "build_peak_rss": rss("VmHWM"),
                   "build_peak_anon": max(peak_anon[0], rss("RssAnon"))}))
 """
+)
 
-_SEARCH_CHILD = _CHILD_PREAMBLE + """
+_SEARCH_CHILD = (
+    _CHILD_PREAMBLE
+    + """
 import faiss
 from hf_knnlm.index import read_index, set_nprobe
 path, dim, nprobe, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -246,11 +294,15 @@ print(json.dumps({"ms_per_query_single": 1e3 * single, "ms_per_query_batch1000":
                   "rss_before_open": base_rss, "rss_after_open": opened_rss,
                   "rss_anon_end": rss("RssAnon"), "rss_file_end": rss("RssFile")}))
 """
+)
 
 
 def _child(script: str, *argv) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, str(REPO / "hf_knnlm"), *map(str, argv)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(REPO / "hf_knnlm"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -266,8 +318,15 @@ def bench_synthetic(n: int, dim: int, factory: str, root: Path, args) -> dict:
         _log(f"P6: searching it ({built})")
         searched = _child(_SEARCH_CHILD, folder / "index.faiss", dim, args.nprobe, args.k, args.faiss_threads)
         _log(f"P6: {searched}")
-        return {"entries": n, "dim": dim, "factory": factory, "index_bytes": size, "keys_bytes": keys_size,
-                **built, **searched}
+        return {
+            "entries": n,
+            "dim": dim,
+            "factory": factory,
+            "index_bytes": size,
+            "keys_bytes": keys_size,
+            **built,
+            **searched,
+        }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -298,8 +357,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
     quick = {"build_tokens": 6000, "store_size": 200_000, "eval_chars": 12_000, "p6_sizes": "1000000"}
-    full = {"build_tokens": 30_000, "store_size": 1_000_000, "eval_chars": 40_000,
-            "p6_sizes": "1000000,10000000"}
+    full = {
+        "build_tokens": 30_000,
+        "store_size": 1_000_000,
+        "eval_chars": 40_000,
+        "p6_sizes": "1000000,10000000",
+    }
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -314,18 +377,28 @@ def main(argv=None) -> dict:
     root = Path(args.workdir or tempfile.mkdtemp(prefix="knnlm-speed-", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "faiss_threads": args.faiss_threads,
-                     "torch_threads": torch_threads, "args": {k: v for k, v in vars(args).items()}}
+    results: dict = {
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "faiss_threads": args.faiss_threads,
+        "torch_threads": torch_threads,
+        "args": {k: v for k, v in vars(args).items()},
+    }
     try:
         if not {"p2", "p3", "p4"} <= skip:
             _run_model_parts(args, skip, root, results)
         if "p6" not in skip:
-            results["P6"] = [bench_synthetic(int(n), args.p6_dim, args.p6_factory, root, args)
-                             for n in args.p6_sizes.split(",")]
+            results["P6"] = [
+                bench_synthetic(int(n), args.p6_dim, args.p6_factory, root, args)
+                for n in args.p6_sizes.split(",")
+            ]
             largest = results["P6"][-1]
-            results["P5"] = {"entries": largest["entries"], "index_bytes": largest["index_bytes"],
-                             "peak_rss": largest["peak_rss"], "peak_anon": largest["peak_anon"],
-                             "peak_rss_over_index": largest["peak_rss"] / largest["index_bytes"]}
+            results["P5"] = {
+                "entries": largest["entries"],
+                "index_bytes": largest["index_bytes"],
+                "peak_rss": largest["peak_rss"],
+                "peak_anon": largest["peak_anon"],
+                "peak_rss_over_index": largest["peak_rss"] / largest["index_bytes"],
+            }
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -349,21 +422,28 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
     ratio = len(sample) / len(tokenizer(sample)["input_ids"])  # characters per token
     build_text = _wiki("wiki.valid.tokens", int(args.build_tokens * ratio))
     _log(f"P3: build vs forward over {args.build_tokens} tokens")
-    p3 = bench_build(model, tokenizer, build_text, root / "real", args.max_length, args.stride,
-                     args.batch_size)
+    p3 = bench_build(
+        model, tokenizer, build_text, root / "real", args.max_length, args.stride, args.batch_size
+    )
     real = p3.pop("store")
     results["P3"] = p3
     _log(f"P3 = {p3['P3']:.3f}  ({p3})")
     if not {"p2", "p4"} <= skip:
         _log(f"building the {args.store_size:,}-entry {args.factory} store")
         t = time.perf_counter()
-        store, index_s = make_big_store(real, root / "big", args.store_size, args.factory, args.noise,
-                                        args.train_size)
+        store, index_s = make_big_store(
+            real, root / "big", args.store_size, args.factory, args.noise, args.train_size
+        )
         store.nprobe = args.nprobe
-        results["store"] = {"entries": len(store), "factory": args.factory, "nprobe": args.nprobe,
-                            "build_s": time.perf_counter() - t, "index_s": index_s,
-                            "real_keys": len(real),
-                            "index_bytes": (root / "big" / "index.faiss").stat().st_size}
+        results["store"] = {
+            "entries": len(store),
+            "factory": args.factory,
+            "nprobe": args.nprobe,
+            "build_s": time.perf_counter() - t,
+            "index_s": index_s,
+            "real_keys": len(real),
+            "index_bytes": (root / "big" / "index.faiss").stat().st_size,
+        }
     if "p2" not in skip:
         _log("P2: evaluation throughput, kNN-LM vs base")
         eval_text = _wiki("wiki.test.tokens", args.eval_chars)
@@ -372,45 +452,58 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
     if "p4" not in skip:
         _log("P4: generate latency")
         prompt = _wiki("wiki.test.tokens", 600)[100:600]
-        results["P4"] = bench_generate(model, tokenizer, prompt, store, args.k, args.new_tokens,
-                                       args.repeats)
+        results["P4"] = bench_generate(model, tokenizer, prompt, store, args.k, args.new_tokens, args.repeats)
         _log(f"P4 = {results['P4']['P4']:.3f}  ({results['P4']})")
 
 
 def _print_table(r: dict) -> None:
-    print(f"\n=== hf_knnlm speed ({r['machine']}; faiss threads {r['faiss_threads']}, "
-          f"torch threads {r['torch_threads']}) ===")
+    print(
+        f"\n=== hf_knnlm speed ({r['machine']}; faiss threads {r['faiss_threads']}, "
+        f"torch threads {r['torch_threads']}) ==="
+    )
     if "P2" in r:
         p2, s = r["P2"], r["store"]
-        print(f"P2 eval throughput kNN-LM/base : {p2['P2']:.3f}  ({p2['knn_tok_s']:.0f} vs "
-              f"{p2['base_tok_s']:.0f} "
-              f"tok/s, {p2['tokens']} tokens; store {s['entries']:,} x {s['factory']} nprobe={s['nprobe']})")
-        print(f"   kNN-LM ppl {p2['knn_ppl']:.3f} vs exact search {p2['exact_knn_ppl']:.3f} "
-              f"({p2['ppl_gap_pct']:+.2f}%); with recompute_dists {p2['knn_ppl_recompute']:.3f} "
-              f"({p2['ppl_gap_recompute_pct']:+.2f}%, throughput ratio {p2['P2_recompute']:.3f}); "
-              f"base ppl {p2['base_ppl']:.3f}")
+        print(
+            f"P2 eval throughput kNN-LM/base : {p2['P2']:.3f}  ({p2['knn_tok_s']:.0f} vs "
+            f"{p2['base_tok_s']:.0f} "
+            f"tok/s, {p2['tokens']} tokens; store {s['entries']:,} x {s['factory']} nprobe={s['nprobe']})"
+        )
+        print(
+            f"   kNN-LM ppl {p2['knn_ppl']:.3f} vs exact search {p2['exact_knn_ppl']:.3f} "
+            f"({p2['ppl_gap_pct']:+.2f}%); with recompute_dists {p2['knn_ppl_recompute']:.3f} "
+            f"({p2['ppl_gap_recompute_pct']:+.2f}%, throughput ratio {p2['P2_recompute']:.3f}); "
+            f"base ppl {p2['base_ppl']:.3f}"
+        )
     p3 = r.get("P3")
     if p3:
-        print(f"P3 build/forward throughput    : {p3['P3']:.3f}  ({p3['build_tok_s']:.0f} vs "
-              f"{p3['forward_tok_s']:.0f} "
-              f"tok/s, {p3['tokens']} tokens)")
+        print(
+            f"P3 build/forward throughput    : {p3['P3']:.3f}  ({p3['build_tok_s']:.0f} vs "
+            f"{p3['forward_tok_s']:.0f} "
+            f"tok/s, {p3['tokens']} tokens)"
+        )
     if "P4" in r:
         p4 = r["P4"]
-        print(f"P4 generate latency kNN/base   : {p4['P4']:.3f}  ({p4['knn_ms']:.1f} vs "
-              f"{p4['base_ms']:.1f} ms/token)")
+        print(
+            f"P4 generate latency kNN/base   : {p4['P4']:.3f}  ({p4['knn_ms']:.1f} vs "
+            f"{p4['base_ms']:.1f} ms/token)"
+        )
     if "P5" in r:
         p5 = r["P5"]
-        print(f"P5 peak RSS / index size       : {p5['peak_rss_over_index']:.3f}  "
-              f"({p5['peak_rss'] / 2**20:.0f} MiB "
-              f"vs {p5['index_bytes'] / 2**20:.0f} MiB, {p5['entries']:,} entries, mmap; peak anonymous "
-              f"{p5['peak_anon'] / 2**20:.0f} MiB)")
+        print(
+            f"P5 peak RSS / index size       : {p5['peak_rss_over_index']:.3f}  "
+            f"({p5['peak_rss'] / 2**20:.0f} MiB "
+            f"vs {p5['index_bytes'] / 2**20:.0f} MiB, {p5['entries']:,} entries, mmap; peak anonymous "
+            f"{p5['peak_anon'] / 2**20:.0f} MiB)"
+        )
     for p6 in r.get("P6", []):
-        print(f"P6 {p6['entries']:>11,} entries d={p6['dim']} {p6['factory']}: "
-              f"{p6['ms_per_query_single']:.2f} ms/query (1 at a time), "
-              f"{p6['ms_per_query_batch1000']:.3f} ms/query "
-              f"(batch 1000); build peak RSS {p6['build_peak_rss'] / 2**20:.0f} MiB (anonymous "
-              f"{p6['build_peak_anon'] / 2**20:.0f} MiB), keys "
-              f"{p6['keys_bytes'] / 2**30:.2f} GiB, index {p6['index_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"P6 {p6['entries']:>11,} entries d={p6['dim']} {p6['factory']}: "
+            f"{p6['ms_per_query_single']:.2f} ms/query (1 at a time), "
+            f"{p6['ms_per_query_batch1000']:.3f} ms/query "
+            f"(batch 1000); build peak RSS {p6['build_peak_rss'] / 2**20:.0f} MiB (anonymous "
+            f"{p6['build_peak_anon'] / 2**20:.0f} MiB), keys "
+            f"{p6['keys_bytes'] / 2**30:.2f} GiB, index {p6['index_bytes'] / 2**20:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ class _Progress:
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if state.get("fingerprint") != fingerprint:
             if state:
-                logger.warning("%s belongs to a different build (corpus or settings changed); starting over.", folder)
+                logger.warning(
+                    "%s belongs to a different build (corpus or settings changed); starting over.", folder
+                )
             shutil.rmtree(folder, ignore_errors=True)
             state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
         folder.mkdir(parents=True, exist_ok=True)
@@ -125,24 +127,41 @@ def _clear_store(folder: Path) -> None:
 def _merged_arrays(progresses: list[_Progress]) -> tuple[ShardedArray, ShardedArray]:
     """Every rank's chunks as one (keys, values) pair, in window order (ranks hold contiguous ranges)."""
     arrays = [p.arrays() for p in progresses if p.state["chunks"]]
-    return (ShardedArray([s for keys, _ in arrays for s in keys.shards]),
-            ShardedArray([s for _, values in arrays for s in values.shards]))
+    return (
+        ShardedArray([s for keys, _ in arrays for s in keys.shards]),
+        ShardedArray([s for _, values in arrays for s in values.shards]),
+    )
 
 
 def _finalize(
-    keys: ShardedArray, values: ShardedArray, output_dir: Path, config: DatastoreConfig, max_shard_size,
+    keys: ShardedArray,
+    values: ShardedArray,
+    output_dir: Path,
+    config: DatastoreConfig,
+    max_shard_size,
     train_size: int,
 ):
     num = len(values)
     config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
     bounds = shard_bounds(num, config.hidden_size * 2, max_shard_size)
     key_files = write_sharded(
-        output_dir, KEYS_PREFIX, "keys", np.float16, (config.hidden_size,), bounds, keys.iter_rows(_INDEX_ADD_ROWS)
+        output_dir,
+        KEYS_PREFIX,
+        "keys",
+        np.float16,
+        (config.hidden_size,),
+        bounds,
+        keys.iter_rows(_INDEX_ADD_ROWS),
     )
-    value_files = write_sharded(output_dir, VALUES_PREFIX, "values", np.int32, (), bounds, values.iter_rows(1 << 20))
+    value_files = write_sharded(
+        output_dir, VALUES_PREFIX, "values", np.int32, (), bounds, values.iter_rows(1 << 20)
+    )
     final_keys = ShardedArray([open_memmap(output_dir / f, "keys") for f in key_files])
     index = build_index(
-        config.index_factory, config.hidden_size, final_keys, final_keys.iter_rows(_INDEX_ADD_ROWS),
+        config.index_factory,
+        config.hidden_size,
+        final_keys,
+        final_keys.iter_rows(_INDEX_ADD_ROWS),
         train_size=train_size,
     )
     write_index(index, output_dir / INDEX_NAME)
@@ -227,14 +246,20 @@ def build_datastore(
     first, last = window_range(len(windows), state.process_index, state.num_processes)
     progress = progresses[state.process_index]
     if progress.windows_done:
-        logger.info("Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done,
-                    last)
+        logger.info(
+            "Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done, last
+        )
 
     buffer = _Buffer()
     place_model(model, state).eval()
     for batch in iter_window_batches(
-        model, tokens, windows[first:last], batch_size=batch_size, hook_module=path,
-        start_window=progress.windows_done, desc="building datastore",
+        model,
+        tokens,
+        windows[first:last],
+        batch_size=batch_size,
+        hook_module=path,
+        start_window=progress.windows_done,
+        desc="building datastore",
         disable_progress=disable_progress or not state.is_local_main_process,
     ):
         buffer.add(batch.hidden, batch.targets)
@@ -265,7 +290,8 @@ def _rank_progresses(partial: Path, fingerprint: str, num_windows: int, state) -
         return [_Progress(partial, fingerprint)]
     return [
         _Progress(
-            rank_folder(partial, rank), rank_fingerprint(fingerprint, rank, state.num_processes, num_windows),
+            rank_folder(partial, rank),
+            rank_fingerprint(fingerprint, rank, state.num_processes, num_windows),
             load_only=rank != state.process_index,
         )
         for rank in range(state.num_processes)

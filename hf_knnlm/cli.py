@@ -12,7 +12,9 @@ from transformers import LogitsProcessorList
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hub id or local path of the causal LM.")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (e.g. SmolLM2...gguf).")
+    parser.add_argument(
+        "--gguf-file", default=None, help="GGUF file name inside --model (e.g. SmolLM2...gguf)."
+    )
     parser.add_argument("--tokenizer", default=None, help="Tokenizer id/path if it differs from --model.")
     parser.add_argument("--revision", default=None, help="Model revision on the Hub.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -41,16 +43,24 @@ def _add_knn_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="Distance temperature (default 1).")
     parser.add_argument("--recompute-dists", action="store_true", help="Exact distances from stored keys.")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default 32).")
-    parser.add_argument("--gpu", default="auto", choices=["auto", "replicate", "shard", "none"],
-                        help="With faiss-gpu: clone the index to every GPU, or split it (default auto).")
+    parser.add_argument(
+        "--gpu",
+        default="auto",
+        choices=["auto", "replicate", "shard", "none"],
+        help="With faiss-gpu: clone the index to every GPU, or split it (default auto).",
+    )
 
 
 def _load_model(args: argparse.Namespace):
     from .loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
-        args.model, gguf_file=args.gguf_file, tokenizer=args.tokenizer, revision=args.revision,
-        dtype=args.dtype, device=args.device,
+        args.model,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
     )
 
 
@@ -75,9 +85,18 @@ def cmd_build(args: argparse.Namespace) -> None:
 
     model, tokenizer = _load_model(args)
     store = Datastore.build(
-        model, tokenizer, _load_data(args), args.output, max_length=args.max_length, stride=args.stride,
-        batch_size=args.batch_size, text_column=args.text_column, index_factory=args.index_factory,
-        hook_module=args.hook_module, max_shard_size=args.max_shard_size, train_size=args.train_size,
+        model,
+        tokenizer,
+        _load_data(args),
+        args.output,
+        max_length=args.max_length,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        text_column=args.text_column,
+        index_factory=args.index_factory,
+        hook_module=args.hook_module,
+        max_shard_size=args.max_shard_size,
+        train_size=args.train_size,
         overwrite=args.overwrite,
     )
     print(store)
@@ -88,9 +107,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     model, tokenizer = _load_model(args)
     result = evaluate_perplexity(
-        model, tokenizer, _load_data(args), _load_datastore(args), max_length=args.max_length,
-        stride=args.stride, batch_size=args.batch_size, k=args.k, lmbda=args.lmbda,
-        temperature=args.temperature, recompute_dists=args.recompute_dists, text_column=args.text_column,
+        model,
+        tokenizer,
+        _load_data(args),
+        _load_datastore(args),
+        max_length=args.max_length,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+        recompute_dists=args.recompute_dists,
+        text_column=args.text_column,
         max_tokens=args.max_tokens,
     )
     print(json.dumps(result, indent=2))
@@ -103,12 +131,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .logits_process import KNNProcessor
 
     model, tokenizer = _load_model(args)
-    processor = KNNProcessor(model, _load_datastore(args), k=args.k, lmbda=args.lmbda,
-                             temperature=args.temperature, recompute_dists=args.recompute_dists)
+    processor = KNNProcessor(
+        model,
+        _load_datastore(args),
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+        recompute_dists=args.recompute_dists,
+    )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     output = model.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
-        logits_processor=LogitsProcessorList([processor]), pad_token_id=tokenizer.eos_token_id,
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+        logits_processor=LogitsProcessorList([processor]),
+        pad_token_id=tokenizer.eos_token_id,
     )
     print(tokenizer.decode(output[0], skip_special_tokens=True))
 
@@ -116,9 +154,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(workdir=args.workdir, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
-             max_length=args.max_length, stride=args.stride, k=args.k, lmbda=args.lmbda,
-             temperature=args.temperature)
+    run_demo(
+        workdir=args.workdir,
+        train_tokens=args.train_tokens,
+        eval_tokens=args.eval_tokens,
+        max_length=args.max_length,
+        stride=args.stride,
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,11 +36,14 @@ class DatastoreConfig:
     base_model: str | None = field(default=None, metadata={"help": "Hub id or path of the base model."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     tokenizer_fingerprint: str | None = field(
-        default=None, metadata={"help": "sha256 of the tokenizer's vocabulary; guards against a wrong tokenizer."}
+        default=None,
+        metadata={"help": "sha256 of the tokenizer's vocabulary; guards against a wrong tokenizer."},
     )
     key_dtype: str = field(default="float16", metadata={"help": "dtype of the stored keys."})
     metric: str = field(default="l2", metadata={"help": "Distance used by the index (squared L2)."})
-    index_factory: str = field(default="Flat", metadata={"help": "faiss index_factory string of index.faiss."})
+    index_factory: str = field(
+        default="Flat", metadata={"help": "faiss index_factory string of index.faiss."}
+    )
     num_entries: int = field(default=0, metadata={"help": "Number of (key, value) pairs."})
     max_length: int | None = field(default=None, metadata={"help": "Sliding-window length used to build."})
     stride: int | None = field(default=None, metadata={"help": "Sliding-window stride used to build."})
@@ -61,7 +64,9 @@ class DatastoreConfig:
                 f"({FORMAT_VERSION}); upgrade with `pip install -U hf-knnlm`."
             )
         if self.hidden_size <= 0 or self.vocab_size <= 0:
-            raise ValueError(f"hidden_size ({self.hidden_size}) and vocab_size ({self.vocab_size}) must be > 0.")
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) and vocab_size ({self.vocab_size}) must be > 0."
+            )
         if self.key_dtype not in KEY_DTYPES:
             raise ValueError(f"key_dtype={self.key_dtype!r} is not one of {KEY_DTYPES}.")
         if self.metric not in METRICS:
@@ -81,7 +86,9 @@ class DatastoreConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            logger.warning("Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", CONFIG_NAME, unknown)
+            logger.warning(
+                "Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", CONFIG_NAME, unknown
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
@@ -90,5 +97,7 @@ class DatastoreConfig:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); the datastore config is truncated or edited.") from err
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); the datastore config is truncated or edited."
+            ) from err
         return cls.from_dict(data)

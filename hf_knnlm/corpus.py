@@ -52,10 +52,14 @@ def iter_documents(data: CorpusLike, text_column: str = "text") -> tuple[list[st
         return (row for row in data[text_column]), name
     if isinstance(data, Sequence) and all(isinstance(d, str) for d in data):
         return list(data), "texts"
-    raise ValueError(f"data of type {type(data).__name__} is not a list of strings, a text file or a Dataset.")
+    raise ValueError(
+        f"data of type {type(data).__name__} is not a list of strings, a text file or a Dataset."
+    )
 
 
-def tokenize_corpus(tokenizer, data: CorpusLike, text_column: str = "text", separator: str = "\n\n") -> np.ndarray:
+def tokenize_corpus(
+    tokenizer, data: CorpusLike, text_column: str = "text", separator: str = "\n\n"
+) -> np.ndarray:
     """Tokenize every document (no special tokens) and concatenate them into one int32 stream.
 
     Documents are joined by ``separator`` (as the transformers perplexity guide joins WikiText

@@ -31,11 +31,21 @@ from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
 
-DATASTORE_FILE_PATTERNS = [CONFIG_NAME, "README.md", f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors",
-                           f"*{INDEX_SUFFIX}", "index.faiss*", "*.ivfdata"]
+DATASTORE_FILE_PATTERNS = [
+    CONFIG_NAME,
+    "README.md",
+    f"{KEYS_PREFIX}*.safetensors",
+    f"{VALUES_PREFIX}*.safetensors",
+    f"*{INDEX_SUFFIX}",
+    "index.faiss*",
+    "*.ivfdata",
+]
 # Remote files a push replaces: stale shards of an earlier push with another shard count go.
-DATASTORE_DELETE_PATTERNS = [f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors",
-                             f"*{INDEX_SUFFIX}"]
+DATASTORE_DELETE_PATTERNS = [
+    f"{KEYS_PREFIX}*.safetensors",
+    f"{VALUES_PREFIX}*.safetensors",
+    f"*{INDEX_SUFFIX}",
+]
 
 
 class Datastore:
@@ -57,7 +67,12 @@ class Datastore:
     """
 
     def __init__(
-        self, folder: Path, config: DatastoreConfig, *, mmap: bool = True, nprobe: int = DEFAULT_NPROBE,
+        self,
+        folder: Path,
+        config: DatastoreConfig,
+        *,
+        mmap: bool = True,
+        nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
     ):
         self.folder = Path(folder)
@@ -72,7 +87,8 @@ class Datastore:
         if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
-                f"{len(self.values)}; config says {config.num_entries}. The datastore is incomplete; rebuild it."
+                f"{len(self.values)}; config says {config.num_entries}. "
+                f"The datastore is incomplete; rebuild it."
             )
         self.nprobe = nprobe
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
@@ -117,10 +133,21 @@ class Datastore:
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
         """
         folder = build_datastore(
-            model, tokenizer, data, output_dir, max_length=max_length, stride=stride, batch_size=batch_size,
-            text_column=text_column, index_factory=index_factory, hook_module=hook_module,
-            max_shard_size=max_shard_size, checkpoint_every=checkpoint_every, train_size=train_size,
-            overwrite=overwrite, disable_progress=disable_progress,
+            model,
+            tokenizer,
+            data,
+            output_dir,
+            max_length=max_length,
+            stride=stride,
+            batch_size=batch_size,
+            text_column=text_column,
+            index_factory=index_factory,
+            hook_module=hook_module,
+            max_shard_size=max_shard_size,
+            checkpoint_every=checkpoint_every,
+            train_size=train_size,
+            overwrite=overwrite,
+            disable_progress=disable_progress,
         )
         return cls.from_pretrained(folder, verify=False)
 
@@ -147,15 +174,23 @@ class Datastore:
         says how the index is cloned to the GPUs (see :func:`hf_knnlm.index.index_to_gpus`).
         """
         folder = resolve_folder(
-            repo_id_or_path, config_name=CONFIG_NAME, allow_patterns=DATASTORE_FILE_PATTERNS, revision=revision,
-            cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
+            repo_id_or_path,
+            config_name=CONFIG_NAME,
+            allow_patterns=DATASTORE_FILE_PATTERNS,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            force_download=force_download,
         )
         config = DatastoreConfig.load(folder / CONFIG_NAME)
         if verify:
             verify_files(folder, config.files, what="datastore")
         return cls(folder, config, mmap=mmap, nprobe=nprobe, gpu=gpu)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None
+    ) -> None:
         """Write the store to ``save_directory``, re-sharded if ``max_shard_size`` is given."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -166,10 +201,12 @@ class Datastore:
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.hidden_size * 2, max_shard_size)
-        key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds,
-                                  self.keys.iter_rows(65536))
-        value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
-                                    [self.values.numpy().astype(np.int32)])
+        key_files = write_sharded(
+            out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds, self.keys.iter_rows(65536)
+        )
+        value_files = write_sharded(
+            out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
+        )
         tmp = temporary_path(out / INDEX_NAME)
         faiss.write_index(self.index, str(tmp))
         os.replace(tmp, out / INDEX_NAME)
@@ -208,8 +245,13 @@ class Datastore:
             write_model_card(folder, DatastoreConfig.load(folder / CONFIG_NAME), repo_id=repo_id)
 
         return push_folder(
-            save, repo_id, revision=revision, private=private,
-            commit_message=commit_message or "Upload kNN-LM datastore", token=token, create_pr=create_pr,
+            save,
+            repo_id,
+            revision=revision,
+            private=private,
+            commit_message=commit_message or "Upload kNN-LM datastore",
+            token=token,
+            create_pr=create_pr,
             delete_patterns=DATASTORE_DELETE_PATTERNS,
         )
 
@@ -262,15 +304,19 @@ class Datastore:
         return self._gpu_index is not None
 
     def __repr__(self) -> str:
-        return (f"Datastore(folder={str(self.folder)!r}, entries={len(self)}, hidden_size={self.hidden_size}, "
-                f"index={self.config.index_factory!r}, model_type={self.config.model_type!r})")
+        return (
+            f"Datastore(folder={str(self.folder)!r}, entries={len(self)}, hidden_size={self.hidden_size}, "
+            f"index={self.config.index_factory!r}, model_type={self.config.model_type!r})"
+        )
 
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:
         if k <= 0:
             raise ValueError(f"k={k} must be a positive number of neighbours.")
         if k > len(self):
-            logger.warning("k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self))
+            logger.warning(
+                "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
+            )
             return len(self)
         return k
 
@@ -282,8 +328,10 @@ class Datastore:
         if q.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
         if self.on_gpu and k > GPU_MAX_K:
-            raise ValueError(f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
-                             f"k <= {GPU_MAX_K} or open the datastore with gpu='none'.")
+            raise ValueError(
+                f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
+                f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
+            )
         distances, ids = self.search_index.search(q, k)
         missing = ids < 0
         if recompute_dists:
@@ -321,21 +369,22 @@ class Datastore:
         model_type = model.config.model_type
         if model_type != cfg.model_type:
             raise ValueError(
-                f"model_type mismatch: the datastore was built with a {cfg.model_type!r} model, this model is "
-                f"{model_type!r}. Use the base model {cfg.base_model or cfg.model_type!r} (or a fine-tune of it) "
-                f"or build a datastore with this model."
+                f"model_type mismatch: the datastore was built with a {cfg.model_type!r} model, "
+                f"this model is {model_type!r}. Use the base model {cfg.base_model or cfg.model_type!r} "
+                f"(or a fine-tune of it) or build a datastore with this model."
             )
         width = model.config.get_text_config().hidden_size
         if width != cfg.hidden_size:
             raise ValueError(
-                f"hidden size mismatch: datastore keys have dimension {cfg.hidden_size}, the model's hidden size "
-                f"is {width}. Build a datastore with this model."
+                f"hidden size mismatch: datastore keys have dimension {cfg.hidden_size}, "
+                f"the model's hidden size is {width}. Build a datastore with this model."
             )
         vocab = model_vocab_size(model)
         if vocab != cfg.vocab_size:
             raise ValueError(
-                f"vocab size mismatch: datastore values index a vocabulary of {cfg.vocab_size}, the model has "
-                f"{vocab}. Use the model and tokenizer the datastore was built with ({cfg.base_model!r})."
+                f"vocab size mismatch: datastore values index a vocabulary of {cfg.vocab_size}, "
+                f"the model has {vocab}. Use the model and tokenizer the datastore was built with "
+                f"({cfg.base_model!r})."
             )
         if tokenizer is not None and cfg.tokenizer_fingerprint:
             fingerprint = tokenizer_fingerprint(tokenizer)
@@ -379,13 +428,16 @@ class Datastore:
         config = DatastoreConfig.from_dict(self.config.to_dict())
         config.index_factory, config.evaluation = index_factory, None
         bounds = [(s["start"], s["end"]) for s in config.shards]
-        key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds,
-                                  self.keys.iter_rows(65536))
-        value_files = write_sharded(out, VALUES_PREFIX, "values", np.int32, (), bounds,
-                                    [self.values.numpy().astype(np.int32)])
+        key_files = write_sharded(
+            out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds, self.keys.iter_rows(65536)
+        )
+        value_files = write_sharded(
+            out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
+        )
         keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
-        index = build_index(index_factory, self.hidden_size, keys, keys.iter_rows(65536),
-                            train_size=train_size)
+        index = build_index(
+            index_factory, self.hidden_size, keys, keys.iter_rows(65536), train_size=train_size
+        )
         write_index(index, out / INDEX_NAME)
         for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a copy with one shard has no index json
             stale.unlink()

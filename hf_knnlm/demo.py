@@ -55,8 +55,13 @@ def shakespeare_split(tokenizer, train_tokens: int, eval_tokens: int) -> tuple[l
 
 def _generate(model, tokenizer, prompt: str, processors: list) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-                         logits_processor=LogitsProcessorList(processors))
+    out = model.generate(
+        **inputs,
+        max_new_tokens=40,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+        logits_processor=LogitsProcessorList(processors),
+    )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -82,13 +87,23 @@ def run_demo(
         print(f"Using the datastore already built in {store_dir} (delete it to rebuild).")
         store = Datastore.from_pretrained(store_dir)
     else:
-        store = Datastore.build(model, tokenizer, train, store_dir, max_length=max_length, stride=stride,
-                                batch_size=4)
+        store = Datastore.build(
+            model, tokenizer, train, store_dir, max_length=max_length, stride=stride, batch_size=4
+        )
     print(store)
 
     result = evaluate_perplexity(
-        model, tokenizer, held_out, store, max_length=max_length, stride=stride, batch_size=4, k=k,
-        lmbda=lmbda, temperature=temperature, max_tokens=eval_tokens,
+        model,
+        tokenizer,
+        held_out,
+        store,
+        max_length=max_length,
+        stride=stride,
+        batch_size=4,
+        k=k,
+        lmbda=lmbda,
+        temperature=temperature,
+        max_tokens=eval_tokens,
     )
     prompt = held_out[0][:200].rsplit(" ", 1)[0]
     base_text = _generate(model, tokenizer, prompt, [])

@@ -45,15 +45,24 @@ def iter_scored_batches(
     hook = datastore.config.hook_module if datastore is not None else None
     model.eval()
     for batch in iter_window_batches(
-        model, tokens, windows, batch_size=batch_size, hook_module=hook, with_log_probs=True,
-        desc="scoring", disable_progress=disable_progress,
+        model,
+        tokens,
+        windows,
+        batch_size=batch_size,
+        hook_module=hook,
+        with_log_probs=True,
+        desc="scoring",
+        disable_progress=disable_progress,
     ):
         distances = neighbour_tokens = None
         if datastore is not None:
             distances, neighbour_tokens = search_in_chunks(datastore, batch.hidden, k, recompute_dists)
-        yield ScoredBatch(batch.lm_log_probs.float().cpu(), batch.targets.cpu(),
-                          None if distances is None else distances.cpu(),
-                          None if neighbour_tokens is None else neighbour_tokens.cpu())
+        yield ScoredBatch(
+            batch.lm_log_probs.float().cpu(),
+            batch.targets.cpu(),
+            None if distances is None else distances.cpu(),
+            None if neighbour_tokens is None else neighbour_tokens.cpu(),
+        )
 
 
 def search_in_chunks(
@@ -65,8 +74,9 @@ def search_in_chunks(
     rows = max(1, _SEARCH_CHUNK_BYTES // row_bytes)
     if len(queries) <= rows:
         return datastore.search(queries, k, recompute_dists)
-    parts = [datastore.search(queries[i : i + rows], k, recompute_dists)
-             for i in range(0, len(queries), rows)]
+    parts = [
+        datastore.search(queries[i : i + rows], k, recompute_dists) for i in range(0, len(queries), rows)
+    ]
     return torch.cat([d for d, _ in parts]), torch.cat([t for _, t in parts])
 
 
@@ -114,8 +124,15 @@ def evaluate_perplexity(
     base_nll = knn_nll = 0.0
     count = 0
     for batch in iter_scored_batches(
-        model, tokens, datastore, k=settings.k, max_length=max_length, stride=stride, batch_size=batch_size,
-        recompute_dists=settings.recompute_dists, disable_progress=disable_progress,
+        model,
+        tokens,
+        datastore,
+        k=settings.k,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        recompute_dists=settings.recompute_dists,
+        disable_progress=disable_progress,
     ):
         base_nll -= batch.lm_log_probs.double().sum().item()
         if datastore is not None:
@@ -170,8 +187,14 @@ def collect_queries(
     log_probs, targets, queries = [], [], []
     model.eval()
     for batch in iter_window_batches(
-        model, tokens, windows, batch_size=batch_size, hook_module=datastore.config.hook_module,
-        with_log_probs=True, desc="queries", disable_progress=disable_progress,
+        model,
+        tokens,
+        windows,
+        batch_size=batch_size,
+        hook_module=datastore.config.hook_module,
+        with_log_probs=True,
+        desc="queries",
+        disable_progress=disable_progress,
     ):
         log_probs.append(batch.lm_log_probs.float().cpu())
         targets.append(batch.targets.cpu())

@@ -28,7 +28,9 @@ class WindowBatch:
     lm_log_probs: torch.Tensor | None  # [n] log p_LM(target), when asked for
 
 
-def _pad_batch(tokens: np.ndarray, windows: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_batch(
+    tokens: np.ndarray, windows: list[Window], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(w.end - w.begin for w in windows)
     ids = torch.zeros(len(windows), width, dtype=torch.long)
     mask = torch.zeros(len(windows), width, dtype=torch.long)

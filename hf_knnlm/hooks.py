@@ -146,4 +146,3 @@ class FFNInputCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-

@@ -18,8 +18,13 @@ def cmd_push(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{args.dir} is not a folder; `hf-knnlm push` uploads a datastore folder.")
     store = Datastore.from_pretrained(args.dir)  # checks every file before anything is uploaded
     commit = store.push_to_hub(
-        args.repo_id, revision=args.revision, private=args.private, commit_message=args.commit_message,
-        token=args.token, max_shard_size=args.max_shard_size, create_pr=args.create_pr,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        commit_message=args.commit_message,
+        token=args.token,
+        max_shard_size=args.max_shard_size,
+        create_pr=args.create_pr,
     )
     print(getattr(commit, "commit_url", None) or commit)
 

@@ -181,4 +181,3 @@ def index_to_gpus(
     options.useFloat16 = use_float16
     logger.info("Cloning the faiss index to %d GPU(s) (shard=%s).", count, options.shard)
     return faiss.index_cpu_to_all_gpus(index, co=options)
-

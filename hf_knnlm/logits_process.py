@@ -83,7 +83,9 @@ class KNNProcessor(LogitsProcessor):
         recompute_dists: bool = False,
         hook_module: str | None = None,
     ) -> None:
-        self.settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+        self.settings = KNNSettings(
+            k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists
+        )
         self.datastore = load_datastore(datastore)
         self.datastore.check_compatible(model)
         self.settings.k = self.datastore.clamp_k(k)

@@ -44,8 +44,11 @@ def _format_value(value: Any) -> str:
 
 
 def _evaluation_rows(evaluation: dict[str, Any] | None) -> list[tuple[str, str]]:
-    labels = {"base_ppl": "Perplexity, base model", "knn_ppl": "Perplexity, kNN-LM",
-              "num_tokens": "Tokens scored"}
+    labels = {
+        "base_ppl": "Perplexity, base model",
+        "knn_ppl": "Perplexity, kNN-LM",
+        "num_tokens": "Tokens scored",
+    }
     rows = []
     for key, value in (evaluation or {}).items():
         if value is not None and not isinstance(value, (dict, list)):

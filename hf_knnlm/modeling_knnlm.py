@@ -145,7 +145,9 @@ class KNNLMForCausalLM(PreTrainedModel):
             base = pretrained_model_name_or_path
             fields: dict[str, Any] = {}
         else:
-            hub_kwargs = {key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs}
+            hub_kwargs = {
+                key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs
+            }
             saved = _knnlm_config_dict(pretrained_model_name_or_path, hub_kwargs)
             fields = {key: v for key, v in (saved or {}).items() if key in KNNLMConfig.__dataclass_fields__}
             if saved is not None:
@@ -153,7 +155,9 @@ class KNNLMForCausalLM(PreTrainedModel):
                     saved_dir = Path(pretrained_model_name_or_path)
                 base_id = fields.get("base_model_name_or_path")
                 if not base_id:
-                    raise ValueError(f"{pretrained_model_name_or_path} has no base_model_name_or_path to load.")
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path} has no base_model_name_or_path to load."
+                    )
             else:
                 base_id = pretrained_model_name_or_path
             base = AutoModelForCausalLM.from_pretrained(base_id, **model_kwargs)
@@ -209,7 +213,9 @@ class KNNLMForCausalLM(PreTrainedModel):
         else:
             scored = attention_mask[:, -lm_log_probs.shape[1] :].bool()
         mixed = lm_log_probs.clone()
-        mixed[scored] = mix_with_datastore(self.datastore, hidden[scored], lm_log_probs[scored], self.settings)
+        mixed[scored] = mix_with_datastore(
+            self.datastore, hidden[scored], lm_log_probs[scored], self.settings
+        )
         loss = None
         if labels is not None:
             shift_log_probs = mixed[:, :-1].reshape(-1, mixed.shape[-1])
@@ -221,8 +227,12 @@ class KNNLMForCausalLM(PreTrainedModel):
         """``base_model.generate`` with a [`KNNProcessor`] appended to ``logits_processor``."""
         if self._processor is None:
             self._processor = KNNProcessor(
-                self.model, self.datastore, k=self.settings.k, lmbda=self.settings.lmbda,
-                temperature=self.settings.temperature, recompute_dists=self.settings.recompute_dists,
+                self.model,
+                self.datastore,
+                k=self.settings.k,
+                lmbda=self.settings.lmbda,
+                temperature=self.settings.temperature,
+                recompute_dists=self.settings.recompute_dists,
             )
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(self._processor)

@@ -50,7 +50,9 @@ class StreamingSafetensorsWriter:
         self.shape = tuple(int(s) for s in shape)
         self.rows_left = self.shape[0]
         nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        header = {name: {"dtype": _NP_TO_ST[self.dtype], "shape": list(self.shape), "data_offsets": [0, nbytes]}}
+        header = {
+            name: {"dtype": _NP_TO_ST[self.dtype], "shape": list(self.shape), "data_offsets": [0, nbytes]}
+        }
         header["__metadata__"] = {"format": "np"}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -101,7 +103,9 @@ def open_memmap(path: str | os.PathLike, name: str) -> np.memmap:
         raise ValueError(f"{path.name}: tensor {name!r} header is inconsistent; the file is corrupted.")
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=8 + header_len + start, shape=shape)
+    return np.memmap(
+        path, dtype=dtype.newbyteorder("<"), mode="r", offset=8 + header_len + start, shape=shape
+    )
 
 
 def shard_names(prefix: str, count: int) -> list[str]:
@@ -186,6 +190,8 @@ class ShardedArray:
                 yield np.asarray(shard[start : start + chunk_rows])
 
     def to_numpy(self) -> np.ndarray:
-        return np.concatenate([np.asarray(s) for s in self.shards]) if len(self.shards) > 1 else np.asarray(
-            self.shards[0]
+        return (
+            np.concatenate([np.asarray(s) for s in self.shards])
+            if len(self.shards) > 1
+            else np.asarray(self.shards[0])
         )

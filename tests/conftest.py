@@ -14,9 +14,20 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
-SHARED_DATA = Path(os.environ.get("HF_KNNLM_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("HF_KNNLM_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+)
 
-_SUBJECTS = ["the king", "a knight", "the old queen", "my lord", "the fool", "a merchant", "the river", "our town"]
+_SUBJECTS = [
+    "the king",
+    "a knight",
+    "the old queen",
+    "my lord",
+    "the fool",
+    "a merchant",
+    "the river",
+    "our town",
+]
 _VERBS = ["sees", "follows", "remembers", "sells", "crosses", "loves", "fears", "praises"]
 _OBJECTS = ["the bridge", "a silver crown", "the northern road", "his brother", "the market", "a quiet song"]
 _ENDINGS = [".", "!", ", and night falls.", ", though it rains.", "?"]
@@ -25,7 +36,8 @@ _ENDINGS = [".", "!", ", and night falls.", ", though it rains.", "?"]
 def generated_text(num_sentences: int, seed: int) -> str:
     rng = random.Random(seed)
     sentences = [
-        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}"
+        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} "
+        f"{rng.choice(_OBJECTS)}{rng.choice(_ENDINGS)}"
         for _ in range(num_sentences)
     ]
     return " ".join(sentences)
@@ -47,16 +59,28 @@ def tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=320,
+        special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tk.train_from_iterator([corpus_text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, vocab_size=vocab_size, n_positions=256,
-                        bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=n_embd,
+        n_head=2,
+        vocab_size=vocab_size,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -70,8 +94,9 @@ def store_dir(tmp_path_factory, model, tokenizer, corpus_text) -> Path:
     from hf_knnlm import Datastore
 
     folder = tmp_path_factory.mktemp("store")
-    Datastore.build(model, tokenizer, [corpus_text], folder, max_length=64, stride=32, batch_size=4,
-                    disable_progress=True)
+    Datastore.build(
+        model, tokenizer, [corpus_text], folder, max_length=64, stride=32, batch_size=4, disable_progress=True
+    )
     return folder
 
 

@@ -114,8 +114,16 @@ def test_text_file_list_and_dataset_inputs_agree(model, tokenizer, other_text, t
 
 
 def test_ivfpq_with_exact_recompute(model, tokenizer, corpus_text, tmp_path):
-    store = Datastore.build(model, tokenizer, [corpus_text], tmp_path / "ivf", max_length=64, stride=32,
-                            index_factory="IVF8,PQ4", disable_progress=True)
+    store = Datastore.build(
+        model,
+        tokenizer,
+        [corpus_text],
+        tmp_path / "ivf",
+        max_length=64,
+        stride=32,
+        index_factory="IVF8,PQ4",
+        disable_progress=True,
+    )
     store.nprobe = 8
     keys = store.keys.to_numpy().astype(np.float32)
     queries = keys[:5] + 0.01
@@ -171,10 +179,19 @@ def test_model_mismatches_are_explained(store, tokenizer):
     with pytest.raises(ValueError, match=f"vocab size mismatch.*{len(tokenizer)}.*{len(tokenizer) + 5}"):
         store.check_compatible(other_vocab)
     llama = transformers.AutoModelForCausalLM.from_config(
-        LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                    num_key_value_heads=2, vocab_size=len(tokenizer)))
+        LlamaConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+        )
+    )
     with pytest.raises(ValueError, match="model_type mismatch.*'gpt2'.*'llama'"):
         store.check_compatible(llama)
-    other_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    other_tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>"))
+    )
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         store.check_compatible(tiny_gpt2(len(tokenizer)), other_tok)

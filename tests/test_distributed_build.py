@@ -43,16 +43,43 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
     corpus.write_text(corpus_text, encoding="utf-8")
     build_args = {"max_length": 64, "stride": 32, "batch_size": 4}
 
-    single = Datastore.build(model, tokenizer, corpus, tmp_path / "single", disable_progress=True,
-                             **build_args)
+    single = Datastore.build(
+        model, tokenizer, corpus, tmp_path / "single", disable_progress=True, **build_args
+    )
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
     # --multi_gpu makes accelerate start the processes with torchrun; without CUDA they use gloo on CPU.
     launcher = shutil.which("accelerate")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "hf_knnlm.cli", "build", "--model", str(model_dir), "--data", str(corpus),
-           "--output", str(tmp_path / "multi"), "--max-length", "64", "--stride", "32", "--batch-size", "4"]
+    cmd = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "hf_knnlm.cli",
+        "build",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(corpus),
+        "--output",
+        str(tmp_path / "multi"),
+        "--max-length",
+        "64",
+        "--stride",
+        "32",
+        "--batch-size",
+        "4",
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("Datastore(") == 2  # both processes returned the finished store

@@ -71,8 +71,13 @@ def test_greedy_generate_with_lambda_one_follows_the_datastore(model, store, tok
     # A datastore built on the corpus, with lambda=1 and k=1, continues a corpus prefix verbatim.
     ids = tokenizer(corpus_text, return_tensors="pt")["input_ids"][:, :20]
     with KNNProcessor(model, store, k=1, lmbda=1.0) as processor:
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=LogitsProcessorList([processor]))
+        out = model.generate(
+            ids,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([processor]),
+        )
     expected = tokenizer(corpus_text, return_tensors="pt")["input_ids"][:, :26]
     assert torch.equal(out, expected)
 
@@ -82,8 +87,13 @@ def test_sampling_and_beam_search_run_with_knn(model, store, tokenizer, mode):
     inputs = _inputs(tokenizer, [PROMPT, "My lord"])
     torch.manual_seed(0)
     with KNNProcessor(model, store, k=16, lmbda=0.5) as processor:
-        out = model.generate(**inputs, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=LogitsProcessorList([processor]), **mode)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=5,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([processor]),
+            **mode,
+        )
     assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
 
 
@@ -102,7 +112,9 @@ def test_wrapper_lambda_zero_reproduces_base_logprobs_and_loss(model, store, tok
         out = wrapper(**inputs, labels=labels)
         base = model(**inputs, labels=labels)
     mask = inputs["attention_mask"].bool()
-    torch.testing.assert_close(out.logits[mask], torch.log_softmax(base.logits.float(), -1)[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out.logits[mask], torch.log_softmax(base.logits.float(), -1)[mask], atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(out.loss, base.loss, atol=1e-5, rtol=0)
 
 

@@ -9,33 +9,95 @@ import transformers as T
 from hf_knnlm import FFNInputCapture, find_ffn_module
 from hf_knnlm.hooks import FFN_MODULES
 
-_LLAMA_LIKE = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                   num_key_value_heads=2, vocab_size=100)
+_LLAMA_LIKE = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
 
 # family -> (config, expected FFN path, the LayerNorm whose output the FFN reads)
 FAMILIES = {
-    "gpt2": (T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100), "transformer.h.1.mlp", "transformer.h.1.ln_2"),
+    "gpt2": (
+        T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100),
+        "transformer.h.1.mlp",
+        "transformer.h.1.ln_2",
+    ),
     "llama": (T.LlamaConfig(**_LLAMA_LIKE), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
     "qwen2": (T.Qwen2Config(**_LLAMA_LIKE), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
-    "mistral": (T.MistralConfig(**_LLAMA_LIKE), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
-    "gemma": (T.GemmaConfig(**_LLAMA_LIKE, head_dim=16), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
-    "gemma2": (T.Gemma2Config(**_LLAMA_LIKE, head_dim=16), "model.layers.1.mlp", "model.layers.1.pre_feedforward_layernorm"),
-    "qwen3": (T.Qwen3Config(**_LLAMA_LIKE, head_dim=16), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
-    "phi": (T.PhiConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100),
-            "model.layers.1.mlp", "model.layers.1.input_layernorm"),
-    "phi3": (T.Phi3Config(**_LLAMA_LIKE, pad_token_id=0), "model.layers.1.mlp", "model.layers.1.post_attention_layernorm"),
-    "gpt_neox": (T.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                 vocab_size=100), "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.post_attention_layernorm"),
-    "opt": (T.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=100,
-                        word_embed_proj_dim=32), "model.decoder.layers.1.fc1", "model.decoder.layers.1.final_layer_norm"),
-    "falcon": (T.FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=100),
-               "transformer.h.1.mlp", "transformer.h.1.input_layernorm"),
-    "bloom": (T.BloomConfig(n_layer=2, hidden_size=32, n_head=2, vocab_size=100), "transformer.h.1.mlp",
-              "transformer.h.1.post_attention_layernorm"),
-    "gptj": (T.GPTJConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=100, rotary_dim=8), "transformer.h.1.mlp",
-             "transformer.h.1.ln_1"),
-    "gpt_bigcode": (T.GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=100), "transformer.h.1.mlp",
-                    "transformer.h.1.ln_2"),
+    "mistral": (
+        T.MistralConfig(**_LLAMA_LIKE),
+        "model.layers.1.mlp",
+        "model.layers.1.post_attention_layernorm",
+    ),
+    "gemma": (
+        T.GemmaConfig(**_LLAMA_LIKE, head_dim=16),
+        "model.layers.1.mlp",
+        "model.layers.1.post_attention_layernorm",
+    ),
+    "gemma2": (
+        T.Gemma2Config(**_LLAMA_LIKE, head_dim=16),
+        "model.layers.1.mlp",
+        "model.layers.1.pre_feedforward_layernorm",
+    ),
+    "qwen3": (
+        T.Qwen3Config(**_LLAMA_LIKE, head_dim=16),
+        "model.layers.1.mlp",
+        "model.layers.1.post_attention_layernorm",
+    ),
+    "phi": (
+        T.PhiConfig(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100
+        ),
+        "model.layers.1.mlp",
+        "model.layers.1.input_layernorm",
+    ),
+    "phi3": (
+        T.Phi3Config(**_LLAMA_LIKE, pad_token_id=0),
+        "model.layers.1.mlp",
+        "model.layers.1.post_attention_layernorm",
+    ),
+    "gpt_neox": (
+        T.GPTNeoXConfig(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, vocab_size=100
+        ),
+        "gpt_neox.layers.1.mlp",
+        "gpt_neox.layers.1.post_attention_layernorm",
+    ),
+    "opt": (
+        T.OPTConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=2,
+            vocab_size=100,
+            word_embed_proj_dim=32,
+        ),
+        "model.decoder.layers.1.fc1",
+        "model.decoder.layers.1.final_layer_norm",
+    ),
+    "falcon": (
+        T.FalconConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=100),
+        "transformer.h.1.mlp",
+        "transformer.h.1.input_layernorm",
+    ),
+    "bloom": (
+        T.BloomConfig(n_layer=2, hidden_size=32, n_head=2, vocab_size=100),
+        "transformer.h.1.mlp",
+        "transformer.h.1.post_attention_layernorm",
+    ),
+    "gptj": (
+        T.GPTJConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=100, rotary_dim=8),
+        "transformer.h.1.mlp",
+        "transformer.h.1.ln_1",
+    ),
+    "gpt_bigcode": (
+        T.GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=100),
+        "transformer.h.1.mlp",
+        "transformer.h.1.ln_2",
+    ),
 }
 
 
@@ -98,5 +160,8 @@ def test_hook_is_removed_cleanly():
 
 
 def test_capture_before_forward_is_an_error():
-    with FFNInputCapture(_model("gpt2")) as capture, pytest.raises(RuntimeError, match="No input was captured"):
+    with (
+        FFNInputCapture(_model("gpt2")) as capture,
+        pytest.raises(RuntimeError, match="No input was captured"),
+    ):
         capture.hidden_states(1)

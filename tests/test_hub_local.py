@@ -54,9 +54,7 @@ def test_tiny_shards_have_transformers_style_index(store, sharded_dir):
     index = json.loads((sharded_dir / "keys.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == len(store) * ROW_BYTES
     assert index["metadata"]["num_rows"] == len(store)
-    assert list(index["weight_map"].items())[:2] == [
-        ("keys[0:300]", keys[0]), ("keys[300:600]", keys[1])
-    ]
+    assert list(index["weight_map"].items())[:2] == [("keys[0:300]", keys[0]), ("keys[300:600]", keys[1])]
     values = read_shard_index(sharded_dir, "values", "values")
     last = f"values-{n_shards:05d}-of-{n_shards:05d}.safetensors"
     assert values[-1] == (last, (n_shards - 1) * 300, len(store))
@@ -113,8 +111,17 @@ def test_resave_to_one_shard_drops_index_json(sharded_dir, store, tmp_path):
 
 
 def test_build_with_tiny_shards(model, tokenizer, corpus_text, store, tmp_path):
-    built = Datastore.build(model, tokenizer, [corpus_text], tmp_path / "b", max_length=64, stride=32,
-                            batch_size=4, max_shard_size=1000 * ROW_BYTES, disable_progress=True)
+    built = Datastore.build(
+        model,
+        tokenizer,
+        [corpus_text],
+        tmp_path / "b",
+        max_length=64,
+        stride=32,
+        batch_size=4,
+        max_shard_size=1000 * ROW_BYTES,
+        disable_progress=True,
+    )
     assert (tmp_path / "b" / "keys.safetensors.index.json").is_file()
     assert len(Datastore.from_pretrained(tmp_path / "b").keys.shards) == -(-len(store) // 1000)
     _assert_same_search(store, built)
@@ -128,8 +135,18 @@ def _mapped_files() -> set[str]:
 @pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "IVF8,PQ8x4", "HNSW8"])
 def test_index_and_keys_are_memory_mapped(model, tokenizer, corpus_text, tmp_path, factory):
     folder = tmp_path / factory.replace(",", "_")
-    Datastore.build(model, tokenizer, [corpus_text[:6000]], folder, max_length=64, stride=32, batch_size=4,
-                    index_factory=factory, max_shard_size=400 * ROW_BYTES, disable_progress=True)
+    Datastore.build(
+        model,
+        tokenizer,
+        [corpus_text[:6000]],
+        folder,
+        max_length=64,
+        stride=32,
+        batch_size=4,
+        index_factory=factory,
+        max_shard_size=400 * ROW_BYTES,
+        disable_progress=True,
+    )
     store = Datastore.from_pretrained(folder)
     mapped = _mapped_files()
     assert str((folder / "index.faiss").resolve()) in mapped
@@ -163,8 +180,15 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", ["keys-00002-of-{n}.safetensors", "values-00001-of-{n}.safetensors",
-                                  "index.faiss", "keys.safetensors.index.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "keys-00002-of-{n}.safetensors",
+        "values-00001-of-{n}.safetensors",
+        "index.faiss",
+        "keys.safetensors.index.json",
+    ],
+)
 def test_modified_file_is_refused_by_name(sharded_dir, name, monkeypatch):
     n = len(list(sharded_dir.glob("keys-*.safetensors")))
     name = name.format(n=f"{n:05d}")
@@ -202,8 +226,12 @@ def test_model_card_of_a_built_store(store_dir, store):
 
 def test_model_card_metadata_and_perplexities(store):
     config = DatastoreConfig.from_dict(
-        {**store.config.to_dict(), "base_model": "openai-community/gpt2", "datasets": ["Salesforce/wikitext"],
-         "evaluation": {"base_ppl": 29.417, "knn_ppl": 25.0312, "num_tokens": 4096, "k": 1024}}
+        {
+            **store.config.to_dict(),
+            "base_model": "openai-community/gpt2",
+            "datasets": ["Salesforce/wikitext"],
+            "evaluation": {"base_ppl": 29.417, "knn_ppl": 25.0312, "num_tokens": 4096, "k": 1024},
+        }
     )
     card = datastore_card(config, repo_id="org/wikitext-gpt2-knn")
     assert card.data.base_model == "openai-community/gpt2"
@@ -270,8 +298,12 @@ def test_push_to_hub_is_one_commit_of_the_saved_files(store, hf_api, tmp_path):
     names = [name for name, _ in hf_api.calls]
     assert names == ["__init__", "create_repo", "file_exists", "upload_folder"]
     assert hf_api.calls[0][1] == {"token": "hf_x"}
-    assert hf_api.calls[1][1] == {"repo_id": "org/wikitext-gpt2-knn", "private": True, "exist_ok": True,
-                                  "repo_type": "model"}
+    assert hf_api.calls[1][1] == {
+        "repo_id": "org/wikitext-gpt2-knn",
+        "private": True,
+        "exist_ok": True,
+        "repo_type": "model",
+    }
     (upload,) = _uploads(hf_api)
     assert upload["repo_id"] == "org/wikitext-gpt2-knn"
     assert upload["commit_message"] == "Upload kNN-LM datastore"

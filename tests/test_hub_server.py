@@ -39,8 +39,12 @@ from hf_knnlm.hub import IntegrityError  # noqa: E402
 ORG = "hf-knnlm-test"
 LFS_SUFFIXES = (".safetensors", ".faiss")
 LFS_SPEC = "https://git-lfs.github.com/spec/v1"
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
 STARTUP_SECONDS = 60
 
 
@@ -56,8 +60,15 @@ def _git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def publish(mirrors: Path, name: str, folder: Path, *, skip: tuple[str, ...] = (), tag: str | None = None,
-            edit: dict[str, bytes] | None = None) -> str:
+def publish(
+    mirrors: Path,
+    name: str,
+    folder: Path,
+    *,
+    skip: tuple[str, ...] = (),
+    tag: str | None = None,
+    edit: dict[str, bytes] | None = None,
+) -> str:
     """Commit the files of ``folder`` as the new state of repo ``ORG/name``; return the commit sha.
 
     Files ending in ``LFS_SUFFIXES`` are committed as git-LFS pointers, their bytes stored under
@@ -105,7 +116,9 @@ def hub_server(tmp_path_factory):
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "olah.server", "--config", str(config), "--log-path", str(root / "logs")],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -143,9 +156,23 @@ def built(tmp_path_factory, model, tokenizer, corpus_text, other_text):
     stores = {}
     for name, text in [("a", corpus_text), ("b", other_text)]:
         (root / f"{name}.txt").write_text(text, encoding="utf-8")
-        args = ["build", "--model", str(root / "model"), "--data", str(root / f"{name}.txt"), "--output",
-                str(root / name), "--max-length", "64", "--stride", "32", "--batch-size", "4",
-                "--max-shard-size", "64KB"]
+        args = [
+            "build",
+            "--model",
+            str(root / "model"),
+            "--data",
+            str(root / f"{name}.txt"),
+            "--output",
+            str(root / name),
+            "--max-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+            "--max-shard-size",
+            "64KB",
+        ]
         assert cli_main(args) == 0
         stores[name] = root / name
     assert (stores["a"] / "keys.safetensors.index.json").is_file()
@@ -206,8 +233,11 @@ def test_built_store_round_trips_through_the_hub(hub, built, published, tmp_path
     local_a, local_b = Datastore.from_pretrained(built["a"]), Datastore.from_pretrained(built["b"])
     q = _queries(local_a)
     served_b = Datastore.from_pretrained(published["main_folder"])
-    cases = [("v1", local_a, local_a, published["v1"]), (published["v1"], local_a, local_a, published["v1"]),
-             (None, local_b, served_b, published["main"])]
+    cases = [
+        ("v1", local_a, local_a, published["v1"]),
+        (published["v1"], local_a, local_a, published["v1"]),
+        (None, local_b, served_b, published["main"]),
+    ]
     for revision, local, served, commit in cases:
         remote = Datastore.from_pretrained(f"{ORG}/knn", revision=revision)
         assert remote.folder.name == commit and remote.folder.parent.name == "snapshots"
@@ -231,21 +261,30 @@ def test_explicit_cache_dir_and_revision(hub, built, published, tmp_path):
 def test_knnlm_model_and_processor_accept_a_repo_id(hub, built, model, tokenizer):
     ids = tokenizer("The king sees the bridge. A knight follows", return_tensors="pt")["input_ids"]
     local = KNNLMForCausalLM.from_pretrained(model, datastore=built["a"], k=8)
-    remote = KNNLMForCausalLM.from_pretrained(model, datastore=f"{ORG}/knn", k=8,
-                                              datastore_kwargs={"revision": "v1"})
+    remote = KNNLMForCausalLM.from_pretrained(
+        model, datastore=f"{ORG}/knn", k=8, datastore_kwargs={"revision": "v1"}
+    )
     assert remote.config.datastore == f"{ORG}/knn"
     assert torch.equal(remote(ids).logits, local(ids).logits)
 
     # Base model and datastore both by repo id, as a user writes it.
-    by_ids = KNNLMForCausalLM.from_pretrained(f"{ORG}/tiny-gpt2", datastore=f"{ORG}/knn", k=8,
-                                              datastore_kwargs={"revision": "v1"})
+    by_ids = KNNLMForCausalLM.from_pretrained(
+        f"{ORG}/tiny-gpt2", datastore=f"{ORG}/knn", k=8, datastore_kwargs={"revision": "v1"}
+    )
     assert torch.equal(by_ids(ids).logits, local(ids).logits)
 
     outputs = []
     for datastore in (built["b"], f"{ORG}/knn"):  # main is store b
         with KNNProcessor(model, datastore, k=8, lmbda=0.5) as processor:
-            outputs.append(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=1,
-                                          logits_processor=LogitsProcessorList([processor])))
+            outputs.append(
+                model.generate(
+                    ids,
+                    max_new_tokens=6,
+                    do_sample=False,
+                    pad_token_id=1,
+                    logits_processor=LogitsProcessorList([processor]),
+                )
+            )
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -290,12 +329,23 @@ def test_environment_variables_in_a_fresh_process(hub_server, published, built, 
     (tmp_path / "queries.json").write_text(json.dumps(q.tolist()))
     expected = _search(local, q)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_DISABLE_TELEMETRY="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HUB_CACHE=str(tmp_path / "cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     results = []
     for extra in ({}, {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}"}):
-        child = subprocess.run([sys.executable, "-c", _CHILD, f"{ORG}/knn", "v1"], cwd=tmp_path,
-                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, f"{ORG}/knn", "v1"],
+            cwd=tmp_path,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert child.returncode == 0, child.stderr[-3000:]
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     for result in results:

@@ -64,8 +64,14 @@ def test_missing_neighbours_carry_no_mass():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"k": 0}, "k=0"), ({"k": -3}, "k=-3"), ({"lmbda": 1.5}, "lmbda=1.5"), ({"lmbda": -0.1}, "lmbda=-0.1"),
-     ({"temperature": 0}, "temperature=0"), ({"temperature": -1.0}, "temperature=-1.0")],
+    [
+        ({"k": 0}, "k=0"),
+        ({"k": -3}, "k=-3"),
+        ({"lmbda": 1.5}, "lmbda=1.5"),
+        ({"lmbda": -0.1}, "lmbda=-0.1"),
+        ({"temperature": 0}, "temperature=0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+    ],
 )
 def test_bad_settings_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -43,8 +43,14 @@ def test_read_index_is_memory_mapped(tmp_path, factory):
     faiss.write_index(index, str(path))
     package_dir = str(Path(index_module.__file__).parent)
     grown = {
-        flag: int(subprocess.run([sys.executable, "-c", _ANON_RSS_GROWTH, package_dir, str(path), flag],
-                                 capture_output=True, text=True, check=True).stdout)
+        flag: int(
+            subprocess.run(
+                [sys.executable, "-c", _ANON_RSS_GROWTH, package_dir, str(path), flag],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         for flag in ("1", "0")
     }
     size = path.stat().st_size
@@ -191,8 +197,17 @@ def test_one_search_per_forward_pass(store, model, tokenizer, other_text):
     wrapped(**ids)
     assert spy.calls == [int(ids["attention_mask"].sum())]  # every scored position, one search
     spy.calls.clear()
-    evaluate_perplexity(model, tokenizer, [other_text], store, max_length=64, stride=32, batch_size=4, k=8,
-                        disable_progress=True)
+    evaluate_perplexity(
+        model,
+        tokenizer,
+        [other_text],
+        store,
+        max_length=64,
+        stride=32,
+        batch_size=4,
+        k=8,
+        disable_progress=True,
+    )
     num_batches = len(spy.calls)
     tokens = len(tokenizer(other_text)["input_ids"])
     assert sum(spy.calls) == tokens - 1 and num_batches == -(-(1 + -(-(tokens - 64) // 32)) // 4)

@@ -3,7 +3,9 @@ import pytest
 from hf_knnlm.windows import count_windows, sliding_windows
 
 
-@pytest.mark.parametrize("n, max_length, stride", [(10, 4, 2), (11, 4, 3), (100, 16, 5), (3, 16, 5), (2, 4, 1), (64, 64, 32)])
+@pytest.mark.parametrize(
+    "n, max_length, stride", [(10, 4, 2), (11, 4, 3), (100, 16, 5), (3, 16, 5), (2, 4, 1), (64, 64, 32)]
+)
 def test_every_target_once_with_enough_context(n, max_length, stride):
     windows = list(sliding_windows(n, max_length, stride))
     targets = [t for w in windows for t in range(w.first_target, w.end)]
