@@ -90,10 +90,10 @@ def bench_build(
 def make_big_store(real, folder: Path, size: int, factory: str, noise: float, train_size: int):
     """Real keys plus perturbed copies (key + N(0, (noise * per-dim std)^2), same value), streamed."""
     from hf_knnlm import Datastore
-    from hf_knnlm.builder import KEYS_PREFIX, VALUES_PREFIX
     from hf_knnlm.config import CONFIG_NAME, DatastoreConfig
     from hf_knnlm.hub import file_hashes
     from hf_knnlm.index import INDEX_NAME, build_index, write_index
+    from hf_knnlm.shard_index import KEYS_PREFIX, VALUES_PREFIX
     from hf_knnlm.storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
     folder.mkdir(parents=True, exist_ok=True)

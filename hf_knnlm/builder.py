@@ -20,6 +20,7 @@ import torch
 from safetensors.numpy import save_file
 
 from . import __version__
+from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
@@ -28,7 +29,7 @@ from .hooks import find_ffn_module
 from .hub import atomic_write_json, file_hashes, temporary_path
 from .index import INDEX_NAME, build_index, write_index
 from .model_card import write_model_card
-from .shard_index import write_shard_index
+from .shard_index import KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 from .windows import check_window_args, sliding_windows
 
@@ -36,15 +37,7 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
 PROGRESS_NAME = "progress.json"
-KEYS_PREFIX, VALUES_PREFIX = "keys", "values"
 _INDEX_ADD_ROWS = 65536
-
-
-def model_vocab_size(model: torch.nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and hasattr(head, "weight"):
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
 
 
 def _build_fingerprint(tokens: np.ndarray, settings: dict) -> str:

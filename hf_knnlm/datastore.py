@@ -10,10 +10,11 @@ import faiss
 import numpy as np
 import torch
 
-from .builder import KEYS_PREFIX, VALUES_PREFIX, build_datastore, model_vocab_size, write_manifest
+from .builder import build_datastore, write_manifest
+from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
-from .corpus import CorpusLike, tokenizer_fingerprint
-from .hub import IntegrityError, push_folder, resolve_folder, temporary_path, verify_files
+from .corpus import CorpusLike
+from .hub import push_folder, resolve_folder, temporary_path, verify_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
@@ -26,8 +27,8 @@ from .index import (
     write_index,
 )
 from .model_card import write_model_card
-from .shard_index import INDEX_SUFFIX, read_shard_index
-from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+from .shard_index import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
+from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -365,37 +366,8 @@ class Datastore:
     # ----------------------------------------------------------------- compatibility
     def check_compatible(self, model: torch.nn.Module, tokenizer=None) -> None:
         """Raise ValueError if ``model`` (or ``tokenizer``) is not the kind that built this store."""
-        cfg = self.config
-        model_type = model.config.model_type
-        if model_type != cfg.model_type:
-            raise ValueError(
-                f"model_type mismatch: the datastore was built with a {cfg.model_type!r} model, "
-                f"this model is {model_type!r}. Use the base model {cfg.base_model or cfg.model_type!r} "
-                f"(or a fine-tune of it) or build a datastore with this model."
-            )
-        width = model.config.get_text_config().hidden_size
-        if width != cfg.hidden_size:
-            raise ValueError(
-                f"hidden size mismatch: datastore keys have dimension {cfg.hidden_size}, "
-                f"the model's hidden size is {width}. Build a datastore with this model."
-            )
-        vocab = model_vocab_size(model)
-        if vocab != cfg.vocab_size:
-            raise ValueError(
-                f"vocab size mismatch: datastore values index a vocabulary of {cfg.vocab_size}, "
-                f"the model has {vocab}. Use the model and tokenizer the datastore was built with "
-                f"({cfg.base_model!r})."
-            )
-        if tokenizer is not None and cfg.tokenizer_fingerprint:
-            fingerprint = tokenizer_fingerprint(tokenizer)
-            if fingerprint != cfg.tokenizer_fingerprint:
-                raise ValueError(
-                    f"tokenizer mismatch: fingerprint {fingerprint[:19]}... differs from the datastore's "
-                    f"{cfg.tokenizer_fingerprint[:19]}...; token ids would mean different words. Load the "
-                    f"tokenizer of {cfg.base_model!r}."
-                )
+        check_compatible(self.config, model, tokenizer)
 
-    # ----------------------------------------------------------------- re-indexing
     def rebuild_index(
         self,
         index_factory: str,
@@ -443,48 +415,3 @@ class Datastore:
             stale.unlink()
         write_manifest(out, config, key_files, value_files, bounds)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)
-
-
-def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:
-    """The shards of a store, ``[{"keys", "values", "start", "end"}]``, from its shard index jsons.
-
-    A single-shard store (or one saved before the index jsons existed) is described by
-    ``config.shards`` alone; when both exist they must agree.
-    """
-    keys = read_shard_index(folder, KEYS_PREFIX, "keys")
-    if keys is None:
-        return config.shards
-    values = read_shard_index(folder, VALUES_PREFIX, "values")
-    if values is None or [(s, e) for _, s, e in keys] != [(s, e) for _, s, e in values]:
-        raise IntegrityError(
-            f"{folder}: {KEYS_PREFIX}{INDEX_SUFFIX} and {VALUES_PREFIX}{INDEX_SUFFIX} describe different row "
-            f"ranges (or the latter is missing); re-download or re-save the datastore."
-        )
-    layout = [
-        {"keys": k, "values": v, "start": s, "end": e}
-        for (k, s, e), (v, _, _) in zip(keys, values, strict=True)
-    ]
-    if config.shards and config.shards != layout:
-        raise IntegrityError(
-            f"{folder}: the shards in {CONFIG_NAME} differ from {KEYS_PREFIX}{INDEX_SUFFIX}; re-download or "
-            f"re-save the datastore."
-        )
-    return layout
-
-
-_RECOMPUTE_ROWS = 1 << 16  # keys gathered per block: bounds the float32 copy to ~150 MB at d=576
-
-
-def exact_sq_distances(keys: ShardedArray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Squared L2 distances from each query ``[Q, d]`` to its stored fp16 keys ``ids`` ``[Q, k]``.
-
-    Keys are gathered from the memory-mapped shards a block of queries at a time, so RAM stays
-    bounded whatever ``Q * k``; the arithmetic is torch's (multithreaded) in float32.
-    """
-    out = np.empty(ids.shape, dtype=np.float32)
-    step = max(1, _RECOMPUTE_ROWS // max(ids.shape[1], 1))
-    for start in range(0, len(queries), step):
-        block = torch.from_numpy(keys.take(ids[start : start + step])).float()  # [b, k, d]
-        q = torch.from_numpy(queries[start : start + step]).unsqueeze(1)
-        out[start : start + step] = (block - q).square_().sum(-1).numpy()
-    return out

@@ -14,7 +14,10 @@ import os
 import re
 from pathlib import Path
 
+from .config import CONFIG_NAME, DatastoreConfig
 from .hub import IntegrityError, atomic_write_bytes
+
+KEYS_PREFIX, VALUES_PREFIX = "keys", "values"
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _SLICE = re.compile(r"(?P<tensor>[A-Za-z_][\w.]*)\[(?P<start>\d+):(?P<end>\d+)\]")
@@ -98,3 +101,30 @@ def read_shard_index(
     if expected_start != num_rows:
         raise bad(f"covers {expected_start} rows but metadata.num_rows is {num_rows}")
     return shards
+
+
+def shard_layout(folder: Path, config: DatastoreConfig) -> list[dict]:
+    """The shards of a store, ``[{"keys", "values", "start", "end"}]``, from its shard index jsons.
+
+    A single-shard store (or one saved before the index jsons existed) is described by
+    ``config.shards`` alone; when both exist they must agree.
+    """
+    keys = read_shard_index(folder, KEYS_PREFIX, "keys")
+    if keys is None:
+        return config.shards
+    values = read_shard_index(folder, VALUES_PREFIX, "values")
+    if values is None or [(s, e) for _, s, e in keys] != [(s, e) for _, s, e in values]:
+        raise IntegrityError(
+            f"{folder}: {KEYS_PREFIX}{INDEX_SUFFIX} and {VALUES_PREFIX}{INDEX_SUFFIX} describe different row "
+            f"ranges (or the latter is missing); re-download or re-save the datastore."
+        )
+    layout = [
+        {"keys": k, "values": v, "start": s, "end": e}
+        for (k, s, e), (v, _, _) in zip(keys, values, strict=True)
+    ]
+    if config.shards and config.shards != layout:
+        raise IntegrityError(
+            f"{folder}: the shards in {CONFIG_NAME} differ from {KEYS_PREFIX}{INDEX_SUFFIX}; re-download or "
+            f"re-save the datastore."
+        )
+    return layout

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import safe_open
 
 _DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32), "int32": ("I32", np.int32)}
@@ -195,3 +196,21 @@ class ShardedArray:
             if len(self.shards) > 1
             else np.asarray(self.shards[0])
         )
+
+
+_RECOMPUTE_ROWS = 1 << 16  # keys gathered per block: bounds the float32 copy to ~150 MB at d=576
+
+
+def exact_sq_distances(keys: ShardedArray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Squared L2 distances from each query ``[Q, d]`` to its stored fp16 keys ``ids`` ``[Q, k]``.
+
+    Keys are gathered from the memory-mapped shards a block of queries at a time, so RAM stays
+    bounded whatever ``Q * k``; the arithmetic is torch's (multithreaded) in float32.
+    """
+    out = np.empty(ids.shape, dtype=np.float32)
+    step = max(1, _RECOMPUTE_ROWS // max(ids.shape[1], 1))
+    for start in range(0, len(queries), step):
+        block = torch.from_numpy(keys.take(ids[start : start + step])).float()  # [b, k, d]
+        q = torch.from_numpy(queries[start : start + step]).unsqueeze(1)
+        out[start : start + step] = (block - q).square_().sum(-1).numpy()
+    return out

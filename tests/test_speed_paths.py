@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, evaluate_perplexity
-from hf_knnlm import datastore as datastore_module
 from hf_knnlm import index as index_module
+from hf_knnlm import storage as storage_module
 from hf_knnlm.index import configure_threads, index_to_gpus, read_index
 
 # ----------------------------------------------------------------- memory-mapped reads
@@ -170,11 +170,11 @@ def test_configure_threads(monkeypatch):
 
 # ----------------------------------------------------------------- recompute and batched search
 def test_exact_distances_blocked_equal_reference(store, monkeypatch):
-    monkeypatch.setattr(datastore_module, "_RECOMPUTE_ROWS", 20)  # several blocks of 2 queries
+    monkeypatch.setattr(storage_module, "_RECOMPUTE_ROWS", 20)  # several blocks of 2 queries
     rng = np.random.default_rng(0)
     queries = rng.standard_normal((9, store.hidden_size)).astype(np.float32)
     ids = rng.integers(0, len(store), size=(9, 10))
-    got = datastore_module.exact_sq_distances(store.keys, queries, ids)
+    got = storage_module.exact_sq_distances(store.keys, queries, ids)
     keys = store.keys.to_numpy().astype(np.float64)[ids]
     np.testing.assert_allclose(got, ((keys - queries[:, None, :]) ** 2).sum(-1), rtol=1e-5)
 
