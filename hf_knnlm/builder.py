@@ -229,7 +229,7 @@ def build_datastore(
         index_factory=index_factory,
         max_length=max_length,
         stride=stride,
-        datasets=[corpus_name(data, text_column)],
+        datasets=[corpus_name(data)],
     )
     settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
     fingerprint = _build_fingerprint(tokens, settings)

@@ -32,8 +32,8 @@ def _file_pieces(path: Path) -> Iterator[str]:
         yield "".join(piece)
 
 
-def iter_documents(data: CorpusLike, text_column: str = "text") -> tuple[list[str] | Iterator[str], str]:
-    """Return the documents and a short name of the corpus (for the model card)."""
+def iter_documents(data: CorpusLike, text_column: str = "text") -> list[str] | Iterator[str]:
+    """The documents of ``data``: a text file's pieces, a dataset column's rows, or the strings."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
@@ -41,17 +41,16 @@ def iter_documents(data: CorpusLike, text_column: str = "text") -> tuple[list[st
                 f"data={str(data)!r} is not a file. Pass a list of strings, the path of a UTF-8 text file, "
                 f"or a datasets.Dataset."
             )
-        return _file_pieces(path), path.name
+        return _file_pieces(path)
     if hasattr(data, "column_names"):  # datasets.Dataset
         if text_column not in data.column_names:
             raise ValueError(
                 f"text_column={text_column!r} is not a column of the dataset {data.column_names}; "
                 f"pass text_column='<name of the text column>'."
             )
-        name = getattr(getattr(data, "info", None), "dataset_name", None) or "dataset"
-        return (row for row in data[text_column]), name
+        return (row for row in data[text_column])
     if isinstance(data, Sequence) and all(isinstance(d, str) for d in data):
-        return list(data), "texts"
+        return list(data)
     raise ValueError(
         f"data of type {type(data).__name__} is not a list of strings, a text file or a Dataset."
     )
@@ -65,7 +64,7 @@ def tokenize_corpus(
     Documents are joined by ``separator`` (as the transformers perplexity guide joins WikiText
     lines); a text file is one document.
     """
-    docs, _ = iter_documents(data, text_column)
+    docs = iter_documents(data, text_column)
     is_file = isinstance(data, (str, os.PathLike))
     pieces: list[np.ndarray] = []
     batch: list[str] = []
@@ -94,8 +93,13 @@ def tokenize_corpus(
     return tokens
 
 
-def corpus_name(data: CorpusLike, text_column: str = "text") -> str:
-    return iter_documents(data, text_column)[1]
+def corpus_name(data: CorpusLike) -> str:
+    """A short name of the corpus for the model card; reads no text."""
+    if isinstance(data, (str, os.PathLike)):
+        return Path(data).name
+    if hasattr(data, "column_names"):
+        return getattr(getattr(data, "info", None), "dataset_name", None) or "dataset"
+    return "texts"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -15,8 +15,6 @@ from .forward import iter_window_batches
 from .knn import KNNSettings, interpolate, knn_target_log_probs
 from .windows import sliding_windows
 
-_SEARCH_CHUNK_BYTES = 256 * 2**20
-
 
 @dataclass
 class ScoredBatch:
@@ -26,6 +24,21 @@ class ScoredBatch:
     targets: torch.Tensor  # [n]
     distances: torch.Tensor | None  # [n, k]
     neighbour_tokens: torch.Tensor | None  # [n, k]
+
+
+def scored_tokens(
+    model: torch.nn.Module,
+    tokenizer,
+    data: CorpusLike,
+    datastore: Datastore | None,
+    text_column: str = "text",
+    max_tokens: int | None = None,
+) -> np.ndarray:
+    """The token stream to score, after checking that ``datastore`` fits ``model`` and ``tokenizer``."""
+    if datastore is not None:
+        datastore.check_compatible(model, tokenizer)
+    tokens = tokenize_corpus(tokenizer, data, text_column)
+    return tokens if max_tokens is None else tokens[:max_tokens]
 
 
 def iter_scored_batches(
@@ -56,28 +69,13 @@ def iter_scored_batches(
     ):
         distances = neighbour_tokens = None
         if datastore is not None:
-            distances, neighbour_tokens = search_in_chunks(datastore, batch.hidden, k, recompute_dists)
+            distances, neighbour_tokens = datastore.search(batch.hidden, k, recompute_dists)
         yield ScoredBatch(
             batch.lm_log_probs.float().cpu(),
             batch.targets.cpu(),
             None if distances is None else distances.cpu(),
             None if neighbour_tokens is None else neighbour_tokens.cpu(),
         )
-
-
-def search_in_chunks(
-    datastore: Datastore, queries: torch.Tensor, k: int, recompute_dists: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``datastore.search`` over row chunks, so that exact recompute (which gathers a float32
-    ``[rows, k, hidden]`` block of keys) stays within ~256 MB per chunk."""
-    row_bytes = k * datastore.hidden_size * 4 if recompute_dists else k * 12
-    rows = max(1, _SEARCH_CHUNK_BYTES // row_bytes)
-    if len(queries) <= rows:
-        return datastore.search(queries, k, recompute_dists)
-    parts = [
-        datastore.search(queries[i : i + rows], k, recompute_dists) for i in range(0, len(queries), rows)
-    ]
-    return torch.cat([d for d, _ in parts]), torch.cat([t for _, t in parts])
 
 
 def mixed_target_log_probs(
@@ -115,12 +113,9 @@ def evaluate_perplexity(
         `dict` with ``base_ppl``, ``knn_ppl`` (None without a datastore) and ``num_tokens``.
     """
     settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     if datastore is not None:
-        datastore.check_compatible(model, tokenizer)
         settings.k = datastore.clamp_k(k)
-    tokens = tokenize_corpus(tokenizer, data, text_column)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
     base_nll = knn_nll = 0.0
     count = 0
     for batch in iter_scored_batches(
@@ -157,7 +152,7 @@ class ScoredQueries:
     def search(self, datastore: Datastore, k: int, recompute_dists: bool = False) -> ScoredBatch:
         """Neighbours of every stored query: a :class:`ScoredBatch` covering the whole text."""
         k = datastore.clamp_k(k)
-        distances, tokens = search_in_chunks(datastore, self.queries, k, recompute_dists)
+        distances, tokens = datastore.search(self.queries, k, recompute_dists)
         return ScoredBatch(self.lm_log_probs, self.targets, distances, tokens.to(torch.int32))
 
 
@@ -179,10 +174,7 @@ def collect_queries(
 
     ``datastore`` only says which FFN module to hook and is checked for compatibility.
     """
-    datastore.check_compatible(model, tokenizer)
-    tokens = tokenize_corpus(tokenizer, data, text_column)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     windows = list(sliding_windows(len(tokens), max_length, stride))
     log_probs, targets, queries = [], [], []
     model.eval()

@@ -8,18 +8,20 @@ import json
 from .tuning import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from err
+def _number_list(cast: type, what: str):
+    """An argparse type for comma-separated numbers, e.g. ``--lmbdas 0.1,0.25``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [cast(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from err
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from err
+_floats = _number_list(float, "numbers")
+_ints = _number_list(int, "integers")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

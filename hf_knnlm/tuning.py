@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import CorpusLike, tokenize_corpus
+from .corpus import CorpusLike
 from .datastore import Datastore
-from .evaluation import ScoredBatch, iter_scored_batches
+from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
 from .hub import atomic_write_json, temporary_path
 from .knn import check_knn_args, interpolate, knn_target_log_probs
 
@@ -76,16 +76,13 @@ def build_tuning_cache(
             to this size: only the first ``max_cache_bytes // (8 k)`` targets are scored (with a warning).
         Other arguments are those of :func:`~hf_knnlm.evaluate_perplexity`.
     """
-    datastore.check_compatible(model, tokenizer)
     k = datastore.clamp_k(k)
     max_targets = max_cache_bytes // (8 * k)
     if max_targets < 1:
         raise ValueError(
             f"max_cache_bytes={max_cache_bytes} cannot hold one token's {k} neighbours ({8 * k} bytes)."
         )
-    tokens = tokenize_corpus(tokenizer, data, text_column)
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     if len(tokens) - 1 > max_targets:
         logger.warning(
             "the tuning cache would take %d MB (%d tokens x k=%d x 8 bytes); scoring only the first %d "

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm import evaluation as evaluation_module
-from hf_knnlm.evaluation import collect_queries, search_in_chunks
+from hf_knnlm.evaluation import collect_queries
 from hf_knnlm.knn import interpolate, knn_target_log_probs
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
@@ -89,12 +88,14 @@ def test_flat_ivf_and_recompute_are_selectable(model, tokenizer, other_text, sto
     assert abs(approx - flat_all) > 1e-4 * flat_all  # PQ distances really are approximate
 
 
-def test_search_in_chunks_equals_one_search(store, monkeypatch):
+def test_blocked_exact_recompute_equals_one_search(store, monkeypatch):
+    from hf_knnlm import storage
+
     queries = torch.from_numpy(store.keys.take(list(range(0, 200, 3))).astype("float32")) + 0.01
     for recompute in (False, True):
         d1, t1 = store.search(queries, 8, recompute)
-        monkeypatch.setattr(evaluation_module, "_SEARCH_CHUNK_BYTES", 8 * 12 * 5)
-        d2, t2 = search_in_chunks(store, queries, 8, recompute)
+        monkeypatch.setattr(storage, "_RECOMPUTE_ROWS", 8 * 5)  # blocks of 5 queries
+        d2, t2 = store.search(queries, 8, recompute)
         monkeypatch.undo()
         assert torch.equal(d1, d2) and torch.equal(t1, t2)
 
