@@ -19,8 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from hf_knnlm.hub import sha256_file
-from hf_knnlm.index import read_index
+from hf_knnlm.datastore.index import read_index
+from hf_knnlm.files import sha256_file
 
 
 def rss_mib() -> float:

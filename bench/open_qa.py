@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hf_knnlm.hub import atomic_write_json
+from hf_knnlm.files import atomic_write_json
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA
 from hf_knnlm.open_qa.evaluation import evaluate_gold, evaluate_open, retrieval_recall
 from hf_knnlm.open_qa.squad import load_squad_open

@@ -90,11 +90,11 @@ def bench_build(
 def make_big_store(real, folder: Path, size: int, factory: str, noise: float, train_size: int):
     """Real keys plus perturbed copies (key + N(0, (noise * per-dim std)^2), same value), streamed."""
     from hf_knnlm import Datastore
-    from hf_knnlm.config import CONFIG_NAME, DatastoreConfig
-    from hf_knnlm.hub import file_hashes
-    from hf_knnlm.index import INDEX_NAME, build_index, write_index
-    from hf_knnlm.shard_index import KEYS_PREFIX, VALUES_PREFIX
-    from hf_knnlm.storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+    from hf_knnlm.datastore.config import CONFIG_NAME, DatastoreConfig
+    from hf_knnlm.datastore.index import INDEX_NAME, build_index, write_index
+    from hf_knnlm.datastore.shards import KEYS_PREFIX, VALUES_PREFIX
+    from hf_knnlm.datastore.storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+    from hf_knnlm.files import file_hashes
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = real.keys.to_numpy().astype(np.float32)
@@ -227,7 +227,7 @@ def bench_generate(model, tokenizer, prompt: str, store, k: int, new_tokens: int
 _CHILD_PREAMBLE = """
 import json, re, resource, sys, time, types
 import numpy as np
-package = types.ModuleType("hf_knnlm")  # only hf_knnlm.index/storage/hub: no torch in the RSS
+package = types.ModuleType("hf_knnlm")  # datastore.index/storage + files only: no transformers
 package.__path__ = [sys.argv[1]]
 sys.modules["hf_knnlm"] = package
 def rss(field):
@@ -245,8 +245,8 @@ _BUILD_CHILD = (
     _CHILD_PREAMBLE
     + """
 import faiss
-from hf_knnlm.index import build_index, write_index
-from hf_knnlm.storage import ShardedArray, StreamingSafetensorsWriter, open_memmap
+from hf_knnlm.datastore.index import build_index, write_index
+from hf_knnlm.datastore.storage import ShardedArray, StreamingSafetensorsWriter, open_memmap
 folder, factory = sys.argv[2], sys.argv[5]
 n, dim, train = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[6])
 rng = np.random.default_rng(0)
@@ -271,7 +271,7 @@ _SEARCH_CHILD = (
     _CHILD_PREAMBLE
     + """
 import faiss
-from hf_knnlm.index import read_index, set_nprobe
+from hf_knnlm.datastore.index import read_index, set_nprobe
 path, dim, nprobe, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 faiss.omp_set_num_threads(int(sys.argv[6]))
 base_rss = rss("VmRSS")
@@ -371,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from hf_knnlm.index import configure_threads
+    from hf_knnlm.datastore.index import configure_threads
 
     args.faiss_threads, torch_threads = configure_threads(args.faiss_threads)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="knnlm-speed-", dir="/tmp"))
@@ -412,7 +412,7 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
     """P3, then P2 and P4 on the store grown from P3's real keys (the only parts that run the model)."""
     import torch
 
-    from hf_knnlm.demo import GGUF_FILE, _package_dir
+    from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
     from hf_knnlm.loading import load_model_and_tokenizer
 
     _log("loading SmolLM2-135M-Instruct (GGUF)")

@@ -1,15 +1,13 @@
 """hf_knnlm: retrieval-augmented language models (kNN-LM, REALM open-QA) for transformers."""
 
-__version__ = "0.1.0"
-
-from .config import DatastoreConfig  # noqa: E402
-from .datastore import Datastore  # noqa: E402
-from .evaluation import evaluate_perplexity  # noqa: E402
-from .hooks import FFNInputCapture, find_ffn_module  # noqa: E402
-from .knn import KNNSettings, interpolate, knn_log_probs  # noqa: E402
-from .logits_process import KNNProcessor  # noqa: E402
-from .modeling_knnlm import KNNLMConfig, KNNLMForCausalLM  # noqa: E402
-from .open_qa import (  # noqa: E402  (also registers RealmConfig/RealmForOpenQA with the Auto classes)
+from ._version import __version__
+from .datastore import Datastore, DatastoreConfig
+from .files import IntegrityError
+from .hooks import FFNInputCapture, find_ffn_module
+from .knn import KNNSettings, interpolate, knn_log_probs
+from .logits_process import KNNProcessor
+from .modeling_knnlm import KNNLMConfig, KNNLMForCausalLM
+from .open_qa import (  # importing it registers RealmConfig/RealmForOpenQA with the Auto classes
     DocumentIndex,
     IndexRefreshCallback,
     RealmConfig,
@@ -18,9 +16,10 @@ from .open_qa import (  # noqa: E402  (also registers RealmConfig/RealmForOpenQA
     RealmOpenQAOutput,
     train_realm,
 )
-from .tuning import tune  # noqa: E402
+from .scoring import evaluate_perplexity, tune
 
 __all__ = [
+    "__version__",
     "Datastore",
     "DatastoreConfig",
     "DocumentIndex",
@@ -31,6 +30,7 @@ __all__ = [
     "RealmOpenQAOutput",
     "train_realm",
     "FFNInputCapture",
+    "IntegrityError",
     "KNNLMConfig",
     "KNNLMForCausalLM",
     "KNNProcessor",

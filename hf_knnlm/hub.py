@@ -1,77 +1,16 @@
-"""Hub and filesystem plumbing shared by every saveable object (datastores, document indexes).
+"""The Hub side of every saveable object (datastores, document indexes).
 
 Local path first, then the Hub (``snapshot_download``); pushes are a save into a temporary folder
-plus one ``upload_folder`` commit; every file is checked against the sha256 recorded at save time
-before faiss or safetensors touch it.
+plus one ``upload_folder`` commit. Integrity checks live in :mod:`hf_knnlm.files`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-_CHUNK = 1 << 20
-
-
-class IntegrityError(ValueError):
-    """A file of a saved object is missing, truncated or was modified after it was written."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def temporary_path(path: str | os.PathLike) -> Path:
-    """A sibling name to write to before ``os.replace``-ing onto ``path``."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def file_hashes(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, str]:
-    folder = Path(folder)
-    return {name: sha256_file(folder / name) for name in sorted(names)}
-
-
-def verify_files(folder: str | os.PathLike, expected: dict[str, str], what: str = "datastore") -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or whose sha256 differs."""
-    folder = Path(folder)
-    for name, digest in sorted(expected.items()):
-        path = folder / name
-        if not path.is_file():
-            raise IntegrityError(
-                f"{what} file '{name}' is missing from {folder}. Re-download or re-save the {what}."
-            )
-        actual = sha256_file(path)
-        if actual != digest:
-            raise IntegrityError(
-                f"{what} file '{name}' in {folder} has sha256 {actual[:16]}..., expected {digest[:16]}... "
-                f"as recorded at save time: the file is truncated or was modified. Re-download it "
-                f"(force_download=True) or rebuild the {what}."
-            )
 
 
 def resolve_folder(

@@ -8,7 +8,7 @@ import os
 import torch
 from transformers import LogitsProcessor
 
-from .datastore import Datastore
+from .datastore.datastore import Datastore
 from .hooks import FFNInputCapture
 from .knn import KNNSettings, interpolate, knn_log_probs
 

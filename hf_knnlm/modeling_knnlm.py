@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .datastore import Datastore
+from .datastore.datastore import Datastore
 from .hooks import FFNInputCapture
 from .knn import KNNSettings
 from .logits_process import KNNProcessor, load_datastore, mix_with_datastore

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hf_knnlm import Datastore
-from hf_knnlm.cli import main
+from hf_knnlm.commands import main
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_knnlm import Datastore, FFNInputCapture
-from hf_knnlm.builder import _Progress
-from hf_knnlm.hub import IntegrityError
+from hf_knnlm import Datastore, FFNInputCapture, IntegrityError
+from hf_knnlm.datastore.builder import _Progress
 
 from .conftest import tiny_gpt2
 

@@ -13,7 +13,7 @@ import pytest
 from accelerate import PartialState
 
 from hf_knnlm import Datastore
-from hf_knnlm.distributed import window_range
+from hf_knnlm.datastore.distributed import window_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
         "--main_process_port",
         "29517",
         "-m",
-        "hf_knnlm.cli",
+        "hf_knnlm",
         "build",
         "--model",
         str(model_dir),
@@ -98,7 +98,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork-free check of the rank folder layout only")
 def test_rank_progresses_single_process_layout(tmp_path):
-    from hf_knnlm.builder import _rank_progresses
+    from hf_knnlm.datastore.builder import _rank_progresses
 
     state = type("S", (), {"num_processes": 1, "process_index": 0})()
     (progress,) = _rank_progresses(tmp_path / ".partial", "fp", 5, state)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm.evaluation import collect_queries
 from hf_knnlm.knn import interpolate, knn_target_log_probs
+from hf_knnlm.scoring.evaluation import collect_queries
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
 
@@ -89,7 +89,7 @@ def test_flat_ivf_and_recompute_are_selectable(model, tokenizer, other_text, sto
 
 
 def test_blocked_exact_recompute_equals_one_search(store, monkeypatch):
-    from hf_knnlm import storage
+    from hf_knnlm.datastore import storage
 
     queries = torch.from_numpy(store.keys.take(list(range(0, 200, 3))).astype("float32")) + 0.01
     for recompute in (False, True):

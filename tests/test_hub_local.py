@@ -12,11 +12,10 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from hf_knnlm import Datastore, DatastoreConfig
-from hf_knnlm.cli import main as cli_main
-from hf_knnlm.hub import IntegrityError
-from hf_knnlm.model_card import datastore_card
-from hf_knnlm.shard_index import read_shard_index
+from hf_knnlm import Datastore, DatastoreConfig, IntegrityError
+from hf_knnlm.commands import main as cli_main
+from hf_knnlm.datastore.card import datastore_card
+from hf_knnlm.datastore.shards import read_shard_index
 
 ROW_BYTES = 32 * 2  # tiny_gpt2 keys: 32 float16 values
 
@@ -194,8 +193,12 @@ def test_modified_file_is_refused_by_name(sharded_dir, name, monkeypatch):
     name = name.format(n=f"{n:05d}")
     _corrupt(sharded_dir / name)
     # Nothing may be read before the check: faiss and safetensors would fail on their own otherwise.
-    monkeypatch.setattr("hf_knnlm.datastore.read_index", lambda *a, **k: pytest.fail("faiss read first"))
-    monkeypatch.setattr("hf_knnlm.datastore.open_memmap", lambda *a, **k: pytest.fail("tensors read first"))
+    monkeypatch.setattr(
+        "hf_knnlm.datastore.datastore.read_index", lambda *a, **k: pytest.fail("faiss read first")
+    )
+    monkeypatch.setattr(
+        "hf_knnlm.datastore.datastore.open_memmap", lambda *a, **k: pytest.fail("tensors read first")
+    )
     with pytest.raises(IntegrityError, match=f"'{name}'.*sha256"):
         Datastore.from_pretrained(sharded_dir)
 

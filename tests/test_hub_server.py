@@ -32,9 +32,13 @@ from huggingface_hub import constants  # noqa: E402
 from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
-from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor  # noqa: E402
-from hf_knnlm.cli import main as cli_main  # noqa: E402
-from hf_knnlm.hub import IntegrityError  # noqa: E402
+from hf_knnlm import (  # noqa: E402
+    Datastore,
+    IntegrityError,  # noqa: E402
+    KNNLMForCausalLM,
+    KNNProcessor,
+)
+from hf_knnlm.commands import main as cli_main  # noqa: E402
 
 ORG = "hf-knnlm-test"
 LFS_SUFFIXES = (".safetensors", ".faiss")

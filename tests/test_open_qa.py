@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
-from hf_knnlm.hub import IntegrityError
+from hf_knnlm import IntegrityError
 from hf_knnlm.open_qa import (
     DocumentIndex,
     IndexRefreshCallback,

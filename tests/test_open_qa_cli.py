@@ -8,8 +8,8 @@ import json
 import torch
 from transformers import BertConfig, BertModel
 
+from hf_knnlm.commands.qa import register
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA
-from hf_knnlm.open_qa.cli import register
 
 GOLD = ["paris", "berlin", "rome", "vienna"]
 

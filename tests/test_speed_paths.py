@@ -12,17 +12,17 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, evaluate_perplexity
-from hf_knnlm import index as index_module
-from hf_knnlm import storage as storage_module
-from hf_knnlm.index import configure_threads, index_to_gpus, read_index
+from hf_knnlm.datastore import index as index_module
+from hf_knnlm.datastore import storage as storage_module
+from hf_knnlm.datastore.index import configure_threads, index_to_gpus, read_index
 
 # ----------------------------------------------------------------- memory-mapped reads
 _ANON_RSS_GROWTH = """
 import re, sys, types
-package = types.ModuleType("hf_knnlm")  # import only hf_knnlm.index (and .hub), not transformers
+package = types.ModuleType("hf_knnlm")  # import only hf_knnlm.datastore.index (and .files), not transformers
 package.__path__ = [sys.argv[1]]
 sys.modules["hf_knnlm"] = package
-from hf_knnlm.index import read_index
+from hf_knnlm.datastore.index import read_index
 def anon():
     return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 before = anon()
@@ -41,7 +41,7 @@ def test_read_index_is_memory_mapped(tmp_path, factory):
     index.add(x)
     path = tmp_path / "index.faiss"
     faiss.write_index(index, str(path))
-    package_dir = str(Path(index_module.__file__).parent)
+    package_dir = str(Path(index_module.__file__).parents[1])
     grown = {
         flag: int(
             subprocess.run(
@@ -214,9 +214,10 @@ def test_one_search_per_forward_pass(store, model, tokenizer, other_text):
 
 
 def test_cli_gpu_flag_reaches_the_datastore(store_dir, fake_gpus):
-    from hf_knnlm.cli import _load_datastore, build_parser
+    from hf_knnlm.commands import build_parser
+    from hf_knnlm.commands._common import load_datastore
 
     argv = ["evaluate", "--model", "m", "--data", "x", "--datastore", str(store_dir), "--gpu", "shard"]
     args = build_parser().parse_args(argv)
-    store = _load_datastore(args)
+    store = load_datastore(args)
     assert store.on_gpu and fake_gpus[-1].options["shard"] is True

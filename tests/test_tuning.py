@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm.cli import main
-from hf_knnlm.config import CONFIG_NAME
-from hf_knnlm.evaluation import collect_queries
-from hf_knnlm.tuning import (
+from hf_knnlm.commands import main
+from hf_knnlm.datastore.config import CONFIG_NAME
+from hf_knnlm.scoring.evaluation import collect_queries
+from hf_knnlm.scoring.tuning import (
     PLOT_NAME,
     RESULTS_NAME,
     build_tuning_cache,

@@ -21,15 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..hub import (
-    atomic_write_bytes,
-    atomic_write_json,
-    file_hashes,
-    push_folder,
-    resolve_folder,
-    temporary_path,
-    verify_files,
-)
+from ..files import atomic_path, atomic_write_bytes, atomic_write_json, file_hashes, verify_files
+from ..hub import push_folder, resolve_folder
 
 CONFIG_NAME = "document_index.json"
 DOCUMENTS_NAME = "documents.jsonl"
@@ -266,12 +259,10 @@ class DocumentIndex:
         atomic_write_bytes(folder / DOCUMENTS_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
         with self._lock:
             embeddings, faiss_index = self._embeddings, self._faiss
-        tmp = temporary_path(folder / EMBEDDINGS_NAME)
-        save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, folder / EMBEDDINGS_NAME)
-        tmp = temporary_path(folder / FAISS_NAME)
-        _faiss().write_index(faiss_index, str(tmp))
-        os.replace(tmp, folder / FAISS_NAME)
+        with atomic_path(folder / EMBEDDINGS_NAME) as tmp:
+            save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
+        with atomic_path(folder / FAISS_NAME) as tmp:
+            _faiss().write_index(faiss_index, str(tmp))
         names = [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
         config = {
             "format": FORMAT,

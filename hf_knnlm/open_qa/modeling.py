@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..hub import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .configuration import RealmConfig
 
 if TYPE_CHECKING:

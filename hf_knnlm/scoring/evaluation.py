@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .corpus import CorpusLike, tokenize_corpus
-from .datastore import Datastore
-from .forward import iter_window_batches
-from .knn import KNNSettings, interpolate, knn_target_log_probs
-from .windows import sliding_windows
+from ..corpus import CorpusLike, tokenize_corpus
+from ..datastore.datastore import Datastore
+from ..forward import iter_window_batches
+from ..knn import KNNSettings, interpolate, knn_target_log_probs
+from ..windows import sliding_windows
 
 
 @dataclass

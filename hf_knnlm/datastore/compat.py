@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..corpus import tokenizer_fingerprint
 from .config import DatastoreConfig
-from .corpus import tokenizer_fingerprint
 
 
 def model_vocab_size(model: torch.nn.Module) -> int:

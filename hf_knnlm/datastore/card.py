@@ -14,11 +14,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..files import atomic_write_bytes
 from .config import DatastoreConfig
-from .hub import atomic_write_bytes
 
 CARD_NAME = "README.md"
-TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "datastore.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "datastore.md"
 TAGS = ["knn-lm", "retrieval", "hf_knnlm"]
 PLACEHOLDER_REPO_ID = "path/to/this/datastore"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import datasets
 
-from ..hub import atomic_write_json
+from ..files import atomic_write_json
 
 
 def _articles(text: str | None) -> slice | None:
@@ -35,14 +35,14 @@ def _read_jsonl(path: Path) -> datasets.Dataset:
 
 
 def load_documents(path: str) -> datasets.Dataset:
-    from .squad import load_squad_open
+    from ..open_qa import load_squad_open
 
     path = Path(path)
     return load_squad_open(path)[0] if path.suffix == ".json" else _read_jsonl(path)
 
 
 def load_questions(path: str, articles: str | None = None) -> datasets.Dataset:
-    from .squad import load_squad_open
+    from ..open_qa import load_squad_open
 
     path = Path(path)
     if path.suffix == ".json":
@@ -68,9 +68,7 @@ def qa_train(args: argparse.Namespace) -> int:
     """``hf-knnlm qa-train``: returns exit status 0; the summary goes to stdout and train_summary.json."""
     from transformers import AutoTokenizer, set_seed
 
-    from .document_index import DocumentIndex
-    from .modeling import RealmForOpenQA
-    from .training import train_realm
+    from ..open_qa import DocumentIndex, RealmForOpenQA, train_realm
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.encoder)
@@ -134,9 +132,7 @@ def qa_eval(args: argparse.Namespace) -> int:
     """``hf-knnlm qa-eval``: returns the exit status 0 (the results go to stdout and ``--results``)."""
     from transformers import AutoTokenizer
 
-    from .document_index import DocumentIndex
-    from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
-    from .modeling import RealmForOpenQA
+    from ..open_qa import DocumentIndex, RealmForOpenQA, evaluate_gold, evaluate_open, retrieval_recall
 
     model = RealmForOpenQA.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)

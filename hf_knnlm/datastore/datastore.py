@@ -10,11 +10,13 @@ import faiss
 import numpy as np
 import torch
 
+from ..corpus import CorpusLike
+from ..files import verify_files
+from ..hub import push_folder, resolve_folder
 from .builder import build_datastore, write_manifest
+from .card import write_model_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
-from .corpus import CorpusLike
-from .hub import push_folder, resolve_folder, temporary_path, verify_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
@@ -26,8 +28,7 @@ from .index import (
     set_nprobe,
     write_index,
 )
-from .model_card import write_model_card
-from .shard_index import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
+from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds, write_sharded
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,7 @@ class Datastore:
         value_files = write_sharded(
             out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
         )
-        tmp = temporary_path(out / INDEX_NAME)
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, out / INDEX_NAME)
+        write_index(self.index, out / INDEX_NAME)
         for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a re-save with one shard has no index json
             stale.unlink()
         write_manifest(out, config, key_files, value_files, bounds)

@@ -19,19 +19,19 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from . import __version__
+from .._version import __version__
+from ..corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
+from ..files import atomic_path, atomic_write_json, file_hashes
+from ..forward import iter_window_batches
+from ..hooks import find_ffn_module
+from ..windows import check_window_args, sliding_windows
+from .card import write_model_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
-from .corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
-from .forward import iter_window_batches
-from .hooks import find_ffn_module
-from .hub import atomic_write_json, file_hashes, temporary_path
 from .index import INDEX_NAME, build_index, write_index
-from .model_card import write_model_card
-from .shard_index import KEYS_PREFIX, VALUES_PREFIX, write_shard_index
+from .shards import KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
-from .windows import check_window_args, sliding_windows
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ class _Progress:
 
     def add_chunk(self, keys: np.ndarray, values: np.ndarray, windows_done: int) -> None:
         name = f"chunk-{len(self.state['chunks']):06d}.safetensors"
-        tmp = temporary_path(self.folder / name)
-        save_file({"keys": keys, "values": values}, str(tmp))
-        os.replace(tmp, self.folder / name)
+        with atomic_path(self.folder / name) as tmp:
+            save_file({"keys": keys, "values": values}, str(tmp))
         self.state["chunks"].append({"file": name, "rows": len(values)})
         self.state["windows_done"] = windows_done
         atomic_write_json(self.path, self.state)

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import CorpusLike
-from .datastore import Datastore
+from ..corpus import CorpusLike
+from ..datastore.datastore import Datastore
+from ..files import atomic_path, atomic_write_json
+from ..knn import check_knn_args, interpolate, knn_target_log_probs
 from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
-from .hub import atomic_write_json, temporary_path
-from .knn import check_knn_args, interpolate, knn_target_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -232,10 +232,9 @@ def plot_sweep(result: dict, path: str | os.PathLike) -> None:
     axes.flat[len(ks) - 1].legend(fontsize=6, loc="upper right")
     fig.suptitle(result.get("title") or "kNN-LM tuning sweep", fontsize=9)
     fig.tight_layout()
-    tmp = temporary_path(path)
-    fig.savefig(tmp, format="png", dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def sweep_result(

@@ -10,7 +10,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .hub import temporary_path
+from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ def build_index(
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
-    tmp = temporary_path(path)
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 # IVF indexes with plain array inverted lists (fourcc at the start of the file): IO_FLAG_MMAP maps

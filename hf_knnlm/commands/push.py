@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
-def _size(text: str) -> int | str:
-    """``--max-shard-size 500MB`` or a plain number of bytes."""
-    return int(text) if text.strip().isdigit() else text
+from ._common import size
 
 
-def cmd_push(args: argparse.Namespace) -> None:
-    from .datastore import Datastore
+def run(args: argparse.Namespace) -> int:
+    from ..datastore import Datastore
 
     if not Path(args.dir).is_dir():
         raise FileNotFoundError(f"{args.dir} is not a folder; `hf-knnlm push` uploads a datastore folder.")
@@ -27,6 +24,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         create_pr=args.create_pr,
     )
     print(getattr(commit, "commit_url", None) or commit)
+    return 0
 
 
 def register(subparsers) -> None:
@@ -38,6 +36,6 @@ def register(subparsers) -> None:
     p.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
     p.add_argument("--commit-message", default=None, help="Default: Upload kNN-LM datastore.")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one / HF_TOKEN).")
-    p.add_argument("--max-shard-size", type=_size, default="5GB", help="Largest keys shard (default 5GB).")
+    p.add_argument("--max-shard-size", type=size, default="5GB", help="Largest keys shard (default 5GB).")
     p.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
-    p.set_defaults(func=cmd_push)
+    p.set_defaults(func=run)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..files import temporary_path
+
 _DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32), "int32": ("I32", np.int32)}
 _NP_TO_ST = {np.dtype(v[1]): v[0] for v in _DTYPES.values()}
 _ST_TO_NP = {v[0]: np.dtype(v[1]) for v in _DTYPES.values()}
@@ -46,7 +48,7 @@ class StreamingSafetensorsWriter:
 
     def __init__(self, path: str | os.PathLike, name: str, dtype: np.dtype, shape: tuple[int, ...]):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temporary_path(self.path)
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
         self.rows_left = self.shape[0]

@@ -1,11 +1,20 @@
-"""``hf-knnlm tune`` (lmbda x temperature x k sweep from one cached pass) and ``hf-knnlm reindex``."""
+"""``hf-knnlm tune``: a lmbda x temperature x k sweep from one cached pass over validation text."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from .tuning import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
+from ..scoring.tuning import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
+from ._common import (
+    add_data_args,
+    add_knn_args,
+    add_model_args,
+    add_window_args,
+    load_data,
+    load_datastore,
+    load_model,
+)
 
 
 def _number_list(cast: type, what: str):
@@ -24,16 +33,15 @@ _floats = _number_list(float, "numbers")
 _ints = _number_list(int, "integers")
 
 
-def cmd_tune(args: argparse.Namespace) -> None:
-    from .cli import _load_data, _load_datastore, _load_model
-    from .tuning import tune
+def run(args: argparse.Namespace) -> int:
+    from ..scoring.tuning import tune
 
-    model, tokenizer = _load_model(args)
+    model, tokenizer = load_model(args)
     result = tune(
         model,
         tokenizer,
-        _load_data(args),
-        _load_datastore(args),
+        load_data(args),
+        load_datastore(args),
         args.output_dir,
         k=args.k,
         ks=args.ks,
@@ -59,29 +67,17 @@ def cmd_tune(args: argparse.Namespace) -> None:
         f"(perplexity {result['base_ppl']:.3f} -> {best['knn_ppl']:.3f})"
     )
     print(f"wrote {result['json']} and {result['plot']}")
+    return 0
 
 
-def cmd_reindex(args: argparse.Namespace) -> None:
-    from .datastore import Datastore
-
-    store = Datastore.from_pretrained(args.datastore)
-    print(
-        store.rebuild_index(
-            args.index_factory, args.output, train_size=args.train_size, overwrite=args.overwrite
-        )
-    )
-
-
-def register(sub) -> None:
-    from .cli import _add_data_args, _add_knn_args, _add_model_args, _add_window_args
-
-    p = sub.add_parser(
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
         "tune", help="Sweep lmbda x temperature x k from one cached pass over validation text."
     )
-    _add_model_args(p)
-    _add_data_args(p)
-    _add_window_args(p)
-    _add_knn_args(p)  # --k is the number of neighbours searched once; --lmbda/--temperature are unused
+    add_model_args(p)
+    add_data_args(p)
+    add_window_args(p)
+    add_knn_args(p)  # --k is the number of neighbours searched once; --lmbda/--temperature are unused
     p.add_argument(
         "--ks", type=_ints, default=None, help="k values to try, each <= --k (default 8,32,...,--k)."
     )
@@ -106,12 +102,4 @@ def register(sub) -> None:
         help="Cap of the neighbour cache (tokens x k x 8 bytes); default 1024 MB.",
     )
     p.add_argument("--output-dir", required=True, help="Folder for tune_results.json and tune_plot.png.")
-    p.set_defaults(func=cmd_tune)
-
-    p = sub.add_parser("reindex", help="Copy a datastore with a new faiss index over the same keys.")
-    p.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
-    p.add_argument("--output", required=True, help="New datastore folder.")
-    p.add_argument("--index-factory", required=True, help="faiss index factory, e.g. IVF1024,PQ64.")
-    p.add_argument("--train-size", type=int, default=1_000_000, help="Keys sampled to train the index.")
-    p.add_argument("--overwrite", action="store_true", help="Replace a finished datastore in --output.")
-    p.set_defaults(func=cmd_reindex)
+    p.set_defaults(func=run)

@@ -14,8 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from ..files import IntegrityError, atomic_write_bytes
 from .config import CONFIG_NAME, DatastoreConfig
-from .hub import IntegrityError, atomic_write_bytes
 
 KEYS_PREFIX, VALUES_PREFIX = "keys", "values"
 

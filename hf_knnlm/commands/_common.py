@@ -1,0 +1,92 @@
+"""What the ``hf-knnlm`` subcommands share: argument groups, loaders and the parser for sizes."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub id or local path of the causal LM.")
+    parser.add_argument(
+        "--gguf-file", default=None, help="GGUF file name inside --model (e.g. SmolLM2...gguf)."
+    )
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer id/path if it differs from --model.")
+    parser.add_argument("--revision", default=None, help="Model revision on the Hub.")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default=None, help="e.g. cuda:0; default: where the model loads.")
+
+
+def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--data", nargs="+", help="UTF-8 text file(s); each file is one document.")
+    group.add_argument("--dataset", help="A `datasets` dataset name or local data folder/file.")
+    parser.add_argument("--dataset-config", default=None, help="Dataset configuration name.")
+    parser.add_argument("--split", default="train", help="Dataset split (default: train).")
+    parser.add_argument("--text-column", default="text", help="Column holding the text (default: text).")
+
+
+def add_window_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-length", type=int, default=1024, help="Window length (default 1024).")
+    parser.add_argument("--stride", type=int, default=512, help="New targets per window (default 512).")
+    parser.add_argument("--batch-size", type=int, default=8, help="Windows per forward pass (default 8).")
+
+
+def add_knn_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
+    parser.add_argument("--k", type=int, default=1024, help="Neighbours per query (default 1024).")
+    parser.add_argument("--lmbda", type=float, default=0.25, help="Weight of p_kNN in [0, 1] (default 0.25).")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Distance temperature (default 1).")
+    parser.add_argument("--recompute-dists", action="store_true", help="Exact distances from stored keys.")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query (default 32).")
+    parser.add_argument(
+        "--gpu",
+        default="auto",
+        choices=["auto", "replicate", "shard", "none"],
+        help="With faiss-gpu: clone the index to every GPU, or split it (default auto).",
+    )
+
+
+def add_index_args(parser: argparse.ArgumentParser, *, default_factory: str | None) -> None:
+    """``--index-factory``, ``--train-size`` and ``--overwrite``: shared by build and reindex."""
+    parser.add_argument(
+        "--index-factory",
+        default=default_factory,
+        required=default_factory is None,
+        help="faiss index factory, e.g. Flat or IVF4096,PQ64.",
+    )
+    parser.add_argument("--train-size", type=int, default=1_000_000, help="Keys sampled to train the index.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a finished datastore in --output.")
+
+
+def size(text: str) -> int | str:
+    """``--max-shard-size 500MB`` or a plain number of bytes."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def load_model(args: argparse.Namespace):
+    from ..loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(
+        args.model,
+        gguf_file=args.gguf_file,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def load_data(args: argparse.Namespace):
+    if args.data:
+        if len(args.data) == 1:
+            return args.data[0]
+        return [open(path, encoding="utf-8").read() for path in args.data]
+    from datasets import load_dataset
+
+    return load_dataset(args.dataset, args.dataset_config, split=args.split)
+
+
+def load_datastore(args: argparse.Namespace):
+    from ..datastore import Datastore
+
+    return Datastore.from_pretrained(args.datastore, nprobe=args.nprobe, gpu=args.gpu)

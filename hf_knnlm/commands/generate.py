@@ -1,0 +1,45 @@
+"""``hf-knnlm generate``: generate with a :class:`~hf_knnlm.KNNProcessor`."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_knn_args, add_model_args, load_datastore, load_model
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import LogitsProcessorList
+
+    from ..logits_process import KNNProcessor
+
+    model, tokenizer = load_model(args)
+    processor = KNNProcessor(
+        model,
+        load_datastore(args),
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+        recompute_dists=args.recompute_dists,
+    )
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        num_beams=args.num_beams,
+        logits_processor=LogitsProcessorList([processor]),
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="Generate with a KNNProcessor.")
+    add_model_args(p)
+    add_knn_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.set_defaults(func=run)
