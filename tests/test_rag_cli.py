@@ -12,9 +12,10 @@ from hf_knnlm.rag import BM25Retriever
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory, model, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    """The tiny model and its tokenizer in one folder, as the CLI loads them."""
+    folder = tmp_path_factory.mktemp("rag-model")
+    for part in (model, tokenizer):
+        part.save_pretrained(folder)
     return folder
 
 

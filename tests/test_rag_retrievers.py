@@ -6,14 +6,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from transformers import BertConfig
 
 from hf_knnlm.files import IntegrityError
-from hf_knnlm.open_qa.configuration import RealmConfig
-from hf_knnlm.open_qa.modeling import RetrieverEmbedder
 from hf_knnlm.rag import BM25Retriever, DenseRetriever, Retriever, chunk_documents
 from hf_knnlm.rag.chunking import token_spans
+
+try:
+    from tests.open_qa_utils import DOCUMENTS, make_index, make_model, make_tokenizer
+except ImportError:  # tests/ on sys.path rather than importable as a package
+    from open_qa_utils import DOCUMENTS, make_index, make_model, make_tokenizer
 
 ROWS = [
     {"title": "Bridges", "text": "The king sees the bridge and the river below it."},
@@ -23,19 +24,13 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def dense(tokenizer):
-    torch.manual_seed(0)
-    encoder = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
+def dense(tmp_path_factory):
+    """The open-QA document index of a tiny REALM model, queried through its query embedder."""
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("bert"))
+    model = make_model(
+        tokenizer, retriever_pooling="mean", retriever_proj_size=None, retriever_normalize=True
     )
-    config = RealmConfig(
-        encoder_config=encoder, retriever_pooling="mean", retriever_proj_size=None, retriever_normalize=True
-    )
-    return DenseRetriever.build(ROWS, RetrieverEmbedder(config).eval(), tokenizer, max_length=32)
+    return DenseRetriever(make_index(model, tokenizer), model.query_embedder, tokenizer)
 
 
 def test_token_spans_cover_with_overlap():
@@ -62,16 +57,16 @@ def test_chunks_are_substrings_of_fixed_token_length(tokenizer, corpus_text):
 
 @pytest.mark.parametrize("kind", ["bm25", "dense"])
 def test_retrievers_share_one_contract(kind, dense):
-    retriever = BM25Retriever.build(ROWS) if kind == "bm25" else dense
-    assert isinstance(retriever, Retriever) and len(retriever) == 3
-    scores, doc_ids = retriever.search(["the merchant sells a silver crown", "river bridge"], k=2)
-    assert (
-        scores.dtype == np.float32 and doc_ids.dtype == np.int64 and scores.shape == doc_ids.shape == (2, 2)
-    )
-    assert ((doc_ids >= -1) & (doc_ids < 3)).all()
+    retriever = BM25Retriever.build(DOCUMENTS) if kind == "bm25" else dense
+    assert isinstance(retriever, Retriever) and len(retriever) == len(DOCUMENTS) == 6
+    assert retriever.texts == [d["text"] for d in DOCUMENTS] and retriever.titles[0] == "france"
+    scores, doc_ids = retriever.search(["what is the capital of france", "tiber river"], k=3)
+    assert scores.dtype == np.float32 and doc_ids.dtype == np.int64
+    assert scores.shape == doc_ids.shape == (2, 3)
+    assert ((doc_ids >= -1) & (doc_ids < 6)).all() and (doc_ids[:, 0] >= 0).all()
     valid = doc_ids >= 0
     assert (np.diff(np.where(valid, scores, -np.inf), axis=1) <= 0).all()  # best first
-    for bad in (0, 4):
+    for bad in (0, 7):
         with pytest.raises(ValueError, match="k="):
             retriever.search(["x"], k=bad)
 
@@ -111,7 +106,7 @@ def test_bm25_round_trip_checks_sha256(tmp_path):
 def test_dense_round_trip_checks_sha256(tmp_path, dense):
     dense.save_pretrained(tmp_path)
     loaded = DenseRetriever.from_pretrained(tmp_path, dense.query_encoder, dense.tokenizer)
-    for a, b in zip(dense.search(["river"], 3), loaded.search(["river"], 3), strict=True):
+    for a, b in zip(dense.search(["which river"], 3), loaded.search(["which river"], 3), strict=True):
         np.testing.assert_array_equal(a, b)
     (tmp_path / "documents.jsonl").write_text("tampered\n")
     with pytest.raises(IntegrityError, match="documents.jsonl"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,27 @@ def num_documents(args: argparse.Namespace) -> int:
     if args.num_documents is not None:
         return args.num_documents
     return 4 if args.method == "replug" else 1
+
+
+def retrieval_settings(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :class:`~hf_knnlm.rag.RetrievalSettings` from the command line."""
+    return {
+        "num_documents": num_documents(args),
+        "retrieval_stride": args.retrieval_stride,
+        "query_length": args.query_length,
+        "temperature": args.replug_temperature,
+        "max_document_tokens": args.max_document_tokens,
+    }
+
+
+def print_result(result: dict, output_json: str | None) -> int:
+    """Print the result as JSON (and write it to ``output_json``); the command's exit status."""
+    from ..files import atomic_write_json
+
+    print(json.dumps(result, indent=2))
+    if output_json:
+        atomic_write_json(output_json, result)
+    return 0
 
 
 def load_retriever(args: argparse.Namespace):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..files import atomic_write_json
 from ._common import add_data_args, add_model_args, add_window_args, load_data, load_model
-from ._rag import add_retriever_args, load_retriever, num_documents
+from ._rag import add_retriever_args, load_retriever, print_result, retrieval_settings
+
+WINDOW_ARGS = ("max_length", "stride", "batch_size", "text_column", "max_tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,36 +25,21 @@ def run(args: argparse.Namespace) -> int:
             lmbda=args.lmbda,
             knn_temperature=args.temperature,
         )
+    windows = {name: getattr(args, name) for name in WINDOW_ARGS}
+    settings = retrieval_settings(args)
     result = evaluate_retrieval_perplexity(
-        model,
-        tokenizer,
-        load_data(args),
-        retriever,
-        num_documents=num_documents(args),
-        retrieval_stride=args.retrieval_stride,
-        query_length=args.query_length,
-        temperature=args.replug_temperature,
-        max_document_tokens=args.max_document_tokens,
-        max_length=args.max_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        text_column=args.text_column,
-        max_tokens=args.max_tokens,
-        **knn,
+        model, tokenizer, load_data(args), retriever, **settings, **windows, **knn
     )
-    print(json.dumps(result, indent=2))
-    if args.output_json:
-        atomic_write_json(args.output_json, result)
-    return 0
+    return print_result(result, args.output_json)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("rag-evaluate", help="Base vs In-Context RALM / REPLUG perplexity on a text.")
+    p.add_argument("--method", choices=["ralm", "replug"], default="ralm")
+    add_retriever_args(p)
     add_model_args(p)
     add_data_args(p)
     add_window_args(p)
-    p.add_argument("--method", choices=["ralm", "replug"], default="ralm")
-    add_retriever_args(p)
     p.add_argument("--datastore", default=None, help="Also mix this kNN-LM datastore into In-Context RALM.")
     p.add_argument("--k", type=int, default=1024, help="kNN-LM neighbours (default 1024).")
     p.add_argument("--lmbda", type=float, default=0.25, help="kNN-LM weight in [0, 1] (default 0.25).")

@@ -168,10 +168,11 @@ class BM25Retriever:
             **hub_kwargs,
         )
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        found = (config.get("format"), config.get("format_version"))
+        if found != (FORMAT, FORMAT_VERSION):
             raise ValueError(
-                f"{folder / CONFIG_NAME} is format {config.get('format')!r} version "
-                f"{config.get('format_version')!r}; this hf_knnlm reads {FORMAT!r} version {FORMAT_VERSION}."
+                f"{folder / CONFIG_NAME} holds {found[0]!r} version {found[1]!r}; this hf_knnlm reads "
+                f"{FORMAT!r} version {FORMAT_VERSION}: upgrade hf_knnlm or rebuild the index."
             )
         verify_files(folder, config["files"], what="BM25 index")
         ids, titles, texts = read_documents(folder / DOCUMENTS_NAME)

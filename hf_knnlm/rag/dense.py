@@ -98,15 +98,8 @@ class DenseRetriever:
         """Embed ``documents`` (``title [SEP] text``, ``max_length`` tokens) with ``encoder`` and index them;
         the same encoder embeds the queries."""
         ids, titles, texts = rows_of(documents)
-        embeddings = embed_corpus(
-            _as_module(encoder),
-            tokenizer,
-            titles,
-            texts,
-            batch_size=batch_size,
-            max_length=max_length,
-            show_progress=show_progress,
-        )
+        options = {"batch_size": batch_size, "max_length": max_length, "show_progress": show_progress}
+        embeddings = embed_corpus(_as_module(encoder), tokenizer, titles, texts, **options)
         metadata = {"encoder": str(getattr(encoder, "name_or_path", "")), "max_length": max_length}
         index = DocumentIndex(ids, titles, texts, embeddings, index_type=index_type, metadata=metadata)
         return cls(index, encoder, tokenizer, **kwargs)

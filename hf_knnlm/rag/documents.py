@@ -32,15 +32,9 @@ def write_documents(path: str | os.PathLike, ids: list[str], titles: list[str], 
 
 
 def read_documents(path: str | os.PathLike) -> tuple[list[str], list[str], list[str]]:
-    ids, titles, texts = [], [], []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                ids.append(row["id"])
-                titles.append(row["title"])
-                texts.append(row["text"])
-    return ids, titles, texts
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["id"] for r in rows], [r["title"] for r in rows], [r["text"] for r in rows]
 
 
 def write_card(folder: Path, template: str, **fields: Any) -> None:

@@ -33,6 +33,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
         tokenizer,
         retriever: Retriever,
         settings: RetrievalSettings,
+        *,
         queries: Sequence[str] | None = None,
         max_input_length: int | None = None,
     ) -> None:
@@ -180,19 +181,11 @@ class InContextRALMProcessor(_DocumentEnsembleProcessor):
     """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        retriever: Retriever,
-        *,
-        retrieval_stride: int | None = 4,
-        query_length: int = 32,
-        max_document_tokens: int = 256,
-        queries: Sequence[str] | None = None,
-        max_input_length: int | None = None,
-    ) -> None:
+        self, model: torch.nn.Module, tokenizer, retriever: Retriever, *, retrieval_stride: int | None = 4,
+        query_length: int = 32, max_document_tokens: int = 256, **options,
+    ) -> None:  # fmt: skip
         settings = RetrievalSettings(1, retrieval_stride, query_length, 1.0, max_document_tokens)
-        super().__init__(model, tokenizer, retriever, settings, queries, max_input_length)
+        super().__init__(model, tokenizer, retriever, settings, **options)
 
 
 class REPLUGProcessor(_DocumentEnsembleProcessor):
@@ -219,36 +212,26 @@ class REPLUGProcessor(_DocumentEnsembleProcessor):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
     >>> from hf_knnlm.rag import BM25Retriever, REPLUGProcessor
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "The cat purrs."}])
-    >>> replug = REPLUGProcessor(model, tokenizer, bm25, k=2)
-    >>> inputs = tokenizer("What does the cat do?", return_tensors="pt")
-    >>> out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-    ...                      logits_processor=LogitsProcessorList([replug]))
-    >>> replug.retrieved[0].tolist()
+    >>> passages = [{"title": "Mats", "text": "The cat sat on the mat."}, {"text": "The cat purrs."}]
+    >>> replug = REPLUGProcessor(AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2)),
+    ...                          AutoTokenizer.from_pretrained("gpt2"), BM25Retriever.build(passages), k=2)
+    >>> prompt = replug.tokenizer("What does the cat do?", return_tensors="pt").input_ids
+    >>> log_probs = replug(prompt, torch.zeros(1, replug.model.config.vocab_size))  # the next-token mixture
+    >>> replug.retrieved[0].tolist()  # both passages, best first
     [[1, 0]]
     ```
     """
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer,
-        retriever: Retriever,
-        *,
-        k: int = 4,
-        temperature: float = 1.0,
-        retrieval_stride: int | None = None,
-        query_length: int = 32,
-        max_document_tokens: int = 256,
-        queries: Sequence[str] | None = None,
-        max_input_length: int | None = None,
-    ) -> None:
+        self, model: torch.nn.Module, tokenizer, retriever: Retriever, *, k: int = 4,
+        temperature: float = 1.0, retrieval_stride: int | None = None, query_length: int = 32,
+        max_document_tokens: int = 256, **options,
+    ) -> None:  # fmt: skip
         settings = RetrievalSettings(k, retrieval_stride, query_length, temperature, max_document_tokens)
-        super().__init__(model, tokenizer, retriever, settings, queries, max_input_length)
+        super().__init__(model, tokenizer, retriever, settings, **options)
 
 
 __all__ = ["InContextRALMProcessor", "REPLUGProcessor"]

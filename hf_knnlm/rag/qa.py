@@ -62,13 +62,13 @@ def answer_questions(
     ```python
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
     >>> from hf_knnlm.rag import BM25Retriever, answer_questions
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
-    >>> answers = answer_questions(model, tokenizer, ["Where did the cat sit?"], method="ralm",
-    ...                            retriever=bm25, max_new_tokens=4, show_progress=False)
+    >>> lm = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> questions = ["Where did the cat sit?", "What do dogs do?"]
+    >>> passages = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
+    >>> answers = answer_questions(lm, AutoTokenizer.from_pretrained("gpt2"), questions, method="replug", k=2,
+    ...                            retriever=passages, max_new_tokens=4, show_progress=False)
     >>> len(answers)
-    1
+    2
     ```
     """
     if method not in METHODS:
