@@ -6,7 +6,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, rag_evaluate, rag_generate, rag_index, reindex, tune
+from . import (
+    build,
+    compress,
+    demo,
+    evaluate,
+    explain,
+    generate,
+    push,
+    qa,
+    rag_evaluate,
+    rag_generate,
+    rag_index,
+    reindex,
+    train_gate,
+    tune,
+)
 
 # The order of ``hf-knnlm --help``.
 SUBCOMMANDS = (
@@ -15,6 +30,9 @@ SUBCOMMANDS = (
     generate,
     tune,
     reindex,
+    compress,
+    train_gate,
+    explain,
     push,
     demo,
     qa,

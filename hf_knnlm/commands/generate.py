@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_knn_args, add_model_args, load_datastore, load_model
+from ._common import add_knn_args, add_model_args, add_skip_args, load_datastore, load_model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
         lmbda=args.lmbda,
         temperature=args.temperature,
         recompute_dists=args.recompute_dists,
+        retomaton=args.retomaton,
+        gate=args.gate or None,
     )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     output = model.generate(
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="Generate with a KNNProcessor.")
     add_model_args(p)
     add_knn_args(p)
+    add_skip_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--do-sample", action="store_true")

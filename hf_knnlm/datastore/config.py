@@ -56,6 +56,10 @@ class DatastoreConfig:
     evaluation: dict[str, Any] | None = field(
         default=None, metadata={"help": "Recorded perplexities (base_ppl, knn_ppl, ...) for the model card."}
     )
+    compression: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "How the store was compressed: source_entries, pca_dim, prune_to, merge_k."},
+    )
 
     def __post_init__(self) -> None:
         if self.format_version > FORMAT_VERSION:
