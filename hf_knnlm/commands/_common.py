@@ -61,6 +61,18 @@ def add_skip_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def knn_kwargs(args: argparse.Namespace) -> dict:
+    """The mixture settings of :func:`add_knn_args` / :func:`add_skip_args` as keyword arguments."""
+    return dict(
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+        recompute_dists=args.recompute_dists,
+        retomaton=getattr(args, "retomaton", None),
+        gate=getattr(args, "gate", False) or None,
+    )
+
+
 def add_index_args(parser: argparse.ArgumentParser, *, default_factory: str | None) -> None:
     """``--index-factory``, ``--train-size`` and ``--overwrite``: shared by build and reindex."""
     parser.add_argument(

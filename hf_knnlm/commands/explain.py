@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 
 from ..files import atomic_write_bytes, atomic_write_json
-from ._common import add_knn_args, add_model_args, add_skip_args, load_datastore, load_model
+from ._common import add_knn_args, add_model_args, add_skip_args, knn_kwargs, load_datastore, load_model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,12 +25,7 @@ def run(args: argparse.Namespace) -> int:
         store,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        recompute_dists=args.recompute_dists,
-        retomaton=args.retomaton,
-        gate=args.gate or None,
+        **knn_kwargs(args),
         top=args.top,
     )
     print(args.prompt + text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_knn_args, add_model_args, add_skip_args, load_datastore, load_model
+from ._common import add_knn_args, add_model_args, add_skip_args, knn_kwargs, load_datastore, load_model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,12 +16,7 @@ def run(args: argparse.Namespace) -> int:
     processor = KNNProcessor(
         model,
         load_datastore(args),
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        recompute_dists=args.recompute_dists,
-        retomaton=args.retomaton,
-        gate=args.gate or None,
+        **knn_kwargs(args),
     )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     output = model.generate(
