@@ -10,9 +10,12 @@ import dataclasses
 import json
 import logging
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checks import is_int, is_real
 from ..files import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,10 @@ class DatastoreConfig:
     hook_module: str = field(metadata={"help": "Dotted path of the FFN module whose input is the key."})
     hidden_size: int = field(metadata={"help": "Dimension of every key (the FFN input width)."})
     vocab_size: int = field(metadata={"help": "Vocabulary size of the model; values are token ids below it."})
+    num_hidden_layers: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layers of the model that built the store; other depths are refused."},
+    )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of this on-disk format."})
     hf_knnlm_version: str = field(default="", metadata={"help": "hf_knnlm version that wrote the store."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id or path of the base model."})
@@ -71,6 +78,9 @@ class DatastoreConfig:
             raise ValueError(f"key_dtype={self.key_dtype!r} is not one of {KEY_DTYPES}.")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} is not supported; kNN-LM uses {METRICS}.")
+        for shard in self.shards:
+            if not {"keys", "values", "start", "end"} <= set(shard):
+                raise ValueError(f"shard {shard!r} needs 'keys', 'values', 'start' and 'end'.")
         for name in list(self.files) + [f for s in self.shards for f in (s["keys"], s["values"])]:
             if os.path.isabs(name) or ".." in name.split("/"):
                 raise ValueError(f"datastore file name {name!r} must be relative to the datastore folder.")
@@ -82,14 +92,28 @@ class DatastoreConfig:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DatastoreConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_NAME) -> DatastoreConfig:
+        """Check every field's presence and type (errors name ``source`` and the field), then build."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} holds a {type(data).__name__}, not a JSON object of config fields.")
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
-            logger.warning(
-                "Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", CONFIG_NAME, unknown
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
+            logger.warning("Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", source, unknown)
+        hints = typing.get_type_hints(cls)
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name not in data:
+                if required:
+                    raise ValueError(f"{source}: required field {f.name!r} is missing. {_REBUILD}")
+            elif not _matches(data[f.name], hints[f.name]):
+                raise ValueError(
+                    f"{source}: field {f.name!r} is {data[f.name]!r}, not of type {f.type}. {_REBUILD}"
+                )
+        try:
+            return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatastoreConfig:
@@ -100,4 +124,25 @@ class DatastoreConfig:
             raise ValueError(
                 f"{path} is not valid JSON ({err}); the datastore config is truncated or edited."
             ) from err
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
+
+
+_REBUILD = "The file was truncated or edited: re-download the datastore or rebuild it."
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a field's type hint (int, str, X | None, list[...], dict[..., ...])?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_real(value)
+    return value is None if hint is type(None) else isinstance(value, hint)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import faiss
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from ..corpus import CorpusLike
 from ..files import verify_files
 from ..hub import push_folder, resolve_folder
+from ..knn import check_k
 from ..neighbours import Neighbours
 from .builder import build_datastore, write_manifest
 from .card import write_model_card
@@ -28,6 +31,7 @@ from .index import (
     configure_threads,
     index_to_gpus,
     read_index,
+    search_parameters,
     set_nprobe,
     write_index,
 )
@@ -104,7 +108,10 @@ class Datastore:
                 f"{len(self.values)}; config says {config.num_entries}. "
                 f"The datastore is incomplete; rebuild it."
             )
+        self._gpu_lock = threading.Lock()
+        self._warned_k: set[int] = set()
         self.nprobe = nprobe
+        set_nprobe(self._index, nprobe)  # for code that searches self.index directly
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -194,6 +201,7 @@ class Datastore:
         With faiss-gpu and CUDA, ``gpu`` (``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``)
         says how the index is cloned to the GPUs (see :func:`hf_knnlm.index.index_to_gpus`).
         """
+        check_positive_int("nprobe", nprobe, "IVF lists probed per query")
         folder = resolve_folder(
             repo_id_or_path,
             config_name=CONFIG_NAME,
@@ -206,7 +214,8 @@ class Datastore:
         )
         config = DatastoreConfig.load(folder / CONFIG_NAME)
         if verify:
-            verify_files(folder, config.files, what="datastore")
+            needed = [name for shard in config.shards for name in (shard["keys"], shard["values"])]
+            verify_files(folder, config.files, what="datastore", required=[*needed, INDEX_NAME])
         return cls(folder, config, mmap=mmap, nprobe=nprobe, gpu=gpu)
 
     def save_pretrained(
@@ -305,10 +314,14 @@ class Datastore:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self._nprobe = value
-        set_nprobe(self.index, value)
-        if getattr(self, "_gpu_index", None) is not None:
-            set_nprobe(self._gpu_index, value, on_gpu=True)
+        # CPU searches read it once and pass it as a per-search parameter; a GPU clone takes no
+        # per-search parameters, so it is set and searched under one lock. Either way a change from
+        # another thread applies to the next search, never inside a running one.
+        check_positive_int("nprobe", value, "IVF lists probed per query")
+        with self._gpu_lock:
+            self._nprobe = value
+            if getattr(self, "_gpu_index", None) is not None:
+                set_nprobe(self._gpu_index, value, on_gpu=True)
 
     @property
     def index(self) -> faiss.Index:
@@ -343,22 +356,34 @@ class Datastore:
 
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:
-        if k <= 0:
-            raise ValueError(f"k={k} must be a positive number of neighbours.")
+        """``k`` checked (a positive int) and cut to the store size, with one warning per value."""
+        check_k(k)
         if k > len(self):
-            logger.warning(
-                "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
-            )
+            if k not in self._warned_k:
+                self._warned_k.add(k)
+                logger.warning(
+                    "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
+                )
             return len(self)
         return k
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.on_gpu:
+            with self._gpu_lock:  # see the nprobe setter
+                return self._gpu_index.search(queries, k)
+        nprobe = self._nprobe  # read once: the whole search uses one value
+        return self._index.search(queries, k, params=search_parameters(self._index, nprobe))
 
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
         k = self.clamp_k(k)
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
-        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
-        if q.shape[-1] != self.hidden_size:
-            raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"queries have shape {list(q.shape)}; this store takes queries of width {self.hidden_size}, "
+                f"so pass [num_queries, {self.hidden_size}]: the FFN inputs of the model that built it."
+            )
         if self.key_transform is not None:
             q = self.key_transform.apply(q)
         if self.on_gpu and k > GPU_MAX_K:
@@ -366,7 +391,7 @@ class Datastore:
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
                 f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
             )
-        distances, ids = self.search_index.search(q, k)
+        distances, ids = self._search(q, k)
         missing = ids < 0
         if recompute_dists:
             distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))

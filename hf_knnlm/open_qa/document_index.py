@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_path, atomic_write_bytes, atomic_write_json, file_hashes, verify_files
+from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..hub import push_folder, resolve_folder
 
 CONFIG_NAME = "document_index.json"
@@ -31,6 +32,7 @@ FAISS_NAME = "index.faiss"
 FORMAT = "hf_knnlm.document_index"
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "hnsw")
+_FILES = (DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME)
 
 _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "document_index.md"
 
@@ -179,6 +181,8 @@ class DocumentIndex:
             show_progress=show_progress,
         )
         metadata = {
+            "encoder_fingerprint": encoder_fingerprint(model.document_embedder),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
             "encoder": model.config.name_or_path or "",
             "max_length": max_length,
             "pooling": model.config.retriever_pooling,
@@ -235,9 +239,30 @@ class DocumentIndex:
         gathered = table[positions.clamp(min=0)]
         return gathered.masked_fill((positions < 0).unsqueeze(-1), 0.0)
 
-    def replace_embeddings(self, embeddings: torch.Tensor) -> None:
+    def check_compatible(self, model: Any, tokenizer: Any = None) -> None:
+        """Refuse a model whose document embedder (or a tokenizer that) did not make these vectors.
+
+        Compares the sha256 of the document embedder's weights and of the tokenizer's vocabulary with
+        those recorded when the vectors were computed (indexes saved without them are not checked).
+        """
+        recorded = self.metadata.get("encoder_fingerprint")
+        if recorded and recorded != encoder_fingerprint(model.document_embedder):
+            raise ValueError(
+                "this document index was embedded by another document encoder (its weights differ from the "
+                "model's document embedder, though the widths match), so retrieval scores would be "
+                "meaningless. Rebuild it with DocumentIndex.build(documents, model, tokenizer), or load the "
+                "model it was built with."
+            )
+        recorded = self.metadata.get("tokenizer_fingerprint")
+        if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                "tokenizer mismatch: this document index was embedded with another tokenizer (its vocabulary "
+                "fingerprint differs); load the tokenizer the index was built with."
+            )
+
+    def replace_embeddings(self, embeddings: torch.Tensor, encoder: Any = None) -> None:
         """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
-        index."""
+        index. ``encoder``, the embedder that computed them, is recorded for :meth:`check_compatible`."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "
@@ -247,6 +272,8 @@ class DocumentIndex:
         faiss_index = _build_faiss(embeddings.numpy(), self.index_type)
         with self._lock:
             self._embeddings, self._faiss = embeddings, faiss_index
+            if encoder is not None:
+                self.metadata["encoder_fingerprint"] = encoder_fingerprint(encoder)
 
     # -- persistence -------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -263,7 +290,7 @@ class DocumentIndex:
             save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
         with atomic_path(folder / FAISS_NAME) as tmp:
             _faiss().write_index(faiss_index, str(tmp))
-        names = [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
+        names = list(_FILES)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -294,8 +321,10 @@ class DocumentIndex:
         local_files_only: bool = False,
         token: str | bool | None = None,
         force_download: bool = False,
+        verify: bool = True,
     ) -> DocumentIndex:
-        """Load from a folder or a Hub repository id; every file is sha256-checked before it is read."""
+        """Load from a folder or a Hub repository id; every file is sha256-checked before it is read
+        (``verify=False`` skips the check, e.g. for an index whose config records no hashes)."""
         folder = resolve_folder(
             repo_id_or_path,
             config_name=CONFIG_NAME,
@@ -312,7 +341,8 @@ class DocumentIndex:
                 f"{folder / CONFIG_NAME} is format {config.get('format')!r} version "
                 f"{config.get('format_version')!r}; this hf_knnlm reads {FORMAT!r} version {FORMAT_VERSION}."
             )
-        verify_files(folder, config["files"], what="document index")
+        if verify:
+            verify_files(folder, config.get("files") or {}, what="document index", required=_FILES)
         ids, titles, texts = [], [], []
         with open(folder / DOCUMENTS_NAME, encoding="utf-8") as f:
             for line in f:
