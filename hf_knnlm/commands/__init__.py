@@ -6,10 +6,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, reindex, tune
+from . import build, demo, evaluate, generate, push, qa, rag_evaluate, rag_generate, rag_index, reindex, tune
 
 # The order of ``hf-knnlm --help``.
-SUBCOMMANDS = (build, evaluate, generate, tune, reindex, push, demo, qa)
+SUBCOMMANDS = (
+    build,
+    evaluate,
+    generate,
+    tune,
+    reindex,
+    push,
+    demo,
+    qa,
+    rag_index,
+    rag_evaluate,
+    rag_generate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
