@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .index import INDEX_NAME, build_index, write_index
+from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
@@ -138,6 +139,7 @@ def _finalize(
     config: DatastoreConfig,
     max_shard_size,
     train_size: int,
+    extra_files: Sequence[str] = (),
 ):
     config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
     bounds = shard_bounds(len(values), config.hidden_size * 2, max_shard_size)
@@ -149,7 +151,8 @@ def _finalize(
         bounds,
         train_size=train_size,
     )
-    finish_folder(output_dir, config, files, datastore_card)
+    # Extra files (provenance, gate, key transform) are already written; they are hashed with the rest.
+    finish_folder(output_dir, config, [*files, *extra_files], datastore_card)
 
 
 def write_store(
@@ -161,20 +164,23 @@ def write_store(
     *,
     index: faiss.Index | None = None,
     train_size: int = 1_000_000,
+    key_dim: int | None = None,
 ) -> list[str]:
     """Write the data files of a store: key and value shards, their index jsons, the faiss index.
 
     ``keys`` and ``values`` are row chunks in entry order, split into shards at ``bounds``. Without
     an ``index`` one of type ``config.index_factory`` is trained and filled from the written keys.
+    ``key_dim`` is the width of the stored keys (``config.hidden_size`` unless a transform reduced it).
     Sets ``config.shards`` and ``config.num_entries``; returns the names written, to be hashed.
     """
-    key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (config.hidden_size,), bounds, keys)
+    key_dim = key_dim or config.hidden_size
+    key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (key_dim,), bounds, keys)
     value_files = write_sharded(folder, VALUES_PREFIX, "values", np.int32, (), bounds, values)
     if index is None:
         written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
         index = build_index(
             config.index_factory,
-            config.hidden_size,
+            key_dim,
             written,
             written.iter_rows(_INDEX_ADD_ROWS),
             train_size=train_size,
@@ -187,7 +193,7 @@ def write_store(
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, config.hidden_size * 2)
+    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
     return [*key_files, *value_files, *index_files, INDEX_NAME]
 
@@ -210,6 +216,7 @@ def build_datastore(
     overwrite: bool = False,
     separator: str = "\n\n",
     disable_progress: bool | None = None,
+    document_names: Sequence[str] | None = None,
 ) -> Path:
     """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
     check_window_args(max_length, stride)
@@ -277,7 +284,8 @@ def build_datastore(
             todo = window_range(len(windows), rank, state.num_processes)
             if p.windows_done != todo[1] - todo[0]:
                 raise RuntimeError(f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows.")
-        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size)
+        extra = record_provenance(output_dir, tokenizer, data, tokens, text_column, separator, document_names)
+        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size, extra)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
     state.wait_for_everyone()
     return output_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -12,10 +13,12 @@ import torch
 
 from ..corpus import CorpusLike
 from ..hub_mixin import HubMixin, finish_folder
+from ..neighbours import Neighbours
 from .builder import build_datastore, write_store
 from .card import datastore_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
+from .extras import EXTRA_FILES, TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
@@ -25,6 +28,7 @@ from .index import (
     read_index,
     set_nprobe,
 )
+from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
@@ -57,6 +61,7 @@ class Datastore(HubMixin):
         f"*{INDEX_SUFFIX}",
         "index.faiss*",
         "*.ivfdata",
+        *EXTRA_FILES,
     )
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
     delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
@@ -80,6 +85,13 @@ class Datastore(HubMixin):
         values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
         self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
         self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        # A PCA-compressed store keeps reduced keys; queries go through the same transform.
+        self.key_transform = (
+            faiss.read_VectorTransform(str(self.folder / TRANSFORM_NAME))
+            if TRANSFORM_NAME in config.files
+            else None
+        )
+        self._provenance = None
         if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
@@ -109,6 +121,7 @@ class Datastore(HubMixin):
         train_size: int = 1_000_000,
         overwrite: bool = False,
         disable_progress: bool | None = None,
+        document_names: Sequence[str] | None = None,
     ) -> Datastore:
         """Run ``model`` over ``data`` and store (FFN input at t, token t+1) for every target.
 
@@ -127,6 +140,11 @@ class Datastore(HubMixin):
             max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard.
             checkpoint_every (`int`, defaults to 65536): entries between resumable checkpoints.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
+            document_names (`list[str]`, *optional*): one name per document, shown by attribution
+                (default: the file name, or ``texts[i]`` / ``dataset[i]``).
+
+        Each entry's corpus position and every document's text and token character spans are
+        recorded (``entries.safetensors``, ``documents.safetensors``) for RetoMaton and attribution.
         """
         folder = build_datastore(
             model,
@@ -144,6 +162,7 @@ class Datastore(HubMixin):
             train_size=train_size,
             overwrite=overwrite,
             disable_progress=disable_progress,
+            document_names=document_names,
         )
         return cls.from_pretrained(folder, verify=False)
 
@@ -200,10 +219,11 @@ class Datastore(HubMixin):
         if max_shard_size is None:
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
-            bounds = shard_bounds(len(self), self.hidden_size * 2, max_shard_size)
+            bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
         values = [self.values.numpy().astype(np.int32)]
-        files = write_store(folder, config, self.keys.iter_rows(65536), values, bounds, index=self.index)
-        return config, files
+        keys = self.keys.iter_rows(65536)
+        files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
+        return config, [*files, *copy_extra_files(self.folder, folder, config)]
 
     def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = "5GB", **kwargs):
         """Save into a temporary folder and upload it to ``repo_id`` in one commit.
@@ -226,6 +246,18 @@ class Datastore(HubMixin):
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def key_dim(self) -> int:
+        """Width of the stored keys: ``hidden_size``, or fewer for a PCA-compressed store."""
+        return int(self.keys.shape[1])
+
+    @property
+    def provenance(self) -> Provenance:
+        """Corpus positions, successors, merge counts and documents of the entries (as recorded)."""
+        if self._provenance is None:
+            self._provenance = Provenance.load(self.folder, self.config.files, len(self))
+        return self._provenance
 
     @property
     def vocab_size(self) -> int:
@@ -291,6 +323,8 @@ class Datastore(HubMixin):
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
         if q.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        if self.key_transform is not None:
+            q = self.key_transform.apply(q)
         if self.on_gpu and k > GPU_MAX_K:
             raise ValueError(
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
@@ -325,6 +359,13 @@ class Datastore(HubMixin):
         token_ids = self.values[torch.from_numpy(np.where(ids < 0, 0, ids))]
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
         return torch.from_numpy(distances).to(device), token_ids.to(device)
+
+    def search_entries(
+        self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
+    ) -> Neighbours:
+        """Like :meth:`search`, but keeps the entry ids (and merge counts) of the neighbours."""
+        distances, ids = self.search_ids(queries, k, recompute_dists)
+        return Neighbours.from_ids(self, torch.from_numpy(distances), torch.from_numpy(ids))
 
     # ----------------------------------------------------------------- compatibility
     def check_compatible(self, model: torch.nn.Module, tokenizer=None) -> None:
@@ -364,8 +405,10 @@ class Datastore(HubMixin):
         bounds = [(s["start"], s["end"]) for s in config.shards]
         values = [self.values.numpy().astype(np.int32)]
         with self._writable_folder(out) as folder:
+            keys = self.keys.iter_rows(65536)
             files = write_store(
-                folder, config, self.keys.iter_rows(65536), values, bounds, train_size=train_size
+                folder, config, keys, values, bounds, train_size=train_size, key_dim=self.key_dim
             )
-            finish_folder(folder, config, files, datastore_card)
+            extra = copy_extra_files(self.folder, folder, config)
+            finish_folder(folder, config, [*files, *extra], datastore_card)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)
