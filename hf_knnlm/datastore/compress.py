@@ -25,12 +25,14 @@ import faiss
 import numpy as np
 
 from ..files import atomic_path
+from ..hub_mixin import finish_folder
+from .builder import write_store
+from .card import datastore_card
 from .config import CONFIG_NAME, DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
-from .index import INDEX_NAME, build_index, train_sample, write_index
+from .index import train_sample
 from .provenance import Provenance
-from .shards import KEYS_PREFIX, VALUES_PREFIX
-from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+from .storage import ShardedArray, shard_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,6 @@ def compress_datastore(
 
     With neither ``pca_dim`` nor ``prune_to`` the copy is exact (same keys, values and index type).
     """
-    from .builder import write_manifest
     from .datastore import Datastore
 
     src = datastore
@@ -164,15 +165,12 @@ def compress_datastore(
             rows = src.keys.take(keep[start : start + _ROWS]).astype(np.float32)
             yield rows if pca is None else pca.apply(np.ascontiguousarray(rows))
 
+    config = DatastoreConfig.from_dict(src.config.to_dict())
+    config.index_factory = index_factory or src.config.index_factory
+    config.evaluation = None
     bounds = shard_bounds(len(keep), dim * 2, "5GB")
-    key_files = write_sharded(out, KEYS_PREFIX, "keys", np.float16, (dim,), bounds, key_rows())
-    value_files = write_sharded(
-        out, VALUES_PREFIX, "values", np.int32, (), bounds, [values[keep].astype(np.int32)]
-    )
-    new_keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
-    factory = index_factory or src.config.index_factory
-    index = build_index(factory, dim, new_keys, new_keys.iter_rows(_ROWS), train_size=train_size)
-    write_index(index, out / INDEX_NAME)
+    values_kept = [values[keep].astype(np.int32)]
+    files = write_store(out, config, key_rows(), values_kept, bounds, train_size=train_size, key_dim=dim)
 
     provenance = Provenance(len(keep), old.entry_positions(keep), next_ids, counts, documents=old.documents)
     extra = provenance.save(out)
@@ -184,8 +182,6 @@ def compress_datastore(
         extra += copy_extra_files(src.folder, out, src.config, only=(TRANSFORM_NAME,))
     # A gate is not carried over: it was fitted to the source store's p_kNN.
 
-    config = DatastoreConfig.from_dict(src.config.to_dict())
-    config.index_factory, config.evaluation, config.num_entries = factory, None, len(keep)
     before = src.config.compression or {}
     config.compression = {
         "source_entries": before.get("source_entries", len(src)),
@@ -193,5 +189,5 @@ def compress_datastore(
         "prune_to": prune_to if prune_to is not None else before.get("prune_to"),
         "merge_k": merge_k if prune_to is not None else before.get("merge_k"),
     }
-    write_manifest(out, config, key_files, value_files, bounds, extra)
+    finish_folder(out, config, [*files, *extra], datastore_card)
     return Datastore.from_pretrained(out, verify=False, nprobe=src.nprobe, gpu=src.gpu)
