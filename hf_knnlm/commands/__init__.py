@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, reindex, tune
+from . import build, demo, evaluate, generate, push, qa, qa_train_reader, reindex, tune
 
 # The order of ``hf-knnlm --help``.
-SUBCOMMANDS = (build, evaluate, generate, tune, reindex, push, demo, qa)
+SUBCOMMANDS = (build, evaluate, generate, tune, reindex, push, demo, qa_train_reader, qa)
 
 
 def build_parser() -> argparse.ArgumentParser:

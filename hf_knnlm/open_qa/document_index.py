@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_path, atomic_write_bytes, atomic_write_json, file_hashes, verify_files
 from ..hub import push_folder, resolve_folder
+from .tokenization import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
 DOCUMENTS_NAME = "documents.jsonl"
@@ -103,7 +104,7 @@ def embed_corpus(
             range(0, len(order), batch_size), desc="embed documents", disable=not show_progress
         ):
             rows = order[start : start + batch_size]
-            encoded = tokenizer(
+            encoded = retriever_tokenizer(tokenizer)(
                 [titles[i] for i in rows],
                 [texts[i] for i in rows],
                 truncation="only_second",
