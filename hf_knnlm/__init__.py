@@ -16,10 +16,26 @@ from .open_qa import (  # importing it registers RealmConfig/RealmForOpenQA with
     RealmOpenQAOutput,
     train_realm,
 )
+from .rag import (
+    BM25Retriever,
+    DenseRetriever,
+    InContextRALMProcessor,
+    REPLUGProcessor,
+    chunk_documents,
+    evaluate_retrieval_perplexity,
+    flare_generate,
+)
 from .scoring import evaluate_perplexity, tune
 
 __all__ = [
     "__version__",
+    "BM25Retriever",
+    "DenseRetriever",
+    "InContextRALMProcessor",
+    "REPLUGProcessor",
+    "chunk_documents",
+    "evaluate_retrieval_perplexity",
+    "flare_generate",
     "Datastore",
     "DatastoreConfig",
     "DocumentIndex",

@@ -6,7 +6,7 @@ targets and (for scoring) LM log-probs from here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ class WindowBatch:
     hidden: torch.Tensor  # [n, d] FFN input at the position before each target
     targets: torch.Tensor  # [n] token ids
     lm_log_probs: torch.Tensor | None  # [n] log p_LM(target), when asked for
+    lm_features: torch.Tensor | None = None  # [n, F] lm_features(log p_LM over the vocabulary), if given
 
 
 def _pad_batch(
@@ -67,8 +68,13 @@ def iter_window_batches(
     start_window: int = 0,
     desc: str = "windows",
     disable_progress: bool | None = None,
+    lm_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[WindowBatch]:
-    """Yield one :class:`WindowBatch` per ``batch_size`` windows, starting at ``start_window``."""
+    """Yield one :class:`WindowBatch` per ``batch_size`` windows, starting at ``start_window``.
+
+    ``lm_features`` (with ``with_log_probs``) maps the ``[n, V]`` LM log-probs of the scored
+    positions to per-token features (e.g. entropy for a retrieval gate), kept in the batch.
+    """
     device = next(model.parameters()).device
     todo = range(start_window, len(windows), batch_size)
     with FFNInputCapture(model, hook_module, stop_forward=not with_log_probs) as capture:
@@ -83,8 +89,9 @@ def iter_window_batches(
             rows, positions, corpus_positions = _target_index(batch)
             hidden = capture.hidden_states(len(batch))[rows.to(device), positions.to(device)]
             targets = torch.from_numpy(tokens[corpus_positions].astype(np.int64)).to(device)
-            lm_log_probs = None
+            lm_log_probs = features = None
             if with_log_probs:
                 scored = torch.log_softmax(logits[rows.to(device), positions.to(device)].float(), dim=-1)
                 lm_log_probs = scored.gather(-1, targets[:, None]).squeeze(-1)
-            yield WindowBatch(first, len(batch), hidden.float(), targets, lm_log_probs)
+                features = None if lm_features is None else lm_features(scored)
+            yield WindowBatch(first, len(batch), hidden.float(), targets, lm_log_probs, features)

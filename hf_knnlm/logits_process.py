@@ -10,7 +10,9 @@ from transformers import LogitsProcessor
 
 from .datastore.datastore import Datastore
 from .hooks import FFNInputCapture
-from .knn import KNNSettings, interpolate, knn_log_probs
+from .knn import KNNSettings, interpolate
+from .neighbours import Neighbours
+from .skipping import search_skipper
 
 
 def load_datastore(datastore: Datastore | str | os.PathLike, **kwargs) -> Datastore:
@@ -24,9 +26,19 @@ def mix_with_datastore(
 
     One faiss search covers every query.
     """
-    distances, token_ids = datastore.search(queries, settings.k, settings.recompute_dists)
-    knn = knn_log_probs(distances, token_ids, lm_log_probs.shape[-1], settings.temperature)
-    return interpolate(lm_log_probs, knn.to(lm_log_probs.device), settings.lmbda)
+    found = datastore.search_entries(queries, settings.k, settings.recompute_dists)
+    return mix_neighbours(found, lm_log_probs, settings)
+
+
+def mix_neighbours(
+    neighbours: Neighbours,
+    lm_log_probs: torch.Tensor,
+    settings: KNNSettings,
+    lmbda: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mixture from given neighbours; ``lmbda`` (``[Q]``, a gate's) overrides ``settings.lmbda``."""
+    knn = neighbours.log_probs(lm_log_probs.shape[-1], settings.temperature)
+    return interpolate(lm_log_probs, knn.to(lm_log_probs.device), settings.lmbda if lmbda is None else lmbda)
 
 
 class KNNProcessor(LogitsProcessor):
@@ -56,6 +68,13 @@ class KNNProcessor(LogitsProcessor):
             Use exact distances from the stored keys (useful with PQ-compressed indexes).
         hook_module (`str`, *optional*):
             The module to hook; defaults to the one recorded in the datastore.
+        retomaton (`int`, *optional*):
+            RetoMaton: follow the corpus pointers of the previous step's neighbours that predicted
+            the chosen token, and search only when fewer than this many survive. The processor then
+            holds per-generation state: use one per generation at a time.
+        gate (`RetrievalGate`, `True` or a path, *optional*):
+            Adaptive retrieval: a gate (`True`: the one saved with the store) sets lmbda per step
+            and skips the search where it predicts no gain.
 
     Examples:
 
@@ -82,6 +101,8 @@ class KNNProcessor(LogitsProcessor):
         temperature: float = 1.0,
         recompute_dists: bool = False,
         hook_module: str | None = None,
+        retomaton: int | None = None,
+        gate=None,
     ) -> None:
         self.settings = KNNSettings(
             k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists
@@ -89,15 +110,25 @@ class KNNProcessor(LogitsProcessor):
         self.datastore = load_datastore(datastore)
         self.datastore.check_compatible(model)
         self.settings.k = self.datastore.clamp_k(k)
+        self.retrieval = search_skipper(self.datastore, self.settings, retomaton, gate, stream=False)
         self._capture = FFNInputCapture(model, hook_module or self.datastore.config.hook_module)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         # At the prefill step the model saw the whole prompt; only the last position predicts.
         queries = self._capture.hidden_states(scores.shape[0])[:, -1, :]
         lm_log_probs = torch.log_softmax(scores.float(), dim=-1)
-        mixed = mix_with_datastore(self.datastore, queries, lm_log_probs, self.settings)
+        neighbours, lmbda = self.neighbours(input_ids, queries, lm_log_probs)
+        mixed = mix_neighbours(neighbours, lm_log_probs, self.settings, lmbda)
         # Tokens an earlier processor banned (-inf) stay banned whatever the neighbours say.
         return mixed.masked_fill(torch.isneginf(scores), -math.inf).to(scores.dtype)
+
+    def neighbours(
+        self, input_ids: torch.LongTensor, queries: torch.Tensor, lm_log_probs: torch.Tensor
+    ) -> tuple[Neighbours, torch.Tensor | None]:
+        """This step's neighbours (searched, or followed by RetoMaton) and the gate's lmbda, if any."""
+        if self.retrieval is not None:
+            return self.retrieval(input_ids, queries, lm_log_probs)
+        return self.datastore.search_entries(queries, self.settings.k, self.settings.recompute_dists), None
 
     def remove(self) -> None:
         """Detach the hook from the model (the processor cannot be used afterwards)."""

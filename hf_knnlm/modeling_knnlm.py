@@ -20,9 +20,11 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .datastore.datastore import Datastore
+from .gate import GateSteps, load_gate
 from .hooks import FFNInputCapture
 from .knn import KNNSettings
-from .logits_process import KNNProcessor, load_datastore, mix_with_datastore
+from .logits_process import KNNProcessor, load_datastore, mix_neighbours, mix_with_datastore
+from .retomaton import RetoMaton, stream_neighbours
 
 WRAPPER_CONFIG_NAME = "config.json"
 DATASTORE_SUBFOLDER = "datastore"
@@ -41,6 +43,9 @@ class KNNLMConfig(PreTrainedConfig):
         lmbda (`float`, defaults to 0.25): weight of p_kNN in [0, 1].
         temperature (`float`, defaults to 1.0): divides the neighbour distances.
         recompute_dists (`bool`, defaults to `False`): exact distances from the stored keys.
+        retomaton (`int`, *optional*): RetoMaton threshold: follow corpus pointers and search only
+            when fewer than this many survive.
+        gate (`bool`, defaults to `False`): use the adaptive-retrieval gate saved with the datastore.
     """
 
     model_type = "knnlm"
@@ -51,6 +56,8 @@ class KNNLMConfig(PreTrainedConfig):
     lmbda: float = 0.25
     temperature: float = 1.0
     recompute_dists: bool = False
+    retomaton: int | None = None
+    gate: bool = False
 
 
 AutoConfig.register("knnlm", KNNLMConfig, exist_ok=True)
@@ -126,6 +133,8 @@ class KNNLMForCausalLM(PreTrainedModel):
         temperature: float | None = None,
         recompute_dists: bool | None = None,
         datastore_kwargs: dict[str, Any] | None = None,
+        retomaton: int | None = None,
+        gate: bool | None = None,
         **model_kwargs: Any,
     ) -> KNNLMForCausalLM:
         """Wrap a base model (instance, Hub id or path) or load a saved wrapper.
@@ -136,6 +145,7 @@ class KNNLMForCausalLM(PreTrainedModel):
                 a folder / repo saved by :meth:`save_pretrained`.
             datastore: a `Datastore`, a folder or a Hub repo id; defaults to the saved one.
             k, lmbda, temperature, recompute_dists: override the saved (or default) settings.
+            retomaton, gate: skip searches with RetoMaton (a threshold) or the store's gate.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).
         """
         overrides = {"k": k, "lmbda": lmbda, "temperature": temperature, "recompute_dists": recompute_dists}
@@ -177,6 +187,8 @@ class KNNLMForCausalLM(PreTrainedModel):
             lmbda=settings.lmbda,
             temperature=settings.temperature,
             recompute_dists=settings.recompute_dists,
+            retomaton=retomaton if retomaton is not None else fields.get("retomaton"),
+            gate=gate if gate is not None else fields.get("gate", False),
         )
         return cls(config, base, store)
 
@@ -213,14 +225,35 @@ class KNNLMForCausalLM(PreTrainedModel):
         else:
             scored = attention_mask[:, -lm_log_probs.shape[1] :].bool()
         mixed = lm_log_probs.clone()
-        mixed[scored] = mix_with_datastore(
-            self.datastore, hidden[scored], lm_log_probs[scored], self.settings
-        )
+        if self.config.retomaton is not None:
+            self._retomaton_mix(mixed, input_ids, hidden, lm_log_probs, scored)
+        elif self.config.gate:
+            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, self.settings)(
+                None, hidden[scored], lm_log_probs[scored]
+            )
+            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], self.settings, lmbda)
+        else:
+            mixed[scored] = mix_with_datastore(
+                self.datastore, hidden[scored], lm_log_probs[scored], self.settings
+            )
         loss = None
         if labels is not None:
             shift_log_probs = mixed[:, :-1].reshape(-1, mixed.shape[-1])
             loss = F.nll_loss(shift_log_probs, labels[:, 1:].reshape(-1).to(mixed.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
+
+    def _retomaton_mix(self, mixed, input_ids, hidden, lm_log_probs, scored) -> None:
+        """Each row is one stream: position t follows the pointers of t - 1 through token t."""
+        automaton = RetoMaton(
+            self.datastore, self.config.retomaton, self.settings.k, self.settings.recompute_dists
+        )
+        for row in range(len(mixed)):
+            automaton.reset()
+            pos = torch.nonzero(scored[row]).flatten()
+            tokens = input_ids[row, -mixed.shape[1] :][pos].tolist()
+            found = stream_neighbours(automaton, hidden[row, pos], tokens)
+            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], self.settings)
+        self.retrieval_stats = automaton.stats()
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
@@ -233,6 +266,8 @@ class KNNLMForCausalLM(PreTrainedModel):
                 lmbda=self.settings.lmbda,
                 temperature=self.settings.temperature,
                 recompute_dists=self.settings.recompute_dists,
+                retomaton=self.config.retomaton,
+                gate=self.config.gate or None,
             )
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(self._processor)

@@ -61,7 +61,8 @@ def test_tiny_shards_have_transformers_style_index(store, sharded_dir):
     config = DatastoreConfig.load(sharded_dir / "datastore_config.json")
     assert "keys.safetensors.index.json" in config.files and "values.safetensors.index.json" in config.files
     assert "README.md" not in config.files and (sharded_dir / "README.md").is_file()
-    assert len(config.files) == 2 * n_shards + 3
+    # + entries.safetensors and documents.safetensors (provenance), copied with the store
+    assert len(config.files) == 2 * n_shards + 3 + 2
 
 
 def test_sharded_store_reassembles_exactly(store, sharded_dir):

@@ -6,10 +6,36 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, qa_train_reader, reindex, tune
+from . import (
+    build,
+    demo,
+    evaluate,
+    generate,
+    push,
+    qa,
+    qa_train_reader,
+    rag_evaluate,
+    rag_generate,
+    rag_index,
+    reindex,
+    tune,
+)
 
 # The order of ``hf-knnlm --help``.
-SUBCOMMANDS = (build, evaluate, generate, tune, reindex, push, demo, qa_train_reader, qa)
+SUBCOMMANDS = (
+    build,
+    evaluate,
+    generate,
+    tune,
+    reindex,
+    push,
+    demo,
+    qa_train_reader,
+    qa,
+    rag_index,
+    rag_evaluate,
+    rag_generate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .index import INDEX_NAME, build_index, write_index
+from .provenance import record_provenance
 from .shards import KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
@@ -132,6 +134,7 @@ def _finalize(
     config: DatastoreConfig,
     max_shard_size,
     train_size: int,
+    extra_files: Sequence[str] = (),
 ):
     num = len(values)
     config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
@@ -158,7 +161,7 @@ def _finalize(
     )
     write_index(index, output_dir / INDEX_NAME)
     config.num_entries = num
-    write_manifest(output_dir, config, key_files, value_files, bounds)
+    write_manifest(output_dir, config, key_files, value_files, bounds, extra_files)
 
 
 def write_manifest(
@@ -167,16 +170,21 @@ def write_manifest(
     key_files: list[str],
     value_files: list[str],
     bounds: list[tuple[int, int]],
+    extra_files: Sequence[str] = (),
 ) -> None:
-    """Finish a store whose shards and index are written: shard index jsons, model card, config (last)."""
+    """Finish a store whose shards and index are written: shard index jsons, model card, config (last).
+
+    ``extra_files`` (already written: provenance, gate, key transform) are hashed with the rest.
+    """
     config.shards = [
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, config.hidden_size * 2)
+    key_bytes = 2 * open_memmap(folder / key_files[0], "keys").shape[-1]  # PCA stores keep fewer dims
+    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_bytes)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
     # README.md is not hashed: users edit their cards on the Hub.
-    config.files = file_hashes(folder, [*key_files, *value_files, *index_files, INDEX_NAME])
+    config.files = file_hashes(folder, [*key_files, *value_files, *index_files, INDEX_NAME, *extra_files])
     write_model_card(folder, config)
     config.save(folder / CONFIG_NAME)
 
@@ -199,6 +207,7 @@ def build_datastore(
     overwrite: bool = False,
     separator: str = "\n\n",
     disable_progress: bool | None = None,
+    document_names: Sequence[str] | None = None,
 ) -> Path:
     """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
     check_window_args(max_length, stride)
@@ -266,7 +275,8 @@ def build_datastore(
             todo = window_range(len(windows), rank, state.num_processes)
             if p.windows_done != todo[1] - todo[0]:
                 raise RuntimeError(f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows.")
-        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size)
+        extra = record_provenance(output_dir, tokenizer, data, tokens, text_column, separator, document_names)
+        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size, extra)
         shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
     state.wait_for_everyone()
     return output_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -13,10 +14,12 @@ import torch
 from ..corpus import CorpusLike
 from ..files import verify_files
 from ..hub import push_folder, resolve_folder
+from ..neighbours import Neighbours
 from .builder import build_datastore, write_manifest
 from .card import write_model_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
+from .extras import EXTRA_FILES, TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
@@ -28,6 +31,7 @@ from .index import (
     set_nprobe,
     write_index,
 )
+from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds, write_sharded
 
@@ -41,6 +45,7 @@ DATASTORE_FILE_PATTERNS = [
     f"*{INDEX_SUFFIX}",
     "index.faiss*",
     "*.ivfdata",
+    *EXTRA_FILES,
 ]
 # Remote files a push replaces: stale shards of an earlier push with another shard count go.
 DATASTORE_DELETE_PATTERNS = [
@@ -86,6 +91,13 @@ class Datastore:
         values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
         self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
         self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        # A PCA-compressed store keeps reduced keys; queries go through the same transform.
+        self.key_transform = (
+            faiss.read_VectorTransform(str(self.folder / TRANSFORM_NAME))
+            if TRANSFORM_NAME in config.files
+            else None
+        )
+        self._provenance = None
         if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
@@ -115,6 +127,7 @@ class Datastore:
         train_size: int = 1_000_000,
         overwrite: bool = False,
         disable_progress: bool | None = None,
+        document_names: Sequence[str] | None = None,
     ) -> Datastore:
         """Run ``model`` over ``data`` and store (FFN input at t, token t+1) for every target.
 
@@ -133,6 +146,11 @@ class Datastore:
             max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard.
             checkpoint_every (`int`, defaults to 65536): entries between resumable checkpoints.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
+            document_names (`list[str]`, *optional*): one name per document, shown by attribution
+                (default: the file name, or ``texts[i]`` / ``dataset[i]``).
+
+        Each entry's corpus position and every document's text and token character spans are
+        recorded (``entries.safetensors``, ``documents.safetensors``) for RetoMaton and attribution.
         """
         folder = build_datastore(
             model,
@@ -150,6 +168,7 @@ class Datastore:
             train_size=train_size,
             overwrite=overwrite,
             disable_progress=disable_progress,
+            document_names=document_names,
         )
         return cls.from_pretrained(folder, verify=False)
 
@@ -202,9 +221,9 @@ class Datastore:
         if max_shard_size is None:
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
-            bounds = shard_bounds(len(self), self.hidden_size * 2, max_shard_size)
+            bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
         key_files = write_sharded(
-            out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds, self.keys.iter_rows(65536)
+            out, KEYS_PREFIX, "keys", np.float16, (self.key_dim,), bounds, self.keys.iter_rows(65536)
         )
         value_files = write_sharded(
             out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
@@ -212,7 +231,8 @@ class Datastore:
         write_index(self.index, out / INDEX_NAME)
         for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a re-save with one shard has no index json
             stale.unlink()
-        write_manifest(out, config, key_files, value_files, bounds)
+        extra = copy_extra_files(self.folder, out, config)
+        write_manifest(out, config, key_files, value_files, bounds, extra)
 
     def push_to_hub(
         self,
@@ -262,6 +282,18 @@ class Datastore:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def key_dim(self) -> int:
+        """Width of the stored keys: ``hidden_size``, or fewer for a PCA-compressed store."""
+        return int(self.keys.shape[1])
+
+    @property
+    def provenance(self) -> Provenance:
+        """Corpus positions, successors, merge counts and documents of the entries (as recorded)."""
+        if self._provenance is None:
+            self._provenance = Provenance.load(self.folder, self.config.files, len(self))
+        return self._provenance
 
     @property
     def vocab_size(self) -> int:
@@ -327,6 +359,8 @@ class Datastore:
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
         if q.shape[-1] != self.hidden_size:
             raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        if self.key_transform is not None:
+            q = self.key_transform.apply(q)
         if self.on_gpu and k > GPU_MAX_K:
             raise ValueError(
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
@@ -361,6 +395,13 @@ class Datastore:
         token_ids = self.values[torch.from_numpy(np.where(ids < 0, 0, ids))]
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
         return torch.from_numpy(distances).to(device), token_ids.to(device)
+
+    def search_entries(
+        self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
+    ) -> Neighbours:
+        """Like :meth:`search`, but keeps the entry ids (and merge counts) of the neighbours."""
+        distances, ids = self.search_ids(queries, k, recompute_dists)
+        return Neighbours.from_ids(self, torch.from_numpy(distances), torch.from_numpy(ids))
 
     # ----------------------------------------------------------------- compatibility
     def check_compatible(self, model: torch.nn.Module, tokenizer=None) -> None:
@@ -400,17 +441,16 @@ class Datastore:
         config.index_factory, config.evaluation = index_factory, None
         bounds = [(s["start"], s["end"]) for s in config.shards]
         key_files = write_sharded(
-            out, KEYS_PREFIX, "keys", np.float16, (self.hidden_size,), bounds, self.keys.iter_rows(65536)
+            out, KEYS_PREFIX, "keys", np.float16, (self.key_dim,), bounds, self.keys.iter_rows(65536)
         )
         value_files = write_sharded(
             out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
         )
         keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
-        index = build_index(
-            index_factory, self.hidden_size, keys, keys.iter_rows(65536), train_size=train_size
-        )
+        index = build_index(index_factory, self.key_dim, keys, keys.iter_rows(65536), train_size=train_size)
         write_index(index, out / INDEX_NAME)
         for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a copy with one shard has no index json
             stale.unlink()
-        write_manifest(out, config, key_files, value_files, bounds)
+        extra = copy_extra_files(self.folder, out, config)
+        write_manifest(out, config, key_files, value_files, bounds, extra)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..corpus import CorpusLike, tokenize_corpus
 from ..datastore.datastore import Datastore
-from ..forward import iter_window_batches
+from ..forward import WindowBatch, iter_window_batches
 from ..knn import KNNSettings, interpolate, knn_target_log_probs
+from ..neighbours import Neighbours
+from ..skipping import search_skipper
 from ..windows import sliding_windows
+
+
+class Retrieval(Protocol):
+    """What replaces the plain per-batch search: RetoMaton, an adaptive-retrieval gate."""
+
+    lm_features: Callable[[torch.Tensor], torch.Tensor] | None  # what it needs from the LM
+
+    def __call__(self, batch: WindowBatch) -> tuple[Neighbours, torch.Tensor | None]: ...
+
+    def stats(self) -> dict[str, float | int]: ...
 
 
 @dataclass
@@ -24,6 +37,8 @@ class ScoredBatch:
     targets: torch.Tensor  # [n]
     distances: torch.Tensor | None  # [n, k]
     neighbour_tokens: torch.Tensor | None  # [n, k]
+    neighbour_log_counts: torch.Tensor | None = None  # [n, k] merge counts of a pruned store
+    lmbda: torch.Tensor | None = None  # [n] per-token weights (a retrieval gate); 0 = not searched
 
 
 def scored_tokens(
@@ -52,8 +67,13 @@ def iter_scored_batches(
     batch_size: int,
     recompute_dists: bool = False,
     disable_progress: bool | None = None,
+    retrieval: Retrieval | None = None,
 ) -> Iterator[ScoredBatch]:
-    """One forward pass and one batched neighbour search per batch of windows."""
+    """One forward pass and one batched neighbour search per batch of windows.
+
+    ``retrieval`` replaces the plain search (RetoMaton, a retrieval gate): it maps each
+    :class:`~hf_knnlm.forward.WindowBatch` to its neighbours and optional per-token lmbda.
+    """
     windows = list(sliding_windows(len(tokens), max_length, stride))
     hook = datastore.config.hook_module if datastore is not None else None
     model.eval()
@@ -66,16 +86,18 @@ def iter_scored_batches(
         with_log_probs=True,
         desc="scoring",
         disable_progress=disable_progress,
+        lm_features=None if retrieval is None else retrieval.lm_features,
     ):
-        distances = neighbour_tokens = None
+        scored = ScoredBatch(batch.lm_log_probs.float().cpu(), batch.targets.cpu(), None, None)
         if datastore is not None:
-            distances, neighbour_tokens = datastore.search(batch.hidden, k, recompute_dists)
-        yield ScoredBatch(
-            batch.lm_log_probs.float().cpu(),
-            batch.targets.cpu(),
-            None if distances is None else distances.cpu(),
-            None if neighbour_tokens is None else neighbour_tokens.cpu(),
-        )
+            if retrieval is None:
+                found, scored.lmbda = datastore.search_entries(batch.hidden, k, recompute_dists), None
+            else:
+                found, scored.lmbda = retrieval(batch)
+            found = found.to("cpu")
+            scored.distances, scored.neighbour_tokens = found.distances, found.token_ids
+            scored.neighbour_log_counts = found.log_counts
+        yield scored
 
 
 def mixed_target_log_probs(
@@ -83,8 +105,9 @@ def mixed_target_log_probs(
 ) -> torch.Tensor:
     """log(lmbda p_kNN(y) + (1 - lmbda) p_LM(y)) for each target y, from (a prefix of) the neighbours."""
     distances, neighbours = batch.distances[:, :k], batch.neighbour_tokens[:, :k]
-    knn = knn_target_log_probs(distances, neighbours, batch.targets, temperature)
-    return interpolate(batch.lm_log_probs, knn, lmbda)
+    counts = None if batch.neighbour_log_counts is None else batch.neighbour_log_counts[:, :k]
+    knn = knn_target_log_probs(distances, neighbours, batch.targets, temperature, counts)
+    return interpolate(batch.lm_log_probs, knn, lmbda if batch.lmbda is None else batch.lmbda)
 
 
 def evaluate_perplexity(
@@ -103,19 +126,30 @@ def evaluate_perplexity(
     text_column: str = "text",
     max_tokens: int | None = None,
     disable_progress: bool | None = None,
+    retomaton: int | None = None,
+    gate=None,
 ) -> dict[str, float | int | None]:
     """Sliding-window perplexity of ``model`` and, with a datastore, of the kNN-LM.
 
     Every token but the first is scored exactly once with at least ``max_length - stride`` tokens
     of context (the protocol used to build datastores).
 
+    Args:
+        retomaton (`int`, *optional*): follow corpus pointers (RetoMaton) and search only when fewer
+            than this many survive; the result then has ``searches_saved``.
+        gate (`RetrievalGate` or `True`, *optional*): per-token lmbda from an adaptive-retrieval gate
+            (`True`: the one saved with the store); skipped tokens are not searched.
+
     Returns:
-        `dict` with ``base_ppl``, ``knn_ppl`` (None without a datastore) and ``num_tokens``.
+        `dict` with ``base_ppl``, ``knn_ppl`` (None without a datastore) and ``num_tokens``, plus
+        ``steps`` / ``searches`` / ``searches_saved`` with ``retomaton`` or ``gate``.
     """
     settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
+    retrieval = None
     if datastore is not None:
         settings.k = datastore.clamp_k(k)
+        retrieval = search_skipper(datastore, settings, retomaton, gate, stream=True)
     base_nll = knn_nll = 0.0
     count = 0
     for batch in iter_scored_batches(
@@ -128,6 +162,7 @@ def evaluate_perplexity(
         batch_size=batch_size,
         recompute_dists=settings.recompute_dists,
         disable_progress=disable_progress,
+        retrieval=retrieval,
     ):
         base_nll -= batch.lm_log_probs.double().sum().item()
         if datastore is not None:
@@ -138,6 +173,7 @@ def evaluate_perplexity(
         "base_ppl": math.exp(base_nll / count),
         "knn_ppl": math.exp(knn_nll / count) if datastore is not None else None,
         "num_tokens": count,
+        **(retrieval.stats() if retrieval is not None else {}),
     }
 
 
@@ -152,8 +188,9 @@ class ScoredQueries:
     def search(self, datastore: Datastore, k: int, recompute_dists: bool = False) -> ScoredBatch:
         """Neighbours of every stored query: a :class:`ScoredBatch` covering the whole text."""
         k = datastore.clamp_k(k)
-        distances, tokens = datastore.search(self.queries, k, recompute_dists)
-        return ScoredBatch(self.lm_log_probs, self.targets, distances, tokens.to(torch.int32))
+        found = datastore.search_entries(self.queries, k, recompute_dists)
+        tokens = found.token_ids.to(torch.int32)
+        return ScoredBatch(self.lm_log_probs, self.targets, found.distances, tokens, found.log_counts)
 
 
 def collect_queries(

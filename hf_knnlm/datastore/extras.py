@@ -1,0 +1,40 @@
+"""Optional files a datastore may carry besides keys, values and the index.
+
+Each is hashed in ``datastore_config.json`` like the shards; stores written before they existed
+simply lack them and load as before.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..files import atomic_path, file_hashes
+from .config import CONFIG_NAME, DatastoreConfig
+
+ENTRIES_NAME = "entries.safetensors"  # corpus positions, RetoMaton pointers, merge counts
+DOCUMENTS_NAME = "documents.safetensors"  # document names, texts and token character spans
+TRANSFORM_NAME = "key_transform.faiss"  # PCA applied to queries of a store with reduced keys
+GATE_NAME = "gate.safetensors"  # the adaptive-retrieval gate trained for this store
+EXTRA_FILES = (ENTRIES_NAME, DOCUMENTS_NAME, TRANSFORM_NAME, GATE_NAME)
+
+
+def extra_files(config: DatastoreConfig) -> list[str]:
+    """The optional files this store records."""
+    return [name for name in EXTRA_FILES if name in config.files]
+
+
+def copy_extra_files(src: Path, dst: Path, config: DatastoreConfig, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy the optional files of a store into another folder (atomically); returns their names."""
+    names = [name for name in extra_files(config) if name not in skip]
+    for name in names:
+        if Path(src, name).resolve() != Path(dst, name).resolve():
+            with atomic_path(Path(dst) / name) as tmp:
+                shutil.copyfile(Path(src) / name, tmp)
+    return names
+
+
+def register_files(folder: Path, config: DatastoreConfig, names: list[str]) -> None:
+    """Hash files just written into a finished store and rewrite its config (atomically)."""
+    config.files.update(file_hashes(folder, names))
+    config.save(Path(folder) / CONFIG_NAME)

@@ -1,0 +1,44 @@
+"""Open a saved retriever by what its folder holds: a BM25 index or a dense document index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .bm25 import CONFIG_NAME as BM25_CONFIG
+from .bm25 import BM25Retriever
+from .dense import DenseRetriever, sentence_encoder
+from .retriever import Retriever
+
+DENSE_CONFIG = "document_index.json"
+
+
+def load_retriever(
+    path: str | os.PathLike, encoder: str | os.PathLike | None = None, **kwargs: Any
+) -> Retriever:
+    """A :class:`BM25Retriever` (folder with ``bm25_config.json``) or a :class:`DenseRetriever` (folder with
+    ``document_index.json``; ``encoder`` is the sentence encoder that embedded it, by default the one its
+    metadata names)."""
+    folder = Path(path)
+    if (folder / BM25_CONFIG).is_file():
+        return BM25Retriever.from_pretrained(folder, **kwargs)
+    if (folder / DENSE_CONFIG).is_file():
+        from transformers import AutoTokenizer
+
+        from ..open_qa.document_index import DocumentIndex
+
+        index = DocumentIndex.from_pretrained(folder, **kwargs)
+        encoder = encoder or index.metadata.get("encoder")
+        if not encoder:
+            raise ValueError(
+                f"{folder} is a dense index without a recorded encoder; pass encoder=<its path>."
+            )
+        return DenseRetriever(index, sentence_encoder(encoder), AutoTokenizer.from_pretrained(encoder))
+    raise FileNotFoundError(
+        f"{folder} holds neither {BM25_CONFIG} (BM25) nor {DENSE_CONFIG} (dense index); build one with "
+        "`hf-knnlm rag-index`."
+    )
+
+
+__all__ = ["load_retriever"]

@@ -1,0 +1,111 @@
+"""Short answers from a causal LM: closed-book, In-Context RALM or REPLUG, greedy.
+
+The question fills a prompt template; with retrieval, the bare question is the query (retrieved once) and
+the passages are prepended to the prompt by the processor. The answer is the generated text up to the
+first line break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import BatchEncoding, LogitsProcessorList
+
+from .logits_process import InContextRALMProcessor, REPLUGProcessor
+from .prefix import pad_token_id
+from .retriever import Retriever
+
+PROMPT = "Answer the question with a few words.\nQuestion: {question}\nAnswer:"
+METHODS = ("closed_book", "ralm", "replug")
+
+
+def _processor(method, model, tokenizer, retriever, questions, k, temperature, max_document_tokens):
+    if method == "closed_book":
+        return []
+    if retriever is None:
+        raise ValueError(f"method={method!r} reads passages: pass a retriever (or method='closed_book').")
+    common = dict(retrieval_stride=None, queries=questions, max_document_tokens=max_document_tokens)
+    if method == "ralm":
+        return [InContextRALMProcessor(model, tokenizer, retriever, **common)]
+    return [REPLUGProcessor(model, tokenizer, retriever, k=k, temperature=temperature, **common)]
+
+
+@torch.no_grad()
+def answer_questions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    questions: Sequence[str],
+    *,
+    method: str = "closed_book",
+    retriever: Retriever | None = None,
+    k: int = 4,
+    temperature: float = 1.0,
+    prompt: str = PROMPT,
+    max_new_tokens: int = 16,
+    max_document_tokens: int = 256,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy short answers to ``questions``.
+
+    Args:
+        method: ``"closed_book"`` (the LM alone), ``"ralm"`` (In-Context RALM: the top passage) or
+            ``"replug"`` (REPLUG ensemble of the top ``k`` passages, weights ``softmax(score/temperature)``).
+        retriever: ``search(queries, k) -> (scores, doc_ids)``; the bare question is the query.
+        prompt: a template with ``{question}``.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.rag import BM25Retriever, answer_questions
+    >>> lm = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> questions = ["Where did the cat sit?", "What do dogs do?"]
+    >>> passages = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
+    >>> answers = answer_questions(lm, AutoTokenizer.from_pretrained("gpt2"), questions, method="replug", k=2,
+    ...                            retriever=passages, max_new_tokens=4, show_progress=False)
+    >>> len(answers)
+    2
+    ```
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    if "{question}" not in prompt:
+        raise ValueError(f"prompt={prompt!r} has no '{{question}}' placeholder.")
+    pad = pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=method, disable=not show_progress):
+        batch = list(questions[start : start + batch_size])
+        texts = [prompt.format(question=q) for q in batch]
+        encoded = _encode(tokenizer, texts, pad).to(device)
+        processors = _processor(
+            method, model, tokenizer, retriever, batch, k, temperature, max_document_tokens
+        )
+        output = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(processors),
+            stop_strings=["\n"],
+            tokenizer=tokenizer,
+            pad_token_id=pad,
+        )
+        for row in output[:, encoded["input_ids"].shape[1] :]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+    return answers
+
+
+def _encode(tokenizer, texts: list[str], pad: int) -> BatchEncoding:
+    """Left-padded prompts (with ``pad`` where the tokenizer has no pad token, as GPT-2's)."""
+    rows = tokenizer(texts)["input_ids"]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+__all__ = ["METHODS", "PROMPT", "answer_questions"]

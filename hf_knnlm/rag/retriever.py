@@ -1,0 +1,57 @@
+"""The one contract every document retriever follows, and the passages it returns.
+
+``retriever.search(queries, k) -> (scores, doc_ids)``: ``queries`` is a list of strings, ``scores`` a
+float32 array ``[len(queries), k]`` (higher is better) and ``doc_ids`` an int64 array of the same shape
+holding positions in the retriever's collection (``retriever.titles[i]``, ``retriever.texts[i]``),
+``-1`` where fewer than ``k`` documents match. :class:`~hf_knnlm.rag.BM25Retriever` and
+:class:`~hf_knnlm.rag.DenseRetriever` both follow it, so the retrieval-augmented LMs of this package
+take either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """What In-Context RALM, REPLUG and FLARE need from a document retriever."""
+
+    titles: Sequence[str]
+    texts: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_search_args(queries: Sequence[str], k: int, num_documents: int) -> list[str]:
+    """Validate ``k`` and turn ``queries`` into a list of strings (one string is one query)."""
+    if isinstance(queries, str):
+        queries = [queries]
+    if not isinstance(k, int) or k < 1 or k > num_documents:
+        raise ValueError(
+            f"k={k!r} but the collection holds {num_documents} documents; use 1 <= k <= {num_documents}."
+        )
+    if not all(isinstance(q, str) for q in queries):
+        raise ValueError(
+            "queries must be strings (one per row); the retriever embeds or tokenizes them itself."
+        )
+    return list(queries)
+
+
+def document_text(title: str, text: str) -> str:
+    """How a retrieved passage is shown to the LM: its title on a line of its own, then the text."""
+    return f"{title}\n{text}\n\n" if title else f"{text}\n\n"
+
+
+def check_collection(ids: Sequence[str], texts: Sequence[str], titles: Sequence[str]) -> None:
+    if not texts:
+        raise ValueError("the document collection is empty; pass at least one document.")
+    if not len(ids) == len(texts) == len(titles):
+        raise ValueError(f"{len(ids)} ids, {len(titles)} titles and {len(texts)} texts; pass one each.")
+    if len(set(ids)) != len(ids):
+        raise ValueError("document ids must be unique; drop the duplicates or leave 'id' out to number them.")

@@ -1,0 +1,205 @@
+"""RetoMaton (Alon et al., 2022): follow the corpus instead of searching it at every step.
+
+Every datastore entry points to the entry that follows it in the corpus (entry ``i`` predicts
+token ``i + 1``; its successor is the entry built at that token). After a step whose neighbours
+were ``N``, the token actually produced (generated or observed) is ``y``; the neighbours that
+predicted ``y`` were right, and their successors are the natural neighbours of the next step.
+When at least ``threshold`` such pointers survive, the next step uses them (exact distances to
+their stored keys) and skips the faiss search; otherwise it searches as plain kNN-LM does.
+
+With ``threshold > k`` no step can skip (at most ``k`` pointers survive), which is plain kNN-LM
+exactly. The automaton is stateful (one pointer set per sequence) and not thread-safe: use one
+per thread / generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .neighbours import Neighbours, pad_rows
+
+if TYPE_CHECKING:
+    from .datastore import Datastore
+
+
+def check_threshold(threshold: int) -> None:
+    if not isinstance(threshold, int) or threshold < 1:
+        raise ValueError(
+            f"retomaton threshold={threshold!r} must be an integer >= 1: the fewest surviving pointers "
+            f"that replace a search (e.g. 8; larger searches more often)."
+        )
+
+
+class RetoMaton:
+    """Pointer state for a batch of sequences and the count of searches it saved.
+
+    Args:
+        datastore (`Datastore`): the store searched and followed.
+        threshold (`int`): the fewest surviving pointers that replace a search.
+        k (`int`): neighbours per step (pointer sets are cut to their ``k`` nearest).
+        recompute_dists (`bool`, defaults to `False`): exact distances for searched neighbours too.
+
+    Examples:
+
+    ```python
+    >>> automaton = RetoMaton(store, threshold=8, k=1024)
+    >>> nb = automaton.neighbours(queries)                       # first step: searches
+    >>> nb = automaton.neighbours(queries2, prev_tokens=chosen)  # follows pointers where it can
+    >>> automaton.searches_saved
+    ```
+    """
+
+    def __init__(self, datastore: Datastore, threshold: int, k: int, recompute_dists: bool = False):
+        check_threshold(threshold)
+        self.datastore = datastore
+        self.threshold = threshold
+        self.k = datastore.clamp_k(k)
+        self.recompute_dists = recompute_dists
+        self.steps = 0
+        self.searches = 0
+        self._prev: list[np.ndarray | None] = []
+
+    @property
+    def searches_saved(self) -> float:
+        """Fraction of steps (queries) answered without a search so far."""
+        return 1.0 - self.searches / self.steps if self.steps else 0.0
+
+    def stats(self) -> dict[str, float | int]:
+        return {"steps": self.steps, "searches": self.searches, "searches_saved": self.searches_saved}
+
+    def reset(self) -> None:
+        """Forget every sequence's pointers (the next step searches); counters are kept."""
+        self._prev = []
+
+    def pointers(self, row_ids: np.ndarray | None, token: int | None) -> np.ndarray:
+        """Successors of the entries in ``row_ids`` whose value is ``token`` (unique, valid ids)."""
+        if row_ids is None or token is None or not len(row_ids):
+            return np.zeros(0, dtype=np.int64)
+        values = self.datastore.values.numpy()
+        right = row_ids[values[row_ids] == token]
+        nxt = self.datastore.provenance.successors(right)
+        return np.unique(nxt[nxt >= 0])
+
+    def _pointer_row(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = torch.from_numpy(self.datastore.keys.take(ids)).float()
+        d = (keys - torch.from_numpy(query)).square_().sum(-1).numpy()
+        order = np.argsort(d, kind="stable")[: self.k]
+        return d[order], ids[order]
+
+    def neighbours(
+        self,
+        queries: torch.Tensor,
+        prev_tokens: torch.Tensor | Sequence[int] | None = None,
+        parents: Sequence[int] | None = None,
+        precomputed: Neighbours | None = None,
+    ) -> Neighbours:
+        """The neighbours of one step for every row of ``queries`` (``[Q, hidden_size]``).
+
+        Args:
+            prev_tokens: the token each sequence produced at the previous step (None: first step).
+            parents: for each row, the row of the previous step it continues (beam search reorders
+                rows); defaults to the same row. ``-1`` starts afresh.
+            precomputed: neighbours a search would return for these queries (evaluation caches);
+                rows that must search take them instead of calling faiss.
+        """
+        q = queries.detach().float().cpu().numpy().reshape(len(queries), -1)
+        if self.datastore.key_transform is not None:
+            q = self.datastore.key_transform.apply(np.ascontiguousarray(q))
+        tokens = None if prev_tokens is None else [int(t) for t in prev_tokens]
+        rows: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for row in range(len(q)):
+            parent = row if parents is None else int(parents[row])
+            prev = self._prev[parent] if 0 <= parent < len(self._prev) else None
+            ptrs = self.pointers(prev, None if tokens is None else tokens[row])
+            rows.append(self._pointer_row(q[row], ptrs) if len(ptrs) >= self.threshold else None)
+        todo = [row for row, r in enumerate(rows) if r is None]
+        if todo:
+            if precomputed is not None:
+                found_d = precomputed.distances[todo, : self.k].numpy()
+                found_i = precomputed.ids[todo, : self.k].numpy()
+            else:
+                found_d, found_i = self.datastore.search_ids(queries[todo], self.k, self.recompute_dists)
+            for j, row in enumerate(todo):
+                rows[row] = (found_d[j], found_i[j])
+        self.steps += len(rows)
+        self.searches += len(todo)
+        distances, ids = pad_rows(rows, self.k)
+        self._prev = [i[i >= 0] for i in ids.numpy()]
+        return Neighbours.from_ids(self.datastore, distances, ids)
+
+
+def stream_neighbours(
+    automaton: RetoMaton,
+    queries: torch.Tensor,
+    prev_tokens: Sequence[int | None],
+    precomputed: Neighbours | None = None,
+) -> Neighbours:
+    """Walk a token stream (teacher forcing) one query at a time: query ``i`` follows the pointers
+    of query ``i - 1`` through ``prev_tokens[i]``, the token at query ``i``'s own position."""
+    steps = []
+    for i in range(len(queries)):
+        token = prev_tokens[i]
+        pre = None if precomputed is None else _row(precomputed, i)
+        steps.append(automaton.neighbours(queries[i : i + 1], None if token is None else [token], None, pre))
+    return Neighbours(
+        torch.cat([s.distances for s in steps]),
+        torch.cat([s.ids for s in steps]),
+        torch.cat([s.token_ids for s in steps]),
+        None if steps[0].log_counts is None else torch.cat([s.log_counts for s in steps]),
+    )
+
+
+def _row(neighbours: Neighbours, i: int) -> Neighbours:
+    pick = slice(i, i + 1)
+    counts = None if neighbours.log_counts is None else neighbours.log_counts[pick]
+    return Neighbours(neighbours.distances[pick], neighbours.ids[pick], neighbours.token_ids[pick], counts)
+
+
+class RetoMatonRetrieval:
+    """RetoMaton over the scored stream of :func:`~hf_knnlm.evaluate_perplexity` (one stream, in order)."""
+
+    lm_features = None
+
+    def __init__(self, automaton: RetoMaton):
+        self.automaton = automaton
+        self._last_target: int | None = None
+
+    def __call__(self, batch) -> tuple[Neighbours, None]:
+        targets = batch.targets.tolist()
+        found = stream_neighbours(self.automaton, batch.hidden, [self._last_target, *targets[:-1]])
+        self._last_target = targets[-1]
+        return found, None
+
+    def stats(self) -> dict[str, float | int]:
+        return self.automaton.stats()
+
+
+class RetoMatonSteps:
+    """RetoMaton during ``generate``: one pointer set per sequence, following beam reorderings.
+
+    A call whose ``input_ids`` are one token longer than the last call's continues it: each row's
+    parent is the previous row it extends (beam search reorders rows); anything else starts afresh.
+    """
+
+    def __init__(self, automaton: RetoMaton):
+        self.automaton = automaton
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, queries: torch.Tensor, lm_log_probs=None):
+        ids = input_ids.detach().cpu()
+        parents = prev = None
+        if self._last is not None and ids.shape[1] == self._last.shape[1] + 1:
+            match = (ids[:, None, :-1] == self._last[None]).all(-1)  # [rows, previous rows]
+            parents = torch.where(match.any(1), match.float().argmax(1), -1).tolist()
+            prev = ids[:, -1].tolist()
+        else:
+            self.automaton.reset()
+        self._last = ids
+        return self.automaton.neighbours(queries, prev, parents), None
+
+    def stats(self) -> dict[str, float | int]:
+        return self.automaton.stats()
