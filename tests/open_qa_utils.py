@@ -97,11 +97,11 @@ def save_qa_checkpoint(tokenizer: BertTokenizerFast, folder: Path, seed: int = 1
 def pipeline_best_span(model, tokenizer, question: str, context: str, max_answer_len: int) -> tuple[int, int]:
     """Character span that transformers 4's ``pipeline("question-answering")`` returns for one window (its
     postprocessing, restated: transformers 5 removed that pipeline). Softmax of start and end logits over the
-    context tokens, outer product, spans of at most ``max_answer_len`` tokens, argmax."""
-    encoded = tokenizer(question, context, truncation="only_second", max_length=384, return_tensors="pt")
-    offsets = tokenizer(
-        question, context, truncation="only_second", max_length=384, return_offsets_mapping=True
-    )["offset_mapping"]
+    context tokens, outer product, spans of at most ``max_answer_len`` tokens, the 12 best candidates, the
+    scores of candidates with the same (lower-cased) text summed, the best text."""
+    kwargs = dict(truncation="only_second", max_length=384)
+    encoded = tokenizer(question, context, return_tensors="pt", **kwargs)
+    offsets = tokenizer(question, context, return_offsets_mapping=True, **kwargs)["offset_mapping"]
     with torch.no_grad():
         out = model(**encoded)
     undesired = np.array([sid != 1 for sid in encoded.sequence_ids(0)])
@@ -112,5 +112,12 @@ def pipeline_best_span(model, tokenizer, question: str, context: str, max_answer
     start, end = start / start.sum(), end / end.sum()
     start[0] = end[0] = 0.0  # [CLS]: no impossible answers
     candidates = np.tril(np.triu(np.outer(start, end)), max_answer_len - 1)
-    first, last = np.unravel_index(np.argmax(candidates), candidates.shape)
-    return offsets[first][0], offsets[last][1]
+    answers: dict[str, list] = {}
+    for flat in np.argsort(-candidates.flatten())[:12]:
+        first, last = np.unravel_index(flat, candidates.shape)
+        if undesired[first] or undesired[last]:
+            continue
+        span = (offsets[first][0], offsets[last][1])
+        entry = answers.setdefault(context[span[0] : span[1]].lower(), [0.0, span])
+        entry[0] += candidates[first, last]
+    return max(answers.values(), key=lambda entry: entry[0])[1]

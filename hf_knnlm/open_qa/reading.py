@@ -10,6 +10,7 @@ overlap of two windows is scored once in each (as in extractive QA with a doc st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -73,34 +74,60 @@ def _expand_to_words(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+def _candidates(
+    joint: torch.Tensor, window_doc: torch.Tensor, meta: dict[str, Any], b: int, top_spans: int, align: bool
+):
+    """The ``top_spans`` best spans of each real window of question ``b``: (log p, doc slot, start, end)."""
+    _, n, seq, width = joint.shape
+    values, indices = joint[b].reshape(n, -1).topk(min(top_spans, seq * width), dim=-1)
+    for window in range(n):
+        z = int(window_doc[b, window])
+        if z < 0:
+            continue
+        offsets, text = meta["offsets"][b][window], meta["texts"][b][z]
+        for value, index in zip(values[window].tolist(), indices[window].tolist(), strict=True):
+            if value < SPAN_MASK_VALUE / 2:  # not a document span
+                break
+            start, w = divmod(index, width)
+            char_start, char_end = offsets[start][0], offsets[start + w][1]
+            if align:
+                char_start, char_end = _expand_to_words(text, char_start, char_end)
+            yield value, z, char_start, char_end
+
+
 def decode_best_spans(
     joint: torch.Tensor,
     window_doc: torch.Tensor,
     doc_probs: torch.Tensor,
     meta: dict[str, Any],
     align_to_words: bool = True,
+    top_spans: int = 12,
 ) -> list[dict[str, Any]]:
-    """The highest-scoring span of each question over all its windows and documents (``joint`` = log p(z, s|x)
-    ``[b, n, seq, w]``), as text with its document id and character offsets in that document."""
-    batch, _, seq, width = joint.shape
-    flat = joint.reshape(batch, -1)
-    best = flat.argmax(dim=-1)
+    """The answer of each question, aggregated over all its windows and documents (``joint`` = log p(z, s|x)
+    ``[b, n, seq, w]``).
+
+    As transformers 4's question-answering pipeline does across windows: the ``top_spans`` best spans of every
+    window are grouped by their (lower-cased) text and the probabilities of a group are summed; the answer is
+    the group with the largest sum, reported with the document id and character offsets of its best span.
+    """
     results = []
-    for b in range(batch):
-        window, rest = divmod(int(best[b]), seq * width)
-        start, w = divmod(rest, width)
-        z = int(window_doc[b, window])
-        offsets, text = meta["offsets"][b][window], meta["texts"][b][z]
-        char_start, char_end = offsets[start][0], offsets[start + w][1]
-        if align_to_words:
-            char_start, char_end = _expand_to_words(text, char_start, char_end)
+    for b in range(joint.shape[0]):
+        groups: dict[str, list] = {}
+        for value, z, start, end in _candidates(joint, window_doc, meta, b, top_spans, align_to_words):
+            text = meta["texts"][b][z][start:end]
+            group = groups.setdefault(text.lower(), [0.0, float("-inf"), None])
+            group[0] += math.exp(value)
+            if value > group[1]:
+                group[1], group[2] = value, (z, start, end, text)
+        total, _, best = max(groups.values(), key=lambda g: g[0]) if groups else (0.0, 0.0, None)
+        z, start, end, text = best if best is not None else (0, 0, 0, "")
         results.append(
             {
-                "answer": text[char_start:char_end],
-                "score": float(flat[b, best[b]].exp()),
-                "start": int(char_start),
-                "end": int(char_end),
-                "doc_id": meta["doc_ids"][b][z],
+                "answer": text,
+                "score": float(total),
+                "start": int(start),
+                "end": int(end),
+                "doc_id": meta["doc_ids"][b][z] if best is not None else None,
                 "doc_ids": [d for d in meta["doc_ids"][b] if d is not None],
                 "doc_scores": [
                     float(p) for p, d in zip(doc_probs[b], meta["doc_ids"][b], strict=True) if d is not None
