@@ -18,20 +18,23 @@ def resolve_folder(
     *,
     config_name: str,
     allow_patterns: list[str] | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    force_download: bool = False,
+    subfolder: str | None = None,
+    **download_kwargs: Any,
 ) -> Path:
     """Return a local folder holding a saved object: the path itself, or a Hub snapshot.
 
     A Hub repository is fetched with one ``snapshot_download`` restricted to ``allow_patterns`` so
     that files that must sit side by side (the faiss index and its side files) share one folder.
     ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and the cache are honoured by huggingface_hub itself.
+    ``subfolder`` names the object's folder inside the repository (or local folder), as in transformers;
+    ``download_kwargs`` (``revision``, ``cache_dir``, ``token``, ...) go to ``snapshot_download``.
     """
+    sub = Path(subfolder.strip("/")) if subfolder else None
+    if sub is not None and (sub.is_absolute() or ".." in sub.parts):
+        raise ValueError(f"subfolder={subfolder!r} must be a relative path inside the repository.")
     path = Path(repo_id_or_path).expanduser()
     if path.is_dir():
+        path = path / sub if sub is not None else path
         if not (path / config_name).is_file():
             raise FileNotFoundError(
                 f"{path} is a folder but has no {config_name}; is it a saved {config_name}?"
@@ -39,28 +42,28 @@ def resolve_folder(
         return path
     if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{repo_id_or_path} is not a folder with a {config_name}.")
+    if sub is not None and allow_patterns is not None:
+        allow_patterns = [f"{sub.as_posix()}/{pattern}" for pattern in allow_patterns]
 
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(
-        repo_id=str(repo_id_or_path),
-        revision=revision,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        token=token,
-        allow_patterns=allow_patterns,
-        force_download=force_download,
-    )
-    folder = Path(folder)
+    folder = snapshot_download(repo_id=str(repo_id_or_path), allow_patterns=allow_patterns, **download_kwargs)
+    folder = Path(folder) / sub if sub is not None else Path(folder)
     if not (folder / config_name).is_file():
+        where = f"{sub.as_posix()}/{config_name}" if sub is not None else config_name
         raise FileNotFoundError(
-            f"Hub repository {repo_id_or_path} has no {config_name} at revision {revision or 'main'}."
+            f"Hub repository {repo_id_or_path} has no {where} at revision "
+            f"{download_kwargs.get('revision') or 'main'}."
         )
     return folder
 
 
+# The keyword arguments of push_folder that a push_to_hub passes through (the rest go to its save).
+PUSH_OPTIONS = ("revision", "private", "token", "create_pr")
+
+
 def push_folder(
-    save: Callable[[Path], None],
+    save: Callable[[Path], Any],
     repo_id: str,
     *,
     revision: str | None = None,

@@ -69,10 +69,10 @@ def tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2):
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2,
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=2,
         vocab_size=vocab_size,
@@ -87,6 +87,15 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
 @pytest.fixture(scope="session")
 def model(tokenizer):
     return tiny_gpt2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory, model, tokenizer) -> Path:
+    """The tiny model and its tokenizer saved to a folder, for the CLI."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +114,41 @@ def store(store_dir):
     from hf_knnlm import Datastore
 
     return Datastore.from_pretrained(store_dir)
+
+
+# ------------------------------------------------------------------------------------------ Hub uploads
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records every call; no local server accepts uploads."""
+
+    calls: list[tuple[str, dict]] = []
+    remote_files: set[str] = set()
+
+    def __init__(self, token=None, **kwargs):
+        self.calls.append(("__init__", {"token": token}))
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def file_exists(self, repo_id, filename, **kwargs):
+        self.calls.append(("file_exists", {"repo_id": repo_id, "filename": filename, **kwargs}))
+        return filename in self.remote_files
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.calls.append(("upload_folder", {**kwargs, "files": files}))
+        return "https://huggingface.co/org/name/commit/0123"
+
+
+@pytest.fixture()
+def hf_api(monkeypatch):
+    RecordingHfApi.calls = []
+    RecordingHfApi.remote_files = set()
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHfApi)
+    return RecordingHfApi

@@ -256,43 +256,6 @@ def test_paths_and_file_names_stay_out_of_card_metadata(store, name):
 
 
 # ------------------------------------------------------------------------------------------ push
-class RecordingHfApi:
-    """Stands in for ``huggingface_hub.HfApi``: records every call; no local server accepts uploads."""
-
-    calls: list[tuple[str, dict]] = []
-    remote_files: set[str] = set()
-
-    def __init__(self, token=None, **kwargs):
-        self.calls.append(("__init__", {"token": token}))
-
-    def create_repo(self, repo_id, **kwargs):
-        from huggingface_hub import RepoUrl
-
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_branch(self, repo_id, **kwargs):
-        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-    def file_exists(self, repo_id, filename, **kwargs):
-        self.calls.append(("file_exists", {"repo_id": repo_id, "filename": filename, **kwargs}))
-        return filename in self.remote_files
-
-    def upload_folder(self, *, folder_path, **kwargs):
-        folder = Path(folder_path)
-        files = {p.name: p.read_bytes() for p in folder.iterdir()}
-        self.calls.append(("upload_folder", {**kwargs, "files": files}))
-        return "https://huggingface.co/org/name/commit/0123"
-
-
-@pytest.fixture()
-def hf_api(monkeypatch):
-    RecordingHfApi.calls = []
-    RecordingHfApi.remote_files = set()
-    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHfApi)
-    return RecordingHfApi
-
-
 def _uploads(api) -> list[dict]:
     return [kwargs for name, kwargs in api.calls if name == "upload_folder"]
 

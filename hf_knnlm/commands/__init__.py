@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from . import (
@@ -20,6 +19,7 @@ from . import (
     reindex,
     tune,
 )
+from ._common import ArgumentParser, run_command
 
 # The order of ``hf-knnlm --help``.
 SUBCOMMANDS = (
@@ -39,7 +39,7 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
+    parser = ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
         command.register(subparsers)
@@ -48,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"hf-knnlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 __all__ = ["build_parser", "main"]

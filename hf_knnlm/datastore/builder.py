@@ -13,27 +13,34 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.numpy import save_file
 
 from .._version import __version__
-from ..corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
-from ..files import atomic_path, atomic_write_json, file_hashes
-from ..forward import iter_window_batches
-from ..hooks import find_ffn_module
-from ..windows import check_window_args, sliding_windows
-from .card import write_model_card
+from ..checks import check_positive_int
+from ..corpus import CorpusLike, corpus_name, tokenize_corpus
+from ..files import atomic_path, atomic_write_json
+from ..fingerprints import tokenizer_fingerprint
+from ..forward import check_forward_args, iter_window_batches
+from ..hooks import find_ffn_module, num_hidden_layers
+from ..hub_mixin import finish_folder
+from ..windows import sliding_windows
+from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
-from .index import INDEX_NAME, build_index, write_index
+from .index import INDEX_NAME, build_index, check_index_factory, new_index, write_index
 from .provenance import record_provenance
-from .shards import KEYS_PREFIX, VALUES_PREFIX, write_shard_index
+from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -136,57 +143,61 @@ def _finalize(
     train_size: int,
     extra_files: Sequence[str] = (),
 ):
-    num = len(values)
     config.hidden_size = keys.shape[1]  # the FFN input width, whatever the config calls hidden_size
-    bounds = shard_bounds(num, config.hidden_size * 2, max_shard_size)
-    key_files = write_sharded(
+    bounds = shard_bounds(len(values), config.hidden_size * 2, max_shard_size)
+    files = write_store(
         output_dir,
-        KEYS_PREFIX,
-        "keys",
-        np.float16,
-        (config.hidden_size,),
-        bounds,
+        config,
         keys.iter_rows(_INDEX_ADD_ROWS),
-    )
-    value_files = write_sharded(
-        output_dir, VALUES_PREFIX, "values", np.int32, (), bounds, values.iter_rows(1 << 20)
-    )
-    final_keys = ShardedArray([open_memmap(output_dir / f, "keys") for f in key_files])
-    index = build_index(
-        config.index_factory,
-        config.hidden_size,
-        final_keys,
-        final_keys.iter_rows(_INDEX_ADD_ROWS),
+        values.iter_rows(1 << 20),
+        bounds,
         train_size=train_size,
     )
-    write_index(index, output_dir / INDEX_NAME)
-    config.num_entries = num
-    write_manifest(output_dir, config, key_files, value_files, bounds, extra_files)
+    # Extra files (provenance, gate, key transform) are already written; they are hashed with the rest.
+    finish_folder(output_dir, config, [*files, *extra_files], datastore_card)
 
 
-def write_manifest(
+def write_store(
     folder: Path,
     config: DatastoreConfig,
-    key_files: list[str],
-    value_files: list[str],
+    keys: Iterable[np.ndarray],
+    values: Iterable[np.ndarray],
     bounds: list[tuple[int, int]],
-    extra_files: Sequence[str] = (),
-) -> None:
-    """Finish a store whose shards and index are written: shard index jsons, model card, config (last).
+    *,
+    index: faiss.Index | None = None,
+    train_size: int = 1_000_000,
+    key_dim: int | None = None,
+) -> list[str]:
+    """Write the data files of a store: key and value shards, their index jsons, the faiss index.
 
-    ``extra_files`` (already written: provenance, gate, key transform) are hashed with the rest.
+    ``keys`` and ``values`` are row chunks in entry order, split into shards at ``bounds``. Without
+    an ``index`` one of type ``config.index_factory`` is trained and filled from the written keys.
+    ``key_dim`` is the width of the stored keys (``config.hidden_size`` unless a transform reduced it).
+    Sets ``config.shards`` and ``config.num_entries``; returns the names written, to be hashed.
     """
+    key_dim = key_dim or config.hidden_size
+    key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (key_dim,), bounds, keys)
+    value_files = write_sharded(folder, VALUES_PREFIX, "values", np.int32, (), bounds, values)
+    if index is None:
+        written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
+        index = build_index(
+            config.index_factory,
+            key_dim,
+            written,
+            written.iter_rows(_INDEX_ADD_ROWS),
+            train_size=train_size,
+        )
+    write_index(index, folder / INDEX_NAME)
+    for stale in folder.glob(f"*{INDEX_SUFFIX}"):  # a store with one shard has no shard index json
+        stale.unlink()
+    config.num_entries = bounds[-1][1] if bounds else 0
     config.shards = [
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    key_bytes = 2 * open_memmap(folder / key_files[0], "keys").shape[-1]  # PCA stores keep fewer dims
-    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_bytes)
+    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
-    # README.md is not hashed: users edit their cards on the Hub.
-    config.files = file_hashes(folder, [*key_files, *value_files, *index_files, INDEX_NAME, *extra_files])
-    write_model_card(folder, config)
-    config.save(folder / CONFIG_NAME)
+    return [*key_files, *value_files, *index_files, INDEX_NAME]
 
 
 def build_datastore(
@@ -209,27 +220,37 @@ def build_datastore(
     disable_progress: bool | None = None,
     document_names: Sequence[str] | None = None,
 ) -> Path:
-    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
-    check_window_args(max_length, stride)
+    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments.
+
+    Everything that can be checked is checked before any file is touched: window and batch
+    settings, the hook module, the index-factory string and the corpus itself.
+    """
     output_dir = Path(output_dir)
+    if (output_dir / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
+            f"or choose another output_dir."
+        )
+    check_forward_args(model, max_length, stride, batch_size)
+    check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
+    check_positive_int("train_size", train_size, "keys sampled to train the index")
+    path = find_ffn_module(model, hook_module)
+    width = model.config.get_text_config().hidden_size
+    new_index(index_factory, width)  # a bad factory string fails now, not after the model pass
+    tokens = tokenize_corpus(tokenizer, data, text_column, separator)
+    check_index_factory(index_factory, width, len(tokens) - 1, train_size)
     if (output_dir / CONFIG_NAME).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
-                f"or choose another output_dir."
-            )
         if build_state().is_main_process:  # one process deletes; the others would race it
             _clear_store(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tokens = tokenize_corpus(tokenizer, data, text_column, separator)
-    path = find_ffn_module(model, hook_module)
     name_or_path = getattr(model.config, "_name_or_path", None) or None
     config = DatastoreConfig(
         model_type=model.config.model_type,
         hook_module=path,
-        hidden_size=model.config.get_text_config().hidden_size,
+        hidden_size=width,
         vocab_size=model_vocab_size(model),
+        num_hidden_layers=num_hidden_layers(model),
         hf_knnlm_version=__version__,
         base_model=str(name_or_path) if name_or_path else None,
         base_model_revision=getattr(model.config, "_commit_hash", None),
@@ -262,6 +283,7 @@ def build_datastore(
         start_window=progress.windows_done,
         desc="building datastore",
         disable_progress=disable_progress or not state.is_local_main_process,
+        expected_width=width if hook_module is not None else None,
     ):
         buffer.add(batch.hidden, batch.targets)
         done = batch.first_window + batch.num_windows

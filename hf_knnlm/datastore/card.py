@@ -2,23 +2,20 @@
 
 The card is rendered from ``model_cards/datastore.md`` and the datastore's config. It is not in the
 config's sha256 ``files`` map: users edit cards on the Hub, and ``push_to_hub`` never overwrites a
-card the repository already has.
+card the repository already has (see :mod:`hf_knnlm.hub_mixin`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..files import atomic_write_bytes
+from ..hub_mixin import render_card
 from .config import DatastoreConfig
 
-CARD_NAME = "README.md"
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "datastore.md"
 TAGS = ["knn-lm", "retrieval", "hf_knnlm"]
 PLACEHOLDER_REPO_ID = "path/to/this/datastore"
 
@@ -74,32 +71,13 @@ def datastore_card(
         datasets=datasets or None,
         tags=list(TAGS),
     )
-    return ModelCard.from_template(
+    return render_card(
+        "datastore.md",
         card_data,
-        template_path=str(TEMPLATE_PATH),
-        base_model=config.base_model,
-        base_model_revision=config.base_model_revision,
-        model_type=config.model_type,
+        config,
         corpora=", ".join(f"`{d}`" for d in config.datasets) or "not recorded",
-        num_entries=config.num_entries,
-        hidden_size=config.hidden_size,
-        key_dtype=config.key_dtype,
-        vocab_size=config.vocab_size,
-        index_factory=config.index_factory,
-        hook_module=config.hook_module,
-        max_length=config.max_length,
-        stride=config.stride,
         num_shards=num_shards if num_shards is not None else max(len(config.shards), 1),
-        hf_knnlm_version=config.hf_knnlm_version or "unknown",
-        format_version=config.format_version,
         evaluation_rows=_evaluation_rows(config.evaluation),
         repo_id=repo_id or PLACEHOLDER_REPO_ID,
         usage_model=config.base_model or "<base model id>",
     )
-
-
-def write_model_card(folder: str | os.PathLike, config: DatastoreConfig, repo_id: str | None = None) -> Path:
-    """Render the card for ``config`` into ``folder/README.md`` (atomically) and return its path."""
-    path = Path(folder) / CARD_NAME
-    atomic_write_bytes(path, str(datastore_card(config, repo_id=repo_id)).encode("utf-8"))
-    return path

@@ -2,20 +2,16 @@
 
 Like peft's adapter configs: a versioned dataclass, ``help`` metadata on every field, validation
 in ``__post_init__``, unknown keys tolerated with a warning, sorted JSON, relative file names only.
+The fields every saved store shares (format version, hf_knnlm version, sha256 of every file) and
+the loading rules come from :class:`hf_knnlm.hub_mixin.StoreConfig`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ..files import atomic_write_json
-
-logger = logging.getLogger(__name__)
+from ..hub_mixin import StoreConfig, check_relative
 
 CONFIG_NAME = "datastore_config.json"
 FORMAT_VERSION = 1
@@ -23,16 +19,22 @@ KEY_DTYPES = ("float16", "float32")
 METRICS = ("l2",)
 
 
-@dataclass
-class DatastoreConfig:
+@dataclass(kw_only=True)
+class DatastoreConfig(StoreConfig):
     """What a datastore is, what built it and which files belong to it."""
+
+    CONFIG_NAME: ClassVar[str] = CONFIG_NAME
+    WHAT: ClassVar[str] = "datastore"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
 
     model_type: str = field(metadata={"help": "transformers model_type of the model that produced the keys."})
     hook_module: str = field(metadata={"help": "Dotted path of the FFN module whose input is the key."})
     hidden_size: int = field(metadata={"help": "Dimension of every key (the FFN input width)."})
     vocab_size: int = field(metadata={"help": "Vocabulary size of the model; values are token ids below it."})
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of this on-disk format."})
-    hf_knnlm_version: str = field(default="", metadata={"help": "hf_knnlm version that wrote the store."})
+    num_hidden_layers: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layers of the model that built the store; other depths are refused."},
+    )
     base_model: str | None = field(default=None, metadata={"help": "Hub id or path of the base model."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     tokenizer_fingerprint: str | None = field(
@@ -52,17 +54,12 @@ class DatastoreConfig:
         default_factory=list,
         metadata={"help": "Entry ranges: [{'keys': file, 'values': file, 'start': i, 'end': j}], relative."},
     )
-    files: dict[str, str] = field(default_factory=dict, metadata={"help": "sha256 of every file, by name."})
     evaluation: dict[str, Any] | None = field(
         default=None, metadata={"help": "Recorded perplexities (base_ppl, knn_ppl, ...) for the model card."}
     )
 
     def __post_init__(self) -> None:
-        if self.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"datastore format_version {self.format_version} is newer than this hf_knnlm supports "
-                f"({FORMAT_VERSION}); upgrade with `pip install -U hf-knnlm`."
-            )
+        super().__post_init__()
         if self.hidden_size <= 0 or self.vocab_size <= 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) and vocab_size ({self.vocab_size}) must be > 0."
@@ -71,33 +68,8 @@ class DatastoreConfig:
             raise ValueError(f"key_dtype={self.key_dtype!r} is not one of {KEY_DTYPES}.")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} is not supported; kNN-LM uses {METRICS}.")
-        for name in list(self.files) + [f for s in self.shards for f in (s["keys"], s["values"])]:
-            if os.path.isabs(name) or ".." in name.split("/"):
-                raise ValueError(f"datastore file name {name!r} must be relative to the datastore folder.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DatastoreConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.warning(
-                "Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", CONFIG_NAME, unknown
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DatastoreConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path} is not valid JSON ({err}); the datastore config is truncated or edited."
-            ) from err
-        return cls.from_dict(data)
+        for shard in self.shards:
+            if not {"keys", "values", "start", "end"} <= set(shard):
+                raise ValueError(f"shard {shard!r} needs 'keys', 'values', 'start' and 'end'.")
+        for name in [f for s in self.shards for f in (s["keys"], s["values"])]:
+            check_relative(name, self.WHAT)

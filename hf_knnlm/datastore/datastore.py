@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import faiss
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from ..corpus import CorpusLike
-from ..files import verify_files
-from ..hub import push_folder, resolve_folder
+from ..hub_mixin import HubMixin, finish_folder
+from ..knn import check_k
 from ..neighbours import Neighbours
-from .builder import build_datastore, write_manifest
-from .card import write_model_card
+from .builder import build_datastore, write_store
+from .card import datastore_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
 from .extras import EXTRA_FILES, TRANSFORM_NAME, copy_extra_files
@@ -24,38 +26,20 @@ from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
-    build_index,
     configure_threads,
     index_to_gpus,
     read_index,
+    search_parameters,
     set_nprobe,
-    write_index,
 )
 from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
-from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds, write_sharded
+from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
 logger = logging.getLogger(__name__)
 
-DATASTORE_FILE_PATTERNS = [
-    CONFIG_NAME,
-    "README.md",
-    f"{KEYS_PREFIX}*.safetensors",
-    f"{VALUES_PREFIX}*.safetensors",
-    f"*{INDEX_SUFFIX}",
-    "index.faiss*",
-    "*.ivfdata",
-    *EXTRA_FILES,
-]
-# Remote files a push replaces: stale shards of an earlier push with another shard count go.
-DATASTORE_DELETE_PATTERNS = [
-    f"{KEYS_PREFIX}*.safetensors",
-    f"{VALUES_PREFIX}*.safetensors",
-    f"*{INDEX_SUFFIX}",
-]
 
-
-class Datastore:
+class Datastore(HubMixin):
     """A kNN-LM datastore: keys (FFN inputs), values (next token ids) and a faiss index.
 
     Build one with :meth:`build`, open a saved one (a folder or a Hub repo id) with
@@ -72,6 +56,20 @@ class Datastore:
     >>> distances, token_ids = ds.search(torch.randn(2, ds.hidden_size), k=4)
     ```
     """
+
+    config_class = DatastoreConfig
+    # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
+    hub_patterns = (
+        f"{KEYS_PREFIX}*.safetensors",
+        f"{VALUES_PREFIX}*.safetensors",
+        f"*{INDEX_SUFFIX}",
+        "index.faiss*",
+        "*.ivfdata",
+        *EXTRA_FILES,
+    )
+    # Remote files a push replaces: stale shards of an earlier push with another shard count go.
+    delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
+    default_commit_message = "Upload kNN-LM datastore"
 
     def __init__(
         self,
@@ -104,7 +102,10 @@ class Datastore:
                 f"{len(self.values)}; config says {config.num_entries}. "
                 f"The datastore is incomplete; rebuild it."
             )
+        self._gpu_lock = threading.Lock()
+        self._warned_k: set[int] = set()
         self.nprobe = nprobe
+        set_nprobe(self._index, nprobe)  # for code that searches self.index directly
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -177,103 +178,78 @@ class Datastore:
         cls,
         repo_id_or_path: str | os.PathLike,
         *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        force_download: bool = False,
-        verify: bool = True,
         mmap: bool = True,
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
+        **hub_kwargs,
     ) -> Datastore:
         """Open a datastore from a local folder or a Hub repository id.
 
         Every file is checked against the sha256 in ``datastore_config.json`` (``verify=True``)
         before faiss or safetensors read it; the index is memory-mapped where its type allows.
         With faiss-gpu and CUDA, ``gpu`` (``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``)
-        says how the index is cloned to the GPUs (see :func:`hf_knnlm.index.index_to_gpus`).
+        says how the index is cloned to the GPUs (see :func:`hf_knnlm.datastore.index.index_to_gpus`).
+
+        Args:
+            repo_id_or_path (`str` or `os.PathLike`): a folder or a Hub repository id.
+            mmap (`bool`, defaults to `True`): memory-map the index where its type allows.
+            nprobe (`int`, defaults to 32): IVF lists probed per query.
+            gpu (`str` or `bool`, defaults to `"auto"`): how to use GPUs with faiss-gpu.
+            hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+                ``force_download`` and ``verify``, as in :meth:`hf_knnlm.hub_mixin.HubMixin.from_pretrained`.
         """
-        folder = resolve_folder(
-            repo_id_or_path,
-            config_name=CONFIG_NAME,
-            allow_patterns=DATASTORE_FILE_PATTERNS,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            force_download=force_download,
-        )
-        config = DatastoreConfig.load(folder / CONFIG_NAME)
-        if verify:
-            verify_files(folder, config.files, what="datastore")
-        return cls(folder, config, mmap=mmap, nprobe=nprobe, gpu=gpu)
+        check_positive_int("nprobe", nprobe, "IVF lists probed per query")
+        return super().from_pretrained(repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, **hub_kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, folder: Path, config: DatastoreConfig, **kwargs) -> Datastore:
+        return cls(folder, config, **kwargs)
+
+    @classmethod
+    def _files_read(cls, config: DatastoreConfig) -> list[str]:
+        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), INDEX_NAME]
+
+    @classmethod
+    def _model_card(cls, config: DatastoreConfig, repo_id: str | None = None):
+        return datastore_card(config, repo_id=repo_id)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None
-    ) -> None:
-        """Write the store to ``save_directory``, re-sharded if ``max_shard_size`` is given."""
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        if out.resolve() == self.folder.resolve() and max_shard_size is None:
-            return
+        self, save_directory: str | os.PathLike, max_shard_size: int | str | None = None, **kwargs
+    ) -> Path:
+        """Write the store to ``save_directory``, re-sharded if ``max_shard_size`` is given.
+
+        Saving a store into its own folder without re-sharding changes nothing.
+        """
+        if Path(save_directory).resolve() == self.folder.resolve() and max_shard_size is None:
+            return self.folder
+        return super().save_pretrained(save_directory, max_shard_size=max_shard_size, **kwargs)
+
+    def _save_pretrained(
+        self, folder: Path, max_shard_size: int | str | None = None
+    ) -> tuple[DatastoreConfig, list[str]]:
         config = DatastoreConfig.from_dict(self.config.to_dict())
         if max_shard_size is None:
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
-        key_files = write_sharded(
-            out, KEYS_PREFIX, "keys", np.float16, (self.key_dim,), bounds, self.keys.iter_rows(65536)
-        )
-        value_files = write_sharded(
-            out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
-        )
-        write_index(self.index, out / INDEX_NAME)
-        for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a re-save with one shard has no index json
-            stale.unlink()
-        extra = copy_extra_files(self.folder, out, config)
-        write_manifest(out, config, key_files, value_files, bounds, extra)
+        values = [self.values.numpy().astype(np.int32)]
+        keys = self.keys.iter_rows(65536)
+        files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
+        return config, [*files, *copy_extra_files(self.folder, folder, config)]
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        max_shard_size: int | str = "5GB",
-        create_pr: bool = False,
-    ):
+    def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = "5GB", **kwargs):
         """Save into a temporary folder and upload it to ``repo_id`` in one commit.
 
         Args:
             repo_id (`str`): the Hub model repository (created if missing).
-            revision (`str`, *optional*): branch to commit to (created from the default branch if missing).
-            private (`bool`, *optional*): visibility of a repository this call creates.
-            commit_message (`str`, *optional*): defaults to "Upload kNN-LM datastore".
-            token (`str` or `bool`, *optional*): Hub token; defaults to the logged-in one.
             max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard uploaded.
-            create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
+            kwargs: ``revision``, ``private``, ``commit_message``, ``token``, ``create_pr``, as in
+                :meth:`hf_knnlm.hub_mixin.HubMixin.push_to_hub`.
 
         A README.md the repository already has is kept; shards of an earlier push that this one
         does not rewrite are deleted in the same commit.
         """
-
-        def save(folder: Path) -> None:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            write_model_card(folder, DatastoreConfig.load(folder / CONFIG_NAME), repo_id=repo_id)
-
-        return push_folder(
-            save,
-            repo_id,
-            revision=revision,
-            private=private,
-            commit_message=commit_message or "Upload kNN-LM datastore",
-            token=token,
-            create_pr=create_pr,
-            delete_patterns=DATASTORE_DELETE_PATTERNS,
-        )
+        return super().push_to_hub(repo_id, max_shard_size=max_shard_size, **kwargs)
 
     # ----------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -305,10 +281,14 @@ class Datastore:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self._nprobe = value
-        set_nprobe(self.index, value)
-        if getattr(self, "_gpu_index", None) is not None:
-            set_nprobe(self._gpu_index, value, on_gpu=True)
+        # CPU searches read it once and pass it as a per-search parameter; a GPU clone takes no
+        # per-search parameters, so it is set and searched under one lock. Either way a change from
+        # another thread applies to the next search, never inside a running one.
+        check_positive_int("nprobe", value, "IVF lists probed per query")
+        with self._gpu_lock:
+            self._nprobe = value
+            if getattr(self, "_gpu_index", None) is not None:
+                set_nprobe(self._gpu_index, value, on_gpu=True)
 
     @property
     def index(self) -> faiss.Index:
@@ -343,22 +323,34 @@ class Datastore:
 
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:
-        if k <= 0:
-            raise ValueError(f"k={k} must be a positive number of neighbours.")
+        """``k`` checked (a positive int) and cut to the store size, with one warning per value."""
+        check_k(k)
         if k > len(self):
-            logger.warning(
-                "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
-            )
+            if k not in self._warned_k:
+                self._warned_k.add(k)
+                logger.warning(
+                    "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
+                )
             return len(self)
         return k
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.on_gpu:
+            with self._gpu_lock:  # see the nprobe setter
+                return self._gpu_index.search(queries, k)
+        nprobe = self._nprobe  # read once: the whole search uses one value
+        return self._index.search(queries, k, params=search_parameters(self._index, nprobe))
 
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
         k = self.clamp_k(k)
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
-        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
-        if q.shape[-1] != self.hidden_size:
-            raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"queries have shape {list(q.shape)}; this store takes queries of width {self.hidden_size}, "
+                f"so pass [num_queries, {self.hidden_size}]: the FFN inputs of the model that built it."
+            )
         if self.key_transform is not None:
             q = self.key_transform.apply(q)
         if self.on_gpu and k > GPU_MAX_K:
@@ -366,7 +358,7 @@ class Datastore:
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
                 f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
             )
-        distances, ids = self.search_index.search(q, k)
+        distances, ids = self._search(q, k)
         missing = ids < 0
         if recompute_dists:
             distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))
@@ -436,21 +428,15 @@ class Datastore:
                     f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
                 )
             (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
-        out.mkdir(parents=True, exist_ok=True)
         config = DatastoreConfig.from_dict(self.config.to_dict())
         config.index_factory, config.evaluation = index_factory, None
         bounds = [(s["start"], s["end"]) for s in config.shards]
-        key_files = write_sharded(
-            out, KEYS_PREFIX, "keys", np.float16, (self.key_dim,), bounds, self.keys.iter_rows(65536)
-        )
-        value_files = write_sharded(
-            out, VALUES_PREFIX, "values", np.int32, (), bounds, [self.values.numpy().astype(np.int32)]
-        )
-        keys = ShardedArray([open_memmap(out / f, "keys") for f in key_files])
-        index = build_index(index_factory, self.key_dim, keys, keys.iter_rows(65536), train_size=train_size)
-        write_index(index, out / INDEX_NAME)
-        for stale in out.glob(f"*{INDEX_SUFFIX}"):  # a copy with one shard has no index json
-            stale.unlink()
-        extra = copy_extra_files(self.folder, out, config)
-        write_manifest(out, config, key_files, value_files, bounds, extra)
+        values = [self.values.numpy().astype(np.int32)]
+        with self._writable_folder(out) as folder:
+            keys = self.keys.iter_rows(65536)
+            files = write_store(
+                folder, config, keys, values, bounds, train_size=train_size, key_dim=self.key_dim
+            )
+            extra = copy_extra_files(self.folder, folder, config)
+            finish_folder(folder, config, [*files, *extra], datastore_card)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from .document_index import DocumentIndex
 from .tokenization import reader_tokenizer, retriever_tokenizer
 
@@ -49,6 +50,13 @@ def _require_fast(tokenizer: Any) -> None:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def resolve_top_k(top_k: int | None, model: Any) -> int:
+    """``top_k``, or the model's default when it is None; 0, negatives and non-integers are refused."""
+    top_k = model.config.top_k if top_k is None else top_k
+    check_positive_int("top_k", top_k, "documents retrieved per question")
+    return top_k
 
 
 @torch.no_grad()
@@ -261,7 +269,7 @@ class RealmDataCollator:
         _require_fast(retriever_tokenizer(tokenizer))
         _require_fast(reader_tokenizer(tokenizer))
         self.model, self.tokenizer, self.index = model, tokenizer, index
-        self.top_k = top_k or model.config.top_k
+        self.top_k = resolve_top_k(top_k, model)
         self.max_answer_spans = max_answer_spans
         self.question_column, self.answers_column = question_column, answers_column
 
@@ -299,7 +307,7 @@ def precompute_retrieval(
 ) -> Any:
     """Add a ``doc_positions`` column (top-k once, with the current query encoder) to a
     ``datasets.Dataset``."""
-    top_k = top_k or model.config.top_k
+    top_k = resolve_top_k(top_k, model)
 
     def add(batch: dict[str, list]) -> dict[str, list]:
         positions = retrieve(model, tokenizer, index, [str(q) for q in batch[question_column]], top_k)

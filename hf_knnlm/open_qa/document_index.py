@@ -1,28 +1,29 @@
 """The REALM document index: passages, their embeddings (safetensors) and a FAISS inner-product index.
 
-Saved like a kNN-LM datastore: ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl``
-(id, title, text per line), ``embeddings.safetensors`` (the source of truth for the vectors) and
-``index.faiss`` (the search structure). Every file is checked against its recorded sha256 before it is parsed;
-nothing is pickled.
+Saved, loaded and pushed like a kNN-LM datastore (both are :class:`~hf_knnlm.hub_mixin.HubMixin`
+stores): ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl`` (id, title,
+text per line), ``embeddings.safetensors`` (the source of truth for the vectors), ``index.faiss``
+(the search structure) and a ``README.md`` model card. Every file is checked against its recorded
+sha256 before it is parsed; nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..files import atomic_path, atomic_write_bytes, atomic_write_json, file_hashes, verify_files
-from ..hub import push_folder, resolve_folder
+from ..files import atomic_path, atomic_write_bytes
+from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
+from ..hub_mixin import HubMixin, StoreConfig, render_card
 from .tokenization import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
@@ -32,8 +33,35 @@ FAISS_NAME = "index.faiss"
 FORMAT = "hf_knnlm.document_index"
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "hnsw")
+_FILES = (DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME)
 
-_CARD = Path(__file__).resolve().parent.parent / "model_cards" / "document_index.md"
+
+@dataclass(kw_only=True)
+class DocumentIndexConfig(StoreConfig):
+    """The on-disk contract of a document index (``document_index.json``)."""
+
+    CONFIG_NAME: ClassVar[str] = CONFIG_NAME
+    WHAT: ClassVar[str] = "document index"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+
+    format: str = field(default=FORMAT, metadata={"help": "Identifies the file as a document index."})
+    num_documents: int = field(metadata={"help": "Number of documents (rows of every file)."})
+    dim: int = field(metadata={"help": "Dimension of the document embeddings."})
+    index_type: str = field(default="flat", metadata={"help": f"FAISS index type, one of {INDEX_TYPES}."})
+    metric: str = field(default="inner_product", metadata={"help": "Retrieval score of the index."})
+    metadata: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Encoder, pooling and lengths of the embedder that built it."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format != FORMAT:
+            raise ValueError(
+                f"{CONFIG_NAME} has format {self.format!r}, not {FORMAT!r}: not a document index."
+            )
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}.")
+        self.metadata = dict(self.metadata or {})
 
 
 def _faiss():
@@ -122,8 +150,16 @@ def embed_corpus(
     return out
 
 
-class DocumentIndex:
-    """Documents + one embedding each + a FAISS maximum-inner-product index over them."""
+class DocumentIndex(HubMixin):
+    """Documents + one embedding each + a FAISS maximum-inner-product index over them.
+
+    Build one with :meth:`build`; ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as
+    for a :class:`~hf_knnlm.Datastore` (local folder first, then the Hub; sha256-checked files).
+    """
+
+    config_class = DocumentIndexConfig
+    hub_patterns = (DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME)
+    default_commit_message = "Upload REALM document index"
 
     def __init__(
         self,
@@ -180,6 +216,8 @@ class DocumentIndex:
             show_progress=show_progress,
         )
         metadata = {
+            "encoder_fingerprint": encoder_fingerprint(model.document_embedder),
+            "tokenizer_fingerprint": tokenizer_fingerprint(retriever_tokenizer(tokenizer)),
             "encoder": model.config.name_or_path or "",
             "max_length": max_length,
             "pooling": model.config.retriever_pooling,
@@ -236,9 +274,30 @@ class DocumentIndex:
         gathered = table[positions.clamp(min=0)]
         return gathered.masked_fill((positions < 0).unsqueeze(-1), 0.0)
 
-    def replace_embeddings(self, embeddings: torch.Tensor) -> None:
+    def check_compatible(self, model: Any, tokenizer: Any = None) -> None:
+        """Refuse a model whose document embedder (or a tokenizer that) did not make these vectors.
+
+        Compares the sha256 of the document embedder's weights and of the tokenizer's vocabulary with
+        those recorded when the vectors were computed (indexes saved without them are not checked).
+        """
+        recorded = self.metadata.get("encoder_fingerprint")
+        if recorded and recorded != encoder_fingerprint(model.document_embedder):
+            raise ValueError(
+                "this document index was embedded by another document encoder (its weights differ from the "
+                "model's document embedder, though the widths match), so retrieval scores would be "
+                "meaningless. Rebuild it with DocumentIndex.build(documents, model, tokenizer), or load the "
+                "model it was built with."
+            )
+        recorded = self.metadata.get("tokenizer_fingerprint")
+        if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(retriever_tokenizer(tokenizer)):
+            raise ValueError(
+                "tokenizer mismatch: this document index was embedded with another tokenizer (its vocabulary "
+                "fingerprint differs); load the tokenizer the index was built with."
+            )
+
+    def replace_embeddings(self, embeddings: torch.Tensor, encoder: Any = None) -> None:
         """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
-        index."""
+        index. ``encoder``, the embedder that computed them, is recorded for :meth:`check_compatible`."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "
@@ -248,11 +307,11 @@ class DocumentIndex:
         faiss_index = _build_faiss(embeddings.numpy(), self.index_type)
         with self._lock:
             self._embeddings, self._faiss = embeddings, faiss_index
+            if encoder is not None:
+                self.metadata["encoder_fingerprint"] = encoder_fingerprint(encoder)
 
     # -- persistence -------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
+    def _save_pretrained(self, folder: Path) -> tuple[DocumentIndexConfig, list[str]]:
         lines = (
             json.dumps({"id": i, "title": t, "text": x}, ensure_ascii=False)
             for i, t, x in zip(self.ids, self.titles, self.texts, strict=True)
@@ -262,58 +321,16 @@ class DocumentIndex:
             embeddings, faiss_index = self._embeddings, self._faiss
         with atomic_path(folder / EMBEDDINGS_NAME) as tmp:
             save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
-        with atomic_path(folder / FAISS_NAME) as tmp:
-            _faiss().write_index(faiss_index, str(tmp))
-        names = [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "num_documents": len(self),
-            "dim": self.dim,
-            "index_type": self.index_type,
-            "metric": "inner_product",
-            "metadata": self.metadata,
-            "files": file_hashes(folder, names),
-        }
-        atomic_write_json(folder / CONFIG_NAME, config)
-        if _CARD.is_file() and not (folder / "README.md").exists():
-            card = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
-                num_documents=len(self),
-                dim=self.dim,
-                index_type=self.index_type,
-                encoder=self.metadata.get("encoder", "") or "unknown",
-            )
-            atomic_write_bytes(folder / "README.md", card.encode("utf-8"))
+        faiss = _faiss()
+        with atomic_path(folder / FAISS_NAME) as tmp, open(tmp, "wb") as f:  # a full disk raises here
+            faiss.write_index(faiss_index, faiss.PyCallbackIOWriter(f.write))
+        config = DocumentIndexConfig(
+            num_documents=len(self), dim=self.dim, index_type=self.index_type, metadata=self.metadata
+        )
+        return config, list(_FILES)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        repo_id_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        token: str | bool | None = None,
-        force_download: bool = False,
-    ) -> DocumentIndex:
-        """Load from a folder or a Hub repository id; every file is sha256-checked before it is read."""
-        folder = resolve_folder(
-            repo_id_or_path,
-            config_name=CONFIG_NAME,
-            allow_patterns=[CONFIG_NAME, DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME, "README.md"],
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            force_download=force_download,
-        )
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{folder / CONFIG_NAME} is format {config.get('format')!r} version "
-                f"{config.get('format_version')!r}; this hf_knnlm reads {FORMAT!r} version {FORMAT_VERSION}."
-            )
-        verify_files(folder, config["files"], what="document index")
+    def _from_pretrained(cls, folder: Path, config: DocumentIndexConfig) -> DocumentIndex:
         ids, titles, texts = [], [], []
         with open(folder / DOCUMENTS_NAME, encoding="utf-8") as f:
             for line in f:
@@ -324,43 +341,42 @@ class DocumentIndex:
                     texts.append(row["text"])
         embeddings = load_file(str(folder / EMBEDDINGS_NAME))["embeddings"]
         faiss_index = _faiss().read_index(str(folder / FAISS_NAME))
-        n = config["num_documents"]
-        if len(texts) != n or embeddings.shape != (n, config["dim"]) or faiss_index.ntotal != n:
+        n = config.num_documents
+        if len(texts) != n or embeddings.shape != (n, config.dim) or faiss_index.ntotal != n:
             raise ValueError(
                 f"document index at {folder} is inconsistent: {len(texts)} documents, embeddings "
                 f"{tuple(embeddings.shape)}, faiss {faiss_index.ntotal} vectors, config says {n} x "
-                f"{config['dim']}. Rebuild it."
+                f"{config.dim}. Rebuild it."
             )
         return cls(
             ids,
             titles,
             texts,
             embeddings,
-            index_type=config["index_type"],
-            metadata=config.get("metadata"),
+            index_type=config.index_type,
+            metadata=config.metadata,
             faiss_index=faiss_index,
         )
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        revision: str | None = None,
-        private: bool | None = None,
-        commit_message: str | None = None,
-        token: str | bool | None = None,
-        create_pr: bool = False,
-    ) -> Any:
-        """Upload as one commit; a README.md the repository already has is kept."""
-        return push_folder(
-            self.save_pretrained,
-            repo_id,
-            revision=revision,
-            private=private,
-            commit_message=commit_message or "Upload REALM document index",
-            token=token,
-            create_pr=create_pr,
+    @classmethod
+    def _files_read(cls, config: DocumentIndexConfig) -> tuple[str, ...]:
+        return _FILES
+
+    @classmethod
+    def _model_card(cls, config: DocumentIndexConfig, repo_id: str | None = None):
+        from huggingface_hub import ModelCardData
+
+        encoder = config.metadata.get("encoder") or None
+        card_data = ModelCardData(
+            library_name="hf_knnlm", tags=["hf_knnlm", "realm", "document-index", "faiss"]
+        )
+        return render_card(
+            "document_index.md",
+            card_data,
+            config,
+            encoder=encoder or "unknown",
+            repo_id=repo_id or "<this repo id or a local folder>",
         )
 
 
-__all__ = ["DocumentIndex", "embed_corpus"]
+__all__ = ["DocumentIndex", "DocumentIndexConfig", "embed_corpus"]

@@ -325,8 +325,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
         ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` / ``doc_scores``
         (the retrieved documents and p(z|x)).
         """
-        from .data import build_features, retrieve
+        from .data import build_features, resolve_top_k, retrieve
 
+        top_k = resolve_top_k(top_k, self)
+        index.check_compatible(self, tokenizer)
         if isinstance(questions, str):
             questions = [questions]
         was_training = self.training
@@ -335,7 +337,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         try:
             for start in range(0, len(questions), batch_size):
                 chunk = list(questions[start : start + batch_size])
-                doc_ids = retrieve(self, tokenizer, index, chunk, top_k or self.config.top_k)
+                doc_ids = retrieve(self, tokenizer, index, chunk, top_k)
                 features, meta = build_features(self, tokenizer, index, chunk, doc_ids)
                 results.extend(self.decode(features, meta))
         finally:
