@@ -289,7 +289,8 @@ class DocumentIndex(HubMixin):
                 "model it was built with."
             )
         recorded = self.metadata.get("tokenizer_fingerprint")
-        if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(retriever_tokenizer(tokenizer)):
+        tokenizer = None if tokenizer is None else retriever_tokenizer(tokenizer)
+        if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(tokenizer):
             raise ValueError(
                 "tokenizer mismatch: this document index was embedded with another tokenizer (its vocabulary "
                 "fingerprint differs); load the tokenizer the index was built with."
