@@ -64,7 +64,7 @@ PRESETS = {
         "retrievers": ["minilm", "mpnet"],
         "reader_questions": None,
         "reader_epochs": 1.0,
-        "realm_questions": 600,
+        "realm_questions": 400,
         "eval_questions": None,
     },
 }
