@@ -378,6 +378,12 @@ class RealmForOpenQA(RealmPreTrainedModel):
         if not card.exists() and _CARD.is_file():
             text = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
                 encoder=self.config.name_or_path or "unknown",
+                reader=getattr(self.config, "reader_name_or_path", None)
+                or self.config.name_or_path
+                or "unknown",
+                span_score="start logit + end logit (a question-answering head)"
+                if self.span_head is None
+                else "REALM's MLP over its start and end vectors",
                 top_k=self.config.top_k,
                 max_span_width=self.config.max_span_width,
             )
