@@ -88,6 +88,14 @@ def test_compress_cli_reports_sizes(store_dir, tmp_path, capsys):
     assert "pca_dim=64 must be in [1, 32]" in capsys.readouterr().err
 
 
+def test_index_type_follows_the_dimensions():
+    from hf_knnlm.datastore.compress import factory_for_dim
+
+    assert factory_for_dim("IVF1024,PQ64", 576, 288) == "IVF1024,PQ32"
+    assert factory_for_dim("IVF64,PQ64", 576, 100) == "IVF64,PQ10"
+    assert factory_for_dim("Flat", 32, 16) == "Flat"
+
+
 def test_bad_prune_fraction(store, tmp_path):
     with pytest.raises(ValueError, match="prune_to=0"):
         compress_datastore(store, tmp_path / "bad", prune_to=0)

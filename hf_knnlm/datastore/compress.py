@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def check_compress_args(num_entries: int, key_dim: int, pca_dim: int | None, pru
         raise ValueError(f"prune_to={prune_to} must be in (0, 1]: the fraction of entries to keep.")
     if num_entries < 2:
         raise ValueError(f"the store has {num_entries} entries; there is nothing to compress.")
+
+
+def factory_for_dim(factory: str, src_dim: int, dim: int) -> str:
+    """The source store's index type for ``dim``-wide keys: PQ codes shrink with the dimensions
+    (``PQ64`` at 576 -> ``PQ32`` at 288), to a count of sub-quantizers that divides ``dim``."""
+
+    def scale(match: re.Match) -> str:
+        m = max(1, round(int(match.group(1)) * dim / src_dim))
+        while dim % m:
+            m -= 1
+        return f"PQ{m}"
+
+    return re.sub(r"PQ(\d+)", scale, factory)
 
 
 def train_pca(keys: ShardedArray, pca_dim: int, sample_size: int = 262144) -> faiss.PCAMatrix:
@@ -115,7 +129,8 @@ def compress_datastore(
         pca_dim (`int`, *optional*): keep this many PCA dimensions of the keys (e.g. half).
         prune_to (`float`, *optional*): keep this fraction of the entries by greedy merging.
         merge_k (`int`, defaults to 8): neighbours searched per entry for merge candidates.
-        index_factory (`str`, *optional*): faiss index of the new store (default: the source's).
+        index_factory (`str`, *optional*): faiss index of the new store (default: the source's, its
+            PQ code shrunk in proportion to the dimensions, see :func:`factory_for_dim`).
         train_size (`int`, defaults to 1_000_000): keys sampled to train the PCA and the index.
         overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
 
@@ -166,7 +181,7 @@ def compress_datastore(
             yield rows if pca is None else pca.apply(np.ascontiguousarray(rows))
 
     config = DatastoreConfig.from_dict(src.config.to_dict())
-    config.index_factory = index_factory or src.config.index_factory
+    config.index_factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
     config.evaluation = None
     bounds = shard_bounds(len(keep), dim * 2, "5GB")
     values_kept = [values[keep].astype(np.int32)]
