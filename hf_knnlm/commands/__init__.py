@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, rag_evaluate, rag_generate, rag_index, reindex, tune
+from . import (
+    build,
+    demo,
+    evaluate,
+    generate,
+    push,
+    qa,
+    qa_train_reader,
+    rag_evaluate,
+    rag_generate,
+    rag_index,
+    reindex,
+    tune,
+)
 from ._common import ArgumentParser, run_command
 
 # The order of ``hf-knnlm --help``.
@@ -17,6 +30,7 @@ SUBCOMMANDS = (
     reindex,
     push,
     demo,
+    qa_train_reader,
     qa,
     rag_index,
     rag_evaluate,

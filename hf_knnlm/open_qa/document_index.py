@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_path, atomic_write_bytes
 from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..hub_mixin import HubMixin, StoreConfig, render_card
+from .tokenization import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
 DOCUMENTS_NAME = "documents.jsonl"
@@ -131,7 +132,7 @@ def embed_corpus(
             range(0, len(order), batch_size), desc="embed documents", disable=not show_progress
         ):
             rows = order[start : start + batch_size]
-            encoded = tokenizer(
+            encoded = retriever_tokenizer(tokenizer)(
                 [titles[i] for i in rows],
                 [texts[i] for i in rows],
                 truncation="only_second",
@@ -216,7 +217,7 @@ class DocumentIndex(HubMixin):
         )
         metadata = {
             "encoder_fingerprint": encoder_fingerprint(model.document_embedder),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "tokenizer_fingerprint": tokenizer_fingerprint(retriever_tokenizer(tokenizer)),
             "encoder": model.config.name_or_path or "",
             "max_length": max_length,
             "pooling": model.config.retriever_pooling,
@@ -288,6 +289,7 @@ class DocumentIndex(HubMixin):
                 "model it was built with."
             )
         recorded = self.metadata.get("tokenizer_fingerprint")
+        tokenizer = None if tokenizer is None else retriever_tokenizer(tokenizer)
         if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(tokenizer):
             raise ValueError(
                 "tokenizer mismatch: this document index was embedded with another tokenizer (its vocabulary "
