@@ -111,6 +111,33 @@ def add_knn_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_skip_args(parser: argparse.ArgumentParser) -> None:
+    """``--retomaton`` and ``--gate``: two ways of searching at fewer steps."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--retomaton",
+        type=int,
+        default=None,
+        metavar="THRESHOLD",
+        help="RetoMaton: follow corpus pointers, search only when fewer than THRESHOLD survive.",
+    )
+    group.add_argument(
+        "--gate", action="store_true", help="Use the adaptive-retrieval gate saved with the datastore."
+    )
+
+
+def knn_kwargs(args: argparse.Namespace) -> dict:
+    """The mixture settings of :func:`add_knn_args` / :func:`add_skip_args` as keyword arguments."""
+    return dict(
+        k=args.k,
+        lmbda=args.lmbda,
+        temperature=args.temperature,
+        recompute_dists=args.recompute_dists,
+        retomaton=getattr(args, "retomaton", None),
+        gate=getattr(args, "gate", False) or None,
+    )
+
+
 def add_index_args(parser: argparse.ArgumentParser, *, default_factory: str | None) -> None:
     """``--index-factory``, ``--train-size`` and ``--overwrite``: shared by build and reindex."""
     parser.add_argument(

@@ -57,6 +57,10 @@ class DatastoreConfig(StoreConfig):
     evaluation: dict[str, Any] | None = field(
         default=None, metadata={"help": "Recorded perplexities (base_ppl, knn_ppl, ...) for the model card."}
     )
+    compression: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "How the store was compressed: source_entries, pca_dim, prune_to, merge_k."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
