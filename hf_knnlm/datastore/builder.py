@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from .._version import __version__
 from ..corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
+from ..faiss_support import import_faiss
 from ..files import atomic_path, atomic_write_json
 from ..forward import iter_window_batches
 from ..hooks import find_ffn_module
@@ -219,6 +220,7 @@ def build_datastore(
     document_names: Sequence[str] | None = None,
 ) -> Path:
     """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
+    import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
     check_window_args(max_length, stride)
     output_dir = Path(output_dir)
     if (output_dir / CONFIG_NAME).exists():

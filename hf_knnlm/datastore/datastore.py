@@ -6,12 +6,13 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import torch
 
 from ..corpus import CorpusLike
+from ..faiss_support import import_faiss
 from ..hub_mixin import HubMixin, finish_folder
 from ..neighbours import Neighbours
 from .builder import build_datastore, write_store
@@ -31,6 +32,9 @@ from .index import (
 from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class Datastore(HubMixin):
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
     ):
+        import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
         self.folder = Path(folder)
         self.gpu = gpu
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
@@ -87,7 +92,7 @@ class Datastore(HubMixin):
         self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
-            faiss.read_VectorTransform(str(self.folder / TRANSFORM_NAME))
+            import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
             if TRANSFORM_NAME in config.files
             else None
         )

@@ -1,41 +1,44 @@
 """REALM open-domain QA on transformers 5: dense retriever + span reader, FAISS document index, Trainer
 support.
 
-Importing this package registers ``RealmConfig`` / ``RealmForOpenQA`` with ``AutoConfig`` / ``AutoModel``
-(model type ``realm_open_qa``), so a saved model loads with ``AutoModel.from_pretrained``.
+``RealmConfig`` / ``RealmForOpenQA`` (model type ``realm_open_qa``) are registered with ``AutoConfig`` /
+``AutoModel`` as soon as transformers loads them (see :mod:`hf_knnlm.auto_classes`), so a saved model loads
+with ``AutoModel.from_pretrained`` after ``import hf_knnlm``. Names here are imported on first use.
 """
 
-from transformers import AutoConfig, AutoModel
+from typing import TYPE_CHECKING
 
-from .callbacks import IndexRefreshCallback
-from .configuration import RealmConfig
-from .data import RealmDataCollator, build_features, normalize_answers, precompute_retrieval, retrieve
-from .document_index import DocumentIndex, embed_corpus
-from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
-from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
-from .squad import load_squad_open
-from .training import realm_optimizer, train_realm
+from .._lazy import lazy_exports
 
-AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
-AutoModel.register(RealmConfig, RealmForOpenQA, exist_ok=True)
+_EXPORTS = {
+    "DocumentIndex": ".document_index",
+    "IndexRefreshCallback": ".callbacks",
+    "RealmConfig": ".configuration",
+    "RealmDataCollator": ".data",
+    "RealmForOpenQA": ".modeling",
+    "RealmOpenQAOutput": ".modeling",
+    "RealmPreTrainedModel": ".modeling",
+    "build_features": ".data",
+    "embed_corpus": ".document_index",
+    "evaluate_gold": ".evaluation",
+    "evaluate_open": ".evaluation",
+    "load_squad_open": ".squad",
+    "normalize_answers": ".data",
+    "precompute_retrieval": ".data",
+    "realm_optimizer": ".training",
+    "retrieval_recall": ".evaluation",
+    "retrieve": ".data",
+    "train_realm": ".training",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "DocumentIndex",
-    "IndexRefreshCallback",
-    "RealmConfig",
-    "RealmDataCollator",
-    "RealmForOpenQA",
-    "RealmOpenQAOutput",
-    "RealmPreTrainedModel",
-    "build_features",
-    "embed_corpus",
-    "evaluate_gold",
-    "evaluate_open",
-    "load_squad_open",
-    "normalize_answers",
-    "precompute_retrieval",
-    "realm_optimizer",
-    "retrieval_recall",
-    "retrieve",
-    "train_realm",
-]
+if TYPE_CHECKING:
+    from .callbacks import IndexRefreshCallback
+    from .configuration import RealmConfig
+    from .data import RealmDataCollator, build_features, normalize_answers, precompute_retrieval, retrieve
+    from .document_index import DocumentIndex, embed_corpus
+    from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
+    from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
+    from .squad import load_squad_open
+    from .training import realm_optimizer, train_realm

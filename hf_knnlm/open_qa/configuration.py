@@ -112,4 +112,6 @@ class RealmConfig(PreTrainedConfig):
         return self.retriever_proj_size or self.encoder_config.hidden_size
 
 
+AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
+
 __all__ = ["RealmConfig"]

@@ -362,4 +362,6 @@ class RealmForOpenQA(RealmPreTrainedModel):
             atomic_write_bytes(card, text.encode("utf-8"))
 
 
+AutoModel.register(RealmConfig, RealmForOpenQA, exist_ok=True)
+
 __all__ = ["RealmForOpenQA", "RealmOpenQAOutput", "RealmPreTrainedModel", "SpanHead", "RetrieverEmbedder"]
