@@ -15,6 +15,7 @@ from ._version import __version__
 _EXPORTS = {
     "Datastore": ".datastore",
     "DatastoreConfig": ".datastore",
+    "FolderInUseError": ".files",
     "IntegrityError": ".files",
     "FFNInputCapture": ".hooks",
     "find_ffn_module": ".hooks",
@@ -47,7 +48,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from .configuration_knnlm import KNNLMConfig
     from .datastore import Datastore, DatastoreConfig
-    from .files import IntegrityError
+    from .files import FolderInUseError, IntegrityError
     from .hooks import FFNInputCapture, find_ffn_module
     from .knn import KNNSettings, interpolate, knn_log_probs
     from .logits_process import KNNProcessor

@@ -1,4 +1,5 @@
-"""KNNLMConfig: the saved settings of a :class:`~hf_knnlm.KNNLMForCausalLM` (``config.json``).
+"""KNNLMConfig: the saved settings of a :class:`~hf_knnlm.KNNLMForCausalLM` (``config.json``), and the
+validated view of its k / lmbda / temperature / recompute_dists that the wrapper exposes as ``settings``.
 
 A module of its own, as transformers keeps ``configuration_*.py`` apart from ``modeling_*.py``:
 registering the ``knnlm`` model type with ``AutoConfig`` then needs no model code.
@@ -6,8 +7,12 @@ registering the ``knnlm`` model type with ``AutoConfig`` then needs no model cod
 
 from __future__ import annotations
 
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
+
+from .knn import KNNSettings, check_setting
 
 
 @strict
@@ -44,5 +49,36 @@ class KNNLMConfig(PreTrainedConfig):
 
 
 AutoConfig.register("knnlm", KNNLMConfig, exist_ok=True)
+
+
+def _settings_of(config: KNNLMConfig) -> KNNSettings:
+    return KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
+
+
+class _SettingsView:
+    """A wrapper's :class:`KNNSettings` kept in its config, so that the two never disagree."""
+
+    def __init__(self, config: KNNLMConfig) -> None:
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in KNNSettings.__dataclass_fields__:
+            return getattr(self._config, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in KNNSettings.__dataclass_fields__:
+            raise AttributeError(f"{name!r} is not one of {list(KNNSettings.__dataclass_fields__)}.")
+        check_setting(name, value)
+        setattr(self._config, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _SettingsView):
+            other = _settings_of(other._config)
+        return _settings_of(self._config) == other
+
+    def __repr__(self) -> str:
+        return repr(_settings_of(self._config))
+
 
 __all__ = ["KNNLMConfig"]

@@ -7,7 +7,8 @@ every store must do the same way:
 - the config file (a :class:`StoreConfig` dataclass): format version (a file written by a newer
   hf_knnlm is refused with the upgrade command), hf_knnlm version, the sha256 of every file;
 - the order of writes (data files, then the model card, then the config last, so a folder with a
-  config is complete) and the folder they go to (:meth:`HubMixin._writable_folder`);
+  config is complete), into a temporary sibling folder that replaces the old one whole, under a
+  write lock (:meth:`HubMixin._writable_folder`);
 - loading: a local folder first, then one ``snapshot_download`` of the store's files; every file is
   checked against its sha256 before it is parsed;
 - the model card (``README.md``, a ``huggingface_hub.ModelCard``) and pushes as one commit.
@@ -57,13 +58,24 @@ import functools
 import json
 import logging
 import os
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._version import __version__
-from .files import atomic_write_bytes, atomic_write_json, file_hashes, verify_files
+from .checks import is_int, is_real
+from .files import (
+    atomic_folder,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_hashes,
+    folder_lock,
+    not_matching,
+    verify_files,
+)
 from .hub import PUSH_OPTIONS, push_folder, resolve_folder
 
 if TYPE_CHECKING:
@@ -116,15 +128,31 @@ class StoreConfig:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
-        """Build from parsed JSON; unknown keys (from a newer hf_knnlm) are dropped with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], source: str | None = None) -> ConfigT:
+        """Build from parsed JSON; unknown keys (from a newer hf_knnlm) are dropped with a warning.
+
+        A missing required field or a value of the wrong type is refused naming ``source`` (the
+        file, by default the config's name) and the field.
+        """
+        source = source or cls.CONFIG_NAME
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
-            logger.warning(
-                "Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", cls.CONFIG_NAME, unknown
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
+            logger.warning("Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", source, unknown)
+        hints = typing.get_type_hints(cls)
+        fix = f"The file was truncated or edited: re-download or rebuild the {cls.WHAT}."
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name not in data:
+                if required:
+                    raise ValueError(f"{source}: required field {f.name!r} is missing. {fix}")
+            elif not _matches(data[f.name], hints[f.name]):
+                value = data[f.name]
+                raise ValueError(f"{source}: field {f.name!r} is {value!r}, not of type {f.type}. {fix}")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
 
     @classmethod
     def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
@@ -139,7 +167,25 @@ class StoreConfig:
             raise ValueError(
                 f"{path} holds a JSON {type(data).__name__}, not an object; is it a {cls.WHAT} config?"
             )
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a field's type hint (int, str, X | None, list[...], dict[..., ...])?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_real(value)
+    return value is None if hint is type(None) else isinstance(value, hint)
 
 
 def check_relative(name: str, what: str = "store") -> None:
@@ -205,6 +251,11 @@ class HubMixin:
         raise NotImplementedError
 
     @classmethod
+    def _files_read(cls, config: StoreConfig) -> Iterable[str]:
+        """The files :meth:`_from_pretrained` reads: each must have a sha256 in the config."""
+        return ()
+
+    @classmethod
     def _model_card(cls, config: StoreConfig, repo_id: str | None = None) -> ModelCard | None:
         """The ``README.md`` of a saved store; ``repo_id`` is the Hub repository it is pushed to."""
         return None
@@ -212,10 +263,16 @@ class HubMixin:
     # ----------------------------------------------------------------- the seam for whole-folder writes
     @contextlib.contextmanager
     def _writable_folder(self, save_directory: Path) -> Iterator[Path]:
-        """The folder a save writes into. Every save goes through here, so that writing a whole store
-        beside the old one and swapping it in (and locking the folder) is one change in one place."""
-        save_directory.mkdir(parents=True, exist_ok=True)
-        yield save_directory
+        """The folder a save writes into: a temporary sibling of ``save_directory`` that replaces it
+        as a whole once the block completes, under the folder's write lock.
+
+        A save that fails midway (a full disk, an interrupt) leaves the store that was there as it
+        was, and a concurrent writer fails at once (:class:`~hf_knnlm.files.FolderInUseError`).
+        Files of the old folder that are not the store's own (a user's notes) are carried over.
+        """
+        own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)
+        with folder_lock(save_directory), atomic_folder(save_directory, keep=not_matching(own)) as folder:
+            yield folder
 
     # ----------------------------------------------------------------- public API
     def save_pretrained(
@@ -275,7 +332,7 @@ class HubMixin:
         )
         config = cls.config_class.load(folder / config_name)
         if verify:
-            verify_files(folder, config.files, what=cls.config_class.WHAT)
+            verify_files(folder, config.files, what=cls.config_class.WHAT, required=cls._files_read(config))
         return cls._from_pretrained(folder, config, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, **kwargs: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_knnlm import KNNLMConfig
+from .configuration_knnlm import KNNLMConfig, _settings_of, _SettingsView
 from .datastore.datastore import Datastore
 from .gate import GateSteps, load_gate
 from .hooks import FFNInputCapture
@@ -124,15 +125,30 @@ class KNNLMForCausalLM(PreTrainedModel):
     base_model_prefix = "model"
     _supports_cache_class = True
 
-    def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore):
-        settings = KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
+    def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore, tokenizer=None):
+        _settings_of(config)  # refuse bad settings before anything else
         super().__init__(config)
         self.model = model
         self.datastore = datastore
-        datastore.check_compatible(model)
-        settings.k = datastore.clamp_k(settings.k)
-        self.settings = settings
+        datastore.check_compatible(model, tokenizer)
         self.post_init()
+
+    @property
+    def settings(self) -> _SettingsView:
+        """k, lmbda, temperature and recompute_dists, read from and written to ``config`` (validated):
+        a change through either is honoured by the next ``forward`` or ``generate``."""
+        return _SettingsView(self.config)
+
+    @settings.setter
+    def settings(self, value: KNNSettings) -> None:
+        for name in KNNSettings.__dataclass_fields__:
+            setattr(self.settings, name, getattr(value, name))
+
+    def _current_settings(self) -> KNNSettings:
+        """The settings as of this call, validated, with k clamped to the store size."""
+        settings = _settings_of(self.config)
+        settings.k = self.datastore.clamp_k(settings.k)
+        return settings
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -156,6 +172,7 @@ class KNNLMForCausalLM(PreTrainedModel):
         datastore_kwargs: dict[str, Any] | None = None,
         retomaton: int | None = None,
         gate: bool | None = None,
+        tokenizer=None,
         **model_kwargs: Any,
     ) -> KNNLMForCausalLM:
         """Wrap a base model (instance, Hub id or path) or load a saved wrapper.
@@ -168,6 +185,7 @@ class KNNLMForCausalLM(PreTrainedModel):
             k, lmbda, temperature, recompute_dists: override the saved (or default) settings.
             retomaton, gate: skip searches with RetoMaton (a threshold) or the store's gate.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).
+            tokenizer: the tokenizer used with the model, checked against the datastore's fingerprint.
         """
         overrides = {"k": k, "lmbda": lmbda, "temperature": temperature, "recompute_dists": recompute_dists}
         overrides = {key: v for key, v in overrides.items() if v is not None}
@@ -216,7 +234,7 @@ class KNNLMForCausalLM(PreTrainedModel):
             retomaton=retomaton if retomaton is not None else fields.get("retomaton"),
             gate=gate if gate is not None else fields.get("gate", False),
         )
-        return cls(config, base, store)
+        return cls(config, base, store, tokenizer=tokenizer)
 
     def save_pretrained(
         self,
@@ -308,45 +326,40 @@ class KNNLMForCausalLM(PreTrainedModel):
         else:
             scored = attention_mask[:, -ran:][:, kept].bool()
         mixed = lm_log_probs.clone()
+        settings = self._current_settings()
         if self.config.retomaton is not None:
-            self._retomaton_mix(mixed, input_ids[:, -ran:][:, kept], hidden, lm_log_probs, scored)
+            self._retomaton_mix(mixed, input_ids[:, -ran:][:, kept], hidden, lm_log_probs, scored, settings)
         elif self.config.gate:
-            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, self.settings)(
+            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, settings)(
                 None, hidden[scored], lm_log_probs[scored]
             )
-            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], self.settings, lmbda)
+            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], settings, lmbda)
         else:
-            mixed[scored] = mix_with_datastore(
-                self.datastore, hidden[scored], lm_log_probs[scored], self.settings
-            )
+            mixed[scored] = mix_with_datastore(self.datastore, hidden[scored], lm_log_probs[scored], settings)
         loss = None
         if labels is not None or shift_labels is not None:
             loss = _causal_lm_loss(mixed, labels, num_items_in_batch, shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
 
-    def _retomaton_mix(self, mixed, tokens, hidden, lm_log_probs, scored) -> None:
+    def _retomaton_mix(self, mixed, tokens, hidden, lm_log_probs, scored, settings) -> None:
         """Each row is one stream: position t follows the pointers of t - 1 through token t."""
-        automaton = RetoMaton(
-            self.datastore, self.config.retomaton, self.settings.k, self.settings.recompute_dists
-        )
+        automaton = RetoMaton(self.datastore, self.config.retomaton, settings.k, settings.recompute_dists)
         for row in range(len(mixed)):
             automaton.reset()
             pos = torch.nonzero(scored[row]).flatten()
             found = stream_neighbours(automaton, hidden[row, pos], tokens[row, pos].tolist())
-            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], self.settings)
+            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], settings)
         self.retrieval_stats = automaton.stats()
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
         """``base_model.generate`` with a [`KNNProcessor`] for the current settings appended to
         ``logits_processor``; its hook comes off the base model when generation returns."""
+        # A processor per call: it sees this call's settings, and another thread's generate has its own.
         processor = KNNProcessor(
             self.model,
             self.datastore,
-            k=self.settings.k,
-            lmbda=self.settings.lmbda,
-            temperature=self.settings.temperature,
-            recompute_dists=self.settings.recompute_dists,
+            **dataclasses.asdict(self._current_settings()),
             retomaton=self.config.retomaton,
             gate=self.config.gate or None,
         )

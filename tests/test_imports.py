@@ -3,6 +3,7 @@ Auto classes know hf_knnlm's model types whatever the import order."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -148,3 +149,45 @@ print(json.dumps({{"model": type(model).__name__, "config": type(config).__name_
         faiss=False,
     )
     assert last_json(result) == {"model": "RealmForOpenQA", "config": "KNNLMConfig", "faiss": False}
+
+
+def _binds_faiss(node: ast.AST) -> bool:
+    return isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+        (alias.asname or alias.name) == "faiss" for alias in node.names
+    )
+
+
+def _annotation_nodes(fn: ast.FunctionDef) -> set[int]:
+    roots = [a.annotation for a in ast.walk(fn) if isinstance(a, (ast.arg, ast.AnnAssign)) and a.annotation]
+    roots += [fn.returns] if fn.returns else []
+    return {id(n) for root in roots for n in ast.walk(root)}
+
+
+def _functions_using_faiss_without_importing_it() -> list[str]:
+    """Functions that read the name ``faiss`` in a module that binds it only for type checkers."""
+    found = []
+    for path in sorted((REPO / "hf_knnlm").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if any(_binds_faiss(node) for node in tree.body):
+            continue  # a module-level import (only in modules outside the package's import path)
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            annotations = _annotation_nodes(fn)
+            bound = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            bound |= {"faiss" for n in ast.walk(fn) if _binds_faiss(n)}
+            reads = [
+                n
+                for n in ast.walk(fn)
+                if isinstance(n, ast.Name) and n.id == "faiss" and isinstance(n.ctx, ast.Load)
+                if id(n) not in annotations
+            ]
+            if reads and "faiss" not in bound:
+                found.append(f"{path.relative_to(REPO)}:{fn.lineno} {fn.name}")
+    return found
+
+
+def test_faiss_is_reached_through_import_faiss_only():
+    """A function that uses faiss binds it with ``import_faiss(...)`` (which names the extras when
+    faiss is missing); otherwise it would fail with a NameError once the module-level import is gone."""
+    assert _functions_using_faiss_without_importing_it() == []

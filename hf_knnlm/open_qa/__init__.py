@@ -18,16 +18,20 @@ _EXPORTS = {
     "RealmForOpenQA": ".modeling",
     "RealmOpenQAOutput": ".modeling",
     "RealmPreTrainedModel": ".modeling",
+    "RealmTokenizerPair": ".tokenization",
     "build_features": ".data",
     "embed_corpus": ".document_index",
     "evaluate_gold": ".evaluation",
     "evaluate_open": ".evaluation",
+    "load_squad": ".squad",
     "load_squad_open": ".squad",
+    "prepare_reader_features": ".reader_training",
     "normalize_answers": ".data",
     "precompute_retrieval": ".data",
     "realm_optimizer": ".training",
     "retrieval_recall": ".evaluation",
     "retrieve": ".data",
+    "train_reader": ".reader_training",
     "train_realm": ".training",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -40,5 +44,7 @@ if TYPE_CHECKING:
     from .document_index import DocumentIndex, embed_corpus
     from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
     from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
-    from .squad import load_squad_open
+    from .reader_training import prepare_reader_features, train_reader
+    from .squad import load_squad, load_squad_open
+    from .tokenization import RealmTokenizerPair
     from .training import realm_optimizer, train_realm
