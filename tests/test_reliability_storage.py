@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 
 from hf_knnlm import Datastore
+from hf_knnlm.commands import main as cli_main
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.conftest import tiny_gpt2
-    from tests.reliability_utils import cli_main
 except ImportError:
     from conftest import tiny_gpt2
-    from reliability_utils import cli_main
 
 BUILD = dict(max_length=64, stride=32, disable_progress=True)
 
@@ -187,6 +186,7 @@ _KILLED_BUILD = """
 import json, os, signal, sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_knnlm import Datastore
+from hf_knnlm.commands import main as cli_main
 
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
