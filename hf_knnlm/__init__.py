@@ -11,39 +11,37 @@ from . import auto_classes
 from ._lazy import lazy_exports
 from ._version import __version__
 
-# Public name -> the module that defines it.
-_EXPORTS = {
-    "Datastore": ".datastore",
-    "DatastoreConfig": ".datastore",
-    "FolderInUseError": ".files",
-    "IntegrityError": ".files",
-    "FFNInputCapture": ".hooks",
-    "find_ffn_module": ".hooks",
-    "KNNSettings": ".knn",
-    "interpolate": ".knn",
-    "knn_log_probs": ".knn",
-    "KNNProcessor": ".logits_process",
-    "KNNLMConfig": ".configuration_knnlm",
-    "KNNLMForCausalLM": ".modeling_knnlm",
-    "DocumentIndex": ".open_qa",
-    "IndexRefreshCallback": ".open_qa",
-    "RealmConfig": ".open_qa",
-    "RealmDataCollator": ".open_qa",
-    "RealmForOpenQA": ".open_qa",
-    "RealmOpenQAOutput": ".open_qa",
-    "train_realm": ".open_qa",
-    "BM25Retriever": ".rag",
-    "DenseRetriever": ".rag",
-    "InContextRALMProcessor": ".rag",
-    "REPLUGProcessor": ".rag",
-    "chunk_documents": ".rag",
-    "evaluate_retrieval_perplexity": ".rag",
-    "flare_generate": ".rag",
-    "evaluate_perplexity": ".scoring",
-    "tune": ".scoring",
+# Module -> the public names it defines (as transformers' _import_structure).
+_IMPORT_STRUCTURE = {
+    ".configuration_knnlm": ["KNNLMConfig"],
+    ".datastore": ["Datastore", "DatastoreConfig"],
+    ".files": ["FolderInUseError", "IntegrityError"],
+    ".hooks": ["FFNInputCapture", "find_ffn_module"],
+    ".knn": ["KNNSettings", "interpolate", "knn_log_probs"],
+    ".logits_process": ["KNNProcessor"],
+    ".modeling_knnlm": ["KNNLMForCausalLM"],
+    ".open_qa": [
+        "DocumentIndex",
+        "IndexRefreshCallback",
+        "RealmConfig",
+        "RealmDataCollator",
+        "RealmForOpenQA",
+        "RealmOpenQAOutput",
+        "train_realm",
+    ],
+    ".rag": [
+        "BM25Retriever",
+        "DenseRetriever",
+        "InContextRALMProcessor",
+        "REPLUGProcessor",
+        "chunk_documents",
+        "evaluate_retrieval_perplexity",
+        "flare_generate",
+    ],
+    ".scoring": ["evaluate_perplexity", "tune"],
 }
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = ["__version__", *_EXPORTS]
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = ["__version__", *(name for names in _IMPORT_STRUCTURE.values() for name in names)]
 
 if TYPE_CHECKING:
     from .configuration_knnlm import KNNLMConfig

@@ -13,12 +13,14 @@ from typing import Any
 
 
 def lazy_exports(
-    package: str, exports: dict[str, str]
+    package: str, structure: dict[str, list[str]]
 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for ``package``, whose ``exports`` map names to relative modules.
+    """``__getattr__`` and ``__dir__`` for ``package``; ``structure`` maps relative modules to the
+    names they export, as transformers' ``_import_structure`` does.
 
-    Example: ``__getattr__, __dir__ = lazy_exports(__name__, {"Datastore": ".datastore"})``.
+    Example: ``__getattr__, __dir__ = lazy_exports(__name__, {".datastore": ["Datastore"]})``.
     """
+    exports = {name: module for module, names in structure.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         try:

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {"CONFIG_NAME": ".config", "Datastore": ".datastore", "DatastoreConfig": ".config"}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = list(_EXPORTS)
+_IMPORT_STRUCTURE = {
+    ".config": ["CONFIG_NAME", "DatastoreConfig"],
+    ".datastore": ["Datastore"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
     from .config import CONFIG_NAME, DatastoreConfig

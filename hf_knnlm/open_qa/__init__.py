@@ -10,32 +10,20 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "DocumentIndex": ".document_index",
-    "IndexRefreshCallback": ".callbacks",
-    "RealmConfig": ".configuration",
-    "RealmDataCollator": ".data",
-    "RealmForOpenQA": ".modeling",
-    "RealmOpenQAOutput": ".modeling",
-    "RealmPreTrainedModel": ".modeling",
-    "RealmTokenizerPair": ".tokenization",
-    "build_features": ".data",
-    "embed_corpus": ".document_index",
-    "evaluate_gold": ".evaluation",
-    "evaluate_open": ".evaluation",
-    "load_squad": ".squad",
-    "load_squad_open": ".squad",
-    "prepare_reader_features": ".reader_training",
-    "normalize_answers": ".data",
-    "precompute_retrieval": ".data",
-    "realm_optimizer": ".training",
-    "retrieval_recall": ".evaluation",
-    "retrieve": ".data",
-    "train_reader": ".reader_training",
-    "train_realm": ".training",
+_IMPORT_STRUCTURE = {
+    ".callbacks": ["IndexRefreshCallback"],
+    ".configuration": ["RealmConfig"],
+    ".data": ["RealmDataCollator", "build_features", "normalize_answers", "precompute_retrieval", "retrieve"],
+    ".document_index": ["DocumentIndex", "embed_corpus"],
+    ".evaluation": ["evaluate_gold", "evaluate_open", "retrieval_recall"],
+    ".modeling": ["RealmForOpenQA", "RealmOpenQAOutput", "RealmPreTrainedModel"],
+    ".reader_training": ["prepare_reader_features", "train_reader"],
+    ".squad": ["load_squad", "load_squad_open"],
+    ".tokenization": ["RealmTokenizerPair"],
+    ".training": ["realm_optimizer", "train_realm"],
 }
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
     from .callbacks import IndexRefreshCallback

@@ -5,23 +5,20 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "BM25Retriever": ".bm25",
-    "DenseRetriever": ".dense",
-    "FLAREOutput": ".flare",
-    "InContextRALMProcessor": ".logits_process",
-    "REPLUGProcessor": ".logits_process",
-    "RetrievalSettings": ".settings",
-    "Retriever": ".retriever",
-    "answer_questions": ".qa",
-    "chunk_documents": ".chunking",
-    "evaluate_retrieval_perplexity": ".perplexity",
-    "flare_generate": ".flare",
-    "load_retriever": ".loading",
-    "sentence_encoder": ".dense",
+_IMPORT_STRUCTURE = {
+    ".bm25": ["BM25Retriever"],
+    ".chunking": ["chunk_documents"],
+    ".dense": ["DenseRetriever", "sentence_encoder"],
+    ".flare": ["FLAREOutput", "flare_generate"],
+    ".loading": ["load_retriever"],
+    ".logits_process": ["InContextRALMProcessor", "REPLUGProcessor"],
+    ".perplexity": ["evaluate_retrieval_perplexity"],
+    ".qa": ["answer_questions"],
+    ".retriever": ["Retriever"],
+    ".settings": ["RetrievalSettings"],
 }
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
     from .bm25 import BM25Retriever

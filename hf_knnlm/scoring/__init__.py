@@ -4,9 +4,12 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {"evaluate_perplexity": ".evaluation", "tune": ".tuning"}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-__all__ = list(_EXPORTS)
+_IMPORT_STRUCTURE = {
+    ".evaluation": ["evaluate_perplexity"],
+    ".tuning": ["tune"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
     from .evaluation import evaluate_perplexity
