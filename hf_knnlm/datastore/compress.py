@@ -20,10 +20,11 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
+from ..faiss_support import import_faiss
 from ..files import atomic_path
 from ..hub_mixin import finish_folder
 from .builder import write_store
@@ -33,6 +34,9 @@ from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import new_index, train_sample
 from .provenance import Provenance
 from .storage import ShardedArray, shard_bounds
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ def factory_for_dim(factory: str, src_dim: int, dim: int) -> str:
 
 def train_pca(keys: ShardedArray, pca_dim: int, sample_size: int = 262144) -> faiss.PCAMatrix:
     """A faiss PCA from the key width to ``pca_dim``, trained on a uniform sample of keys."""
-    pca = faiss.PCAMatrix(keys.shape[1], pca_dim)
+    pca = import_faiss("Compressing a datastore").PCAMatrix(keys.shape[1], pca_dim)
     pca.train(train_sample(keys, len(keys), sample_size))
     return pca
 
@@ -193,7 +197,7 @@ def compress_datastore(
         extra = provenance.save(folder)
         if pca is not None:
             with atomic_path(folder / TRANSFORM_NAME) as tmp:
-                faiss.write_VectorTransform(pca, str(tmp))
+                import_faiss().write_VectorTransform(pca, str(tmp))
             extra.append(TRANSFORM_NAME)
         elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
             extra += copy_extra_files(src.folder, folder, src.config, only=(TRANSFORM_NAME,))
