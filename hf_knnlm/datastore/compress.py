@@ -137,7 +137,7 @@ def compress_datastore(
         raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
     new_index(index_factory or src.config.index_factory, pca_dim or src.key_dim)  # a bad string fails now
 
-    values = src.values.numpy()
+    values = src.values.to_numpy()
     old = src.provenance
     keep = np.arange(len(src))
     counts = old.counts.astype(np.int64) if old.counts is not None else None
