@@ -54,11 +54,12 @@ class DenseRetriever:
     Examples:
 
     ```python
-    >>> from transformers import AutoTokenizer, BertConfig, BertModel
+    >>> from transformers import BertConfig, BertModel, BertTokenizerFast
     >>> from hf_knnlm.rag import DenseRetriever
-    >>> tokenizer = AutoTokenizer.from_pretrained("bert-base-uncased")
-    >>> encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-    ...                                intermediate_size=64))
+    >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "a", "dog", "ran", "."]
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})  # or a BERT's own
+    >>> encoder = BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                                num_attention_heads=2, intermediate_size=64))
     >>> embed = lambda **batch: encoder(**batch).last_hidden_state[:, 0]
     >>> dense = DenseRetriever.build([{"text": "The cat sat."}, {"text": "A dog ran."}], embed, tokenizer)
     >>> scores, doc_ids = dense.search(["The cat sat."], k=1)
