@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import BatchEncoding, LogitsProcessorList
 
 from .logits_process import InContextRALMProcessor, REPLUGProcessor
-from .prefix import pad_token_id
+from .prefix import pad_token_id, tokens_containing
 from .retriever import Retriever
 
 PROMPT = "Answer the question with a few words.\nQuestion: {question}\nAnswer:"
@@ -76,6 +76,7 @@ def answer_questions(
     if "{question}" not in prompt:
         raise ValueError(f"prompt={prompt!r} has no '{{question}}' placeholder.")
     pad = pad_token_id(tokenizer)
+    stop = [t for t in [tokenizer.eos_token_id] if t is not None] + tokens_containing(tokenizer, ("\n",))
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in tqdm(range(0, len(questions), batch_size), desc=method, disable=not show_progress):
@@ -90,8 +91,7 @@ def answer_questions(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             logits_processor=LogitsProcessorList(processors),
-            stop_strings=["\n"],
-            tokenizer=tokenizer,
+            eos_token_id=stop,
             pad_token_id=pad,
         )
         for row in output[:, encoded["input_ids"].shape[1] :]:
