@@ -253,3 +253,20 @@ def test_docstring_examples_run(name, monkeypatch):
     for test in tests:
         runner.run(test)
     assert runner.failures == 0, f"{runner.failures} docstring example(s) of {module.__name__} failed"
+
+
+def test_ralm_answers_equal_the_processor(model, tokenizer):
+    """answer_questions reads the top passage from a prefixed prompt; the processor gives the same answers."""
+    from hf_knnlm.rag import answer_questions
+    from hf_knnlm.rag.qa import PROMPT
+
+    questions = ["Who sees the bridge?", "What does the merchant cross?"]
+    answers = answer_questions(
+        model, tokenizer, questions, method="ralm", retriever=FixedRetriever([1]), show_progress=False
+    )
+    for question, answer in zip(questions, answers, strict=True):
+        prompt = tokenizer(PROMPT.format(question=question), return_tensors="pt")
+        ralm = InContextRALMProcessor(model, tokenizer, FixedRetriever([1]), retrieval_stride=None)
+        out = model.generate(**prompt, max_new_tokens=16, do_sample=False, logits_processor=[ralm])
+        text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == text.split("\n")[0].strip()
