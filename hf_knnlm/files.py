@@ -67,9 +67,25 @@ def file_hashes(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, st
     return {name: sha256_file(folder / name) for name in sorted(names)}
 
 
-def verify_files(folder: str | os.PathLike, expected: dict[str, str], what: str = "datastore") -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or whose sha256 differs."""
+def verify_files(
+    folder: str | os.PathLike,
+    expected: dict[str, str],
+    what: str = "datastore",
+    required: Iterable[str] = (),
+) -> None:
+    """Raise :class:`IntegrityError` naming the first file that is missing or whose sha256 differs.
+
+    A config that records no hashes, or none for a file in ``required`` (the files the loader is
+    about to read), is refused too: it would load unchecked. Loaders offer ``verify=False`` for that.
+    """
     folder = Path(folder)
+    unhashed = [name for name in required if name not in expected]
+    if not expected or unhashed:
+        which = f"no sha256 for {unhashed[0]!r}" if expected else "no file hashes"
+        raise IntegrityError(
+            f"the {what} config in {folder} records {which}, so its files cannot be checked. Re-save "
+            f"the {what} with this version of hf_knnlm, or pass verify=False to load it unchecked."
+        )
     for name, digest in sorted(expected.items()):
         path = folder / name
         if not path.is_file():

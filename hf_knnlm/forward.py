@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_positive_int, is_int
 from .hooks import FFNInputCapture, StopForward
-from .windows import Window
+from .windows import Window, check_window_args
 
 
 @dataclass
@@ -56,6 +57,20 @@ def _target_index(windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, np
     )
 
 
+def check_forward_args(model: torch.nn.Module, max_length: int, stride: int, batch_size: int) -> None:
+    """Window settings that ``model`` can run, checked before any forward pass."""
+    check_window_args(max_length, stride)
+    check_positive_int("batch_size", batch_size, "windows per forward pass")
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if is_int(positions) and max_length > positions:
+        raise ValueError(
+            f"max_length={max_length} is more than the {positions} positions the model has "
+            f"(max_position_embeddings); use max_length <= {positions} (and a smaller stride)."
+        )
+
+
 @torch.no_grad()
 def iter_window_batches(
     model: torch.nn.Module,
@@ -69,15 +84,22 @@ def iter_window_batches(
     desc: str = "windows",
     disable_progress: bool | None = None,
     lm_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    expected_width: int | None = None,
 ) -> Iterator[WindowBatch]:
     """Yield one :class:`WindowBatch` per ``batch_size`` windows, starting at ``start_window``.
 
     ``lm_features`` (with ``with_log_probs``) maps the ``[n, V]`` LM log-probs of the scored
     positions to per-token features (e.g. entropy for a retrieval gate), kept in the batch.
+    ``expected_width`` refuses a ``hook_module`` whose input has another width (see
+    :class:`~hf_knnlm.FFNInputCapture`).
     """
+    check_positive_int("batch_size", batch_size, "windows per forward pass")
     device = next(model.parameters()).device
     todo = range(start_window, len(windows), batch_size)
-    with FFNInputCapture(model, hook_module, stop_forward=not with_log_probs) as capture:
+    capture = FFNInputCapture(
+        model, hook_module, stop_forward=not with_log_probs, expected_width=expected_width
+    )
+    with capture:
         for first in tqdm(todo, desc=desc, unit="batch", disable=disable_progress):
             batch = windows[first : first + batch_size]
             ids, mask = _pad_batch(tokens, batch, device)

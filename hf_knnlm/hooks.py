@@ -7,6 +7,8 @@ exactly that tensor.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -45,7 +47,8 @@ def _module_or_none(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _num_layers(model: nn.Module) -> int | None:
+def num_hidden_layers(model: nn.Module) -> int | None:
+    """The number of decoder layers the model's (text) config declares, or None."""
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text_config, "num_hidden_layers", None)
@@ -53,7 +56,7 @@ def _num_layers(model: nn.Module) -> int | None:
 
 def _generic_ffn_path(model: nn.Module) -> str | None:
     """The last element of the longest ModuleList of decoder layers, then its FFN child."""
-    expected = _num_layers(model)
+    expected = num_hidden_layers(model)
     candidates = [
         (name, mod)
         for name, mod in model.named_modules()
@@ -102,8 +105,10 @@ class StopForward(Exception):
 
 
 class FFNInputCapture:
-    """Keeps the input of a module from its latest forward call.
+    """Keeps the input of a module from its latest forward call, per thread.
 
+    The captured tensor lives in thread-local storage: one model (and one capture, or several)
+    can serve several threads at once, each reading the input of its own latest forward pass.
     Use as a context manager or call :meth:`remove`; the hook holds no graph when the model runs
     under ``torch.no_grad()``.
 
@@ -111,35 +116,82 @@ class FFNInputCapture:
         model (`nn.Module`): the model to hook.
         hook_module (`str`, *optional*): module path; defaults to :func:`find_ffn_module`.
         stop_forward (`bool`, *optional*, defaults to `False`): raise :class:`StopForward` right
-            after capturing. Building a datastore needs nothing past the last FFN's input, so this
-            skips the last FFN, the final norm and the LM head (a large share of small models).
+            after capturing, in the thread that created the capture only. Building a datastore
+            needs nothing past the last FFN's input, so this skips the last FFN, the final norm and
+            the LM head (a large share of small models).
+        expected_width (`int`, *optional*): refuse (ValueError naming ``hook_module``) a module whose
+            input is not a float tensor of this width, e.g. an embedding or an FFN's second linear layer.
     """
 
-    def __init__(self, model: nn.Module, hook_module: str | None = None, stop_forward: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        hook_module: str | None = None,
+        stop_forward: bool = False,
+        expected_width: int | None = None,
+    ) -> None:
         self.path = find_ffn_module(model, hook_module)
         self.module = model.get_submodule(self.path)
-        self.captured: torch.Tensor | None = None
         self.stop_forward = stop_forward
+        self.expected_width = expected_width
+        self._owner = threading.get_ident()
+        self._local = threading.local()
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        self.captured = hidden
-        if self.stop_forward:
+        hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        self._check(hidden)
+        self._local.captured = hidden
+        self._local.count = self.forward_count + 1
+        if self.stop_forward and threading.get_ident() == self._owner:
             raise StopForward
+
+    def _check(self, hidden: object) -> None:
+        width = hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() else None
+        if isinstance(hidden, torch.Tensor) and hidden.is_floating_point():
+            if self.expected_width is None or width == self.expected_width:
+                return
+        seen = (
+            f"a {hidden.dtype} tensor of shape {list(hidden.shape)}"
+            if isinstance(hidden, torch.Tensor)
+            else type(hidden).__name__
+        )
+        want = f"[..., {self.expected_width}]" if self.expected_width else "float"
+        raise ValueError(
+            f"hook_module={self.path!r} receives {seen}; kNN-LM keys are the {want} input of the last "
+            f"layer's feed-forward block (after its LayerNorm). Leave hook_module unset, or name that FFN "
+            f"module (e.g. 'model.layers.11.mlp')."
+        )
+
+    @property
+    def captured(self) -> torch.Tensor | None:
+        """The input of this thread's latest forward call of the hooked module (None before any)."""
+        return getattr(self._local, "captured", None)
+
+    @property
+    def forward_count(self) -> int:
+        """How many forward calls of the hooked module this thread has made since the hook was added."""
+        return getattr(self._local, "count", 0)
 
     def hidden_states(self, batch_size: int) -> torch.Tensor:
         """The captured input as ``[batch_size, seq_len, hidden]`` (some FFNs see it flattened)."""
-        if self.captured is None:
+        captured = self.captured
+        if captured is None:
             raise RuntimeError(
                 f"No input was captured at {self.path}: run the model forward before asking for the "
                 f"kNN query (and don't remove the hook in between)."
             )
-        return self.captured.reshape(batch_size, -1, self.captured.shape[-1])
+        rows = captured.shape[0] if captured.dim() == 3 else None
+        if (rows is not None and rows != batch_size) or captured[..., 0].numel() % batch_size:
+            raise ValueError(
+                f"the last forward pass at {self.path} had input of shape {list(captured.shape)}, which "
+                f"does not hold {batch_size} rows: the scores do not come from that forward pass."
+            )
+        return captured.reshape(batch_size, -1, captured.shape[-1])
 
     def remove(self) -> None:
         self._handle.remove()
-        self.captured = None
+        self._local = threading.local()
 
     def __enter__(self) -> FFNInputCapture:
         return self

@@ -57,12 +57,15 @@ import functools
 import json
 import logging
 import os
+import types
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._version import __version__
+from .checks import is_int, is_real
 from .files import atomic_write_bytes, atomic_write_json, file_hashes, verify_files
 from .hub import PUSH_OPTIONS, push_folder, resolve_folder
 
@@ -116,15 +119,31 @@ class StoreConfig:
         atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
-        """Build from parsed JSON; unknown keys (from a newer hf_knnlm) are dropped with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], source: str | None = None) -> ConfigT:
+        """Build from parsed JSON; unknown keys (from a newer hf_knnlm) are dropped with a warning.
+
+        A missing required field or a value of the wrong type is refused naming ``source`` (the
+        file, by default the config's name) and the field.
+        """
+        source = source or cls.CONFIG_NAME
+        fields = dataclasses.fields(cls)
+        unknown = sorted(set(data) - {f.name for f in fields})
         if unknown:
-            logger.warning(
-                "Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", cls.CONFIG_NAME, unknown
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
+            logger.warning("Ignoring unknown keys in %s: %s (written by a newer hf_knnlm?)", source, unknown)
+        hints = typing.get_type_hints(cls)
+        fix = f"The file was truncated or edited: re-download or rebuild the {cls.WHAT}."
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name not in data:
+                if required:
+                    raise ValueError(f"{source}: required field {f.name!r} is missing. {fix}")
+            elif not _matches(data[f.name], hints[f.name]):
+                value = data[f.name]
+                raise ValueError(f"{source}: field {f.name!r} is {value!r}, not of type {f.type}. {fix}")
+        try:
+            return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
 
     @classmethod
     def load(cls: type[ConfigT], path: str | os.PathLike) -> ConfigT:
@@ -139,7 +158,25 @@ class StoreConfig:
             raise ValueError(
                 f"{path} holds a JSON {type(data).__name__}, not an object; is it a {cls.WHAT} config?"
             )
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit a field's type hint (int, str, X | None, list[...], dict[..., ...])?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(v, args[1]) for v in value.values())
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_real(value)
+    return value is None if hint is type(None) else isinstance(value, hint)
 
 
 def check_relative(name: str, what: str = "store") -> None:
@@ -203,6 +240,11 @@ class HubMixin:
     def _from_pretrained(cls: type[StoreT], folder: Path, config: StoreConfig, **kwargs: Any) -> StoreT:
         """Open the store in ``folder``; its files have been checked against ``config.files``."""
         raise NotImplementedError
+
+    @classmethod
+    def _files_read(cls, config: StoreConfig) -> Iterable[str]:
+        """The files :meth:`_from_pretrained` reads: each must have a sha256 in the config."""
+        return ()
 
     @classmethod
     def _model_card(cls, config: StoreConfig, repo_id: str | None = None) -> ModelCard | None:
@@ -275,7 +317,7 @@ class HubMixin:
         )
         config = cls.config_class.load(folder / config_name)
         if verify:
-            verify_files(folder, config.files, what=cls.config_class.WHAT)
+            verify_files(folder, config.files, what=cls.config_class.WHAT, required=cls._files_read(config))
         return cls._from_pretrained(folder, config, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, **kwargs: Any) -> Any:

@@ -12,27 +12,53 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_flag, check_fraction, check_positive_finite, check_positive_int
+
+
+def check_k(k: int) -> None:
+    check_positive_int("k", k, "the number of neighbours, e.g. k=1024")
+
+
+def check_lmbda(lmbda: float) -> None:
+    check_fraction("lmbda", lmbda, "it is the weight of p_kNN in the mixture")
+
+
+def check_temperature(temperature: float) -> None:
+    check_positive_finite("temperature", temperature, "it divides the neighbour distances")
+
+
+_SETTING_CHECKS = {
+    "k": check_k,
+    "lmbda": check_lmbda,
+    "temperature": check_temperature,
+    "recompute_dists": lambda value: check_flag("recompute_dists", value),
+}
+
+
+def check_setting(name: str, value) -> None:
+    """Validate one field of :class:`KNNSettings` by name."""
+    _SETTING_CHECKS[name](value)
+
 
 def check_knn_args(k: int, lmbda: float, temperature: float) -> None:
-    if not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k={k!r} must be a positive integer (the number of neighbours, e.g. k=1024).")
-    if not 0.0 <= lmbda <= 1.0:
-        raise ValueError(f"lmbda={lmbda!r} must be in [0, 1]: it is the weight of p_kNN in the mixture.")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0; it divides the neighbour distances.")
+    check_k(k)
+    check_lmbda(lmbda)
+    check_temperature(temperature)
 
 
 @dataclass
 class KNNSettings:
-    """k, lmbda and temperature of the mixture, validated once."""
+    """k, lmbda, temperature and recompute_dists of the mixture; every assignment is validated."""
 
     k: int = 1024
     lmbda: float = 0.25
     temperature: float = 1.0
     recompute_dists: bool = False
 
-    def __post_init__(self) -> None:
-        check_knn_args(self.k, self.lmbda, self.temperature)
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SETTING_CHECKS:
+            check_setting(name, value)
+        object.__setattr__(self, name, value)
 
 
 def neighbour_log_weights(

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def _looks_like_path(value: str | os.PathLike) -> bool:
+    text = str(value)
+    return isinstance(value, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
+
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -22,6 +29,12 @@ def load_model_and_tokenizer(
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` the way the CLI and the demo need them."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
+    for what, value in (("model", name_or_path), ("tokenizer", tokenizer)):
+        if value is not None and _looks_like_path(value) and not Path(value).expanduser().exists():
+            raise FileNotFoundError(
+                f"{what} {str(value)!r} is not an existing folder (and a path cannot be a Hub id); "
+                f"check the path, or pass a Hub model id such as 'gpt2'."
+            )
     kwargs = {"revision": revision}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

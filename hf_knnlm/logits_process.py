@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 from transformers import LogitsProcessor
@@ -49,9 +50,20 @@ class KNNProcessor(LogitsProcessor):
     ``k`` nearest datastore keys to the current FFN input, summed per stored next token.
 
     The processor hooks ``model`` itself (the input of the last layer's FFN) and reads the vector of
-    the last position of every sequence, so it works for greedy search, sampling and beam search.
-    The returned scores are log-probabilities (the incoming scores are normalised first, so logits
-    and log-probs are both accepted); they are new tensors, the input is never modified.
+    the last position of every sequence. The returned scores are log-probabilities (the incoming
+    scores are normalised first, so logits and log-probs are both accepted); they are new tensors,
+    the input is never modified.
+
+    Supported decoding modes: greedy search, sampling (with any warpers) and beam search (with or
+    without sampling), where every call scores the last position of the model's latest forward pass.
+    Assisted decoding (``assistant_model``), prompt-lookup decoding (``prompt_lookup_num_tokens``)
+    and contrastive search score several positions or candidates per forward pass; the processor
+    detects this (a second call for one forward pass, or scores for other rows than that pass had)
+    and raises a ValueError instead of mixing in the wrong neighbours.
+
+    One processor may be used by several threads at once (each generating with the same model): the
+    captured FFN input is kept per thread. With ``retomaton`` it holds per-generation state and
+    serves one generation at a time.
 
     Args:
         model (`PreTrainedModel`):
@@ -68,6 +80,9 @@ class KNNProcessor(LogitsProcessor):
             Use exact distances from the stored keys (useful with PQ-compressed indexes).
         hook_module (`str`, *optional*):
             The module to hook; defaults to the one recorded in the datastore.
+        tokenizer (`PreTrainedTokenizerBase`, *optional*):
+            The tokenizer that encodes the prompts; checked against the datastore's tokenizer
+            fingerprint (a tokenizer with the same vocabulary size but other ids is refused).
         retomaton (`int`, *optional*):
             RetoMaton: follow the corpus pointers of the previous step's neighbours that predicted
             the chosen token, and search only when fewer than this many survive. The processor then
@@ -101,6 +116,7 @@ class KNNProcessor(LogitsProcessor):
         temperature: float = 1.0,
         recompute_dists: bool = False,
         hook_module: str | None = None,
+        tokenizer=None,
         retomaton: int | None = None,
         gate=None,
     ) -> None:
@@ -108,19 +124,40 @@ class KNNProcessor(LogitsProcessor):
             k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists
         )
         self.datastore = load_datastore(datastore)
-        self.datastore.check_compatible(model)
+        self.datastore.check_compatible(model, tokenizer)
         self.settings.k = self.datastore.clamp_k(k)
         self.retrieval = search_skipper(self.datastore, self.settings, retomaton, gate, stream=False)
         self._capture = FFNInputCapture(model, hook_module or self.datastore.config.hook_module)
+        self._used = threading.local()  # per thread: the forward pass whose query was last used
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # At the prefill step the model saw the whole prompt; only the last position predicts.
-        queries = self._capture.hidden_states(scores.shape[0])[:, -1, :]
+        queries = self._queries(scores.shape[0])
         lm_log_probs = torch.log_softmax(scores.float(), dim=-1)
         neighbours, lmbda = self.neighbours(input_ids, queries, lm_log_probs)
         mixed = mix_neighbours(neighbours, lm_log_probs, self.settings, lmbda)
         # Tokens an earlier processor banned (-inf) stay banned whatever the neighbours say.
         return mixed.masked_fill(torch.isneginf(scores), -math.inf).to(scores.dtype)
+
+    def _queries(self, rows: int) -> torch.Tensor:
+        """The FFN input at the last position of this thread's latest forward pass, used once."""
+        count = self._capture.forward_count
+        if count == getattr(self._used, "count", 0):
+            raise ValueError(
+                "KNNProcessor was called without a new forward pass of its model in this thread (a "
+                "second call for one pass, or a call for another model's scores): assisted and "
+                "prompt-lookup decoding score several positions per pass and are not supported. Use "
+                "greedy search, sampling or beam search (no assistant_model / prompt_lookup_num_tokens)."
+            )
+        self._used.count = count
+        try:
+            # At the prefill step the model saw the whole prompt; only the last position predicts.
+            return self._capture.hidden_states(rows)[:, -1, :]
+        except ValueError as err:
+            raise ValueError(
+                f"KNNProcessor got scores for {rows} rows, but {err} Decoding modes that score other "
+                f"rows than the forward pass (contrastive search) are not supported; use greedy "
+                f"search, sampling or beam search."
+            ) from err
 
     def neighbours(
         self, input_ids: torch.LongTensor, queries: torch.Tensor, lm_log_probs: torch.Tensor

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .datastore.datastore import Datastore
 from .gate import GateSteps, load_gate
 from .hooks import FFNInputCapture
-from .knn import KNNSettings
+from .knn import KNNSettings, check_setting
 from .logits_process import KNNProcessor, load_datastore, mix_neighbours, mix_with_datastore
 from .retomaton import RetoMaton, stream_neighbours
 
@@ -61,6 +63,36 @@ class KNNLMConfig(PreTrainedConfig):
 
 
 AutoConfig.register("knnlm", KNNLMConfig, exist_ok=True)
+
+
+def _settings_of(config: KNNLMConfig) -> KNNSettings:
+    return KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
+
+
+class _SettingsView:
+    """A wrapper's :class:`KNNSettings` kept in its config, so that the two never disagree."""
+
+    def __init__(self, config: KNNLMConfig) -> None:
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in KNNSettings.__dataclass_fields__:
+            return getattr(self._config, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in KNNSettings.__dataclass_fields__:
+            raise AttributeError(f"{name!r} is not one of {list(KNNSettings.__dataclass_fields__)}.")
+        check_setting(name, value)
+        setattr(self._config, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _SettingsView):
+            other = _settings_of(other._config)
+        return _settings_of(self._config) == other
+
+    def __repr__(self) -> str:
+        return repr(_settings_of(self._config))
 
 
 def _knnlm_config_dict(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -103,15 +135,32 @@ class KNNLMForCausalLM(PreTrainedModel):
     base_model_prefix = "model"
     _supports_cache_class = True
 
-    def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore):
-        settings = KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
+    def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore, tokenizer=None):
+        _settings_of(config)  # refuse bad settings before anything else
         super().__init__(config)
         self.model = model
         self.datastore = datastore
-        datastore.check_compatible(model)
-        settings.k = datastore.clamp_k(settings.k)
-        self.settings = settings
+        datastore.check_compatible(model, tokenizer)
         self._processor: KNNProcessor | None = None
+        self._processor_key: tuple | None = None
+        self._processor_lock = threading.Lock()
+
+    @property
+    def settings(self) -> _SettingsView:
+        """k, lmbda, temperature and recompute_dists, read from and written to ``config`` (validated):
+        a change through either is honoured by the next ``forward`` or ``generate``."""
+        return _SettingsView(self.config)
+
+    @settings.setter
+    def settings(self, value: KNNSettings) -> None:
+        for name in KNNSettings.__dataclass_fields__:
+            setattr(self.settings, name, getattr(value, name))
+
+    def _current_settings(self) -> KNNSettings:
+        """The settings as of this call, validated, with k clamped to the store size."""
+        settings = _settings_of(self.config)
+        settings.k = self.datastore.clamp_k(settings.k)
+        return settings
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -135,6 +184,7 @@ class KNNLMForCausalLM(PreTrainedModel):
         datastore_kwargs: dict[str, Any] | None = None,
         retomaton: int | None = None,
         gate: bool | None = None,
+        tokenizer=None,
         **model_kwargs: Any,
     ) -> KNNLMForCausalLM:
         """Wrap a base model (instance, Hub id or path) or load a saved wrapper.
@@ -147,6 +197,7 @@ class KNNLMForCausalLM(PreTrainedModel):
             k, lmbda, temperature, recompute_dists: override the saved (or default) settings.
             retomaton, gate: skip searches with RetoMaton (a threshold) or the store's gate.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).
+            tokenizer: the tokenizer used with the model, checked against the datastore's fingerprint.
         """
         overrides = {"k": k, "lmbda": lmbda, "temperature": temperature, "recompute_dists": recompute_dists}
         overrides = {key: v for key, v in overrides.items() if v is not None}
@@ -190,7 +241,7 @@ class KNNLMForCausalLM(PreTrainedModel):
             retomaton=retomaton if retomaton is not None else fields.get("retomaton"),
             gate=gate if gate is not None else fields.get("gate", False),
         )
-        return cls(config, base, store)
+        return cls(config, base, store, tokenizer=tokenizer)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, save_datastore: bool = False, **kwargs: Any
@@ -225,50 +276,51 @@ class KNNLMForCausalLM(PreTrainedModel):
         else:
             scored = attention_mask[:, -lm_log_probs.shape[1] :].bool()
         mixed = lm_log_probs.clone()
+        settings = self._current_settings()
         if self.config.retomaton is not None:
-            self._retomaton_mix(mixed, input_ids, hidden, lm_log_probs, scored)
+            self._retomaton_mix(mixed, input_ids, hidden, lm_log_probs, scored, settings)
         elif self.config.gate:
-            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, self.settings)(
+            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, settings)(
                 None, hidden[scored], lm_log_probs[scored]
             )
-            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], self.settings, lmbda)
+            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], settings, lmbda)
         else:
-            mixed[scored] = mix_with_datastore(
-                self.datastore, hidden[scored], lm_log_probs[scored], self.settings
-            )
+            mixed[scored] = mix_with_datastore(self.datastore, hidden[scored], lm_log_probs[scored], settings)
         loss = None
         if labels is not None:
             shift_log_probs = mixed[:, :-1].reshape(-1, mixed.shape[-1])
             loss = F.nll_loss(shift_log_probs, labels[:, 1:].reshape(-1).to(mixed.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
 
-    def _retomaton_mix(self, mixed, input_ids, hidden, lm_log_probs, scored) -> None:
+    def _retomaton_mix(self, mixed, input_ids, hidden, lm_log_probs, scored, settings) -> None:
         """Each row is one stream: position t follows the pointers of t - 1 through token t."""
-        automaton = RetoMaton(
-            self.datastore, self.config.retomaton, self.settings.k, self.settings.recompute_dists
-        )
+        automaton = RetoMaton(self.datastore, self.config.retomaton, settings.k, settings.recompute_dists)
         for row in range(len(mixed)):
             automaton.reset()
             pos = torch.nonzero(scored[row]).flatten()
             tokens = input_ids[row, -mixed.shape[1] :][pos].tolist()
             found = stream_neighbours(automaton, hidden[row, pos], tokens)
-            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], self.settings)
+            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], settings)
         self.retrieval_stats = automaton.stats()
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
         """``base_model.generate`` with a [`KNNProcessor`] appended to ``logits_processor``."""
-        if self._processor is None:
-            self._processor = KNNProcessor(
-                self.model,
-                self.datastore,
-                k=self.settings.k,
-                lmbda=self.settings.lmbda,
-                temperature=self.settings.temperature,
-                recompute_dists=self.settings.recompute_dists,
-                retomaton=self.config.retomaton,
-                gate=self.config.gate or None,
-            )
+        settings = self._current_settings()
+        # A processor is made for the settings of this call: a change since the last one is honoured.
+        key = (dataclasses.astuple(settings), self.config.retomaton, self.config.gate)
+        with self._processor_lock:
+            if self._processor is None or self._processor_key != key:
+                if self._processor is not None:
+                    self._processor.remove()
+                self._processor = KNNProcessor(
+                    self.model,
+                    self.datastore,
+                    **dataclasses.asdict(settings),
+                    retomaton=self.config.retomaton,
+                    gate=self.config.gate or None,
+                )
+                self._processor_key = key
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(self._processor)
         return self.model.generate(*args, logits_processor=processors, **kwargs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .checks import is_int
+
 
 @dataclass(frozen=True)
 class Window:
@@ -28,6 +30,8 @@ class Window:
 
 
 def check_window_args(max_length: int, stride: int) -> None:
+    if not is_int(max_length) or not is_int(stride):
+        raise ValueError(f"max_length={max_length!r} and stride={stride!r} must be integers.")
     if max_length < 2:
         raise ValueError(f"max_length={max_length} must be >= 2 (a window needs a context and a target).")
     if not 0 < stride < max_length:

@@ -69,10 +69,10 @@ def tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2):
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_layer=2,
+        n_layer=n_layer,
         n_embd=n_embd,
         n_head=2,
         vocab_size=vocab_size,
@@ -87,6 +87,15 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32):
 @pytest.fixture(scope="session")
 def model(tokenizer):
     return tiny_gpt2(len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory, model, tokenizer) -> Path:
+    """The tiny model and its tokenizer saved to a folder, for the CLI."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

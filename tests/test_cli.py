@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from hf_knnlm import Datastore
 from hf_knnlm.commands import main
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory, model, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_build_evaluate_generate(saved_model, corpus_text, other_text, tmp_path, capsys):

@@ -18,7 +18,7 @@ from hf_knnlm.open_qa import (
     build_features,
     embed_corpus,
 )
-from hf_knnlm.open_qa.data import match_answer_spans
+from hf_knnlm.open_qa.data import find_answer_chars, match_answer_spans
 from hf_knnlm.open_qa.modeling import SPAN_MASK_VALUE
 from hf_knnlm.open_qa.squad import exact_match, f1_score, normalize_answer
 from hf_knnlm.open_qa.training import train_realm
@@ -72,13 +72,21 @@ def test_span_scores_only_cover_document_tokens(model, tokenizer, index):
     assert int(doc[0, 0].nonzero()[0]) == first_sep + 1
 
 
-def test_answer_matching_finds_token_spans():
-    assert match_answer_spans([5, 1, 2, 3, 1, 2], 1, 5, [[1, 2]], max_span_width=4, max_spans=8) == [
-        (1, 2),
-        (4, 5),
+def test_answer_matching_on_characters_and_token_boundaries():
+    text = "The Tiber river; the tiber, not Tiberius."
+    # Case-insensitive, every occurrence, whole words only ("Tiberius" is not "tiber").
+    assert find_answer_chars(text, ["tiber", " Tiber "]) == [(4, 9), (21, 26)]
+    # Token offsets of "[CLS] q [SEP] the tiber river ; the tiber , not tiberius . [SEP]" (document = True).
+    offsets = [(0, 0), (0, 1), (0, 0), (0, 3), (4, 9), (10, 15), (15, 16), (17, 20), (21, 26), (26, 27)]
+    doc = [False, False, False] + [True] * 7
+    assert match_answer_spans(offsets, doc, [(4, 9), (21, 26)], max_span_width=4, max_spans=8) == [
+        (4, 4),
+        (8, 8),
     ]
-    assert match_answer_spans([5, 1, 2, 3, 1, 2], 2, 5, [[1, 2]], max_span_width=4, max_spans=8) == [(4, 5)]
-    assert match_answer_spans([1, 2, 3], 0, 2, [[1, 2, 3]], max_span_width=2, max_spans=8) == []
+    assert match_answer_spans(offsets, doc, [(4, 15)], max_span_width=2, max_spans=8) == [(4, 5)]
+    assert match_answer_spans(offsets, doc, [(4, 15)], max_span_width=1, max_spans=8) == []  # too wide
+    assert match_answer_spans(offsets, doc, [(5, 9)], max_span_width=4, max_spans=8) == []  # mid-token
+    assert match_answer_spans(offsets, [False] * 10, [(4, 9)], max_span_width=4, max_spans=8) == []
 
 
 def test_marginal_loss_equals_brute_force(model, tokenizer, index):

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
-from . import build, demo, evaluate, generate, push, qa, rag_evaluate, rag_generate, rag_index, reindex, tune
+from . import (
+    build,
+    compress,
+    demo,
+    evaluate,
+    explain,
+    generate,
+    push,
+    qa,
+    qa_train_reader,
+    rag_evaluate,
+    rag_generate,
+    rag_index,
+    reindex,
+    train_gate,
+    tune,
+)
+from ._common import ArgumentParser, run_command
 
 # The order of ``hf-knnlm --help``.
 SUBCOMMANDS = (
@@ -15,8 +31,12 @@ SUBCOMMANDS = (
     generate,
     tune,
     reindex,
+    compress,
+    train_gate,
+    explain,
     push,
     demo,
+    qa_train_reader,
     qa,
     rag_index,
     rag_evaluate,
@@ -25,7 +45,7 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
+    parser = ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
         command.register(subparsers)
@@ -34,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"hf-knnlm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 __all__ = ["build_parser", "main"]

@@ -9,6 +9,18 @@ from ._common import size
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _push(args)
+    except Exception as err:
+        if not _is_network_error(err):
+            raise
+        raise ConnectionError(
+            f"could not reach the Hugging Face Hub to push {args.repo_id} ({' '.join(str(err).split())}); "
+            f"check the network, HF_ENDPOINT and HF_HUB_OFFLINE, then retry (nothing was uploaded)."
+        ) from err
+
+
+def _push(args: argparse.Namespace) -> int:
     from ..datastore import Datastore
 
     if not Path(args.dir).is_dir():
@@ -25,6 +37,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print(getattr(commit, "commit_url", None) or commit)
     return 0
+
+
+def _is_network_error(err: Exception) -> bool:
+    """No connection at all (offline mode, refused, DNS, TLS): the HTTP client's transport errors."""
+    return any(cls.__name__ in ("TransportError", "ConnectionError") for cls in type(err).__mro__)
 
 
 def register(subparsers) -> None:

@@ -60,6 +60,12 @@ def _subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets
     return dataset
 
 
+def steps_or_ratio(text: str) -> int | float:
+    """``--warmup-steps 50`` (steps) or ``--warmup-steps 0.1`` (a ratio of all steps)."""
+    value = float(text)
+    return value if 0 <= value < 1 else int(value)
+
+
 def _proj_size(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
@@ -68,12 +74,18 @@ def qa_train(args: argparse.Namespace) -> int:
     """``hf-knnlm qa-train``: returns exit status 0; the summary goes to stdout and train_summary.json."""
     from transformers import AutoTokenizer, set_seed
 
-    from ..open_qa import DocumentIndex, RealmForOpenQA, train_realm
+    from ..open_qa import DocumentIndex, RealmForOpenQA, RealmTokenizerPair, train_realm
 
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.encoder)
-    model = RealmForOpenQA.from_encoder(
+    reader = args.reader or args.encoder
+    if reader != args.encoder:
+        tokenizer = RealmTokenizerPair(tokenizer, AutoTokenizer.from_pretrained(reader))
+    model = RealmForOpenQA.from_retriever_and_reader(
         args.encoder,
+        reader,
+        reader_head=args.reader_head,
+        reader_stride=args.reader_stride,
         retriever_pooling=args.pooling,
         retriever_proj_size=args.proj_size,
         retriever_normalize=args.normalize,
@@ -106,6 +118,8 @@ def qa_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         head_learning_rate=args.head_learning_rate,
         retriever_learning_rate=args.retriever_learning_rate,
+        retriever_frozen_steps=args.retriever_frozen_steps,
+        warmup_steps=args.warmup_steps,
         refresh_index_every=args.refresh_index_every,
         seed=args.seed,
     )
@@ -130,12 +144,17 @@ def qa_train(args: argparse.Namespace) -> int:
 
 def qa_eval(args: argparse.Namespace) -> int:
     """``hf-knnlm qa-eval``: returns the exit status 0 (the results go to stdout and ``--results``)."""
-    from transformers import AutoTokenizer
-
-    from ..open_qa import DocumentIndex, RealmForOpenQA, evaluate_gold, evaluate_open, retrieval_recall
+    from ..open_qa import (
+        DocumentIndex,
+        RealmForOpenQA,
+        RealmTokenizerPair,
+        evaluate_gold,
+        evaluate_open,
+        retrieval_recall,
+    )
 
     model = RealmForOpenQA.from_pretrained(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = RealmTokenizerPair.from_pretrained(args.tokenizer or args.model)
     index = DocumentIndex.from_pretrained(args.index)
     data = _subset(load_questions(args.data, args.articles), args.max_questions, args.seed)
     # datasets 4 returns lazy Column objects; the evaluation wants plain lists.
@@ -167,7 +186,19 @@ def register(subparsers: Any) -> None:
     """Add ``qa-train`` and ``qa-eval`` to the ``add_subparsers()`` object of the ``hf-knnlm`` parser."""
     train = subparsers.add_parser("qa-train", help="fine-tune a REALM open-QA model (retriever + reader)")
     train.add_argument("--encoder", required=True, help="BERT-style checkpoint (folder or Hub id)")
-    train.add_argument("--tokenizer", help="tokenizer folder or id (default: --encoder)")
+    train.add_argument("--tokenizer", help="retriever tokenizer folder or id (default: --encoder)")
+    train.add_argument(
+        "--reader",
+        help="reader checkpoint (default: --encoder): a question-answering checkpoint such as one saved by "
+        "qa-train-reader, or a plain encoder",
+    )
+    train.add_argument(
+        "--reader-head",
+        choices=["auto", "start_end", "mlp"],
+        default="auto",
+        help="auto: start+end logits of a question-answering checkpoint, REALM's span MLP on an encoder",
+    )
+    train.add_argument("--reader-stride", type=int, help="overlap of reader windows (default 128 or less)")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--documents", help="SQuAD JSON or JSON lines with title/text to build the index from"
@@ -185,6 +216,8 @@ def register(subparsers: Any) -> None:
     train.add_argument(
         "--retriever-learning-rate", type=float, help="query encoder (default: --learning-rate)"
     )
+    train.add_argument("--retriever-frozen-steps", type=int, default=0, help="freeze the query encoder first")
+    train.add_argument("--warmup-steps", type=steps_or_ratio, default=0, help="warm-up steps, or a ratio < 1")
     train.add_argument("--top-k", type=int, default=5)
     train.add_argument("--pooling", choices=["cls", "mean"], default="mean")
     train.add_argument(

@@ -22,17 +22,19 @@ import torch
 from safetensors.numpy import save_file
 
 from .._version import __version__
-from ..corpus import CorpusLike, corpus_name, tokenize_corpus, tokenizer_fingerprint
+from ..checks import check_positive_int
+from ..corpus import CorpusLike, corpus_name, tokenize_corpus
 from ..files import atomic_path, atomic_write_json
-from ..forward import iter_window_batches
-from ..hooks import find_ffn_module
+from ..fingerprints import tokenizer_fingerprint
+from ..forward import check_forward_args, iter_window_batches
+from ..hooks import find_ffn_module, num_hidden_layers
 from ..hub_mixin import finish_folder
-from ..windows import check_window_args, sliding_windows
+from ..windows import sliding_windows
 from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
-from .index import INDEX_NAME, build_index, write_index
+from .index import INDEX_NAME, build_index, check_index_factory, new_index, write_index
 from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
@@ -218,27 +220,37 @@ def build_datastore(
     disable_progress: bool | None = None,
     document_names: Sequence[str] | None = None,
 ) -> Path:
-    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments."""
-    check_window_args(max_length, stride)
+    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments.
+
+    Everything that can be checked is checked before any file is touched: window and batch
+    settings, the hook module, the index-factory string and the corpus itself.
+    """
     output_dir = Path(output_dir)
+    if (output_dir / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
+            f"or choose another output_dir."
+        )
+    check_forward_args(model, max_length, stride, batch_size)
+    check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
+    check_positive_int("train_size", train_size, "keys sampled to train the index")
+    path = find_ffn_module(model, hook_module)
+    width = model.config.get_text_config().hidden_size
+    new_index(index_factory, width)  # a bad factory string fails now, not after the model pass
+    tokens = tokenize_corpus(tokenizer, data, text_column, separator)
+    check_index_factory(index_factory, width, len(tokens) - 1, train_size)
     if (output_dir / CONFIG_NAME).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
-                f"or choose another output_dir."
-            )
         if build_state().is_main_process:  # one process deletes; the others would race it
             _clear_store(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tokens = tokenize_corpus(tokenizer, data, text_column, separator)
-    path = find_ffn_module(model, hook_module)
     name_or_path = getattr(model.config, "_name_or_path", None) or None
     config = DatastoreConfig(
         model_type=model.config.model_type,
         hook_module=path,
-        hidden_size=model.config.get_text_config().hidden_size,
+        hidden_size=width,
         vocab_size=model_vocab_size(model),
+        num_hidden_layers=num_hidden_layers(model),
         hf_knnlm_version=__version__,
         base_model=str(name_or_path) if name_or_path else None,
         base_model_revision=getattr(model.config, "_commit_hash", None),
@@ -271,6 +283,7 @@ def build_datastore(
         start_window=progress.windows_done,
         desc="building datastore",
         disable_progress=disable_progress or not state.is_local_main_process,
+        expected_width=width if hook_module is not None else None,
     ):
         buffer.add(batch.hidden, batch.targets)
         done = batch.first_window + batch.num_windows

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..corpus import tokenizer_fingerprint
+from ..fingerprints import tokenizer_fingerprint
+from ..hooks import find_ffn_module, num_hidden_layers
 from .config import DatastoreConfig
 
 
@@ -30,6 +31,16 @@ def check_compatible(cfg: DatastoreConfig, model: torch.nn.Module, tokenizer=Non
             f"hidden size mismatch: datastore keys have dimension {cfg.hidden_size}, "
             f"the model's hidden size is {width}. Build a datastore with this model."
         )
+    layers = num_hidden_layers(model)
+    if cfg.num_hidden_layers is not None and layers is not None and layers != cfg.num_hidden_layers:
+        raise ValueError(
+            f"layer count mismatch: the datastore keys come from a model with {cfg.num_hidden_layers} layers "
+            f"(the input of {cfg.hook_module!r}), this model has {layers} layers, so the same module path "
+            f"would hook another layer. Use {cfg.base_model or 'the model that built it'!r} or build a "
+            f"datastore with this model."
+        )
+    if hasattr(model, "get_submodule"):
+        find_ffn_module(model, cfg.hook_module)  # raises, naming the path, if the model lacks it
     vocab = model_vocab_size(model)
     if vocab != cfg.vocab_size:
         raise ValueError(

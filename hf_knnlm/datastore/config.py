@@ -31,7 +31,10 @@ class DatastoreConfig(StoreConfig):
     hook_module: str = field(metadata={"help": "Dotted path of the FFN module whose input is the key."})
     hidden_size: int = field(metadata={"help": "Dimension of every key (the FFN input width)."})
     vocab_size: int = field(metadata={"help": "Vocabulary size of the model; values are token ids below it."})
-
+    num_hidden_layers: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layers of the model that built the store; other depths are refused."},
+    )
     base_model: str | None = field(default=None, metadata={"help": "Hub id or path of the base model."})
     base_model_revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     tokenizer_fingerprint: str | None = field(
@@ -54,6 +57,10 @@ class DatastoreConfig(StoreConfig):
     evaluation: dict[str, Any] | None = field(
         default=None, metadata={"help": "Recorded perplexities (base_ppl, knn_ppl, ...) for the model card."}
     )
+    compression: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "How the store was compressed: source_entries, pca_dim, prune_to, merge_k."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,5 +72,8 @@ class DatastoreConfig(StoreConfig):
             raise ValueError(f"key_dtype={self.key_dtype!r} is not one of {KEY_DTYPES}.")
         if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r} is not supported; kNN-LM uses {METRICS}.")
+        for shard in self.shards:
+            if not {"keys", "values", "start", "end"} <= set(shard):
+                raise ValueError(f"shard {shard!r} needs 'keys', 'values', 'start' and 'end'.")
         for name in [f for s in self.shards for f in (s["keys"], s["values"])]:
             check_relative(name, self.WHAT)

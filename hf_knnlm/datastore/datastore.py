@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import faiss
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from ..corpus import CorpusLike
 from ..hub_mixin import HubMixin, finish_folder
+from ..knn import check_k
 from ..neighbours import Neighbours
 from .builder import build_datastore, write_store
 from .card import datastore_card
@@ -26,6 +29,7 @@ from .index import (
     configure_threads,
     index_to_gpus,
     read_index,
+    search_parameters,
     set_nprobe,
 )
 from .provenance import Provenance
@@ -98,7 +102,10 @@ class Datastore(HubMixin):
                 f"{len(self.values)}; config says {config.num_entries}. "
                 f"The datastore is incomplete; rebuild it."
             )
+        self._gpu_lock = threading.Lock()
+        self._warned_k: set[int] = set()
         self.nprobe = nprobe
+        set_nprobe(self._index, nprobe)  # for code that searches self.index directly
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -191,11 +198,16 @@ class Datastore(HubMixin):
             hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download`` and ``verify``, as in :meth:`hf_knnlm.hub_mixin.HubMixin.from_pretrained`.
         """
+        check_positive_int("nprobe", nprobe, "IVF lists probed per query")
         return super().from_pretrained(repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, **hub_kwargs)
 
     @classmethod
     def _from_pretrained(cls, folder: Path, config: DatastoreConfig, **kwargs) -> Datastore:
         return cls(folder, config, **kwargs)
+
+    @classmethod
+    def _files_read(cls, config: DatastoreConfig) -> list[str]:
+        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), INDEX_NAME]
 
     @classmethod
     def _model_card(cls, config: DatastoreConfig, repo_id: str | None = None):
@@ -269,10 +281,14 @@ class Datastore(HubMixin):
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        self._nprobe = value
-        set_nprobe(self.index, value)
-        if getattr(self, "_gpu_index", None) is not None:
-            set_nprobe(self._gpu_index, value, on_gpu=True)
+        # CPU searches read it once and pass it as a per-search parameter; a GPU clone takes no
+        # per-search parameters, so it is set and searched under one lock. Either way a change from
+        # another thread applies to the next search, never inside a running one.
+        check_positive_int("nprobe", value, "IVF lists probed per query")
+        with self._gpu_lock:
+            self._nprobe = value
+            if getattr(self, "_gpu_index", None) is not None:
+                set_nprobe(self._gpu_index, value, on_gpu=True)
 
     @property
     def index(self) -> faiss.Index:
@@ -307,22 +323,34 @@ class Datastore(HubMixin):
 
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:
-        if k <= 0:
-            raise ValueError(f"k={k} must be a positive number of neighbours.")
+        """``k`` checked (a positive int) and cut to the store size, with one warning per value."""
+        check_k(k)
         if k > len(self):
-            logger.warning(
-                "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
-            )
+            if k not in self._warned_k:
+                self._warned_k.add(k)
+                logger.warning(
+                    "k=%d is larger than the datastore (%d entries); using k=%d.", k, len(self), len(self)
+                )
             return len(self)
         return k
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.on_gpu:
+            with self._gpu_lock:  # see the nprobe setter
+                return self._gpu_index.search(queries, k)
+        nprobe = self._nprobe  # read once: the whole search uses one value
+        return self._index.search(queries, k, params=search_parameters(self._index, nprobe))
 
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
         k = self.clamp_k(k)
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
-        q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, self.hidden_size)
-        if q.shape[-1] != self.hidden_size:
-            raise ValueError(f"queries have dimension {q.shape[-1]}, the datastore {self.hidden_size}.")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"queries have shape {list(q.shape)}; this store takes queries of width {self.hidden_size}, "
+                f"so pass [num_queries, {self.hidden_size}]: the FFN inputs of the model that built it."
+            )
         if self.key_transform is not None:
             q = self.key_transform.apply(q)
         if self.on_gpu and k > GPU_MAX_K:
@@ -330,7 +358,7 @@ class Datastore(HubMixin):
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
                 f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
             )
-        distances, ids = self.search_index.search(q, k)
+        distances, ids = self._search(q, k)
         missing = ids < 0
         if recompute_dists:
             distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))

@@ -28,6 +28,19 @@ def new_index(factory: str, dim: int, metric: int = faiss.METRIC_L2) -> faiss.In
         ) from err
 
 
+def check_index_factory(factory: str, dim: int, num_keys: int, train_size: int) -> None:
+    """Refuse, before any work, a factory string faiss rejects or an IVF with more lists than keys."""
+    index = new_index(factory, dim)
+    ivf = faiss.try_extract_index_ivf(index)
+    usable = min(num_keys, train_size)
+    if ivf is not None and ivf.nlist > usable:
+        raise ValueError(
+            f"index_factory={factory!r} has {ivf.nlist} IVF lists but only {usable} keys to train them on "
+            f"(faiss needs one per list, ~39 per list to train well); use fewer lists, e.g. "
+            f"'IVF{max(1, usable // 39)},Flat', or 'Flat'."
+        )
+
+
 def train_sample(keys, num_rows: int, sample_size: int, seed: int = 0) -> np.ndarray:
     """A uniform sample of rows (sorted, so memory-mapped reads stay sequential) as float32."""
     rng = np.random.default_rng(seed)
@@ -54,15 +67,25 @@ def build_index(
         sample = train_sample(keys, len(keys), train_size, seed)
         if len(sample) < 1:
             raise ValueError("cannot train a faiss index on an empty datastore.")
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as err:  # e.g. fewer training points than PQ / IVF centroids
+            raise ValueError(
+                f"index_factory={factory!r} could not be trained on {len(sample)} keys "
+                f"({str(err).splitlines()[-1][:200]}); use a smaller index (fewer lists or codes) or 'Flat'."
+            ) from err
     for chunk in chunks:
         index.add(np.ascontiguousarray(chunk, dtype=np.float32))
     return index
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
+    """Write through Python's file object: faiss's own writer ignores a failed final flush (a full
+    disk leaves a silently truncated file), Python's raises."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # IVF indexes with plain array inverted lists (fourcc at the start of the file): IO_FLAG_MMAP maps
@@ -88,6 +111,24 @@ def read_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
         except RuntimeError:
             logger.debug("index type of %s cannot be memory-mapped; reading it into RAM", path)
     return faiss.read_index(str(path))
+
+
+def search_parameters(index: faiss.Index, nprobe: int) -> faiss.SearchParameters | None:
+    """Per-search ``nprobe`` for a CPU index, or None when it has no IVF part.
+
+    Passing ``nprobe`` with each search (rather than setting ``index.nprobe``) means a change from
+    another thread never reaches a search already running: faiss reads ``nprobe`` more than once
+    per search, and a change in between indexes past its arrays.
+    """
+    if faiss.try_extract_index_ivf(index) is None:
+        return None
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=params)
+    if isinstance(top, faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(base_index_params=params)
+    return params
 
 
 def set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool = False) -> None:

@@ -13,7 +13,9 @@ from .data import RealmDataCollator, build_features, normalize_answers, precompu
 from .document_index import DocumentIndex, embed_corpus
 from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
 from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
-from .squad import load_squad_open
+from .reader_training import prepare_reader_features, train_reader
+from .squad import load_squad, load_squad_open
+from .tokenization import RealmTokenizerPair
 from .training import realm_optimizer, train_realm
 
 AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
@@ -27,15 +29,19 @@ __all__ = [
     "RealmForOpenQA",
     "RealmOpenQAOutput",
     "RealmPreTrainedModel",
+    "RealmTokenizerPair",
     "build_features",
     "embed_corpus",
     "evaluate_gold",
     "evaluate_open",
+    "load_squad",
     "load_squad_open",
+    "prepare_reader_features",
     "normalize_answers",
     "precompute_retrieval",
     "realm_optimizer",
     "retrieval_recall",
     "retrieve",
+    "train_reader",
     "train_realm",
 ]

@@ -90,7 +90,7 @@ class IndexRefreshCallback(TrainerCallback):
                 max_length=max_length,
                 show_progress=False,
             )
-            self.index.replace_embeddings(embeddings)
+            self.index.replace_embeddings(embeddings, encoder=snapshot)
             self.refreshes += 1
         except BaseException as error:  # surfaced on the training thread at the next trigger / at the end
             self._error = error

@@ -7,9 +7,10 @@ embedding with gradients, so the query encoder trains through f(x, z) while the 
 fine-tuning). Rows that already carry ``doc_positions`` (see :func:`precompute_retrieval`) skip the search and
 use the precomputed top-k instead.
 
-Answers are matched as token-id sequences inside the document part of ``[CLS] question [SEP] document [SEP]``
-(like REALM, and case-insensitive with an uncased tokenizer); only spans shorter than ``max_span_width``
-count.
+Answers are matched on characters: every occurrence of an answer string in a retrieved document
+(case-insensitive, at word boundaries) that begins and ends on token boundaries of a reader window becomes a
+labelled span of that window (REALM matches token ids instead, which misses answers of byte-level BPE
+tokenizers whose tokens depend on the preceding space). Only spans of at most ``max_span_width`` tokens count.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from .document_index import DocumentIndex
+from .tokenization import reader_tokenizer, retriever_tokenizer
 
 
 def normalize_answers(answers: Any) -> list[str]:
@@ -49,12 +52,19 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def resolve_top_k(top_k: int | None, model: Any) -> int:
+    """``top_k``, or the model's default when it is None; 0, negatives and non-integers are refused."""
+    top_k = model.config.top_k if top_k is None else top_k
+    check_positive_int("top_k", top_k, "documents retrieved per question")
+    return top_k
+
+
 @torch.no_grad()
 def retrieve(
     model: Any, tokenizer: Any, index: DocumentIndex, questions: list[str], top_k: int
 ) -> np.ndarray:
     """Top-k document positions ``[len(questions), top_k]`` for the current query encoder (``-1``: none)."""
-    encoded = tokenizer(
+    encoded = retriever_tokenizer(tokenizer)(
         questions,
         truncation=True,
         max_length=model.config.max_question_length,
@@ -83,33 +93,46 @@ def _truncate_questions(tokenizer: Any, questions: list[str], max_length: int) -
     return cut
 
 
-def _answer_token_ids(tokenizer: Any, answers: list[str]) -> list[list[int]]:
-    """Token ids of each answer; answers with an unknown token are dropped (``[UNK]`` would match any
-    other unknown word)."""
-    encoded = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    return [ids for ids in encoded if tokenizer.unk_token_id not in ids]
+def find_answer_chars(text: str, answers: list[str]) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of every occurrence of an answer in ``text`` that starts and ends at a
+    word boundary; case-insensitive (unless lower-casing changes the length of ``text``)."""
+    haystack = text.lower() if len(text.lower()) == len(text) else text
+    spans = set()
+    for answer in answers:
+        needle = answer.strip()
+        needle = needle.lower() if haystack is not text and len(needle.lower()) == len(needle) else needle
+        start = haystack.find(needle) if needle else -1
+        while start >= 0:
+            end = start + len(needle)
+            if (start == 0 or not text[start - 1].isalnum()) and (
+                end == len(text) or not text[end].isalnum()
+            ):
+                spans.add((start, end))
+            start = haystack.find(needle, start + 1)
+    return sorted(spans)
 
 
 def match_answer_spans(
-    token_ids: Sequence[int],
-    doc_start: int,
-    doc_end: int,
-    answer_ids: list[list[int]],
+    offsets: Sequence[Sequence[int]],
+    doc_mask: Sequence[bool],
+    char_spans: list[tuple[int, int]],
     max_span_width: int,
     max_spans: int,
 ) -> list[tuple[int, int]]:
-    """Inclusive ``(start, end)`` token spans inside ``[doc_start, doc_end]`` equal to one of
-    ``answer_ids``."""
-    spans: list[tuple[int, int]] = []
-    for answer in answer_ids:
-        n = len(answer)
-        if n == 0 or n > max_span_width:
-            continue
-        for start in range(doc_start, doc_end - n + 2):
-            if list(token_ids[start : start + n]) == answer and (start, start + n - 1) not in spans:
-                spans.append((start, start + n - 1))
-                if len(spans) == max_spans:
-                    return spans
+    """Inclusive ``(start, end)`` token spans of one window whose document tokens begin exactly at an answer's
+    first character and end exactly at its last (``offsets``: the window's offset mapping)."""
+    starts, ends = {}, {}
+    for t, ((begin, finish), in_doc) in enumerate(zip(offsets, doc_mask, strict=True)):
+        if in_doc and finish > begin:
+            starts.setdefault(begin, t)
+            ends[finish] = t
+    spans = []
+    for begin, finish in char_spans:
+        first, last = starts.get(begin), ends.get(finish)
+        if first is not None and last is not None and 0 <= last - first < max_span_width:
+            spans.append((first, last))
+            if len(spans) == max_spans:
+                break
     return spans
 
 
@@ -124,12 +147,17 @@ def build_features(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Padded model inputs for ``questions`` paired with the documents at ``doc_positions`` ``[b, k]``.
 
-    Returns ``(features, meta)``: ``features`` are the tensors :meth:`RealmForOpenQA.forward` takes
-    (with ``answer_starts`` / ``answer_ends`` when ``answers`` are given); ``meta`` has the document ids,
-    texts and token character offsets that turn a span back into text.
+    Every document is read in windows of ``max_reader_length`` tokens overlapping by ``reader_stride``; the
+    windows of a question are laid out along one axis ``[b, n, seq]`` and ``window_doc`` ``[b, n]`` says which
+    of its k documents each comes from (``-1``: padding). Returns ``(features, meta)``: ``features`` are the
+    tensors :meth:`RealmForOpenQA.forward` takes (with ``answer_starts`` / ``answer_ends`` ``[b, n, m]``
+    when ``answers`` are given); ``meta`` has the document ids and texts and each window's character offsets,
+    which turn a span back into text.
     """
-    _require_fast(tokenizer)
     config = model.config
+    retriever_tok, reader_tok = retriever_tokenizer(tokenizer), reader_tokenizer(tokenizer)
+    for tok in (retriever_tok, reader_tok):
+        _require_fast(tok)
     positions = np.asarray(doc_positions, dtype=np.int64)
     if positions.ndim != 2 or positions.shape[0] != len(questions):
         raise ValueError(
@@ -137,62 +165,82 @@ def build_features(
             "question."
         )
     batch, k = positions.shape
-    question_enc = tokenizer(
+    question_enc = retriever_tok(
         questions, truncation=True, max_length=config.max_question_length, padding=True, return_tensors="pt"
     )
-    short_questions = _truncate_questions(tokenizer, questions, config.max_question_length)
+    short_questions = _truncate_questions(reader_tok, questions, config.max_question_length)
     texts = [[index.texts[p] if p >= 0 else "" for p in row] for row in positions]
-    reader_enc = tokenizer(
-        [q for q in short_questions for _ in range(k)],
-        [t for row in texts for t in row],
+    pairs = [(b, z) for b in range(batch) for z in range(k) if positions[b, z] >= 0]
+    reader_enc = reader_tok(
+        [short_questions[b] for b, _ in pairs] or [""],
+        [texts[b][z] for b, z in pairs] or [""],
         truncation="only_second",
         max_length=config.max_reader_length,
-        padding=True,
+        stride=config.window_stride,
+        return_overflowing_tokens=True,
         return_offsets_mapping=True,
+        padding=True,
     )
+    windows: list[list[int]] = [[] for _ in range(batch)]  # rows of reader_enc per question
+    for row, pair in enumerate(reader_enc["overflow_to_sample_mapping"] if pairs else []):
+        windows[pairs[pair][0]].append(row)
+    n = max(1, max(len(rows) for rows in windows))
     seq = len(reader_enc["input_ids"][0])
-    doc_mask = torch.zeros(batch * k, seq, dtype=torch.bool)
-    for row in range(batch * k):
-        doc_mask[row] = torch.tensor([sid == 1 for sid in reader_enc.sequence_ids(row)])
+    window_doc = torch.full((batch, n), -1, dtype=torch.long)
+    doc_mask = torch.zeros(batch, n, seq, dtype=torch.bool)
+    tensors = {
+        name: torch.full((batch, n, seq), reader_tok.pad_token_id if name == "input_ids" else 0)
+        for name in ("input_ids", "attention_mask", "token_type_ids")
+        if name in reader_enc
+    }
+    window_offsets: list[list[list[tuple[int, int]]]] = [[] for _ in range(batch)]
+    for b, rows in enumerate(windows):
+        for w, row in enumerate(rows):
+            window_doc[b, w] = pairs[reader_enc["overflow_to_sample_mapping"][row]][1]
+            doc_mask[b, w] = torch.tensor([sid == 1 for sid in reader_enc.sequence_ids(row)])
+            for name, tensor in tensors.items():
+                tensor[b, w] = torch.tensor(reader_enc[name][row])
+            window_offsets[b].append(reader_enc["offset_mapping"][row])
 
     features = {f"question_{name}": tensor for name, tensor in question_enc.items()}
-    for name in ("input_ids", "attention_mask", "token_type_ids"):
-        if name in reader_enc:
-            features[f"reader_{name}"] = torch.tensor(reader_enc[name]).view(batch, k, seq)
-    features["doc_mask"] = doc_mask.view(batch, k, seq)
+    features.update({f"reader_{name}": tensor for name, tensor in tensors.items()})
+    features["doc_mask"] = doc_mask
+    features["window_doc"] = window_doc
     features["doc_valid"] = torch.from_numpy(positions >= 0)
     features["doc_embeddings"] = index.embeddings_for(positions)
 
     if answers is not None:
-        starts = torch.full((batch, k, max_answer_spans), -1, dtype=torch.long)
+        starts = torch.full((batch, n, max_answer_spans), -1, dtype=torch.long)
         ends = torch.full_like(starts, -1)
-        for b in range(batch):
-            answer_ids = _answer_token_ids(tokenizer, answers[b])
-            for z in range(k):
-                row = b * k + z
-                in_doc = doc_mask[row].nonzero().flatten()
-                if positions[b, z] < 0 or in_doc.numel() == 0:
-                    continue
+        for b, rows in enumerate(windows):
+            chars = [find_answer_chars(text, answers[b]) for text in texts[b]]
+            for w in range(len(rows)):
                 spans = match_answer_spans(
-                    reader_enc["input_ids"][row],
-                    int(in_doc[0]),
-                    int(in_doc[-1]),
-                    answer_ids,
+                    window_offsets[b][w],
+                    doc_mask[b, w].tolist(),
+                    chars[int(window_doc[b, w])],
                     config.max_span_width,
                     max_answer_spans,
                 )
                 for m, (start, end) in enumerate(spans):
-                    starts[b, z, m], ends[b, z, m] = start, end
+                    starts[b, w, m], ends[b, w, m] = start, end
         features["answer_starts"], features["answer_ends"] = starts, ends
 
-    offsets = reader_enc["offset_mapping"]
     meta = {
         "positions": positions,
         "doc_ids": [[index.ids[p] if p >= 0 else None for p in row] for row in positions],
         "texts": texts,
-        "offsets": [[offsets[b * k + z] for z in range(k)] for b in range(batch)],
+        "offsets": window_offsets,
     }
     return features, meta
+
+
+LIVE_RETRIEVAL_IN_WORKER = (
+    "RealmDataCollator retrieves with the live query encoder, but it is running in a DataLoader worker "
+    "process, which holds a copy of the model frozen when the worker started (retrieval would silently use "
+    "stale weights). Set dataloader_num_workers=0, or add a doc_positions column with precompute_retrieval() "
+    "so that workers only build features."
+)
 
 
 class RealmDataCollator:
@@ -200,6 +248,11 @@ class RealmDataCollator:
 
     Use ``TrainingArguments(remove_unused_columns=False)`` so that the raw ``question`` / ``answers`` columns
     reach the collator.
+
+    Retrieval runs in the process that calls the collator, with the query encoder as it is at that step. In
+    a ``DataLoader`` worker (``dataloader_num_workers > 0``) the model is a stale copy, so live retrieval is
+    refused there; rows with a precomputed ``doc_positions`` column (:func:`precompute_retrieval`) skip
+    retrieval and are safe to collate in workers.
     """
 
     def __init__(
@@ -213,9 +266,10 @@ class RealmDataCollator:
         question_column: str = "question",
         answers_column: str = "answers",
     ):
-        _require_fast(tokenizer)
+        _require_fast(retriever_tokenizer(tokenizer))
+        _require_fast(reader_tokenizer(tokenizer))
         self.model, self.tokenizer, self.index = model, tokenizer, index
-        self.top_k = top_k or model.config.top_k
+        self.top_k = resolve_top_k(top_k, model)
         self.max_answer_spans = max_answer_spans
         self.question_column, self.answers_column = question_column, answers_column
 
@@ -232,6 +286,8 @@ class RealmDataCollator:
         if all("doc_positions" in ex for ex in examples):
             positions = np.asarray([ex["doc_positions"][: self.top_k] for ex in examples])
         else:
+            if torch.utils.data.get_worker_info() is not None:
+                raise RuntimeError(LIVE_RETRIEVAL_IN_WORKER)
             positions = retrieve(self.model, self.tokenizer, self.index, questions, self.top_k)
         features, _ = build_features(
             self.model, self.tokenizer, self.index, questions, positions, answers, self.max_answer_spans
@@ -251,7 +307,7 @@ def precompute_retrieval(
 ) -> Any:
     """Add a ``doc_positions`` column (top-k once, with the current query encoder) to a
     ``datasets.Dataset``."""
-    top_k = top_k or model.config.top_k
+    top_k = resolve_top_k(top_k, model)
 
     def add(batch: dict[str, list]) -> dict[str, list]:
         positions = retrieve(model, tokenizer, index, [str(q) for q in batch[question_column]], top_k)

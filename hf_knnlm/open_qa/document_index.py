@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..files import atomic_path, atomic_write_bytes
+from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..hub_mixin import HubMixin, StoreConfig, render_card
+from .tokenization import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
 DOCUMENTS_NAME = "documents.jsonl"
@@ -31,6 +33,7 @@ FAISS_NAME = "index.faiss"
 FORMAT = "hf_knnlm.document_index"
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "hnsw")
+_FILES = (DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME)
 
 
 @dataclass(kw_only=True)
@@ -129,7 +132,7 @@ def embed_corpus(
             range(0, len(order), batch_size), desc="embed documents", disable=not show_progress
         ):
             rows = order[start : start + batch_size]
-            encoded = tokenizer(
+            encoded = retriever_tokenizer(tokenizer)(
                 [titles[i] for i in rows],
                 [texts[i] for i in rows],
                 truncation="only_second",
@@ -213,6 +216,8 @@ class DocumentIndex(HubMixin):
             show_progress=show_progress,
         )
         metadata = {
+            "encoder_fingerprint": encoder_fingerprint(model.document_embedder),
+            "tokenizer_fingerprint": tokenizer_fingerprint(retriever_tokenizer(tokenizer)),
             "encoder": model.config.name_or_path or "",
             "max_length": max_length,
             "pooling": model.config.retriever_pooling,
@@ -269,9 +274,31 @@ class DocumentIndex(HubMixin):
         gathered = table[positions.clamp(min=0)]
         return gathered.masked_fill((positions < 0).unsqueeze(-1), 0.0)
 
-    def replace_embeddings(self, embeddings: torch.Tensor) -> None:
+    def check_compatible(self, model: Any, tokenizer: Any = None) -> None:
+        """Refuse a model whose document embedder (or a tokenizer that) did not make these vectors.
+
+        Compares the sha256 of the document embedder's weights and of the tokenizer's vocabulary with
+        those recorded when the vectors were computed (indexes saved without them are not checked).
+        """
+        recorded = self.metadata.get("encoder_fingerprint")
+        if recorded and recorded != encoder_fingerprint(model.document_embedder):
+            raise ValueError(
+                "this document index was embedded by another document encoder (its weights differ from the "
+                "model's document embedder, though the widths match), so retrieval scores would be "
+                "meaningless. Rebuild it with DocumentIndex.build(documents, model, tokenizer), or load the "
+                "model it was built with."
+            )
+        recorded = self.metadata.get("tokenizer_fingerprint")
+        tokenizer = None if tokenizer is None else retriever_tokenizer(tokenizer)
+        if tokenizer is not None and recorded and recorded != tokenizer_fingerprint(tokenizer):
+            raise ValueError(
+                "tokenizer mismatch: this document index was embedded with another tokenizer (its vocabulary "
+                "fingerprint differs); load the tokenizer the index was built with."
+            )
+
+    def replace_embeddings(self, embeddings: torch.Tensor, encoder: Any = None) -> None:
         """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
-        index."""
+        index. ``encoder``, the embedder that computed them, is recorded for :meth:`check_compatible`."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "
@@ -281,6 +308,8 @@ class DocumentIndex(HubMixin):
         faiss_index = _build_faiss(embeddings.numpy(), self.index_type)
         with self._lock:
             self._embeddings, self._faiss = embeddings, faiss_index
+            if encoder is not None:
+                self.metadata["encoder_fingerprint"] = encoder_fingerprint(encoder)
 
     # -- persistence -------------------------------------------------------------------------------------
     def _save_pretrained(self, folder: Path) -> tuple[DocumentIndexConfig, list[str]]:
@@ -293,12 +322,13 @@ class DocumentIndex(HubMixin):
             embeddings, faiss_index = self._embeddings, self._faiss
         with atomic_path(folder / EMBEDDINGS_NAME) as tmp:
             save_file({"embeddings": embeddings}, str(tmp), metadata={"format": FORMAT})
-        with atomic_path(folder / FAISS_NAME) as tmp:
-            _faiss().write_index(faiss_index, str(tmp))
+        faiss = _faiss()
+        with atomic_path(folder / FAISS_NAME) as tmp, open(tmp, "wb") as f:  # a full disk raises here
+            faiss.write_index(faiss_index, faiss.PyCallbackIOWriter(f.write))
         config = DocumentIndexConfig(
             num_documents=len(self), dim=self.dim, index_type=self.index_type, metadata=self.metadata
         )
-        return config, [DOCUMENTS_NAME, EMBEDDINGS_NAME, FAISS_NAME]
+        return config, list(_FILES)
 
     @classmethod
     def _from_pretrained(cls, folder: Path, config: DocumentIndexConfig) -> DocumentIndex:
@@ -328,6 +358,10 @@ class DocumentIndex(HubMixin):
             metadata=config.metadata,
             faiss_index=faiss_index,
         )
+
+    @classmethod
+    def _files_read(cls, config: DocumentIndexConfig) -> tuple[str, ...]:
+        return _FILES
 
     @classmethod
     def _model_card(cls, config: DocumentIndexConfig, repo_id: str | None = None):

@@ -3,9 +3,10 @@
 Fine-tuning follows Guu et al. (2020), section 3.4 / appendix:
 
 * retriever: f(x, z) = Embed_input(x) . Embed_doc(z); p(z|x) is a softmax over the top-k documents only;
-* reader: the encoder reads ``[CLS] question [SEP] document [SEP]``; every span of at most ``max_span_width``
-  document tokens is scored by an MLP over its start and end vectors, normalised within the document into
-  p(s|z, x);
+* reader: the encoder reads ``[CLS] question [SEP] document [SEP]`` (a long document in several overlapping
+  windows); every span of at most ``max_span_width`` document tokens is scored, either by REALM's MLP over its
+  start and end vectors (plain encoder) or as start logit + end logit (an ``AutoModelForQuestionAnswering``
+  reader), and normalised over all spans of all windows of the document into p(s|z, x);
 * joint: log p(z, s|x) = log p(z|x) + log p(s|z, x), i.e. the (normalised) retriever score is added to the
   (normalised) span scores;
 * loss: -log sum_{z in top-k} sum_{s in z, s matches an answer} p(z|x) p(s|z, x).
@@ -30,19 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..files import atomic_write_bytes
 from .configuration import RealmConfig
+from .heads import SPAN_MASK_VALUE, SpanHead, answer_span_mask, start_end_span_scores
+from .reading import decode_best_spans, doc_normalised_log_probs, run_reader
 
 if TYPE_CHECKING:
     from .document_index import DocumentIndex
-
-# Score of spans that are not candidates (question tokens, special tokens, padding, too wide). Finite so
-# that a document with no candidate at all (padding) still gives finite log-softmax values; exp(-1e4) is
-# exactly 0 in float32 and float16, so masked spans never carry probability.
-SPAN_MASK_VALUE = -1e4
 
 _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
 
@@ -101,56 +99,6 @@ class RetrieverEmbedder(nn.Module):
         return embedding
 
 
-class SpanHead(nn.Module):
-    """Scores every span (i, i + w), w < max_span_width, from its start and end token vectors.
-
-    As in REALM's reader: start and end vectors are projected, summed, passed through ReLU and LayerNorm and
-    mapped to one score. Spans that do not lie entirely on document tokens get ``SPAN_MASK_VALUE``.
-    """
-
-    def __init__(self, hidden_size: int, span_hidden_size: int, max_span_width: int):
-        super().__init__()
-        self.start = nn.Linear(hidden_size, span_hidden_size)
-        self.end = nn.Linear(hidden_size, span_hidden_size)
-        self.norm = nn.LayerNorm(span_hidden_size)
-        self.score = nn.Linear(span_hidden_size, 1)
-        self.max_span_width = max_span_width
-
-    def forward(self, hidden: torch.Tensor, doc_mask: torch.Tensor) -> torch.Tensor:
-        """``hidden`` ``[n, seq, h]``, ``doc_mask`` ``[n, seq]`` -> scores ``[n, seq, max_span_width]``."""
-        seq = hidden.shape[1]
-        widths = min(self.max_span_width, seq)
-        start = self.start(hidden)
-        end = self.end(hidden)
-        doc_mask = doc_mask.bool()
-        # End vectors shifted left by w line the end token up with the start token of a width-w span.
-        end_shifted = torch.stack([nn.functional.pad(end[:, w:], (0, 0, 0, w)) for w in range(widths)], dim=2)
-        end_in_doc = torch.stack([nn.functional.pad(doc_mask[:, w:], (0, w)) for w in range(widths)], dim=2)
-        scores = self.score(self.norm(torch.relu(start.unsqueeze(2) + end_shifted))).squeeze(-1)
-        # Document tokens are contiguous, so a span whose both ends are document tokens lies inside the
-        # document.
-        valid = doc_mask.unsqueeze(2) & end_in_doc
-        scores = scores.masked_fill(~valid, SPAN_MASK_VALUE)
-        if widths < self.max_span_width:
-            scores = nn.functional.pad(scores, (0, self.max_span_width - widths), value=SPAN_MASK_VALUE)
-        return scores
-
-
-def answer_span_mask(
-    answer_starts: torch.Tensor, answer_ends: torch.Tensor, seq_len: int, max_span_width: int
-) -> torch.Tensor:
-    """Dense ``[..., seq, max_span_width]`` mask of the labelled answer spans (``-1`` entries are padding)."""
-    widths = answer_ends - answer_starts
-    ok = (answer_starts >= 0) & (widths >= 0) & (widths < max_span_width) & (answer_ends < seq_len)
-    flat_index = answer_starts.clamp(min=0) * max_span_width + widths.clamp(min=0, max=max_span_width - 1)
-    # Padding entries write into one extra slot that is dropped, so every write is a True and order-free.
-    dump = seq_len * max_span_width
-    mask = torch.zeros(*answer_starts.shape[:-1], dump + 1, dtype=torch.bool, device=answer_starts.device)
-    mask.scatter_(-1, torch.where(ok, flat_index, dump), True)
-    mask = mask[..., :dump]
-    return mask.view(*answer_starts.shape[:-1], seq_len, max_span_width)
-
-
 def marginal_loss(joint_log_probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-log sum of p(z, s|x) over the target spans, averaged over the questions that have one.
 
@@ -181,18 +129,29 @@ class RealmPreTrainedModel(PreTrainedModel):
 class RealmForOpenQA(RealmPreTrainedModel):
     """REALM retriever + reader for open-domain extractive QA.
 
-    Build one from any BERT-style checkpoint with :meth:`from_encoder`; train it with ``transformers.Trainer``
-    and :class:`~hf_knnlm.open_qa.RealmDataCollator`; answer questions with :meth:`answer`.
+    Build one from a retriever checkpoint and a reader checkpoint with :meth:`from_retriever_and_reader` (the
+    reader may be any ``AutoModelForQuestionAnswering`` checkpoint, e.g. one made by
+    :func:`~hf_knnlm.open_qa.train_reader`), or from one encoder with :meth:`from_encoder`; train it with
+    ``transformers.Trainer`` and :class:`~hf_knnlm.open_qa.RealmDataCollator`; answer questions with
+    :meth:`answer`.
     """
+
+    # Reader windows run at most this many at a time, sorted by length (see ``reading.run_reader``).
+    reader_chunk_rows = 16
 
     def __init__(self, config: RealmConfig):
         super().__init__(config)
         self.query_embedder = RetrieverEmbedder(config)
         self.doc_embedder = None if config.share_retriever_encoders else RetrieverEmbedder(config)
-        self.reader = AutoModel.from_config(config.encoder_config)
-        self.span_head = SpanHead(
-            config.encoder_config.hidden_size, config.span_hidden_size, config.max_span_width
-        )
+        reader_config = config.reader_encoder_config
+        if config.reader_head == "start_end":
+            self.reader = AutoModelForQuestionAnswering.from_config(reader_config)
+            self.span_head = None
+        else:
+            self.reader = AutoModel.from_config(reader_config)
+            self.span_head = SpanHead(
+                reader_config.hidden_size, config.span_hidden_size, config.max_span_width
+            )
         self.post_init()
         self.freeze_document_embedder()
 
@@ -210,19 +169,53 @@ class RealmForOpenQA(RealmPreTrainedModel):
 
     @classmethod
     def from_encoder(cls, encoder_name_or_path: str | os.PathLike, **config_kwargs: Any) -> RealmForOpenQA:
-        """A model whose query embedder, document embedder and reader all start from one encoder checkpoint.
+        """A model whose query embedder, document embedder and reader all start from one encoder checkpoint,
+        with REALM's span MLP on the reader.
 
         ``config_kwargs`` are :class:`RealmConfig` fields. Projection and span-head weights start random.
         """
-        encoder_config = AutoConfig.from_pretrained(encoder_name_or_path)
-        model = cls(RealmConfig(encoder_config=encoder_config, **config_kwargs))
-        state = AutoModel.from_pretrained(encoder_name_or_path).state_dict()
-        encoders = [model.query_embedder.encoder, model.reader]
-        if model.doc_embedder is not None:
-            encoders.append(model.doc_embedder.encoder)
-        for encoder in encoders:
-            encoder.load_state_dict(state)
-        model.config.name_or_path = str(encoder_name_or_path)
+        return cls.from_retriever_and_reader(
+            encoder_name_or_path, encoder_name_or_path, reader_head="mlp", **config_kwargs
+        )
+
+    @classmethod
+    def from_retriever_and_reader(
+        cls,
+        retriever_name_or_path: str | os.PathLike,
+        reader_name_or_path: str | os.PathLike,
+        *,
+        reader_head: str = "auto",
+        **config_kwargs: Any,
+    ) -> RealmForOpenQA:
+        """Query and document embedders from one checkpoint, the reader from another.
+
+        ``reader_head="auto"`` keeps the start/end head of a question-answering checkpoint (its config names a
+        ``*ForQuestionAnswering`` architecture; span score = start logit + end logit) and otherwise puts
+        REALM's span MLP on the plain encoder; ``"start_end"`` or ``"mlp"`` force one. ``config_kwargs`` are
+        :class:`RealmConfig` fields.
+        """
+        retriever_config = AutoConfig.from_pretrained(retriever_name_or_path)
+        reader_config = AutoConfig.from_pretrained(reader_name_or_path)
+        if reader_head == "auto":
+            architectures = reader_config.architectures or []
+            is_qa = any(name.endswith("ForQuestionAnswering") for name in architectures)
+            reader_head = "start_end" if is_qa else "mlp"
+        shared = str(retriever_name_or_path) == str(reader_name_or_path) and reader_head == "mlp"
+        config = RealmConfig(
+            encoder_config=retriever_config,
+            reader_config=None if shared else reader_config,
+            reader_head=reader_head,
+            **config_kwargs,
+        )
+        model = cls(config)
+        retriever_state = AutoModel.from_pretrained(retriever_name_or_path).state_dict()
+        for embedder in (model.query_embedder, model.doc_embedder):
+            if embedder is not None:
+                embedder.encoder.load_state_dict(retriever_state)
+        reader_class = AutoModelForQuestionAnswering if reader_head == "start_end" else AutoModel
+        model.reader.load_state_dict(reader_class.from_pretrained(reader_name_or_path).state_dict())
+        model.config.name_or_path = str(retriever_name_or_path)
+        model.config.reader_name_or_path = str(reader_name_or_path)
         return model
 
     @property
@@ -236,6 +229,15 @@ class RealmForOpenQA(RealmPreTrainedModel):
     def embed_documents(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self.document_embedder(input_ids, attention_mask, token_type_ids)
 
+    def _span_scores(self, inputs: dict[str, torch.Tensor], doc_mask: torch.Tensor) -> torch.Tensor:
+        """Reader windows ``[n, seq]`` -> span scores ``[n, seq, max_span_width]``."""
+        if self.span_head is None:
+            out = self.reader(**inputs)
+            return start_end_span_scores(
+                out.start_logits, out.end_logits, doc_mask, self.config.max_span_width
+            )
+        return self.span_head(self.reader(**inputs).last_hidden_state, doc_mask)
+
     def forward(
         self,
         question_input_ids: torch.Tensor,
@@ -247,42 +249,57 @@ class RealmForOpenQA(RealmPreTrainedModel):
         reader_attention_mask: torch.Tensor | None = None,
         reader_token_type_ids: torch.Tensor | None = None,
         doc_valid: torch.Tensor | None = None,
+        window_doc: torch.Tensor | None = None,
         answer_starts: torch.Tensor | None = None,
         answer_ends: torch.Tensor | None = None,
     ) -> RealmOpenQAOutput:
         """Score the top-k retrieved documents and their spans; compute the loss when answers are given.
 
         Shapes: ``question_*`` ``[b, q]``; ``doc_embeddings`` ``[b, k, d]`` (the index vectors of the
-        retrieved documents, no gradient); ``reader_*`` and ``doc_mask`` ``[b, k, l]`` (``doc_mask`` marks
-        the document tokens of ``[CLS] question [SEP] document [SEP]``); ``doc_valid`` ``[b, k]`` (false for
-        padding documents); ``answer_starts`` / ``answer_ends`` ``[b, k, m]`` inclusive token positions of
-        the spans that match an answer, ``-1`` for padding.
+        retrieved documents, no gradient); ``reader_*`` and ``doc_mask`` ``[b, n, l]``: n reader windows per
+        question (``doc_mask`` marks the document tokens of ``[CLS] question [SEP] document part [SEP]``);
+        ``window_doc`` ``[b, n]``: the document (0..k-1) each window reads, ``-1`` for padding windows
+        (default: window i reads document i, n = k); ``doc_valid`` ``[b, k]`` (false for padding documents);
+        ``answer_starts`` / ``answer_ends`` ``[b, n, m]`` inclusive token positions of the spans that match an
+        answer, ``-1`` for padding.
         """
-        batch, k, seq = reader_input_ids.shape
+        batch, n, seq = reader_input_ids.shape
+        k = doc_embeddings.shape[1]
         query = self.embed_questions(question_input_ids, question_attention_mask, question_token_type_ids)
         retriever_logits = torch.einsum("bd,bkd->bk", query, doc_embeddings.to(query.dtype))
         retriever_logits = retriever_logits * self.config.retriever_score_scale
         if doc_valid is not None:
             retriever_logits = retriever_logits.masked_fill(~doc_valid.bool(), float("-inf"))
-        log_p_doc = torch.log_softmax(retriever_logits, dim=-1)
+        log_p_doc = torch.log_softmax(retriever_logits.float(), dim=-1)
+        if window_doc is None:
+            window_doc = torch.arange(n, device=reader_input_ids.device).expand(batch, n)
+        window_doc = window_doc.masked_fill(window_doc >= k, -1)
+        if doc_valid is not None:
+            window_doc = window_doc.masked_fill(~doc_valid.bool().gather(1, window_doc.clamp(min=0)), -1)
 
-        def flat(tensor):
-            return None if tensor is None else tensor.reshape(batch * k, seq)
-
-        reader_kwargs = {"attention_mask": flat(reader_attention_mask)}
+        inputs = {"input_ids": reader_input_ids, "attention_mask": reader_attention_mask}
+        if reader_attention_mask is None:
+            inputs["attention_mask"] = torch.ones_like(reader_input_ids)
         if reader_token_type_ids is not None:
-            reader_kwargs["token_type_ids"] = flat(reader_token_type_ids)
-        hidden = self.reader(input_ids=flat(reader_input_ids), **reader_kwargs).last_hidden_state
-        span_logits = self.span_head(hidden, flat(doc_mask)).view(batch, k, seq, -1)
-        log_p_span = torch.log_softmax(span_logits.reshape(batch, k, -1), dim=-1).view_as(span_logits)
+            inputs["token_type_ids"] = reader_token_type_ids
+        inputs = {name: tensor.reshape(batch * n, seq) for name, tensor in inputs.items()}
+        span_logits = run_reader(
+            self._span_scores,
+            inputs,
+            doc_mask.reshape(batch * n, seq),
+            (window_doc >= 0).flatten(),
+            self.config.max_span_width,
+            self.reader_chunk_rows,
+        ).view(batch, n, seq, -1)
+        log_p_span = doc_normalised_log_probs(span_logits, window_doc, k)
         # Padding documents have log p(z|x) = -inf; keep them finite so 0 * -inf never appears downstream.
-        joint = log_p_doc.clamp(min=SPAN_MASK_VALUE)[..., None, None] + log_p_span
+        log_p_window = log_p_doc.clamp(min=SPAN_MASK_VALUE).gather(1, window_doc.clamp(min=0))
+        joint = log_p_window.masked_fill(window_doc < 0, SPAN_MASK_VALUE)[..., None, None] + log_p_span
 
         loss = has_answer = None
         if answer_starts is not None and answer_ends is not None:
             target = answer_span_mask(answer_starts, answer_ends, seq, self.config.max_span_width)
-            if doc_valid is not None:
-                target &= doc_valid.bool()[..., None, None]
+            target &= (window_doc >= 0)[..., None, None]
             loss, has_answer = marginal_loss(joint, target)
         return RealmOpenQAOutput(
             loss=loss,
@@ -301,13 +318,17 @@ class RealmForOpenQA(RealmPreTrainedModel):
         top_k: int | None = None,
         batch_size: int = 8,
     ) -> list[dict[str, Any]]:
-        """Retrieve, read and return the best span for each question.
+        """Retrieve, read (every window of every retrieved document) and return the best span per question.
 
-        Each result holds ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the
-        document it came from) and ``doc_ids`` / ``doc_scores`` (the retrieved documents and p(z|x)).
+        ``tokenizer`` is one tokenizer or a :class:`~hf_knnlm.open_qa.RealmTokenizerPair`. Each result holds
+        ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it came from),
+        ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` / ``doc_scores``
+        (the retrieved documents and p(z|x)).
         """
-        from .data import build_features, retrieve
+        from .data import build_features, resolve_top_k, retrieve
 
+        top_k = resolve_top_k(top_k, self)
+        index.check_compatible(self, tokenizer)
         if isinstance(questions, str):
             questions = [questions]
         was_training = self.training
@@ -316,7 +337,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         try:
             for start in range(0, len(questions), batch_size):
                 chunk = list(questions[start : start + batch_size])
-                doc_ids = retrieve(self, tokenizer, index, chunk, top_k or self.config.top_k)
+                doc_ids = retrieve(self, tokenizer, index, chunk, top_k)
                 features, meta = build_features(self, tokenizer, index, chunk, doc_ids)
                 results.extend(self.decode(features, meta))
         finally:
@@ -328,27 +349,28 @@ class RealmForOpenQA(RealmPreTrainedModel):
         """Best span per question from features made by :func:`~hf_knnlm.open_qa.data.build_features`."""
         device = self.device
         output = self(**{name: tensor.to(device) for name, tensor in features.items()})
-        joint = output.joint_log_probs.float().cpu()
-        batch, k, seq, width = joint.shape
-        best = joint.reshape(batch, -1).argmax(dim=-1)
         doc_probs = torch.softmax(output.retriever_logits.float().cpu(), dim=-1)
-        results = []
-        for b in range(batch):
-            flat_index = int(best[b])
-            z, rest = divmod(flat_index, seq * width)
-            start, w = divmod(rest, width)
-            offsets = meta["offsets"][b][z]
-            text = meta["texts"][b][z]
-            results.append(
-                {
-                    "answer": text[offsets[start][0] : offsets[start + w][1]],
-                    "score": float(joint.reshape(batch, -1)[b, flat_index].exp()),
-                    "doc_id": meta["doc_ids"][b][z],
-                    "doc_ids": list(meta["doc_ids"][b]),
-                    "doc_scores": [float(p) for p in doc_probs[b, : len(meta["doc_ids"][b])]],
-                }
+        window_doc = features.get("window_doc")
+        if window_doc is None:
+            window_doc = torch.arange(output.joint_log_probs.shape[1]).expand(doc_probs.shape[0], -1)
+        return decode_best_spans(output.joint_log_probs.float().cpu(), window_doc.cpu(), doc_probs, meta)
+
+    def save_reader(self, save_directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Save the reader alone as a standard ``AutoModelForQuestionAnswering`` checkpoint (what
+        ``pipeline("question-answering")`` loads), e.g. after REALM fine-tuning.
+
+        Needs ``reader_head="start_end"``."""
+        if self.span_head is not None:
+            raise ValueError(
+                "this reader scores spans with REALM's MLP, which no question-answering pipeline knows; "
+                "build the model with reader_head='start_end' (a question-answering checkpoint as reader) "
+                "to export it."
             )
-        return results
+        self.reader.save_pretrained(save_directory)
+        if tokenizer is not None:
+            from .tokenization import reader_tokenizer
+
+            reader_tokenizer(tokenizer).save_pretrained(save_directory)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -356,10 +378,23 @@ class RealmForOpenQA(RealmPreTrainedModel):
         if not card.exists() and _CARD.is_file():
             text = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(
                 encoder=self.config.name_or_path or "unknown",
+                reader=getattr(self.config, "reader_name_or_path", None)
+                or self.config.name_or_path
+                or "unknown",
+                span_score="start logit + end logit (a question-answering head)"
+                if self.span_head is None
+                else "REALM's MLP over its start and end vectors",
                 top_k=self.config.top_k,
                 max_span_width=self.config.max_span_width,
             )
             atomic_write_bytes(card, text.encode("utf-8"))
 
 
-__all__ = ["RealmForOpenQA", "RealmOpenQAOutput", "RealmPreTrainedModel", "SpanHead", "RetrieverEmbedder"]
+__all__ = [
+    "SPAN_MASK_VALUE",
+    "RealmForOpenQA",
+    "RealmOpenQAOutput",
+    "RealmPreTrainedModel",
+    "RetrieverEmbedder",
+    "SpanHead",
+]

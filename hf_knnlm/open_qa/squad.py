@@ -61,6 +61,30 @@ def load_squad_open(
     return datasets.Dataset.from_dict(docs), datasets.Dataset.from_dict(questions)
 
 
+def load_squad(path: str | os.PathLike, *, articles: slice | None = None) -> datasets.Dataset:
+    """The questions of the chosen articles in the layout of the Hub's ``squad`` dataset (``id``, ``title``,
+    ``context``, ``question``, ``answers`` = ``{"text": [...], "answer_start": [...]}``) plus ``gold_doc_id``:
+    what :func:`~hf_knnlm.open_qa.train_reader` reads."""
+    all_articles = _load_articles(path)
+    rows: dict[str, list] = {k: [] for k in ("id", "title", "context", "question", "answers", "gold_doc_id")}
+    for a in range(len(all_articles))[articles or slice(None)]:
+        article = all_articles[a]
+        for p, paragraph in enumerate(article["paragraphs"]):
+            for qa in paragraph["qas"]:
+                rows["id"].append(qa["id"])
+                rows["title"].append(article["title"].replace("_", " "))
+                rows["context"].append(paragraph["context"])
+                rows["question"].append(qa["question"])
+                rows["answers"].append(
+                    {
+                        "text": [answer["text"] for answer in qa["answers"]],
+                        "answer_start": [int(answer["answer_start"]) for answer in qa["answers"]],
+                    }
+                )
+                rows["gold_doc_id"].append(paragraph_id(a, p))
+    return datasets.Dataset.from_dict(rows)
+
+
 # -- official SQuAD v1.1 evaluation (normalisation, exact match, token F1) ----------------------------------
 def normalize_answer(text: str) -> str:
     """Lower-case, strip punctuation, articles (a/an/the) and extra white space."""
@@ -89,4 +113,4 @@ def f1_score(prediction: str, answers: list[str]) -> float:
     return max((_f1(prediction, a) for a in answers), default=0.0)
 
 
-__all__ = ["exact_match", "f1_score", "load_squad_open", "normalize_answer", "paragraph_id"]
+__all__ = ["exact_match", "f1_score", "load_squad", "load_squad_open", "normalize_answer", "paragraph_id"]

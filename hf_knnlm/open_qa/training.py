@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .callbacks import IndexRefreshCallback
 from .data import RealmDataCollator
@@ -50,6 +50,79 @@ def realm_optimizer(
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=weight_decay)
 
 
+class FreezeRetrieverCallback(TrainerCallback):
+    """Keep the query encoder frozen for the first ``steps`` optimizer steps, while the span head and reader
+    adapt to retrieved documents; its gradients through p(z|x) are noisiest while the reader is still moving.
+    """
+
+    def __init__(self, steps: int):
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}.")
+        self.steps = steps
+
+    def _set(self, model: Any, trainable: bool) -> None:
+        if model is not None:
+            model.query_embedder.requires_grad_(trainable)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._set(model, state.global_step >= self.steps)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.steps:
+            self._set(model, True)
+        return control
+
+
+def training_arguments_for(
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    epochs: float,
+    max_steps: int,
+    warmup_steps: float,
+    logging_steps: int,
+    seed: int,
+    disable_tqdm: bool,
+    **extra: Any,
+) -> TrainingArguments:
+    """The ``TrainingArguments`` both open-QA trainings share: no Trainer checkpoints (they pickle optimizer
+    state; the trained model is saved as safetensors at the end), no reporting, no pinned memory."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        warmup_steps=warmup_steps,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=disable_tqdm,
+        dataloader_pin_memory=False,
+        **extra,
+    )
+
+
+def _check_workers(num_workers: int, train_dataset: Any, refresh_index_every: int) -> None:
+    """Refuse ``dataloader_num_workers > 0`` where workers would retrieve or read a stale index."""
+    if num_workers == 0:
+        return
+    columns = getattr(train_dataset, "column_names", None) or []
+    if "doc_positions" not in columns:
+        raise ValueError(
+            f"dataloader_num_workers={num_workers}: the collator retrieves with the live query encoder, "
+            "which a worker process only holds a stale copy of. Use dataloader_num_workers=0, or first run "
+            "precompute_retrieval(train_dataset, model, tokenizer, index) so workers only build features."
+        )
+    if refresh_index_every:
+        raise ValueError(
+            f"dataloader_num_workers={num_workers} with refresh_index_every={refresh_index_every}: workers "
+            "keep the document vectors of the index as it was when they started and never see a refresh. Use "
+            "dataloader_num_workers=0 or refresh_index_every=0."
+        )
+
+
 def train_realm(
     model: Any,
     tokenizer: Any,
@@ -64,6 +137,7 @@ def train_realm(
     head_learning_rate: float | None = 1e-3,
     retriever_learning_rate: float | None = None,
     warmup_steps: int = 0,
+    retriever_frozen_steps: int = 0,
     refresh_index_every: int = 0,
     top_k: int | None = None,
     seed: int = 0,
@@ -73,23 +147,24 @@ def train_realm(
 ) -> Trainer:
     """Run ``Trainer.train`` on rows with ``question`` and ``answers``; returns the trainer (its
     ``state.log_history`` has the losses). ``refresh_index_every=0`` keeps the index fixed, as REALM
-    fine-tuning does."""
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        remove_unused_columns=False,  # the collator needs the raw question / answers columns
-        per_device_train_batch_size=batch_size,
-        num_train_epochs=epochs,
+    fine-tuning does. ``retriever_learning_rate`` (below ``learning_rate``) and ``retriever_frozen_steps``
+    keep a good zero-shot retriever from drifting while the reader adapts."""
+    args = training_arguments_for(
+        output_dir,
+        batch_size=batch_size,
+        epochs=epochs,
         max_steps=max_steps,
         warmup_steps=warmup_steps,
         logging_steps=logging_steps,
-        save_strategy="no",
-        report_to=[],
         seed=seed,
         disable_tqdm=disable_tqdm,
-        dataloader_pin_memory=False,
+        remove_unused_columns=False,  # the collator needs the raw question / answers columns
         **training_arguments,
     )
+    _check_workers(args.dataloader_num_workers, train_dataset, refresh_index_every)
     callbacks = [IndexRefreshCallback(index, tokenizer, refresh_index_every)] if refresh_index_every else []
+    if retriever_frozen_steps:
+        callbacks.append(FreezeRetrieverCallback(retriever_frozen_steps))
     trainer = Trainer(
         model=model,
         args=args,
@@ -107,4 +182,4 @@ def train_realm(
     return trainer
 
 
-__all__ = ["realm_optimizer", "train_realm"]
+__all__ = ["FreezeRetrieverCallback", "realm_optimizer", "train_realm", "training_arguments_for"]

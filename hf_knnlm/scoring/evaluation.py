@@ -10,9 +10,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..checks import is_int
 from ..corpus import CorpusLike, tokenize_corpus
 from ..datastore.datastore import Datastore
-from ..forward import WindowBatch, iter_window_batches
+from ..forward import WindowBatch, check_forward_args, iter_window_batches
 from ..knn import KNNSettings, interpolate, knn_target_log_probs
 from ..neighbours import Neighbours
 from ..skipping import search_skipper
@@ -50,6 +51,11 @@ def scored_tokens(
     max_tokens: int | None = None,
 ) -> np.ndarray:
     """The token stream to score, after checking that ``datastore`` fits ``model`` and ``tokenizer``."""
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 2):
+        raise ValueError(
+            f"max_tokens={max_tokens!r} leaves nothing to score: it needs at least 2 tokens (a context and a "
+            f"target); pass max_tokens >= 2, or None for the whole text."
+        )
     if datastore is not None:
         datastore.check_compatible(model, tokenizer)
     tokens = tokenize_corpus(tokenizer, data, text_column)
@@ -145,6 +151,7 @@ def evaluate_perplexity(
         ``steps`` / ``searches`` / ``searches_saved`` with ``retomaton`` or ``gate``.
     """
     settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+    check_forward_args(model, max_length, stride, batch_size)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     retrieval = None
     if datastore is not None:
@@ -211,6 +218,7 @@ def collect_queries(
 
     ``datastore`` only says which FFN module to hook and is checked for compatibility.
     """
+    check_forward_args(model, max_length, stride, batch_size)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     windows = list(sliding_windows(len(tokens), max_length, stride))
     log_probs, targets, queries = [], [], []

@@ -24,6 +24,7 @@ import torch
 from ..corpus import CorpusLike
 from ..datastore.datastore import Datastore
 from ..files import atomic_path, atomic_write_json
+from ..forward import check_forward_args
 from ..knn import check_knn_args, interpolate, knn_target_log_probs
 from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
 
@@ -85,6 +86,7 @@ def build_tuning_cache(
         raise ValueError(
             f"max_cache_bytes={max_cache_bytes} cannot hold one token's {k} neighbours ({8 * k} bytes)."
         )
+    check_forward_args(model, max_length, stride, batch_size)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     if len(tokens) - 1 > max_targets:
         logger.warning(

@@ -1,0 +1,98 @@
+"""``hf-knnlm qa-train-reader``: extractive-QA fine-tuning that warm-starts a REALM reader.
+
+The output folder is a standard question-answering checkpoint (``pipeline("question-answering")`` loads it)
+that ``hf-knnlm qa-train --reader`` takes. Training rows come from SQuAD JSON (``--articles`` picks the
+articles) or JSON lines with ``question``, ``context`` and ``answers`` (``{"text": [...], "answer_start":
+[...]}`` or a list of answer strings, located in the context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_write_json
+from .qa import _articles, _read_jsonl, _subset, steps_or_ratio
+
+
+def load_reader_rows(path: str, articles: str | None = None):
+    from ..open_qa import load_squad
+
+    if Path(path).suffix == ".json":
+        return load_squad(path, articles=_articles(articles))
+    if articles:
+        raise ValueError(
+            "--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself."
+        )
+    return _read_jsonl(Path(path))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, save the checkpoint and print a JSON summary (also written to ``reader_training.json``)."""
+    from transformers import set_seed
+
+    from ..open_qa import train_reader
+
+    set_seed(args.seed)
+    rows = _subset(load_reader_rows(args.train, args.articles), args.max_questions, args.seed)
+    started = time.perf_counter()
+    trainer = train_reader(
+        args.model,
+        rows,
+        output_dir=args.output_dir,
+        max_length=args.max_length,
+        doc_stride=args.doc_stride,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup,
+        seed=args.seed,
+        save_every_epoch=args.save_every_epoch,
+        bf16=args.bf16,
+        use_cpu=args.cpu,
+    )
+    summary = {
+        "model": args.model,
+        "train_questions": len(rows),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
+    }
+    atomic_write_json(Path(args.output_dir) / "reader_training.json", summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "qa-train-reader",
+        help="fine-tune an extractive QA reader (a standard question-answering checkpoint) for qa-train",
+    )
+    parser.add_argument(
+        "--model", required=True, help="encoder or QA checkpoint to start from (folder or id)"
+    )
+    parser.add_argument(
+        "--train", required=True, help="SQuAD JSON, or JSON lines with question/context/answers"
+    )
+    parser.add_argument("--articles", help="SQuAD articles to train on, START:STOP (e.g. 0:38)")
+    parser.add_argument("--output-dir", required=True, help="where the checkpoint and tokenizer are saved")
+    parser.add_argument("--max-questions", type=int, help="random subset of the training questions")
+    parser.add_argument("--max-length", type=int, default=384, help="tokens per window (default 384)")
+    parser.add_argument("--doc-stride", type=int, default=128, help="overlap of windows (default 128)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=steps_or_ratio, default=0.1, help="warm-up ratio (default 0.1)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is visible")
+    parser.add_argument("--save-every-epoch", action="store_true", help="also keep <output-dir>-epoch-N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
+__all__ = ["load_reader_rows", "register", "run"]

@@ -1,0 +1,230 @@
+"""Reader warm-start: extractive-QA fine-tuning that yields a plain ``AutoModelForQuestionAnswering``.
+
+REALM, ORQA and DPR all start open-QA training from a reader that can already read. :func:`train_reader` is
+that step, done the way transformers' ``run_qa.py`` does it: ``question [SEP] context`` windows of
+``max_length`` tokens overlapping by ``doc_stride`` tokens (``return_overflowing_tokens``), the answer located
+through the offsets mapping (a window that does not contain the whole answer points at ``[CLS]``), dynamic
+padding, windows grouped by length, and the stock ``Trainer``. The saved folder is an ordinary
+question-answering checkpoint: ``pipeline("question-answering", model=folder)`` loads it unchanged, and
+:meth:`RealmForOpenQA.from_retriever_and_reader` takes it as the reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+)
+
+from ..files import temporary_path
+from .training import training_arguments_for
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = ("question", "context", "answers")
+
+
+def _answer_chars(context: str, answers: Any) -> tuple[int, int] | None:
+    """``(start, end)`` character span of the first answer, from ``answer_start`` or, without it, the first
+    occurrence of the answer text in the context; ``None`` when it cannot be placed."""
+    if isinstance(answers, Mapping):
+        texts, starts = list(answers.get("text") or []), list(answers.get("answer_start") or [])
+    else:
+        texts, starts = ([answers] if isinstance(answers, str) else list(answers)), []
+    for i, text in enumerate(texts):
+        start = int(starts[i]) if i < len(starts) else context.find(text)
+        if text and start >= 0 and context[start : start + len(text)] == text:
+            return start, start + len(text)
+    return None
+
+
+def prepare_reader_features(
+    examples: Mapping[str, list], tokenizer: Any, max_length: int = 384, doc_stride: int = 128
+) -> dict[str, list]:
+    """Batched ``datasets.map`` function: SQuAD-style rows -> windows with ``start_positions`` /
+    ``end_positions`` (the ``[CLS]`` index when the window does not hold the answer) and ``length``."""
+    pad_right = tokenizer.padding_side == "right"
+    questions = [q.lstrip() for q in examples["question"]]
+    contexts = examples["context"]
+    encoded = tokenizer(
+        questions if pad_right else contexts,
+        contexts if pad_right else questions,
+        truncation="only_second" if pad_right else "only_first",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    sample_map = encoded.pop("overflow_to_sample_mapping")
+    offsets_all = encoded.pop("offset_mapping")
+    context_id = 1 if pad_right else 0
+    starts, ends = [], []
+    for i, offsets in enumerate(offsets_all):
+        input_ids = encoded["input_ids"][i]
+        cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+        sequence_ids = encoded.sequence_ids(i)
+        span = _answer_chars(contexts[sample_map[i]], examples["answers"][sample_map[i]])
+        in_context = [t for t, s in enumerate(sequence_ids) if s == context_id]
+        if (
+            span is None
+            or not in_context
+            or not (offsets[in_context[0]][0] <= span[0] and offsets[in_context[-1]][1] >= span[1])
+        ):
+            starts.append(cls_index)
+            ends.append(cls_index)
+            continue
+        starts.append(next(t for t in in_context if offsets[t][1] > span[0]))
+        ends.append(next(t for t in reversed(in_context) if offsets[t][0] < span[1]))
+    encoded["start_positions"], encoded["end_positions"] = starts, ends
+    encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+    return dict(encoded)
+
+
+class _EpochCheckpoints(TrainerCallback):
+    """Saves the model and tokenizer to ``<output>-epoch-N`` beside ``<output>`` after every epoch
+    (safetensors, no optimizer state), so that a long run can be used or evaluated before it ends."""
+
+    def __init__(self, folder: Path, tokenizer: Any):
+        self.folder, self.tokenizer = folder, tokenizer
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        target = self.folder.with_name(f"{self.folder.name}-epoch-{round(state.epoch or 0)}")
+        _save_checkpoint(model, self.tokenizer, target)
+        return control
+
+
+def _save_checkpoint(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
+    """Write into a temporary sibling folder, then swap it in: a reader never sees a half-written one."""
+    tmp = temporary_path(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_rows(train_dataset: Any) -> None:
+    columns = getattr(train_dataset, "column_names", None)
+    if columns is None:
+        raise ValueError(
+            f"train_dataset is a {type(train_dataset).__name__}; pass a datasets.Dataset with columns "
+            f"{list(_COLUMNS)} (datasets.Dataset.from_list(rows) makes one)."
+        )
+    missing = [c for c in _COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(
+            f"train_dataset has columns {columns}, missing {missing}; rows need question, context and "
+            "answers ({'text': [...], 'answer_start': [...]}, or a list of answer strings)."
+        )
+    if len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty; pass at least one (question, context, answers) row.")
+
+
+def train_reader(
+    model: str | os.PathLike | PreTrainedModel,
+    train_dataset: Any,
+    *,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    epochs: float = 2.0,
+    max_steps: int = -1,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    warmup_ratio: float | int = 0.1,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    logging_steps: int = 50,
+    save_every_epoch: bool = False,
+    disable_tqdm: bool = False,
+    **training_arguments: Any,
+) -> Trainer:
+    """Fine-tune ``model`` (a checkpoint path / Hub id or a model; an encoder gets a fresh QA head) for
+    extractive QA on rows with ``question``, ``context`` and ``answers`` (the Hub ``squad`` layout) and save a
+    standard ``AutoModelForQuestionAnswering`` checkpoint and its tokenizer to ``output_dir``.
+
+    Returns the ``Trainer`` (``state.log_history`` has the losses). Extra keyword arguments go to
+    ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> from hf_knnlm.open_qa import load_squad, train_reader
+    >>> train = load_squad("dev-v1.1.json", articles=slice(0, 38))  # doctest: +SKIP
+    >>> train_reader("sentence-transformers/all-MiniLM-L6-v2", train, output_dir="reader")  # doctest: +SKIP
+    >>> pipeline("question-answering", model="reader")(question="...", context="...")  # doctest: +SKIP
+    ```
+    """
+    _check_rows(train_dataset)
+    if not 0 <= doc_stride < max_length:
+        raise ValueError(
+            f"doc_stride={doc_stride} must be >= 0 and below max_length={max_length} (the overlap between "
+            "consecutive windows); 128 with max_length 384 is the usual choice."
+        )
+    if tokenizer is None:
+        if isinstance(model, PreTrainedModel):
+            raise ValueError("pass tokenizer= when model is an instance rather than a checkpoint path or id.")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; windows need offset mappings. Load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    if not isinstance(model, PreTrainedModel):
+        model = AutoModelForQuestionAnswering.from_pretrained(model)
+    features = train_dataset.map(
+        prepare_reader_features,
+        batched=True,
+        remove_columns=train_dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "doc_stride": doc_stride},
+        desc="reader windows",
+    )
+    output = Path(output_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = training_arguments_for(
+        output.with_name(f".{output.name}.trainer"),
+        batch_size=batch_size,
+        epochs=epochs,
+        max_steps=max_steps,
+        warmup_steps=warmup_ratio,
+        logging_steps=logging_steps,
+        seed=seed,
+        disable_tqdm=disable_tqdm,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        **training_arguments,
+    )
+    callbacks = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+    )
+    logger.info("reader training: %d questions -> %d windows", len(train_dataset), len(features))
+    trainer.train()
+    _save_checkpoint(trainer.model, tokenizer, output)
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    return trainer
+
+
+__all__ = ["prepare_reader_features", "train_reader"]

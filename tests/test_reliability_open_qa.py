@@ -1,0 +1,73 @@
+"""REALM: explicit top_k is honoured or refused; an index from another encoder or tokenizer is refused."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import BertTokenizerFast
+
+from hf_knnlm import DocumentIndex
+
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.open_qa_utils import make_index, make_model, make_tokenizer
+    from tests.reliability_utils import drop_file_hashes
+except ImportError:
+    from open_qa_utils import make_index, make_model, make_tokenizer
+    from reliability_utils import drop_file_hashes
+
+QUESTION = "what is the capital of france"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def index(model, tokenizer):
+    return make_index(model, tokenizer)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, True])
+def test_answer_refuses_a_bad_top_k(model, index, tokenizer, top_k):
+    with pytest.raises(ValueError, match=rf"\btop_k={top_k!r}"):
+        model.answer(QUESTION, index, tokenizer, top_k=top_k)
+
+
+def test_answer_honours_an_explicit_top_k(model, index, tokenizer):
+    assert len(model.answer(QUESTION, index, tokenizer, top_k=1)[0]["doc_ids"]) == 1
+    assert len(model.answer(QUESTION, index, tokenizer, top_k=len(index))[0]["doc_ids"]) == len(index)
+
+
+def test_an_index_embedded_by_another_encoder_is_refused(model, index, tokenizer, tmp_path):
+    other = make_model(tokenizer, seed=1)  # same widths, other weights
+    with pytest.raises(ValueError, match="encoder"):
+        other.answer(QUESTION, index, tokenizer)
+    index.save_pretrained(tmp_path / "index")
+    loaded = DocumentIndex.from_pretrained(tmp_path / "index")
+    with pytest.raises(ValueError, match="encoder"):
+        other.answer(QUESTION, loaded, tokenizer)
+    assert model.answer(QUESTION, loaded, tokenizer)[0]["answer"]
+
+
+def test_an_index_read_with_another_tokenizer_is_refused(model, index, tokenizer, tmp_path):
+    vocab = tokenizer.get_vocab()
+    words = sorted(v for v in vocab if not v.startswith("["))
+    swapped = {**vocab, words[0]: vocab[words[1]], words[1]: vocab[words[0]]}  # same size, other ids
+    other = BertTokenizerFast(vocab=swapped, do_lower_case=True)
+    assert len(other) == len(tokenizer)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.answer(QUESTION, index, other)
+
+
+def test_a_document_index_without_file_hashes_needs_verify_false(index, tmp_path):
+    folder = tmp_path / "index"
+    index.save_pretrained(folder)
+    drop_file_hashes(folder / "document_index.json")
+    with pytest.raises(ValueError, match="verify=False"):
+        DocumentIndex.from_pretrained(folder)
+    assert len(DocumentIndex.from_pretrained(folder, verify=False)) == len(index)
