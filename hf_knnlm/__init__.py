@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .datastore import Datastore, DatastoreConfig
-from .files import IntegrityError
+from .files import FolderInUseError, IntegrityError
 from .hooks import FFNInputCapture, find_ffn_module
 from .knn import KNNSettings, interpolate, knn_log_probs
 from .logits_process import KNNProcessor
@@ -46,6 +46,7 @@ __all__ = [
     "RealmOpenQAOutput",
     "train_realm",
     "FFNInputCapture",
+    "FolderInUseError",
     "IntegrityError",
     "KNNLMConfig",
     "KNNLMForCausalLM",

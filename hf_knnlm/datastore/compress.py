@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import faiss
@@ -30,7 +29,7 @@ from .builder import write_store
 from .card import datastore_card
 from .config import CONFIG_NAME, DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
-from .index import train_sample
+from .index import new_index, train_sample
 from .provenance import Provenance
 from .storage import ShardedArray, shard_bounds
 
@@ -128,15 +127,11 @@ def compress_datastore(
     out = Path(output_dir)
     if out.exists() and out.resolve() == src.folder.resolve():
         raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder.")
-    if (out / CONFIG_NAME).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a datastore; pass overwrite=True or a new output_dir."
-            )
-        shutil.rmtree(out)
+    if (out / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
     if src.key_transform is not None and pca_dim is not None:
         raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
-    out.mkdir(parents=True, exist_ok=True)
+    new_index(index_factory or src.config.index_factory, pca_dim or src.key_dim)  # a bad string fails now
 
     values = src.values.numpy()
     old = src.provenance
@@ -170,24 +165,30 @@ def compress_datastore(
     config.evaluation = None
     bounds = shard_bounds(len(keep), dim * 2, "5GB")
     values_kept = [values[keep].astype(np.int32)]
-    files = write_store(out, config, key_rows(), values_kept, bounds, train_size=train_size, key_dim=dim)
+    # Written beside ``out`` and swapped in whole (under its lock): an old store there stays until then.
+    with src._writable_folder(out) as folder:
+        files = write_store(
+            folder, config, key_rows(), values_kept, bounds, train_size=train_size, key_dim=dim
+        )
 
-    provenance = Provenance(len(keep), old.entry_positions(keep), next_ids, counts, documents=old.documents)
-    extra = provenance.save(out)
-    if pca is not None:
-        with atomic_path(out / TRANSFORM_NAME) as tmp:
-            faiss.write_VectorTransform(pca, str(tmp))
-        extra.append(TRANSFORM_NAME)
-    elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
-        extra += copy_extra_files(src.folder, out, src.config, only=(TRANSFORM_NAME,))
-    # A gate is not carried over: it was fitted to the source store's p_kNN.
+        provenance = Provenance(
+            len(keep), old.entry_positions(keep), next_ids, counts, documents=old.documents
+        )
+        extra = provenance.save(folder)
+        if pca is not None:
+            with atomic_path(folder / TRANSFORM_NAME) as tmp:
+                faiss.write_VectorTransform(pca, str(tmp))
+            extra.append(TRANSFORM_NAME)
+        elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
+            extra += copy_extra_files(src.folder, folder, src.config, only=(TRANSFORM_NAME,))
+        # A gate is not carried over: it was fitted to the source store's p_kNN.
 
-    before = src.config.compression or {}
-    config.compression = {
-        "source_entries": before.get("source_entries", len(src)),
-        "pca_dim": pca_dim or before.get("pca_dim"),
-        "prune_to": prune_to if prune_to is not None else before.get("prune_to"),
-        "merge_k": merge_k if prune_to is not None else before.get("merge_k"),
-    }
-    finish_folder(out, config, [*files, *extra], datastore_card)
+        before = src.config.compression or {}
+        config.compression = {
+            "source_entries": before.get("source_entries", len(src)),
+            "pca_dim": pca_dim or before.get("pca_dim"),
+            "prune_to": prune_to if prune_to is not None else before.get("prune_to"),
+            "merge_k": merge_k if prune_to is not None else before.get("merge_k"),
+        }
+        finish_folder(folder, config, [*files, *extra], datastore_card)
     return Datastore.from_pretrained(out, verify=False, nprobe=src.nprobe, gpu=src.gpu)

@@ -17,15 +17,16 @@ from ..corpus import CorpusLike
 from ..hub_mixin import HubMixin, finish_folder
 from ..knn import check_k
 from ..neighbours import Neighbours
-from .builder import build_datastore, write_store
+from .builder import DATA_PATTERNS, build_datastore, write_store
 from .card import datastore_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
-from .extras import EXTRA_FILES, TRANSFORM_NAME, copy_extra_files
+from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
+    check_index_factory,
     configure_threads,
     index_to_gpus,
     read_index,
@@ -59,14 +60,7 @@ class Datastore(HubMixin):
 
     config_class = DatastoreConfig
     # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
-    hub_patterns = (
-        f"{KEYS_PREFIX}*.safetensors",
-        f"{VALUES_PREFIX}*.safetensors",
-        f"*{INDEX_SUFFIX}",
-        "index.faiss*",
-        "*.ivfdata",
-        *EXTRA_FILES,
-    )
+    hub_patterns = DATA_PATTERNS
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
     delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
     default_commit_message = "Upload kNN-LM datastore"
@@ -422,12 +416,13 @@ class Datastore(HubMixin):
             raise ValueError(
                 f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
             )
-        if (out / CONFIG_NAME).exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
-                )
-            (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
+        if (out / CONFIG_NAME).exists() and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
+            )
+        # Refuse what cannot succeed before anything is written; the old store in ``out`` stays until
+        # the new one is complete (_writable_folder swaps it in).
+        check_index_factory(index_factory, self.key_dim, len(self), train_size)
         config = DatastoreConfig.from_dict(self.config.to_dict())
         config.index_factory, config.evaluation = index_factory, None
         bounds = [(s["start"], s["end"]) for s in config.shards]
