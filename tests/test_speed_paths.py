@@ -23,6 +23,7 @@ package = types.ModuleType("hf_knnlm")  # import only hf_knnlm.datastore.index (
 package.__path__ = [sys.argv[1]]
 sys.modules["hf_knnlm"] = package
 from hf_knnlm.datastore.index import read_index
+import faiss  # imported on first use by read_index; loading the library is not the index's memory
 def anon():
     return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 before = anon()

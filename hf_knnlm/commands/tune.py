@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..scoring.tuning import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
+from ..scoring.defaults import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
 from ._common import (
     add_data_args,
     add_knn_args,

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from .._version import __version__
 from ..checks import check_positive_int
 from ..corpus import CorpusLike, corpus_name, tokenize_corpus
+from ..faiss_support import import_faiss
 from ..files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
 from ..fingerprints import tokenizer_fingerprint
 from ..forward import check_forward_args, iter_window_batches
@@ -238,6 +239,7 @@ def build_datastore(
     Everything that can be checked is checked before any file is touched: window and batch
     settings, the hook module, the index-factory string and the corpus itself.
     """
+    import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
     output_dir = Path(output_dir)
     _refuse_existing(output_dir, overwrite)
     check_forward_args(model, max_length, stride, batch_size)

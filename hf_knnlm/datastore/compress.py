@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
+from ..faiss_support import import_faiss
 from ..files import atomic_path
 from ..hub_mixin import finish_folder
 from .builder import write_store
@@ -32,6 +33,9 @@ from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import new_index, train_sample
 from .provenance import Provenance
 from .storage import ShardedArray, shard_bounds
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ def check_compress_args(num_entries: int, key_dim: int, pca_dim: int | None, pru
 
 def train_pca(keys: ShardedArray, pca_dim: int, sample_size: int = 262144) -> faiss.PCAMatrix:
     """A faiss PCA from the key width to ``pca_dim``, trained on a uniform sample of keys."""
-    pca = faiss.PCAMatrix(keys.shape[1], pca_dim)
+    pca = import_faiss("Compressing a datastore").PCAMatrix(keys.shape[1], pca_dim)
     pca.train(train_sample(keys, len(keys), sample_size))
     return pca
 
@@ -177,7 +181,7 @@ def compress_datastore(
         extra = provenance.save(folder)
         if pca is not None:
             with atomic_path(folder / TRANSFORM_NAME) as tmp:
-                faiss.write_VectorTransform(pca, str(tmp))
+                import_faiss().write_VectorTransform(pca, str(tmp))
             extra.append(TRANSFORM_NAME)
         elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
             extra += copy_extra_files(src.folder, folder, src.config, only=(TRANSFORM_NAME,))

@@ -7,13 +7,14 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import torch
 
 from ..checks import check_positive_int
 from ..corpus import CorpusLike
+from ..faiss_support import import_faiss
 from ..hub_mixin import HubMixin, finish_folder
 from ..knn import check_k
 from ..neighbours import Neighbours
@@ -36,6 +37,9 @@ from .index import (
 from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,7 @@ class Datastore(HubMixin):
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
     ):
+        import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
         self.folder = Path(folder)
         self.gpu = gpu
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
@@ -85,7 +90,7 @@ class Datastore(HubMixin):
         self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
-            faiss.read_VectorTransform(str(self.folder / TRANSFORM_NAME))
+            import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
             if TRANSFORM_NAME in config.files
             else None
         )

@@ -26,15 +26,17 @@ from ..datastore.datastore import Datastore
 from ..files import atomic_path, atomic_write_json
 from ..forward import check_forward_args
 from ..knn import check_knn_args, interpolate, knn_target_log_probs
+from .defaults import (
+    DEFAULT_KS,
+    DEFAULT_LMBDAS,
+    DEFAULT_MAX_CACHE_BYTES,
+    DEFAULT_TEMPERATURE_MULTIPLES,
+    DEFAULT_TEMPERATURES,
+)
 from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LMBDAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-DEFAULT_TEMPERATURE_MULTIPLES = (0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-DEFAULT_TEMPERATURES = (1.0, 10.0)
-DEFAULT_KS = (8, 32, 128, 512, 1024)
-DEFAULT_MAX_CACHE_BYTES = 1 << 30
 RESULTS_NAME, PLOT_NAME = "tune_results.json", "tune_plot.png"
 _ROWS = 4096  # rows per softmax block: bounds the temporaries of a sweep point to ~_ROWS * k * 12 bytes
 
