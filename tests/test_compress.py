@@ -88,6 +88,20 @@ def test_compress_cli_reports_sizes(store_dir, tmp_path, capsys):
     assert "pca_dim=64 must be in [1, 32]" in capsys.readouterr().err
 
 
+def test_index_type_follows_the_dimensions():
+    from hf_knnlm.datastore.compress import factory_for_dim
+
+    assert factory_for_dim("IVF1024,PQ64", 576, 288) == "IVF1024,PQ32"
+    assert factory_for_dim("IVF64,PQ64", 576, 100) == "IVF64,PQ10"
+    assert factory_for_dim("Flat", 32, 16) == "Flat"
+
+
+def test_pca_of_an_ivfpq_store_gets_a_matching_pq(store, tmp_path):
+    ivfpq = store.rebuild_index("IVF16,PQ8", tmp_path / "ivfpq", train_size=4096)
+    small = compress_datastore(ivfpq, tmp_path / "pca", pca_dim=12, train_size=4096)
+    assert small.config.index_factory == "IVF16,PQ3" and small.key_dim == 12
+
+
 def test_bad_prune_fraction(store, tmp_path):
     with pytest.raises(ValueError, match="prune_to=0"):
         compress_datastore(store, tmp_path / "bad", prune_to=0)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         k=args.k,
         temperature=args.temperature,
         recompute_dists=args.recompute_dists,
-        use_queries=not args.lm_features_only,
+        use_queries=args.with_queries,
         skip_fraction=args.skip_fraction,
         max_length=args.max_length,
         stride=args.stride,
@@ -51,7 +51,9 @@ def register(subparsers) -> None:
         "--skip-fraction", type=float, default=0.5, help="Share of tokens not searched (default 0.5)."
     )
     p.add_argument(
-        "--lm-features-only", action="store_true", help="Do not feed the query vector to the gate."
+        "--with-queries",
+        action="store_true",
+        help="Also feed the query vector to the gate (needs more text).",
     )
     p.add_argument("--max-tokens", type=int, default=None, help="Use only the first N tokens.")
     p.set_defaults(func=run)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,19 @@ def check_compress_args(num_entries: int, key_dim: int, pca_dim: int | None, pru
         raise ValueError(f"prune_to={prune_to} must be in (0, 1]: the fraction of entries to keep.")
     if num_entries < 2:
         raise ValueError(f"the store has {num_entries} entries; there is nothing to compress.")
+
+
+def factory_for_dim(factory: str, src_dim: int, dim: int) -> str:
+    """The source store's index type for ``dim``-wide keys: PQ codes shrink with the dimensions
+    (``PQ64`` at 576 -> ``PQ32`` at 288), to a count of sub-quantizers that divides ``dim``."""
+
+    def scale(match: re.Match) -> str:
+        m = max(1, round(int(match.group(1)) * dim / src_dim))
+        while dim % m:
+            m -= 1
+        return f"PQ{m}"
+
+    return re.sub(r"PQ(\d+)", scale, factory)
 
 
 def train_pca(keys: ShardedArray, pca_dim: int, sample_size: int = 262144) -> faiss.PCAMatrix:
@@ -118,7 +132,8 @@ def compress_datastore(
         pca_dim (`int`, *optional*): keep this many PCA dimensions of the keys (e.g. half).
         prune_to (`float`, *optional*): keep this fraction of the entries by greedy merging.
         merge_k (`int`, defaults to 8): neighbours searched per entry for merge candidates.
-        index_factory (`str`, *optional*): faiss index of the new store (default: the source's).
+        index_factory (`str`, *optional*): faiss index of the new store (default: the source's, its
+            PQ code shrunk in proportion to the dimensions, see :func:`factory_for_dim`).
         train_size (`int`, defaults to 1_000_000): keys sampled to train the PCA and the index.
         overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
 
@@ -135,7 +150,9 @@ def compress_datastore(
         raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
     if src.key_transform is not None and pca_dim is not None:
         raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
-    new_index(index_factory or src.config.index_factory, pca_dim or src.key_dim)  # a bad string fails now
+    dim = pca_dim or src.key_dim
+    factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
+    new_index(factory, dim)  # a bad string fails now, before any work
 
     values = src.values.numpy()
     old = src.provenance
@@ -157,7 +174,6 @@ def compress_datastore(
         next_ids = old.next_ids
 
     pca = train_pca(src.keys, pca_dim, train_size) if pca_dim is not None else None
-    dim = pca_dim or src.key_dim
 
     def key_rows():
         for start in range(0, len(keep), _ROWS):
@@ -165,7 +181,7 @@ def compress_datastore(
             yield rows if pca is None else pca.apply(np.ascontiguousarray(rows))
 
     config = DatastoreConfig.from_dict(src.config.to_dict())
-    config.index_factory = index_factory or src.config.index_factory
+    config.index_factory = factory
     config.evaluation = None
     bounds = shard_bounds(len(keep), dim * 2, "5GB")
     values_kept = [values[keep].astype(np.int32)]
