@@ -36,7 +36,7 @@ from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .extras import EXTRA_FILES
-from .index import INDEX_NAME, build_index, check_index_factory, new_index, write_index
+from .index import INDEX_NAME, build_index, check_index_factory, is_exact, new_index, write_index
 from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
@@ -186,13 +186,15 @@ def write_store(
 
     ``keys`` and ``values`` are row chunks in entry order, split into shards at ``bounds``. Without
     an ``index`` one of type ``config.index_factory`` is trained and filled from the written keys.
+    An exact (``Flat``) store writes no index file: it is rebuilt from the keys when opened.
     ``key_dim`` is the width of the stored keys (``config.hidden_size`` unless a transform reduced it).
     Sets ``config.shards`` and ``config.num_entries``; returns the names written, to be hashed.
     """
     key_dim = key_dim or config.hidden_size
     key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (key_dim,), bounds, keys)
     value_files = write_sharded(folder, VALUES_PREFIX, "values", np.int32, (), bounds, values)
-    if index is None:
+    index_files = [] if is_exact(config.index_factory) else [INDEX_NAME]
+    if index is None and index_files:
         written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
         index = build_index(
             config.index_factory,
@@ -201,7 +203,8 @@ def write_store(
             written.iter_rows(_INDEX_ADD_ROWS),
             train_size=train_size,
         )
-    write_index(index, folder / INDEX_NAME)
+    if index_files:
+        write_index(index, folder / INDEX_NAME)
     for stale in folder.glob(f"*{INDEX_SUFFIX}"):  # a store with one shard has no shard index json
         stale.unlink()
     config.num_entries = bounds[-1][1] if bounds else 0
@@ -209,9 +212,9 @@ def write_store(
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
+    index_files += write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
-    return [*key_files, *value_files, *index_files, INDEX_NAME]
+    return [*key_files, *value_files, *index_files]
 
 
 def build_datastore(
