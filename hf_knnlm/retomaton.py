@@ -79,8 +79,7 @@ class RetoMaton:
         """Successors of the entries in ``row_ids`` whose value is ``token`` (unique, valid ids)."""
         if row_ids is None or token is None or not len(row_ids):
             return np.zeros(0, dtype=np.int64)
-        values = self.datastore.values.numpy()
-        right = row_ids[values[row_ids] == token]
+        right = row_ids[self.datastore.values.take(row_ids) == token]
         nxt = self.datastore.provenance.successors(right)
         return np.unique(nxt[nxt >= 0])
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the reliability tests: a second tokenizer, deeper models, the CLI entry point."""
+"""Helpers shared by the reliability tests: a second tokenizer, deeper models, configs without hashes."""
 
 from __future__ import annotations
 
@@ -41,12 +41,3 @@ def drop_file_hashes(config_path: Path) -> dict:
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "files": {}}))
     return config
-
-
-def cli_main(argv: list[str]) -> int:
-    """The ``hf-knnlm`` entry point, wherever the package keeps it."""
-    try:
-        from hf_knnlm.commands import main
-    except ImportError:
-        from hf_knnlm.cli import main
-    return main(argv)

@@ -147,7 +147,8 @@ def test_wrapper_save_load_writes_no_base_weights(model, store, tokenizer, tmp_p
     saved = sorted(p.name for p in (tmp_path / "knnlm").iterdir())
     assert saved == ["config.json", "datastore"]
     config = json.loads((tmp_path / "knnlm" / "config.json").read_text())
-    assert config["model_type"] == "knnlm" and config["datastore"] == "datastore" and config["lmbda"] == 0.4
+    assert config["model_type"] == "knnlm" and config["lmbda"] == 0.4
+    assert config["datastore"] is None and config["datastore_subfolder"] == "datastore"
     loaded = KNNLMForCausalLM.from_pretrained(tmp_path / "knnlm")
     assert loaded.settings == wrapper.settings
     inputs = _inputs(tokenizer)

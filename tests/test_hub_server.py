@@ -84,20 +84,22 @@ def publish(
         _git(repo, "init", "-q", "-b", "main")
     for old in repo.iterdir():
         if old.name != ".git":
-            old.unlink()
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     attributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES)
     (repo / ".gitattributes").write_text(attributes)
-    for src in sorted(folder.iterdir()):
-        if not src.is_file() or src.name in skip:
+    for src in sorted(folder.rglob("*")):  # subfolders too: a wrapper keeps its datastore in one
+        name = src.relative_to(folder).as_posix()
+        if not src.is_file() or name in skip:
             continue
-        data = (edit or {}).get(src.name, src.read_bytes())
+        data = (edit or {}).get(name, src.read_bytes())
         if src.name.endswith(LFS_SUFFIXES):
             oid = hashlib.sha256(data).hexdigest()
             obj = repo / ".git" / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
             obj.parent.mkdir(parents=True, exist_ok=True)
             obj.write_bytes(data)
             data = f"version {LFS_SPEC}\noid sha256:{oid}\nsize {len(data)}\n".encode()
-        (repo / src.name).write_bytes(data)
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", f"Upload {folder.name}")
     if tag:
@@ -251,7 +253,7 @@ def test_built_store_round_trips_through_the_hub(hub, built, published, tmp_path
             [*remote.config.files, "datastore_config.json", "README.md"]
         )
         assert _search(remote, q) == _search(local, q)
-        assert torch.equal(remote.values, local.values)
+        assert np.array_equal(remote.values.to_numpy(), local.values.to_numpy())
         assert len(remote.keys.shards) == len(served.keys.shards) > 1
 
 
@@ -290,6 +292,29 @@ def test_knnlm_model_and_processor_accept_a_repo_id(hub, built, model, tokenizer
                 )
             )
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_wrapper_saved_with_its_datastore_loads_by_repo_id(hub, hub_server, built, tokenizer, tmp_path):
+    _, mirrors = hub_server
+    ids = tokenizer("The king sees the bridge. A knight follows", return_tensors="pt")["input_ids"]
+    wrapper = KNNLMForCausalLM.from_pretrained(f"{ORG}/tiny-gpt2", datastore=built["a"], k=8, lmbda=0.5)
+    wrapper.save_pretrained(tmp_path / "wrapper", save_datastore=True)
+    publish(mirrors, "knnlm-wrapper", tmp_path / "wrapper", tag="v1")
+    legacy = json.loads((tmp_path / "wrapper" / "config.json").read_text())
+    legacy.update(datastore="datastore", datastore_subfolder=None)  # as the first release wrote it
+    (tmp_path / "wrapper" / "config.json").write_text(json.dumps(legacy))
+    publish(mirrors, "knnlm-legacy", tmp_path / "wrapper")
+    expected = wrapper(ids).logits
+    for repo, revision in ((f"{ORG}/knnlm-wrapper", "v1"), (f"{ORG}/knnlm-legacy", None)):
+        remote = KNNLMForCausalLM.from_pretrained(repo, revision=revision)
+        assert remote.datastore.folder.name == "datastore"
+        assert remote.datastore.folder.parent.parent.name == "snapshots"  # inside the wrapper's snapshot
+        assert torch.equal(remote(ids).logits, expected)
+    # Saved again elsewhere, the wrapper points at the repository's subfolder, not at a cache path.
+    remote.save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (config["datastore"], config["datastore_subfolder"]) == (f"{ORG}/knnlm-legacy", "datastore")
+    assert torch.equal(KNNLMForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, expected)
 
 
 def test_corrupted_download_is_refused_by_name(hub, published):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from hf_knnlm.commands import main as cli_main
+
 try:  # tests/ is a package on main, a plain folder elsewhere
-    from tests.reliability_utils import cli_main, other_tokenizer
+    from tests.reliability_utils import other_tokenizer
 except ImportError:
-    from reliability_utils import cli_main, other_tokenizer
+    from reliability_utils import other_tokenizer
 
 
 def _run(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ import torch
 from hf_knnlm import Datastore, KNNLMForCausalLM, evaluate_perplexity
 from hf_knnlm.datastore import index as index_module
 from hf_knnlm.datastore import storage as storage_module
-from hf_knnlm.datastore.index import configure_threads, index_to_gpus, read_index
+from hf_knnlm.datastore.index import configure_threads, exact_index, index_to_gpus, read_index
 
 # ----------------------------------------------------------------- memory-mapped reads
 _ANON_RSS_GROWTH = """
@@ -23,6 +23,7 @@ package = types.ModuleType("hf_knnlm")  # import only hf_knnlm.datastore.index (
 package.__path__ = [sys.argv[1]]
 sys.modules["hf_knnlm"] = package
 from hf_knnlm.datastore.index import read_index
+import faiss  # imported on first use by read_index; loading the library is not the index's memory
 def anon():
     return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 before = anon()
@@ -132,7 +133,9 @@ def test_gpu_none_and_new_cpu_index(store_dir, fake_gpus):
     assert not fake_gpus and not store.on_gpu
     store = Datastore.from_pretrained(store_dir)
     assert store.on_gpu
-    store.index = read_index(store_dir / "index.faiss")  # e.g. a rebuilt index replaces the CPU one
+    store.index = exact_index(
+        store.keys.iter_rows(4096), store.key_dim
+    )  # a rebuilt index replaces the CPU one
     assert not store.on_gpu  # the stale clone is dropped ...
     assert store.search_index is fake_gpus[-1] and len(fake_gpus) == 2  # ... and re-cloned on next use
 

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 from . import (
     build,
+    compress,
     demo,
     evaluate,
+    explain,
     generate,
     push,
     qa,
@@ -17,6 +19,7 @@ from . import (
     rag_generate,
     rag_index,
     reindex,
+    train_gate,
     tune,
 )
 from ._common import ArgumentParser, run_command
@@ -28,6 +31,9 @@ SUBCOMMANDS = (
     generate,
     tune,
     reindex,
+    compress,
+    train_gate,
+    explain,
     push,
     demo,
     qa_train_reader,

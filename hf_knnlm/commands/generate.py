@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_knn_args, add_model_args, load_datastore, load_model, positive_int
+from ._common import (
+    add_knn_args,
+    add_model_args,
+    add_skip_args,
+    knn_kwargs,
+    load_datastore,
+    load_model,
+    positive_int,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,10 +26,7 @@ def run(args: argparse.Namespace) -> int:
     processor = KNNProcessor(
         model,
         load_datastore(args),
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        recompute_dists=args.recompute_dists,
+        **knn_kwargs(args),
         tokenizer=tokenizer,
     )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
@@ -41,6 +46,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="Generate with a KNNProcessor.")
     add_model_args(p)
     add_knn_args(p)
+    add_skip_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=positive_int, default=50)
     p.add_argument("--do-sample", action="store_true")

@@ -11,11 +11,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from ..files import atomic_write_json
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def _articles(text: str | None) -> slice | None:
@@ -29,6 +30,8 @@ def _articles(text: str | None) -> slice | None:
 
 
 def _read_jsonl(path: Path) -> datasets.Dataset:
+    import datasets
+
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return datasets.Dataset.from_list(rows)

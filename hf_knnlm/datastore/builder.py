@@ -24,17 +24,19 @@ from safetensors.numpy import save_file
 from .._version import __version__
 from ..checks import check_positive_int
 from ..corpus import CorpusLike, corpus_name, tokenize_corpus
-from ..files import atomic_path, atomic_write_json
+from ..faiss_support import import_faiss
+from ..files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
 from ..fingerprints import tokenizer_fingerprint
 from ..forward import check_forward_args, iter_window_batches
 from ..hooks import find_ffn_module, num_hidden_layers
-from ..hub_mixin import finish_folder
+from ..hub_mixin import CARD_NAME, finish_folder
 from ..windows import sliding_windows
 from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
-from .index import INDEX_NAME, build_index, check_index_factory, new_index, write_index
+from .extras import EXTRA_FILES
+from .index import INDEX_NAME, build_index, check_index_factory, is_exact, new_index, write_index
 from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
@@ -45,6 +47,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
+# The files of a store (besides its config and card); a new build or save replaces them as a whole.
+DATA_PATTERNS = (
+    f"{KEYS_PREFIX}*.safetensors",
+    f"{VALUES_PREFIX}*.safetensors",
+    f"*{INDEX_SUFFIX}",
+    "index.faiss*",
+    "*.ivfdata",
+    *EXTRA_FILES,
+)
+STORE_PATTERNS = (CONFIG_NAME, CARD_NAME, *DATA_PATTERNS)
 PROGRESS_NAME = "progress.json"
 _INDEX_ADD_ROWS = 65536
 
@@ -119,10 +131,12 @@ class _Buffer:
         return out
 
 
-def _clear_store(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.name.startswith((KEYS_PREFIX, VALUES_PREFIX, INDEX_NAME, CONFIG_NAME, "datastore.")):
-            path.unlink()
+def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
+    if (output_dir / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
+            f"or choose another output_dir."
+        )
 
 
 def _merged_arrays(progresses: list[_Progress]) -> tuple[ShardedArray, ShardedArray]:
@@ -172,13 +186,15 @@ def write_store(
 
     ``keys`` and ``values`` are row chunks in entry order, split into shards at ``bounds``. Without
     an ``index`` one of type ``config.index_factory`` is trained and filled from the written keys.
+    An exact (``Flat``) store writes no index file: it is rebuilt from the keys when opened.
     ``key_dim`` is the width of the stored keys (``config.hidden_size`` unless a transform reduced it).
     Sets ``config.shards`` and ``config.num_entries``; returns the names written, to be hashed.
     """
     key_dim = key_dim or config.hidden_size
     key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (key_dim,), bounds, keys)
     value_files = write_sharded(folder, VALUES_PREFIX, "values", np.int32, (), bounds, values)
-    if index is None:
+    index_files = [] if is_exact(config.index_factory) else [INDEX_NAME]
+    if index is None and index_files:
         written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
         index = build_index(
             config.index_factory,
@@ -187,7 +203,8 @@ def write_store(
             written.iter_rows(_INDEX_ADD_ROWS),
             train_size=train_size,
         )
-    write_index(index, folder / INDEX_NAME)
+    if index_files:
+        write_index(index, folder / INDEX_NAME)
     for stale in folder.glob(f"*{INDEX_SUFFIX}"):  # a store with one shard has no shard index json
         stale.unlink()
     config.num_entries = bounds[-1][1] if bounds else 0
@@ -195,9 +212,9 @@ def write_store(
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
     ]
-    index_files = write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
+    index_files += write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
-    return [*key_files, *value_files, *index_files, INDEX_NAME]
+    return [*key_files, *value_files, *index_files]
 
 
 def build_datastore(
@@ -225,12 +242,9 @@ def build_datastore(
     Everything that can be checked is checked before any file is touched: window and batch
     settings, the hook module, the index-factory string and the corpus itself.
     """
+    import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
     output_dir = Path(output_dir)
-    if (output_dir / CONFIG_NAME).exists() and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
-            f"or choose another output_dir."
-        )
+    _refuse_existing(output_dir, overwrite)
     check_forward_args(model, max_length, stride, batch_size)
     check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
     check_positive_int("train_size", train_size, "keys sampled to train the index")
@@ -239,16 +253,70 @@ def build_datastore(
     new_index(index_factory, width)  # a bad factory string fails now, not after the model pass
     tokens = tokenize_corpus(tokenizer, data, text_column, separator)
     check_index_factory(index_factory, width, len(tokens) - 1, train_size)
-    if (output_dir / CONFIG_NAME).exists():
-        if build_state().is_main_process:  # one process deletes; the others would race it
-            _clear_store(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    state = build_state()
+    # Every process locks its share (ranks > 0 a file of their own), so a second build into the
+    # same folder fails at once in every process instead of mixing its rows into this one.
+    with folder_lock(output_dir, f".rank-{state.process_index}" if state.process_index else ""):
+        _refuse_existing(output_dir, overwrite)  # a build that finished while we validated
+        output_dir.mkdir(parents=True, exist_ok=True)  # .partial lives here; an old store is not touched
 
+        config = _new_config(model, tokenizer, data, path, index_factory, max_length, stride)
+        settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
+        fingerprint = _build_fingerprint(tokens, settings)
+        windows = list(sliding_windows(len(tokens), max_length, stride))
+        progresses = _rank_progresses(output_dir / PARTIAL_DIR, fingerprint, len(windows), state)
+        first, last = window_range(len(windows), state.process_index, state.num_processes)
+        progress = progresses[state.process_index]
+        if progress.windows_done:
+            logger.info(
+                "Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done, last
+            )
+
+        buffer = _Buffer()
+        place_model(model, state).eval()
+        for batch in iter_window_batches(
+            model,
+            tokens,
+            windows[first:last],
+            batch_size=batch_size,
+            hook_module=path,
+            start_window=progress.windows_done,
+            desc="building datastore",
+            disable_progress=disable_progress or not state.is_local_main_process,
+            expected_width=width if hook_module is not None else None,
+        ):
+            buffer.add(batch.hidden, batch.targets)
+            done = batch.first_window + batch.num_windows
+            if buffer.rows >= checkpoint_every or done == last - first:
+                progress.add_chunk(*buffer.drain(), windows_done=done)
+
+        state.wait_for_everyone()
+        if state.is_main_process:
+            for rank, p in enumerate(progresses):
+                p.reload()
+                todo = window_range(len(windows), rank, state.num_processes)
+                if p.windows_done != todo[1] - todo[0]:
+                    raise RuntimeError(
+                        f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows."
+                    )
+            # The finished store is written beside the folder and swapped in whole: an old store (with
+            # overwrite=True) stays loadable until then, and the swap takes .partial away with it.
+            with atomic_folder(output_dir, keep=not_matching((*STORE_PATTERNS, PARTIAL_DIR))) as folder:
+                extra = record_provenance(
+                    folder, tokenizer, data, tokens, text_column, separator, document_names
+                )
+                _finalize(*_merged_arrays(progresses), folder, config, max_shard_size, train_size, extra)
+        state.wait_for_everyone()
+    return output_dir
+
+
+def _new_config(model, tokenizer, data, hook_module, index_factory, max_length, stride) -> DatastoreConfig:
+    """What the store will record about the model, tokenizer, corpus and settings that build it."""
     name_or_path = getattr(model.config, "_name_or_path", None) or None
-    config = DatastoreConfig(
+    return DatastoreConfig(
         model_type=model.config.model_type,
-        hook_module=path,
-        hidden_size=width,
+        hook_module=hook_module,
+        hidden_size=model.config.get_text_config().hidden_size,
         vocab_size=model_vocab_size(model),
         num_hidden_layers=num_hidden_layers(model),
         hf_knnlm_version=__version__,
@@ -260,48 +328,6 @@ def build_datastore(
         stride=stride,
         datasets=[corpus_name(data)],
     )
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
-    fingerprint = _build_fingerprint(tokens, settings)
-    windows = list(sliding_windows(len(tokens), max_length, stride))
-    state = build_state()
-    progresses = _rank_progresses(output_dir / PARTIAL_DIR, fingerprint, len(windows), state)
-    first, last = window_range(len(windows), state.process_index, state.num_processes)
-    progress = progresses[state.process_index]
-    if progress.windows_done:
-        logger.info(
-            "Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done, last
-        )
-
-    buffer = _Buffer()
-    place_model(model, state).eval()
-    for batch in iter_window_batches(
-        model,
-        tokens,
-        windows[first:last],
-        batch_size=batch_size,
-        hook_module=path,
-        start_window=progress.windows_done,
-        desc="building datastore",
-        disable_progress=disable_progress or not state.is_local_main_process,
-        expected_width=width if hook_module is not None else None,
-    ):
-        buffer.add(batch.hidden, batch.targets)
-        done = batch.first_window + batch.num_windows
-        if buffer.rows >= checkpoint_every or done == last - first:
-            progress.add_chunk(*buffer.drain(), windows_done=done)
-
-    state.wait_for_everyone()
-    if state.is_main_process:
-        for rank, p in enumerate(progresses):
-            p.reload()
-            todo = window_range(len(windows), rank, state.num_processes)
-            if p.windows_done != todo[1] - todo[0]:
-                raise RuntimeError(f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows.")
-        extra = record_provenance(output_dir, tokenizer, data, tokens, text_column, separator, document_names)
-        _finalize(*_merged_arrays(progresses), output_dir, config, max_shard_size, train_size, extra)
-        shutil.rmtree(output_dir / PARTIAL_DIR, ignore_errors=True)
-    state.wait_for_everyone()
-    return output_dir
 
 
 def _rank_progresses(partial: Path, fingerprint: str, num_windows: int, state) -> list[_Progress]:

@@ -7,27 +7,31 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import torch
 
 from ..checks import check_positive_int
 from ..corpus import CorpusLike
+from ..faiss_support import import_faiss
 from ..hub_mixin import HubMixin, finish_folder
 from ..knn import check_k
 from ..neighbours import Neighbours
-from .builder import build_datastore, write_store
+from .builder import DATA_PATTERNS, build_datastore, write_store
 from .card import datastore_card
 from .compat import check_compatible
 from .config import CONFIG_NAME, DatastoreConfig
-from .extras import EXTRA_FILES, TRANSFORM_NAME, copy_extra_files
+from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
+    check_index_factory,
     configure_threads,
+    exact_index,
     index_to_gpus,
+    is_exact,
     read_index,
     search_parameters,
     set_nprobe,
@@ -36,7 +40,15 @@ from .provenance import Provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
+if TYPE_CHECKING:
+    import faiss
+
 logger = logging.getLogger(__name__)
+
+
+def _has_index_file(config: DatastoreConfig) -> bool:
+    """Every store but an exact one written by format version 2 or later keeps ``index.faiss``."""
+    return INDEX_NAME in config.files or not is_exact(config.index_factory)
 
 
 class Datastore(HubMixin):
@@ -59,14 +71,7 @@ class Datastore(HubMixin):
 
     config_class = DatastoreConfig
     # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
-    hub_patterns = (
-        f"{KEYS_PREFIX}*.safetensors",
-        f"{VALUES_PREFIX}*.safetensors",
-        f"*{INDEX_SUFFIX}",
-        "index.faiss*",
-        "*.ivfdata",
-        *EXTRA_FILES,
-    )
+    hub_patterns = DATA_PATTERNS
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
     delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
     default_commit_message = "Upload kNN-LM datastore"
@@ -80,18 +85,22 @@ class Datastore(HubMixin):
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
     ):
+        import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
         self.folder = Path(folder)
         self.gpu = gpu
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
         self.config = config
         layout = shard_layout(self.folder, config)
         self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
-        values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
-        self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
-        self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
+        self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
+        if _has_index_file(config):
+            self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
+            self.index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
-            faiss.read_VectorTransform(str(self.folder / TRANSFORM_NAME))
+            import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
             if TRANSFORM_NAME in config.files
             else None
         )
@@ -207,7 +216,8 @@ class Datastore(HubMixin):
 
     @classmethod
     def _files_read(cls, config: DatastoreConfig) -> list[str]:
-        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), INDEX_NAME]
+        index = [INDEX_NAME] if _has_index_file(config) else []
+        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), *index]
 
     @classmethod
     def _model_card(cls, config: DatastoreConfig, repo_id: str | None = None):
@@ -232,7 +242,7 @@ class Datastore(HubMixin):
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
-        values = [self.values.numpy().astype(np.int32)]
+        values = self.values.iter_rows(1 << 20)
         keys = self.keys.iter_rows(65536)
         files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
         return config, [*files, *copy_extra_files(self.folder, folder, config)]
@@ -384,9 +394,14 @@ class Datastore(HubMixin):
             device; a missing neighbour has distance `inf`.
         """
         distances, ids = self.search_ids(queries, k, recompute_dists)
-        token_ids = self.values[torch.from_numpy(np.where(ids < 0, 0, ids))]
+        token_ids = self.token_ids(ids)
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
         return torch.from_numpy(distances).to(device), token_ids.to(device)
+
+    def token_ids(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The stored next-token ids (int64) of entries ``ids``, any shape; ``-1`` (no neighbour) gives 0."""
+        ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        return torch.from_numpy(self.values.take(np.where(ids < 0, 0, ids)).astype(np.int64))
 
     def search_entries(
         self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
@@ -422,16 +437,17 @@ class Datastore(HubMixin):
             raise ValueError(
                 f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
             )
-        if (out / CONFIG_NAME).exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
-                )
-            (out / CONFIG_NAME).unlink()  # the folder is not a finished store until the new config lands
+        if (out / CONFIG_NAME).exists() and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
+            )
+        # Refuse what cannot succeed before anything is written; the old store in ``out`` stays until
+        # the new one is complete (_writable_folder swaps it in).
+        check_index_factory(index_factory, self.key_dim, len(self), train_size)
         config = DatastoreConfig.from_dict(self.config.to_dict())
         config.index_factory, config.evaluation = index_factory, None
         bounds = [(s["start"], s["end"]) for s in config.shards]
-        values = [self.values.numpy().astype(np.int32)]
+        values = self.values.iter_rows(1 << 20)
         with self._writable_folder(out) as folder:
             keys = self.keys.iter_rows(65536)
             files = write_store(

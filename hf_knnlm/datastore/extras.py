@@ -24,9 +24,11 @@ def extra_files(config: DatastoreConfig) -> list[str]:
     return [name for name in EXTRA_FILES if name in config.files]
 
 
-def copy_extra_files(src: Path, dst: Path, config: DatastoreConfig, skip: tuple[str, ...] = ()) -> list[str]:
-    """Copy the optional files of a store into another folder (atomically); returns their names."""
-    names = [name for name in extra_files(config) if name not in skip]
+def copy_extra_files(
+    src: Path, dst: Path, config: DatastoreConfig, only: tuple[str, ...] = EXTRA_FILES
+) -> list[str]:
+    """Copy the optional files of a store (those in ``only``) into another folder; returns their names."""
+    names = [name for name in extra_files(config) if name in only]
     for name in names:
         if Path(src, name).resolve() != Path(dst, name).resolve():
             with atomic_path(Path(dst) / name) as tmp:

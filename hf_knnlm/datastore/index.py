@@ -1,4 +1,8 @@
-"""faiss specifics: index-factory strings, training on a sample, chunked adds, safe file IO."""
+"""faiss specifics: index-factory strings, training on a sample, chunked adds, safe file IO.
+
+faiss is imported when a function here first needs it (:func:`hf_knnlm.faiss_support.import_faiss`),
+so that importing this module does not require it.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,29 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
+from ..faiss_support import import_faiss
 from ..files import atomic_path
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.faiss"
 DEFAULT_NPROBE = 32
+# Exact search: no index file is written; the index is rebuilt from the stored fp16 keys when a store
+# is opened, so the keys are kept once (an fp32 faiss copy would be twice the size of the keys).
+EXACT_FACTORY = "Flat"
 
 
-def new_index(factory: str, dim: int, metric: int = faiss.METRIC_L2) -> faiss.Index:
+def new_index(factory: str, dim: int, metric: int | None = None) -> faiss.Index:
+    """An empty index of type ``factory`` (squared L2 unless ``metric`` is given)."""
+    faiss = import_faiss("building a faiss index")
+    metric = faiss.METRIC_L2 if metric is None else metric
     try:
         return faiss.index_factory(dim, factory, metric)
     except RuntimeError as err:
@@ -31,7 +45,7 @@ def new_index(factory: str, dim: int, metric: int = faiss.METRIC_L2) -> faiss.In
 def check_index_factory(factory: str, dim: int, num_keys: int, train_size: int) -> None:
     """Refuse, before any work, a factory string faiss rejects or an IVF with more lists than keys."""
     index = new_index(factory, dim)
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = import_faiss().try_extract_index_ivf(index)
     usable = min(num_keys, train_size)
     if ivf is not None and ivf.nlist > usable:
         raise ValueError(
@@ -59,7 +73,7 @@ def build_index(
     *,
     train_size: int = 1_000_000,
     seed: int = 0,
-    metric: int = faiss.METRIC_L2,
+    metric: int | None = None,
 ) -> faiss.Index:
     """Create, train (on a sample of ``keys``) and fill an index from float16/float32 row chunks."""
     index = new_index(factory, dim, metric)
@@ -79,9 +93,23 @@ def build_index(
     return index
 
 
+def is_exact(factory: str) -> bool:
+    """Whether ``factory`` is the exact index, which a store keeps no file for."""
+    return factory.replace(" ", "") == EXACT_FACTORY
+
+
+def exact_index(keys: Iterable[np.ndarray], dim: int) -> faiss.Index:
+    """An exact (squared L2) index over fp16 key chunks, held as float32 in RAM (4 bytes per value)."""
+    index = import_faiss("Opening a kNN-LM datastore").IndexFlatL2(dim)
+    for chunk in keys:
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+    return index
+
+
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     """Write through Python's file object: faiss's own writer ignores a failed final flush (a full
     disk leaves a silently truncated file), Python's raises."""
+    faiss = import_faiss("writing a faiss index")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         f.flush()
@@ -95,6 +123,7 @@ _IVF_ARRAY_FOURCCS = (b"IwFl", b"IwPQ", b"IwSq")
 
 
 def _mmap_flag(path: Path) -> int:
+    faiss = import_faiss()
     with open(path, "rb") as f:
         fourcc = f.read(4)
     if fourcc in _IVF_ARRAY_FOURCCS or not hasattr(faiss, "IO_FLAG_MMAP_IFC"):
@@ -104,6 +133,7 @@ def _mmap_flag(path: Path) -> int:
 
 def read_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
     """Open an index, memory-mapped when its type allows it (IVF lists, flat codes)."""
+    faiss = import_faiss("opening a faiss index")
     path = Path(path)
     if mmap:
         try:
@@ -120,6 +150,7 @@ def search_parameters(index: faiss.Index, nprobe: int) -> faiss.SearchParameters
     another thread never reaches a search already running: faiss reads ``nprobe`` more than once
     per search, and a change in between indexes past its arrays.
     """
+    faiss = import_faiss()
     if faiss.try_extract_index_ivf(index) is None:
         return None
     params = faiss.SearchParametersIVF(nprobe=nprobe)
@@ -132,6 +163,7 @@ def search_parameters(index: faiss.Index, nprobe: int) -> faiss.SearchParameters
 
 
 def set_nprobe(index: faiss.Index, nprobe: int, on_gpu: bool = False) -> None:
+    faiss = import_faiss()
     if on_gpu:
         # GPU indexes (and their shard/replica wrappers) are reached through the parameter space.
         faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nprobe, GPU_MAX_K))
@@ -167,6 +199,7 @@ def configure_threads(faiss_threads: int | None = None, torch_threads: int | Non
     """
     import torch
 
+    faiss = import_faiss("setting faiss threads")
     for name, value in (("faiss_threads", faiss_threads), ("torch_threads", torch_threads)):
         if value is not None and value <= 0:
             raise ValueError(f"{name}={value} must be a positive number of threads.")
@@ -190,6 +223,7 @@ GPU_MAX_K = 2048  # largest k (and nprobe) faiss GPU indexes accept
 
 def num_gpus() -> int:
     """GPUs faiss can use: 0 with faiss-cpu (which has no ``index_cpu_to_all_gpus``) or no CUDA."""
+    faiss = import_faiss()
     if not hasattr(faiss, "index_cpu_to_all_gpus") or not hasattr(faiss, "GpuMultipleClonerOptions"):
         return 0
     return int(faiss.get_num_gpus())
@@ -216,6 +250,7 @@ def index_to_gpus(
         if mode in ("replicate", "shard"):
             logger.warning("gpu=%r, but faiss sees no GPU (faiss-cpu or no CUDA); staying on CPU.", mode)
         return index
+    faiss = import_faiss()
     options = faiss.GpuMultipleClonerOptions()
     options.shard = mode == "shard"
     options.useFloat16 = use_float16

@@ -168,4 +168,6 @@ def _position_limit(config: PreTrainedConfig) -> int | None:
     return limit
 
 
+AutoConfig.register(RealmConfig.model_type, RealmConfig, exist_ok=True)
+
 __all__ = ["RealmConfig"]

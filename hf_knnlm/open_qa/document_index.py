@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..faiss_support import import_faiss
 from ..files import atomic_path, atomic_write_bytes
 from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..hub_mixin import HubMixin, StoreConfig, render_card
@@ -65,13 +66,7 @@ class DocumentIndexConfig(StoreConfig):
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError as error:  # faiss-cpu and faiss-gpu are alternatives, so it is an extra
-        raise ImportError(
-            "The document index needs faiss: pip install 'hf-knnlm[cpu]' (or [gpu])."
-        ) from error
-    return faiss
+    return import_faiss("A REALM document index")
 
 
 def _build_faiss(embeddings: np.ndarray, index_type: str):
@@ -204,6 +199,7 @@ class DocumentIndex(HubMixin):
     ) -> DocumentIndex:
         """Embed ``documents`` (rows with ``title``, ``text`` and optionally ``id``) with ``model``'s
         document embedder and index them."""
+        _faiss()  # before the documents are embedded, not after
         ids, titles, texts = _documents_from(documents)
         max_length = max_length or model.config.max_doc_embed_length
         embeddings = embed_corpus(

@@ -390,6 +390,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
             atomic_write_bytes(card, text.encode("utf-8"))
 
 
+AutoModel.register(RealmConfig, RealmForOpenQA, exist_ok=True)
+
 __all__ = [
     "SPAN_MASK_VALUE",
     "RealmForOpenQA",

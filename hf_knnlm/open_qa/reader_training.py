@@ -27,7 +27,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from ..files import temporary_path
+from ..files import atomic_folder
 from .training import training_arguments_for
 
 logger = logging.getLogger(__name__)
@@ -106,15 +106,9 @@ class _EpochCheckpoints(TrainerCallback):
 
 def _save_checkpoint(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
     """Write into a temporary sibling folder, then swap it in: a reader never sees a half-written one."""
-    tmp = temporary_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 def _check_rows(train_dataset: Any) -> None:

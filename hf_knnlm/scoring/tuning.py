@@ -26,15 +26,18 @@ from ..datastore.datastore import Datastore
 from ..files import atomic_path, atomic_write_json
 from ..forward import check_forward_args
 from ..knn import check_knn_args, interpolate, knn_target_log_probs
-from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
+from ..windows import window_settings
+from .defaults import (
+    DEFAULT_KS,
+    DEFAULT_LMBDAS,
+    DEFAULT_MAX_CACHE_BYTES,
+    DEFAULT_TEMPERATURE_MULTIPLES,
+    DEFAULT_TEMPERATURES,
+)
+from .evaluation import ScoredBatch, iter_scored_batches, recorded_windows, scored_tokens
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LMBDAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-DEFAULT_TEMPERATURE_MULTIPLES = (0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-DEFAULT_TEMPERATURES = (1.0, 10.0)
-DEFAULT_KS = (8, 32, 128, 512, 1024)
-DEFAULT_MAX_CACHE_BYTES = 1 << 30
 RESULTS_NAME, PLOT_NAME = "tune_results.json", "tune_plot.png"
 _ROWS = 4096  # rows per softmax block: bounds the temporaries of a sweep point to ~_ROWS * k * 12 bytes
 
@@ -62,8 +65,8 @@ def build_tuning_cache(
     datastore: Datastore,
     *,
     k: int = 1024,
-    max_length: int = 1024,
-    stride: int = 512,
+    max_length: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     recompute_dists: bool = False,
     text_column: str = "text",
@@ -81,6 +84,7 @@ def build_tuning_cache(
         Other arguments are those of :func:`~hf_knnlm.evaluate_perplexity`.
     """
     k = datastore.clamp_k(k)
+    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
     max_targets = max_cache_bytes // (8 * k)
     if max_targets < 1:
         raise ValueError(
@@ -280,8 +284,8 @@ def tune(
     lmbdas: Sequence[float] = DEFAULT_LMBDAS,
     temperatures: Sequence[float] | None = None,
     temperature_multiples: Sequence[float] = DEFAULT_TEMPERATURE_MULTIPLES,
-    max_length: int = 1024,
-    stride: int = 512,
+    max_length: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     recompute_dists: bool = False,
     text_column: str = "text",
@@ -296,6 +300,7 @@ def tune(
         point under ``points``, and the paths under ``json`` / ``plot``.
     """
     check_grid(datastore.clamp_k(k), lmbdas, temperatures, ks)
+    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
     cache = build_tuning_cache(
         model,
         tokenizer,

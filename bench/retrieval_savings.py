@@ -1,0 +1,231 @@
+"""Fewer searches: RetoMaton's pointers and an adaptive-retrieval gate against full kNN-LM.
+
+Reuses the SOTU datastore, the dev/test caches and the tuned (lmbda, T, k) of
+``bench/memory_vs_size.py`` (run it first, same ``--quick`` / ``--workdir``). Full kNN-LM searches
+every test token once (exact distances recomputed); then, from that one search:
+
+- **RetoMaton** at several thresholds: each step follows the previous step's pointers and takes
+  the searched neighbours only when fewer than ``threshold`` pointers survive (exactly what an
+  online run returns, which the script checks on the first ``--online-tokens`` tokens, timing both);
+- **adaptive retrieval**: a gate fitted on the dev text (LM entropy, top log-prob, top-2 margin
+  and the query) sets lmbda per token and skips the search for the ``skip_fraction`` of tokens
+  it rates lowest; baselines: the same share skipped at random, or by lowest LM entropy.
+
+    PYTHONPATH=. python bench/retrieval_savings.py --quick
+    PYTHONPATH=. python bench/retrieval_savings.py --workdir /work/runs/knn
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sotu  # noqa: E402
+
+from hf_knnlm.gate import fit_gate  # noqa: E402
+from hf_knnlm.knn import interpolate  # noqa: E402
+from hf_knnlm.retomaton import RetoMaton, stream_neighbours  # noqa: E402
+
+
+def ppl(log_probs: torch.Tensor) -> float:
+    return math.exp(-log_probs.double().mean().item())
+
+
+def retomaton_rows(store, test, full, best, thresholds, n) -> list[dict]:
+    queries, targets = test["queries"][:n], test["targets"][:n]
+    prev = [None, *targets[:-1].tolist()]
+    rows = []
+    for threshold in thresholds:
+        automaton = RetoMaton(store, threshold, best["k"], recompute_dists=True)
+        start = time.time()
+        found = stream_neighbours(automaton, queries, prev, precomputed=full)
+        knn = found.target_log_probs(targets, best["temperature"])
+        mixed = interpolate(test["lm_log_probs"][:n], knn, best["lmbda"])
+        rows.append(
+            {"threshold": threshold, "ppl": ppl(mixed), **automaton.stats(), "wall_s": time.time() - start}
+        )
+        print(
+            f"  RetoMaton threshold {threshold:>4}: ppl {rows[-1]['ppl']:.3f}, "
+            f"searches saved {automaton.searches_saved:.1%}",
+            flush=True,
+        )
+    return rows
+
+
+def online_check(store, test, full, best, threshold, n) -> dict:
+    """RetoMaton with real searches on the first ``n`` tokens: same neighbours, and its wall time
+    against plain one-query-at-a-time searching, measured in this run."""
+    queries, targets = test["queries"][:n], test["targets"][:n]
+    prev = [None, *targets[:-1].tolist()]
+    start = time.time()
+    for i in range(n):
+        store.search_ids(queries[i : i + 1], best["k"], recompute_dists=True)
+    plain_s = time.time() - start
+    automaton = RetoMaton(store, threshold, best["k"], recompute_dists=True)
+    start = time.time()
+    online = stream_neighbours(automaton, queries, prev)
+    reto_s = time.time() - start
+    simulated = stream_neighbours(
+        RetoMaton(store, threshold, best["k"], True), queries, prev, precomputed=full
+    )
+    same = bool(torch.equal(online.ids, simulated.ids))
+    return {
+        "threshold": threshold,
+        "tokens": n,
+        "plain_search_s": plain_s,
+        "retomaton_s": reto_s,
+        "same_neighbours_as_simulated": same,
+        **automaton.stats(),
+    }
+
+
+def gate_rows(dev, dev_knn, test, test_knn, best, fractions) -> list[dict]:
+    lm_t, lam0 = test["lm_log_probs"], best["lmbda"]
+    fixed = interpolate(lm_t, test_knn, lam0)
+    rows = []
+    for use_queries in (True, False):
+        for fraction in fractions:
+            gate = fit_gate(
+                dev["features"],
+                dev["queries"] if use_queries else None,
+                dev["lm_log_probs"],
+                dev_knn,
+                skip_fraction=fraction,
+            )
+            lam = gate.lmbda(test["features"], test["queries"] if use_queries else None)
+            searched = lam > 0
+            learned = interpolate(lm_t, test_knn, lam)  # skipped tokens: lmbda 0, p_LM exactly
+            skip_fixed = interpolate(
+                lm_t, test_knn, torch.where(searched, torch.tensor(lam0), torch.tensor(0.0))
+            )
+            rows.append(
+                {
+                    "gate": "LM features + query" if use_queries else "LM features",
+                    "skip_fraction": fraction,
+                    "skipped": 1 - searched.float().mean().item(),
+                    "ppl": ppl(learned),
+                    "ppl_fixed_lmbda": ppl(skip_fixed),
+                }
+            )
+    # Baselines with the same shares skipped and the tuned fixed lmbda.
+    gen = torch.Generator().manual_seed(0)
+    entropy = test["features"][:, 0]
+    for fraction in fractions:
+        random_keep = torch.rand(len(lm_t), generator=gen) >= fraction
+        entropy_keep = entropy >= torch.quantile(entropy, fraction)
+        for name, keep in (("random", random_keep), ("lowest LM entropy", entropy_keep)):
+            mixed = interpolate(lm_t, test_knn, torch.where(keep, torch.tensor(lam0), torch.tensor(0.0)))
+            rows.append(
+                {
+                    "gate": f"baseline: skip {name}",
+                    "skip_fraction": fraction,
+                    "skipped": 1 - keep.float().mean().item(),
+                    "ppl": ppl(mixed),
+                    "ppl_fixed_lmbda": ppl(mixed),
+                }
+            )
+    rows.append(
+        {
+            "gate": "none (full kNN-LM)",
+            "skip_fraction": 0.0,
+            "skipped": 0.0,
+            "ppl": ppl(fixed),
+            "ppl_fixed_lmbda": ppl(fixed),
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sotu.add_run_args(parser)
+    parser.add_argument("--thresholds", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    parser.add_argument(
+        "--reto-tokens", type=int, default=None, help="Test tokens for RetoMaton (default 30000; quick all)."
+    )
+    parser.add_argument(
+        "--online-tokens",
+        type=int,
+        default=None,
+        help="Tokens of the online check (default 2000; quick 300).",
+    )
+    parser.add_argument("--skip-fractions", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7])
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(0)
+    store, work, best, dev, test = sotu.load_run(args)
+    start = time.time()
+    full = store.search_entries(test["queries"], best["k"], recompute_dists=True)
+    full_search_s = time.time() - start
+    test_knn = full.target_log_probs(test["targets"], best["temperature"])
+    dev_knn = store.search_entries(dev["queries"], best["k"], True).target_log_probs(
+        dev["targets"], best["temperature"]
+    )
+    base, knn = ppl(test["lm_log_probs"]), ppl(interpolate(test["lm_log_probs"], test_knn, best["lmbda"]))
+    n = min(len(test["targets"]), args.reto_tokens or (10**9 if args.quick else 30000))
+    knn_n = ppl(interpolate(test["lm_log_probs"][:n], test_knn[:n], best["lmbda"]))
+    print(
+        f"store {len(store):,} entries; test {len(test['targets']):,} tokens; "
+        f"base ppl {base:.3f}, kNN-LM {knn:.3f} "
+        f"(first {n:,}: {knn_n:.3f}); setting {best}",
+        flush=True,
+    )
+    reto = retomaton_rows(store, test, full, best, args.thresholds, n)
+    for row in reto:
+        row["ppl_change"] = row["ppl"] / knn_n - 1
+    ok = [r for r in reto if r["ppl_change"] <= 0.01]
+    chosen = max(ok, key=lambda r: r["searches_saved"]) if ok else reto[-1]
+    online = online_check(
+        store,
+        test,
+        full,
+        best,
+        chosen["threshold"],
+        min(n, args.online_tokens or (300 if args.quick else 2000)),
+    )
+    gates = gate_rows(dev, dev_knn, test, test_knn, best, args.skip_fractions)
+    for row in gates:
+        row["ppl_change"] = row["ppl"] / knn - 1
+    print("\n| RetoMaton threshold | searches saved | ppl | vs full kNN-LM |\n|---|---|---|---|")
+    for r in reto:
+        print(f"| {r['threshold']} | {r['searches_saved']:.1%} | {r['ppl']:.3f} | {r['ppl_change']:+.2%} |")
+    print(f"\nonline check (threshold {online['threshold']}, {online['tokens']} tokens): {online}")
+    print(
+        "\n| gate | skipped | ppl (gate lmbda) | ppl (fixed lmbda) | vs full kNN-LM |\n|---|---|---|---|---|"
+    )
+    for r in gates:
+        print(
+            f"| {r['gate']} | {r['skipped']:.1%} | {r['ppl']:.3f} | {r['ppl_fixed_lmbda']:.3f} "
+            f"| {r['ppl_change']:+.2%} |"
+        )
+    print(
+        f"\nbase ppl {base:.3f}; full kNN-LM {knn:.3f} (search of all test tokens {full_search_s:.0f} s); "
+        f"total wall {time.time() - t0:.0f} s"
+    )
+    if args.output_json:
+        args.output_json.write_text(
+            json.dumps(
+                {
+                    "best": best,
+                    "base_ppl": base,
+                    "knn_ppl": knn,
+                    "retomaton": reto,
+                    "online": online,
+                    "gate": gates,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
