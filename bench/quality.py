@@ -174,9 +174,7 @@ def store_scaling(
             index.add(flat.keys.take(range(start, min(n, start + 65536))).astype("float32"))
         k = min(best["k"], n)
         distances, ids = index.search(test.queries.numpy(), k)
-        cache = ScoredBatch(
-            test.lm_log_probs, test.targets, torch.from_numpy(distances), flat.values[torch.from_numpy(ids)]
-        )
+        cache = ScoredBatch(test.lm_log_probs, test.targets, torch.from_numpy(distances), flat.token_ids(ids))
         ppl = sweep(cache, [best["lmbda"]], [best["temperature"]], [k])[0]["knn_ppl"]
         points.append({"entries": n, "knn_ppl": ppl})
         print(f"  store prefix {n:>8,} entries: kNN-LM ppl {ppl:.3f}", flush=True)

@@ -98,7 +98,7 @@ def make_big_store(real, folder: Path, size: int, factory: str, noise: float, tr
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = real.keys.to_numpy().astype(np.float32)
-    values = real.values.numpy().astype(np.int32)
+    values = real.values.to_numpy().astype(np.int32)
     std = keys.std(0, keepdims=True)
     rng = np.random.default_rng(0)
 

@@ -42,7 +42,7 @@ class Neighbours:
         return cls(
             distances.float(),
             ids,
-            datastore.values[safe],
+            datastore.token_ids(safe),
             datastore.provenance.log_counts(safe),
         )
 

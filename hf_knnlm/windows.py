@@ -29,6 +29,26 @@ class Window:
         return self.end - self.first_target
 
 
+DEFAULT_MAX_LENGTH, DEFAULT_STRIDE = 1024, 512
+
+
+def window_settings(
+    max_length: int | None, stride: int | None, recorded: tuple[int | None, int | None] = (None, None)
+) -> tuple[int, int]:
+    """The windows to use: the given ones, else those a datastore ``recorded`` at build time (scoring
+    a text as the store was built is the protocol), else ``DEFAULT_MAX_LENGTH`` / ``DEFAULT_STRIDE``.
+
+    A recorded stride is used only with the recorded max_length (another length needs its own).
+    """
+    recorded_length, recorded_stride = recorded
+    if max_length is None:
+        max_length = recorded_length or DEFAULT_MAX_LENGTH
+    if stride is None:
+        same = recorded_stride is not None and max_length == recorded_length
+        stride = recorded_stride if same else DEFAULT_STRIDE
+    return max_length, stride
+
+
 def check_window_args(max_length: int, stride: int) -> None:
     if not is_int(max_length) or not is_int(stride):
         raise ValueError(f"max_length={max_length!r} and stride={stride!r} must be integers.")

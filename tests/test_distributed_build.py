@@ -88,7 +88,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
     assert not (tmp_path / "multi" / ".partial").exists()
     assert len(multi) == len(single)
     assert multi.config.shards == single.config.shards
-    np.testing.assert_array_equal(multi.values.numpy(), single.values.numpy())
+    np.testing.assert_array_equal(multi.values.to_numpy(), single.values.to_numpy())
     # Same model, same windows: the keys are bitwise equal in fp16 (not merely close).
     np.testing.assert_array_equal(multi.keys.to_numpy(), single.keys.to_numpy())
     assert multi.index.ntotal == single.index.ntotal

@@ -54,7 +54,7 @@ def test_knn_ppl_equals_direct_reference(model, tokenizer, other_text, store):
     queries = collect_queries(model, tokenizer, [other_text], store, **WINDOWS)
     distances, ids = store.index.search(queries.queries.numpy(), k)
     knn = knn_target_log_probs(
-        torch.from_numpy(distances), store.values[torch.from_numpy(ids)], queries.targets, temperature
+        torch.from_numpy(distances), store.token_ids(ids), queries.targets, temperature
     )
     mixed = interpolate(queries.lm_log_probs, knn, lmbda)
     expected = math.exp(-mixed.double().mean().item())

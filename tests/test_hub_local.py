@@ -62,14 +62,15 @@ def test_tiny_shards_have_transformers_style_index(store, sharded_dir):
     assert "keys.safetensors.index.json" in config.files and "values.safetensors.index.json" in config.files
     assert "README.md" not in config.files and (sharded_dir / "README.md").is_file()
     # + entries.safetensors and documents.safetensors (provenance), copied with the store
-    assert len(config.files) == 2 * n_shards + 3 + 2
+    # (no index.faiss: an exact store rebuilds its index from the keys)
+    assert len(config.files) == 2 * n_shards + 2 + 2
 
 
 def test_sharded_store_reassembles_exactly(store, sharded_dir):
     sharded = Datastore.from_pretrained(sharded_dir)
     assert len(sharded.keys.shards) > 3
     np.testing.assert_array_equal(sharded.keys.to_numpy(), store.keys.to_numpy())
-    assert torch.equal(sharded.values, store.values)
+    assert np.array_equal(sharded.values.to_numpy(), store.values.to_numpy())
     rows = np.array([0, 299, 300, 301, len(store) - 1])
     np.testing.assert_array_equal(sharded.keys.take(rows), store.keys.to_numpy()[rows])
     _assert_same_search(store, sharded)
@@ -149,7 +150,8 @@ def test_index_and_keys_are_memory_mapped(model, tokenizer, corpus_text, tmp_pat
     )
     store = Datastore.from_pretrained(folder)
     mapped = _mapped_files()
-    assert str((folder / "index.faiss").resolve()) in mapped
+    # An exact store keeps no index file (its index is rebuilt in RAM from the mapped keys).
+    assert (str((folder / "index.faiss").resolve()) in mapped) == (factory != "Flat")
     assert {str((folder / s["keys"]).resolve()) for s in store.config.shards} <= mapped
     in_ram = Datastore.from_pretrained(folder, mmap=False)
     _assert_same_search(in_ram, store)
@@ -185,7 +187,7 @@ def _corrupt(path: Path) -> None:
     [
         "keys-00002-of-{n}.safetensors",
         "values-00001-of-{n}.safetensors",
-        "index.faiss",
+        "values.safetensors.index.json",
         "keys.safetensors.index.json",
     ],
 )
@@ -333,7 +335,8 @@ def test_cli_push_of_a_folder_without_a_store_fails_cleanly(tmp_path, hf_api, ca
 
 
 def test_cli_push_refuses_a_corrupted_store(sharded_dir, hf_api, capsys):
-    _corrupt(sharded_dir / "index.faiss")
+    shard = sorted(sharded_dir.glob("keys-*.safetensors"))[0]
+    _corrupt(shard)
     assert cli_main(["push", str(sharded_dir), "org/name"]) == 2
-    assert "'index.faiss'" in capsys.readouterr().err
+    assert f"'{shard.name}'" in capsys.readouterr().err
     assert not _uploads(hf_api)

@@ -25,7 +25,7 @@ def _numpy_pknn(keys, values, query, k, temperature, vocab):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0])
 def test_pknn_matches_brute_force_numpy(store, temperature):
     keys = store.keys.to_numpy().astype(np.float32)
-    values = store.values.numpy()
+    values = store.values.to_numpy()
     rng = np.random.default_rng(0)
     queries = keys[rng.choice(len(keys), 5)] + rng.normal(0, 0.05, (5, keys.shape[1])).astype(np.float32)
     distances, token_ids = store.search(torch.from_numpy(queries), k=16)

@@ -179,7 +179,7 @@ def test_a_second_build_into_the_same_folder_fails_with_one_line(
     assert "error" not in result, result.get("error")
     loaded = Datastore.from_pretrained(out)
     assert len(loaded) == _num_tokens(tokenizer, corpus_text) - 1  # only the first build's rows
-    np.testing.assert_array_equal(loaded.values.numpy(), result["store"].values.numpy())
+    np.testing.assert_array_equal(loaded.values.to_numpy(), result["store"].values.to_numpy())
 
 
 _KILLED_BUILD = """

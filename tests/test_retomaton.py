@@ -15,7 +15,7 @@ WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 
 def test_pointers_are_the_next_corpus_entry(store):
     automaton = RetoMaton(store, threshold=1, k=8)
-    values = store.values.numpy()
+    values = store.values.to_numpy()
     ids = np.array([0, 10, len(store) - 1])
     # Every entry predicted its own value; its successor is the entry built at that token.
     for i in ids:

@@ -14,7 +14,7 @@ import torch
 from hf_knnlm import Datastore, KNNLMForCausalLM, evaluate_perplexity
 from hf_knnlm.datastore import index as index_module
 from hf_knnlm.datastore import storage as storage_module
-from hf_knnlm.datastore.index import configure_threads, index_to_gpus, read_index
+from hf_knnlm.datastore.index import configure_threads, exact_index, index_to_gpus, read_index
 
 # ----------------------------------------------------------------- memory-mapped reads
 _ANON_RSS_GROWTH = """
@@ -133,7 +133,9 @@ def test_gpu_none_and_new_cpu_index(store_dir, fake_gpus):
     assert not fake_gpus and not store.on_gpu
     store = Datastore.from_pretrained(store_dir)
     assert store.on_gpu
-    store.index = read_index(store_dir / "index.faiss")  # e.g. a rebuilt index replaces the CPU one
+    store.index = exact_index(
+        store.keys.iter_rows(4096), store.key_dim
+    )  # a rebuilt index replaces the CPU one
     assert not store.on_gpu  # the stale clone is dropped ...
     assert store.search_index is fake_gpus[-1] and len(fake_gpus) == 2  # ... and re-cloned on next use
 
@@ -192,7 +194,7 @@ class _CountingIndex:
 
 def test_one_search_per_forward_pass(store, model, tokenizer, other_text):
     spy = _CountingIndex(store.index)
-    store._gpu_index = spy  # search_index returns it
+    store._searcher._gpu = spy  # search_index returns it (as it would a GPU clone)
     wrapped = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8)
     ids = tokenizer([other_text[:200], other_text[200:400]], return_tensors="pt", padding=True)
     wrapped(**ids)

@@ -131,7 +131,7 @@ def test_rebuild_index_copies_store(store, tmp_path):
     assert new.config.index_factory == "IVF4,PQ4" and store.config.index_factory == "Flat"
     assert len(new) == len(store) and new.index.ntotal == len(store)
     assert np.array_equal(new.keys.to_numpy(), store.keys.to_numpy())
-    assert np.array_equal(new.values.numpy(), store.values.numpy())
+    assert np.array_equal(new.values.to_numpy(), store.values.to_numpy())
     inodes = {p.stat().st_ino for p in store.folder.iterdir()}
     # copies, not links
     assert not any(p.is_symlink() or p.stat().st_ino in inodes for p in new.folder.iterdir())

@@ -86,9 +86,17 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     parser.add_argument("--text-column", default="text", help="Column holding the text (default: text).")
 
 
-def add_window_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-length", type=int, default=1024, help="Window length (default 1024).")
-    parser.add_argument("--stride", type=int, default=512, help="New targets per window (default 512).")
+def add_window_args(parser: argparse.ArgumentParser, *, from_datastore: bool = False) -> None:
+    """``--max-length``, ``--stride``, ``--batch-size``; scoring defaults to the datastore's windows."""
+    if from_datastore:
+        recorded = "default: those the datastore was built with, else"
+        parser.add_argument("--max-length", type=int, default=None, help=f"Window length ({recorded} 1024).")
+        parser.add_argument(
+            "--stride", type=int, default=None, help=f"New targets per window ({recorded} 512)."
+        )
+    else:
+        parser.add_argument("--max-length", type=int, default=1024, help="Window length (default 1024).")
+        parser.add_argument("--stride", type=int, default=512, help="New targets per window (default 512).")
     parser.add_argument(
         "--batch-size", type=positive_int, default=8, help="Windows per forward pass (default 8)."
     )

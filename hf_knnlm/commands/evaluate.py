@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Base vs kNN-LM perplexity on a text.")
     add_model_args(p)
     add_data_args(p)
-    add_window_args(p)
+    add_window_args(p, from_datastore=True)
     add_knn_args(p)
     add_skip_args(p)
     p.add_argument("--max-tokens", type=int, default=None, help="Score only the first N tokens.")

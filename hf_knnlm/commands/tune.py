@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     )
     add_model_args(p)
     add_data_args(p)
-    add_window_args(p)
+    add_window_args(p, from_datastore=True)
     add_knn_args(p)  # --k is the number of neighbours searched once; --lmbda/--temperature are unused
     p.add_argument(
         "--ks", type=_ints, default=None, help="k values to try, each <= --k (default 8,32,...,--k)."

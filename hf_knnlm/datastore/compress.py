@@ -198,7 +198,7 @@ def compress_datastore(
     factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
     new_index(factory, dim)  # a bad string fails now, before any work
 
-    values = src.values.numpy()
+    values = src.values.to_numpy()
     old = src.provenance
     keep = np.arange(len(src))
     counts = old.counts.astype(np.int64) if old.counts is not None else None

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 from ..hub_mixin import StoreConfig, check_relative
 
 CONFIG_NAME = "datastore_config.json"
-FORMAT_VERSION = 1
+# 1: every store has index.faiss. 2: an exact ("Flat") store has none; its index is rebuilt from the
+# fp16 keys when the store is opened (a reader of version 1 would not find the file, so it refuses).
+FORMAT_VERSION = 2
 KEY_DTYPES = ("float16", "float32")
 METRICS = ("l2",)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,26 +14,25 @@ import torch
 from ..checks import check_positive_int
 from ..corpus import CorpusLike
 from ..faiss_support import import_faiss
-from ..hub_mixin import HubMixin, finish_folder
+from ..hub_mixin import HubMixin
 from ..knn import check_k
 from ..neighbours import Neighbours
-from .builder import DATA_PATTERNS, build_datastore, write_store
+from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
 from .card import datastore_card
 from .compat import check_compatible
-from .config import CONFIG_NAME, DatastoreConfig
+from .config import DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
-    check_index_factory,
     configure_threads,
-    index_to_gpus,
+    exact_index,
+    is_exact,
     read_index,
-    search_parameters,
-    set_nprobe,
 )
 from .provenance import Provenance
+from .search_index import SearchIndex
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
@@ -42,6 +40,11 @@ if TYPE_CHECKING:
     import faiss
 
 logger = logging.getLogger(__name__)
+
+
+def _has_index_file(config: DatastoreConfig) -> bool:
+    """Every store but an exact one written by format version 2 or later keeps ``index.faiss``."""
+    return INDEX_NAME in config.files or not is_exact(config.index_factory)
 
 
 class Datastore(HubMixin):
@@ -53,12 +56,20 @@ class Datastore(HubMixin):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
     >>> from hf_knnlm import Datastore
-    >>> model = AutoModelForCausalLM.from_pretrained("gpt2")
     >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> ds = Datastore.build(model, tokenizer, ["Some text to remember."], "my-datastore")
-    >>> distances, token_ids = ds.search(torch.randn(2, ds.hidden_size), k=4)
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-datastore",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> len(store), store.hidden_size  # one entry per token after the first
+    (6, 32)
+    >>> distances, token_ids = store.search(torch.randn(2, store.hidden_size), k=4)
+    >>> distances.shape, token_ids.dtype
+    (torch.Size([2, 4]), torch.int64)
+    >>> Datastore.from_pretrained("my-datastore").config.num_entries  # a folder or a Hub repo id
+    6
     ```
     """
 
@@ -80,14 +91,16 @@ class Datastore(HubMixin):
     ):
         import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
         self.folder = Path(folder)
-        self.gpu = gpu
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
         self.config = config
         layout = shard_layout(self.folder, config)
         self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
-        values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
-        self.values = torch.from_numpy(values.to_numpy().astype(np.int64))
-        self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
+        self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
+        if _has_index_file(config):
+            index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+        else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
+            index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
             import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
@@ -95,16 +108,14 @@ class Datastore(HubMixin):
             else None
         )
         self._provenance = None
-        if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
+        if index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
-                f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
+                f"{self.folder}: index has {index.ntotal} entries, keys {len(self.keys)}, values "
                 f"{len(self.values)}; config says {config.num_entries}. "
                 f"The datastore is incomplete; rebuild it."
             )
-        self._gpu_lock = threading.Lock()
         self._warned_k: set[int] = set()
-        self.nprobe = nprobe
-        set_nprobe(self._index, nprobe)  # for code that searches self.index directly
+        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu)
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -206,7 +217,8 @@ class Datastore(HubMixin):
 
     @classmethod
     def _files_read(cls, config: DatastoreConfig) -> list[str]:
-        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), INDEX_NAME]
+        index = [INDEX_NAME] if _has_index_file(config) else []
+        return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), *index]
 
     @classmethod
     def _model_card(cls, config: DatastoreConfig, repo_id: str | None = None):
@@ -231,7 +243,7 @@ class Datastore(HubMixin):
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
-        values = [self.values.numpy().astype(np.int32)]
+        values = self.values.iter_rows(1 << 20)
         keys = self.keys.iter_rows(65536)
         files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
         return config, [*files, *copy_extra_files(self.folder, folder, config)]
@@ -276,43 +288,35 @@ class Datastore(HubMixin):
 
     @property
     def nprobe(self) -> int:
-        return self._nprobe
+        """IVF lists probed per query (see :class:`~hf_knnlm.datastore.search_index.SearchIndex`)."""
+        return self._searcher.nprobe
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        # CPU searches read it once and pass it as a per-search parameter; a GPU clone takes no
-        # per-search parameters, so it is set and searched under one lock. Either way a change from
-        # another thread applies to the next search, never inside a running one.
-        check_positive_int("nprobe", value, "IVF lists probed per query")
-        with self._gpu_lock:
-            self._nprobe = value
-            if getattr(self, "_gpu_index", None) is not None:
-                set_nprobe(self._gpu_index, value, on_gpu=True)
+        self._searcher.nprobe = value
+
+    @property
+    def gpu(self) -> str | bool:
+        return self._searcher.gpu
 
     @property
     def index(self) -> faiss.Index:
-        """The CPU (memory-mapped) faiss index; saving and rebuilding work on this one."""
-        return self._index
+        """The CPU faiss index; saving and rebuilding work on this one."""
+        return self._searcher.cpu
 
     @index.setter
     def index(self, value: faiss.Index) -> None:
-        self._index = value
-        self._gpu_index = None  # a new CPU index invalidates its GPU clone
+        self._searcher.cpu = value
 
     @property
     def search_index(self) -> faiss.Index:
         """The index queries go to: the GPU clone when faiss-gpu sees a GPU (and ``gpu`` allows), else
         :attr:`index`."""
-        if self._gpu_index is None and self.gpu not in ("none", False, None):
-            clone = index_to_gpus(self._index, self.gpu)
-            if clone is not self._index:
-                self._gpu_index = clone
-                set_nprobe(clone, self.nprobe, on_gpu=True)
-        return self._index if self._gpu_index is None else self._gpu_index
+        return self._searcher.active
 
     @property
     def on_gpu(self) -> bool:
-        return self._gpu_index is not None
+        return self._searcher.on_gpu
 
     def __repr__(self) -> str:
         return (
@@ -333,13 +337,6 @@ class Datastore(HubMixin):
             return len(self)
         return k
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.on_gpu:
-            with self._gpu_lock:  # see the nprobe setter
-                return self._gpu_index.search(queries, k)
-        nprobe = self._nprobe  # read once: the whole search uses one value
-        return self._index.search(queries, k, params=search_parameters(self._index, nprobe))
-
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
         k = self.clamp_k(k)
@@ -357,7 +354,7 @@ class Datastore(HubMixin):
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
                 f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
             )
-        distances, ids = self._search(q, k)
+        distances, ids = self._searcher.search(q, k)
         missing = ids < 0
         if recompute_dists:
             distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))
@@ -383,9 +380,14 @@ class Datastore(HubMixin):
             device; a missing neighbour has distance `inf`.
         """
         distances, ids = self.search_ids(queries, k, recompute_dists)
-        token_ids = self.values[torch.from_numpy(np.where(ids < 0, 0, ids))]
+        token_ids = self.token_ids(ids)
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
         return torch.from_numpy(distances).to(device), token_ids.to(device)
+
+    def token_ids(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The stored next-token ids (int64) of entries ``ids``, any shape; ``-1`` (no neighbour) gives 0."""
+        ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        return torch.from_numpy(self.values.take(np.where(ids < 0, 0, ids)).astype(np.int64))
 
     def search_entries(
         self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
@@ -416,27 +418,5 @@ class Datastore(HubMixin):
             train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
         """
-        out = Path(output_dir)
-        if out.exists() and out.resolve() == self.folder.resolve():
-            raise ValueError(
-                f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
-            )
-        if (out / CONFIG_NAME).exists() and not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
-            )
-        # Refuse what cannot succeed before anything is written; the old store in ``out`` stays until
-        # the new one is complete (_writable_folder swaps it in).
-        check_index_factory(index_factory, self.key_dim, len(self), train_size)
-        config = DatastoreConfig.from_dict(self.config.to_dict())
-        config.index_factory, config.evaluation = index_factory, None
-        bounds = [(s["start"], s["end"]) for s in config.shards]
-        values = [self.values.numpy().astype(np.int32)]
-        with self._writable_folder(out) as folder:
-            keys = self.keys.iter_rows(65536)
-            files = write_store(
-                folder, config, keys, values, bounds, train_size=train_size, key_dim=self.key_dim
-            )
-            extra = copy_extra_files(self.folder, folder, config)
-            finish_folder(folder, config, [*files, *extra], datastore_card)
+        out = rebuild_store(self, index_factory, output_dir, train_size=train_size, overwrite=overwrite)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)

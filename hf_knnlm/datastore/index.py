@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.faiss"
 DEFAULT_NPROBE = 32
+# Exact search: no index file is written; the index is rebuilt from the stored fp16 keys when a store
+# is opened, so the keys are kept once (an fp32 faiss copy would be twice the size of the keys).
+EXACT_FACTORY = "Flat"
 
 
 def new_index(factory: str, dim: int, metric: int | None = None) -> faiss.Index:
@@ -100,6 +103,19 @@ def build_index(
                 f"({str(err).splitlines()[-1][:200]}); use a smaller index (fewer lists or codes) or 'Flat'."
             ) from err
     for chunk in chunks:
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+    return index
+
+
+def is_exact(factory: str) -> bool:
+    """Whether ``factory`` is the exact index, which a store keeps no file for."""
+    return factory.replace(" ", "") == EXACT_FACTORY
+
+
+def exact_index(keys: Iterable[np.ndarray], dim: int) -> faiss.Index:
+    """An exact (squared L2) index over fp16 key chunks, held as float32 in RAM (4 bytes per value)."""
+    index = import_faiss("Opening a kNN-LM datastore").IndexFlatL2(dim)
+    for chunk in keys:
         index.add(np.ascontiguousarray(chunk, dtype=np.float32))
     return index
 

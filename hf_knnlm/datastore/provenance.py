@@ -268,7 +268,7 @@ def attach_documents(
     if store.provenance.next_ids is not None:
         raise ValueError(f"{store.folder} is a compressed store; attach documents to the store it came from.")
     tokens, documents = tokenize_documents(tokenizer, data, text_column, separator, names)
-    values = store.values.numpy()
+    values = store.values.to_numpy()
     if len(tokens) - 1 != len(values) or not np.array_equal(tokens[1:], values):
         raise ValueError(
             f"the corpus gives {len(tokens) - 1} targets that do not match the store's {len(values)} values; "

@@ -164,7 +164,7 @@ class _RowStream:
 
 
 class ShardedArray:
-    """Row-gather over a list of memory-mapped shards, as if they were one array."""
+    """Row-gather over a list of memory-mapped shards, as if they were one (read-only) array."""
 
     def __init__(self, shards: list[np.ndarray]):
         self.shards = shards
@@ -186,6 +186,16 @@ class ShardedArray:
             mask = shard_of == s
             out[mask] = self.shards[s][flat[mask] - self.offsets[s]]
         return out.reshape(*indices.shape, *out.shape[1:])
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        """Rows as numpy, like indexing an array: an int, a slice or an integer array (or tensor)."""
+        if isinstance(index, slice):
+            return self.take(np.arange(*index.indices(len(self))))
+        rows = np.asarray(index)
+        if rows.ndim == 0:
+            row = int(rows)
+            return self.take(np.asarray([row + len(self) if row < 0 else row]))[0]
+        return self.take(rows)
 
     def iter_rows(self, chunk_rows: int) -> Iterator[np.ndarray]:
         for shard in self.shards:

@@ -17,7 +17,7 @@ from ..forward import WindowBatch, check_forward_args, iter_window_batches
 from ..knn import KNNSettings, interpolate, knn_target_log_probs
 from ..neighbours import Neighbours
 from ..skipping import search_skipper
-from ..windows import sliding_windows
+from ..windows import sliding_windows, window_settings
 
 
 class Retrieval(Protocol):
@@ -116,14 +116,21 @@ def mixed_target_log_probs(
     return interpolate(batch.lm_log_probs, knn, lmbda if batch.lmbda is None else batch.lmbda)
 
 
+def recorded_windows(datastore: Datastore | None) -> tuple[int | None, int | None]:
+    """``(max_length, stride)`` a datastore was built with (None for stores that did not record them)."""
+    if datastore is None:
+        return None, None
+    return datastore.config.max_length, datastore.config.stride
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokenizer,
     data: CorpusLike,
     datastore: Datastore | None = None,
     *,
-    max_length: int = 1024,
-    stride: int = 512,
+    max_length: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     k: int = 1024,
     lmbda: float = 0.25,
@@ -141,6 +148,8 @@ def evaluate_perplexity(
     of context (the protocol used to build datastores).
 
     Args:
+        max_length (`int`, *optional*) / stride (`int`, *optional*): the sliding windows; default to
+            those the datastore was built with (else 1024 / 512).
         retomaton (`int`, *optional*): follow corpus pointers (RetoMaton) and search only when fewer
             than this many survive; the result then has ``searches_saved``.
         gate (`RetrievalGate` or `True`, *optional*): per-token lmbda from an adaptive-retrieval gate
@@ -151,6 +160,7 @@ def evaluate_perplexity(
         ``steps`` / ``searches`` / ``searches_saved`` with ``retomaton`` or ``gate``.
     """
     settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
     check_forward_args(model, max_length, stride, batch_size)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     retrieval = None

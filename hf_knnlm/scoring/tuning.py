@@ -26,6 +26,7 @@ from ..datastore.datastore import Datastore
 from ..files import atomic_path, atomic_write_json
 from ..forward import check_forward_args
 from ..knn import check_knn_args, interpolate, knn_target_log_probs
+from ..windows import window_settings
 from .defaults import (
     DEFAULT_KS,
     DEFAULT_LMBDAS,
@@ -33,7 +34,7 @@ from .defaults import (
     DEFAULT_TEMPERATURE_MULTIPLES,
     DEFAULT_TEMPERATURES,
 )
-from .evaluation import ScoredBatch, iter_scored_batches, scored_tokens
+from .evaluation import ScoredBatch, iter_scored_batches, recorded_windows, scored_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def build_tuning_cache(
     datastore: Datastore,
     *,
     k: int = 1024,
-    max_length: int = 1024,
-    stride: int = 512,
+    max_length: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     recompute_dists: bool = False,
     text_column: str = "text",
@@ -83,6 +84,7 @@ def build_tuning_cache(
         Other arguments are those of :func:`~hf_knnlm.evaluate_perplexity`.
     """
     k = datastore.clamp_k(k)
+    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
     max_targets = max_cache_bytes // (8 * k)
     if max_targets < 1:
         raise ValueError(
@@ -282,8 +284,8 @@ def tune(
     lmbdas: Sequence[float] = DEFAULT_LMBDAS,
     temperatures: Sequence[float] | None = None,
     temperature_multiples: Sequence[float] = DEFAULT_TEMPERATURE_MULTIPLES,
-    max_length: int = 1024,
-    stride: int = 512,
+    max_length: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     recompute_dists: bool = False,
     text_column: str = "text",
@@ -298,6 +300,7 @@ def tune(
         point under ``points``, and the paths under ``json`` / ``plot``.
     """
     check_grid(datastore.clamp_k(k), lmbdas, temperatures, ks)
+    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
     cache = build_tuning_cache(
         model,
         tokenizer,
