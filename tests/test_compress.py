@@ -122,7 +122,7 @@ def test_merge_candidates_are_the_nearest_same_value_entries(store, monkeypatch,
 
     # exact_group=48: the values with more entries go through the IVF-Flat path.
     monkeypatch.setattr(compress, "_EXACT_GROUP", exact_group)
-    keys, values = store.keys.to_numpy().astype(np.float32), store.values.numpy()
+    keys, values = store.keys.to_numpy().astype(np.float32), store.values.to_numpy()
     a, b, d = compress.same_value_pairs(store.keys, values, 3)
     assert (values[a] == values[b]).all() and (a != b).all()
     np.testing.assert_allclose(d, ((keys[a] - keys[b]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
@@ -134,7 +134,7 @@ def test_merge_candidates_are_the_nearest_same_value_entries(store, monkeypatch,
 def test_merges_are_stars_of_nearest_same_value_entries(store):
     from hf_knnlm.datastore.compress import merge_plan
 
-    keys, values = store.keys.to_numpy().astype(np.float32), store.values.numpy()
+    keys, values = store.keys.to_numpy().astype(np.float32), store.values.to_numpy()
     reps, counts = merge_plan(store.keys, values, 4, 0.5)
     assert (reps != np.arange(len(reps))).sum() == len(reps) - round(len(reps) * 0.5)
     assert (reps[reps] == reps).all()  # a representative is never merged into another entry
@@ -145,7 +145,7 @@ def test_merges_are_stars_of_nearest_same_value_entries(store):
 
 
 def test_pruning_says_where_it_stopped(store, tmp_path, caplog):
-    values = store.values.numpy()
+    values = store.values.to_numpy()
     once = int((np.bincount(values) == 1).sum())
     small = compress_datastore(store, tmp_path / "pruned", prune_to=0.001, merge_k=1)
     assert once <= len(small) < len(store) and "pruning stopped at" in caplog.text
