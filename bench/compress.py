@@ -70,7 +70,6 @@ def main() -> None:
     )
     sotu.add_run_args(parser)
     parser.add_argument("--merge-k", type=int, default=8)
-    parser.add_argument("--train-size", type=int, default=sotu.TRAIN_SIZE)
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(0)

@@ -40,7 +40,15 @@ def smollm2_rows(args, text: str, work: Path) -> tuple[list[dict], dict]:
     from hf_knnlm.scoring.tuning import sweep
 
     model, tokenizer = sotu.load_smollm2()
-    store = sotu.get_store(model, tokenizer, args.workdir, args.quick, args.store_speeches)
+    store = sotu.get_store(
+        model,
+        tokenizer,
+        args.workdir,
+        args.quick,
+        args.store_speeches,
+        index_factory=args.index_factory,
+        train_size=args.train_size,
+    )
     hook = store.config.hook_module
     dev_tokens = sotu.text_stream(tokenizer, sotu.held_out_text("dev"))[: args.dev_tokens + 1]
     dev = sotu.scored_cache(model, dev_tokens, hook, work / "dev_smollm2.safetensors", with_queries=True)

@@ -79,8 +79,17 @@ def store_folder(workdir: Path, quick: bool, count: int = STORE_SPEECHES) -> Pat
     return Path(workdir) / ("quick" if quick else f"store{count or 'all'}") / "store"
 
 
-def get_store(model, tokenizer, workdir: Path, quick: bool, count: int = STORE_SPEECHES):
-    """The SOTU datastore in ``workdir/.../store``, built once (a killed build resumes)."""
+def get_store(
+    model,
+    tokenizer,
+    workdir: Path,
+    quick: bool,
+    count: int = STORE_SPEECHES,
+    index_factory: str | None = None,
+    train_size: int = TRAIN_SIZE,
+):
+    """The SOTU datastore in ``workdir/.../store``, built once (a killed build resumes) with
+    ``index_factory`` (default ``FULL_INDEX``, ``QUICK_INDEX`` with ``quick``)."""
     from hf_knnlm import Datastore
     from hf_knnlm.datastore import CONFIG_NAME
 
@@ -101,8 +110,8 @@ def get_store(model, tokenizer, workdir: Path, quick: bool, count: int = STORE_S
         max_length=MAX_LENGTH,
         stride=STRIDE,
         batch_size=BATCH_SIZE,
-        index_factory=QUICK_INDEX if quick else FULL_INDEX,
-        train_size=TRAIN_SIZE,
+        index_factory=index_factory or (QUICK_INDEX if quick else FULL_INDEX),
+        train_size=train_size,
     )
     store.nprobe = NPROBE
     return store
@@ -255,6 +264,15 @@ def add_run_args(parser) -> None:
     )
     parser.add_argument(
         "--test-chars", type=int, default=None, help="Test characters (default all; quick 8000)."
+    )
+    parser.add_argument(
+        "--index-factory",
+        default=None,
+        help=f"faiss index of a new store (default {FULL_INDEX}; quick {QUICK_INDEX}); "
+        "IVF1024,PQ64 suits a store of a few hundred thousand entries.",
+    )
+    parser.add_argument(
+        "--train-size", type=int, default=TRAIN_SIZE, help="Keys sampled to train a new store's index."
     )
     parser.add_argument("--output-json", type=Path, default=None)
 
