@@ -1,8 +1,9 @@
 """Memory beats size? SmolLM2-135M + an in-domain datastore vs larger models without one, in bits per byte.
 
 Corpus: State of the Union addresses (``../shared/data/sotu``). The datastore holds speeches
-before the held-out last 10% of the text (see ``bench/sotu.py``: by default the 60 speeches right
-before it, 1934-1991); the held-out speeches alternate dev (tuning lmbda / T / k) and test.
+before the held-out last 10% of the text (see ``bench/sotu.py``: by default all 203 of them,
+1790-1991; ``--store-speeches N`` keeps the last N); the held-out speeches alternate dev (tuning
+lmbda / T / k) and test.
 
 Every model scores the same test bytes: its own tokens of the text after one start token (its BOS,
 or its EOS where the tokenizer adds no BOS), sliding windows of 512 tokens with 448 new targets.

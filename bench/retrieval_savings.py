@@ -79,12 +79,29 @@ def online_check(store, test, best, threshold, n) -> dict:
         RetoMaton(store, threshold, best["k"], True), queries, prev, precomputed=direct
     )
     same = bool(torch.equal(online.ids, simulated.ids))
+    # IVF-PQ ties at the k-th candidate can differ between one-query and batched searches; what
+    # matters is whether the mixture sees the same neighbours and probabilities.
+    same_sets = [
+        set(a[a >= 0].tolist()) == set(b[b >= 0].tolist())
+        for a, b in zip(online.ids, simulated.ids, strict=True)
+    ]
+    lp_online = online.target_log_probs(targets, best["temperature"])
+    lp_simulated = simulated.target_log_probs(targets, best["temperature"])
+    lm = test["lm_log_probs"][:n]
     return {
         "threshold": threshold,
         "tokens": n,
         "plain_search_s": plain_s,
         "retomaton_s": reto_s,
         "same_neighbours_as_simulated": same,
+        "rows_with_same_neighbour_set": sum(same_sets) / n,
+        "max_abs_diff_log_pknn": torch.where(  # equal -inf counts as no difference
+            lp_online == lp_simulated, 0.0, (lp_online - lp_simulated).abs()
+        )
+        .max()
+        .item(),
+        "ppl_online": ppl(interpolate(lm, lp_online, best["lmbda"])),
+        "ppl_simulated": ppl(interpolate(lm, lp_simulated, best["lmbda"])),
         **automaton.stats(),
     }
 
