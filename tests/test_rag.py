@@ -216,3 +216,57 @@ def test_bad_settings_are_named(model, tokenizer, kwargs, match):
         evaluate_retrieval_perplexity(
             model, tokenizer, ["a b c d"], FixedRetriever([0]), **{**WINDOWS, **kwargs}
         )
+
+
+RAG_MODULES = ["chunking", "bm25", "dense", "logits_process", "flare", "qa"]
+
+
+@pytest.mark.parametrize("name", RAG_MODULES)
+def test_docstring_examples_run(name, monkeypatch):
+    """The Examples blocks run as written; "gpt2" is served from the shared GPT-2 tokenizer files."""
+    import doctest
+    import importlib
+
+    from transformers import AutoTokenizer
+
+    try:
+        from tests.conftest import SHARED_DATA
+        from tests.test_docstrings import FencedDocTestParser
+    except ImportError:  # tests/ on sys.path rather than importable as a package
+        from conftest import SHARED_DATA
+        from test_docstrings import FencedDocTestParser
+
+    local = SHARED_DATA / "gpt2-tokenizer"
+    if not local.is_dir():
+        pytest.skip(f"{local} is missing (the shared data folder holds the GPT-2 tokenizer)")
+    load = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(
+        AutoTokenizer,
+        "from_pretrained",
+        classmethod(lambda cls, name, *a, **kw: load(cls, local if name == "gpt2" else name, *a, **kw)),
+    )
+    module = importlib.import_module(f"hf_knnlm.rag.{name}")
+    finder = doctest.DocTestFinder(parser=FencedDocTestParser(), exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module, module.__name__) if t.examples]
+    assert tests, f"{module.__name__} has no docstring examples"
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) of {module.__name__} failed"
+
+
+def test_ralm_answers_equal_the_processor(model, tokenizer):
+    """answer_questions reads the top passage from a prefixed prompt; the processor gives the same answers."""
+    from hf_knnlm.rag import answer_questions
+    from hf_knnlm.rag.qa import PROMPT
+
+    questions = ["Who sees the bridge?", "What does the merchant cross?"]
+    answers = answer_questions(
+        model, tokenizer, questions, method="ralm", retriever=FixedRetriever([1]), show_progress=False
+    )
+    for question, answer in zip(questions, answers, strict=True):
+        prompt = tokenizer(PROMPT.format(question=question), return_tensors="pt")
+        ralm = InContextRALMProcessor(model, tokenizer, FixedRetriever([1]), retrieval_stride=None)
+        out = model.generate(**prompt, max_new_tokens=16, do_sample=False, logits_processor=[ralm])
+        text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == text.split("\n")[0].strip()

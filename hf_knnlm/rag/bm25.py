@@ -4,23 +4,24 @@
 term -> column vocabulary. We save exactly those: ``bm25.safetensors`` (``data``, ``indices``,
 ``indptr`` and, for BM25L/BM25+, ``nonoccurrence``), ``bm25_vocab.json``, the passages in
 ``documents.jsonl`` and ``bm25_config.json`` (parameters, sizes and the sha256 of every file, checked
-before anything is parsed). Nothing is pickled.
+before anything is parsed). Nothing is pickled. Saving, loading and pushing are
+:class:`~hf_knnlm.hub_mixin.HubMixin`'s, as for datastores and document indexes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..files import atomic_path, atomic_write_json, file_hashes, verify_files
-from ..hub import push_folder, resolve_folder
-from .documents import read_documents, rows_of, write_card, write_documents
+from ..files import atomic_path, atomic_write_json
+from ..hub_mixin import HubMixin, StoreConfig, render_card
+from .documents import read_documents, rows_of, write_documents
 from .retriever import check_collection, check_search_args
 
 CONFIG_NAME = "bm25_config.json"
@@ -40,7 +41,29 @@ def _bm25s():
     return bm25s
 
 
-class BM25Retriever:
+@dataclass(kw_only=True)
+class BM25Config(StoreConfig):
+    """The on-disk contract of a BM25 index (``bm25_config.json``)."""
+
+    CONFIG_NAME: ClassVar[str] = CONFIG_NAME
+    WHAT: ClassVar[str] = "BM25 index"
+    FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+
+    format: str = field(default=FORMAT, metadata={"help": "Identifies the file as a BM25 index."})
+    num_documents: int = field(metadata={"help": "Number of passages (lines of documents.jsonl)."})
+    vocab_size: int = field(metadata={"help": "Terms in bm25_vocab.json (columns of the score matrix)."})
+    params: dict[str, Any] = field(metadata={"help": "bm25s.BM25 arguments: k1, b, delta, method, dtypes."})
+    stopwords: str | None = field(default="en", metadata={"help": "Stop-word list used to index and query."})
+    include_title: bool = field(default=True, metadata={"help": "Whether titles were indexed with the text."})
+    bm25s_version: str = field(default="", metadata={"help": "bm25s version that built the index."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.format != FORMAT:
+            raise ValueError(f"{CONFIG_NAME} has format {self.format!r}, not {FORMAT!r}: not a BM25 index.")
+
+
+class BM25Retriever(HubMixin):
     r"""
     Sparse lexical retrieval (BM25, Robertson et al.) over passages, with the retriever contract
     ``search(queries, k) -> (scores, doc_ids)``.
@@ -66,6 +89,10 @@ class BM25Retriever:
     [[0, -1]]
     ```
     """
+
+    config_class = BM25Config
+    hub_patterns = (DOCUMENTS_NAME, SCORES_NAME, VOCAB_NAME)
+    default_commit_message = "Upload BM25 index"
 
     def __init__(
         self,
@@ -128,11 +155,8 @@ class BM25Retriever:
             positions[rows] = np.where(matched, found, -1)
         return scores, positions
 
-    # -- persistence ------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write the passages, the score matrix (safetensors), the vocabulary and the config."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
+    # -- persistence (HubMixin: save_pretrained / from_pretrained / push_to_hub) -------------------------
+    def _save_pretrained(self, folder: Path) -> tuple[BM25Config, list[str]]:
         write_documents(folder / DOCUMENTS_NAME, self.ids, self.titles, self.texts)
         arrays = {
             name: np.ascontiguousarray(self.bm25.scores[name]) for name in ("data", "indices", "indptr")
@@ -142,45 +166,24 @@ class BM25Retriever:
         with atomic_path(folder / SCORES_NAME) as tmp:
             save_file(arrays, str(tmp), metadata={"format": FORMAT})
         atomic_write_json(folder / VOCAB_NAME, self.bm25.vocab_dict)
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "num_documents": len(self),
-            "vocab_size": len(self.bm25.vocab_dict),
-            "params": {name: getattr(self.bm25, name) for name in _PARAMS},
-            "stopwords": self.stopwords,
-            "include_title": self.include_title,
-            "bm25s_version": getattr(_bm25s(), "__version__", "unknown"),
-            "files": file_hashes(folder, [DOCUMENTS_NAME, SCORES_NAME, VOCAB_NAME]),
-        }
-        atomic_write_json(folder / CONFIG_NAME, config)
-        write_card(folder, "bm25.md", num_documents=len(self), method=self.bm25.method)
+        config = BM25Config(
+            num_documents=len(self),
+            vocab_size=len(self.bm25.vocab_dict),
+            params={name: getattr(self.bm25, name) for name in _PARAMS},
+            stopwords=self.stopwords,
+            include_title=self.include_title,
+            bm25s_version=getattr(_bm25s(), "__version__", "unknown"),
+        )
+        return config, [DOCUMENTS_NAME, SCORES_NAME, VOCAB_NAME]
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_path: str | os.PathLike, **hub_kwargs: Any) -> BM25Retriever:
-        """Load from a folder or a Hub repository id (``revision``, ``cache_dir``, ``token``,
-        ``local_files_only``, ``force_download`` go to ``snapshot_download``); every file is sha256-checked
-        before it is read."""
-        folder = resolve_folder(
-            repo_id_or_path,
-            config_name=CONFIG_NAME,
-            allow_patterns=[CONFIG_NAME, DOCUMENTS_NAME, SCORES_NAME, VOCAB_NAME, "README.md"],
-            **hub_kwargs,
-        )
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        found = (config.get("format"), config.get("format_version"))
-        if found != (FORMAT, FORMAT_VERSION):
-            raise ValueError(
-                f"{folder / CONFIG_NAME} holds {found[0]!r} version {found[1]!r}; this hf_knnlm reads "
-                f"{FORMAT!r} version {FORMAT_VERSION}: upgrade hf_knnlm or rebuild the index."
-            )
-        verify_files(folder, config["files"], what="BM25 index")
+    def _from_pretrained(cls, folder: Path, config: BM25Config) -> BM25Retriever:
         ids, titles, texts = read_documents(folder / DOCUMENTS_NAME)
         arrays = load_file(str(folder / SCORES_NAME))
-        bm25 = _bm25s().BM25(**config["params"])
+        bm25 = _bm25s().BM25(**config.params)
         bm25.vocab_dict = json.loads((folder / VOCAB_NAME).read_text(encoding="utf-8"))
         bm25.unique_token_ids_set = set(bm25.vocab_dict.values())
-        n = config["num_documents"]
+        n = config.num_documents
         bm25.scores = {name: arrays[name] for name in ("data", "indices", "indptr")} | {"num_docs": n}
         bm25.nonoccurrence_array = arrays.get("nonoccurrence")
         columns = len(arrays["indptr"]) - 1  # bm25s keeps a placeholder term "" without a column
@@ -189,15 +192,16 @@ class BM25Retriever:
                 f"BM25 index at {folder} is inconsistent: {len(texts)} passages (config: {n}), "
                 f"{columns} score columns for {len(bm25.vocab_dict)} terms. Rebuild it."
             )
-        return cls(
-            ids, titles, texts, bm25, stopwords=config["stopwords"], include_title=config["include_title"]
+        return cls(ids, titles, texts, bm25, stopwords=config.stopwords, include_title=config.include_title)
+
+    @classmethod
+    def _model_card(cls, config: BM25Config, repo_id: str | None = None):
+        from huggingface_hub import ModelCardData
+
+        card_data = ModelCardData(library_name="hf_knnlm", tags=["hf_knnlm", "bm25", "retrieval"])
+        return render_card(
+            "bm25.md", card_data, config, repo_id=repo_id or "<this repo id or a local folder>"
         )
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Save into a temporary folder and upload it as one commit (``revision``, ``private``,
-        ``commit_message``, ``token``, ``create_pr``); a README.md the repository has is kept."""
-        kwargs.setdefault("commit_message", "Upload BM25 index")
-        return push_folder(self.save_pretrained, repo_id, **kwargs)
 
-
-__all__ = ["BM25Retriever"]
+__all__ = ["BM25Config", "BM25Retriever"]

@@ -94,7 +94,7 @@ def chunk_documents(
     >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
     >>> passages = chunk_documents(["one two three four five six seven"], tokenizer,
     ...                            chunk_tokens=4, overlap=1)
-    >>> passages["text"]
+    >>> list(passages["text"])
     ['one two three four', ' four five six seven']
     ```
     """

@@ -56,14 +56,14 @@ class DenseRetriever:
     ```python
     >>> from transformers import AutoTokenizer, BertConfig, BertModel
     >>> from hf_knnlm.rag import DenseRetriever
-    >>> tokenizer = AutoTokenizer.from_pretrained("bert-base-uncased")
-    >>> encoder = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-    ...                                intermediate_size=64))
-    >>> embed = lambda **batch: encoder(**batch).last_hidden_state[:, 0]
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
+    >>> encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...                                num_attention_heads=2, intermediate_size=64))
+    >>> embed = lambda **batch: encoder(**batch).last_hidden_state.mean(dim=1)  # any text -> vector map
     >>> dense = DenseRetriever.build([{"text": "The cat sat."}, {"text": "A dog ran."}], embed, tokenizer)
-    >>> scores, doc_ids = dense.search(["The cat sat."], k=1)
-    >>> doc_ids.tolist()
-    [[0]]
+    >>> scores, doc_ids = dense.search(["Where is the cat?", "A dog"], k=2)
+    >>> doc_ids.shape, sorted(doc_ids[0].tolist())
+    ((2, 2), [0, 1])
     ```
     """
 
@@ -160,7 +160,15 @@ class DenseRetriever:
         cls, repo_id_or_path: str | os.PathLike, query_encoder: Any, tokenizer: Any, **kwargs: Any
     ) -> DenseRetriever:
         """A saved :class:`DocumentIndex` (folder or Hub id, sha256-checked) with its query encoder."""
-        hub_keys = ("revision", "cache_dir", "local_files_only", "token", "force_download")
+        hub_keys = (
+            "subfolder",
+            "revision",
+            "cache_dir",
+            "local_files_only",
+            "token",
+            "force_download",
+            "verify",
+        )
         hub = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         return cls(DocumentIndex.from_pretrained(repo_id_or_path, **hub), query_encoder, tokenizer, **kwargs)
 

@@ -1,26 +1,21 @@
-"""Passages on disk (``documents.jsonl``: one ``{"id", "title", "text"}`` object per line) and the model
-cards of the retrieval stores."""
+"""Passages on disk: ``documents.jsonl``, one ``{"id", "title", "text"}`` object per line."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from string import Template
 from typing import Any
 
 from ..files import atomic_write_bytes
-from ..open_qa.document_index import _documents_from
-
-_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
+from ..open_qa.document_index import documents_from_rows
 
 
 def rows_of(documents: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str], list[str]]:
     """ids, titles, texts of rows with ``text`` (and optionally ``title``, ``id``); the same reading
     as :meth:`DocumentIndex.build <hf_knnlm.DocumentIndex.build>`, so both retrievers number passages
     alike."""
-    return _documents_from(documents)
+    return documents_from_rows(documents)
 
 
 def write_documents(path: str | os.PathLike, ids: list[str], titles: list[str], texts: list[str]) -> None:
@@ -35,11 +30,3 @@ def read_documents(path: str | os.PathLike) -> tuple[list[str], list[str], list[
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [r["id"] for r in rows], [r["title"] for r in rows], [r["text"] for r in rows]
-
-
-def write_card(folder: Path, template: str, **fields: Any) -> None:
-    """A README.md model card from ``model_cards/<template>``, unless the folder has one already."""
-    card = _CARDS / template
-    if card.is_file() and not (folder / "README.md").exists():
-        text = Template(card.read_text(encoding="utf-8")).safe_substitute(**fields)
-        atomic_write_bytes(folder / "README.md", text.encode("utf-8"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .prefix import DocumentTokens, max_positions, pad_token_id
+from .prefix import DocumentTokens, max_positions, pad_token_id, tokens_containing
 from .retriever import Retriever
 
 SENTENCE_ENDS = (".", "!", "?", "\n")
@@ -53,8 +53,8 @@ def _sentence(model, tokenizer, context: list[int], max_tokens: int, stop_string
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_tokens,
-        stop_strings=list(stop_strings),
-        tokenizer=tokenizer,
+        eos_token_id=[t for t in [tokenizer.eos_token_id] if t is not None]
+        + tokens_containing(tokenizer, tuple(stop_strings)),
         output_scores=True,
         return_dict_in_generate=True,
         pad_token_id=pad_token_id(tokenizer),
@@ -94,7 +94,7 @@ def flare_generate(
             (defaults to ``threshold``); if nothing is left, the whole sentence is the query.
         num_documents: passages prepended (best last, next to the context).
         max_new_tokens, max_sentence_tokens: total and per-sentence budgets.
-        stop_strings: a sentence ends after a token containing one of these.
+        stop_strings: a sentence ends with a token containing one of these (or the end-of-text token).
         generate_kwargs: passed to ``model.generate`` for every sentence (greedy by default).
 
     Examples:

@@ -75,6 +75,22 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
+_STOP_TOKENS: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+
+
+def tokens_containing(tokenizer, strings: tuple[str, ...]) -> list[int]:
+    """Ids of every token whose text contains one of ``strings`` (cached per tokenizer).
+
+    Passed to ``generate(eos_token_id=...)`` they end a sequence at a line or sentence break at the
+    cost of a set lookup per step; ``stop_strings`` re-scans the vocabulary on every ``generate`` call.
+    """
+    key = (id(tokenizer), tuple(strings))
+    if key not in _STOP_TOKENS:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _STOP_TOKENS[key] = [i for i, text in enumerate(texts) if any(s in text for s in strings)]
+    return _STOP_TOKENS[key]
+
+
 def max_positions(model: torch.nn.Module) -> int:
     """The longest input the model takes (its position table), 2048 if the config does not say."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -117,6 +133,7 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
 
 
 __all__ = [
+    "tokens_containing",
     "max_positions",
     "cache_kwargs",
     "cache_of",

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, LogitsProcessorList
 
-from .logits_process import InContextRALMProcessor, REPLUGProcessor
-from .prefix import pad_token_id
+from .logits_process import REPLUGProcessor
+from .prefix import DocumentTokens, pad_token_id, tokens_containing
 from .retriever import Retriever
 
 PROMPT = "Answer the question with a few words.\nQuestion: {question}\nAnswer:"
@@ -23,14 +23,21 @@ METHODS = ("closed_book", "ralm", "replug")
 
 
 def _processor(method, model, tokenizer, retriever, questions, k, temperature, max_document_tokens):
-    if method == "closed_book":
+    """REPLUG needs the processor (k copies per question); closed-book and In-Context RALM (one passage,
+    retrieved once) are plain generation, the latter from passage-prefixed prompts (see :func:`_prefixes`)."""
+    if method != "replug":
         return []
-    if retriever is None:
-        raise ValueError(f"method={method!r} reads passages: pass a retriever (or method='closed_book').")
     common = dict(retrieval_stride=None, queries=questions, max_document_tokens=max_document_tokens)
-    if method == "ralm":
-        return [InContextRALMProcessor(model, tokenizer, retriever, **common)]
     return [REPLUGProcessor(model, tokenizer, retriever, k=k, temperature=temperature, **common)]
+
+
+def _prefixes(method, retriever, questions, doc_tokens) -> list[list[int]]:
+    """The top passage's tokens before each prompt (In-Context RALM retrieving once: the same input the
+    processor would build, without running the model twice per step)."""
+    if method != "ralm":
+        return [[] for _ in questions]
+    _, doc_ids = retriever.search(questions, 1)
+    return [doc_tokens(int(doc)) for doc in doc_ids[:, 0]]
 
 
 @torch.no_grad()
@@ -75,13 +82,17 @@ def answer_questions(
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
     if "{question}" not in prompt:
         raise ValueError(f"prompt={prompt!r} has no '{{question}}' placeholder.")
+    if method != "closed_book" and retriever is None:
+        raise ValueError(f"method={method!r} reads passages: pass a retriever (or method='closed_book').")
+    doc_tokens = DocumentTokens(tokenizer, retriever, max_document_tokens) if retriever is not None else None
     pad = pad_token_id(tokenizer)
+    stop = [t for t in [tokenizer.eos_token_id] if t is not None] + tokens_containing(tokenizer, ("\n",))
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in tqdm(range(0, len(questions), batch_size), desc=method, disable=not show_progress):
         batch = list(questions[start : start + batch_size])
         texts = [prompt.format(question=q) for q in batch]
-        encoded = _encode(tokenizer, texts, pad).to(device)
+        encoded = _encode(tokenizer, texts, pad, _prefixes(method, retriever, batch, doc_tokens)).to(device)
         processors = _processor(
             method, model, tokenizer, retriever, batch, k, temperature, max_document_tokens
         )
@@ -90,8 +101,7 @@ def answer_questions(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             logits_processor=LogitsProcessorList(processors),
-            stop_strings=["\n"],
-            tokenizer=tokenizer,
+            eos_token_id=stop,
             pad_token_id=pad,
         )
         for row in output[:, encoded["input_ids"].shape[1] :]:
@@ -99,9 +109,9 @@ def answer_questions(
     return answers
 
 
-def _encode(tokenizer, texts: list[str], pad: int) -> BatchEncoding:
-    """Left-padded prompts (with ``pad`` where the tokenizer has no pad token, as GPT-2's)."""
-    rows = tokenizer(texts)["input_ids"]
+def _encode(tokenizer, texts: list[str], pad: int, prefixes: list[list[int]]) -> BatchEncoding:
+    """Left-padded ``prefix + prompt`` rows (``pad`` also where the tokenizer has no pad token, as GPT-2)."""
+    rows = [prefix + row for prefix, row in zip(prefixes, tokenizer(texts)["input_ids"], strict=True)]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
