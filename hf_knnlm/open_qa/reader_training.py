@@ -154,10 +154,9 @@ def train_reader(
     standard ``AutoModelForQuestionAnswering`` checkpoint and its tokenizer to ``output_dir``.
 
     Returns the ``Trainer`` (``state.log_history`` has the losses; ``logging_steps`` below 1 is a ratio of the
-    total steps, as in ``TrainingArguments``). ``callbacks`` are added to the
-    ``Trainer``, after the one that writes ``<output_dir>-epoch-N`` when ``save_every_epoch`` (so an
-    ``on_epoch_end`` callback can evaluate that folder). Extra keyword arguments go to ``TrainingArguments``
-    (e.g. ``bf16=True``, ``use_cpu=True``).
+    total steps, as in ``TrainingArguments``). ``callbacks`` are added to the ``Trainer`` after the one that
+    writes ``<output_dir>-epoch-N`` when ``save_every_epoch``, so an ``on_epoch_end`` callback can evaluate
+    that folder. Extra keyword arguments go to ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
 
     Example:
 
