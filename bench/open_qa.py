@@ -109,6 +109,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-reader-length", type=int, default=384)
     parser.add_argument("--max-span-width", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/hf_knnlm_bench/open_qa"))
     args = parser.parse_args()
@@ -212,19 +213,23 @@ class Clock:
 def build_model(retriever, reader, args) -> RealmForOpenQA:
     # Mean pooling, no projection, unit vectors: exactly the published sentence embedding, so "zero-shot" is
     # the checkpoint as released.
-    return RealmForOpenQA.from_retriever_and_reader(
-        retriever,
-        reader,
-        retriever_pooling="mean",
-        retriever_proj_size=None,
-        retriever_normalize=True,
-        retriever_score_scale=args.score_scale,
-        top_k=args.top_k,
-        max_reader_length=args.max_reader_length,
-        max_span_width=args.max_span_width,
-        max_doc_embed_length=256,
-        max_question_length=64,
-    ).eval()
+    return (
+        RealmForOpenQA.from_retriever_and_reader(
+            retriever,
+            reader,
+            retriever_pooling="mean",
+            retriever_proj_size=None,
+            retriever_normalize=True,
+            retriever_score_scale=args.score_scale,
+            top_k=args.top_k,
+            max_reader_length=args.max_reader_length,
+            max_span_width=args.max_span_width,
+            max_doc_embed_length=256,
+            max_question_length=64,
+        )
+        .to(args.device)
+        .eval()
+    )
 
 
 class EpochGoldEval(TrainerCallback):
@@ -309,7 +314,7 @@ def warm_start_reader(args, clock, path, documents, eval_set) -> Path:
             bf16=args.reader_bf16,
             disable_tqdm=True,
             logging_steps=0.02,  # a ratio of the total steps: 50 losses whatever the size
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
         )
         clock.saved["scores"]["reader_losses"] = [
             round(e["loss"], 3) for e in trainer.state.log_history if "loss" in e
@@ -360,7 +365,7 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
 
     realm_dir = args.output_dir / f"realm-{name}"
     if (realm_dir / "config.json").is_file():
-        model = RealmForOpenQA.from_pretrained(realm_dir).eval()
+        model = RealmForOpenQA.from_pretrained(realm_dir).to(args.device).eval()
     else:
         train = subset(train_all, args.realm_questions, args.seed)
         steps = max(1, len(train) // args.batch_size)
@@ -382,7 +387,7 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
             seed=args.seed,
             logging_steps=max(1, steps // 10),
             disable_tqdm=True,
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
         )
         losses = [round(e["loss"], 3) for e in trainer.state.log_history if "loss" in e]
         clock.saved["scores"][f"{name}/realm_losses"] = losses
@@ -396,6 +401,7 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = squad_path(args.data)
@@ -409,8 +415,9 @@ def main() -> None:
         run_retriever(name, args, clock, reader, documents, train_all, eval_set, results)
     summary = {
         "mode": mode,
-        "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}, no GPU; "
-        f"{platform.processor() or platform.machine()}",
+        "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        + f"; {platform.processor() or platform.machine()}",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "sizes": {"documents": len(documents), "train_pool": len(train_all), "eval_questions": len(eval_set)},
         "reader": str(reader),
