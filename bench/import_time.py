@@ -11,12 +11,10 @@ and their ratio come from one run under the same machine load.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from _trees import add_tree_args, run_probe, trees
 
 HEAVY = ("torch", "transformers", "faiss", "datasets", "accelerate", "matplotlib", "pandas")
 _PROBE = """
@@ -30,11 +28,7 @@ print(json.dumps({{"seconds": seconds, "loaded": [m for m in {heavy!r} if m in s
 
 
 def one_import(tree: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    code = _PROBE.format(root=str(tree.resolve()), heavy=HEAVY)
-    run = [sys.executable, "-c", code]
-    out = subprocess.run(run, env=env, cwd=tree, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(tree, _PROBE.format(root=str(tree.resolve()), heavy=HEAVY))
 
 
 def main() -> None:
@@ -42,22 +36,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument(
-        "--tree", type=Path, default=Path(__file__).resolve().parents[1], help="this checkout"
-    )
-    parser.add_argument("--compare", type=Path, default=None, help="another source tree to time alongside")
+    add_tree_args(parser)
     args = parser.parse_args()
-    trees = {"this tree": args.tree}
-    if args.compare is not None:
-        trees["compared tree"] = args.compare
-    results: dict[str, list[dict]] = {name: [] for name in trees}
+    measured = trees(args)
+    results: dict[str, list[dict]] = {name: [] for name in measured}
     for _ in range(args.runs):
-        for name, tree in trees.items():  # interleaved: both see the same machine load
+        for name, tree in measured.items():  # interleaved: both see the same machine load
             results[name].append(one_import(tree))
     medians = {}
     for name, runs in results.items():
         medians[name] = statistics.median(r["seconds"] for r in runs)
-        print(f"{name:14s} {trees[name]}")
+        print(f"{name:14s} {measured[name]}")
         print(
             f"  import hf_knnlm: median {medians[name]:.3f} s over {len(runs)} runs "
             f"(min {min(r['seconds'] for r in runs):.3f}, max {max(r['seconds'] for r in runs):.3f})"

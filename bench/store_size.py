@@ -13,12 +13,10 @@ exported from an older commit) both rows and their ratios come from one run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _trees import add_tree_args, run_probe, trees
 
 _PROBE = r"""
 import json, re, sys, time
@@ -55,11 +53,8 @@ print(json.dumps({"files": sizes, "open_seconds": seconds, "open_anon_bytes": gr
 
 
 def probe(tree: Path, entries: int, dim: int, workdir: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
     folder = workdir / f"store-{len(list(workdir.iterdir()))}"
-    run = [sys.executable, "-c", _PROBE, str(entries), str(dim), str(folder)]
-    out = subprocess.run(run, env=env, cwd=tree, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(tree, _PROBE, str(entries), str(dim), str(folder))
 
 
 def main() -> None:
@@ -68,22 +63,19 @@ def main() -> None:
     )
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=576, help="key width (576: SmolLM2-135M)")
-    parser.add_argument(
-        "--tree", type=Path, default=Path(__file__).resolve().parents[1], help="this checkout"
-    )
-    parser.add_argument("--compare", type=Path, default=None, help="another source tree, measured alongside")
+    add_tree_args(parser)
     args = parser.parse_args()
-    trees = {"this tree": args.tree} | ({"compared tree": args.compare} if args.compare else {})
+    measured = trees(args)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, tree in trees.items():
+        for name, tree in measured.items():
             results[name] = probe(tree, args.entries, args.dim, Path(tmp))
     keys_bytes = args.entries * args.dim * 2
     print(f"{args.entries} entries, keys of width {args.dim}: {keys_bytes / 1e6:.1f} MB of fp16 keys")
     for name, r in results.items():
         total = sum(r["files"].values())
         files = ", ".join(f"{f} {b / 1e6:.1f} MB" for f, b in sorted(r["files"].items()) if b > 1e5)
-        print(f"{name:14s} {trees[name]}")
+        print(f"{name:14s} {measured[name]}")
         print(f"  on disk: {total / 1e6:.1f} MB ({total / keys_bytes:.2f}x the keys): {files}")
         print(
             f"  open: {r['open_seconds']:.2f} s, +{r['open_anon_bytes'] / 1e6:.1f} MB anonymous memory; "

@@ -18,7 +18,13 @@ def lazy_exports(
     """``__getattr__`` and ``__dir__`` for ``package``; ``structure`` maps relative modules to the
     names they export, as transformers' ``_import_structure`` does.
 
-    Example: ``__getattr__, __dir__ = lazy_exports(__name__, {".datastore": ["Datastore"]})``.
+    Examples:
+
+    ```python
+    >>> __getattr__, __dir__ = lazy_exports("hf_knnlm", {".datastore": ["Datastore"]})
+    >>> __getattr__("Datastore").__name__  # imported now, on first use
+    'Datastore'
+    ```
     """
     exports = {name: module for module, names in structure.items() for name in names}
 

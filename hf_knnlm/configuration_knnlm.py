@@ -51,11 +51,11 @@ class KNNLMConfig(PreTrainedConfig):
 AutoConfig.register("knnlm", KNNLMConfig, exist_ok=True)
 
 
-def _settings_of(config: KNNLMConfig) -> KNNSettings:
+def settings_of(config: KNNLMConfig) -> KNNSettings:
     return KNNSettings(config.k, config.lmbda, config.temperature, config.recompute_dists)
 
 
-class _SettingsView:
+class SettingsView:
     """A wrapper's :class:`KNNSettings` kept in its config, so that the two never disagree."""
 
     def __init__(self, config: KNNLMConfig) -> None:
@@ -73,12 +73,12 @@ class _SettingsView:
         setattr(self._config, name, value)
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, _SettingsView):
-            other = _settings_of(other._config)
-        return _settings_of(self._config) == other
+        if isinstance(other, SettingsView):
+            other = settings_of(other._config)
+        return settings_of(self._config) == other
 
     def __repr__(self) -> str:
-        return repr(_settings_of(self._config))
+        return repr(settings_of(self._config))
 
 
-__all__ = ["KNNLMConfig"]
+__all__ = ["KNNLMConfig", "SettingsView", "settings_of"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_knnlm import KNNLMConfig, _settings_of, _SettingsView
+from .configuration_knnlm import KNNLMConfig, SettingsView, settings_of
 from .datastore.datastore import Datastore
 from .gate import GateSteps, load_gate
 from .hooks import FFNInputCapture
@@ -114,10 +114,23 @@ class KNNLMForCausalLM(PreTrainedModel):
     Examples:
 
     ```python
-    >>> from hf_knnlm import KNNLMForCausalLM
-    >>> model = KNNLMForCausalLM.from_pretrained("gpt2", datastore="org/wikitext103-gpt2-knn", lmbda=0.25)
-    >>> out = model(**tokenizer("Hello world", return_tensors="pt"), labels=ids)
-    >>> out.loss, out.logits.shape
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, KNNLMForCausalLM
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(base, tokenizer, ["The cat sat on the mat."], "store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model = KNNLMForCausalLM.from_pretrained(base, datastore=store, k=4, lmbda=0.25)
+    >>> inputs = tokenizer("The cat sat", return_tensors="pt")
+    >>> out = model(**inputs, labels=inputs["input_ids"])
+    >>> out.logits.shape  # log-probabilities of the mixture, one row per position
+    torch.Size([1, 3, 50257])
+    >>> model.save_pretrained("knnlm", save_datastore=True)  # config.json + datastore/, no base weights
+    >>> sorted(p.name for p in Path("knnlm").iterdir())
+    ['config.json', 'datastore']
+
+    A saved wrapper, or a base model with a datastore, also loads by Hub id:
+    ``KNNLMForCausalLM.from_pretrained("gpt2", datastore="org/wikitext-gpt2-knn", lmbda=0.25)``.
     ```
     """
 
@@ -126,7 +139,7 @@ class KNNLMForCausalLM(PreTrainedModel):
     _supports_cache_class = True
 
     def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore, tokenizer=None):
-        _settings_of(config)  # refuse bad settings before anything else
+        settings_of(config)  # refuse bad settings before anything else
         super().__init__(config)
         self.model = model
         self.datastore = datastore
@@ -134,10 +147,10 @@ class KNNLMForCausalLM(PreTrainedModel):
         self.post_init()
 
     @property
-    def settings(self) -> _SettingsView:
+    def settings(self) -> SettingsView:
         """k, lmbda, temperature and recompute_dists, read from and written to ``config`` (validated):
         a change through either is honoured by the next ``forward`` or ``generate``."""
-        return _SettingsView(self.config)
+        return SettingsView(self.config)
 
     @settings.setter
     def settings(self, value: KNNSettings) -> None:
@@ -146,7 +159,7 @@ class KNNLMForCausalLM(PreTrainedModel):
 
     def _current_settings(self) -> KNNSettings:
         """The settings as of this call, validated, with k clamped to the store size."""
-        settings = _settings_of(self.config)
+        settings = settings_of(self.config)
         settings.k = self.datastore.clamp_k(settings.k)
         return settings
 

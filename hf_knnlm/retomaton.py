@@ -46,10 +46,20 @@ class RetoMaton:
     Examples:
 
     ```python
-    >>> automaton = RetoMaton(store, threshold=8, k=1024)
-    >>> nb = automaton.neighbours(queries)                       # first step: searches
-    >>> nb = automaton.neighbours(queries2, prev_tokens=chosen)  # follows pointers where it can
-    >>> automaton.searches_saved
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore
+    >>> from hf_knnlm.retomaton import RetoMaton
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> automaton = RetoMaton(store, threshold=1, k=4)
+    >>> queries = torch.from_numpy(store.keys[[0, 1]]).float()  # the FFN inputs at two corpus positions
+    >>> nb = automaton.neighbours(queries[:1])  # first step: a search
+    >>> nb = automaton.neighbours(queries[1:], prev_tokens=[int(store.values[0])])  # follows a pointer
+    >>> automaton.stats()
+    {'steps': 2, 'searches': 1, 'searches_saved': 0.5}
     ```
     """
 

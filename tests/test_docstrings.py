@@ -1,16 +1,31 @@
-"""Every example in a docstring runs, offline, on tiny models or local folders (doctest)."""
+"""Every example in a docstring runs, offline, on tiny in-process models (doctest).
+
+Examples load the GPT-2 tokenizer by its Hub id, as users write it; here it is served offline from a
+Hub cache filled with the GPT-2 tokenizer files in ``../shared/data/gpt2-tokenizer`` (the same files).
+"""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 import re
+import shutil
+from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
+from transformers import GPT2Config
 
-# Modules whose docstrings hold ``>>>`` examples.
-MODULES = ["hf_knnlm.hub_mixin"]
+import hf_knnlm
 
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.conftest import SHARED_DATA
+except ImportError:
+    from conftest import SHARED_DATA
+
+GPT2_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+MODULES = sorted(m.name for m in pkgutil.walk_packages(hf_knnlm.__path__, "hf_knnlm."))
 _FENCE = re.compile(r"^\s*```\w*\s*$", re.MULTILINE)
 
 
@@ -21,14 +36,40 @@ class FencedDocTestParser(doctest.DocTestParser):
         return super().parse(_FENCE.sub("", string), name)
 
 
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples_run(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # examples that write relative paths write here
-    module = importlib.import_module(name)
+def _examples(name: str) -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder(parser=FencedDocTestParser(), exclude_empty=True)
+    return [t for t in finder.find(importlib.import_module(name), name) if t.examples]
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory) -> Path:
+    """A Hub cache holding ``gpt2``'s tokenizer files, as ``snapshot_download`` would have left it."""
+    source = SHARED_DATA / "gpt2-tokenizer"
+    if not source.is_dir():
+        pytest.skip(f"{source} is missing (the GPT-2 tokenizer the examples load)")
+    cache = tmp_path_factory.mktemp("hf-cache")
+    revision = "0" * 40
+    snapshot = cache / "models--gpt2" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name in GPT2_FILES:
+        shutil.copyfile(source / name, snapshot / name)
+    GPT2Config().to_json_file(snapshot / "config.json")  # AutoTokenizer reads the model type from it
+    (cache / "models--gpt2" / "refs").mkdir()
+    (cache / "models--gpt2" / "refs" / "main").write_text(revision)
+    return cache
+
+
+def test_every_module_with_examples_is_collected():
+    with_examples = {name for name in MODULES if _examples(name)}
+    assert {"hf_knnlm.hub_mixin", "hf_knnlm.logits_process", "hf_knnlm.datastore.datastore"} <= with_examples
+
+
+@pytest.mark.parametrize("name", [name for name in MODULES if _examples(name)])
+def test_docstring_examples_run(name, hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write relative paths write here
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # nothing may be downloaded
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    tests = [t for t in finder.find(module, name) if t.examples]
-    assert tests, f"{name} has no docstring examples"
-    for test in tests:
+    for test in _examples(name):
         runner.run(test)
     assert runner.failures == 0, f"{runner.failures} docstring example(s) of {name} failed (output above)"

@@ -194,7 +194,7 @@ class _CountingIndex:
 
 def test_one_search_per_forward_pass(store, model, tokenizer, other_text):
     spy = _CountingIndex(store.index)
-    store._gpu_index = spy  # search_index returns it
+    store._searcher._gpu = spy  # search_index returns it (as it would a GPU clone)
     wrapped = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8)
     ids = tokenizer([other_text[:200], other_text[200:400]], return_tensors="pt", padding=True)
     wrapped(**ids)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import datasets
 
 
-def _articles(text: str | None) -> slice | None:
+def parse_articles(text: str | None) -> slice | None:
     if not text:
         return None
     try:
@@ -29,7 +29,7 @@ def _articles(text: str | None) -> slice | None:
         raise ValueError(f"--articles must look like START:STOP (e.g. 0:38 or 38:), got {text!r}.") from None
 
 
-def _read_jsonl(path: Path) -> datasets.Dataset:
+def read_jsonl(path: Path) -> datasets.Dataset:
     import datasets
 
     with open(path, encoding="utf-8") as f:
@@ -41,7 +41,7 @@ def load_documents(path: str) -> datasets.Dataset:
     from ..open_qa import load_squad_open
 
     path = Path(path)
-    return load_squad_open(path)[0] if path.suffix == ".json" else _read_jsonl(path)
+    return load_squad_open(path)[0] if path.suffix == ".json" else read_jsonl(path)
 
 
 def load_questions(path: str, articles: str | None = None) -> datasets.Dataset:
@@ -49,15 +49,15 @@ def load_questions(path: str, articles: str | None = None) -> datasets.Dataset:
 
     path = Path(path)
     if path.suffix == ".json":
-        return load_squad_open(path, articles=_articles(articles))[1]
+        return load_squad_open(path, articles=parse_articles(articles))[1]
     if articles:
         raise ValueError(
             "--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself."
         )
-    return _read_jsonl(path)
+    return read_jsonl(path)
 
 
-def _subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+def random_subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
     if limit and limit < len(dataset):
         return dataset.shuffle(seed=seed).select(range(limit))
     return dataset
@@ -107,7 +107,7 @@ def qa_train(args: argparse.Namespace) -> int:
         index = DocumentIndex.build(load_documents(args.documents), model, tokenizer)
         index.save_pretrained(output / "index")
     index_seconds = time.perf_counter() - started
-    train = _subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
+    train = random_subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_realm(
         model,
@@ -159,7 +159,7 @@ def qa_eval(args: argparse.Namespace) -> int:
     model = RealmForOpenQA.from_pretrained(args.model).eval()
     tokenizer = RealmTokenizerPair.from_pretrained(args.tokenizer or args.model)
     index = DocumentIndex.from_pretrained(args.index)
-    data = _subset(load_questions(args.data, args.articles), args.max_questions, args.seed)
+    data = random_subset(load_questions(args.data, args.articles), args.max_questions, args.seed)
     # datasets 4 returns lazy Column objects; the evaluation wants plain lists.
     questions, answers = list(data["question"]), list(data["answers"])
     results: dict[str, Any] = {"questions": len(data)}
@@ -257,4 +257,4 @@ def register(subparsers: Any) -> None:
     evaluate.set_defaults(func=qa_eval)
 
 
-__all__ = ["qa_eval", "qa_train", "register"]
+__all__ = ["parse_articles", "qa_eval", "qa_train", "random_subset", "read_jsonl", "register"]

@@ -15,19 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_json
-from .qa import _articles, _read_jsonl, _subset, steps_or_ratio
+from .qa import parse_articles, random_subset, read_jsonl, steps_or_ratio
 
 
 def load_reader_rows(path: str, articles: str | None = None):
     from ..open_qa import load_squad
 
     if Path(path).suffix == ".json":
-        return load_squad(path, articles=_articles(articles))
+        return load_squad(path, articles=parse_articles(articles))
     if articles:
         raise ValueError(
             "--articles only applies to SQuAD JSON files; select rows of a .jsonl file yourself."
         )
-    return _read_jsonl(Path(path))
+    return read_jsonl(Path(path))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..open_qa import train_reader
 
     set_seed(args.seed)
-    rows = _subset(load_reader_rows(args.train, args.articles), args.max_questions, args.seed)
+    rows = random_subset(load_reader_rows(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_reader(
         args.model,

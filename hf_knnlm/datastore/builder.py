@@ -35,7 +35,7 @@ from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
-from .extras import EXTRA_FILES
+from .extras import EXTRA_FILES, copy_extra_files
 from .index import INDEX_NAME, build_index, check_index_factory, is_exact, new_index, write_index
 from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
@@ -43,6 +43,8 @@ from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 if TYPE_CHECKING:
     import faiss
+
+    from .datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
@@ -346,3 +348,33 @@ def _rank_progresses(partial: Path, fingerprint: str, num_windows: int, state) -
         )
         for rank in range(state.num_processes)
     ]
+
+
+def rebuild_store(
+    store: Datastore, index_factory: str, output_dir: str | os.PathLike, *, train_size: int, overwrite: bool
+) -> Path:
+    """Write ``store``'s keys and values under a new faiss index into ``output_dir`` (no model run);
+    see :meth:`hf_knnlm.Datastore.rebuild_index`."""
+    out = Path(output_dir)
+    if out.exists() and out.resolve() == store.folder.resolve():
+        raise ValueError(
+            f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
+        )
+    if (out / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
+        )
+    # Refuse what cannot succeed before anything is written; the old store in ``out`` stays until
+    # the new one is complete (the store's _writable_folder swaps it in).
+    check_index_factory(index_factory, store.key_dim, len(store), train_size)
+    config = DatastoreConfig.from_dict(store.config.to_dict())
+    config.index_factory, config.evaluation = index_factory, None
+    bounds = [(s["start"], s["end"]) for s in config.shards]
+    with store._writable_folder(out) as folder:
+        keys, values = store.keys.iter_rows(_INDEX_ADD_ROWS), store.values.iter_rows(1 << 20)
+        files = write_store(
+            folder, config, keys, values, bounds, train_size=train_size, key_dim=store.key_dim
+        )
+        extra = copy_extra_files(store.folder, folder, config)
+        finish_folder(folder, config, [*files, *extra], datastore_card)
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,28 +14,25 @@ import torch
 from ..checks import check_positive_int
 from ..corpus import CorpusLike
 from ..faiss_support import import_faiss
-from ..hub_mixin import HubMixin, finish_folder
+from ..hub_mixin import HubMixin
 from ..knn import check_k
 from ..neighbours import Neighbours
-from .builder import DATA_PATTERNS, build_datastore, write_store
+from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
 from .card import datastore_card
 from .compat import check_compatible
-from .config import CONFIG_NAME, DatastoreConfig
+from .config import DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import (
     DEFAULT_NPROBE,
     GPU_MAX_K,
     INDEX_NAME,
-    check_index_factory,
     configure_threads,
     exact_index,
-    index_to_gpus,
     is_exact,
     read_index,
-    search_parameters,
-    set_nprobe,
 )
 from .provenance import Provenance
+from .search_index import SearchIndex
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
@@ -60,12 +56,20 @@ class Datastore(HubMixin):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
     >>> from hf_knnlm import Datastore
-    >>> model = AutoModelForCausalLM.from_pretrained("gpt2")
     >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> ds = Datastore.build(model, tokenizer, ["Some text to remember."], "my-datastore")
-    >>> distances, token_ids = ds.search(torch.randn(2, ds.hidden_size), k=4)
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-datastore",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> len(store), store.hidden_size  # one entry per token after the first
+    (6, 32)
+    >>> distances, token_ids = store.search(torch.randn(2, store.hidden_size), k=4)
+    >>> distances.shape, token_ids.dtype
+    (torch.Size([2, 4]), torch.int64)
+    >>> Datastore.from_pretrained("my-datastore").config.num_entries  # a folder or a Hub repo id
+    6
     ```
     """
 
@@ -87,7 +91,6 @@ class Datastore(HubMixin):
     ):
         import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
         self.folder = Path(folder)
-        self.gpu = gpu
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
         self.config = config
         layout = shard_layout(self.folder, config)
@@ -95,9 +98,9 @@ class Datastore(HubMixin):
         # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
         self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
         if _has_index_file(config):
-            self.index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+            index = read_index(self.folder / INDEX_NAME, mmap=mmap)
         else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
-            self.index = exact_index(self.keys.iter_rows(65536), self.key_dim)
+            index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
             import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
@@ -105,16 +108,14 @@ class Datastore(HubMixin):
             else None
         )
         self._provenance = None
-        if self.index.ntotal != len(self.values) or len(self.keys) != len(self.values):
+        if index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
-                f"{self.folder}: index has {self.index.ntotal} entries, keys {len(self.keys)}, values "
+                f"{self.folder}: index has {index.ntotal} entries, keys {len(self.keys)}, values "
                 f"{len(self.values)}; config says {config.num_entries}. "
                 f"The datastore is incomplete; rebuild it."
             )
-        self._gpu_lock = threading.Lock()
         self._warned_k: set[int] = set()
-        self.nprobe = nprobe
-        set_nprobe(self._index, nprobe)  # for code that searches self.index directly
+        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu)
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -287,43 +288,35 @@ class Datastore(HubMixin):
 
     @property
     def nprobe(self) -> int:
-        return self._nprobe
+        """IVF lists probed per query (see :class:`~hf_knnlm.datastore.search_index.SearchIndex`)."""
+        return self._searcher.nprobe
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        # CPU searches read it once and pass it as a per-search parameter; a GPU clone takes no
-        # per-search parameters, so it is set and searched under one lock. Either way a change from
-        # another thread applies to the next search, never inside a running one.
-        check_positive_int("nprobe", value, "IVF lists probed per query")
-        with self._gpu_lock:
-            self._nprobe = value
-            if getattr(self, "_gpu_index", None) is not None:
-                set_nprobe(self._gpu_index, value, on_gpu=True)
+        self._searcher.nprobe = value
+
+    @property
+    def gpu(self) -> str | bool:
+        return self._searcher.gpu
 
     @property
     def index(self) -> faiss.Index:
-        """The CPU (memory-mapped) faiss index; saving and rebuilding work on this one."""
-        return self._index
+        """The CPU faiss index; saving and rebuilding work on this one."""
+        return self._searcher.cpu
 
     @index.setter
     def index(self, value: faiss.Index) -> None:
-        self._index = value
-        self._gpu_index = None  # a new CPU index invalidates its GPU clone
+        self._searcher.cpu = value
 
     @property
     def search_index(self) -> faiss.Index:
         """The index queries go to: the GPU clone when faiss-gpu sees a GPU (and ``gpu`` allows), else
         :attr:`index`."""
-        if self._gpu_index is None and self.gpu not in ("none", False, None):
-            clone = index_to_gpus(self._index, self.gpu)
-            if clone is not self._index:
-                self._gpu_index = clone
-                set_nprobe(clone, self.nprobe, on_gpu=True)
-        return self._index if self._gpu_index is None else self._gpu_index
+        return self._searcher.active
 
     @property
     def on_gpu(self) -> bool:
-        return self._gpu_index is not None
+        return self._searcher.on_gpu
 
     def __repr__(self) -> str:
         return (
@@ -344,13 +337,6 @@ class Datastore(HubMixin):
             return len(self)
         return k
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.on_gpu:
-            with self._gpu_lock:  # see the nprobe setter
-                return self._gpu_index.search(queries, k)
-        nprobe = self._nprobe  # read once: the whole search uses one value
-        return self._index.search(queries, k, params=search_parameters(self._index, nprobe))
-
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
         k = self.clamp_k(k)
@@ -368,7 +354,7 @@ class Datastore(HubMixin):
                 f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
                 f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
             )
-        distances, ids = self._search(q, k)
+        distances, ids = self._searcher.search(q, k)
         missing = ids < 0
         if recompute_dists:
             distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))
@@ -432,27 +418,5 @@ class Datastore(HubMixin):
             train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
         """
-        out = Path(output_dir)
-        if out.exists() and out.resolve() == self.folder.resolve():
-            raise ValueError(
-                f"output_dir={str(out)!r} is the store itself; choose a new folder for the new index."
-            )
-        if (out / CONFIG_NAME).exists() and not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a datastore; pass overwrite=True (--overwrite) or a new output_dir."
-            )
-        # Refuse what cannot succeed before anything is written; the old store in ``out`` stays until
-        # the new one is complete (_writable_folder swaps it in).
-        check_index_factory(index_factory, self.key_dim, len(self), train_size)
-        config = DatastoreConfig.from_dict(self.config.to_dict())
-        config.index_factory, config.evaluation = index_factory, None
-        bounds = [(s["start"], s["end"]) for s in config.shards]
-        values = self.values.iter_rows(1 << 20)
-        with self._writable_folder(out) as folder:
-            keys = self.keys.iter_rows(65536)
-            files = write_store(
-                folder, config, keys, values, bounds, train_size=train_size, key_dim=self.key_dim
-            )
-            extra = copy_extra_files(self.folder, folder, config)
-            finish_folder(folder, config, [*files, *extra], datastore_card)
+        out = rebuild_store(self, index_factory, output_dir, train_size=train_size, overwrite=overwrite)
         return type(self).from_pretrained(out, verify=False, nprobe=self.nprobe, gpu=self.gpu)

@@ -82,7 +82,7 @@ def _build_faiss(embeddings: np.ndarray, index_type: str):
     return index
 
 
-def _documents_from(documents: Any) -> tuple[list[str], list[str], list[str]]:
+def documents_from_rows(documents: Any) -> tuple[list[str], list[str], list[str]]:
     """ids, titles, texts from a ``datasets.Dataset`` or any iterable of mappings with title/text(/id)."""
     ids, titles, texts = [], [], []
     for position, row in enumerate(documents):
@@ -200,7 +200,7 @@ class DocumentIndex(HubMixin):
         """Embed ``documents`` (rows with ``title``, ``text`` and optionally ``id``) with ``model``'s
         document embedder and index them."""
         _faiss()  # before the documents are embedded, not after
-        ids, titles, texts = _documents_from(documents)
+        ids, titles, texts = documents_from_rows(documents)
         max_length = max_length or model.config.max_doc_embed_length
         embeddings = embed_corpus(
             model.document_embedder,
@@ -376,4 +376,4 @@ class DocumentIndex(HubMixin):
         )
 
 
-__all__ = ["DocumentIndex", "DocumentIndexConfig", "embed_corpus"]
+__all__ = ["DocumentIndex", "DocumentIndexConfig", "documents_from_rows", "embed_corpus"]

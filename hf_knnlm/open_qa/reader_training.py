@@ -158,11 +158,24 @@ def train_reader(
     Example:
 
     ```python
-    >>> from transformers import pipeline
-    >>> from hf_knnlm.open_qa import load_squad, train_reader
-    >>> train = load_squad("dev-v1.1.json", articles=slice(0, 38))  # doctest: +SKIP
-    >>> train_reader("sentence-transformers/all-MiniLM-L6-v2", train, output_dir="reader")  # doctest: +SKIP
-    >>> pipeline("question-answering", model="reader")(question="...", context="...")  # doctest: +SKIP
+    >>> import datasets
+    >>> from transformers import BertConfig, BertModel, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import train_reader
+    >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + "where does the cat sit sits on mat".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                                num_attention_heads=2, intermediate_size=64))
+    >>> encoder.save_pretrained("encoder"), tokenizer.save_pretrained("encoder")  # any encoder checkpoint
+    (None, ...)
+    >>> train = datasets.Dataset.from_list(  # or load_squad("dev-v1.1.json", articles=slice(0, 38))
+    ...     [{"question": "where does the cat sit", "context": "the cat sits on the mat",
+    ...       "answers": {"text": ["the mat"], "answer_start": [16]}}] * 4)
+    >>> trainer = train_reader("encoder", train, output_dir="reader", max_steps=2,
+    ...                        batch_size=2, max_length=32, doc_stride=8, disable_tqdm=True)
+    {'train_runtime': ..., 'train_loss': ..., 'epoch': ...}
+    >>> from transformers import AutoModelForQuestionAnswering
+    >>> type(AutoModelForQuestionAnswering.from_pretrained("reader")).__name__  # a standard QA checkpoint
+    'BertForQuestionAnswering'
     ```
     """
     _check_rows(train_dataset)

@@ -8,14 +8,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..files import atomic_write_bytes
-from ..open_qa.document_index import _documents_from
+from ..open_qa.document_index import documents_from_rows
 
 
 def rows_of(documents: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str], list[str]]:
     """ids, titles, texts of rows with ``text`` (and optionally ``title``, ``id``); the same reading
     as :meth:`DocumentIndex.build <hf_knnlm.DocumentIndex.build>`, so both retrievers number passages
     alike."""
-    return _documents_from(documents)
+    return documents_from_rows(documents)
 
 
 def write_documents(path: str | os.PathLike, ids: list[str], titles: list[str], texts: list[str]) -> None:

@@ -1,0 +1,86 @@
+"""The faiss index a datastore searches: the CPU index, its GPU clone, and ``nprobe`` per search.
+
+Several threads may search one store while another changes ``nprobe`` or replaces the index: a CPU
+search reads ``nprobe`` once and passes it as a per-search parameter; a GPU clone takes no
+per-search parameters, so it is set and searched under one lock. Either way a change applies to
+the next search, never inside a running one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..checks import check_positive_int
+from .index import index_to_gpus, search_parameters, set_nprobe
+
+if TYPE_CHECKING:
+    import faiss
+
+
+class SearchIndex:
+    """A CPU faiss index, cloned to the GPUs on first use when faiss-gpu sees any (and ``gpu`` allows).
+
+    Args:
+        index (`faiss.Index`): the CPU index (memory-mapped or in RAM).
+        nprobe (`int`): IVF lists probed per query.
+        gpu (`str` or `bool`): ``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``
+            (see :func:`hf_knnlm.datastore.index.index_to_gpus`).
+    """
+
+    def __init__(self, index: faiss.Index, *, nprobe: int, gpu: str | bool) -> None:
+        self._lock = threading.Lock()
+        self.gpu = gpu
+        self.cpu = index
+        self.nprobe = nprobe
+        set_nprobe(index, nprobe)  # for code that searches the CPU index directly
+
+    @property
+    def cpu(self) -> faiss.Index:
+        """The CPU index; saving and rebuilding work on this one."""
+        return self._cpu
+
+    @cpu.setter
+    def cpu(self, index: faiss.Index) -> None:
+        self._cpu = index
+        self._gpu = None  # a new CPU index invalidates its GPU clone
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        check_positive_int("nprobe", value, "IVF lists probed per query")
+        with self._lock:
+            self._nprobe = value
+            if self._gpu is not None:
+                set_nprobe(self._gpu, value, on_gpu=True)
+
+    @property
+    def active(self) -> faiss.Index:
+        """The index queries go to: the GPU clone when there is one, else :attr:`cpu`."""
+        if self._gpu is None and self.gpu not in ("none", False, None):
+            clone = index_to_gpus(self._cpu, self.gpu)
+            if clone is not self._cpu:
+                set_nprobe(clone, self.nprobe, on_gpu=True)
+                self._gpu = clone
+        return self._cpu if self._gpu is None else self._gpu
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu is not None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(squared distances, ids)`` of the ``k`` nearest keys of float32 ``queries``."""
+        index = self.active
+        if index is not self._cpu:
+            with self._lock:
+                return index.search(queries, k)
+        nprobe = self._nprobe  # read once: the whole search uses one value
+        return index.search(queries, k, params=search_parameters(index, nprobe))
+
+
+__all__ = ["SearchIndex"]
