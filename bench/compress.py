@@ -29,18 +29,39 @@ from hf_knnlm.datastore.compress import compress_datastore  # noqa: E402
 from hf_knnlm.scoring.tuning import sweep, temperature_grid  # noqa: E402
 
 
-def evaluate(store, dev, test, best) -> dict:
-    point = ([best["lmbda"]], [best["temperature"]], [best["k"]])
-    ppl = sweep(sotu.cache_batch(test, store, best["k"]), *point)[0]["knn_ppl"]
-    dev_batch = sotu.cache_batch(dev, store, best["k"])
+def evaluate(dev, test, dev_found, test_found, best) -> dict:
+    """Test perplexity at the tuned setting and with T re-tuned on dev, from one search of each text."""
+    k = [best["k"]]
+    ppl = sweep(sotu.cache_batch(test, test_found), [best["lmbda"]], [best["temperature"]], k)[0]["knn_ppl"]
+    dev_batch = sotu.cache_batch(dev, dev_found)
     retuned = min(
-        sweep(dev_batch, [best["lmbda"]], temperature_grid(dev_batch), [best["k"]]),
-        key=lambda p: p["knn_ppl"],
+        sweep(dev_batch, [best["lmbda"]], temperature_grid(dev_batch), k), key=lambda p: p["knn_ppl"]
     )
-    ppl_retuned = sweep(
-        sotu.cache_batch(test, store, best["k"]), [best["lmbda"]], [retuned["temperature"]], [best["k"]]
-    )
+    ppl_retuned = sweep(sotu.cache_batch(test, test_found), [best["lmbda"]], [retuned["temperature"]], k)
     return {"ppl": ppl, "ppl_retuned_T": ppl_retuned[0]["knn_ppl"], "retuned_T": retuned["temperature"]}
+
+
+def compressed(store, folder: Path, train_size: int, kwargs: dict):
+    """``(compressed store, seconds it took)``: reused when ``folder`` holds one made with the same
+    options by an earlier run (its time read back), else written anew."""
+    from hf_knnlm import Datastore
+    from hf_knnlm.datastore import CONFIG_NAME
+
+    timing = folder.parent / f"{folder.name}.json"
+    if (folder / CONFIG_NAME).is_file() and timing.is_file():
+        saved = json.loads(timing.read_text())
+        if saved["options"] == {**kwargs, "train_size": train_size, "source_entries": len(store)}:
+            small = Datastore.from_pretrained(folder, verify=False, nprobe=store.nprobe)
+            return small, saved["seconds"]
+    for stale in folder.parent.glob(f"*_neighbours_{folder.name}.safetensors"):
+        stale.unlink()
+    start = time.time()
+    small = compress_datastore(store, folder, train_size=train_size, overwrite=True, **kwargs)
+    seconds = time.time() - start
+    options = {**kwargs, "train_size": train_size, "source_entries": len(store)}
+    timing.write_text(json.dumps({"options": options, "seconds": seconds}))
+    small.nprobe = store.nprobe
+    return small, seconds
 
 
 def main() -> None:
@@ -53,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
-    store, work, best, dev, test = sotu.load_run(args)
+    run = sotu.load_run(args)
+    store, work, best, dev, test = run.store, run.work, run.best, run.dev, run.test
     rows = [
         {
             "store": "full",
@@ -61,26 +83,31 @@ def main() -> None:
             "key_dim": store.key_dim,
             "bytes": folder_bytes(store.folder),
             "build_s": 0.0,
-            **evaluate(store, dev, test, best),
+            **evaluate(dev, test, run.dev_found, run.test_found, best),
         }
     ]
+    del run
     variants = [
         ("PCA to half the dimensions", {"pca_dim": store.key_dim // 2}),
         (f"pruned to half the entries (merge_k={args.merge_k})", {"prune_to": 0.5, "merge_k": args.merge_k}),
     ]
     for name, kwargs in variants:
         folder = work / ("pca_half" if "pca_dim" in kwargs else "pruned_half")
-        start = time.time()
-        small = compress_datastore(store, folder, train_size=args.train_size, overwrite=True, **kwargs)
-        small.nprobe = store.nprobe
+        small, build_s = compressed(store, folder, args.train_size, kwargs)
+        found = [
+            sotu.neighbours_cache(
+                small, cache, best["k_searched"], work / f"{part}_neighbours_{folder.name}.safetensors"
+            )
+            for part, cache in (("dev", dev), ("test", test))
+        ]
         rows.append(
             {
                 "store": name,
                 "entries": len(small),
                 "key_dim": small.key_dim,
                 "bytes": folder_bytes(folder),
-                "build_s": time.time() - start,
-                **evaluate(small, dev, test, best),
+                "build_s": build_s,
+                **evaluate(dev, test, *found, best),
             }
         )
         print(f"  {name}: {rows[-1]}", flush=True)

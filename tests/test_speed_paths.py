@@ -224,3 +224,25 @@ def test_cli_gpu_flag_reaches_the_datastore(store_dir, fake_gpus):
     args = build_parser().parse_args(argv)
     store = load_datastore(args)
     assert store.on_gpu and fake_gpus[-1].options["shard"] is True
+
+
+def test_pq_indexes_skip_polysemous_training():
+    # Polysemous training only reorders the PQ centroids (for Hamming-filtered search, never used
+    # here) and is most of an IVF-PQ's training time: searches return the same distances without it.
+    import faiss
+
+    from hf_knnlm.datastore.index import new_index
+
+    rng = np.random.default_rng(0)
+    x, q = (
+        rng.standard_normal((3000, 16)).astype(np.float32),
+        rng.standard_normal((20, 16)).astype(np.float32),
+    )
+    ours, theirs = new_index("IVF8,PQ4", 16), faiss.index_factory(16, "IVF8,PQ4")
+    assert not faiss.downcast_index(faiss.extract_index_ivf(ours)).do_polysemous_training
+    assert faiss.downcast_index(faiss.extract_index_ivf(theirs)).do_polysemous_training
+    for index in (ours, theirs):
+        index.train(x)
+        index.add(x)
+        index.nprobe = 8
+    np.testing.assert_allclose(ours.search(q, 10)[0], theirs.search(q, 10)[0], rtol=1e-5)

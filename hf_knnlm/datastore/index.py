@@ -34,12 +34,26 @@ def new_index(factory: str, dim: int, metric: int | None = None) -> faiss.Index:
     faiss = import_faiss("building a faiss index")
     metric = faiss.METRIC_L2 if metric is None else metric
     try:
-        return faiss.index_factory(dim, factory, metric)
+        index = faiss.index_factory(dim, factory, metric)
     except RuntimeError as err:
         raise ValueError(
             f"index_factory={factory!r} is not a valid faiss index-factory string for dimension {dim} "
             f"(e.g. 'Flat', 'IVF4096,PQ64', 'IVF1024,Flat'): {err}"
         ) from err
+    skip_polysemous_training(index)
+    return index
+
+
+def skip_polysemous_training(index: faiss.Index) -> None:
+    """faiss trains PQ codes for polysemous search by default (an annealing of the code order, ~1 s
+    per sub-quantizer: most of the training time of an ``IVF...,PQ64``); searches here never use
+    it (``polysemous_ht`` stays 0) and the centroids are the same without it."""
+    faiss = import_faiss()
+    for part in (faiss.try_extract_index_ivf(index), index):
+        if part is not None:
+            part = faiss.downcast_index(part)
+            if hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False
 
 
 def check_index_factory(factory: str, dim: int, num_keys: int, train_size: int) -> None:
