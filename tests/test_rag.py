@@ -270,3 +270,15 @@ def test_ralm_answers_equal_the_processor(model, tokenizer):
         out = model.generate(**prompt, max_new_tokens=16, do_sample=False, logits_processor=[ralm])
         text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         assert answer == text.split("\n")[0].strip()
+
+
+@pytest.mark.parametrize("method", ["closed_book", "replug"])
+def test_answers_come_back_in_the_questions_order(model, tokenizer, method):
+    """Batches are formed longest first; answers map back to their questions whatever the input order."""
+    from hf_knnlm.rag import answer_questions
+
+    questions = ["Who?", "Who sees the bridge and the silver crown?", "What does the merchant cross?", "Why?"]
+    common = dict(method=method, retriever=FixedRetriever([1, 0]), k=2, batch_size=2, show_progress=False)
+    forward = answer_questions(model, tokenizer, questions, **common)
+    backward = answer_questions(model, tokenizer, questions[::-1], **common)
+    assert backward == forward[::-1]  # the same batches either way (rows sorted by length), mapped back

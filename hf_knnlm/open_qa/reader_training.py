@@ -143,17 +143,20 @@ def train_reader(
     warmup_ratio: float | int = 0.1,
     weight_decay: float = 0.01,
     seed: int = 0,
-    logging_steps: int = 50,
+    logging_steps: float = 50,
     save_every_epoch: bool = False,
     disable_tqdm: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
     **training_arguments: Any,
 ) -> Trainer:
     """Fine-tune ``model`` (a checkpoint path / Hub id or a model; an encoder gets a fresh QA head) for
     extractive QA on rows with ``question``, ``context`` and ``answers`` (the Hub ``squad`` layout) and save a
     standard ``AutoModelForQuestionAnswering`` checkpoint and its tokenizer to ``output_dir``.
 
-    Returns the ``Trainer`` (``state.log_history`` has the losses). Extra keyword arguments go to
-    ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
+    Returns the ``Trainer`` (``state.log_history`` has the losses; ``logging_steps`` below 1 is a ratio of the
+    total steps, as in ``TrainingArguments``). ``callbacks`` are added to the ``Trainer`` after the one that
+    writes ``<output_dir>-epoch-N`` when ``save_every_epoch``, so an ``on_epoch_end`` callback can evaluate
+    that folder. Extra keyword arguments go to ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
 
     Example:
 
@@ -219,13 +222,13 @@ def train_reader(
         length_column_name="length",
         **training_arguments,
     )
-    callbacks = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
+    epoch_saver = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=features,
         data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=callbacks,
+        callbacks=[*epoch_saver, *(callbacks or [])],
     )
     logger.info("reader training: %d questions -> %d windows", len(train_dataset), len(features))
     trainer.train()

@@ -81,7 +81,7 @@ def training_arguments_for(
     epochs: float,
     max_steps: int,
     warmup_steps: float,
-    logging_steps: int,
+    logging_steps: float,
     seed: int,
     disable_tqdm: bool,
     **extra: Any,

@@ -88,13 +88,26 @@ def answer_questions(
     pad = pad_token_id(tokenizer)
     stop = [t for t in [tokenizer.eos_token_id] if t is not None] + tokens_containing(tokenizer, ("\n",))
     device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=method, disable=not show_progress):
-        batch = list(questions[start : start + batch_size])
-        texts = [prompt.format(question=q) for q in batch]
-        encoded = _encode(tokenizer, texts, pad, _prefixes(method, retriever, batch, doc_tokens)).to(device)
+    questions = list(questions)
+    prompts = tokenizer([prompt.format(question=q) for q in questions])["input_ids"]
+    prefixes = _prefixes(method, retriever, questions, doc_tokens)
+    rows = [prefix + row for prefix, row in zip(prefixes, prompts, strict=True)]
+    # Batches of rows of about one length (longest first): left padding is computed like real tokens, in
+    # the prompt pass and in every generated step's attention. Answers come back in the questions' order.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    answers: list[str] = [""] * len(rows)
+    for start in tqdm(range(0, len(rows), batch_size), desc=method, disable=not show_progress):
+        batch = order[start : start + batch_size]
+        encoded = _encode([rows[i] for i in batch], pad).to(device)
         processors = _processor(
-            method, model, tokenizer, retriever, batch, k, temperature, max_document_tokens
+            method,
+            model,
+            tokenizer,
+            retriever,
+            [questions[i] for i in batch],
+            k,
+            temperature,
+            max_document_tokens,
         )
         output = model.generate(
             **encoded,
@@ -104,14 +117,13 @@ def answer_questions(
             eos_token_id=stop,
             pad_token_id=pad,
         )
-        for row in output[:, encoded["input_ids"].shape[1] :]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+        for i, row in zip(batch, output[:, encoded["input_ids"].shape[1] :], strict=True):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
     return answers
 
 
-def _encode(tokenizer, texts: list[str], pad: int, prefixes: list[list[int]]) -> BatchEncoding:
-    """Left-padded ``prefix + prompt`` rows (``pad`` also where the tokenizer has no pad token, as GPT-2)."""
-    rows = [prefix + row for prefix, row in zip(prefixes, tokenizer(texts)["input_ids"], strict=True)]
+def _encode(rows: list[list[int]], pad: int) -> BatchEncoding:
+    """Left-padded rows (``pad`` also where the tokenizer has no pad token, as GPT-2)."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
