@@ -116,6 +116,9 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     common = dict(
         max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE, max_tokens=args.test_tokens + 1
     )
+    # Untimed first: a process's first forward pass pays one-off start-up costs (allocator, kernels),
+    # which would inflate the base time every ratio is divided by.
+    evaluate_perplexity(model, tokenizer, test, **common | {"max_tokens": min(args.test_tokens, 64) + 1})
     base, base_s = timed(evaluate_perplexity, model, tokenizer, test, **common)
     rows = [{"method": "base", "ppl": base["base_ppl"], "wall_s": base_s, "wall_ratio": 1.0, "change": 0.0}]
     print(json.dumps({"scored_tokens": base["num_tokens"], **rows[0]}), flush=True)
