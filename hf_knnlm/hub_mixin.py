@@ -52,6 +52,7 @@ array([0, 1, 2])
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -226,7 +227,7 @@ def finish_folder(
     return config
 
 
-class HubMixin:
+class HubMixin(abc.ABC):
     """Base of the saveable stores (:class:`~hf_knnlm.Datastore`, :class:`~hf_knnlm.DocumentIndex`).
 
     A subclass sets ``config_class`` and ``hub_patterns`` (the glob patterns of its data files,
@@ -241,14 +242,15 @@ class HubMixin:
     default_commit_message: ClassVar[str] = "Upload with hf_knnlm"
 
     # ----------------------------------------------------------------- what a store type implements
+    # Abstract, so that a store type missing one fails when instantiated, not halfway through a save.
+    @abc.abstractmethod
     def _save_pretrained(self, folder: Path, **kwargs: Any) -> tuple[StoreConfig, list[str]]:
         """Write the data files into ``folder`` (given by the base); return the config and the names."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def _from_pretrained(cls: type[StoreT], folder: Path, config: StoreConfig, **kwargs: Any) -> StoreT:
         """Open the store in ``folder``; its files have been checked against ``config.files``."""
-        raise NotImplementedError
 
     @classmethod
     def _files_read(cls, config: StoreConfig) -> Iterable[str]:
