@@ -106,7 +106,60 @@ def online_check(store, test, best, threshold, n) -> dict:
     }
 
 
-def gate_rows(dev, dev_knn, test, test_knn, best, fractions) -> list[dict]:
+def gate_data(args, run, best) -> tuple[dict, torch.Tensor]:
+    """The gate's training tokens: the first ``--gate-tokens`` tokens of the dev speeches (LM pass and
+    search cached in the run folder), or the tuning cache when ``--gate-tokens`` is 0."""
+    if not args.gate_tokens:
+        return run.dev, sotu.first_k(run.dev_found, best["k"]).target_log_probs(
+            run.dev["targets"], best["temperature"]
+        )
+    name = f"gate{args.gate_tokens}"
+    path = run.work / f"{name}_smollm2.safetensors"
+    if path.is_file():
+        cache = sotu.load_cache(path)
+    else:
+        model, tokenizer = sotu.load_smollm2()
+        tokens = sotu.text_stream(tokenizer, sotu.held_out_text("dev"))[: args.gate_tokens + 1]
+        cache = sotu.scored_cache(model, tokens, run.store.config.hook_module, path, with_queries=True)
+        del model
+    found = sotu.neighbours_cache(
+        run.store, cache, best["k_searched"], run.work / f"{name}_neighbours.safetensors"
+    )
+    return cache, sotu.first_k(found, best["k"]).target_log_probs(cache["targets"], best["temperature"])
+
+
+def gate_selection(dev, dev_knn, best, split: float = 0.6) -> list[dict]:
+    """Gate width / weight decay chosen on dev text alone: fit on the first ``split`` of the gate
+    tokens (the last 20% of those setting the threshold), score the rest, skip fraction 0.5."""
+    n = int(split * len(dev_knn))
+    lm, knn = dev["lm_log_probs"][n:], dev_knn[n:]
+    full = ppl(interpolate(lm, knn, best["lmbda"]))
+    rows = []
+    for weight_decay, width in ((1e-3, 32), (1e-2, 16), (1e-2, 32), (1e-1, 16)):
+        for use_queries in (True, False):
+            queries = dev["queries"] if use_queries else None
+            gate = fit_gate(
+                dev["features"][:n],
+                None if queries is None else queries[:n],
+                dev["lm_log_probs"][:n],
+                dev_knn[:n],
+                skip_fraction=0.5,
+                calibration_fraction=0.2,
+                width=width,
+                weight_decay=weight_decay,
+            )
+            lam = gate.lmbda(dev["features"][n:], None if queries is None else queries[n:])
+            row = {"weight_decay": weight_decay, "width": width, "queries": use_queries}
+            row |= {
+                "skipped": (lam == 0).float().mean().item(),
+                "change": ppl(interpolate(lm, knn, lam)) / full - 1,
+            }
+            rows.append(row)
+            print(f"  gate selection on dev: {row}", flush=True)
+    return rows
+
+
+def gate_rows(dev, dev_knn, test, test_knn, best, fractions, fit_args) -> list[dict]:
     lm_t, lam0 = test["lm_log_probs"], best["lmbda"]
     fixed = interpolate(lm_t, test_knn, lam0)
     rows = []
@@ -118,6 +171,7 @@ def gate_rows(dev, dev_knn, test, test_knn, best, fractions) -> list[dict]:
                 dev["lm_log_probs"],
                 dev_knn,
                 skip_fraction=fraction,
+                **fit_args,
             )
             lam = gate.lmbda(test["features"], test["queries"] if use_queries else None)
             searched = lam > 0
@@ -179,14 +233,36 @@ def main() -> None:
         help="Tokens of the online check (default 2000; quick 300).",
     )
     parser.add_argument("--skip-fractions", type=float, nargs="+", default=[0.3, 0.5, 0.6, 0.7])
+    parser.add_argument(
+        "--gate-tokens",
+        type=int,
+        default=None,
+        help="Gate training tokens from the dev speeches (default 30000; quick 0: the tuning tokens).",
+    )
+    parser.add_argument("--gate-width", type=int, default=16, help="Hidden units of the gate (default 16).")
+    parser.add_argument(
+        "--gate-weight-decay", type=float, default=1e-2, help="Adam weight decay (default 1e-2)."
+    )
+    parser.add_argument(
+        "--gate-select",
+        action="store_true",
+        help="Also compare gate widths / weight decays on the gate tokens alone (fit 60%%, score 40%%).",
+    )
+    parser.add_argument(
+        "--gate-calibration",
+        type=float,
+        default=0.2,
+        help="Share of the gate tokens that sets the skip threshold instead of being fitted (default 0.2).",
+    )
     args = parser.parse_args()
+    if args.gate_tokens is None:
+        args.gate_tokens = 0 if args.quick else 30000
     t0 = time.time()
     torch.manual_seed(0)
     run = sotu.load_run(args)
-    store, best, dev, test = run.store, run.best, run.dev, run.test
+    store, best, test = run.store, run.best, run.test
     full = sotu.first_k(run.test_found, best["k"])  # the full kNN-LM: every test token searched
     test_knn = full.target_log_probs(test["targets"], best["temperature"])
-    dev_knn = sotu.first_k(run.dev_found, best["k"]).target_log_probs(dev["targets"], best["temperature"])
     base, knn = ppl(test["lm_log_probs"]), ppl(interpolate(test["lm_log_probs"], test_knn, best["lmbda"]))
     n = min(len(test["targets"]), args.reto_tokens or (10**9 if args.quick else 30000))
     knn_n = ppl(interpolate(test["lm_log_probs"][:n], test_knn[:n], best["lmbda"]))
@@ -208,7 +284,13 @@ def main() -> None:
         chosen["threshold"],
         min(n, args.online_tokens or (300 if args.quick else 2000)),
     )
-    gates = gate_rows(dev, dev_knn, test, test_knn, best, args.skip_fractions)
+    gate_dev, gate_knn = gate_data(args, run, best)
+    fit_args = dict(
+        width=args.gate_width, weight_decay=args.gate_weight_decay, calibration_fraction=args.gate_calibration
+    )
+    print(f"gate trained on {len(gate_knn):,} dev tokens; {fit_args}", flush=True)
+    selection = gate_selection(gate_dev, gate_knn, best) if args.gate_select else None
+    gates = gate_rows(gate_dev, gate_knn, test, test_knn, best, args.skip_fractions, fit_args)
     for row in gates:
         row["ppl_change"] = row["ppl"] / knn - 1
     print("\n| RetoMaton threshold | searches saved | ppl | vs full kNN-LM |\n|---|---|---|---|")
@@ -232,6 +314,8 @@ def main() -> None:
                     "base_ppl": base,
                     "knn_ppl": knn,
                     "retomaton": reto,
+                    "gate_training": {"tokens": len(gate_knn), **fit_args},
+                    "gate_selection": selection,
                     "online": online,
                     "gate": gates,
                 },

@@ -2,10 +2,11 @@
 
 The gate sees what the LM already knows before any search: the entropy of its next-token
 distribution, its top log-prob and the margin to the second, and optionally (``use_queries``) the
-query vector itself, which over-fits a few thousand training tokens (docs/benchmarks.md). A
-two-layer MLP maps them to lmbda_t in (0, 1), trained on held-out text to maximise
-log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)). Tokens whose lmbda_t falls below ``skip_below``
-(the ``skip_fraction`` quantile on the training text) are not searched at all and keep p_LM exactly.
+query vector itself, which ranks tokens far better but needs tens of thousands of training tokens
+and weight decay (on a few thousand it over-fits; docs/benchmarks.md). A two-layer MLP maps them to
+lmbda_t in (0, 1), trained on held-out text to maximise log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)).
+Tokens whose lmbda_t falls below ``skip_below`` (the ``skip_fraction`` quantile of lmbda_t on held-back
+calibration tokens, or on the training tokens) are not searched at all and keep p_LM exactly.
 
 The gate is saved with its datastore as ``gate.safetensors`` (weights, feature scaling and
 settings in the metadata), hashed in the store's config like every other file.
@@ -44,11 +45,11 @@ class RetrievalGate(nn.Module):
 
     Args:
         hidden_size (`int`): width of the queries (0: LM features only).
-        width (`int`, defaults to 32): hidden units of the MLP.
+        width (`int`, defaults to 16): hidden units of the MLP.
         skip_below (`float`, defaults to 0.0): tokens whose lmbda_t is below it are not searched.
     """
 
-    def __init__(self, hidden_size: int, width: int = 32, skip_below: float = 0.0):
+    def __init__(self, hidden_size: int, width: int = 16, skip_below: float = 0.0):
         super().__init__()
         self.hidden_size = hidden_size
         self.width = width
@@ -138,21 +139,39 @@ def fit_gate(
     knn_target: torch.Tensor,
     *,
     skip_fraction: float = 0.5,
-    width: int = 32,
+    calibration_fraction: float = 0.0,
+    width: int = 16,
     epochs: int = 300,
     lr: float = 1e-2,
-    weight_decay: float = 1e-3,
+    weight_decay: float = 1e-2,
     seed: int = 0,
 ) -> RetrievalGate:
     """Fit a gate on cached tokens: LM features ``[n, 3]``, queries ``[n, d]`` (or None), and the
     log-probs of the target under the LM and under p_kNN (``[n]``), full-batch Adam.
 
-    ``skip_below`` is set to the ``skip_fraction`` quantile of the fitted lmbda_t on these tokens.
+    ``skip_below`` is set to the ``skip_fraction`` quantile of lmbda_t. With ``calibration_fraction``
+    > 0 the last such share of the tokens is not fitted and the quantile is taken on it: a gate that
+    reads queries fits its training tokens closely, so a quantile taken there skips less than
+    ``skip_fraction`` of unseen text.
     """
     if not 0.0 <= skip_fraction < 1.0:
         raise ValueError(
             f"skip_fraction={skip_fraction} must be in [0, 1): the share of tokens not searched."
         )
+    if not 0.0 <= calibration_fraction < 1.0:
+        raise ValueError(
+            f"calibration_fraction={calibration_fraction} must be in [0, 1) (e.g. 0.2): the share of "
+            "tokens kept out of fitting to set the skip threshold."
+        )
+    fit = len(lm_target) - int(calibration_fraction * len(lm_target))
+    if fit < 1 or (calibration_fraction > 0 and fit == len(lm_target)):
+        raise ValueError(
+            f"{len(lm_target)} tokens cannot be split by calibration_fraction={calibration_fraction}; "
+            "pass more text or calibration_fraction=0."
+        )
+    held = (features[fit:], None if queries is None else queries[fit:])
+    features, queries = features[:fit], None if queries is None else queries[:fit]
+    lm_target, knn_target = lm_target[:fit], knn_target[:fit]
     torch.manual_seed(seed)
     gate = RetrievalGate(0 if queries is None else queries.shape[-1], width)
     raw = torch.cat([features.float()] + ([] if queries is None else [queries.float()]), -1)
@@ -171,10 +190,11 @@ def fit_gate(
         optimizer.step()
     gate.eval()
     with torch.no_grad():
-        lam = torch.sigmoid(gate.logits(features, queries))
+        lam = torch.sigmoid(gate.logits(*(held if calibration_fraction > 0 else (features, queries))))
     gate.skip_below = float(torch.quantile(lam, skip_fraction)) if skip_fraction > 0 else 0.0
     gate.info = {
         "train_tokens": len(lm_target),
+        "calibration_tokens": len(held[0]),
         "skip_fraction": skip_fraction,
         "train_nll": float(loss.detach()),
     }
@@ -192,6 +212,9 @@ def train_gate(
     recompute_dists: bool = False,
     use_queries: bool = False,
     skip_fraction: float = 0.5,
+    calibration_fraction: float = 0.2,
+    width: int = 16,
+    weight_decay: float = 1e-2,
     max_length: int = 1024,
     stride: int = 512,
     batch_size: int = 8,
@@ -201,7 +224,8 @@ def train_gate(
     disable_progress: bool | None = None,
 ) -> RetrievalGate:
     """Run the model over held-out ``data``, search every token once, fit a gate (and save it with
-    the store unless ``save=False``). ``k`` and ``temperature`` are those the kNN-LM will use."""
+    the store unless ``save=False``). ``k`` and ``temperature`` are those the kNN-LM will use;
+    ``skip_fraction``, ``calibration_fraction``, ``width`` and ``weight_decay`` go to :func:`fit_gate`."""
     from .forward import iter_window_batches
     from .scoring.evaluation import scored_tokens
     from .windows import sliding_windows
@@ -231,6 +255,9 @@ def train_gate(
         torch.cat(lm_t),
         torch.cat(knn_t),
         skip_fraction=skip_fraction,
+        calibration_fraction=calibration_fraction,
+        width=width,
+        weight_decay=weight_decay,
     )
     gate.info.update({"k": k, "temperature": temperature})
     if save:

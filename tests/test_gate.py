@@ -36,6 +36,21 @@ def test_fit_gate_learns_where_retrieval_helps():
     assert (skipped == ~helps).float().mean() > 0.95
 
 
+def test_calibration_tokens_set_the_threshold_and_are_not_fitted():
+    torch.manual_seed(0)
+    n = 2000
+    features = torch.randn(n, 3)
+    lm_target = torch.full((n,), -3.0)
+    knn_target = torch.where(features[:, 0] > 0, torch.tensor(-0.1), torch.tensor(-9.0))
+    gate = fit_gate(features, None, lm_target, knn_target, skip_fraction=0.3, calibration_fraction=0.25)
+    assert gate.info["train_tokens"] == 1500 and gate.info["calibration_tokens"] == 500
+    held = torch.sigmoid(gate.logits(features[1500:]))
+    assert gate.skip_below == pytest.approx(torch.quantile(held, 0.3).item())
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=f"calibration_fraction={bad}"):
+            fit_gate(features, None, lm_target, knn_target, calibration_fraction=bad)
+
+
 @pytest.fixture()
 def gated_store(store_dir, tmp_path, model, tokenizer, other_text):
     folder = tmp_path / "gated"

@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
         recompute_dists=args.recompute_dists,
         use_queries=args.with_queries,
         skip_fraction=args.skip_fraction,
+        calibration_fraction=args.calibration_fraction,
+        width=args.gate_width,
+        weight_decay=args.weight_decay,
         max_length=args.max_length,
         stride=args.stride,
         batch_size=args.batch_size,
@@ -50,6 +53,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--skip-fraction", type=float, default=0.5, help="Share of tokens not searched (default 0.5)."
     )
+    p.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.2,
+        help="Share of the text kept out of fitting to set the skip threshold (default 0.2).",
+    )
+    p.add_argument("--gate-width", type=int, default=16, help="Hidden units of the gate's MLP (default 16).")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="Adam weight decay (default 1e-2).")
     p.add_argument(
         "--with-queries",
         action="store_true",
