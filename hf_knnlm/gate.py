@@ -171,6 +171,7 @@ def fit_gate(
         )
     held = (features[fit:], None if queries is None else queries[fit:])
     features, queries = features[:fit], None if queries is None else queries[:fit]
+    calibration = held if len(held[0]) else (features, queries)
     lm_target, knn_target = lm_target[:fit], knn_target[:fit]
     torch.manual_seed(seed)
     gate = RetrievalGate(0 if queries is None else queries.shape[-1], width)
@@ -190,7 +191,7 @@ def fit_gate(
         optimizer.step()
     gate.eval()
     with torch.no_grad():
-        lam = torch.sigmoid(gate.logits(*(held if calibration_fraction > 0 else (features, queries))))
+        lam = torch.sigmoid(gate.logits(*calibration))
     gate.skip_below = float(torch.quantile(lam, skip_fraction)) if skip_fraction > 0 else 0.0
     gate.info = {
         "train_tokens": len(lm_target),
