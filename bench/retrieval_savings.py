@@ -8,6 +8,8 @@ one search:
 - **RetoMaton** at several thresholds: each step follows the previous step's pointers and takes
   the searched neighbours only when fewer than ``threshold`` pointers survive (exactly what an
   online run returns, which the script checks on the first ``--online-tokens`` tokens, timing both);
+  the pointed entries topped up to k with the members of their IVF lists (``lists``, the default)
+  or alone (``alone``, ``RetoMaton(clusters=False)``);
 - **adaptive retrieval**: a gate fitted on the dev text (LM entropy, top log-prob, top-2 margin
   and the query) sets lmbda per token and skips the search for the ``skip_fraction`` of tokens
   it rates lowest; baselines: the same share skipped at random, or by lowest LM entropy.
@@ -39,28 +41,31 @@ def ppl(log_probs: torch.Tensor) -> float:
     return math.exp(-log_probs.double().mean().item())
 
 
-def retomaton_rows(store, test, full, best, thresholds, n) -> list[dict]:
+def retomaton_rows(store, test, full, best, thresholds, n, variants) -> list[dict]:
     queries, targets = test["queries"][:n], test["targets"][:n]
     prev = [None, *targets[:-1].tolist()]
     rows = []
-    for threshold in thresholds:
-        automaton = RetoMaton(store, threshold, best["k"], recompute_dists=True)
-        start = time.time()
-        found = stream_neighbours(automaton, queries, prev, precomputed=full)
-        knn = found.target_log_probs(targets, best["temperature"])
-        mixed = interpolate(test["lm_log_probs"][:n], knn, best["lmbda"])
-        rows.append(
-            {"threshold": threshold, "ppl": ppl(mixed), **automaton.stats(), "wall_s": time.time() - start}
-        )
-        print(
-            f"  RetoMaton threshold {threshold:>4}: ppl {rows[-1]['ppl']:.3f}, "
-            f"searches saved {automaton.searches_saved:.1%}",
-            flush=True,
-        )
+    for pointers in variants:
+        for threshold in thresholds:
+            automaton = RetoMaton(store, threshold, best["k"], True, clusters=pointers == "lists")
+            start = time.time()
+            found = stream_neighbours(automaton, queries, prev, precomputed=full)
+            knn = found.target_log_probs(targets, best["temperature"])
+            mixed = interpolate(test["lm_log_probs"][:n], knn, best["lmbda"])
+            stats = automaton.stats()
+            rows.append(
+                {"pointers": pointers, "threshold": threshold, "ppl": ppl(mixed), **stats}
+                | {"wall_s": time.time() - start}
+            )
+            print(
+                f"  RetoMaton ({pointers}) threshold {threshold:>4}: ppl {rows[-1]['ppl']:.3f}, "
+                f"searches saved {automaton.searches_saved:.1%}",
+                flush=True,
+            )
     return rows
 
 
-def online_check(store, test, best, threshold, n) -> dict:
+def online_check(store, test, best, threshold, n, pointers="lists") -> dict:
     """RetoMaton with real searches on the first ``n`` tokens: same neighbours, and its wall time
     against plain one-query-at-a-time searching, measured in this run."""
     queries, targets = test["queries"][:n], test["targets"][:n]
@@ -69,14 +74,15 @@ def online_check(store, test, best, threshold, n) -> dict:
     for i in range(n):
         store.search_ids(queries[i : i + 1], best["k"], recompute_dists=True)
     plain_s = time.time() - start
-    automaton = RetoMaton(store, threshold, best["k"], recompute_dists=True)
+    clusters = pointers == "lists"
+    automaton = RetoMaton(store, threshold, best["k"], recompute_dists=True, clusters=clusters)
     start = time.time()
     online = stream_neighbours(automaton, queries, prev)
     reto_s = time.time() - start
     # The online automaton searches k = best["k"] directly; simulate it from the same search.
     direct = store.search_entries(queries, best["k"], recompute_dists=True)
     simulated = stream_neighbours(
-        RetoMaton(store, threshold, best["k"], True), queries, prev, precomputed=direct
+        RetoMaton(store, threshold, best["k"], True, clusters), queries, prev, precomputed=direct
     )
     same = bool(torch.equal(online.ids, simulated.ids))
     # IVF-PQ ties at the k-th candidate can differ between one-query and batched searches; what
@@ -89,6 +95,7 @@ def online_check(store, test, best, threshold, n) -> dict:
     lp_simulated = simulated.target_log_probs(targets, best["temperature"])
     lm = test["lm_log_probs"][:n]
     return {
+        "pointers": pointers,
         "threshold": threshold,
         "tokens": n,
         "plain_search_s": plain_s,
@@ -224,6 +231,13 @@ def main() -> None:
     sotu.add_run_args(parser)
     parser.add_argument("--thresholds", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     parser.add_argument(
+        "--reto-pointers",
+        nargs="+",
+        choices=["lists", "alone"],
+        default=["lists", "alone"],
+        help="RetoMaton variants: pointers topped up with their IVF lists, and/or pointers alone.",
+    )
+    parser.add_argument(
         "--reto-tokens", type=int, default=None, help="Test tokens for RetoMaton (default 30000; quick all)."
     )
     parser.add_argument(
@@ -272,7 +286,7 @@ def main() -> None:
         f"(first {n:,}: {knn_n:.3f}); setting {best}",
         flush=True,
     )
-    reto = retomaton_rows(store, test, full, best, args.thresholds, n)
+    reto = retomaton_rows(store, test, full, best, args.thresholds, n, args.reto_pointers)
     for row in reto:
         row["ppl_change"] = row["ppl"] / knn_n - 1
     ok = [r for r in reto if r["ppl_change"] <= 0.01]
@@ -283,6 +297,7 @@ def main() -> None:
         best,
         chosen["threshold"],
         min(n, args.online_tokens or (300 if args.quick else 2000)),
+        chosen["pointers"],
     )
     gate_dev, gate_knn = gate_data(args, run, best)
     fit_args = dict(
@@ -293,9 +308,13 @@ def main() -> None:
     gates = gate_rows(gate_dev, gate_knn, test, test_knn, best, args.skip_fractions, fit_args)
     for row in gates:
         row["ppl_change"] = row["ppl"] / knn - 1
-    print("\n| RetoMaton threshold | searches saved | ppl | vs full kNN-LM |\n|---|---|---|---|")
+    print("\n| RetoMaton pointers | threshold | searches saved | ppl | vs full kNN-LM |")
+    print("|---|---|---|---|---|")
     for r in reto:
-        print(f"| {r['threshold']} | {r['searches_saved']:.1%} | {r['ppl']:.3f} | {r['ppl_change']:+.2%} |")
+        print(
+            f"| {r['pointers']} | {r['threshold']} | {r['searches_saved']:.1%} | {r['ppl']:.3f} "
+            f"| {r['ppl_change']:+.2%} |"
+        )
     print(f"\nonline check (threshold {online['threshold']}, {online['tokens']} tokens): {online}")
     print(
         "\n| gate | skipped | ppl (gate lmbda) | ppl (fixed lmbda) | vs full kNN-LM |\n|---|---|---|---|---|"

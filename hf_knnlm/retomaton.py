@@ -7,6 +7,14 @@ predicted ``y`` were right, and their successors are the natural neighbours of t
 When at least ``threshold`` such pointers survive, the next step uses them (exact distances to
 their stored keys) and skips the faiss search; otherwise it searches as plain kNN-LM does.
 
+As in the paper, a pointer also stands for the cluster of entries its target belongs to: the
+pointed entries are topped up with the other members of their clusters (the IVF lists of the
+store's index, :class:`~hf_knnlm.datastore.clusters.Clusters`) up to ``pool`` candidates (4k by
+default), of which the ``k`` nearest by exact distance are kept, so that a few surviving pointers
+give a neighbourhood of ``k`` entries, as a search would, rather than a peaked distribution over a
+handful. ``clusters=False`` (or a ``Flat`` store, which has no lists)
+follows the pointers alone.
+
 With ``threshold > k`` no step can skip (at most ``k`` pointers survive), which is plain kNN-LM
 exactly. The automaton is stateful (one pointer set per sequence) and not thread-safe: use one
 per thread / generation.
@@ -26,6 +34,12 @@ if TYPE_CHECKING:
     from .datastore import Datastore
 
 
+# Pointer steps keep the k nearest of 4k candidates from the pointers' IVF lists: on the 40-speech
+# SOTU store (docs/benchmarks.md, section 5) k candidates cost +1.38% perplexity at threshold 16
+# and 4k cost +0.65% with more searches saved; exact distances to 4k keys stay far cheaper than a search.
+POOL_FACTOR = 4
+
+
 def check_threshold(threshold: int) -> None:
     if not isinstance(threshold, int) or threshold < 1:
         raise ValueError(
@@ -42,6 +56,9 @@ class RetoMaton:
         threshold (`int`): the fewest surviving pointers that replace a search.
         k (`int`): neighbours per step (pointer sets are cut to their ``k`` nearest).
         recompute_dists (`bool`, defaults to `False`): exact distances for searched neighbours too.
+        clusters (`bool`, defaults to `True`): top pointer sets up with the members of their IVF lists.
+        pool (`int`, *optional*): candidates gathered from the lists before keeping the ``k`` nearest
+            (defaults to ``4 * k``).
 
     Examples:
 
@@ -63,12 +80,22 @@ class RetoMaton:
     ```
     """
 
-    def __init__(self, datastore: Datastore, threshold: int, k: int, recompute_dists: bool = False):
+    def __init__(
+        self,
+        datastore: Datastore,
+        threshold: int,
+        k: int,
+        recompute_dists: bool = False,
+        clusters: bool = True,
+        pool: int | None = None,
+    ):
         check_threshold(threshold)
         self.datastore = datastore
         self.threshold = threshold
         self.k = datastore.clamp_k(k)
         self.recompute_dists = recompute_dists
+        self.clusters = datastore.clusters if clusters else None
+        self.pool = POOL_FACTOR * self.k if pool is None else max(int(pool), self.k)
         self.steps = 0
         self.searches = 0
         self._prev: list[np.ndarray | None] = []
@@ -94,6 +121,8 @@ class RetoMaton:
         return np.unique(nxt[nxt >= 0])
 
     def _pointer_row(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.clusters is not None:
+            ids = self.clusters.extend(ids, self.pool)
         keys = torch.from_numpy(self.datastore.keys.take(ids)).float()
         d = (keys - torch.from_numpy(query)).square_().sum(-1).numpy()
         order = np.argsort(d, kind="stable")[: self.k]

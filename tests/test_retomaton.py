@@ -110,3 +110,51 @@ def test_old_store_without_entries_file_still_follows_pointers(store_dir, tmp_pa
     store = Datastore.from_pretrained(old)
     assert store.provenance.positions is None and store.provenance.documents is None
     assert RetoMaton(store, 1, 4).pointers(np.array([3]), int(store.values[3])).tolist() == [4]
+
+
+@pytest.fixture(scope="module")
+def ivf_store(store_dir, tmp_path_factory):
+    return Datastore.from_pretrained(store_dir).rebuild_index(
+        "IVF8,Flat", tmp_path_factory.mktemp("reto") / "ivf", train_size=4096
+    )
+
+
+def test_ivf_lists_are_the_clusters(store, ivf_store):
+    import faiss
+
+    clusters = ivf_store.clusters
+    assert store.clusters is None  # Flat: no lists, pointers alone
+    keys = ivf_store.keys.take(np.arange(len(ivf_store))).astype(np.float32)
+    _, nearest = faiss.extract_index_ivf(ivf_store.index).quantizer.search(keys, 1)
+    assert clusters.num_clusters == 8 and np.array_equal(clusters.assignment, nearest[:, 0])
+    assert sorted(clusters.members(np.arange(8)).tolist()) == list(range(len(ivf_store)))
+
+
+def test_clusters_top_pointers_up_with_their_lists_most_shared_first(ivf_store):
+    clusters = ivf_store.clusters
+    sizes = np.bincount(clusters.assignment, minlength=8)
+    big, small = np.argsort(-sizes)[:2]
+    ids = np.concatenate([clusters.members([small])[:1], clusters.members([big])[:2]])
+    # room for exactly the rest of the list holding two of the pointers: it comes first
+    out = clusters.extend(ids, limit=1 + int(sizes[big]))
+    assert out[:3].tolist() == ids.tolist() and len(np.unique(out)) == len(out)
+    assert set(out.tolist()) == set(clusters.members([big]).tolist()) | {int(ids[0])}
+    assert clusters.extend(ids, limit=2).tolist() == ids[:2].tolist()
+
+
+def test_clusters_give_pointer_steps_k_neighbours(ivf_store):
+    queries = torch.from_numpy(ivf_store.keys.take(np.arange(40, 70)).astype(np.float32))
+    prev = [None] + ivf_store.values[40:69].tolist()  # the token at each query's own position
+    alone = stream_neighbours(RetoMaton(ivf_store, 1, 8, clusters=False), queries, prev)
+    grouped = stream_neighbours(RetoMaton(ivf_store, 1, 8), queries, prev)
+    assert ((alone.ids >= 0).sum(1) < 8).any()  # a few surviving pointers: a few candidates
+    assert ((grouped.ids >= 0).sum(1) == 8).all()  # topped up from their lists to k
+    # each query is a stored key, reached by its predecessor's pointer: itself at distance 0
+    assert torch.equal(grouped.ids[:, 0], torch.arange(40, 70)) and (grouped.distances[:, 0] == 0).all()
+
+
+def test_clusters_keep_threshold_above_k_plain(model, tokenizer, ivf_store, other_text):
+    settings = dict(k=8, lmbda=0.3, temperature=5.0, **WINDOWS)
+    plain = evaluate_perplexity(model, tokenizer, [other_text], ivf_store, **settings)
+    reto = evaluate_perplexity(model, tokenizer, [other_text], ivf_store, retomaton=9, **settings)
+    assert reto["knn_ppl"] == plain["knn_ppl"] and reto["searches_saved"] == 0.0

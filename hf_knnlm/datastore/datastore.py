@@ -19,6 +19,7 @@ from ..knn import check_k
 from ..neighbours import Neighbours
 from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
 from .card import datastore_card
+from .clusters import Clusters
 from .compat import check_compatible
 from .config import DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import faiss
 
 logger = logging.getLogger(__name__)
+_NOT_READ = object()  # Datastore._clusters before the index lists were first read
 
 
 def _has_index_file(config: DatastoreConfig) -> bool:
@@ -108,6 +110,7 @@ class Datastore(HubMixin):
             else None
         )
         self._provenance = None
+        self._clusters: Clusters | None | object = _NOT_READ
         if index.ntotal != len(self.values) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {index.ntotal} entries, keys {len(self.keys)}, values "
@@ -283,6 +286,13 @@ class Datastore(HubMixin):
         return self._provenance
 
     @property
+    def clusters(self) -> Clusters | None:
+        """The IVF lists of the index as clusters of entries (RetoMaton); None for an index without lists."""
+        if self._clusters is _NOT_READ:
+            self._clusters = Clusters.from_index(self.index, len(self))
+        return self._clusters
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -307,6 +317,7 @@ class Datastore(HubMixin):
     @index.setter
     def index(self, value: faiss.Index) -> None:
         self._searcher.cpu = value
+        self._clusters = _NOT_READ
 
     @property
     def search_index(self) -> faiss.Index:

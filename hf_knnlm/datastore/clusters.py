@@ -1,0 +1,80 @@
+"""Clusters of datastore entries, read from the IVF lists of the store's own faiss index.
+
+RetoMaton (Alon et al., 2022) groups entries whose keys are close and, when it follows a pointer,
+also takes the other members of the pointed entry's group: a handful of surviving pointers then
+stands for a whole neighbourhood, as a search would return, rather than a few entries. The paper
+clusters the keys with k-means; an IVF index has already done exactly that (its coarse quantizer
+is a k-means over the keys and every entry sits in the list of its nearest centroid), so the lists
+are the clusters, at no extra training and no extra file. A store without IVF lists (``Flat``)
+has no clusters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..faiss_support import import_faiss
+
+if TYPE_CHECKING:
+    import faiss
+
+
+class Clusters:
+    """Which cluster each entry is in, and the members of each cluster.
+
+    Args:
+        assignment (`np.ndarray`): cluster id of every entry, ``[N]``, ids in ``[0, num_clusters)``.
+        num_clusters (`int`): number of clusters.
+    """
+
+    def __init__(self, assignment: np.ndarray, num_clusters: int):
+        self.assignment = np.asarray(assignment, dtype=np.int32)
+        self._members = np.argsort(self.assignment, kind="stable")
+        self._starts = np.searchsorted(self.assignment[self._members], np.arange(num_clusters + 1))
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self._starts) - 1
+
+    @classmethod
+    def from_index(cls, index: faiss.Index, num_entries: int) -> Clusters | None:
+        """The IVF lists of ``index`` as clusters; None when it has none or misses entries."""
+        faiss = import_faiss()
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            return None
+        lists = ivf.invlists
+        assignment = np.full(num_entries, -1, dtype=np.int64)
+        for cluster in range(ivf.nlist):
+            size = lists.list_size(cluster)
+            if size:
+                ptr = lists.get_ids(cluster)
+                ids = faiss.rev_swig_ptr(ptr, size).copy()
+                lists.release_ids(cluster, ptr)
+                assignment[ids[(ids >= 0) & (ids < num_entries)]] = cluster
+        if (assignment < 0).any():  # a partial index (entries not added): no reliable clusters
+            return None
+        return cls(assignment, ivf.nlist)
+
+    def members(self, clusters: np.ndarray) -> np.ndarray:
+        """The entries of ``clusters``, cluster after cluster in the order given."""
+        parts = [self._members[self._starts[c] : self._starts[c + 1]] for c in clusters]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def extend(self, ids: np.ndarray, limit: int) -> np.ndarray:
+        """``ids`` followed by the other members of their clusters, up to ``limit`` entries in all.
+
+        Clusters holding more of ``ids`` come first: they are where the pointers agree.
+        """
+        if len(ids) >= limit or not len(ids):
+            return ids[:limit]
+        clusters, counts = np.unique(self.assignment[ids], return_counts=True)
+        clusters = clusters[np.argsort(-counts, kind="stable")]
+        sizes = self._starts[clusters + 1] - self._starts[clusters]
+        # Enough clusters to fill the limit even if every given id is among their members.
+        enough = int(np.searchsorted(np.cumsum(sizes), limit + len(ids))) + 1
+        members = self.members(clusters[:enough])
+        extra = members[~np.isin(members, ids)][: limit - len(ids)]
+        return np.concatenate([ids, extra])
