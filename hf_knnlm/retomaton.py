@@ -96,6 +96,7 @@ class RetoMaton:
         self.recompute_dists = recompute_dists
         self.clusters = datastore.clusters if clusters else None
         self.pool = POOL_FACTOR * self.k if pool is None else max(int(pool), self.k)
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
         self.steps = 0
         self.searches = 0
         self._prev: list[np.ndarray | None] = []
@@ -123,10 +124,27 @@ class RetoMaton:
     def _pointer_row(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.clusters is not None:
             ids = self.clusters.extend(ids, self.pool)
-        keys = torch.from_numpy(self.datastore.keys.take(ids)).float()
-        d = (keys - torch.from_numpy(query)).square_().sum(-1).numpy()
+        d = self._distances(query, ids)
         order = np.argsort(d, kind="stable")[: self.k]
         return d[order], ids[order]
+
+    def _distances(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact squared L2 distances from ``query`` to the stored keys of ``ids``.
+
+        The keys go through two buffers kept for the automaton's life: fresh multi-MB arrays of a
+        different size at every step fragment glibc's heap (RSS grew by GBs over a long stream).
+        """
+        n = len(ids)
+        if self._buffers is None or len(self._buffers[0]) < n:
+            width = max(n, self.pool if self.clusters is not None else self.k)
+            dim = self.datastore.key_dim
+            self._buffers = (np.empty((width, dim), np.float16), np.empty((width, dim), np.float32))
+        half, full = self._buffers
+        self.datastore.keys.take(ids, out=half[:n])
+        keys = full[:n]
+        np.copyto(keys, half[:n])
+        keys -= query
+        return np.einsum("ij,ij->i", keys, keys)
 
     def neighbours(
         self,

@@ -177,10 +177,14 @@ class ShardedArray:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.shards[0].shape[1:])
 
-    def take(self, indices: np.ndarray) -> np.ndarray:
+    def take(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``indices`` (any shape), into ``out`` (contiguous, ``[len(indices), ...]``) when given."""
         indices = np.asarray(indices, dtype=np.int64)
         flat = indices.reshape(-1)
-        out = np.empty((len(flat), *self.shards[0].shape[1:]), dtype=self.shards[0].dtype)
+        if out is not None and len(self.shards) == 1:  # no temporary: straight from the memmap
+            return np.take(self.shards[0], flat, axis=0, out=out)
+        if out is None:
+            out = np.empty((len(flat), *self.shards[0].shape[1:]), dtype=self.shards[0].dtype)
         shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
         for s in np.unique(shard_of):
             mask = shard_of == s
