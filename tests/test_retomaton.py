@@ -158,3 +158,14 @@ def test_clusters_keep_threshold_above_k_plain(model, tokenizer, ivf_store, othe
     plain = evaluate_perplexity(model, tokenizer, [other_text], ivf_store, **settings)
     reto = evaluate_perplexity(model, tokenizer, [other_text], ivf_store, retomaton=9, **settings)
     assert reto["knn_ppl"] == plain["knn_ppl"] and reto["searches_saved"] == 0.0
+
+
+def test_pointer_steps_keep_the_k_nearest_of_the_pool(ivf_store):
+    automaton = RetoMaton(ivf_store, 1, 4, pool=16)
+    ids = ivf_store.clusters.members([0])[:2]
+    query = ivf_store.keys.take(np.array([5])).astype(np.float32)[0]
+    distances, kept = automaton._pointer_row(query, ids)
+    pool = ivf_store.clusters.extend(ids, 16)
+    exact = ((ivf_store.keys.take(pool).astype(np.float32) - query) ** 2).sum(1)
+    assert len(pool) == 16 and kept.tolist() == pool[np.argsort(exact, kind="stable")[:4]].tolist()
+    np.testing.assert_allclose(distances, np.sort(exact)[:4], rtol=1e-5)
