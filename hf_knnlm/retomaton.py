@@ -12,8 +12,7 @@ pointed entries are topped up with the other members of their clusters (the IVF 
 store's index, :class:`~hf_knnlm.datastore.clusters.Clusters`) up to ``pool`` candidates (4k by
 default), of which the ``k`` nearest by exact distance are kept, so that a few surviving pointers
 give a neighbourhood of ``k`` entries, as a search would, rather than a peaked distribution over a
-handful. ``clusters=False`` (or a ``Flat`` store, which has no lists)
-follows the pointers alone.
+handful. ``clusters=False`` (or a ``Flat`` store, which has no lists) follows the pointers alone.
 
 With ``threshold > k`` no step can skip (at most ``k`` pointers survive), which is plain kNN-LM
 exactly. The automaton is stateful (one pointer set per sequence) and not thread-safe: use one
@@ -36,7 +35,8 @@ if TYPE_CHECKING:
 
 # Pointer steps keep the k nearest of 4k candidates from the pointers' IVF lists: on the 40-speech
 # SOTU store (docs/benchmarks.md, section 5) k candidates cost +1.38% perplexity at threshold 16
-# and 4k cost +0.65% with more searches saved; exact distances to 4k keys stay far cheaper than a search.
+# and 4k cost +0.65% with more searches saved. The 4k exact distances are not free: on that small
+# IVF-PQ store a pointer step took longer than the search it replaced.
 POOL_FACTOR = 4
 
 
@@ -138,7 +138,8 @@ class RetoMaton:
         if self._buffers is None or len(self._buffers[0]) < n:
             width = max(n, self.pool if self.clusters is not None else self.k)
             dim = self.datastore.key_dim
-            self._buffers = (np.empty((width, dim), np.float16), np.empty((width, dim), np.float32))
+            stored = self.datastore.keys.dtype
+            self._buffers = (np.empty((width, dim), stored), np.empty((width, dim), np.float32))
         half, full = self._buffers
         self.datastore.keys.take(ids, out=half[:n])
         keys = full[:n]

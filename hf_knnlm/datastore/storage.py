@@ -177,6 +177,10 @@ class ShardedArray:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self.shards[0].shape[1:])
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.shards[0].dtype
+
     def take(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``indices`` (any shape), into ``out`` (contiguous, ``[len(indices), ...]``) when given."""
         indices = np.asarray(indices, dtype=np.int64)
