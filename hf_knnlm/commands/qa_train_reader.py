@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_json
+from ._common import positive_int
 from .qa import parse_articles, random_subset, read_jsonl, steps_or_ratio
 
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup,
         seed=args.seed,
         save_every_epoch=args.save_every_epoch,
+        save_steps=args.save_steps,
         bf16=args.bf16,
         use_cpu=args.cpu,
     )
@@ -91,6 +93,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is visible")
     parser.add_argument("--save-every-epoch", action="store_true", help="also keep <output-dir>-epoch-N")
+    parser.add_argument(
+        "--save-steps",
+        type=positive_int,
+        help="keep a checkpoint every N steps; a stopped run resumes when rerun with the same options",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 

@@ -11,6 +11,8 @@ question-answering checkpoint: ``pipeline("question-answering", model=folder)`` 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,14 +27,16 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerCallback,
+    set_seed,
 )
 
-from ..files import atomic_folder
+from ..files import atomic_folder, atomic_write_json, folder_lock
 from .training import training_arguments_for
 
 logger = logging.getLogger(__name__)
 
 _COLUMNS = ("question", "context", "answers")
+_RUN_SETTINGS = "hf_knnlm_reader_run.json"
 
 
 def _answer_chars(context: str, answers: Any) -> tuple[int, int] | None:
@@ -128,6 +132,36 @@ def _check_rows(train_dataset: Any) -> None:
         raise ValueError("train_dataset is empty; pass at least one (question, context, answers) row.")
 
 
+def _run_settings(model: Any, train_dataset: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a rerun must share with a stopped run to continue from its checkpoint: the start model, the rows
+    (a sha256 of their content) and every training setting."""
+    rows = train_dataset.select_columns(list(_COLUMNS)).to_list()
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    start = model.name_or_path if isinstance(model, PreTrainedModel) else str(model)
+    plain = (bool, int, float, str, type(None))
+    return {"model": start, "rows_sha256": digest} | {
+        key: value if isinstance(value, plain) else repr(value) for key, value in settings.items()
+    }
+
+
+def _checkpoint_to_resume(scratch: Path, settings: dict[str, Any]) -> str | None:
+    """The newest complete Trainer checkpoint in ``scratch`` (``trainer_state.json`` is written last),
+    when the run that wrote it had the same ``settings``; ``None`` when there is none."""
+    done = [c for c in scratch.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    if not done:
+        return None
+    saved = scratch / _RUN_SETTINGS
+    before = json.loads(saved.read_text()) if saved.is_file() else {}
+    changed = sorted(key for key in before.keys() | settings.keys() if before.get(key) != settings.get(key))
+    if changed:
+        diff = "; ".join(f"{key}: {before.get(key)!r} then, {settings.get(key)!r} now" for key in changed)
+        raise ValueError(
+            f"{scratch} holds a checkpoint of an unfinished reader training with other settings ({diff}); "
+            f"rerun with the settings it started with to resume it, or delete {scratch} to start over."
+        )
+    return str(max(done, key=lambda c: int(c.name.rpartition("-")[2])))
+
+
 def train_reader(
     model: str | os.PathLike | PreTrainedModel,
     train_dataset: Any,
@@ -145,6 +179,7 @@ def train_reader(
     seed: int = 0,
     logging_steps: float = 50,
     save_every_epoch: bool = False,
+    save_steps: int | None = None,
     disable_tqdm: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     **training_arguments: Any,
@@ -154,9 +189,15 @@ def train_reader(
     standard ``AutoModelForQuestionAnswering`` checkpoint and its tokenizer to ``output_dir``.
 
     Returns the ``Trainer`` (``state.log_history`` has the losses; ``logging_steps`` below 1 is a ratio of the
-    total steps, as in ``TrainingArguments``). ``callbacks`` are added to the ``Trainer`` after the one that
-    writes ``<output_dir>-epoch-N`` when ``save_every_epoch``, so an ``on_epoch_end`` callback can evaluate
-    that folder. Extra keyword arguments go to ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
+    total steps, as in ``TrainingArguments``). With ``save_steps`` the ``Trainer`` keeps a checkpoint
+    (model, optimizer, scheduler and RNG states; transformers reads it back with
+    ``torch.load(weights_only=True)``) every ``save_steps`` steps in the hidden sibling folder
+    ``.<output_dir>.trainer``, the newest only; called again with the same rows and settings, a run that
+    was stopped continues from there (other settings are refused while that folder exists), and the
+    folder is removed when training completes. A second training into the same ``output_dir`` at the
+    same time is refused. ``callbacks`` are added to the ``Trainer`` after the one that writes
+    ``<output_dir>-epoch-N`` when ``save_every_epoch``, so an ``on_epoch_end`` callback can evaluate that
+    folder. Extra keyword arguments go to ``TrainingArguments`` (e.g. ``bf16=True``, ``use_cpu=True``).
 
     Example:
 
@@ -197,6 +238,7 @@ def train_reader(
             "AutoTokenizer.from_pretrained(..., use_fast=True)."
         )
     if not isinstance(model, PreTrainedModel):
+        set_seed(seed)  # a fresh QA head is drawn here: the same seed, the same run
         model = AutoModelForQuestionAnswering.from_pretrained(model)
     features = train_dataset.map(
         prepare_reader_features,
@@ -206,34 +248,59 @@ def train_reader(
         desc="reader windows",
     )
     output = Path(output_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    args = training_arguments_for(
-        output.with_name(f".{output.name}.trainer"),
-        batch_size=batch_size,
+    scratch = output.with_name(f".{output.name}.trainer")
+    settings = dict(
+        max_length=max_length,
+        doc_stride=doc_stride,
         epochs=epochs,
         max_steps=max_steps,
-        warmup_steps=warmup_ratio,
-        logging_steps=logging_steps,
-        seed=seed,
-        disable_tqdm=disable_tqdm,
+        batch_size=batch_size,
         learning_rate=learning_rate,
+        warmup_ratio=warmup_ratio,
         weight_decay=weight_decay,
-        train_sampling_strategy="group_by_length",
-        length_column_name="length",
+        seed=seed,
         **training_arguments,
     )
-    epoch_saver = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=features,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[*epoch_saver, *(callbacks or [])],
-    )
-    logger.info("reader training: %d questions -> %d windows", len(train_dataset), len(features))
-    trainer.train()
-    _save_checkpoint(trainer.model, tokenizer, output)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
+    if save_steps is not None:
+        if save_steps <= 0:
+            raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
+        training_arguments |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
+    with folder_lock(output, ".train"):
+        run_settings = _run_settings(model, train_dataset, settings)
+        resume = _checkpoint_to_resume(scratch, run_settings)
+        if resume is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(scratch / _RUN_SETTINGS, run_settings)
+        args = training_arguments_for(
+            scratch,
+            batch_size=batch_size,
+            epochs=epochs,
+            max_steps=max_steps,
+            warmup_steps=warmup_ratio,
+            logging_steps=logging_steps,
+            seed=seed,
+            disable_tqdm=disable_tqdm,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            train_sampling_strategy="group_by_length",
+            length_column_name="length",
+            **training_arguments,
+        )
+        epoch_saver = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=features,
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[*epoch_saver, *(callbacks or [])],
+        )
+        logger.info("reader training: %d questions -> %d windows", len(train_dataset), len(features))
+        if resume is not None:
+            logger.info("reader training: resuming from %s", resume)
+        trainer.train(resume_from_checkpoint=resume)
+        _save_checkpoint(trainer.model, tokenizer, output)
+        shutil.rmtree(scratch, ignore_errors=True)
     return trainer
 
 

@@ -86,9 +86,10 @@ def training_arguments_for(
     disable_tqdm: bool,
     **extra: Any,
 ) -> TrainingArguments:
-    """The ``TrainingArguments`` both open-QA trainings share: no Trainer checkpoints (they pickle optimizer
-    state; the trained model is saved as safetensors at the end), no reporting, no pinned memory."""
-    return TrainingArguments(
+    """The ``TrainingArguments`` both open-QA trainings share: no reporting, no pinned memory, and by
+    default no Trainer checkpoints (the trained model is saved as safetensors at the end); ``extra``
+    overrides any of these (``train_reader(save_steps=...)`` turns checkpoints on: a resumable run)."""
+    settings = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch_size,
         num_train_epochs=epochs,
@@ -100,8 +101,8 @@ def training_arguments_for(
         seed=seed,
         disable_tqdm=disable_tqdm,
         dataloader_pin_memory=False,
-        **extra,
     )
+    return TrainingArguments(**{**settings, **extra})
 
 
 def _check_workers(num_workers: int, train_dataset: Any, refresh_index_every: int) -> None:
