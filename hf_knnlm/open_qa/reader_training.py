@@ -228,6 +228,8 @@ def train_reader(
             f"doc_stride={doc_stride} must be >= 0 and below max_length={max_length} (the overlap between "
             "consecutive windows); 128 with max_length 384 is the usual choice."
         )
+    if save_steps is not None and (isinstance(save_steps, bool) or save_steps <= 0):
+        raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
     if tokenizer is None:
         if isinstance(model, PreTrainedModel):
             raise ValueError("pass tokenizer= when model is an instance rather than a checkpoint path or id.")
@@ -262,8 +264,6 @@ def train_reader(
         **training_arguments,
     )
     if save_steps is not None:
-        if save_steps <= 0:
-            raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
         training_arguments |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
     with folder_lock(output, ".train"):
         run_settings = _run_settings(model, train_dataset, settings)
