@@ -4,6 +4,8 @@
   encoder into a FAISS inner-product index;
 * train: the questions of the first 38 articles (8,582): reader warm-start on their gold paragraphs
   (``train_reader``), then REALM marginal-likelihood fine-tuning on a random subset (``--realm-questions``);
+* validation: 2,000 other training questions (``--validation-questions``), not used by REALM fine-tuning:
+  recall@1/5/20 before and after it, the numbers to choose retriever settings on;
 * eval: the questions of the last 10 articles (1,988): recall@1/5/20 for each retriever zero-shot and after
   fine-tuning, the reader's EM / F1 on the gold paragraphs, end-to-end EM / F1 after warm-start only and after
   REALM fine-tuning.
@@ -68,6 +70,7 @@ PRESETS = {
         "reader_epochs": 1.0,
         "reader_eval_questions": 50,
         "realm_questions": 32,
+        "validation_questions": 200,
         "eval_questions": 100,
     },
     "full": {
@@ -76,6 +79,7 @@ PRESETS = {
         "reader_epochs": 3.0,
         "reader_eval_questions": 500,
         "realm_questions": 400,
+        "validation_questions": 2000,
         "eval_questions": None,
     },
 }
@@ -107,6 +111,12 @@ def parse_args() -> argparse.Namespace:
         help="warm-start checkpoint every N steps; a stopped run resumes from it (default 25)",
     )
     parser.add_argument("--realm-questions", type=int, help="training questions for REALM fine-tuning")
+    parser.add_argument(
+        "--validation-questions",
+        type=int,
+        help="recall before and after REALM on this many training-article questions it does not train on "
+        "(2,000; 0: off): the data to choose retriever settings on, not the evaluation questions",
+    )
     parser.add_argument("--eval-questions", type=int, help="evaluation questions (default: all 1,988)")
     parser.add_argument("--batch-size", type=int, default=2, help="questions per REALM step")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="REALM: reader")
@@ -188,6 +198,13 @@ def retriever_path(name: str, workdir: Path) -> Path:
 
 def subset(dataset, n, seed):
     return dataset if n is None or n >= len(dataset) else dataset.shuffle(seed=seed).select(range(n))
+
+
+def held_out(dataset, n_used, n, seed):
+    """The ``n`` rows after the first ``n_used`` of the same shuffle as :func:`subset`: training questions
+    that REALM fine-tuning does not see (the reader warm-start does, which recall does not involve)."""
+    start = min(len(dataset), n_used)
+    return dataset.shuffle(seed=seed).select(range(start, min(len(dataset), start + n)))
 
 
 class Clock:
@@ -382,12 +399,25 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
     def recall():
         return retrieval_recall(model, tokenizer, index, questions, gold, ks=(1, 5, 20))
 
+    validation = held_out(train_all, args.realm_questions, args.validation_questions, args.seed)
+
+    def recall_on_validation():
+        texts, gold_ids = list(validation["question"]), list(validation["gold_doc_id"])
+        scores = retrieval_recall(model, tokenizer, index, texts, gold_ids, ks=(1, 5, 20))
+        return {**scores, "questions": len(validation)}
+
+    def validation_recall(when):
+        if len(validation):
+            stage = f"recall_validation_{when}"
+            out[stage] = clock.score(f"{name}/{stage}", recall_on_validation)
+
     def open_qa():
         return evaluate_open(
             model, tokenizer, index, questions, answers, top_k=args.top_k, show_progress=False
         )[0]
 
     out["recall_zero_shot"] = clock.score(f"{name}/recall_zero_shot", recall)
+    validation_recall("zero_shot")
     # The reader alone on the gold paragraphs: the same for every retriever.
     results["gold_paragraph"] = clock.score(
         "gold_paragraph", lambda: evaluate_gold(model, tokenizer, index, questions, answers, gold)[0]
@@ -427,6 +457,7 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
         model.eval().save_pretrained(realm_dir)
     out["realm_losses"] = clock.saved["scores"].get(f"{name}/realm_losses")
     out["recall_fine_tuned"] = clock.score(f"{name}/recall_fine_tuned", recall)
+    validation_recall("fine_tuned")
     out["open_fine_tuned"] = clock.score(f"{name}/open_fine_tuned", open_qa)
     print(name, "fine-tuned", out["recall_fine_tuned"], out["open_fine_tuned"], flush=True)
 
