@@ -225,7 +225,9 @@ class Clock:
     def __call__(self, name, fn, *args, **kwargs):
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
-        before = self.saved.get("partial", {}).pop(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        # Earlier sittings of a resumed stage (PartialTimes); never the partial of this one, already measured.
+        self.saved.get("partial", {}).pop(name, None)
+        before = self.saved.get("carried", {}).pop(name, {"wall_s": 0.0, "cpu_s": 0.0})
         self.times[name] = {
             "wall_s": round(before["wall_s"] + time.perf_counter() - wall, 1),
             "cpu_s": round(before["cpu_s"] + time.process_time() - cpu, 1),
@@ -265,23 +267,26 @@ def build_model(retriever, reader, args) -> RealmForOpenQA:
 
 
 class PartialTimes(TrainerCallback):
-    """At every reader checkpoint, the stage's wall / CPU seconds so far go to ``stages_<mode>.json``; a run
-    that was stopped and resumed then reports the time of the parts it kept (the Clock adds them up)."""
+    """At every reader checkpoint, the stage's wall / CPU seconds so far go to ``partial`` in
+    ``stages_<mode>.json``. A run resumed from a checkpoint carries the earlier sittings' part over
+    (``carried``, which the Clock adds to what it measures itself); a run that starts again from step 0 does
+    not, so the stage reports the time of the parts it kept."""
 
     def __init__(self, clock: Clock, name: str):
         self.clock, self.name = clock, name
-        self.before = clock.saved.setdefault("partial", {}).get(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        self.carried = {"wall_s": 0.0, "cpu_s": 0.0}
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0:  # not resumed: what an abandoned earlier run left does not count
-            self.before = {"wall_s": 0.0, "cpu_s": 0.0}
+        if state.global_step > 0:  # resumed: the sittings before this one count up to their last checkpoint
+            self.carried = self.clock.saved.get("partial", {}).get(self.name, self.carried)
+        self.clock.saved.setdefault("carried", {})[self.name] = self.carried
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        self.clock.saved["partial"][self.name] = {
-            "wall_s": round(self.before["wall_s"] + time.perf_counter() - self.wall, 1),
-            "cpu_s": round(self.before["cpu_s"] + time.process_time() - self.cpu, 1),
+        self.clock.saved.setdefault("partial", {})[self.name] = {
+            "wall_s": round(self.carried["wall_s"] + time.perf_counter() - self.wall, 1),
+            "cpu_s": round(self.carried["cpu_s"] + time.process_time() - self.cpu, 1),
         }
         atomic_write_json(self.clock.path, self.clock.saved)
         return control
