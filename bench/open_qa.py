@@ -221,13 +221,14 @@ class Clock:
         self.path = path
         self.saved = json.loads(path.read_text()) if path.is_file() else {"times": {}, "scores": {}}
         self.times = self.saved["times"]
+        self.carried: dict[str, dict] = {}  # earlier sittings' seconds of a resumed stage (PartialTimes)
 
     def __call__(self, name, fn, *args, **kwargs):
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
-        # Earlier sittings of a resumed stage (PartialTimes); never the partial of this one, already measured.
+        # The partial of this sitting is already in what was measured here; earlier sittings come in carried.
         self.saved.get("partial", {}).pop(name, None)
-        before = self.saved.get("carried", {}).pop(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        before = self.carried.pop(name, {"wall_s": 0.0, "cpu_s": 0.0})
         self.times[name] = {
             "wall_s": round(before["wall_s"] + time.perf_counter() - wall, 1),
             "cpu_s": round(before["cpu_s"] + time.process_time() - cpu, 1),
@@ -269,7 +270,7 @@ def build_model(retriever, reader, args) -> RealmForOpenQA:
 class PartialTimes(TrainerCallback):
     """At every reader checkpoint, the stage's wall / CPU seconds so far go to ``partial`` in
     ``stages_<mode>.json``. A run resumed from a checkpoint carries the earlier sittings' part over
-    (``carried``, which the Clock adds to what it measures itself); a run that starts again from step 0 does
+    (``Clock.carried``, added to what the Clock measures itself); a run that starts again from step 0 does
     not, so the stage reports the time of the parts it kept."""
 
     def __init__(self, clock: Clock, name: str):
@@ -280,7 +281,7 @@ class PartialTimes(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:  # resumed: the sittings before this one count up to their last checkpoint
             self.carried = self.clock.saved.get("partial", {}).get(self.name, self.carried)
-        self.clock.saved.setdefault("carried", {})[self.name] = self.carried
+        self.clock.carried[self.name] = self.carried
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -384,7 +385,7 @@ def warm_start_reader(args, clock, path, documents, eval_set) -> Path:
     return folder
 
 
-def run_retriever(name, args, clock, reader, documents, train_all, eval_set, results):
+def run_retriever(name, args, clock, reader, documents, train_all, validation, eval_set, results):
     from transformers import AutoTokenizer
 
     from hf_knnlm.open_qa import RealmTokenizerPair
@@ -409,8 +410,6 @@ def run_retriever(name, args, clock, reader, documents, train_all, eval_set, res
 
     def recall():
         return retrieval_recall(model, tokenizer, index, questions, gold, ks=(1, 5, 20))
-
-    validation = held_out(train_all, args.realm_questions, args.validation_questions, args.seed)
 
     def recall_on_validation():
         texts, gold_ids = list(validation["question"]), list(validation["gold_doc_id"])
@@ -484,10 +483,11 @@ def main() -> None:
     eval_set = subset(load_squad_open(path, articles=EVAL_ARTICLES)[1], args.eval_questions, args.seed)
     mode = "quick" if args.quick else "full"
     clock = Clock(args.output_dir / f"stages_{mode}.json")
+    validation = held_out(train_all, args.realm_questions, args.validation_questions, args.seed)
     results: dict = {}
     reader = warm_start_reader(args, clock, path, documents, eval_set)
     for name in args.retrievers:
-        run_retriever(name, args, clock, reader, documents, train_all, eval_set, results)
+        run_retriever(name, args, clock, reader, documents, train_all, validation, eval_set, results)
     summary = {
         "mode": mode,
         "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}, device {args.device}"
