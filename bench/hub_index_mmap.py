@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from hf_knnlm.datastore.index import read_index
-from hf_knnlm.files import sha256_file
+from hf_knnlm.utils.files import sha256_file
 
 
 def rss_mib() -> float:

@@ -30,7 +30,7 @@ import torch  # noqa: F401  (loaded first, as in a build: faiss then shares torc
 
 from hf_knnlm.datastore.index import build_index, skip_polysemous_training
 from hf_knnlm.datastore.storage import ShardedArray, open_memmap, write_sharded
-from hf_knnlm.faiss_support import import_faiss
+from hf_knnlm.utils.faiss_support import import_faiss
 
 
 def random_keys(entries: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -38,7 +38,7 @@ def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
 
 
 def smollm2_rows(args, text: str, work: Path) -> tuple[list[dict], dict]:
-    from hf_knnlm.scoring.tuning import sweep
+    from hf_knnlm.knnlm.tuning import sweep
 
     model, tokenizer = sotu.load_smollm2()
     store = sotu.get_store(

@@ -53,10 +53,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, TrainerCallback
 
-from hf_knnlm.files import atomic_write_json
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA, load_squad, load_squad_open, train_reader
 from hf_knnlm.open_qa.evaluation import evaluate_gold, evaluate_open, retrieval_recall
 from hf_knnlm.open_qa.training import train_realm
+from hf_knnlm.utils.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SQUAD = Path("squad") / "dev-v1.1.reconstructed.json"

@@ -26,9 +26,9 @@ import torch
 from hf_knnlm import Datastore
 from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
 from hf_knnlm.datastore.config import CONFIG_NAME
-from hf_knnlm.loading import load_model_and_tokenizer
-from hf_knnlm.scoring.evaluation import ScoredBatch, ScoredQueries, collect_queries
-from hf_knnlm.scoring.tuning import base_perplexity, sweep, sweep_result, write_results
+from hf_knnlm.knnlm.evaluation import ScoredBatch, ScoredQueries, collect_queries
+from hf_knnlm.knnlm.tuning import base_perplexity, sweep, sweep_result, write_results
+from hf_knnlm.lm.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HF_KNNLM_SHARED_DATA", ROOT / ".." / "shared" / "data"))

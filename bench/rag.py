@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-from hf_knnlm.files import atomic_write_json
-from hf_knnlm.loading import load_model_and_tokenizer
+from hf_knnlm.knnlm import evaluate_perplexity
+from hf_knnlm.lm.loading import load_model_and_tokenizer
 from hf_knnlm.open_qa.squad import exact_match, f1_score, load_squad_open
 from hf_knnlm.rag import (
     BM25Retriever,
@@ -47,7 +47,7 @@ from hf_knnlm.rag import (
     sentence_encoder,
 )
 from hf_knnlm.rag.prefix import tokens_containing
-from hf_knnlm.scoring import evaluate_perplexity
+from hf_knnlm.utils.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

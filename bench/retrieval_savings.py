@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu  # noqa: E402
 
-from hf_knnlm.gate import fit_gate  # noqa: E402
-from hf_knnlm.knn import interpolate  # noqa: E402
-from hf_knnlm.retomaton import RetoMaton, stream_neighbours  # noqa: E402
+from hf_knnlm.knnlm.gate import fit_gate  # noqa: E402
+from hf_knnlm.knnlm.mixture import interpolate  # noqa: E402
+from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours  # noqa: E402
 
 
 def ppl(log_probs: torch.Tensor) -> float:

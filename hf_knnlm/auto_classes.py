@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 # transformers module defining Auto classes -> our modules that register with them when imported.
 REGISTRATIONS: dict[str, tuple[str, ...]] = {
     "transformers.models.auto.configuration_auto": (
-        "hf_knnlm.configuration_knnlm",
+        "hf_knnlm.knnlm.configuration_knnlm",
         "hf_knnlm.open_qa.configuration",
     ),
     "transformers.models.auto.modeling_auto": ("hf_knnlm.open_qa.modeling",),

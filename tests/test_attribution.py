@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from hf_knnlm import Datastore, KNNSettings
-from hf_knnlm.attribution import attribute_step, explain_generation, render_html
 from hf_knnlm.commands import main
 from hf_knnlm.datastore.provenance import attach_documents, tokenize_documents
-from hf_knnlm.knn import knn_log_probs
+from hf_knnlm.knnlm.attribution import attribute_step, explain_generation, render_html
+from hf_knnlm.knnlm.mixture import knn_log_probs
 
 
 def test_documents_give_every_entry_its_text(tokenizer, model, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from hf_knnlm import Datastore, evaluate_perplexity
 from hf_knnlm.commands import main
 from hf_knnlm.datastore.compress import compress_datastore
-from hf_knnlm.retomaton import RetoMaton
+from hf_knnlm.knnlm.retomaton import RetoMaton
 
 SETTINGS = dict(
     k=8, lmbda=0.4, temperature=5.0, max_length=64, stride=32, batch_size=4, disable_progress=True

@@ -94,7 +94,7 @@ def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, t
 
 
 def _windows(tokenizer, text):
-    from hf_knnlm.windows import sliding_windows
+    from hf_knnlm.lm.windows import sliding_windows
 
     return sliding_windows(len(_tokens(tokenizer, text)), 64, 32)
 

@@ -61,7 +61,11 @@ def hub_cache(tmp_path_factory) -> Path:
 
 def test_every_module_with_examples_is_collected():
     with_examples = {name for name in MODULES if _examples(name)}
-    assert {"hf_knnlm.hub_mixin", "hf_knnlm.logits_process", "hf_knnlm.datastore.datastore"} <= with_examples
+    assert {
+        "hf_knnlm.utils.hub_mixin",
+        "hf_knnlm.knnlm.logits_process",
+        "hf_knnlm.datastore.datastore",
+    } <= with_examples
 
 
 @pytest.mark.parametrize("name", [name for name in MODULES if _examples(name)])

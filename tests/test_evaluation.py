@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm.knn import interpolate, knn_target_log_probs
-from hf_knnlm.scoring.evaluation import collect_queries
+from hf_knnlm.knnlm.evaluation import collect_queries
+from hf_knnlm.knnlm.mixture import interpolate, knn_target_log_probs
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
 

@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
-from hf_knnlm.gate import RetrievalGate, fit_gate, lm_features, train_gate
+from hf_knnlm.knnlm.gate import RetrievalGate, fit_gate, lm_features, train_gate
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 

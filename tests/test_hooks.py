@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from hf_knnlm import FFNInputCapture, find_ffn_module
-from hf_knnlm.hooks import FFN_MODULES
+from hf_knnlm.lm.hooks import FFN_MODULES
 
 _LLAMA_LIKE = dict(
     num_hidden_layers=2,

@@ -11,7 +11,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_knnlm import DocumentIndex, IntegrityError
-from hf_knnlm.hub_mixin import HubMixin
+from hf_knnlm.utils.hub_mixin import HubMixin
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.open_qa_utils import make_index, make_model, make_tokenizer

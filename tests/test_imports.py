@@ -74,7 +74,7 @@ def test_faiss_features_fail_with_one_line_naming_the_extras(store_dir, tmp_path
         f"""
         import json
         from hf_knnlm import Datastore
-        from hf_knnlm.faiss_support import MissingDependencyError
+        from hf_knnlm.utils.faiss_support import MissingDependencyError
         from hf_knnlm.commands import main
         try:
             Datastore.from_pretrained({str(store_dir)!r})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_knnlm import KNNSettings, interpolate, knn_log_probs
-from hf_knnlm.knn import knn_target_log_probs
+from hf_knnlm.knnlm.mixture import knn_target_log_probs
 
 
 def _numpy_pknn(keys, values, query, k, temperature, vocab):

@@ -289,7 +289,7 @@ def test_a_stopped_reader_training_resumes_from_its_checkpoint(folders, tmp_path
 
 
 def test_a_second_reader_training_into_the_same_folder_is_refused(folders, tmp_path):
-    from hf_knnlm.files import FolderInUseError, folder_lock
+    from hf_knnlm.utils.files import FolderInUseError, folder_lock
 
     with folder_lock(tmp_path / "reader", ".train"), pytest.raises(FolderInUseError, match="another writer"):
         _resumable(folders, tmp_path / "reader")

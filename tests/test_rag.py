@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
+from hf_knnlm.knnlm import evaluate_perplexity
 from hf_knnlm.rag import (
     InContextRALMProcessor,
     REPLUGProcessor,
     evaluate_retrieval_perplexity,
     flare_generate,
 )
-from hf_knnlm.rag.retriever import document_text
-from hf_knnlm.scoring import evaluate_perplexity
+from hf_knnlm.retrieval.retriever import document_text
 
 WINDOWS = dict(max_length=48, stride=16, batch_size=4, disable_progress=True)
 PASSAGES = [
@@ -53,7 +53,7 @@ def test_empty_retriever_ralm_equals_base_model(model, tokenizer, other_text):
 
 def _prefixed_reference(model, tokenizer, text: str, doc: int) -> float:
     """Perplexity with every target scored by one plain forward over passage ⊕ its window context."""
-    from hf_knnlm.windows import sliding_windows
+    from hf_knnlm.lm.windows import sliding_windows
 
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     passage = tokenizer(document_text("", PASSAGES[doc]), add_special_tokens=False)["input_ids"]
@@ -218,7 +218,14 @@ def test_bad_settings_are_named(model, tokenizer, kwargs, match):
         )
 
 
-RAG_MODULES = ["chunking", "bm25", "dense", "logits_process", "flare", "qa"]
+RAG_MODULES = [
+    "retrieval.chunking",
+    "retrieval.bm25",
+    "retrieval.dense",
+    "rag.logits_process",
+    "rag.flare",
+    "rag.qa",
+]
 
 
 @pytest.mark.parametrize("name", RAG_MODULES)
@@ -245,7 +252,7 @@ def test_docstring_examples_run(name, monkeypatch):
         "from_pretrained",
         classmethod(lambda cls, name, *a, **kw: load(cls, local if name == "gpt2" else name, *a, **kw)),
     )
-    module = importlib.import_module(f"hf_knnlm.rag.{name}")
+    module = importlib.import_module(f"hf_knnlm.{name}")
     finder = doctest.DocTestFinder(parser=FencedDocTestParser(), exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     tests = [t for t in finder.find(module, module.__name__) if t.examples]

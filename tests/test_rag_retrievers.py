@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from hf_knnlm.files import IntegrityError
 from hf_knnlm.rag import BM25Retriever, DenseRetriever, Retriever, chunk_documents
-from hf_knnlm.rag.chunking import token_spans
+from hf_knnlm.retrieval.chunking import token_spans
+from hf_knnlm.utils.files import IntegrityError
 
 try:
     from tests.open_qa_utils import DOCUMENTS, make_index, make_model, make_tokenizer

@@ -8,7 +8,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
-from hf_knnlm.retomaton import RetoMaton, stream_neighbours
+from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 

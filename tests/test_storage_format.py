@@ -14,7 +14,7 @@ import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
 from hf_knnlm.datastore.config import FORMAT_VERSION
-from hf_knnlm.files import sha256_file
+from hf_knnlm.utils.files import sha256_file
 
 
 def _search(store: Datastore, queries: np.ndarray, k: int = 8):

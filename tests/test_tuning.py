@@ -10,8 +10,8 @@ import pytest
 from hf_knnlm import Datastore, evaluate_perplexity
 from hf_knnlm.commands import main
 from hf_knnlm.datastore.config import CONFIG_NAME
-from hf_knnlm.scoring.evaluation import collect_queries
-from hf_knnlm.scoring.tuning import (
+from hf_knnlm.knnlm.evaluation import collect_queries
+from hf_knnlm.knnlm.tuning import (
     PLOT_NAME,
     RESULTS_NAME,
     build_tuning_cache,
@@ -20,7 +20,7 @@ from hf_knnlm.scoring.tuning import (
     temperature_grid,
     tune,
 )
-from hf_knnlm.windows import count_windows
+from hf_knnlm.lm.windows import count_windows
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
 

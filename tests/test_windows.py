@@ -1,6 +1,6 @@
 import pytest
 
-from hf_knnlm.windows import count_windows, sliding_windows
+from hf_knnlm.lm.windows import count_windows, sliding_windows
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def size(text: str) -> int | str:
 
 
 def load_model(args: argparse.Namespace):
-    from ..loading import load_model_and_tokenizer
+    from ..lm.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(
         args.model,
@@ -179,7 +179,7 @@ def load_model(args: argparse.Namespace):
 
 
 def load_data(args: argparse.Namespace):
-    from ..corpus import read_text_file
+    from ..lm.corpus import read_text_file
 
     if args.data:
         if len(args.data) == 1:

@@ -47,7 +47,7 @@ def retrieval_settings(args: argparse.Namespace) -> dict:
 
 def print_result(result: dict, output_json: str | None) -> int:
     """Print the result as JSON (and write it to ``output_json``); the command's exit status."""
-    from ..files import atomic_write_json
+    from ..utils.files import atomic_write_json
 
     print(json.dumps(result, indent=2))
     if output_json:
@@ -56,6 +56,6 @@ def print_result(result: dict, output_json: str | None) -> int:
 
 
 def load_retriever(args: argparse.Namespace):
-    from ..rag.loading import load_retriever as load
+    from ..retrieval.loading import load_retriever as load
 
     return load(args.retriever, encoder=args.encoder)

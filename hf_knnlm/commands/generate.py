@@ -18,7 +18,7 @@ from ._common import (
 def run(args: argparse.Namespace) -> int:
     from transformers import LogitsProcessorList
 
-    from ..logits_process import KNNProcessor
+    from ..knnlm.logits_process import KNNProcessor
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; pass the text to continue, e.g. --prompt 'The history of'.")

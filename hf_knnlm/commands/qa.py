@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..files import atomic_write_json
+from ..utils.files import atomic_write_json
 
 if TYPE_CHECKING:
     import datasets

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_json
+from ..utils.files import atomic_write_json
 from ._common import positive_int
 from .qa import parse_articles, random_subset, read_jsonl, steps_or_ratio
 

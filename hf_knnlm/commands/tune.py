@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..scoring.defaults import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
+from ..knnlm.tuning_defaults import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
 from ._common import (
     add_data_args,
     add_knn_args,
@@ -34,7 +34,7 @@ _ints = _number_list(int, "integers")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..scoring.tuning import tune
+    from ..knnlm.tuning import tune
 
     model, tokenizer = load_model(args)
     result = tune(

@@ -22,15 +22,15 @@ import torch
 from safetensors.numpy import save_file
 
 from .._version import __version__
-from ..checks import check_positive_int
-from ..corpus import CorpusLike, corpus_name, tokenize_corpus
-from ..faiss_support import import_faiss
-from ..files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
-from ..fingerprints import tokenizer_fingerprint
-from ..forward import check_forward_args, iter_window_batches
-from ..hooks import find_ffn_module, num_hidden_layers
-from ..hub_mixin import CARD_NAME, finish_folder
-from ..windows import sliding_windows
+from ..lm.corpus import CorpusLike, corpus_name, tokenize_corpus
+from ..lm.forward import check_forward_args, iter_window_batches
+from ..lm.hooks import find_ffn_module, num_hidden_layers
+from ..lm.windows import sliding_windows
+from ..utils.checks import check_positive_int
+from ..utils.faiss_support import import_faiss
+from ..utils.files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
+from ..utils.fingerprints import tokenizer_fingerprint
+from ..utils.hub_mixin import CARD_NAME, finish_folder
 from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig

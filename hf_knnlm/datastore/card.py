@@ -2,7 +2,7 @@
 
 The card is rendered from ``model_cards/datastore.md`` and the datastore's config. It is not in the
 config's sha256 ``files`` map: users edit cards on the Hub, and ``push_to_hub`` never overwrites a
-card the repository already has (see :mod:`hf_knnlm.hub_mixin`).
+card the repository already has (see :mod:`hf_knnlm.utils.hub_mixin`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..hub_mixin import render_card
+from ..utils.hub_mixin import render_card
 from .config import DatastoreConfig
 
 TAGS = ["knn-lm", "retrieval", "hf_knnlm"]
@@ -21,7 +21,7 @@ PLACEHOLDER_REPO_ID = "path/to/this/datastore"
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _FILE_SUFFIXES = (".txt", ".tokens", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".md")
-# Names hf_knnlm.corpus gives corpora that are not Hub datasets.
+# Names hf_knnlm.lm.corpus gives corpora that are not Hub datasets.
 _ANONYMOUS_CORPORA = {"texts", "dataset"}
 
 

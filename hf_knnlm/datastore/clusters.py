@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..faiss_support import import_faiss
+from ..utils.faiss_support import import_faiss
 
 if TYPE_CHECKING:
     import faiss

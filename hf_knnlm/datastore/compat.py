@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..fingerprints import tokenizer_fingerprint
-from ..hooks import find_ffn_module, num_hidden_layers
+from ..lm.hooks import find_ffn_module, num_hidden_layers
+from ..utils.fingerprints import tokenizer_fingerprint
 from .config import DatastoreConfig
 
 

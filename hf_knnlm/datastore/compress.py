@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..faiss_support import import_faiss
-from ..files import atomic_path
-from ..hub_mixin import finish_folder
+from ..utils.faiss_support import import_faiss
+from ..utils.files import atomic_path
+from ..utils.hub_mixin import finish_folder
 from .builder import write_store
 from .card import datastore_card
 from .config import CONFIG_NAME, DatastoreConfig

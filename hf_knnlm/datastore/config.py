@@ -3,7 +3,7 @@
 Like peft's adapter configs: a versioned dataclass, ``help`` metadata on every field, validation
 in ``__post_init__``, unknown keys tolerated with a warning, sorted JSON, relative file names only.
 The fields every saved store shares (format version, hf_knnlm version, sha256 of every file) and
-the loading rules come from :class:`hf_knnlm.hub_mixin.StoreConfig`.
+the loading rules come from :class:`hf_knnlm.utils.hub_mixin.StoreConfig`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..hub_mixin import StoreConfig, check_relative
+from ..utils.hub_mixin import StoreConfig, check_relative
 
 CONFIG_NAME = "datastore_config.json"
 # 1: every store has index.faiss. 2: an exact ("Flat") store has none; its index is rebuilt from the

@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..checks import check_positive_int
-from ..corpus import CorpusLike
-from ..faiss_support import import_faiss
-from ..hub_mixin import HubMixin
-from ..knn import check_k
-from ..neighbours import Neighbours
+from ..knnlm.mixture import check_k
+from ..lm.corpus import CorpusLike
+from ..utils.checks import check_positive_int
+from ..utils.faiss_support import import_faiss
+from ..utils.hub_mixin import HubMixin
 from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
 from .card import datastore_card
 from .clusters import Clusters
@@ -32,6 +31,7 @@ from .index import (
     is_exact,
     read_index,
 )
+from .neighbours import Neighbours
 from .provenance import Provenance
 from .search_index import SearchIndex
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
@@ -209,7 +209,8 @@ class Datastore(HubMixin):
             nprobe (`int`, defaults to 32): IVF lists probed per query.
             gpu (`str` or `bool`, defaults to `"auto"`): how to use GPUs with faiss-gpu.
             hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
-                ``force_download`` and ``verify``, as in :meth:`hf_knnlm.hub_mixin.HubMixin.from_pretrained`.
+                ``force_download`` and ``verify``, as in
+                :meth:`hf_knnlm.utils.hub_mixin.HubMixin.from_pretrained`.
         """
         check_positive_int("nprobe", nprobe, "IVF lists probed per query")
         return super().from_pretrained(repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, **hub_kwargs)
@@ -258,7 +259,7 @@ class Datastore(HubMixin):
             repo_id (`str`): the Hub model repository (created if missing).
             max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard uploaded.
             kwargs: ``revision``, ``private``, ``commit_message``, ``token``, ``create_pr``, as in
-                :meth:`hf_knnlm.hub_mixin.HubMixin.push_to_hub`.
+                :meth:`hf_knnlm.utils.hub_mixin.HubMixin.push_to_hub`.
 
         A README.md the repository already has is kept; shards of an earlier push that this one
         does not rewrite are deleted in the same commit.

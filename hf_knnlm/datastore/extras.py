@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..files import atomic_path, file_hashes
+from ..utils.files import atomic_path, file_hashes
 from .config import CONFIG_NAME, DatastoreConfig
 
 ENTRIES_NAME = "entries.safetensors"  # corpus positions, RetoMaton pointers, merge counts

@@ -1,6 +1,6 @@
 """faiss specifics: index-factory strings, training on a sample, chunked adds, safe file IO.
 
-faiss is imported when a function here first needs it (:func:`hf_knnlm.faiss_support.import_faiss`),
+faiss is imported when a function here first needs it (:func:`hf_knnlm.utils.faiss_support.import_faiss`),
 so that importing this module does not require it.
 """
 
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..faiss_support import import_faiss
-from ..files import atomic_path
+from ..utils.faiss_support import import_faiss
+from ..utils.files import atomic_path
 
 if TYPE_CHECKING:
     import faiss

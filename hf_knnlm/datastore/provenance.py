@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ..corpus import _TOKENIZE_BATCH, CorpusLike, corpus_name, iter_documents
-from ..files import atomic_path
+from ..lm.corpus import _TOKENIZE_BATCH, CorpusLike, corpus_name, iter_documents
+from ..utils.files import atomic_path
 from .extras import DOCUMENTS_NAME, ENTRIES_NAME, register_files
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def tokenize_documents(
     separator: str = "\n\n",
     names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, Documents]:
-    """The token stream of :func:`hf_knnlm.corpus.tokenize_corpus` plus its :class:`Documents`.
+    """The token stream of :func:`hf_knnlm.lm.corpus.tokenize_corpus` plus its :class:`Documents`.
 
     A text file is one document (tokenized in the same ~1 MB pieces); a list or a dataset column
     gives one document per element, joined by ``separator`` (whose tokens belong to no span).

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..checks import check_positive_int
+from ..utils.checks import check_positive_int
 from .index import index_to_gpus, search_parameters, set_nprobe
 
 if TYPE_CHECKING:

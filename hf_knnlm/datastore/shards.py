@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from ..files import IntegrityError, atomic_write_bytes
+from ..utils.files import IntegrityError, atomic_write_bytes
 from .config import CONFIG_NAME, DatastoreConfig
 
 KEYS_PREFIX, VALUES_PREFIX = "keys", "values"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..files import temporary_path
+from ..utils.files import temporary_path
 
 _DTYPES = {"float16": ("F16", np.float16), "float32": ("F32", np.float32), "int32": ("I32", np.int32)}
 _NP_TO_ST = {np.dtype(v[1]): v[0] for v in _DTYPES.values()}

@@ -8,13 +8,13 @@ with ``AutoModel.from_pretrained`` after ``import hf_knnlm``. Names here are imp
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_exports
+from ..utils.lazy import lazy_exports
 
 _IMPORT_STRUCTURE = {
     ".callbacks": ["IndexRefreshCallback"],
     ".configuration": ["RealmConfig"],
     ".data": ["RealmDataCollator", "build_features", "normalize_answers", "precompute_retrieval", "retrieve"],
-    ".document_index": ["DocumentIndex", "embed_corpus"],
+    "..retrieval.document_index": ["DocumentIndex", "embed_corpus"],
     ".evaluation": ["evaluate_gold", "evaluate_open", "retrieval_recall"],
     ".modeling": ["RealmForOpenQA", "RealmOpenQAOutput", "RealmPreTrainedModel"],
     ".reader_training": ["prepare_reader_features", "train_reader"],
@@ -26,10 +26,10 @@ __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
 __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
+    from ..retrieval.document_index import DocumentIndex, embed_corpus
     from .callbacks import IndexRefreshCallback
     from .configuration import RealmConfig
     from .data import RealmDataCollator, build_features, normalize_answers, precompute_retrieval, retrieve
-    from .document_index import DocumentIndex, embed_corpus
     from .evaluation import evaluate_gold, evaluate_open, retrieval_recall
     from .modeling import RealmForOpenQA, RealmOpenQAOutput, RealmPreTrainedModel
     from .reader_training import prepare_reader_features, train_reader

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .document_index import DocumentIndex, embed_corpus
+from ..retrieval.document_index import DocumentIndex, embed_corpus
 
 logger = logging.getLogger(__name__)
 

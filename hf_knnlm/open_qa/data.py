@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_positive_int
-from .document_index import DocumentIndex
+from ..retrieval.document_index import DocumentIndex
+from ..utils.checks import check_positive_int
 from .tokenization import reader_tokenizer, retriever_tokenizer
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..retrieval.document_index import DocumentIndex
 from .data import build_features, retrieve
-from .document_index import DocumentIndex
 from .squad import exact_match, f1_score
 
 

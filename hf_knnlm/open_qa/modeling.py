@@ -30,17 +30,17 @@ from string import Template
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..files import atomic_write_bytes
+from ..retrieval.embedder import RetrieverEmbedder
+from ..utils.files import atomic_write_bytes
 from .configuration import RealmConfig
 from .heads import SPAN_MASK_VALUE, SpanHead, answer_span_mask, start_end_span_scores
 from .reading import decode_best_spans, doc_normalised_log_probs, run_reader
 
 if TYPE_CHECKING:
-    from .document_index import DocumentIndex
+    from ..retrieval.document_index import DocumentIndex
 
 _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
 
@@ -65,38 +65,13 @@ class RealmOpenQAOutput(ModelOutput):
     has_answer: torch.BoolTensor | None = None
 
 
-class RetrieverEmbedder(nn.Module):
-    """Encoder + pooling (+ projection, + normalisation): one side of the dense retriever."""
-
-    def __init__(self, config: RealmConfig):
-        super().__init__()
-        self.encoder = AutoModel.from_config(config.encoder_config)
-        hidden = config.encoder_config.hidden_size
-        self.projection = (
-            nn.Linear(hidden, config.retriever_proj_size) if config.retriever_proj_size else nn.Identity()
-        )
-        self.pooling = config.retriever_pooling
-        self.normalize = config.retriever_normalize
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        if self.pooling == "mean":
-            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        else:
-            pooled = hidden[:, 0]
-        embedding = self.projection(pooled)
-        if self.normalize:
-            embedding = nn.functional.normalize(embedding, dim=-1)
-        return embedding
+def _embedder(config: RealmConfig) -> RetrieverEmbedder:
+    return RetrieverEmbedder(
+        config.encoder_config,
+        pooling=config.retriever_pooling,
+        proj_size=config.retriever_proj_size,
+        normalize=config.retriever_normalize,
+    )
 
 
 def marginal_loss(joint_log_probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +116,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
 
     def __init__(self, config: RealmConfig):
         super().__init__(config)
-        self.query_embedder = RetrieverEmbedder(config)
-        self.doc_embedder = None if config.share_retriever_encoders else RetrieverEmbedder(config)
+        self.query_embedder = _embedder(config)
+        self.doc_embedder = None if config.share_retriever_encoders else _embedder(config)
         reader_config = config.reader_encoder_config
         if config.reader_head == "start_end":
             self.reader = AutoModelForQuestionAnswering.from_config(reader_config)

@@ -30,7 +30,7 @@ from transformers import (
     set_seed,
 )
 
-from ..files import atomic_folder, atomic_write_json, folder_lock
+from ..utils.files import atomic_folder, atomic_write_json, folder_lock
 from .training import training_arguments_for
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
+from ..retrieval.embedder import retriever_tokenizer
+
 RETRIEVER_FOLDER = "retriever_tokenizer"
 READER_FOLDER = "reader_tokenizer"
 
@@ -41,7 +43,7 @@ class RealmTokenizerPair:
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload both sub-folders as one commit (``kwargs``: revision, private, token, create_pr, ...)."""
-        from ..hub import push_folder
+        from ..utils.hub import push_folder
 
         return push_folder(self.save_pretrained, repo_id, commit_message="Upload REALM tokenizers", **kwargs)
 
@@ -63,11 +65,6 @@ class RealmTokenizerPair:
             except OSError:
                 pass  # a Hub repository with a single tokenizer at its root
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-
-
-def retriever_tokenizer(tokenizer: Any) -> Any:
-    """The tokenizer for the dense retriever of ``tokenizer`` (a pair or one shared tokenizer)."""
-    return tokenizer.retriever if isinstance(tokenizer, RealmTokenizerPair) else tokenizer
 
 
 def reader_tokenizer(tokenizer: Any) -> Any:

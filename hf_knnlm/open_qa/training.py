@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..retrieval.document_index import DocumentIndex
 from .callbacks import IndexRefreshCallback
 from .data import RealmDataCollator
-from .document_index import DocumentIndex
 
 # Parameters that start random in ``from_encoder``: they need a larger step than the pre-trained encoders.
 _NEW_PARAMETERS = ("span_head.", "projection.")

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from ..retrieval.retriever import Retriever
 from .prefix import DocumentTokens, max_positions, pad_token_id, tokens_containing
-from .retriever import Retriever
 
 SENTENCE_ENDS = (".", "!", "?", "\n")
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from ..retrieval.retriever import Retriever
 from .prefix import (
     DocumentTokens,
     cache_kwargs,
@@ -18,7 +19,6 @@ from .prefix import (
     max_positions,
     pad_token_id,
 )
-from .retriever import Retriever
 from .settings import RetrievalSettings, document_log_weights
 
 

@@ -1,6 +1,6 @@
 """Perplexity of In-Context RALM and REPLUG over the same sliding windows as ``evaluate_perplexity``.
 
-The text is cut into the windows of :func:`~hf_knnlm.scoring.evaluate_perplexity` (every token but the
+The text is cut into the windows of :func:`~hf_knnlm.knnlm.evaluate_perplexity` (every token but the
 first scored once, with the window's context). Each window's targets are split into blocks of
 ``retrieval_stride`` tokens; the ``query_length`` tokens before a block query the retriever, and each
 target ``t`` of the block is scored as ``log sum_d w_d p_LM(t | d ⊕ tokens[window.begin:t])``.
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..corpus import CorpusLike
 from ..datastore.datastore import Datastore
-from ..hooks import FFNInputCapture
-from ..knn import KNNSettings, interpolate, knn_target_log_probs
-from ..scoring.evaluation import collect_queries, iter_scored_batches, mixed_target_log_probs, scored_tokens
-from ..windows import Window, sliding_windows
+from ..knnlm.evaluation import collect_queries, iter_scored_batches, mixed_target_log_probs, scored_tokens
+from ..knnlm.mixture import KNNSettings, interpolate, knn_target_log_probs
+from ..lm.corpus import CorpusLike
+from ..lm.hooks import FFNInputCapture
+from ..lm.windows import Window, sliding_windows
+from ..retrieval.retriever import Retriever
 from .prefix import DocumentTokens, last_log_probs, left_pad, max_positions, pad_token_id
-from .retriever import Retriever
 from .settings import RetrievalSettings, document_log_weights
 
 _SEARCH_CHUNK = 1024

@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, LogitsProcessorList
 
+from ..retrieval.retriever import Retriever
 from .logits_process import REPLUGProcessor
 from .prefix import DocumentTokens, pad_token_id, tokens_containing
-from .retriever import Retriever
 
 PROMPT = "Answer the question with a few words.\nQuestion: {question}\nAnswer:"
 METHODS = ("closed_book", "ralm", "replug")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import check_positive_int, is_int
+from ..utils.checks import check_positive_int, is_int
 from .hooks import FFNInputCapture, StopForward
 from .windows import Window, check_window_args
 

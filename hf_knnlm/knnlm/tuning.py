@@ -21,20 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..corpus import CorpusLike
 from ..datastore.datastore import Datastore
-from ..files import atomic_path, atomic_write_json
-from ..forward import check_forward_args
-from ..knn import check_knn_args, interpolate, knn_target_log_probs
-from ..windows import window_settings
-from .defaults import (
+from ..lm.corpus import CorpusLike
+from ..lm.forward import check_forward_args
+from ..lm.windows import window_settings
+from ..utils.files import atomic_path, atomic_write_json
+from .evaluation import ScoredBatch, iter_scored_batches, recorded_windows, scored_tokens
+from .mixture import check_knn_args, interpolate, knn_target_log_probs
+from .tuning_defaults import (
     DEFAULT_KS,
     DEFAULT_LMBDAS,
     DEFAULT_MAX_CACHE_BYTES,
     DEFAULT_TEMPERATURE_MULTIPLES,
     DEFAULT_TEMPERATURES,
 )
-from .evaluation import ScoredBatch, iter_scored_batches, recorded_windows, scored_tokens
 
 logger = logging.getLogger(__name__)
 

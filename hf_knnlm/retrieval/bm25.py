@@ -5,7 +5,7 @@ term -> column vocabulary. We save exactly those: ``bm25.safetensors`` (``data``
 ``indptr`` and, for BM25L/BM25+, ``nonoccurrence``), ``bm25_vocab.json``, the passages in
 ``documents.jsonl`` and ``bm25_config.json`` (parameters, sizes and the sha256 of every file, checked
 before anything is parsed). Nothing is pickled. Saving, loading and pushing are
-:class:`~hf_knnlm.hub_mixin.HubMixin`'s, as for datastores and document indexes.
+:class:`~hf_knnlm.utils.hub_mixin.HubMixin`'s, as for datastores and document indexes.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..files import atomic_path, atomic_write_json
-from ..hub_mixin import HubMixin, StoreConfig, render_card
+from ..utils.files import atomic_path, atomic_write_json
+from ..utils.hub_mixin import HubMixin, StoreConfig, render_card
 from .documents import read_documents, rows_of, write_documents
 from .retriever import check_collection, check_search_args
 

@@ -12,7 +12,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-from .knn import KNNSettings, check_setting
+from .mixture import KNNSettings, check_setting
 
 
 @strict

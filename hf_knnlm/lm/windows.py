@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .checks import is_int
+from ..utils.checks import is_int
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from typing import Any
 
 from .bm25 import CONFIG_NAME as BM25_CONFIG
 from .bm25 import BM25Retriever
-from .dense import DenseRetriever, sentence_encoder
+from .dense import DenseRetriever
+from .embedder import sentence_encoder
 from .retriever import Retriever
 
 DENSE_CONFIG = "document_index.json"
@@ -26,7 +27,7 @@ def load_retriever(
     if (folder / DENSE_CONFIG).is_file():
         from transformers import AutoTokenizer
 
-        from ..open_qa.document_index import DocumentIndex
+        from .document_index import DocumentIndex
 
         index = DocumentIndex.from_pretrained(folder, **kwargs)
         encoder = encoder or index.metadata.get("encoder")

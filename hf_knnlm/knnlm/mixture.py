@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_flag, check_fraction, check_positive_finite, check_positive_int
+from ..utils.checks import check_flag, check_fraction, check_positive_finite, check_positive_int
 
 
 def check_k(k: int) -> None:

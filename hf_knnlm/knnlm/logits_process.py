@@ -9,11 +9,11 @@ import threading
 import torch
 from transformers import LogitsProcessor
 
-from .datastore.datastore import Datastore
-from .hooks import FFNInputCapture
-from .knn import KNNSettings, interpolate
-from .neighbours import Neighbours
-from .skipping import search_skipper
+from ..datastore.datastore import Datastore
+from ..datastore.neighbours import Neighbours
+from ..lm.hooks import FFNInputCapture
+from .mixture import KNNSettings, interpolate
+from .policies import search_skipper
 
 
 def load_datastore(datastore: Datastore | str | os.PathLike, **kwargs) -> Datastore:

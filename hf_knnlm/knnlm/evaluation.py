@@ -10,14 +10,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..checks import is_int
-from ..corpus import CorpusLike, tokenize_corpus
 from ..datastore.datastore import Datastore
-from ..forward import WindowBatch, check_forward_args, iter_window_batches
-from ..knn import KNNSettings, interpolate, knn_target_log_probs
-from ..neighbours import Neighbours
-from ..skipping import search_skipper
-from ..windows import sliding_windows, window_settings
+from ..datastore.neighbours import Neighbours
+from ..lm.corpus import CorpusLike, tokenize_corpus
+from ..lm.forward import WindowBatch, check_forward_args, iter_window_batches
+from ..lm.windows import sliding_windows, window_settings
+from ..utils.checks import is_int
+from .mixture import KNNSettings, interpolate, knn_target_log_probs
+from .policies import search_skipper
 
 
 class Retrieval(Protocol):
@@ -78,7 +78,7 @@ def iter_scored_batches(
     """One forward pass and one batched neighbour search per batch of windows.
 
     ``retrieval`` replaces the plain search (RetoMaton, a retrieval gate): it maps each
-    :class:`~hf_knnlm.forward.WindowBatch` to its neighbours and optional per-token lmbda.
+    :class:`~hf_knnlm.lm.forward.WindowBatch` to its neighbours and optional per-token lmbda.
     """
     windows = list(sliding_windows(len(tokens), max_length, stride))
     hook = datastore.config.hook_module if datastore is not None else None

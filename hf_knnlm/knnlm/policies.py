@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .knn import KNNSettings
+from .mixture import KNNSettings
 
 
 def search_skipper(datastore, settings: KNNSettings, retomaton: int | None, gate, *, stream: bool):

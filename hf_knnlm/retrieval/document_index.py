@@ -1,6 +1,6 @@
 """The REALM document index: passages, their embeddings (safetensors) and a FAISS inner-product index.
 
-Saved, loaded and pushed like a kNN-LM datastore (both are :class:`~hf_knnlm.hub_mixin.HubMixin`
+Saved, loaded and pushed like a kNN-LM datastore (both are :class:`~hf_knnlm.utils.hub_mixin.HubMixin`
 stores): ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl`` (id, title,
 text per line), ``embeddings.safetensors`` (the source of truth for the vectors), ``index.faiss``
 (the search structure) and a ``README.md`` model card. Every file is checked against its recorded
@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..faiss_support import import_faiss
-from ..files import atomic_path, atomic_write_bytes
-from ..fingerprints import encoder_fingerprint, tokenizer_fingerprint
-from ..hub_mixin import HubMixin, StoreConfig, render_card
-from .tokenization import retriever_tokenizer
+from ..utils.faiss_support import import_faiss
+from ..utils.files import atomic_path, atomic_write_bytes
+from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
+from ..utils.hub_mixin import HubMixin, StoreConfig, render_card
+from .embedder import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
 DOCUMENTS_NAME = "documents.jsonl"

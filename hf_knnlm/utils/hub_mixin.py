@@ -22,7 +22,7 @@ overrides ``_model_card`` too, see :func:`render_card`):
 >>> from typing import ClassVar
 >>> import numpy as np
 >>> from safetensors.numpy import load_file, save_file
->>> from hf_knnlm.hub_mixin import HubMixin, StoreConfig
+>>> from hf_knnlm.utils.hub_mixin import HubMixin, StoreConfig
 >>> @dataclass(kw_only=True)
 ... class CountsConfig(StoreConfig):
 ...     CONFIG_NAME: ClassVar[str] = "counts_config.json"
@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ._version import __version__
+from .._version import __version__
 from .checks import is_int, is_real
 from .files import (
     atomic_folder,
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-CARD_TEMPLATES = Path(__file__).resolve().parent / "model_cards"
+CARD_TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 
 ConfigT = TypeVar("ConfigT", bound="StoreConfig")
 StoreT = TypeVar("StoreT", bound="HubMixin")
@@ -269,7 +269,7 @@ class HubMixin(abc.ABC):
         as a whole once the block completes, under the folder's write lock.
 
         A save that fails midway (a full disk, an interrupt) leaves the store that was there as it
-        was, and a concurrent writer fails at once (:class:`~hf_knnlm.files.FolderInUseError`).
+        was, and a concurrent writer fails at once (:class:`~hf_knnlm.utils.files.FolderInUseError`).
         Files of the old folder that are not the store's own (a user's notes) are carried over.
         """
         own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .datastore.extras import GATE_NAME, register_files
-from .files import atomic_path
-from .knn import KNNSettings
-from .neighbours import Neighbours
+from ..datastore.extras import GATE_NAME, register_files
+from ..datastore.neighbours import Neighbours
+from ..utils.files import atomic_path
+from .mixture import KNNSettings
 
 LM_FEATURES = ("entropy", "max_log_prob", "top2_margin")
 
@@ -115,7 +115,7 @@ class RetrievalGate(nn.Module):
         if GATE_NAME not in datastore.config.files:
             raise ValueError(
                 f"{datastore.folder} has no retrieval gate; train one with `hf-knnlm train-gate` "
-                f"(or hf_knnlm.gate.train_gate) on held-out text."
+                f"(or hf_knnlm.knnlm.gate.train_gate) on held-out text."
             )
         return cls.from_file(datastore.folder / GATE_NAME)
 
@@ -227,9 +227,9 @@ def train_gate(
     """Run the model over held-out ``data``, search every token once, fit a gate (and save it with
     the store unless ``save=False``). ``k`` and ``temperature`` are those the kNN-LM will use;
     ``skip_fraction``, ``calibration_fraction``, ``width`` and ``weight_decay`` go to :func:`fit_gate`."""
-    from .forward import iter_window_batches
-    from .scoring.evaluation import scored_tokens
-    from .windows import sliding_windows
+    from ..lm.forward import iter_window_batches
+    from ..lm.windows import sliding_windows
+    from .evaluation import scored_tokens
 
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     k = datastore.clamp_k(k)

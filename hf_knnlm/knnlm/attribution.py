@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList
 
-from .knn import KNNSettings
+from ..datastore.neighbours import Neighbours
 from .logits_process import KNNProcessor
-from .neighbours import Neighbours
+from .mixture import KNNSettings
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .knn import knn_log_probs, knn_target_log_probs, neighbour_log_weights
+from ..knnlm.mixture import knn_log_probs, knn_target_log_probs, neighbour_log_weights
 
 if TYPE_CHECKING:
-    from .datastore import Datastore
+    from . import Datastore
 
 
 @dataclass

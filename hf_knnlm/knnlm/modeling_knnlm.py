@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LogitsProcessorList, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..datastore.datastore import Datastore
+from ..lm.hooks import FFNInputCapture
+from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig, SettingsView, settings_of
-from .datastore.datastore import Datastore
 from .gate import GateSteps, load_gate
-from .hooks import FFNInputCapture
-from .hub import PUSH_OPTIONS, push_folder
-from .knn import KNNSettings
 from .logits_process import KNNProcessor, mix_neighbours, mix_with_datastore
+from .mixture import KNNSettings
 from .retomaton import RetoMaton, stream_neighbours
 
 WRAPPER_CONFIG_NAME = "config.json"

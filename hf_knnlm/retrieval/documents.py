@@ -7,8 +7,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..files import atomic_write_bytes
-from ..open_qa.document_index import documents_from_rows
+from ..utils.files import atomic_write_bytes
+from .document_index import documents_from_rows
 
 
 def rows_of(documents: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str], list[str]]:

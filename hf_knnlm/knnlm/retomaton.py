@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .neighbours import Neighbours, pad_rows
+from ..datastore.neighbours import Neighbours, pad_rows
 
 if TYPE_CHECKING:
-    from .datastore import Datastore
+    from ..datastore import Datastore
 
 
 # Pointer steps keep the k nearest of 4k candidates from the pointers' IVF lists: on the 40-speech
@@ -66,7 +66,7 @@ class RetoMaton:
     >>> import torch
     >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
     >>> from hf_knnlm import Datastore
-    >>> from hf_knnlm.retomaton import RetoMaton
+    >>> from hf_knnlm.knnlm.retomaton import RetoMaton
     >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
     >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
     >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "store",

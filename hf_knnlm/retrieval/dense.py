@@ -10,28 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..open_qa.configuration import RealmConfig
-from ..open_qa.document_index import DocumentIndex, embed_corpus
-from ..open_qa.modeling import RetrieverEmbedder
+from .document_index import DocumentIndex, embed_corpus
 from .documents import rows_of
 from .retriever import check_search_args
-
-
-def sentence_encoder(name_or_path: str | os.PathLike) -> RetrieverEmbedder:
-    """A sentence-embedding encoder (masked mean pooling, unit vectors, no projection) from any
-    ``AutoModel`` checkpoint: e.g. all-MiniLM-L6-v2 gives the published sentence-transformers embedding."""
-    from transformers import AutoConfig, AutoModel
-
-    config = RealmConfig(
-        encoder_config=AutoConfig.from_pretrained(name_or_path),
-        retriever_pooling="mean",
-        retriever_proj_size=None,
-        retriever_normalize=True,
-    )
-    embedder = RetrieverEmbedder(config)
-    embedder.encoder = AutoModel.from_pretrained(name_or_path)
-    embedder.name_or_path = str(name_or_path)
-    return embedder.eval()
 
 
 class DenseRetriever:
@@ -189,4 +170,4 @@ def _as_module(encoder: Any) -> nn.Module:
     return encoder if isinstance(encoder, nn.Module) else _CallableModule(encoder)
 
 
-__all__ = ["DenseRetriever", "sentence_encoder"]
+__all__ = ["DenseRetriever"]
