@@ -21,21 +21,26 @@ from .utils.lazy import lazy_exports
 _IMPORT_STRUCTURE = {
     ".datastore": ["Datastore", "DatastoreConfig", "Neighbours", "compress_datastore"],
     ".knnlm": [
+        "GateTraining",
         "KNNLMConfig",
         "KNNLMForCausalLM",
         "KNNProcessor",
         "KNNSettings",
+        "PerplexityOutput",
         "RetoMaton",
         "RetrievalGate",
+        "TuningGrid",
+        "TuningOutput",
         "evaluate_perplexity",
         "explain_generation",
         "interpolate",
         "knn_log_probs",
+        "mix",
         "render_html",
         "train_gate",
         "tune",
     ],
-    ".lm": ["FFNInputCapture", "find_ffn_module"],
+    ".lm": ["FFNInputCapture", "WindowSettings", "find_ffn_module"],
     ".open_qa": [
         "IndexRefreshCallback",
         "RealmConfig",
@@ -45,6 +50,8 @@ _IMPORT_STRUCTURE = {
         "train_realm",
     ],
     ".rag": [
+        "RetrievalPerplexityOutput",
+        "RetrievalSettings",
         "InContextRALMProcessor",
         "REPLUGProcessor",
         "evaluate_retrieval_perplexity",
@@ -59,21 +66,26 @@ __all__ = ["__version__", *(name for names in _IMPORT_STRUCTURE.values() for nam
 if TYPE_CHECKING:
     from .datastore import Datastore, DatastoreConfig, Neighbours, compress_datastore
     from .knnlm import (
+        GateTraining,
         KNNLMConfig,
         KNNLMForCausalLM,
         KNNProcessor,
         KNNSettings,
+        PerplexityOutput,
         RetoMaton,
         RetrievalGate,
+        TuningGrid,
+        TuningOutput,
         evaluate_perplexity,
         explain_generation,
         interpolate,
         knn_log_probs,
+        mix,
         render_html,
         train_gate,
         tune,
     )
-    from .lm import FFNInputCapture, find_ffn_module
+    from .lm import FFNInputCapture, WindowSettings, find_ffn_module
     from .open_qa import (
         IndexRefreshCallback,
         RealmConfig,
@@ -82,7 +94,14 @@ if TYPE_CHECKING:
         RealmOpenQAOutput,
         train_realm,
     )
-    from .rag import InContextRALMProcessor, REPLUGProcessor, evaluate_retrieval_perplexity, flare_generate
+    from .rag import (
+        InContextRALMProcessor,
+        REPLUGProcessor,
+        RetrievalPerplexityOutput,
+        RetrievalSettings,
+        evaluate_retrieval_perplexity,
+        flare_generate,
+    )
     from .retrieval import BM25Retriever, DenseRetriever, DocumentIndex, chunk_documents
     from .utils import FolderInUseError, IntegrityError
 

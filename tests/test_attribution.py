@@ -42,8 +42,8 @@ def test_documents_give_every_entry_its_text(tokenizer, model, tmp_path):
 def test_weights_sum_to_pknn_mass(store, tokenizer):
     settings = KNNSettings(k=16, lmbda=0.3, temperature=3.0)
     query = torch.from_numpy(store.keys.take(np.array([123])).astype(np.float32))
-    found = store.search_entries(query, 16)
-    pknn = knn_log_probs(found.distances, found.token_ids, store.vocab_size, 3.0).exp()[0]
+    found = store.search(query, 16)
+    pknn = knn_log_probs(found, store.vocab_size, 3.0).exp()[0]
     for token in set(found.token_ids[0].tolist()):
         a = attribute_step(store, tokenizer, found, token, -2.0, settings, top=16)
         assert abs(sum(n.weight for n in a.neighbours if n.matches) - float(pknn[token])) < 1e-5

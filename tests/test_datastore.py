@@ -40,7 +40,8 @@ def test_keys_are_the_ffn_inputs_of_the_first_window(store, model, tokenizer, co
 def test_stored_key_is_its_own_nearest_neighbour(store):
     ids = np.arange(0, len(store), 97)
     queries = torch.from_numpy(store.keys.take(ids).astype(np.float32))
-    distances, token_ids = store.search(queries, k=3)
+    found = store.search(queries, k=3)
+    distances, token_ids = found.distances, found.token_ids
     assert distances.dtype == torch.float32 and token_ids.dtype == torch.int64
     assert torch.all(distances[:, 0] == 0)
     _, nearest = store.search_ids(queries, k=1)
@@ -55,7 +56,7 @@ def test_save_load_round_trip_gives_identical_search(store, tmp_path):
     assert len(loaded.config.shards) > 1
     assert (tmp_path / "copy" / f"keys-00001-of-{len(loaded.config.shards):05d}.safetensors").exists()
     got = loaded.search(queries, k=5)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(got.distances, expected.distances) and torch.equal(got.ids, expected.ids)
 
 
 def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, tmp_path, monkeypatch):
@@ -89,7 +90,7 @@ def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, t
     np.testing.assert_array_equal(resumed.keys.to_numpy(), reference.keys.to_numpy())
     assert np.array_equal(resumed.values.to_numpy(), reference.values.to_numpy())
     q = torch.randn(4, 32)
-    assert torch.equal(resumed.search(q, 8)[1], reference.search(q, 8)[1])
+    assert torch.equal(resumed.search(q, 8).token_ids, reference.search(q, 8).token_ids)
     assert not (tmp_path / "resumed" / ".partial").exists()
 
 
@@ -134,7 +135,7 @@ def test_ivfpq_with_exact_recompute(model, tokenizer, corpus_text, tmp_path):
 
 def test_k_larger_than_store_is_clamped_with_warning(store, caplog):
     with caplog.at_level(logging.WARNING):
-        distances, _ = store.search(torch.randn(2, 32), k=len(store) + 10)
+        distances = store.search(torch.randn(2, 32), k=len(store) + 10).distances
     assert distances.shape == (2, len(store))
     assert "larger than the datastore" in caplog.text
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm.knnlm.evaluation import collect_queries
+from hf_knnlm import Neighbours
 from hf_knnlm.knnlm.mixture import interpolate, knn_target_log_probs
+from hf_knnlm.knnlm.scored import collect_queries
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
 
@@ -53,9 +54,8 @@ def test_knn_ppl_equals_direct_reference(model, tokenizer, other_text, store):
     k, lmbda, temperature = 8, 0.3, 5.0
     queries = collect_queries(model, tokenizer, [other_text], store, **WINDOWS)
     distances, ids = store.index.search(queries.queries.numpy(), k)
-    knn = knn_target_log_probs(
-        torch.from_numpy(distances), store.token_ids(ids), queries.targets, temperature
-    )
+    found = Neighbours(torch.from_numpy(distances), None, store.token_ids(ids))
+    knn = knn_target_log_probs(found, queries.targets, temperature)
     mixed = interpolate(queries.lm_log_probs, knn, lmbda)
     expected = math.exp(-mixed.double().mean().item())
     result = evaluate_perplexity(
@@ -93,11 +93,11 @@ def test_blocked_exact_recompute_equals_one_search(store, monkeypatch):
 
     queries = torch.from_numpy(store.keys.take(list(range(0, 200, 3))).astype("float32")) + 0.01
     for recompute in (False, True):
-        d1, t1 = store.search(queries, 8, recompute)
+        one = store.search(queries, 8, recompute)
         monkeypatch.setattr(storage, "_RECOMPUTE_ROWS", 8 * 5)  # blocks of 5 queries
-        d2, t2 = store.search(queries, 8, recompute)
+        blocked = store.search(queries, 8, recompute)
         monkeypatch.undo()
-        assert torch.equal(d1, d2) and torch.equal(t1, t2)
+        assert torch.equal(one.distances, blocked.distances) and torch.equal(one.token_ids, blocked.token_ids)
 
 
 def test_bad_settings_raise(model, tokenizer, other_text, store):

@@ -9,7 +9,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
-from hf_knnlm.knnlm.gate import RetrievalGate, fit_gate, lm_features, train_gate
+from hf_knnlm.knnlm.gate import RetrievalGate, lm_features
+from hf_knnlm.knnlm.gate_training import fit_gate, train_gate
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 
@@ -28,7 +29,7 @@ def test_fit_gate_learns_where_retrieval_helps():
     helps = features[:, 0] > 0  # p_kNN is right exactly when the first feature is positive
     lm_target = torch.full((n,), -3.0)
     knn_target = torch.where(helps, torch.tensor(-0.1), torch.tensor(-9.0))
-    gate = fit_gate(features, None, lm_target, knn_target, skip_fraction=0.5)
+    gate = fit_gate(features, None, lm_target, knn_target, skip_fraction=0.5, calibration_fraction=0.0)
     lam = torch.sigmoid(gate.logits(features))
     assert lam[helps].mean() > 0.8 and lam[~helps].mean() < 0.2
     skipped = gate.lmbda(features) == 0
@@ -91,14 +92,14 @@ def test_gate_in_processor_and_wrapper(model, tokenizer, gated_store):
         model.generate(
             **inputs, max_new_tokens=6, do_sample=False, logits_processor=LogitsProcessorList([knn])
         )
-        assert knn.retrieval.stats()["steps"] == 6
+        assert knn.retrieval_stats.steps == 6
     wrapped = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8, temperature=5.0, gate=True)
     out = wrapped(**inputs)
     torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(out.logits.shape[:2]))
 
 
 def test_retomaton_and_gate_together_are_refused(model, store):
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="does not combine"):
         KNNProcessor(model, store, k=8, retomaton=2, gate=True)
     with pytest.raises(ValueError, match="no retrieval gate"):
         KNNProcessor(model, store, k=8, gate=True)

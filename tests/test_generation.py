@@ -30,8 +30,7 @@ def _knn_reference(model, store, inputs, k, temperature):
     with FFNInputCapture(model) as capture, torch.no_grad():
         model(**inputs)
         query = capture.hidden_states(inputs["input_ids"].shape[0])[:, -1]
-    distances, ids = store.search(query, k)
-    return knn_log_probs(distances, ids, store.vocab_size, temperature)
+    return knn_log_probs(store.search(query, k), store.vocab_size, temperature)
 
 
 def test_processor_lambda_zero_is_the_base_model(model, store, tokenizer):
@@ -147,7 +146,7 @@ def test_wrapper_save_load_writes_no_base_weights(model, store, tokenizer, tmp_p
     saved = sorted(p.name for p in (tmp_path / "knnlm").iterdir())
     assert saved == ["config.json", "datastore"]
     config = json.loads((tmp_path / "knnlm" / "config.json").read_text())
-    assert config["model_type"] == "knnlm" and config["lmbda"] == 0.4
+    assert config["model_type"] == "knnlm" and config["settings"]["lmbda"] == 0.4
     assert config["datastore"] is None and config["datastore_subfolder"] == "datastore"
     loaded = KNNLMForCausalLM.from_pretrained(tmp_path / "knnlm")
     assert loaded.settings == wrapper.settings

@@ -30,8 +30,8 @@ def _queries(store: Datastore, n: int = 6) -> torch.Tensor:
 
 def _assert_same_search(a: Datastore, b: Datastore, k: int = 8) -> None:
     q = _queries(a)
-    (da, ta), (db, tb) = a.search(q, k), b.search(q, k)
-    assert torch.equal(ta, tb) and torch.equal(da, db)
+    na, nb = a.search(q, k), b.search(q, k)
+    assert torch.equal(na.token_ids, nb.token_ids) and torch.equal(na.distances, nb.distances)
     ia, ib = a.search_ids(q, k)[1], b.search_ids(q, k)[1]
     np.testing.assert_array_equal(ia, ib)
 
@@ -76,7 +76,7 @@ def test_sharded_store_reassembles_exactly(store, sharded_dir):
     _assert_same_search(store, sharded)
     q = _queries(store)
     exact = sharded.search(q, 8, recompute_dists=True)  # gathers keys across shard boundaries
-    assert torch.equal(exact[0], store.search(q, 8, recompute_dists=True)[0])
+    assert torch.equal(exact.distances, store.search(q, 8, recompute_dists=True).distances)
 
 
 def test_store_without_index_json_loads_from_config_shards(store, sharded_dir):

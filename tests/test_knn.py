@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_knnlm import KNNSettings, interpolate, knn_log_probs
+from hf_knnlm import Neighbours
 from hf_knnlm.knnlm.mixture import knn_target_log_probs
 
 
@@ -28,8 +29,8 @@ def test_pknn_matches_brute_force_numpy(store, temperature):
     values = store.values.to_numpy()
     rng = np.random.default_rng(0)
     queries = keys[rng.choice(len(keys), 5)] + rng.normal(0, 0.05, (5, keys.shape[1])).astype(np.float32)
-    distances, token_ids = store.search(torch.from_numpy(queries), k=16)
-    got = knn_log_probs(distances, token_ids, store.vocab_size, temperature).exp().double().numpy()
+    found = store.search(torch.from_numpy(queries), k=16)
+    got = knn_log_probs(found, store.vocab_size, temperature).exp().double().numpy()
     for row, q in enumerate(queries):
         expected = _numpy_pknn(keys, values, q, 16, temperature, store.vocab_size)
         np.testing.assert_allclose(got[row], expected, atol=1e-5)
@@ -39,14 +40,15 @@ def test_target_only_equals_dense_gather():
     torch.manual_seed(0)
     d, ids = torch.rand(6, 8) * 5, torch.randint(0, 20, (6, 8))
     targets = torch.cat([ids[:3, 0], torch.tensor([19, 18, 17])])
-    dense = knn_log_probs(d, ids, 20, 2.0).gather(1, targets[:, None]).squeeze(1)
-    torch.testing.assert_close(knn_target_log_probs(d, ids, targets, 2.0), dense)
+    found = Neighbours(d, None, ids)
+    dense = knn_log_probs(found, 20, 2.0).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(knn_target_log_probs(found, targets, 2.0), dense)
 
 
 def test_interpolation_endpoints_are_exact_and_mixes_in_probability_space():
     torch.manual_seed(0)
     lm = torch.log_softmax(torch.randn(4, 30), -1)
-    knn = knn_log_probs(torch.rand(4, 5), torch.randint(0, 30, (4, 5)), 30, 1.0)
+    knn = knn_log_probs(Neighbours(torch.rand(4, 5), None, torch.randint(0, 30, (4, 5))), 30, 1.0)
     assert torch.equal(interpolate(lm, knn, 0.0), lm)
     assert torch.equal(interpolate(lm, knn, 1.0), knn)
     mixed = interpolate(lm, knn, 0.3)
@@ -57,7 +59,7 @@ def test_interpolation_endpoints_are_exact_and_mixes_in_probability_space():
 def test_missing_neighbours_carry_no_mass():
     d = torch.tensor([[0.5, math.inf], [math.inf, math.inf]])
     ids = torch.tensor([[3, 0], [0, 0]])
-    p = knn_log_probs(d, ids, 5, 1.0).exp()
+    p = knn_log_probs(Neighbours(d, None, ids), 5, 1.0).exp()
     assert p[0, 3] == 1 and p[0].sum() == 1
     assert p[1].sum() == 0
 

@@ -207,6 +207,7 @@ def test_flare_threshold_one_retrieves_every_sentence(model, tokenizer):
     [
         ({"num_documents": 0}, "num_documents"),
         ({"retrieval_stride": 0}, "retrieval_stride"),
+        ({"document_temperature": 0.0}, "document_temperature"),
         ({"temperature": 0.0}, "temperature"),
         ({"max_length": 256}, "positions"),
     ],

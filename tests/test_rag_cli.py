@@ -36,7 +36,7 @@ def test_rag_index_evaluate_generate(saved_model, corpus_text, other_text, tmp_p
         assert main([*evaluate, "--method", method]) == 0
         result = json.loads(out_json.read_text())
         assert result["num_tokens"] == 119 and result["retrieved_fraction"] > 0.5
-        assert result["settings"]["num_documents"] == (1 if method == "ralm" else 4)
+        assert result["retrieval"]["num_documents"] == (1 if method == "ralm" else 4)
 
     for method in ("ralm", "replug", "flare"):
         capsys.readouterr()

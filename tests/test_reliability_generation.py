@@ -126,13 +126,12 @@ def test_wrapper_honours_settings_changed_after_generate(model, store, tokenizer
         assert torch.equal(wrapper(**inputs).logits, reference(**inputs).logits)
 
     wrapper.settings.lmbda = 0.0
-    assert wrapper.config.lmbda == 0.0
+    assert wrapper.config.settings.lmbda == 0.0
     assert torch.equal(_generate(wrapper, tokenizer, "The king", []), base)
     with pytest.raises(ValueError, match=r"\blmbda="):
         wrapper.settings.lmbda = -1.0
-    wrapper.config.k = 0
     with pytest.raises(ValueError, match=r"\bk="):
-        _generate(wrapper, tokenizer, "The king", [])
+        wrapper.config.k = 0  # refused at once, not at the next generate
 
 
 def test_nprobe_changes_during_searches_are_safe(store, tmp_path):
@@ -141,9 +140,9 @@ def test_nprobe_changes_during_searches_are_safe(store, tmp_path):
     queries = torch.from_numpy(ivf.keys.take(rows).astype(np.float32))
     queries += 0.5 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(0))
     ivf.nprobe = 1
-    narrow = ivf.search(queries, 16)[0]
+    narrow = ivf.search(queries, 16).distances
     ivf.nprobe = 16
-    wide = ivf.search(queries, 16)[0]
+    wide = ivf.search(queries, 16).distances
     assert not torch.equal(narrow, wide)
 
     stop = threading.Event()
@@ -159,7 +158,7 @@ def test_nprobe_changes_during_searches_are_safe(store, tmp_path):
     flipper.start()
     try:
         for _ in range(100):
-            distances = ivf.search(queries, 16)[0]
+            distances = ivf.search(queries, 16).distances
             assert torch.equal(distances, narrow) or torch.equal(distances, wide)
     finally:
         stop.set()

@@ -47,7 +47,7 @@ def test_precomputed_search_gives_the_online_result(store):
     queries = torch.from_numpy(store.keys.take(np.arange(40, 70)).astype(np.float32))
     prev = [None] + store.values[39:69].tolist()
     online = stream_neighbours(RetoMaton(store, 2, 8), queries, prev)
-    cached = store.search_entries(queries, 8)
+    cached = store.search(queries, 8)
     offline = stream_neighbours(RetoMaton(store, 2, 8), queries, prev, precomputed=cached)
     assert torch.equal(online.ids, offline.ids) and torch.equal(online.distances, offline.distances)
 
@@ -75,7 +75,7 @@ def test_processor_follows_pointers_in_beam_search(model, tokenizer, store, corp
             do_sample=False,
             logits_processor=LogitsProcessorList([knn]),
         )
-        stats = knn.retrieval.stats()
+        stats = knn.retrieval_stats.to_dict()
     assert stats["steps"] == 30 and 0 < stats["searches"] < stats["steps"]
 
 
@@ -88,11 +88,11 @@ def test_wrapper_threshold_above_k_equals_plain(model, tokenizer, store):
     a = plain(**ids, labels=ids["input_ids"])
     b = reto(**ids, labels=ids["input_ids"])
     assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
-    assert reto.retrieval_stats["searches_saved"] == 0.0
+    assert reto.retrieval_stats.searches_saved == 0.0
 
 
 def test_bad_threshold_is_refused(store):
-    with pytest.raises(ValueError, match="threshold=0"):
+    with pytest.raises(ValueError, match="retomaton=0"):
         RetoMaton(store, threshold=0, k=8)
 
 

@@ -117,12 +117,12 @@ def test_gpu_clone_options(store_dir, fake_gpus, gpu, shard):
     store.nprobe = 3
     assert clone.params == {"nprobe": 3}
     queries = torch.from_numpy(store.keys.take(np.arange(5)).astype(np.float32))
-    distances, tokens = store.search(queries, k=4)
+    found = store.search(queries, k=4)
     assert clone.searches == [((5, store.hidden_size), 4)]  # one batched search, on the GPU clone
     cpu = Datastore.from_pretrained(store_dir, gpu="none")
     expected = cpu.search(queries, k=4)
-    torch.testing.assert_close(distances, expected[0])
-    assert torch.equal(tokens, expected[1])
+    torch.testing.assert_close(found.distances, expected.distances)
+    assert torch.equal(found.token_ids, expected.token_ids)
     assert len(store) > 2049
     with pytest.raises(ValueError, match="k=2049"):
         store.search_ids(queries, 2049)

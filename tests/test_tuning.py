@@ -10,7 +10,7 @@ import pytest
 from hf_knnlm import Datastore, evaluate_perplexity
 from hf_knnlm.commands import main
 from hf_knnlm.datastore.config import CONFIG_NAME
-from hf_knnlm.knnlm.evaluation import collect_queries
+from hf_knnlm.knnlm.scored import collect_queries
 from hf_knnlm.knnlm.tuning import (
     PLOT_NAME,
     RESULTS_NAME,
@@ -94,7 +94,7 @@ def test_tune_writes_json_and_png(model, tokenizer, other_text, store, tmp_path)
     saved = json.loads((tmp_path / RESULTS_NAME).read_text())
     assert len(saved["points"]) == 2 * 2 * 3
     assert saved["best"] == min(saved["points"], key=lambda p: p["knn_ppl"])
-    assert saved["best"] == result["best"]
+    assert saved["best"] == result.best.to_dict()
     at_zero = [p["knn_ppl"] for p in saved["points"] if p["lmbda"] == 0.0]
     assert at_zero == pytest.approx([saved["base_ppl"]] * len(at_zero), rel=1e-6)  # lmbda=0 is the LM
     png = (tmp_path / PLOT_NAME).read_bytes()
@@ -103,7 +103,7 @@ def test_tune_writes_json_and_png(model, tokenizer, other_text, store, tmp_path)
 
 def test_temperature_grid_follows_distance_scale(cache):
     scale = median_nn_distance(cache)
-    assert scale == pytest.approx(float(np.median(cache.distances[:, 0].numpy())), rel=1e-6)
+    assert scale == pytest.approx(float(np.median(cache.neighbours.distances[:, 0].numpy())), rel=1e-6)
     grid = temperature_grid(cache, multiples=[0.5, 2.0], plain=[1.0])
     assert grid == pytest.approx(sorted([0.5 * scale, 2.0 * scale, 1.0]), rel=1e-5)
 
@@ -114,7 +114,7 @@ def test_cache_is_capped(model, tokenizer, other_text, store):
         model, tokenizer, [other_text], store, k=k, max_cache_bytes=100 * k * 8, **WINDOWS
     )
     assert len(capped.targets) == 100
-    assert capped.distances.shape == (100, k) and capped.neighbour_tokens.dtype.itemsize == 4
+    assert capped.neighbours.distances.shape == (100, k) and capped.neighbours.token_ids.dtype.itemsize == 4
     with pytest.raises(ValueError, match="max_cache_bytes"):
         build_tuning_cache(model, tokenizer, [other_text], store, k=k, max_cache_bytes=8, **WINDOWS)
 

@@ -106,7 +106,12 @@ def add_knn_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
     parser.add_argument("--k", type=positive_int, default=1024, help="Neighbours per query (default 1024).")
     parser.add_argument("--lmbda", type=float, default=0.25, help="Weight of p_kNN in [0, 1] (default 0.25).")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Distance temperature (default 1).")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="Distance temperature (default: the datastore's calibrated temperature).",
+    )
     parser.add_argument("--recompute-dists", action="store_true", help="Exact distances from stored keys.")
     parser.add_argument(
         "--nprobe", type=positive_int, default=32, help="IVF lists probed per query (default 32)."

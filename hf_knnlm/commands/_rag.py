@@ -40,7 +40,7 @@ def retrieval_settings(args: argparse.Namespace) -> dict:
         "num_documents": num_documents(args),
         "retrieval_stride": args.retrieval_stride,
         "query_length": args.query_length,
-        "temperature": args.replug_temperature,
+        "document_temperature": args.replug_temperature,
         "max_document_tokens": args.max_document_tokens,
     }
 
@@ -49,6 +49,7 @@ def print_result(result: dict, output_json: str | None) -> int:
     """Print the result as JSON (and write it to ``output_json``); the command's exit status."""
     from ..utils.files import atomic_write_json
 
+    result = result.to_dict() if hasattr(result, "to_dict") else result
     print(json.dumps(result, indent=2))
     if output_json:
         atomic_write_json(output_json, result)

@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         text_column=args.text_column,
         max_tokens=args.max_tokens,
     )
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result.to_dict(), indent=2))
     if args.output_json:
-        atomic_write_json(args.output_json, result)
+        atomic_write_json(args.output_json, result.to_dict())
     return 0
 
 

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
             datastore=Datastore.from_pretrained(args.datastore),
             k=args.k,
             lmbda=args.lmbda,
-            knn_temperature=args.temperature,
+            temperature=args.temperature,
         )
     windows = {name: getattr(args, name) for name in WINDOW_ARGS}
     settings = retrieval_settings(args)
@@ -43,7 +43,12 @@ def register(subparsers) -> None:
     p.add_argument("--datastore", default=None, help="Also mix this kNN-LM datastore into In-Context RALM.")
     p.add_argument("--k", type=int, default=1024, help="kNN-LM neighbours (default 1024).")
     p.add_argument("--lmbda", type=float, default=0.25, help="kNN-LM weight in [0, 1] (default 0.25).")
-    p.add_argument("--temperature", type=float, default=1.0, help="kNN-LM distance temperature (default 1).")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="kNN-LM distance temperature (default: the datastore's calibrated temperature).",
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
     p.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
     p.set_defaults(func=run)

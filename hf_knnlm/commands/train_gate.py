@@ -10,7 +10,7 @@ from ._common import add_data_args, add_knn_args, add_model_args, add_window_arg
 
 def run(args: argparse.Namespace) -> int:
     from ..datastore import Datastore
-    from ..knnlm.gate import train_gate
+    from ..knnlm.gate_training import train_gate
 
     model, tokenizer = load_model(args)
     store = Datastore.from_pretrained(args.datastore, nprobe=args.nprobe, gpu=args.gpu)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..knnlm.tuning_defaults import DEFAULT_LMBDAS, DEFAULT_MAX_CACHE_BYTES, DEFAULT_TEMPERATURE_MULTIPLES
+from ..knnlm.tuning_grid import TuningGrid
 from ._common import (
     add_data_args,
     add_knn_args,
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         load_datastore(args),
         args.output_dir,
         k=args.k,
+        recompute_dists=args.recompute_dists,
         ks=args.ks,
         lmbdas=args.lmbdas,
         temperatures=args.temperatures,
@@ -51,15 +52,15 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         stride=args.stride,
         batch_size=args.batch_size,
-        recompute_dists=args.recompute_dists,
         text_column=args.text_column,
         max_tokens=args.max_tokens,
         max_cache_bytes=args.max_cache_mb << 20,
     )
     best = result["best"]
+    summary = result.to_dict()
     print(
         json.dumps(
-            {key: result[key] for key in ("base_ppl", "num_tokens", "median_nn_distance", "best")}, indent=2
+            {key: summary[key] for key in ("base_ppl", "num_tokens", "median_nn_distance", "best")}, indent=2
         )
     )
     print(
@@ -81,7 +82,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--ks", type=_ints, default=None, help="k values to try, each <= --k (default 8,32,...,--k)."
     )
-    p.add_argument("--lmbdas", type=_floats, default=list(DEFAULT_LMBDAS), help="lmbda values to try.")
+    p.add_argument("--lmbdas", type=_floats, default=list(TuningGrid.lmbdas), help="lmbda values to try.")
     p.add_argument(
         "--temperatures",
         type=_floats,
@@ -91,14 +92,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--temperature-multiples",
         type=_floats,
-        default=list(DEFAULT_TEMPERATURE_MULTIPLES),
+        default=list(TuningGrid.temperature_multiples),
         help="Multiples of the median nearest-neighbour distance used as temperatures.",
     )
     p.add_argument("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
     p.add_argument(
         "--max-cache-mb",
         type=int,
-        default=DEFAULT_MAX_CACHE_BYTES >> 20,
+        default=TuningGrid.max_cache_bytes >> 20,
         help="Cap of the neighbour cache (tokens x k x 8 bytes); default 1024 MB.",
     )
     p.add_argument("--output-dir", required=True, help="Folder for tune_results.json and tune_plot.png.")

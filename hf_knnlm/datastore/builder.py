@@ -31,12 +31,22 @@ from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
 from ..utils.fingerprints import tokenizer_fingerprint
 from ..utils.hub_mixin import CARD_NAME, finish_folder
+from .calibration import calibrate_temperature, exact_search
 from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .extras import EXTRA_FILES, copy_extra_files
-from .index import INDEX_NAME, build_index, check_index_factory, is_exact, new_index, write_index
+from .index import (
+    DEFAULT_NPROBE,
+    INDEX_NAME,
+    build_index,
+    check_index_factory,
+    is_exact,
+    new_index,
+    search_parameters,
+    write_index,
+)
 from .provenance import record_provenance
 from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
@@ -207,6 +217,9 @@ def write_store(
         )
     if index_files:
         write_index(index, folder / INDEX_NAME)
+    if config.temperature is None:
+        written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
+        config.temperature = calibrate_temperature(written, _calibration_search(index, written))
     for stale in folder.glob(f"*{INDEX_SUFFIX}"):  # a store with one shard has no shard index json
         stale.unlink()
     config.num_entries = bounds[-1][1] if bounds else 0
@@ -217,6 +230,14 @@ def write_store(
     index_files += write_shard_index(folder, KEYS_PREFIX, "keys", key_files, bounds, key_dim * 2)
     index_files += write_shard_index(folder, VALUES_PREFIX, "values", value_files, bounds, 4)
     return [*key_files, *value_files, *index_files]
+
+
+def _calibration_search(index: faiss.Index | None, keys: ShardedArray):
+    """How calibration searches the keys just written: the new index as queries will, else brute force."""
+    if index is None:
+        return exact_search(keys.iter_rows(_INDEX_ADD_ROWS))
+    params = search_parameters(index, DEFAULT_NPROBE)
+    return lambda queries, k: index.search(queries, k, params=params)
 
 
 def build_datastore(
@@ -368,7 +389,7 @@ def rebuild_store(
     # the new one is complete (the store's _writable_folder swaps it in).
     check_index_factory(index_factory, store.key_dim, len(store), train_size)
     config = DatastoreConfig.from_dict(store.config.to_dict())
-    config.index_factory, config.evaluation = index_factory, None
+    config.index_factory, config.evaluation, config.temperature = index_factory, None, None
     bounds = [(s["start"], s["end"]) for s in config.shards]
     with store._writable_folder(out) as folder:
         keys, values = store.keys.iter_rows(_INDEX_ADD_ROWS), store.values.iter_rows(1 << 20)

@@ -226,7 +226,7 @@ def compress_datastore(
 
     config = DatastoreConfig.from_dict(src.config.to_dict())
     config.index_factory = factory
-    config.evaluation = None
+    config.evaluation = config.temperature = None  # both measured on the source store's keys
     bounds = shard_bounds(len(keep), dim * 2, "5GB")
     values_kept = [values[keep].astype(np.int32)]
     # Written beside ``out`` and swapped in whole (under its lock): an old store there stays until then.

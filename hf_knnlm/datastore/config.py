@@ -51,6 +51,13 @@ class DatastoreConfig(StoreConfig):
     num_entries: int = field(default=0, metadata={"help": "Number of (key, value) pairs."})
     max_length: int | None = field(default=None, metadata={"help": "Sliding-window length used to build."})
     stride: int | None = field(default=None, metadata={"help": "Sliding-window stride used to build."})
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Default kNN temperature: 0.2 x the median distance of a sample of keys to their nearest "
+            "other entry, measured when the store was written (None in stores written before it was)."
+        },
+    )
     datasets: list[str] = field(default_factory=list, metadata={"help": "Names of the corpora in the store."})
     shards: list[dict[str, Any]] = field(
         default_factory=list,

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..knnlm.mixture import check_k
 from ..lm.corpus import CorpusLike
 from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.hub_mixin import HubMixin
 from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
+from .calibration import calibrate_temperature
 from .card import datastore_card
 from .clusters import Clusters
 from .compat import check_compatible
@@ -67,8 +67,8 @@ class Datastore(HubMixin):
     ...                         max_length=16, stride=8, disable_progress=True)
     >>> len(store), store.hidden_size  # one entry per token after the first
     (6, 32)
-    >>> distances, token_ids = store.search(torch.randn(2, store.hidden_size), k=4)
-    >>> distances.shape, token_ids.dtype
+    >>> neighbours = store.search(torch.randn(2, store.hidden_size), k=4)
+    >>> neighbours.distances.shape, neighbours.token_ids.dtype  # the 4 nearest keys of 2 queries
     (torch.Size([2, 4]), torch.int64)
     >>> Datastore.from_pretrained("my-datastore").config.num_entries  # a folder or a Hub repo id
     6
@@ -118,6 +118,7 @@ class Datastore(HubMixin):
                 f"The datastore is incomplete; rebuild it."
             )
         self._warned_k: set[int] = set()
+        self._temperature: float | None = None
         self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu)
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
@@ -339,7 +340,7 @@ class Datastore(HubMixin):
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:
         """``k`` checked (a positive int) and cut to the store size, with one warning per value."""
-        check_k(k)
+        check_positive_int("k", k, "the number of neighbours, e.g. k=1024")
         if k > len(self):
             if k not in self._warned_k:
                 self._warned_k.add(k)
@@ -376,9 +377,7 @@ class Datastore(HubMixin):
         distances = np.where(missing, np.inf, distances).astype(np.float32)
         return distances, ids
 
-    def search(
-        self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False) -> Neighbours:
         """The ``k`` nearest stored keys of every query by squared L2 distance.
 
         Args:
@@ -388,25 +387,26 @@ class Datastore(HubMixin):
                 with exact ones computed from the stored fp16 keys.
 
         Returns:
-            `(distances, token_ids)`: float32 and int64 tensors of shape `[Q, k]` on the queries'
-            device; a missing neighbour has distance `inf`.
+            [`Neighbours`]: ``[Q, k]`` distances (float32), entry ids, values (next-token ids) and the
+            merge counts of a pruned store, on the CPU; a missing neighbour has id -1 and distance `inf`.
         """
         distances, ids = self.search_ids(queries, k, recompute_dists)
-        token_ids = self.token_ids(ids)
-        device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-        return torch.from_numpy(distances).to(device), token_ids.to(device)
+        return Neighbours.from_ids(self, distances, ids)
 
     def token_ids(self, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The stored next-token ids (int64) of entries ``ids``, any shape; ``-1`` (no neighbour) gives 0."""
         ids = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
         return torch.from_numpy(self.values.take(np.where(ids < 0, 0, ids)).astype(np.int64))
 
-    def search_entries(
-        self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False
-    ) -> Neighbours:
-        """Like :meth:`search`, but keeps the entry ids (and merge counts) of the neighbours."""
-        distances, ids = self.search_ids(queries, k, recompute_dists)
-        return Neighbours.from_ids(self, torch.from_numpy(distances), torch.from_numpy(ids))
+    @property
+    def default_temperature(self) -> float:
+        """The kNN temperature used when none is given: the one recorded at build time, else calibrated
+        now on a sample of the keys (:func:`~hf_knnlm.datastore.calibration.calibrate_temperature`)."""
+        if self.config.temperature is not None:
+            return self.config.temperature
+        if self._temperature is None:
+            self._temperature = calibrate_temperature(self.keys, self._searcher.search) or 1.0
+        return self._temperature
 
     # ----------------------------------------------------------------- compatibility
     def check_compatible(self, model: torch.nn.Module, tokenizer=None) -> None:

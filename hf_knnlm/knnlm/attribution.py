@@ -17,7 +17,8 @@ from transformers import LogitsProcessorList
 
 from ..datastore.neighbours import Neighbours
 from .logits_process import KNNProcessor
-from .mixture import KNNSettings
+from .mixture import neighbour_weights
+from .settings import KNNSettings
 
 
 @dataclass
@@ -60,7 +61,7 @@ def attribute_step(
 ) -> TokenAttribution:
     """The attribution of ``token_id`` from one step's neighbours (a single row)."""
     lmbda = settings.lmbda if lmbda is None else lmbda
-    weights = neighbours.log_weights(settings.temperature)[0].exp()
+    weights = neighbour_weights(neighbours, settings.temperature)[0].exp()
     ids, values = neighbours.ids[0], neighbours.token_ids[0]
     valid = ids >= 0
     knn_prob = float(weights[valid & (values == token_id)].sum())
@@ -127,28 +128,25 @@ def explain_generation(
     prompt: str,
     *,
     max_new_tokens: int = 20,
-    k: int = 1024,
-    lmbda: float = 0.25,
-    temperature: float = 1.0,
-    recompute_dists: bool = False,
-    retomaton: int | None = None,
+    settings: KNNSettings | None = None,
     gate=None,
     top: int = 5,
+    **overrides,
 ) -> tuple[list[TokenAttribution], str]:
     """Greedy kNN-LM generation from ``prompt`` with an attribution for every new token.
+
+    Args:
+        settings ([`KNNSettings`], *optional*): the kNN-LM (``overrides`` such as ``k=``, ``lmbda=``
+            change single fields); ``gate`` as in [`KNNProcessor`].
+        top (`int`, defaults to 5): neighbours listed per token.
 
     Returns:
         `(attributions, generated_text)`.
     """
+    if not prompt or not prompt.strip():
+        raise ValueError("prompt is empty; pass the text to continue, e.g. prompt='The history of'.")
     with _RecordingProcessor(
-        model,
-        datastore,
-        k=k,
-        lmbda=lmbda,
-        temperature=temperature,
-        recompute_dists=recompute_dists,
-        retomaton=retomaton,
-        gate=gate,
+        model, datastore, tokenizer=tokenizer, gate=gate, settings=KNNSettings.merge(settings, **overrides)
     ) as recorder:
         inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
         out = model.generate(
@@ -161,21 +159,19 @@ def explain_generation(
             else tokenizer.eos_token_id,
         )
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
-        result = []
-        for token, (found, lam, lm) in zip(new, recorder.steps, strict=False):
-            step_lmbda = None if lam is None else float(lam[0])
-            result.append(
-                attribute_step(
-                    datastore,
-                    tokenizer,
-                    found,
-                    token,
-                    float(lm[0, token]),
-                    recorder.settings,
-                    step_lmbda,
-                    top,
-                )
+        result = [
+            attribute_step(
+                datastore,
+                tokenizer,
+                found,
+                token,
+                float(lm[0, token]),
+                recorder.settings,
+                None if lam is None else float(lam[0]),
+                top,
             )
+            for token, (found, lam, lm) in zip(new, recorder.steps, strict=False)
+        ]
     return result, tokenizer.decode(new)
 
 

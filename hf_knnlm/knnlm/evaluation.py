@@ -3,117 +3,46 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..datastore.datastore import Datastore
-from ..datastore.neighbours import Neighbours
-from ..lm.corpus import CorpusLike, tokenize_corpus
-from ..lm.forward import WindowBatch, check_forward_args, iter_window_batches
-from ..lm.windows import sliding_windows, window_settings
-from ..utils.checks import is_int
-from .mixture import KNNSettings, interpolate, knn_target_log_probs
-from .policies import search_skipper
-
-
-class Retrieval(Protocol):
-    """What replaces the plain per-batch search: RetoMaton, an adaptive-retrieval gate."""
-
-    lm_features: Callable[[torch.Tensor], torch.Tensor] | None  # what it needs from the LM
-
-    def __call__(self, batch: WindowBatch) -> tuple[Neighbours, torch.Tensor | None]: ...
-
-    def stats(self) -> dict[str, float | int]: ...
+from ..lm.corpus import CorpusLike
+from ..lm.forward import check_forward_args
+from ..lm.windows import WindowSettings
+from ..utils.outputs import Output
+from .policies import GateLike, RetrievalStats, SearchPolicy, search_policy, split_gate
+from .scored import iter_scored_batches, scored_tokens
+from .settings import KNNSettings, settings_from
 
 
 @dataclass
-class ScoredBatch:
-    """What the mixture needs per scored token: LM log-prob of the target and the neighbours."""
+class PerplexityOutput(Output):
+    """The result of :func:`evaluate_perplexity` (also readable as a dict: ``result["knn_ppl"]``).
 
-    lm_log_probs: torch.Tensor  # [n]
-    targets: torch.Tensor  # [n]
-    distances: torch.Tensor | None  # [n, k]
-    neighbour_tokens: torch.Tensor | None  # [n, k]
-    neighbour_log_counts: torch.Tensor | None = None  # [n, k] merge counts of a pruned store
-    lmbda: torch.Tensor | None = None  # [n] per-token weights (a retrieval gate); 0 = not searched
-
-
-def scored_tokens(
-    model: torch.nn.Module,
-    tokenizer,
-    data: CorpusLike,
-    datastore: Datastore | None,
-    text_column: str = "text",
-    max_tokens: int | None = None,
-) -> np.ndarray:
-    """The token stream to score, after checking that ``datastore`` fits ``model`` and ``tokenizer``."""
-    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 2):
-        raise ValueError(
-            f"max_tokens={max_tokens!r} leaves nothing to score: it needs at least 2 tokens (a context and a "
-            f"target); pass max_tokens >= 2, or None for the whole text."
-        )
-    if datastore is not None:
-        datastore.check_compatible(model, tokenizer)
-    tokens = tokenize_corpus(tokenizer, data, text_column)
-    return tokens if max_tokens is None else tokens[:max_tokens]
-
-
-def iter_scored_batches(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    datastore: Datastore | None,
-    *,
-    k: int,
-    max_length: int,
-    stride: int,
-    batch_size: int,
-    recompute_dists: bool = False,
-    disable_progress: bool | None = None,
-    retrieval: Retrieval | None = None,
-) -> Iterator[ScoredBatch]:
-    """One forward pass and one batched neighbour search per batch of windows.
-
-    ``retrieval`` replaces the plain search (RetoMaton, a retrieval gate): it maps each
-    :class:`~hf_knnlm.lm.forward.WindowBatch` to its neighbours and optional per-token lmbda.
+    Attributes:
+        base_ppl: perplexity of the model alone.
+        knn_ppl: perplexity of the kNN-LM (None without a datastore).
+        num_tokens: tokens scored.
+        steps, searches, searches_saved: queries answered, faiss searches run and the fraction saved
+            (RetoMaton and the gate save some; None without a datastore).
+        settings: the kNN-LM settings used, resolved for the store (its temperature and k filled in).
+        windows: the sliding windows used.
+        search: the store's search setup (entries, index factory, nprobe).
     """
-    windows = list(sliding_windows(len(tokens), max_length, stride))
-    hook = datastore.config.hook_module if datastore is not None else None
-    model.eval()
-    for batch in iter_window_batches(
-        model,
-        tokens,
-        windows,
-        batch_size=batch_size,
-        hook_module=hook,
-        with_log_probs=True,
-        desc="scoring",
-        disable_progress=disable_progress,
-        lm_features=None if retrieval is None else retrieval.lm_features,
-    ):
-        scored = ScoredBatch(batch.lm_log_probs.float().cpu(), batch.targets.cpu(), None, None)
-        if datastore is not None:
-            if retrieval is None:
-                found, scored.lmbda = datastore.search_entries(batch.hidden, k, recompute_dists), None
-            else:
-                found, scored.lmbda = retrieval(batch)
-            found = found.to("cpu")
-            scored.distances, scored.neighbour_tokens = found.distances, found.token_ids
-            scored.neighbour_log_counts = found.log_counts
-        yield scored
 
-
-def mixed_target_log_probs(
-    batch: ScoredBatch, lmbda: float, temperature: float, k: int | None = None
-) -> torch.Tensor:
-    """log(lmbda p_kNN(y) + (1 - lmbda) p_LM(y)) for each target y, from (a prefix of) the neighbours."""
-    distances, neighbours = batch.distances[:, :k], batch.neighbour_tokens[:, :k]
-    counts = None if batch.neighbour_log_counts is None else batch.neighbour_log_counts[:, :k]
-    knn = knn_target_log_probs(distances, neighbours, batch.targets, temperature, counts)
-    return interpolate(batch.lm_log_probs, knn, lmbda if batch.lmbda is None else batch.lmbda)
+    base_ppl: float
+    knn_ppl: float | None
+    num_tokens: int
+    steps: int | None = None
+    searches: int | None = None
+    searches_saved: float | None = None
+    settings: KNNSettings | None = None
+    windows: WindowSettings | None = None
+    search: dict[str, Any] = field(default_factory=dict)
 
 
 def recorded_windows(datastore: Datastore | None) -> tuple[int | None, int | None]:
@@ -123,127 +52,117 @@ def recorded_windows(datastore: Datastore | None) -> tuple[int | None, int | Non
     return datastore.config.max_length, datastore.config.stride
 
 
+def search_setup(datastore: Datastore) -> dict[str, Any]:
+    """What a result records about the store that was searched."""
+    return {
+        "datastore": str(datastore.folder),
+        "entries": len(datastore),
+        "index_factory": datastore.config.index_factory,
+        "nprobe": datastore.nprobe,
+    }
+
+
+@dataclass
+class _Plan:
+    tokens: np.ndarray
+    windows: WindowSettings
+    settings: KNNSettings | None
+    policy: SearchPolicy | None
+
+
+def _plan(model, tokenizer, data, datastore, settings, windows, text_column, max_tokens, gate) -> _Plan:
+    windows = windows.resolve(recorded_windows(datastore))
+    check_forward_args(model, windows.max_length, windows.stride, windows.batch_size)
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
+    if datastore is None:
+        return _Plan(tokens, windows, None, None)
+    settings = settings.resolve(datastore)
+    return _Plan(tokens, windows, settings, search_policy(datastore, settings, gate))
+
+
 def evaluate_perplexity(
     model: torch.nn.Module,
     tokenizer,
     data: CorpusLike,
     datastore: Datastore | None = None,
     *,
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    k: int = 1024,
-    lmbda: float = 0.25,
-    temperature: float = 1.0,
-    recompute_dists: bool = False,
+    settings: KNNSettings | None = None,
+    windows: WindowSettings | None = None,
     text_column: str = "text",
     max_tokens: int | None = None,
     disable_progress: bool | None = None,
-    retomaton: int | None = None,
-    gate=None,
-) -> dict[str, float | int | None]:
+    gate: GateLike = None,
+    **overrides: Any,
+) -> PerplexityOutput:
     """Sliding-window perplexity of ``model`` and, with a datastore, of the kNN-LM.
 
     Every token but the first is scored exactly once with at least ``max_length - stride`` tokens
-    of context (the protocol used to build datastores).
+    of context (the protocol used to build datastores); nothing of size tokens x vocabulary is kept.
 
     Args:
-        max_length (`int`, *optional*) / stride (`int`, *optional*): the sliding windows; default to
-            those the datastore was built with (else 1024 / 512).
-        retomaton (`int`, *optional*): follow corpus pointers (RetoMaton) and search only when fewer
-            than this many survive; the result then has ``searches_saved``.
-        gate (`RetrievalGate` or `True`, *optional*): per-token lmbda from an adaptive-retrieval gate
-            (`True`: the one saved with the store); skipped tokens are not searched.
+        data: a list of strings, a text file or a `datasets.Dataset` (``text_column``).
+        datastore (`Datastore`, *optional*): without one only the base perplexity is computed.
+        settings (`KNNSettings`, *optional*): k, lmbda, temperature (default: the store's calibrated
+            one), recompute_dists, retomaton, gate.
+        windows (`WindowSettings`, *optional*): max_length / stride (default: the store's) and batch_size.
+        max_tokens (`int`, *optional*): score only the first ``max_tokens`` tokens.
+        gate (`RetrievalGate`, a gate file or `bool`, *optional*): adaptive retrieval with this gate
+            (`True`: the one saved with the store).
+        overrides: single fields of either settings object, e.g. ``k=16, lmbda=0.3, max_length=512``.
 
     Returns:
-        `dict` with ``base_ppl``, ``knn_ppl`` (None without a datastore) and ``num_tokens``, plus
-        ``steps`` / ``searches`` / ``searches_saved`` with ``retomaton`` or ``gate``.
+        [`PerplexityOutput`]: ``base_ppl``, ``knn_ppl``, ``num_tokens``, the searches saved and every
+        setting used.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, evaluate_perplexity
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.5, disable_progress=True)
+    >>> result.knn_ppl < result.base_ppl  # the store holds this very text
+    True
+    >>> result.num_tokens, result.settings.k, result.windows.max_length
+    (13, 4, 16)
+    ```
     """
-    settings = KNNSettings(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
-    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
-    check_forward_args(model, max_length, stride, batch_size)
-    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
-    retrieval = None
-    if datastore is not None:
-        settings.k = datastore.clamp_k(k)
-        retrieval = search_skipper(datastore, settings, retomaton, gate, stream=True)
+    flag, gate = split_gate(gate)
+    settings, windows = settings_from(settings, windows, overrides, flag)
+    plan = _plan(model, tokenizer, data, datastore, settings, windows, text_column, max_tokens, gate)
     base_nll = knn_nll = 0.0
     count = 0
     for batch in iter_scored_batches(
-        model,
-        tokens,
-        datastore,
-        k=settings.k,
-        max_length=max_length,
-        stride=stride,
-        batch_size=batch_size,
-        recompute_dists=settings.recompute_dists,
-        disable_progress=disable_progress,
-        retrieval=retrieval,
+        model, plan.tokens, datastore, plan.policy, plan.windows, disable_progress=disable_progress
     ):
         base_nll -= batch.lm_log_probs.double().sum().item()
-        if datastore is not None:
-            mixed = mixed_target_log_probs(batch, settings.lmbda, settings.temperature)
-            knn_nll -= mixed.double().sum().item()
-        count += len(batch.targets)
-    return {
-        "base_ppl": math.exp(base_nll / count),
-        "knn_ppl": math.exp(knn_nll / count) if datastore is not None else None,
-        "num_tokens": count,
-        **(retrieval.stats() if retrieval is not None else {}),
-    }
+        if plan.policy is not None:
+            knn_nll -= batch.mixed(plan.settings).double().sum().item()
+        count += len(batch)
+    if not count:
+        raise ValueError("the text has fewer than 2 tokens: nothing to score.")
+    return _output(plan, datastore, base_nll, knn_nll, count)
 
 
-@dataclass
-class ScoredQueries:
-    """One forward pass over a text, kept so that several indexes can be searched without the model."""
-
-    lm_log_probs: torch.Tensor  # [n] float32
-    targets: torch.Tensor  # [n] int64
-    queries: torch.Tensor  # [n, d] FFN inputs, float32
-
-    def search(self, datastore: Datastore, k: int, recompute_dists: bool = False) -> ScoredBatch:
-        """Neighbours of every stored query: a :class:`ScoredBatch` covering the whole text."""
-        k = datastore.clamp_k(k)
-        found = datastore.search_entries(self.queries, k, recompute_dists)
-        tokens = found.token_ids.to(torch.int32)
-        return ScoredBatch(self.lm_log_probs, self.targets, found.distances, tokens, found.log_counts)
+def _output(plan: _Plan, datastore, base_nll: float, knn_nll: float, count: int) -> PerplexityOutput:
+    stats = plan.policy.stats if plan.policy is not None else None
+    return PerplexityOutput(
+        base_ppl=math.exp(base_nll / count),
+        knn_ppl=math.exp(knn_nll / count) if plan.policy is not None else None,
+        num_tokens=count,
+        **(_stats_fields(stats) if stats is not None else {}),
+        settings=plan.settings,
+        windows=plan.windows,
+        search=search_setup(datastore) if datastore is not None else {},
+    )
 
 
-def collect_queries(
-    model: torch.nn.Module,
-    tokenizer,
-    data: CorpusLike,
-    datastore: Datastore,
-    *,
-    max_length: int = 1024,
-    stride: int = 512,
-    batch_size: int = 8,
-    text_column: str = "text",
-    max_tokens: int | None = None,
-    disable_progress: bool | None = None,
-) -> ScoredQueries:
-    """Run the model once over ``data`` (same windows as :func:`evaluate_perplexity`) and keep the
-    queries and LM target log-probs; memory is ``num_tokens * (hidden_size + 3) * 4`` bytes.
+def _stats_fields(stats: RetrievalStats) -> dict[str, Any]:
+    return {"steps": stats.steps, "searches": stats.searches, "searches_saved": stats.searches_saved}
 
-    ``datastore`` only says which FFN module to hook and is checked for compatibility.
-    """
-    check_forward_args(model, max_length, stride, batch_size)
-    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
-    windows = list(sliding_windows(len(tokens), max_length, stride))
-    log_probs, targets, queries = [], [], []
-    model.eval()
-    for batch in iter_window_batches(
-        model,
-        tokens,
-        windows,
-        batch_size=batch_size,
-        hook_module=datastore.config.hook_module,
-        with_log_probs=True,
-        desc="queries",
-        disable_progress=disable_progress,
-    ):
-        log_probs.append(batch.lm_log_probs.float().cpu())
-        targets.append(batch.targets.cpu())
-        queries.append(batch.hidden.float().cpu())
-    return ScoredQueries(torch.cat(log_probs), torch.cat(targets), torch.cat(queries))
+
+__all__ = ["PerplexityOutput", "evaluate_perplexity", "recorded_windows", "search_setup"]

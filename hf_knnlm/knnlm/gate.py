@@ -15,8 +15,9 @@ settings in the metadata), hashed in the store's config like every other file.
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from ..datastore.extras import GATE_NAME, register_files
 from ..datastore.neighbours import Neighbours
 from ..utils.files import atomic_path
-from .mixture import KNNSettings
+from .settings import KNNSettings
 
 LM_FEATURES = ("entropy", "max_log_prob", "top2_margin")
 
@@ -120,150 +121,30 @@ class RetrievalGate(nn.Module):
         return cls.from_file(datastore.folder / GATE_NAME)
 
 
+# Each store's gate, read once (and again only when a new one is saved: its sha256 changes).
+_STORE_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STORE_GATES_LOCK = threading.Lock()
+
+
+def store_gate(datastore) -> RetrievalGate:
+    """The gate saved with ``datastore``, read from disk once per store and gate file."""
+    sha = datastore.config.files.get(GATE_NAME)
+    with _STORE_GATES_LOCK:
+        cached = _STORE_GATES.get(datastore)
+        if cached is None or cached[0] != sha:
+            cached = _STORE_GATES[datastore] = (sha, RetrievalGate.from_datastore(datastore))
+    return cached[1]
+
+
 def load_gate(gate, datastore) -> RetrievalGate:
     """``True`` -> the store's gate; a path -> that file; a :class:`RetrievalGate` -> itself."""
     if isinstance(gate, RetrievalGate):
         return gate
     if gate is True:
-        return RetrievalGate.from_datastore(datastore)
+        return store_gate(datastore)
     if isinstance(gate, (str, os.PathLike)) and Path(gate).is_file():
         return RetrievalGate.from_file(gate)
     raise ValueError(f"gate={gate!r} is not a RetrievalGate, True (the store's gate) or a gate file.")
-
-
-# ----------------------------------------------------------------- training
-def fit_gate(
-    features: torch.Tensor,
-    queries: torch.Tensor | None,
-    lm_target: torch.Tensor,
-    knn_target: torch.Tensor,
-    *,
-    skip_fraction: float = 0.5,
-    calibration_fraction: float = 0.0,
-    width: int = 16,
-    epochs: int = 300,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-2,
-    seed: int = 0,
-) -> RetrievalGate:
-    """Fit a gate on cached tokens: LM features ``[n, 3]``, queries ``[n, d]`` (or None), and the
-    log-probs of the target under the LM and under p_kNN (``[n]``), full-batch Adam.
-
-    ``skip_below`` is set to the ``skip_fraction`` quantile of lmbda_t. With ``calibration_fraction``
-    > 0 the last such share of the tokens is not fitted and the quantile is taken on it: a gate that
-    reads queries fits its training tokens closely, so a quantile taken there skips less than
-    ``skip_fraction`` of unseen text.
-    """
-    if not 0.0 <= skip_fraction < 1.0:
-        raise ValueError(
-            f"skip_fraction={skip_fraction} must be in [0, 1): the share of tokens not searched."
-        )
-    if not 0.0 <= calibration_fraction < 1.0:
-        raise ValueError(
-            f"calibration_fraction={calibration_fraction} must be in [0, 1) (e.g. 0.2): the share of "
-            "tokens kept out of fitting to set the skip threshold."
-        )
-    fit = len(lm_target) - int(calibration_fraction * len(lm_target))
-    if fit < 1 or (calibration_fraction > 0 and fit == len(lm_target)):
-        raise ValueError(
-            f"{len(lm_target)} tokens cannot be split by calibration_fraction={calibration_fraction}; "
-            "pass more text or calibration_fraction=0."
-        )
-    held = (features[fit:], None if queries is None else queries[fit:])
-    features, queries = features[:fit], None if queries is None else queries[:fit]
-    calibration = held if len(held[0]) else (features, queries)
-    lm_target, knn_target = lm_target[:fit], knn_target[:fit]
-    torch.manual_seed(seed)
-    gate = RetrievalGate(0 if queries is None else queries.shape[-1], width)
-    raw = torch.cat([features.float()] + ([] if queries is None else [queries.float()]), -1)
-    gate.mean.copy_(raw.mean(0))
-    gate.std.copy_(raw.std(0).clamp_min(1e-6))
-    lm_target, knn_target = lm_target.float(), knn_target.float()
-    optimizer = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        z = gate.logits(features, queries)
-        mixed = torch.logaddexp(
-            nn.functional.logsigmoid(z) + knn_target, nn.functional.logsigmoid(-z) + lm_target
-        )
-        loss = -mixed.mean()
-        loss.backward()
-        optimizer.step()
-    gate.eval()
-    with torch.no_grad():
-        lam = torch.sigmoid(gate.logits(*calibration))
-    gate.skip_below = float(torch.quantile(lam, skip_fraction)) if skip_fraction > 0 else 0.0
-    gate.info = {
-        "train_tokens": len(lm_target),
-        "calibration_tokens": len(held[0]),
-        "skip_fraction": skip_fraction,
-        "train_nll": float(loss.detach()),
-    }
-    return gate
-
-
-def train_gate(
-    model: torch.nn.Module,
-    tokenizer,
-    data,
-    datastore,
-    *,
-    k: int = 1024,
-    temperature: float = 1.0,
-    recompute_dists: bool = False,
-    use_queries: bool = False,
-    skip_fraction: float = 0.5,
-    calibration_fraction: float = 0.2,
-    width: int = 16,
-    weight_decay: float = 1e-2,
-    max_length: int = 1024,
-    stride: int = 512,
-    batch_size: int = 8,
-    text_column: str = "text",
-    max_tokens: int | None = None,
-    save: bool = True,
-    disable_progress: bool | None = None,
-) -> RetrievalGate:
-    """Run the model over held-out ``data``, search every token once, fit a gate (and save it with
-    the store unless ``save=False``). ``k`` and ``temperature`` are those the kNN-LM will use;
-    ``skip_fraction``, ``calibration_fraction``, ``width`` and ``weight_decay`` go to :func:`fit_gate`."""
-    from ..lm.forward import iter_window_batches
-    from ..lm.windows import sliding_windows
-    from .evaluation import scored_tokens
-
-    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
-    k = datastore.clamp_k(k)
-    feats, queries, lm_t, knn_t = [], [], [], []
-    for batch in iter_window_batches(
-        model,
-        tokens,
-        list(sliding_windows(len(tokens), max_length, stride)),
-        batch_size=batch_size,
-        hook_module=datastore.config.hook_module,
-        with_log_probs=True,
-        lm_features=lm_features,
-        desc="gate data",
-        disable_progress=disable_progress,
-    ):
-        found = datastore.search_entries(batch.hidden, k, recompute_dists)
-        knn_t.append(found.target_log_probs(batch.targets.cpu(), temperature))
-        feats.append(batch.lm_features.cpu())
-        queries.append(batch.hidden.cpu())
-        lm_t.append(batch.lm_log_probs.float().cpu())
-    gate = fit_gate(
-        torch.cat(feats),
-        torch.cat(queries) if use_queries else None,
-        torch.cat(lm_t),
-        torch.cat(knn_t),
-        skip_fraction=skip_fraction,
-        calibration_fraction=calibration_fraction,
-        width=width,
-        weight_decay=weight_decay,
-    )
-    gate.info.update({"k": k, "temperature": temperature})
-    if save:
-        gate.save_to_datastore(datastore)
-    return gate
 
 
 # ----------------------------------------------------------------- use
@@ -271,50 +152,16 @@ def gated_neighbours(
     gate: RetrievalGate,
     datastore,
     queries: torch.Tensor,
-    lm_log_probs: torch.Tensor,
+    features: torch.Tensor,
     settings: KNNSettings,
-    features: torch.Tensor | None = None,
 ) -> tuple[Neighbours, torch.Tensor]:
     """Neighbours of the rows the gate searches (the others have none) and lmbda_t of every row."""
-    if features is None:
-        features = lm_features(lm_log_probs)
     lam = gate.lmbda(features.cpu(), queries.cpu() if gate.hidden_size else None)
     rows = torch.nonzero(lam > 0).flatten()
-    distances = torch.full((len(lam), settings.k), math.inf)
-    ids = torch.full((len(lam), settings.k), -1, dtype=torch.long)
-    if len(rows):
-        d, i = datastore.search_ids(queries[rows], settings.k, settings.recompute_dists)
-        distances[rows], ids[rows] = torch.from_numpy(d), torch.from_numpy(i)
-    return Neighbours.from_ids(datastore, distances, ids), lam
+    if not len(rows):
+        return Neighbours.empty(len(lam), settings.k), lam
+    found = datastore.search(queries[rows.to(queries.device)], settings.k, settings.recompute_dists)
+    return found.scatter(rows, len(lam)), lam
 
 
-class GateRetrieval:
-    """A gate applied to the scored stream of :func:`~hf_knnlm.evaluate_perplexity`."""
-
-    lm_features = staticmethod(lm_features)
-
-    def __init__(self, gate: RetrievalGate, datastore, settings: KNNSettings):
-        self.gate, self.datastore, self.settings = gate, datastore, settings
-        self.steps = self.searches = 0
-
-    def __call__(self, batch) -> tuple[Neighbours, torch.Tensor]:
-        return self._step(batch.hidden, None, batch.lm_features)
-
-    def _step(self, queries, lm_log_probs, features=None) -> tuple[Neighbours, torch.Tensor]:
-        found, lam = gated_neighbours(
-            self.gate, self.datastore, queries, lm_log_probs, self.settings, features
-        )
-        self.steps += len(lam)
-        self.searches += int((lam > 0).sum())
-        return found, lam
-
-    def stats(self) -> dict[str, float | int]:
-        saved = 1.0 - self.searches / self.steps if self.steps else 0.0
-        return {"steps": self.steps, "searches": self.searches, "searches_saved": saved}
-
-
-class GateSteps(GateRetrieval):
-    """A gate during ``generate``: features from the step's LM log-probs."""
-
-    def __call__(self, input_ids, queries: torch.Tensor, lm_log_probs: torch.Tensor):
-        return self._step(queries, lm_log_probs)
+__all__ = ["LM_FEATURES", "RetrievalGate", "gated_neighbours", "lm_features", "load_gate"]

@@ -12,34 +12,22 @@ from transformers import LogitsProcessor
 from ..datastore.datastore import Datastore
 from ..datastore.neighbours import Neighbours
 from ..lm.hooks import FFNInputCapture
-from .mixture import KNNSettings, interpolate
-from .policies import search_skipper
+from .gate import load_gate
+from .mixture import mix
+from .policies import (
+    GateLike,
+    GenerationHistory,
+    RetrievalStats,
+    SearchPolicy,
+    Step,
+    search_policy,
+    split_gate,
+)
+from .settings import KNNSettings
 
 
 def load_datastore(datastore: Datastore | str | os.PathLike, **kwargs) -> Datastore:
     return datastore if isinstance(datastore, Datastore) else Datastore.from_pretrained(datastore, **kwargs)
-
-
-def mix_with_datastore(
-    datastore: Datastore, queries: torch.Tensor, lm_log_probs: torch.Tensor, settings: KNNSettings
-) -> torch.Tensor:
-    """log(lmbda * p_kNN + (1 - lmbda) * p_LM) for ``[Q, d]`` queries and ``[Q, V]`` LM log-probs.
-
-    One faiss search covers every query.
-    """
-    found = datastore.search_entries(queries, settings.k, settings.recompute_dists)
-    return mix_neighbours(found, lm_log_probs, settings)
-
-
-def mix_neighbours(
-    neighbours: Neighbours,
-    lm_log_probs: torch.Tensor,
-    settings: KNNSettings,
-    lmbda: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The mixture from given neighbours; ``lmbda`` (``[Q]``, a gate's) overrides ``settings.lmbda``."""
-    knn = neighbours.log_probs(lm_log_probs.shape[-1], settings.temperature)
-    return interpolate(lm_log_probs, knn.to(lm_log_probs.device), settings.lmbda if lmbda is None else lmbda)
 
 
 class KNNProcessor(LogitsProcessor):
@@ -62,34 +50,26 @@ class KNNProcessor(LogitsProcessor):
     and raises a ValueError instead of mixing in the wrong neighbours.
 
     One processor may be used by several threads at once (each generating with the same model): the
-    captured FFN input is kept per thread. With ``retomaton`` it holds per-generation state and
-    serves one generation at a time.
+    captured FFN input, and RetoMaton's pointer state, are kept per thread.
 
     Args:
         model (`PreTrainedModel`):
             The model that generates; it must be the model (or a fine-tune of it) that built the store.
         datastore (`Datastore`, `str` or `os.PathLike`):
             A datastore, or a local folder / Hub repo id to load one from.
-        k (`int`, *optional*, defaults to 1024):
-            Number of neighbours retrieved per step (clamped to the store size with a warning).
-        lmbda (`float`, *optional*, defaults to 0.25):
-            Weight of p_kNN in the mixture, in [0, 1]; 0 gives the base model exactly.
-        temperature (`float`, *optional*, defaults to 1.0):
-            Divides the distances before the softmax over neighbours.
-        recompute_dists (`bool`, *optional*, defaults to `False`):
-            Use exact distances from the stored keys (useful with PQ-compressed indexes).
+        k, lmbda, temperature, recompute_dists, retomaton (*optional*):
+            Override single fields of ``settings`` (see [`KNNSettings`]: by default k=1024, lmbda=0.25,
+            the store's calibrated temperature, approximate distances, no RetoMaton).
         hook_module (`str`, *optional*):
             The module to hook; defaults to the one recorded in the datastore.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
             The tokenizer that encodes the prompts; checked against the datastore's tokenizer
             fingerprint (a tokenizer with the same vocabulary size but other ids is refused).
-        retomaton (`int`, *optional*):
-            RetoMaton: follow the corpus pointers of the previous step's neighbours that predicted
-            the chosen token, and search only when fewer than this many survive. The processor then
-            holds per-generation state: use one per generation at a time.
-        gate (`RetrievalGate`, `True` or a path, *optional*):
+        gate (`RetrievalGate`, `bool` or a path, *optional*):
             Adaptive retrieval: a gate (`True`: the one saved with the store) sets lmbda per step
             and skips the search where it predicts no gain.
+        settings ([`KNNSettings`], *optional*):
+            All of the above at once; the processor keeps them, resolved for the store, as ``settings``.
 
     Examples:
 
@@ -102,53 +82,74 @@ class KNNProcessor(LogitsProcessor):
     >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], tempfile.mkdtemp(),
     ...                         max_length=16, stride=8)
     >>> inputs = tokenizer("The cat", return_tensors="pt")
-    >>> out = model.generate(**inputs, max_new_tokens=5, do_sample=False,
-    ...                      logits_processor=LogitsProcessorList([KNNProcessor(model, store, k=4)]))
+    >>> knn = KNNProcessor(model, store, k=4, lmbda=1.0)  # lmbda=1: p_kNN alone
+    >>> out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+    ...                      logits_processor=LogitsProcessorList([knn]))
+    >>> tokenizer.decode(out[0])  # the only continuations the store knows
+    'The cat sat on the mat.'
+    >>> knn.retrieval_stats.searches
+    5
     ```
     """
+
+    supports_continuous_batching = False  # reads the FFN input the model's own forward just captured
 
     def __init__(
         self,
         model: torch.nn.Module,
         datastore: Datastore | str | os.PathLike,
-        k: int = 1024,
-        lmbda: float = 0.25,
-        temperature: float = 1.0,
-        recompute_dists: bool = False,
+        k: int | None = None,
+        lmbda: float | None = None,
+        temperature: float | None = None,
+        recompute_dists: bool | None = None,
         hook_module: str | None = None,
         tokenizer=None,
         retomaton: int | None = None,
-        gate=None,
+        gate: GateLike = None,
+        *,
+        settings: KNNSettings | None = None,
     ) -> None:
-        self.settings = KNNSettings(
-            k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists
+        flag, gate = split_gate(gate)
+        settings = KNNSettings.merge(
+            settings,
+            k=k,
+            lmbda=lmbda,
+            temperature=temperature,
+            recompute_dists=recompute_dists,
+            retomaton=retomaton,
+            gate=flag,
         )
         self.datastore = load_datastore(datastore)
         self.datastore.check_compatible(model, tokenizer)
-        self.settings.k = self.datastore.clamp_k(k)
-        self.retrieval = search_skipper(self.datastore, self.settings, retomaton, gate, stream=False)
+        self.settings = settings.resolve(self.datastore)
+        # A gate is read (and a bad one refused) now, once, not at the first step of every thread.
+        self._gate = (
+            load_gate(gate if gate is not None else True, self.datastore) if self.settings.gate else None
+        )
         self._capture = FFNInputCapture(model, hook_module or self.datastore.config.hook_module)
-        self._used = threading.local()  # per thread: the forward pass whose query was last used
+        self._local = threading.local()  # per thread: the last forward pass used, policy, history
+        self._policies: list[SearchPolicy] = []
+        self._lock = threading.Lock()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         queries = self._queries(scores.shape[0])
         lm_log_probs = torch.log_softmax(scores.float(), dim=-1)
         neighbours, lmbda = self.neighbours(input_ids, queries, lm_log_probs)
-        mixed = mix_neighbours(neighbours, lm_log_probs, self.settings, lmbda)
+        mixed = mix(neighbours, lm_log_probs, self.settings, lmbda)
         # Tokens an earlier processor banned (-inf) stay banned whatever the neighbours say.
         return mixed.masked_fill(torch.isneginf(scores), -math.inf).to(scores.dtype)
 
     def _queries(self, rows: int) -> torch.Tensor:
         """The FFN input at the last position of this thread's latest forward pass, used once."""
         count = self._capture.forward_count
-        if count == getattr(self._used, "count", 0):
+        if count == getattr(self._local, "count", 0):
             raise ValueError(
                 "KNNProcessor was called without a new forward pass of its model in this thread (a "
                 "second call for one pass, or a call for another model's scores): assisted and "
                 "prompt-lookup decoding score several positions per pass and are not supported. Use "
                 "greedy search, sampling or beam search (no assistant_model / prompt_lookup_num_tokens)."
             )
-        self._used.count = count
+        self._local.count = count
         try:
             # At the prefill step the model saw the whole prompt; only the last position predicts.
             return self._capture.hidden_states(rows)[:, -1, :]
@@ -163,9 +164,29 @@ class KNNProcessor(LogitsProcessor):
         self, input_ids: torch.LongTensor, queries: torch.Tensor, lm_log_probs: torch.Tensor
     ) -> tuple[Neighbours, torch.Tensor | None]:
         """This step's neighbours (searched, or followed by RetoMaton) and the gate's lmbda, if any."""
-        if self.retrieval is not None:
-            return self.retrieval(input_ids, queries, lm_log_probs)
-        return self.datastore.search_entries(queries, self.settings.k, self.settings.recompute_dists), None
+        policy = self._policy()
+        step = Step(queries, lm_log_probs=lm_log_probs)
+        if policy.follows_tokens:
+            step.tokens, step.parents, fresh = self._local.history.step(input_ids)
+            if fresh:
+                policy.reset()
+        return policy(step)
+
+    def _policy(self) -> SearchPolicy:
+        """This thread's search policy (RetoMaton keeps one generation's pointers: one per thread)."""
+        policy = getattr(self._local, "policy", None)
+        if policy is None:
+            policy = self._local.policy = search_policy(self.datastore, self.settings, self._gate)
+            self._local.history = GenerationHistory()
+            with self._lock:
+                self._policies.append(policy)
+        return policy
+
+    @property
+    def retrieval_stats(self) -> RetrievalStats:
+        """Steps answered and searches run so far, over every thread that used this processor."""
+        with self._lock:
+            return sum((p.stats for p in self._policies), RetrievalStats())
 
     def remove(self) -> None:
         """Detach the hook from the model (the processor cannot be used afterwards)."""
@@ -175,7 +196,10 @@ class KNNProcessor(LogitsProcessor):
         # The hook lives on the model and would keep the last FFN input alive after we are gone.
         capture = self.__dict__.get("_capture")
         if capture is not None:
-            capture.remove()
+            try:
+                capture.remove()
+            except Exception:  # noqa: BLE001 - at interpreter exit torch may already be half torn down
+                pass
 
     def __enter__(self) -> KNNProcessor:
         return self

@@ -1,64 +1,20 @@
-"""The kNN-LM distribution and its interpolation with the LM, in log space.
+"""The kNN-LM distribution and its interpolation with the LM, in log space, from :class:`Neighbours`.
 
-p_kNN(w) = sum over neighbours j with value w of softmax(-d_j / T), and the output is
+p_kNN(w) = sum over neighbours j with value w of softmax(-d_j / T + log count_j), and the output is
 log(lmbda * p_kNN + (1 - lmbda) * p_LM), computed with ``logaddexp`` so that lmbda = 0 returns the
-LM log-probs bit for bit and lmbda = 1 returns log p_kNN.
+LM log-probs bit for bit and lmbda = 1 returns log p_kNN. Every caller (processor, wrapper,
+evaluation, tuning, RetoMaton, gate, attribution, RAG + kNN, compression checks) goes through
+:func:`mix` (a whole vocabulary) or :func:`mix_targets` (the observed tokens only).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..utils.checks import check_flag, check_fraction, check_positive_finite, check_positive_int
-
-
-def check_k(k: int) -> None:
-    check_positive_int("k", k, "the number of neighbours, e.g. k=1024")
-
-
-def check_lmbda(lmbda: float) -> None:
-    check_fraction("lmbda", lmbda, "it is the weight of p_kNN in the mixture")
-
-
-def check_temperature(temperature: float) -> None:
-    check_positive_finite("temperature", temperature, "it divides the neighbour distances")
-
-
-_SETTING_CHECKS = {
-    "k": check_k,
-    "lmbda": check_lmbda,
-    "temperature": check_temperature,
-    "recompute_dists": lambda value: check_flag("recompute_dists", value),
-}
-
-
-def check_setting(name: str, value) -> None:
-    """Validate one field of :class:`KNNSettings` by name."""
-    _SETTING_CHECKS[name](value)
-
-
-def check_knn_args(k: int, lmbda: float, temperature: float) -> None:
-    check_k(k)
-    check_lmbda(lmbda)
-    check_temperature(temperature)
-
-
-@dataclass
-class KNNSettings:
-    """k, lmbda, temperature and recompute_dists of the mixture; every assignment is validated."""
-
-    k: int = 1024
-    lmbda: float = 0.25
-    temperature: float = 1.0
-    recompute_dists: bool = False
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _SETTING_CHECKS:
-            check_setting(name, value)
-        object.__setattr__(self, name, value)
+from ..datastore.neighbours import Neighbours
+from .settings import KNNSettings
 
 
 def neighbour_log_weights(
@@ -76,30 +32,36 @@ def neighbour_log_weights(
     return torch.nan_to_num(weights, nan=-math.inf)
 
 
-def knn_log_probs(
-    distances: torch.Tensor,
-    token_ids: torch.Tensor,
-    vocab_size: int,
-    temperature: float,
-    log_counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p_kNN over the whole vocabulary: ``[..., k]`` neighbours -> ``[..., vocab_size]``."""
-    probs = neighbour_log_weights(distances, temperature, log_counts).exp()
+def neighbour_weights(neighbours: Neighbours, temperature: float) -> torch.Tensor:
+    """log of each neighbour's share of p_kNN, ``[Q, k]``."""
+    return neighbour_log_weights(neighbours.distances, temperature, neighbours.log_counts)
+
+
+def knn_log_probs(neighbours: Neighbours, vocab_size: int, temperature: float) -> torch.Tensor:
+    """log p_kNN over the whole vocabulary, ``[Q, vocab_size]``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm import Neighbours, knn_log_probs
+    >>> nb = Neighbours(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([[4, 5, 6]]), torch.tensor([[1, 1, 2]]))
+    >>> knn_log_probs(nb, vocab_size=3, temperature=1.0).exp().round(decimals=3)
+    tensor([[0.0000, 0.9370, 0.0630]])
+    ```
+    """
+    probs = neighbour_weights(neighbours, temperature).exp()
     dense = torch.zeros(*probs.shape[:-1], vocab_size, dtype=probs.dtype, device=probs.device)
-    dense.scatter_add_(-1, token_ids.clamp(0, vocab_size - 1).long(), probs)
+    dense.scatter_add_(-1, neighbours.token_ids.to(probs.device).clamp(0, vocab_size - 1).long(), probs)
     return dense.log()
 
 
-def knn_target_log_probs(
-    distances: torch.Tensor,
-    token_ids: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    log_counts: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p_kNN(target) only, without materialising the vocabulary: ``[Q, k]`` -> ``[Q]``."""
-    weights = neighbour_log_weights(distances, temperature, log_counts)
-    matches = token_ids.long() == targets.long().unsqueeze(-1)
+def knn_target_log_probs(neighbours: Neighbours, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p_kNN(target) of each row, without materialising the vocabulary: ``[Q, k]`` -> ``[Q]``."""
+    weights = neighbour_weights(neighbours, temperature)
+    matches = neighbours.token_ids.to(weights.device).long() == targets.to(weights.device).long().unsqueeze(
+        -1
+    )
     return torch.logsumexp(weights.masked_fill(~matches, -math.inf), dim=-1)
 
 
@@ -118,3 +80,49 @@ def interpolate(
     log_l = math.log(lmbda) if lmbda > 0 else -math.inf
     log_1ml = math.log1p(-lmbda) if lmbda < 1 else -math.inf
     return torch.logaddexp(knn_log_probs.float() + log_l, lm_log_probs.float() + log_1ml)
+
+
+def _temperature(settings: KNNSettings) -> float:
+    if settings.temperature is None:
+        raise ValueError(
+            "settings.temperature is None (the datastore's calibrated temperature): resolve the settings "
+            "for a store first, settings.resolve(datastore)."
+        )
+    return settings.temperature
+
+
+def mix(
+    neighbours: Neighbours,
+    lm_log_probs: torch.Tensor,
+    settings: KNNSettings,
+    lmbda: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kNN-LM log-probs over the vocabulary, ``[Q, V]``, from ``[Q, V]`` LM log-probs.
+
+    ``lmbda`` (``[Q]``, a gate's) overrides ``settings.lmbda``.
+    """
+    knn = knn_log_probs(neighbours, lm_log_probs.shape[-1], _temperature(settings))
+    return interpolate(lm_log_probs, knn.to(lm_log_probs.device), settings.lmbda if lmbda is None else lmbda)
+
+
+def mix_targets(
+    neighbours: Neighbours,
+    lm_target_log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: KNNSettings,
+    lmbda: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kNN-LM log-prob of each target, ``[Q]``, from the LM's log-prob of it (``[Q]``)."""
+    knn = knn_target_log_probs(neighbours, targets, _temperature(settings)).to(lm_target_log_probs.device)
+    return interpolate(lm_target_log_probs, knn, settings.lmbda if lmbda is None else lmbda)
+
+
+__all__ = [
+    "interpolate",
+    "knn_log_probs",
+    "knn_target_log_probs",
+    "mix",
+    "mix_targets",
+    "neighbour_log_weights",
+    "neighbour_weights",
+]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -18,11 +17,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..datastore.datastore import Datastore
 from ..lm.hooks import FFNInputCapture
 from ..utils.hub import PUSH_OPTIONS, push_folder
-from .configuration_knnlm import KNNLMConfig, SettingsView, settings_of
-from .gate import GateSteps, load_gate
-from .logits_process import KNNProcessor, mix_neighbours, mix_with_datastore
-from .mixture import KNNSettings
-from .retomaton import RetoMaton, stream_neighbours
+from .configuration_knnlm import KNNLMConfig
+from .logits_process import KNNProcessor
+from .mixture import mix
+from .policies import RetrievalStats, Step, search_policy
+from .settings import KNNSettings
 
 WRAPPER_CONFIG_NAME = "config.json"
 DATASTORE_SUBFOLDER = "datastore"
@@ -68,6 +67,49 @@ def _is_inside(name: str, source: str | os.PathLike, local: bool) -> bool:
     if os.path.isabs(name):
         return False
     return (Path(source) / name).is_dir() if local else name == DATASTORE_SUBFOLDER
+
+
+def _load_base(
+    source: str | os.PathLike | PreTrainedModel, model_kwargs: dict[str, Any]
+) -> tuple[PreTrainedModel, dict[str, Any] | None, dict[str, Any]]:
+    """The base model, the saved wrapper config's fields (None for a plain model) and the Hub kwargs."""
+    if isinstance(source, PreTrainedModel):
+        return source, None, {}
+    hub_kwargs = {key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs}
+    saved = _knnlm_config_dict(source, hub_kwargs)
+    if saved is None:
+        return AutoModelForCausalLM.from_pretrained(source, **model_kwargs), None, hub_kwargs
+    # A saved wrapper: ``revision`` is the wrapper's (and its datastore's), not the base model's.
+    model_kwargs.pop("revision", None)
+    saved = {key: v for key, v in saved.items() if key not in ("model_type", "transformers_version")}
+    base_id = saved.get("base_model_name_or_path")
+    if not base_id:
+        raise ValueError(f"{source} has no base_model_name_or_path to load.")
+    if saved.get("base_model_gguf_file") and "gguf_file" not in model_kwargs:
+        model_kwargs["gguf_file"] = saved["base_model_gguf_file"]
+    return AutoModelForCausalLM.from_pretrained(base_id, **model_kwargs), saved, hub_kwargs
+
+
+def _load_store(
+    datastore: Datastore | str | os.PathLike | None,
+    saved: dict[str, Any] | None,
+    source,
+    hub_kwargs: dict[str, Any],
+    datastore_kwargs: dict[str, Any] | None,
+) -> tuple[Datastore, tuple[str, str | None]]:
+    """The datastore and how the config refers to it: ``(folder or repo id, subfolder)``."""
+    if isinstance(datastore, Datastore):
+        return datastore, (str(datastore.folder.resolve()), None)
+    if datastore is not None:
+        name, store_kwargs = str(datastore), {}
+        if Path(name).is_dir():  # a relative folder stays valid wherever the wrapper is saved
+            name = str(Path(name).resolve())
+    elif saved is not None:
+        name, store_kwargs = _saved_datastore(saved, source, hub_kwargs)
+    else:
+        raise ValueError("datastore=None: pass datastore=<Datastore, folder or Hub repo id>.")
+    store = Datastore.from_pretrained(name, **{**store_kwargs, **(datastore_kwargs or {})})
+    return store, (name, store_kwargs.get("subfolder"))
 
 
 def _causal_lm_loss(
@@ -139,29 +181,26 @@ class KNNLMForCausalLM(PreTrainedModel):
     _supports_cache_class = True
 
     def __init__(self, config: KNNLMConfig, model: PreTrainedModel, datastore: Datastore, tokenizer=None):
-        settings_of(config)  # refuse bad settings before anything else
         super().__init__(config)
         self.model = model
         self.datastore = datastore
         datastore.check_compatible(model, tokenizer)
+        self.retrieval_stats: RetrievalStats | None = None
         self.post_init()
 
     @property
-    def settings(self) -> SettingsView:
-        """k, lmbda, temperature and recompute_dists, read from and written to ``config`` (validated):
-        a change through either is honoured by the next ``forward`` or ``generate``."""
-        return SettingsView(self.config)
+    def settings(self) -> KNNSettings:
+        """The kNN-LM settings, ``config.settings`` itself (validated on every assignment): a change
+        through either is honoured by the next ``forward`` or ``generate``."""
+        return self.config.settings
 
     @settings.setter
     def settings(self, value: KNNSettings) -> None:
-        for name in KNNSettings.__dataclass_fields__:
-            setattr(self.settings, name, getattr(value, name))
+        self.config.settings = KNNSettings.merge(value)
 
     def _current_settings(self) -> KNNSettings:
-        """The settings as of this call, validated, with k clamped to the store size."""
-        settings = settings_of(self.config)
-        settings.k = self.datastore.clamp_k(settings.k)
-        return settings
+        """The settings as of this call, resolved for the store (k clamped, its temperature if none)."""
+        return self.config.settings.resolve(self.datastore)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -178,13 +217,14 @@ class KNNLMForCausalLM(PreTrainedModel):
         pretrained_model_name_or_path: str | os.PathLike | PreTrainedModel,
         *,
         datastore: Datastore | str | os.PathLike | None = None,
+        settings: KNNSettings | None = None,
         k: int | None = None,
         lmbda: float | None = None,
         temperature: float | None = None,
         recompute_dists: bool | None = None,
-        datastore_kwargs: dict[str, Any] | None = None,
         retomaton: int | None = None,
         gate: bool | None = None,
+        datastore_kwargs: dict[str, Any] | None = None,
         tokenizer=None,
         **model_kwargs: Any,
     ) -> KNNLMForCausalLM:
@@ -193,59 +233,28 @@ class KNNLMForCausalLM(PreTrainedModel):
         Args:
             pretrained_model_name_or_path: a `PreTrainedModel`, a base model id/path (loaded with
                 `AutoModelForCausalLM.from_pretrained(..., **model_kwargs)`, e.g. ``gguf_file=``), or
-                a folder / repo saved by :meth:`save_pretrained`.
+                a folder / repo saved by [`~KNNLMForCausalLM.save_pretrained`].
             datastore: a `Datastore`, a folder or a Hub repo id; defaults to the saved one.
-            k, lmbda, temperature, recompute_dists: override the saved (or default) settings.
-            retomaton, gate: skip searches with RetoMaton (a threshold) or the store's gate.
+            settings ([`KNNSettings`], *optional*): the kNN-LM settings (default: the saved ones, else
+                ``KNNSettings()``); ``k``, ``lmbda``, ``temperature``, ``recompute_dists``, ``retomaton``
+                and ``gate`` override single fields.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).
             tokenizer: the tokenizer used with the model, checked against the datastore's fingerprint.
         """
-        overrides = {"k": k, "lmbda": lmbda, "temperature": temperature, "recompute_dists": recompute_dists}
-        overrides = {key: v for key, v in overrides.items() if v is not None}
-        fields: dict[str, Any] = {}
-        if isinstance(pretrained_model_name_or_path, PreTrainedModel):
-            base, saved = pretrained_model_name_or_path, None
-        else:
-            hub_kwargs = {
-                key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs
-            }
-            saved = _knnlm_config_dict(pretrained_model_name_or_path, hub_kwargs)
-            if saved is None:
-                base_id = pretrained_model_name_or_path
-            else:  # a saved wrapper: ``revision`` is the wrapper's (and its datastore's), not the base's
-                model_kwargs.pop("revision", None)
-                fields = {key: v for key, v in saved.items() if key in KNNLMConfig.__dataclass_fields__}
-                base_id = fields.get("base_model_name_or_path")
-                if not base_id:
-                    raise ValueError(
-                        f"{pretrained_model_name_or_path} has no base_model_name_or_path to load."
-                    )
-            base = AutoModelForCausalLM.from_pretrained(base_id, **model_kwargs)
-        if isinstance(datastore, Datastore):
-            store, reference = datastore, (str(datastore.folder.resolve()), None)
-        else:
-            if datastore is not None:
-                name, store_kwargs = str(datastore), {}
-                if Path(name).is_dir():  # a relative folder stays valid wherever the wrapper is saved
-                    name = str(Path(name).resolve())
-            elif saved is not None:
-                name, store_kwargs = _saved_datastore(fields, pretrained_model_name_or_path, hub_kwargs)
-            else:
-                raise ValueError("datastore=None: pass datastore=<Datastore, folder or Hub repo id>.")
-            store = Datastore.from_pretrained(name, **{**store_kwargs, **(datastore_kwargs or {})})
-            reference = (name, store_kwargs.get("subfolder"))
-        saved_settings = {key: fields[key] for key in KNNSettings.__dataclass_fields__ if key in fields}
-        settings = KNNSettings(**{**saved_settings, **overrides})
+        base, saved, hub_kwargs = _load_base(pretrained_model_name_or_path, model_kwargs)
+        store, reference = _load_store(
+            datastore, saved, pretrained_model_name_or_path, hub_kwargs, datastore_kwargs
+        )
+        if settings is None and saved is not None:
+            settings = KNNLMConfig(**saved).settings
+        overrides = dict(k=k, lmbda=lmbda, temperature=temperature, recompute_dists=recompute_dists)
+        settings = KNNSettings.merge(settings, **overrides, retomaton=retomaton, gate=gate)
         config = KNNLMConfig(
             base_model_name_or_path=getattr(base.config, "_name_or_path", None) or None,
+            base_model_gguf_file=model_kwargs.get("gguf_file") or (saved or {}).get("base_model_gguf_file"),
             datastore=reference[0],
             datastore_subfolder=reference[1],
-            k=settings.k,
-            lmbda=settings.lmbda,
-            temperature=settings.temperature,
-            recompute_dists=settings.recompute_dists,
-            retomaton=retomaton if retomaton is not None else fields.get("retomaton"),
-            gate=gate if gate is not None else fields.get("gate", False),
+            settings=settings,
         )
         return cls(config, base, store, tokenizer=tokenizer)
 
@@ -338,44 +347,35 @@ class KNNLMForCausalLM(PreTrainedModel):
             scored = torch.ones(lm_log_probs.shape[:2], dtype=torch.bool, device=lm_log_probs.device)
         else:
             scored = attention_mask[:, -ran:][:, kept].bool()
-        mixed = lm_log_probs.clone()
-        settings = self._current_settings()
-        if self.config.retomaton is not None:
-            self._retomaton_mix(mixed, input_ids[:, -ran:][:, kept], hidden, lm_log_probs, scored, settings)
-        elif self.config.gate:
-            found, lmbda = GateSteps(load_gate(True, self.datastore), self.datastore, settings)(
-                None, hidden[scored], lm_log_probs[scored]
-            )
-            mixed[scored] = mix_neighbours(found, lm_log_probs[scored], settings, lmbda)
-        else:
-            mixed[scored] = mix_with_datastore(self.datastore, hidden[scored], lm_log_probs[scored], settings)
+        mixed = self._mix(lm_log_probs, hidden, input_ids[:, -ran:][:, kept], scored)
         loss = None
         if labels is not None or shift_labels is not None:
             loss = _causal_lm_loss(mixed, labels, num_items_in_batch, shift_labels)
         return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
 
-    def _retomaton_mix(self, mixed, tokens, hidden, lm_log_probs, scored, settings) -> None:
-        """Each row is one stream: position t follows the pointers of t - 1 through token t."""
-        automaton = RetoMaton(self.datastore, self.config.retomaton, settings.k, settings.recompute_dists)
-        for row in range(len(mixed)):
-            automaton.reset()
-            pos = torch.nonzero(scored[row]).flatten()
-            found = stream_neighbours(automaton, hidden[row, pos], tokens[row, pos].tolist())
-            mixed[row, pos] = mix_neighbours(found, lm_log_probs[row, pos], settings)
-        self.retrieval_stats = automaton.stats()
+    def _mix(self, lm_log_probs, hidden, tokens, scored) -> torch.Tensor:
+        """The kNN-LM log-probs of the scored positions; the others keep the LM's."""
+        settings = self._current_settings()
+        policy = search_policy(self.datastore, settings)  # a store's gate is read from disk once
+        mixed = lm_log_probs.clone()
+        if policy.follows_tokens:  # each row is one stream: position t follows t - 1 through token t
+            for row in range(len(mixed)):
+                policy.reset()
+                pos = torch.nonzero(scored[row]).flatten()
+                found, _ = policy(Step(hidden[row, pos], tokens=tokens[row, pos].tolist()))
+                mixed[row, pos] = mix(found, lm_log_probs[row, pos], settings)
+        else:
+            found, lmbda = policy(Step(hidden[scored], lm_log_probs=lm_log_probs[scored]))
+            mixed[scored] = mix(found, lm_log_probs[scored], settings, lmbda)
+        self.retrieval_stats = policy.stats
+        return mixed
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
         """``base_model.generate`` with a [`KNNProcessor`] for the current settings appended to
         ``logits_processor``; its hook comes off the base model when generation returns."""
         # A processor per call: it sees this call's settings, and another thread's generate has its own.
-        processor = KNNProcessor(
-            self.model,
-            self.datastore,
-            **dataclasses.asdict(self._current_settings()),
-            retomaton=self.config.retomaton,
-            gate=self.config.gate or None,
-        )
+        processor = KNNProcessor(self.model, self.datastore, settings=self._current_settings())
         with processor:
             processors = LogitsProcessorList(logits_processor or [])
             processors.append(processor)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..datastore.neighbours import Neighbours, pad_rows
+from .settings import check_retomaton
 
 if TYPE_CHECKING:
     from ..datastore import Datastore
@@ -38,14 +39,6 @@ if TYPE_CHECKING:
 # and 4k cost +0.65% with more searches saved. The 4k exact distances are not free: on that small
 # IVF-PQ store a pointer step took longer than the search it replaced.
 POOL_FACTOR = 4
-
-
-def check_threshold(threshold: int) -> None:
-    if not isinstance(threshold, int) or threshold < 1:
-        raise ValueError(
-            f"retomaton threshold={threshold!r} must be an integer >= 1: the fewest surviving pointers "
-            f"that replace a search (e.g. 8; larger searches more often)."
-        )
 
 
 class RetoMaton:
@@ -89,7 +82,7 @@ class RetoMaton:
         clusters: bool = True,
         pool: int | None = None,
     ):
-        check_threshold(threshold)
+        check_retomaton(threshold)
         self.datastore = datastore
         self.threshold = threshold
         self.k = datastore.clamp_k(k)
@@ -200,63 +193,9 @@ def stream_neighbours(
     steps = []
     for i in range(len(queries)):
         token = prev_tokens[i]
-        pre = None if precomputed is None else _row(precomputed, i)
+        pre = None if precomputed is None else precomputed[i : i + 1]
         steps.append(automaton.neighbours(queries[i : i + 1], None if token is None else [token], None, pre))
-    return Neighbours(
-        torch.cat([s.distances for s in steps]),
-        torch.cat([s.ids for s in steps]),
-        torch.cat([s.token_ids for s in steps]),
-        None if steps[0].log_counts is None else torch.cat([s.log_counts for s in steps]),
-    )
+    return Neighbours.cat(steps)
 
 
-def _row(neighbours: Neighbours, i: int) -> Neighbours:
-    pick = slice(i, i + 1)
-    counts = None if neighbours.log_counts is None else neighbours.log_counts[pick]
-    return Neighbours(neighbours.distances[pick], neighbours.ids[pick], neighbours.token_ids[pick], counts)
-
-
-class RetoMatonRetrieval:
-    """RetoMaton over the scored stream of :func:`~hf_knnlm.evaluate_perplexity` (one stream, in order)."""
-
-    lm_features = None
-
-    def __init__(self, automaton: RetoMaton):
-        self.automaton = automaton
-        self._last_target: int | None = None
-
-    def __call__(self, batch) -> tuple[Neighbours, None]:
-        targets = batch.targets.tolist()
-        found = stream_neighbours(self.automaton, batch.hidden, [self._last_target, *targets[:-1]])
-        self._last_target = targets[-1]
-        return found, None
-
-    def stats(self) -> dict[str, float | int]:
-        return self.automaton.stats()
-
-
-class RetoMatonSteps:
-    """RetoMaton during ``generate``: one pointer set per sequence, following beam reorderings.
-
-    A call whose ``input_ids`` are one token longer than the last call's continues it: each row's
-    parent is the previous row it extends (beam search reorders rows); anything else starts afresh.
-    """
-
-    def __init__(self, automaton: RetoMaton):
-        self.automaton = automaton
-        self._last: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, queries: torch.Tensor, lm_log_probs=None):
-        ids = input_ids.detach().cpu()
-        parents = prev = None
-        if self._last is not None and ids.shape[1] == self._last.shape[1] + 1:
-            match = (ids[:, None, :-1] == self._last[None]).all(-1)  # [rows, previous rows]
-            parents = torch.where(match.any(1), match.float().argmax(1), -1).tolist()
-            prev = ids[:, -1].tolist()
-        else:
-            self.automaton.reset()
-        self._last = ids
-        return self.automaton.neighbours(queries, prev, parents), None
-
-    def stats(self) -> dict[str, float | int]:
-        return self.automaton.stats()
+__all__ = ["POOL_FACTOR", "RetoMaton", "stream_neighbours"]

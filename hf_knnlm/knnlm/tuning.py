@@ -1,8 +1,8 @@
 """Tuning lmbda, temperature and k of a kNN-LM from one forward pass and one neighbour search.
 
-The cache is a :class:`~hf_knnlm.evaluation.ScoredBatch` over the whole tuning text: per scored
-token, log p_LM(target) and the ``k`` nearest neighbours' squared L2 distances (float32) and token
-ids (int32), so ``num_tokens * k * 8`` bytes, capped by ``max_cache_bytes``. Every
+The cache is :class:`~hf_knnlm.knnlm.scored.ScoredTokens` over the whole tuning text: per scored
+token, log p_LM(target) and its ``k`` nearest neighbours' squared L2 distances (float32) and values
+(int32), so ``num_tokens * k * 8`` bytes, capped by ``max_cache_bytes``. Every
 (lmbda, temperature, k' <= k) point is then computed from the cache alone, never re-running the model.
 
 Squared L2 distances between FFN inputs of real models are large (hundreds to thousands for
@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,38 +26,62 @@ import torch
 from ..datastore.datastore import Datastore
 from ..lm.corpus import CorpusLike
 from ..lm.forward import check_forward_args
-from ..lm.windows import window_settings
-from ..utils.files import atomic_path, atomic_write_json
-from .evaluation import ScoredBatch, iter_scored_batches, recorded_windows, scored_tokens
-from .mixture import check_knn_args, interpolate, knn_target_log_probs
-from .tuning_defaults import (
-    DEFAULT_KS,
-    DEFAULT_LMBDAS,
-    DEFAULT_MAX_CACHE_BYTES,
-    DEFAULT_TEMPERATURE_MULTIPLES,
-    DEFAULT_TEMPERATURES,
-)
+from ..lm.windows import WindowSettings
+from ..utils.files import atomic_write_json
+from ..utils.outputs import Output
+from .evaluation import recorded_windows, search_setup
+from .mixture import interpolate, knn_target_log_probs
+from .policies import PlainSearch
+from .scored import ScoredTokens, iter_scored_batches, scored_tokens
+from .settings import KNNSettings, settings_from
+from .tuning_grid import TuningGrid
+from .tuning_plot import plot_sweep
 
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME, PLOT_NAME = "tune_results.json", "tune_plot.png"
+PLAIN_TEMPERATURES = (1.0, 10.0)
 _ROWS = 4096  # rows per softmax block: bounds the temporaries of a sweep point to ~_ROWS * k * 12 bytes
 
 
-def concat_batches(batches: Iterable[ScoredBatch]) -> ScoredBatch:
-    """One :class:`ScoredBatch` from many (neighbour ids stored as int32 to halve the cache)."""
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no scored tokens: the tuning text is empty.")
-    return ScoredBatch(
-        torch.cat([b.lm_log_probs.float() for b in batches]),
-        torch.cat([b.targets for b in batches]),
-        torch.cat([b.distances for b in batches]),
-        torch.cat([b.neighbour_tokens.to(torch.int32) for b in batches]),
-        None
-        if batches[0].neighbour_log_counts is None
-        else torch.cat([b.neighbour_log_counts for b in batches]),
-    )
+@dataclass
+class TuningPoint(Output):
+    k: int
+    temperature: float
+    lmbda: float
+    knn_ppl: float
+
+
+@dataclass
+class TuningOutput(Output):
+    """The result of :func:`tune` (also readable as a dict: ``result["best"]["lmbda"]``).
+
+    Attributes:
+        base_ppl: perplexity of the model alone on the tuning text.
+        num_tokens: tokens scored (the text may be cut to fit ``max_cache_bytes``).
+        k_searched: neighbours searched once per token.
+        median_nn_distance: median squared L2 distance to the nearest neighbour (the temperature scale).
+        best: the point of lowest perplexity; :attr:`best_settings` as a :class:`KNNSettings`.
+        points: every point of the grid.
+        settings: the windows, search settings and store the cache was made with.
+        json, plot: the files written (``tune_results.json``, ``tune_plot.png``).
+    """
+
+    base_ppl: float
+    num_tokens: int
+    k_searched: int
+    median_nn_distance: float
+    best: TuningPoint
+    points: list[TuningPoint]
+    settings: dict[str, Any] = field(default_factory=dict)
+    json: str | None = None
+    plot: str | None = None
+    title: str | None = None
+
+    @property
+    def best_settings(self) -> KNNSettings:
+        """The best point as settings for every kNN-LM entry point."""
+        return KNNSettings(k=self.best.k, lmbda=self.best.lmbda, temperature=self.best.temperature)
 
 
 def build_tuning_cache(
@@ -64,62 +90,65 @@ def build_tuning_cache(
     data: CorpusLike,
     datastore: Datastore,
     *,
-    k: int = 1024,
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    recompute_dists: bool = False,
+    settings: KNNSettings | None = None,
+    windows: WindowSettings | None = None,
     text_column: str = "text",
     max_tokens: int | None = None,
-    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+    max_cache_bytes: int = TuningGrid.max_cache_bytes,
     disable_progress: bool | None = None,
-) -> ScoredBatch:
-    """One forward pass and one ``k``-neighbour search over ``data``, kept in memory.
+    **overrides: Any,
+) -> ScoredTokens:
+    """One forward pass and one ``settings.k``-neighbour search over ``data``, kept in memory.
 
-    Args:
-        k (`int`, defaults to 1024): neighbours searched per token; the sweep can use any k' <= k.
-        max_tokens (`int`, *optional*): score only the first ``max_tokens`` tokens.
-        max_cache_bytes (`int`, defaults to 1 GiB): the cache (``num_tokens * k * 8`` bytes) is cut
-            to this size: only the first ``max_cache_bytes // (8 k)`` targets are scored (with a warning).
-        Other arguments are those of :func:`~hf_knnlm.evaluate_perplexity`.
+    The cache (``num_tokens * k * 8`` bytes) is cut to ``max_cache_bytes``: only the first
+    ``max_cache_bytes // (8 k)`` targets are scored (with a warning). Other arguments are those of
+    :func:`~hf_knnlm.evaluate_perplexity`.
     """
-    k = datastore.clamp_k(k)
-    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
-    max_targets = max_cache_bytes // (8 * k)
+    settings, windows = settings_from(settings, windows, overrides)
+    settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
+    windows = windows.resolve(recorded_windows(datastore))
+    max_targets = max_cache_bytes // (8 * settings.k)
     if max_targets < 1:
         raise ValueError(
-            f"max_cache_bytes={max_cache_bytes} cannot hold one token's {k} neighbours ({8 * k} bytes)."
+            f"max_cache_bytes={max_cache_bytes} cannot hold one token's {settings.k} neighbours "
+            f"({8 * settings.k} bytes)."
         )
-    check_forward_args(model, max_length, stride, batch_size)
-    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
+    check_forward_args(model, windows.max_length, windows.stride, windows.batch_size)
+    tokens = _fit_cache(
+        scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens), max_targets, settings.k
+    )
+    policy = PlainSearch(datastore, settings)
+    batches = iter_scored_batches(
+        model, tokens, datastore, policy, windows, disable_progress=disable_progress
+    )
+    cache = ScoredTokens.cat([_compact(b) for b in batches])
+    if not len(cache):
+        raise ValueError("no scored tokens: the tuning text is empty.")
+    return cache
+
+
+def _fit_cache(tokens: np.ndarray, max_targets: int, k: int) -> np.ndarray:
     if len(tokens) - 1 > max_targets:
         logger.warning(
             "the tuning cache would take %d MB (%d tokens x k=%d x 8 bytes); scoring only the first %d "
-            "tokens (raise max_cache_bytes / --max-cache-mb or lower k to use more).",
+            "tokens (raise max_cache_bytes / --max-cache-bytes or lower k to use more).",
             (len(tokens) - 1) * k * 8 >> 20,
             len(tokens) - 1,
             k,
             max_targets,
         )
-        tokens = tokens[: max_targets + 1]
-    return concat_batches(
-        iter_scored_batches(
-            model,
-            tokens,
-            datastore,
-            k=k,
-            max_length=max_length,
-            stride=stride,
-            batch_size=batch_size,
-            recompute_dists=recompute_dists,
-            disable_progress=disable_progress,
-        )
-    )
+        return tokens[: max_targets + 1]
+    return tokens
 
 
-def median_nn_distance(cache: ScoredBatch) -> float:
+def _compact(batch: ScoredTokens) -> ScoredTokens:
+    batch.neighbours = batch.neighbours.compact()
+    return batch
+
+
+def median_nn_distance(cache: ScoredTokens) -> float:
     """Median squared L2 distance to the nearest neighbour: the scale of useful temperatures."""
-    first = cache.distances[:, 0]
+    first = cache.neighbours.distances[:, 0]
     first = first[torch.isfinite(first)]
     if not len(first):
         raise ValueError("no token of the tuning text has a neighbour; is the datastore empty?")
@@ -127,9 +156,9 @@ def median_nn_distance(cache: ScoredBatch) -> float:
 
 
 def temperature_grid(
-    cache: ScoredBatch,
-    multiples: Sequence[float] = DEFAULT_TEMPERATURE_MULTIPLES,
-    plain: Sequence[float] = DEFAULT_TEMPERATURES,
+    cache: ScoredTokens,
+    multiples: Sequence[float] = TuningGrid.temperature_multiples,
+    plain: Sequence[float] = PLAIN_TEMPERATURES,
 ) -> list[float]:
     """``multiples`` x the median nearest-neighbour distance, plus the ``plain`` temperatures."""
     scale = median_nn_distance(cache)
@@ -137,139 +166,54 @@ def temperature_grid(
     return sorted(grid)
 
 
-def cached_knn_log_probs(cache: ScoredBatch, temperature: float, k: int) -> torch.Tensor:
+def cached_knn_log_probs(cache: ScoredTokens, temperature: float, k: int) -> torch.Tensor:
     """log p_kNN(target) of every cached token with the first ``k`` neighbours, ``[n]``."""
+    blocks = range(0, len(cache), _ROWS)
     return torch.cat(
         [
             knn_target_log_probs(
-                cache.distances[i : i + _ROWS, :k],
-                cache.neighbour_tokens[i : i + _ROWS, :k],
-                cache.targets[i : i + _ROWS],
-                temperature,
-                None if cache.neighbour_log_counts is None else cache.neighbour_log_counts[i : i + _ROWS, :k],
+                cache.neighbours[i : i + _ROWS].truncate(k), cache.targets[i : i + _ROWS], temperature
             )
-            for i in range(0, len(cache.targets), _ROWS)
+            for i in blocks
         ]
     )
 
 
-def check_grid(
-    searched: int, lmbdas: Sequence[float], temperatures: Sequence[float] | None, ks: Sequence[int] | None
-) -> None:
-    """ValueError naming the first bad grid value (before any model run)."""
-    for k in ks or []:
-        if not isinstance(k, int) or not 0 < k <= searched:
-            raise ValueError(
-                f"k={k!r} must be an integer in [1, {searched}] (the k searched once for the cache)."
-            )
-    for lmbda in lmbdas:
-        check_knn_args(1, lmbda, 1.0)
-    for temperature in temperatures or []:
-        check_knn_args(1, 0.0, temperature)
-
-
 def sweep(
-    cache: ScoredBatch, lmbdas: Sequence[float], temperatures: Sequence[float], ks: Sequence[int]
-) -> list[dict[str, float | int]]:
-    """Perplexity of the kNN-LM at every (k, temperature, lmbda), from the cache only.
-
-    Returns:
-        `list[dict]`: one ``{"k", "temperature", "lmbda", "knn_ppl"}`` per point.
-    """
-    check_grid(cache.distances.shape[1], lmbdas, temperatures, ks)
-    n = len(cache.targets)
+    cache: ScoredTokens, lmbdas: Sequence[float], temperatures: Sequence[float], ks: Sequence[int]
+) -> list[TuningPoint]:
+    """Perplexity of the kNN-LM at every (k, temperature, lmbda), from the cache only."""
+    TuningGrid(lmbdas=lmbdas, temperatures=temperatures, ks=ks).check_ks(cache.neighbours.k)
+    n = len(cache)
     points = []
     for k in ks:
         for temperature in temperatures:
             knn = cached_knn_log_probs(cache, temperature, k)
             for lmbda in lmbdas:
                 nll = -interpolate(cache.lm_log_probs, knn, lmbda).double().sum().item()
-                points.append(
-                    {"k": k, "temperature": temperature, "lmbda": lmbda, "knn_ppl": math.exp(nll / n)}
-                )
+                points.append(TuningPoint(k, temperature, lmbda, math.exp(nll / n)))
     return points
 
 
-def base_perplexity(cache: ScoredBatch) -> float:
-    return math.exp(-cache.lm_log_probs.double().sum().item() / len(cache.targets))
+def base_perplexity(cache: ScoredTokens) -> float:
+    return math.exp(-cache.lm_log_probs.double().sum().item() / len(cache))
 
 
-def best_point(points: Sequence[dict]) -> dict:
-    return min(points, key=lambda p: p["knn_ppl"])
-
-
-def plot_sweep(result: dict, path: str | os.PathLike) -> None:
-    """PNG: perplexity against lmbda, one line per temperature, one panel per k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = sorted({p["k"] for p in result["points"]})
-    temperatures = sorted({p["temperature"] for p in result["points"]})
-    best = result["best"]
-    ncols = min(3, len(ks))
-    nrows = -(-len(ks) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), sharey=True, squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for ax in axes.flat[len(ks) :]:
-        ax.set_visible(False)
-    for ax, k in zip(axes.flat, ks, strict=False):
-        for i, temperature in enumerate(temperatures):
-            pts = sorted(
-                (p for p in result["points"] if p["k"] == k and p["temperature"] == temperature),
-                key=lambda p: p["lmbda"],
-            )
-            ax.plot(
-                [p["lmbda"] for p in pts],
-                [p["knn_ppl"] for p in pts],
-                marker=".",
-                lw=1,
-                color=cmap(i / max(1, len(temperatures) - 1)),
-                label=f"T={temperature:.4g}",
-            )
-        ax.axhline(result["base_ppl"], color="gray", ls="--", lw=1, label="base LM")
-        if best["k"] == k:
-            ax.plot([best["lmbda"]], [best["knn_ppl"]], "r*", ms=10, label="best")
-        ax.set_title(f"k={k}", fontsize=9)
-        ax.set_xlabel("lmbda")
-        ax.grid(alpha=0.3)
-    for row in axes:
-        row[0].set_ylabel("perplexity")
-    # Zoom on the useful region: from the best point to a little above the base LM.
-    low, base = min(p["knn_ppl"] for p in result["points"]), result["base_ppl"]
-    axes[0][0].set_ylim(low - 0.1 * (base - low) - 0.01 * base, base + 0.6 * (base - low) + 0.02 * base)
-    axes.flat[len(ks) - 1].legend(fontsize=6, loc="upper right")
-    fig.suptitle(result.get("title") or "kNN-LM tuning sweep", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-
-
-def sweep_result(
-    cache: ScoredBatch,
-    *,
-    lmbdas: Sequence[float] = DEFAULT_LMBDAS,
-    temperatures: Sequence[float] | None = None,
-    temperature_multiples: Sequence[float] = DEFAULT_TEMPERATURE_MULTIPLES,
-    ks: Sequence[int] | None = None,
-) -> dict:
+def sweep_result(cache: ScoredTokens, grid: TuningGrid | None = None, **overrides: Any) -> TuningOutput:
     """Sweep the grid (temperatures from the distance scale unless given) and summarise it."""
-    searched = cache.distances.shape[1]
-    if ks is None:
-        ks = sorted({k for k in DEFAULT_KS if k < searched} | {searched})
-    if temperatures is None:
-        temperatures = temperature_grid(cache, temperature_multiples)
-    points = sweep(cache, lmbdas, temperatures, ks)
-    return {
-        "base_ppl": base_perplexity(cache),
-        "num_tokens": len(cache.targets),
-        "k_searched": searched,
-        "median_nn_distance": median_nn_distance(cache),
-        "best": best_point(points),
-        "points": points,
-    }
+    grid = (grid or TuningGrid()).replace(**overrides)
+    searched = cache.neighbours.k
+    grid.check_ks(searched)
+    temperatures = grid.temperatures or temperature_grid(cache, grid.temperature_multiples)
+    points = sweep(cache, grid.lmbdas, temperatures, grid.ks_for(searched))
+    return TuningOutput(
+        base_ppl=base_perplexity(cache),
+        num_tokens=len(cache),
+        k_searched=searched,
+        median_nn_distance=median_nn_distance(cache),
+        best=min(points, key=lambda p: p.knn_ppl),
+        points=points,
+    )
 
 
 def tune(
@@ -279,63 +223,64 @@ def tune(
     datastore: Datastore,
     output_dir: str | os.PathLike,
     *,
-    k: int = 1024,
-    ks: Sequence[int] | None = None,
-    lmbdas: Sequence[float] = DEFAULT_LMBDAS,
-    temperatures: Sequence[float] | None = None,
-    temperature_multiples: Sequence[float] = DEFAULT_TEMPERATURE_MULTIPLES,
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-    recompute_dists: bool = False,
+    settings: KNNSettings | None = None,
+    windows: WindowSettings | None = None,
+    grid: TuningGrid | None = None,
     text_column: str = "text",
     max_tokens: int | None = None,
-    max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
     disable_progress: bool | None = None,
-) -> dict:
+    **overrides: Any,
+) -> TuningOutput:
     """Cache one pass over ``data``, sweep lmbda x temperature x k, write JSON + PNG to ``output_dir``.
 
+    Args:
+        settings (`KNNSettings`, *optional*): ``k`` is the number of neighbours searched once (the
+            sweep tries every k' <= k of the grid) and ``recompute_dists`` how they are searched.
+        windows (`WindowSettings`, *optional*): the windows (default: the store's).
+        grid (`TuningGrid`, *optional*): the lmbdas, temperatures and ks to try, and the cache cap.
+        overrides: single fields of any of the three, e.g. ``k=256, lmbdas=[0.1, 0.3]``.
+
     Returns:
-        `dict` with ``base_ppl``, ``best`` (``k``, ``temperature``, ``lmbda``, ``knn_ppl``), every
-        point under ``points``, and the paths under ``json`` / ``plot``.
+        [`TuningOutput`]: ``base_ppl``, ``best`` (``k``, ``temperature``, ``lmbda``, ``knn_ppl``; as
+        settings: ``best_settings``), every point, and the paths under ``json`` / ``plot``.
     """
-    check_grid(datastore.clamp_k(k), lmbdas, temperatures, ks)
-    max_length, stride = window_settings(max_length, stride, recorded_windows(datastore))
+    grid_changes = {
+        name: overrides.pop(name) for name in list(overrides) if name in TuningGrid.__dataclass_fields__
+    }
+    grid = (grid or TuningGrid()).replace(**grid_changes)
+    settings, windows = settings_from(settings, windows, overrides)
+    grid.check_ks(datastore.clamp_k(settings.k))
+    windows = windows.resolve(recorded_windows(datastore))
     cache = build_tuning_cache(
         model,
         tokenizer,
         data,
         datastore,
-        k=k,
-        max_length=max_length,
-        stride=stride,
-        batch_size=batch_size,
-        recompute_dists=recompute_dists,
+        settings=settings,
+        windows=windows,
         text_column=text_column,
         max_tokens=max_tokens,
-        max_cache_bytes=max_cache_bytes,
+        max_cache_bytes=grid.max_cache_bytes,
         disable_progress=disable_progress,
     )
-    result = sweep_result(
-        cache, lmbdas=lmbdas, temperatures=temperatures, temperature_multiples=temperature_multiples, ks=ks
-    )
-    result["settings"] = {
-        "max_length": max_length,
-        "stride": stride,
-        "recompute_dists": recompute_dists,
-        "index_factory": datastore.config.index_factory,
-        "nprobe": datastore.nprobe,
-        "datastore": str(datastore.folder),
-        "entries": len(datastore),
+    result = sweep_result(cache, grid)
+    result.settings = {
+        **windows.to_dict(),
+        "recompute_dists": settings.recompute_dists,
+        **search_setup(datastore),
+        "grid": grid.to_dict(),
     }
     write_results(result, output_dir)
     return result
 
 
-def write_results(result: dict, output_dir: str | os.PathLike) -> None:
-    """``tune_results.json`` and ``tune_plot.png`` in ``output_dir`` (paths added to ``result``)."""
+def write_results(result: TuningOutput, output_dir: str | os.PathLike) -> None:
+    """``tune_results.json`` and ``tune_plot.png`` in ``output_dir`` (paths set on ``result``)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result["json"], result["plot"] = str(out / RESULTS_NAME), str(out / PLOT_NAME)
-    atomic_write_json(out / RESULTS_NAME, result)
+    result.json, result.plot = str(out / RESULTS_NAME), str(out / PLOT_NAME)
+    atomic_write_json(out / RESULTS_NAME, result.to_dict())
     plot_sweep(result, out / PLOT_NAME)
+
+
+__all__ = ["TuningOutput", "TuningPoint", "build_tuning_cache", "sweep", "sweep_result", "tune"]

@@ -10,6 +10,7 @@ from ..utils.lazy import lazy_exports
 _IMPORT_STRUCTURE = {
     ".hooks": ["FFNInputCapture", "find_ffn_module"],
     ".loading": ["load_model_and_tokenizer"],
+    ".windows": ["WindowSettings"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
 __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
@@ -17,3 +18,4 @@ __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 if TYPE_CHECKING:
     from .hooks import FFNInputCapture, find_ffn_module
     from .loading import load_model_and_tokenizer
+    from .windows import WindowSettings

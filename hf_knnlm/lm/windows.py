@@ -7,10 +7,12 @@ perplexity guide.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..utils.checks import is_int
+from ..utils.checks import check_positive_int, is_int
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,56 @@ class Window:
 
 
 DEFAULT_MAX_LENGTH, DEFAULT_STRIDE = 1024, 512
+
+
+@dataclass
+class WindowSettings:
+    """The sliding windows a text is run in (building a store, scoring, tuning, training a gate).
+
+    ``None`` means: the windows the datastore was built with (scoring a text as its store was built
+    is the protocol), else ``DEFAULT_MAX_LENGTH`` / ``DEFAULT_STRIDE``; :meth:`resolve` fills them in.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.lm.windows import WindowSettings
+    >>> WindowSettings().resolve(recorded=(512, 448))  # a store built with 512 / 448
+    WindowSettings(max_length=512, stride=448, batch_size=8)
+    >>> WindowSettings(max_length=2048).resolve(recorded=(512, 448))  # another length: its own stride
+    WindowSettings(max_length=2048, stride=512, batch_size=8)
+    ```
+    """
+
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": f"Window length in tokens; default: the datastore's, else {DEFAULT_MAX_LENGTH}."},
+    )
+    stride: int | None = field(
+        default=None,
+        metadata={"help": f"New targets per window; default: the datastore's, else {DEFAULT_STRIDE}."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "stride"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive_int(name, value, "tokens")
+        check_positive_int("batch_size", self.batch_size, "windows per forward pass")
+
+    def replace(self, **changes: Any) -> WindowSettings:
+        """A copy with the changes that are not ``None``."""
+        return dataclasses.replace(self, **{name: v for name, v in changes.items() if v is not None})
+
+    def resolve(self, recorded: tuple[int | None, int | None] = (None, None)) -> WindowSettings:
+        """Concrete windows: the given ones, else the ``recorded`` ones (a recorded stride only with the
+        recorded max_length), else the defaults; checked with :func:`check_window_args`."""
+        max_length, stride = window_settings(self.max_length, self.stride, recorded)
+        check_window_args(max_length, stride)
+        return WindowSettings(max_length, stride, self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def window_settings(

@@ -13,7 +13,7 @@ _IMPORT_STRUCTURE = {
     ".flare": ["FLAREOutput", "flare_generate"],
     "..retrieval.loading": ["load_retriever"],
     ".logits_process": ["InContextRALMProcessor", "REPLUGProcessor"],
-    ".perplexity": ["evaluate_retrieval_perplexity"],
+    ".perplexity": ["RetrievalPerplexityOutput", "evaluate_retrieval_perplexity"],
     ".qa": ["answer_questions"],
     "..retrieval.retriever": ["Retriever"],
     ".settings": ["RetrievalSettings"],
@@ -30,6 +30,6 @@ if TYPE_CHECKING:
     from ..retrieval.retriever import Retriever
     from .flare import FLAREOutput, flare_generate
     from .logits_process import InContextRALMProcessor, REPLUGProcessor
-    from .perplexity import evaluate_retrieval_perplexity
+    from .perplexity import RetrievalPerplexityOutput, evaluate_retrieval_perplexity
     from .qa import answer_questions
     from .settings import RetrievalSettings

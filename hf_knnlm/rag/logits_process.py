@@ -14,12 +14,13 @@ from .prefix import (
     DocumentTokens,
     cache_kwargs,
     cache_of,
+    document_log_weights,
     last_log_probs,
     left_pad,
     max_positions,
     pad_token_id,
 )
-from .settings import RetrievalSettings, document_log_weights
+from .settings import RetrievalSettings
 
 
 class _DocumentEnsembleProcessor(LogitsProcessor):
@@ -76,7 +77,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
             n = self.settings.query_length
             queries = [self.tokenizer.decode(self._row_tokens(row)[-n:]) for row in input_ids]
         scores, doc_ids = self.retriever.search(queries, self.settings.num_documents)
-        log_weights = document_log_weights(scores, doc_ids, self.settings.temperature)
+        log_weights = document_log_weights(scores, doc_ids, self.settings.document_temperature)
         # A row that found nothing reads no passage: one "empty passage" of weight 1 is the plain LM.
         empty = torch.isneginf(log_weights).all(dim=-1)
         log_weights[empty, 0] = 0.0

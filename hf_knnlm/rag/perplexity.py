@@ -1,6 +1,6 @@
 """Perplexity of In-Context RALM and REPLUG over the same sliding windows as ``evaluate_perplexity``.
 
-The text is cut into the windows of :func:`~hf_knnlm.knnlm.evaluate_perplexity` (every token but the
+The text is cut into the windows of :func:`~hf_knnlm.evaluate_perplexity` (every token but the
 first scored once, with the window's context). Each window's targets are split into blocks of
 ``retrieval_stride`` tokens; the ``query_length`` tokens before a block query the retriever, and each
 target ``t`` of the block is scored as ``log sum_d w_d p_LM(t | d ⊕ tokens[window.begin:t])``.
@@ -10,28 +10,76 @@ that retrieved passage ``d`` is scored from **one** forward pass over ``d ⊕ to
 (``end`` = the last of those blocks' ends): the result is the same as one pass per block, at a fraction of
 the cost. Blocks that retrieved nothing keep the base model's log-probs from the plain window pass, so an
 empty retriever gives the base model's perplexity exactly.
+
+With a datastore, the kNN-LM is mixed in through the same :class:`~hf_knnlm.KNNSettings` and
+:func:`~hf_knnlm.knnlm.mixture.mix_targets` as everywhere else (merge counts of a pruned store
+included): alone over the plain windows, and into In-Context RALM with the queries of the
+passage-prefixed pass.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..datastore.datastore import Datastore
-from ..knnlm.evaluation import collect_queries, iter_scored_batches, mixed_target_log_probs, scored_tokens
-from ..knnlm.mixture import KNNSettings, interpolate, knn_target_log_probs
+from ..knnlm.evaluation import recorded_windows, search_setup
+from ..knnlm.mixture import mix_targets
+from ..knnlm.scored import ScoredTokens, iter_scored_batches, scored_tokens
+from ..knnlm.settings import KNNSettings
 from ..lm.corpus import CorpusLike
 from ..lm.hooks import FFNInputCapture
-from ..lm.windows import Window, sliding_windows
+from ..lm.windows import Window, WindowSettings, sliding_windows
 from ..retrieval.retriever import Retriever
-from .prefix import DocumentTokens, last_log_probs, left_pad, max_positions, pad_token_id
-from .settings import RetrievalSettings, document_log_weights
+from ..utils.outputs import Output
+from .prefix import (
+    DocumentTokens,
+    document_log_weights,
+    last_log_probs,
+    left_pad,
+    max_positions,
+    pad_token_id,
+)
+from .settings import RetrievalSettings
 
 _SEARCH_CHUNK = 1024
+
+
+@dataclass
+class RetrievalPerplexityOutput(Output):
+    """The result of :func:`evaluate_retrieval_perplexity` (also readable as a dict).
+
+    Attributes:
+        base_ppl: the model alone; ppl: In-Context RALM / REPLUG; knn_ppl: the kNN-LM alone;
+            knn_ralm_ppl: the kNN-LM mixed into In-Context RALM (the last two None without a datastore).
+        num_tokens: tokens scored; retrieved_fraction: the share scored with at least one passage.
+        forward_tokens: tokens through the model in prefixed rows; padded_tokens: the same with the
+            left padding of batched rows; base_forward_tokens: tokens of the plain window pass.
+        times: seconds (``base_s`` the plain window pass, ``retrieval_s``, ``prefixed_s`` the
+            document-prefixed passes, ``knn_s`` the datastore searches).
+        retrieval, knn, windows, search: every setting used.
+    """
+
+    base_ppl: float
+    ppl: float
+    knn_ppl: float | None
+    knn_ralm_ppl: float | None
+    num_tokens: int
+    retrieved_fraction: float
+    forward_tokens: int
+    padded_tokens: int
+    base_forward_tokens: int
+    times: dict[str, float]
+    retrieval: RetrievalSettings
+    knn: KNNSettings | None = None
+    windows: WindowSettings | None = None
+    search: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,6 +93,27 @@ class _Row:
     uses: list[tuple[int, int]]  # (block, slot) pairs scored from this row
 
 
+@dataclass
+class _Plan:
+    tokens: np.ndarray
+    windows: list[Window]
+    window_settings: WindowSettings
+    retrieval: RetrievalSettings
+    knn: KNNSettings | None
+    document_budget: int
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Prefixed:
+    """What the document-prefixed rows gave: per block and slot the targets' log-probs, and kNN queries."""
+
+    log_probs: torch.Tensor  # [blocks, slots, width]
+    queries: torch.Tensor | None  # [blocks, width, d] FFN inputs of the prefixed pass (with a datastore)
+    forward_tokens: int = 0
+    padded_tokens: int = 0
+
+
 def _blocks(windows: list[Window], stride: int | None) -> list[tuple[int, int, int]]:
     """(window, first target, end) of every retrieval block, in corpus order."""
     blocks = []
@@ -55,9 +124,7 @@ def _blocks(windows: list[Window], stride: int | None) -> list[tuple[int, int, i
     return blocks
 
 
-def _search(retriever: Retriever, queries: list[str], k: int) -> tuple:
-    import numpy as np
-
+def _search(retriever: Retriever, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     parts = [
         retriever.search(queries[i : i + _SEARCH_CHUNK], k) for i in range(0, len(queries), _SEARCH_CHUNK)
     ]
@@ -78,177 +145,229 @@ def _rows(windows, blocks, doc_ids) -> list[_Row]:
     return list(rows.values())
 
 
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Keyword overrides of the retrieval settings, the kNN-LM settings and the windows."""
+    groups: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
+    fields = (RetrievalSettings.__dataclass_fields__, KNNSettings.__dataclass_fields__)
+    for name, value in overrides.items():
+        target = groups[0] if name in fields[0] else groups[1] if name in fields[1] else groups[2]
+        target[name] = value
+    unknown = sorted(set(groups[2]) - set(WindowSettings.__dataclass_fields__))
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}; evaluate_retrieval_perplexity takes the fields of "
+            "RetrievalSettings, KNNSettings and WindowSettings."
+        )
+    return groups
+
+
+def _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_column, max_tokens) -> _Plan:
+    if datastore is not None and retrieval.num_documents != 1:
+        raise ValueError(
+            f"a datastore mixes kNN-LM into In-Context RALM, which reads one passage; got "
+            f"num_documents={retrieval.num_documents}. Pass num_documents=1 or drop the datastore."
+        )
+    windows = windows.resolve(recorded_windows(datastore))
+    # A passage is cut from the left so that passage + window fits the model.
+    budget = min(retrieval.max_document_tokens, max_positions(model) - windows.max_length)
+    if budget < 1:
+        raise ValueError(
+            f"max_length={windows.max_length} leaves no room for a passage in the {max_positions(model)} "
+            "positions the model takes; lower max_length."
+        )
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
+    knn = knn.resolve(datastore) if datastore is not None else None
+    spans = list(sliding_windows(len(tokens), windows.max_length, windows.stride))
+    plan = _Plan(tokens, spans, windows, retrieval, knn, budget)
+    plan.blocks = _blocks(spans, retrieval.retrieval_stride)
+    return plan
+
+
+def _base_pass(model, plan: _Plan, datastore, times: dict, progress) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) of the LM alone and of the kNN-LM alone (the LM's without a datastore)."""
+    started = time.perf_counter()
+    keep = datastore is not None  # queries kept, so that LM time and search time are measured apart
+    batches = iter_scored_batches(
+        model,
+        plan.tokens,
+        datastore,
+        None,
+        plan.window_settings,
+        keep_queries=keep,
+        disable_progress=progress,
+    )
+    scored = ScoredTokens.cat(list(batches))
+    times["base_s"] = time.perf_counter() - started
+    if datastore is None:
+        return scored.lm_log_probs, scored.lm_log_probs
+    started = time.perf_counter()
+    knn_only = scored.search(datastore, plan.knn.k, plan.knn.recompute_dists).mixed(plan.knn)
+    times["knn_s"] = time.perf_counter() - started
+    return scored.lm_log_probs, knn_only
+
+
+def _retrieve(tokenizer, retriever, plan: _Plan, times: dict) -> tuple[np.ndarray, torch.Tensor]:
+    started = time.perf_counter()
+    length = plan.retrieval.query_length
+    queries = [tokenizer.decode(plan.tokens[max(0, s - length) : s].tolist()) for _, s, _ in plan.blocks]
+    scores, doc_ids = _search(retriever, queries, plan.retrieval.num_documents)
+    log_weights = document_log_weights(scores, doc_ids, plan.retrieval.document_temperature)
+    times["retrieval_s"] = time.perf_counter() - started
+    return doc_ids, log_weights
+
+
+def _score_rows(chunk, log_probs, hidden, keep, plan: _Plan, out: _Prefixed) -> None:
+    """Copy each prefixed row's target log-probs (and kNN queries) into its blocks' slots."""
+    device = log_probs.device
+    for r, row in enumerate(chunk):
+        for b, slot in row.uses:
+            _, start, end = plan.blocks[b]
+            positions = (keep - 1 - (row.end - torch.arange(start, end))).to(device)
+            targets = torch.from_numpy(plan.tokens[start:end].astype("int64")).to(device)
+            picked = log_probs[r, positions].gather(-1, targets[:, None]).squeeze(-1)
+            out.log_probs[b, slot, : end - start] = picked.cpu()
+            if hidden is not None:
+                if out.queries is None:
+                    out.queries = torch.zeros(len(plan.blocks), out.log_probs.shape[-1], hidden.shape[-1])
+                out.queries[b, : end - start] = hidden[r, positions].float().cpu()
+
+
+def _prefixed_pass(model, tokenizer, retriever, plan: _Plan, doc_ids, datastore, row_batch_size, progress):
+    """Every (window, passage) row through the model once, longest first."""
+    width = max(end - start for _, start, end in plan.blocks)
+    out = _Prefixed(torch.full((len(plan.blocks), plan.retrieval.num_documents, width), -math.inf), None)
+    doc_tokens = DocumentTokens(tokenizer, retriever, plan.document_budget)
+    # Longest first, so that a batch holds rows of about one length (padding is compute thrown away: ~15%
+    # of the tokens on Tiny Shakespeare in corpus order) and an out-of-memory shows in the first batch.
+    rows = sorted(
+        _rows(plan.windows, plan.blocks, doc_ids),
+        key=lambda r: -(len(doc_tokens(r.doc)) + r.end - r.window.begin),
+    )
+    device = next(model.parameters()).device
+    capture = FFNInputCapture(model, datastore.config.hook_module) if datastore is not None else None
+    try:
+        for first in tqdm(
+            range(0, len(rows), row_batch_size), desc="prefixed rows", unit="batch", disable=progress
+        ):
+            chunk = rows[first : first + row_batch_size]
+            sequences = [doc_tokens(r.doc) + plan.tokens[r.window.begin : r.end].tolist() for r in chunk]
+            out.forward_tokens += sum(len(s) for s in sequences)
+            out.padded_tokens += len(sequences) * max(len(s) for s in sequences)
+            keep = max(r.end - r.first_target + 1 for r in chunk)
+            padded = left_pad(sequences, pad_token_id(tokenizer), device)
+            log_probs, _ = last_log_probs(model, padded, keep, use_cache=False)
+            hidden = capture.hidden_states(len(chunk))[:, -keep:] if capture is not None else None
+            _score_rows(chunk, log_probs, hidden, keep, plan, out)
+    finally:
+        if capture is not None:
+            capture.remove()
+    return out
+
+
+def _combine(plan: _Plan, base, log_weights, prefixed: _Prefixed, found) -> torch.Tensor:
+    """log sum_d w_d p_LM(t | d ⊕ x) for the targets of blocks that read a passage; base elsewhere."""
+    mixed = base.clone()
+    for b in found.nonzero()[0].tolist():
+        _, start, end = plan.blocks[b]
+        mixed[start - 1 : end - 1] = torch.logsumexp(
+            log_weights[b, :, None] + prefixed.log_probs[b, :, : end - start], dim=0
+        )
+    return mixed
+
+
+def _mix_knn(plan: _Plan, datastore, prefixed: _Prefixed, found, mixed, knn_only) -> torch.Tensor:
+    """log(λ p_kNN + (1 - λ) p_RALM) for the targets of blocks that read a passage; kNN-LM elsewhere."""
+    picks = [(b, start, end) for b, (_, start, end) in enumerate(plan.blocks) if found[b]]
+    queries = torch.cat([prefixed.queries[b, : end - start] for b, start, end in picks])
+    positions = torch.cat([torch.arange(start, end) for _, start, end in picks])
+    targets = torch.from_numpy(plan.tokens[positions.numpy()].astype("int64"))
+    neighbours = datastore.search(queries, plan.knn.k, plan.knn.recompute_dists)
+    combined = knn_only.clone()
+    combined[positions - 1] = mix_targets(neighbours, mixed[positions - 1], targets, plan.knn)
+    return combined
+
+
 def evaluate_retrieval_perplexity(
     model: torch.nn.Module,
     tokenizer,
     data: CorpusLike,
     retriever: Retriever,
     *,
-    num_documents: int = 1,
-    retrieval_stride: int | None = 4,
-    query_length: int = 32,
-    temperature: float = 1.0,
-    max_document_tokens: int = 256,
+    retrieval: RetrievalSettings | None = None,
     datastore: Datastore | None = None,
-    k: int = 1024,
-    lmbda: float = 0.25,
-    knn_temperature: float = 1.0,
-    max_length: int = 1024,
-    stride: int = 512,
-    batch_size: int = 8,
+    knn: KNNSettings | None = None,
+    windows: WindowSettings | None = None,
     row_batch_size: int = 4,
     text_column: str = "text",
     max_tokens: int | None = None,
     disable_progress: bool | None = None,
-) -> dict:
+    **overrides: Any,
+) -> RetrievalPerplexityOutput:
     """Sliding-window perplexity of the base LM and of In-Context RALM (``num_documents=1``) or REPLUG
     (``num_documents=k``); with a ``datastore`` (In-Context RALM only) also of the kNN-LM alone and of the
     kNN-LM mixed into In-Context RALM (its queries come from the document-prefixed pass).
 
     Args:
         retriever: any object with ``search(queries, k) -> (scores, doc_ids)``, ``titles`` and ``texts``.
-        num_documents, retrieval_stride, query_length, temperature, max_document_tokens: see
-            :class:`~hf_knnlm.rag.RetrievalSettings`.
-        datastore, k, lmbda, knn_temperature: the kNN-LM, as in ``evaluate_perplexity``.
-        max_length, stride, batch_size, text_column, max_tokens: the windows, as in ``evaluate_perplexity``.
+        retrieval ([`RetrievalSettings`], *optional*): num_documents, retrieval_stride, query_length,
+            document_temperature, max_document_tokens.
+        datastore, knn ([`KNNSettings`], *optional*): the kNN-LM, as in ``evaluate_perplexity``.
+        windows ([`WindowSettings`], *optional*): the windows (default: the store's, as
+            ``evaluate_perplexity``), text_column, max_tokens: as in ``evaluate_perplexity``.
         row_batch_size: document-prefixed rows per forward pass.
+        overrides: single fields of any of the three settings objects, e.g. ``num_documents=4, k=64``.
 
     Returns:
-        `dict` with ``base_ppl``, ``ppl``, ``knn_ppl`` and ``knn_ralm_ppl`` (None without a datastore),
-        ``num_tokens``, ``retrieved_fraction`` (targets scored with at least one passage), ``forward_tokens``
-        (tokens through the model in prefixed rows), ``padded_tokens`` (the same with the left padding of
-        batched rows), ``times`` (seconds: ``base_s`` the plain window pass,
-        ``retrieval_s``, ``prefixed_s`` the document-prefixed passes, ``knn_s`` the datastore searches) and
-        ``settings``.
+        [`RetrievalPerplexityOutput`]: the perplexities, token counts, times and every setting used.
     """
-    settings = RetrievalSettings(
-        num_documents, retrieval_stride, query_length, temperature, max_document_tokens
-    )
-    if datastore is not None and num_documents != 1:
-        raise ValueError(
-            f"a datastore mixes kNN-LM into In-Context RALM, which reads one passage; got "
-            f"num_documents={num_documents}. Pass num_documents=1 or drop the datastore."
-        )
-    # A passage is cut from the left so that passage + window fits the model.
-    document_budget = min(max_document_tokens, max_positions(model) - max_length)
-    if document_budget < 1:
-        raise ValueError(
-            f"max_length={max_length} leaves no room for a passage in the {max_positions(model)} positions "
-            "the model takes; lower max_length."
-        )
-    knn = KNNSettings(k=k, lmbda=lmbda, temperature=knn_temperature) if datastore is not None else None
-    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
-    if knn is not None:
-        knn.k = datastore.clamp_k(k)
-    windows = list(sliding_windows(len(tokens), max_length, stride))
-    times = {}
-
+    retrieval_changes, knn_changes, window_changes = _split_overrides(overrides)
+    retrieval = (retrieval or RetrievalSettings()).replace(**retrieval_changes)
+    knn = KNNSettings.merge(knn, **knn_changes)
+    windows = (windows or WindowSettings()).replace(**window_changes)
+    plan = _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_column, max_tokens)
+    times: dict[str, float] = {}
+    base, knn_only = _base_pass(model, plan, datastore, times, disable_progress)
+    doc_ids, log_weights = _retrieve(tokenizer, retriever, plan, times)
     started = time.perf_counter()
-    windowing = dict(
-        max_length=max_length, stride=stride, batch_size=batch_size, disable_progress=disable_progress
+    prefixed = _prefixed_pass(
+        model, tokenizer, retriever, plan, doc_ids, datastore, row_batch_size, disable_progress
     )
-    if knn is None:
-        base = torch.cat([b.lm_log_probs for b in iter_scored_batches(model, tokens, None, k=1, **windowing)])
-        knn_only = base
-    else:  # queries kept, so that the LM time and the kNN search time are measured apart
-        cached = collect_queries(
-            model, tokenizer, data, datastore, text_column=text_column, max_tokens=max_tokens, **windowing
-        )
-        base = cached.lm_log_probs
-    times["base_s"] = time.perf_counter() - started
-    if knn is not None:
-        started = time.perf_counter()
-        knn_only = mixed_target_log_probs(cached.search(datastore, knn.k), knn.lmbda, knn.temperature)
-        times["knn_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    blocks = _blocks(windows, settings.retrieval_stride)
-    queries = [tokenizer.decode(tokens[max(0, s - settings.query_length) : s].tolist()) for _, s, _ in blocks]
-    scores, doc_ids = _search(retriever, queries, settings.num_documents)
-    log_weights = document_log_weights(scores, doc_ids, settings.temperature)
-    times["retrieval_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    width = max(end - start for _, start, end in blocks)
-    doc_log_probs = torch.full((len(blocks), settings.num_documents, width), -math.inf)
-    knn_queries = torch.zeros(len(blocks), width, 0)
-    doc_tokens = DocumentTokens(tokenizer, retriever, document_budget)
-    # Longest first, so that a batch holds rows of about one length (padding is compute thrown away: ~15%
-    # of the tokens on Tiny Shakespeare in corpus order) and an out-of-memory shows in the first batch.
-    rows = sorted(
-        _rows(windows, blocks, doc_ids), key=lambda r: -(len(doc_tokens(r.doc)) + r.end - r.window.begin)
-    )
-    forward_tokens = padded_tokens = 0
-    device = next(model.parameters()).device
-    capture = FFNInputCapture(model, datastore.config.hook_module) if datastore is not None else None
-    try:
-        for first in tqdm(
-            range(0, len(rows), row_batch_size), desc="prefixed rows", unit="batch", disable=disable_progress
-        ):
-            chunk = rows[first : first + row_batch_size]
-            sequences = [doc_tokens(r.doc) + tokens[r.window.begin : r.end].tolist() for r in chunk]
-            forward_tokens += sum(len(s) for s in sequences)
-            padded_tokens += len(sequences) * max(len(s) for s in sequences)
-            keep = max(r.end - r.first_target + 1 for r in chunk)
-            padded = left_pad(sequences, pad_token_id(tokenizer), device)
-            log_probs, _ = last_log_probs(model, padded, keep, use_cache=False)
-            hidden = capture.hidden_states(len(chunk))[:, -keep:] if capture is not None else None
-            if hidden is not None and knn_queries.shape[-1] == 0:
-                knn_queries = torch.zeros(len(blocks), width, hidden.shape[-1])
-            for r, row in enumerate(chunk):
-                for b, slot in row.uses:
-                    _, start, end = blocks[b]
-                    at = torch.arange(start, end)
-                    positions = keep - 1 - (row.end - at)
-                    targets = torch.from_numpy(tokens[start:end].astype("int64")).to(device)
-                    picked = log_probs[r, positions.to(device)].gather(-1, targets[:, None]).squeeze(-1)
-                    doc_log_probs[b, slot, : end - start] = picked.cpu()
-                    if hidden is not None:
-                        knn_queries[b, : end - start] = hidden[r, positions.to(device)].float().cpu()
-    finally:
-        if capture is not None:
-            capture.remove()
-
-    mixed, combined = base.clone(), knn_only.clone()
     found = (doc_ids >= 0).any(axis=1)
-    for b in found.nonzero()[0].tolist():
-        _, start, end = blocks[b]
-        mix = torch.logsumexp(log_weights[b, :, None] + doc_log_probs[b, :, : end - start], dim=0)
-        mixed[start - 1 : end - 1] = mix
+    mixed = _combine(plan, base, log_weights, prefixed, found)
     times["prefixed_s"] = time.perf_counter() - started
-    if knn is not None and found.any():
+    combined = knn_only
+    if datastore is not None and found.any():
         started = time.perf_counter()
-        combined = _mix_knn(datastore, knn, blocks, found, knn_queries, mixed, combined, tokens)
+        combined = _mix_knn(plan, datastore, prefixed, found, mixed, knn_only)
         times["knn_s"] += time.perf_counter() - started
-
-    scored = sum(end - start for b, (_, start, end) in enumerate(blocks) if found[b])
-    count = len(base)
-    return {
-        "base_ppl": math.exp(-base.double().sum().item() / count),
-        "ppl": math.exp(-mixed.double().sum().item() / count),
-        "knn_ppl": math.exp(-knn_only.double().sum().item() / count) if knn else None,
-        "knn_ralm_ppl": math.exp(-combined.double().sum().item() / count) if knn else None,
-        "num_tokens": count,
-        "retrieved_fraction": scored / count,
-        "forward_tokens": forward_tokens,
-        "padded_tokens": padded_tokens,
-        "base_forward_tokens": sum(w.end - w.begin for w in windows),
-        "times": {name: round(value, 3) for name, value in times.items()},
-        "settings": settings.to_dict(),
-    }
+    return _output(plan, datastore, base, mixed, knn_only, combined, found, prefixed, times)
 
 
-def _mix_knn(datastore, knn, blocks, found, knn_queries, mixed, combined, tokens) -> torch.Tensor:
-    """log(λ p_kNN + (1 - λ) p_RALM) for the targets of blocks that read a passage."""
-    picks = [(b, start, end) for b, (_, start, end) in enumerate(blocks) if found[b]]
-    queries = torch.cat([knn_queries[b, : end - start] for b, start, end in picks])
-    positions = torch.cat([torch.arange(start, end) for _, start, end in picks])
-    targets = torch.from_numpy(tokens[positions.numpy()].astype("int64"))
-    distances, neighbours = datastore.search(queries, knn.k, knn.recompute_dists)
-    knn_log_probs = knn_target_log_probs(distances.cpu(), neighbours.cpu(), targets, knn.temperature)
-    combined = combined.clone()
-    combined[positions - 1] = interpolate(mixed[positions - 1], knn_log_probs, knn.lmbda)
-    return combined
+def _ppl(log_probs: torch.Tensor) -> float:
+    return math.exp(-log_probs.double().sum().item() / len(log_probs))
 
 
-__all__ = ["evaluate_retrieval_perplexity"]
+def _output(
+    plan, datastore, base, mixed, knn_only, combined, found, prefixed, times
+) -> RetrievalPerplexityOutput:
+    scored = sum(end - start for b, (_, start, end) in enumerate(plan.blocks) if found[b])
+    with_store = datastore is not None
+    return RetrievalPerplexityOutput(
+        base_ppl=_ppl(base),
+        ppl=_ppl(mixed),
+        knn_ppl=_ppl(knn_only) if with_store else None,
+        knn_ralm_ppl=_ppl(combined) if with_store else None,
+        num_tokens=len(base),
+        retrieved_fraction=scored / len(base),
+        forward_tokens=prefixed.forward_tokens,
+        padded_tokens=prefixed.padded_tokens,
+        base_forward_tokens=sum(w.end - w.begin for w in plan.windows),
+        times={name: round(value, 3) for name, value in times.items()},
+        retrieval=plan.retrieval,
+        knn=plan.knn,
+        windows=plan.window_settings,
+        search=search_setup(datastore) if with_store else {},
+    )
+
+
+__all__ = ["RetrievalPerplexityOutput", "evaluate_retrieval_perplexity"]

@@ -9,9 +9,11 @@ do not depend on what it is batched with (up to float rounding).
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..retrieval.retriever import Retriever, document_text
@@ -99,6 +101,14 @@ def max_positions(model: torch.nn.Module) -> int:
     )
 
 
+def document_log_weights(scores: np.ndarray, doc_ids: np.ndarray, temperature: float) -> torch.Tensor:
+    """``log softmax(score / temperature)`` over the passages found in each row, ``-inf`` where none
+    (``doc_id == -1``); a row with no passage at all is all ``-inf``."""
+    logits = torch.as_tensor(np.asarray(scores, dtype=np.float64)) / temperature
+    logits = logits.masked_fill(torch.as_tensor(np.asarray(doc_ids) < 0), -math.inf)
+    return torch.nan_to_num(torch.log_softmax(logits, dim=-1), nan=-math.inf).float()
+
+
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
@@ -133,6 +143,7 @@ def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
 
 
 __all__ = [
+    "document_log_weights",
     "tokens_containing",
     "max_positions",
     "cache_kwargs",
