@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm import Neighbours
+from hf_knnlm import Datastore, Neighbours, evaluate_perplexity
 from hf_knnlm.knnlm.mixture import interpolate, knn_target_log_probs
 from hf_knnlm.knnlm.scored import collect_queries
 

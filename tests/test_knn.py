@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_knnlm import KNNSettings, interpolate, knn_log_probs
-from hf_knnlm import Neighbours
+from hf_knnlm import KNNSettings, Neighbours, interpolate, knn_log_probs
 from hf_knnlm.knnlm.mixture import knn_target_log_probs
 
 
