@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from hf_knnlm.commands import Subparsers
 from hf_knnlm.commands.qa import register
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA
 
@@ -18,7 +19,7 @@ except ImportError:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-knnlm")
-    register(parser.add_subparsers(dest="command", required=True))
+    register(Subparsers(parser.add_subparsers(dest="command", required=True), None))
     return parser
 
 
@@ -55,7 +56,7 @@ def test_qa_train_then_qa_eval(tmp_path, capsys):
             "3",
             "--max-reader-length",
             "48",
-            "--max-doc-length",
+            "--max-doc-embed-length",
             "48",
             "--max-question-length",
             "16",
@@ -148,7 +149,7 @@ def test_qa_train_reader_then_qa_train_with_it(tmp_path, capsys):
             "2",
             "--max-reader-length",
             "48",
-            "--max-doc-length",
+            "--max-doc-embed-length",
             "48",
         ]
         + ["--max-question-length", "16", "--max-span-width", "4", "--top-k", "2"]

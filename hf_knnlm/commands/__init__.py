@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from . import (
@@ -44,17 +45,38 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Subparsers:
+    """``add_subparsers()`` whose verbs may configure their options lazily: a verb registered with
+    ``configure=`` gets its options only when it is the one that runs (or when every verb is built), so
+    starting the CLI imports nothing heavy for the verbs it does not run."""
+
+    def __init__(self, subparsers, chosen: str | None) -> None:
+        self._subparsers, self.chosen = subparsers, chosen
+
+    def add_parser(self, name: str, *, configure=None, **kwargs) -> argparse.ArgumentParser:
+        parser = self._subparsers.add_parser(name, **kwargs)
+        if configure is not None and self.chosen in (None, name):
+            configure(parser)
+        return parser
+
+
+def _chosen(argv: Sequence[str] | None) -> str | None:
+    """The verb ``argv`` runs (the first argument that is not an option), None to build them all."""
+    return next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hf-knnlm`` parser; with ``argv``, only the verb it runs has its options built."""
     parser = ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = Subparsers(parser.add_subparsers(dest="command", required=True), _chosen(argv))
     for command in SUBCOMMANDS:
         command.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    return run_command(parser.parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(build_parser(argv).parse_args(argv))
 
 
-__all__ = ["build_parser", "main"]
+__all__ = ["Subparsers", "build_parser", "main"]

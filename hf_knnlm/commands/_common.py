@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._options import add_dataclass_options, dataclass_from_args
+
 # Errors that mean "the input is wrong" (files, values, ids, network): the message is the report.
 USER_ERRORS = (ValueError, OSError, ImportError, LookupError)
 
@@ -73,7 +75,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", default=None, help="Tokenizer id/path if it differs from --model.")
     parser.add_argument("--revision", default=None, help="Model revision on the Hub.")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Weights dtype (default: auto, as stored).",
+    )
     parser.add_argument("--device", default=None, help="e.g. cuda:0; default: where the model loads.")
 
 
@@ -86,83 +93,74 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     parser.add_argument("--text-column", default="text", help="Column holding the text (default: text).")
 
 
-def add_window_args(parser: argparse.ArgumentParser, *, from_datastore: bool = False) -> None:
-    """``--max-length``, ``--stride``, ``--batch-size``; scoring defaults to the datastore's windows."""
-    if from_datastore:
-        recorded = "default: those the datastore was built with, else"
-        parser.add_argument("--max-length", type=int, default=None, help=f"Window length ({recorded} 1024).")
-        parser.add_argument(
-            "--stride", type=int, default=None, help=f"New targets per window ({recorded} 512)."
-        )
-    else:
-        parser.add_argument("--max-length", type=int, default=1024, help="Window length (default 1024).")
-        parser.add_argument("--stride", type=int, default=512, help="New targets per window (default 512).")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=8, help="Windows per forward pass (default 8)."
-    )
+def add_window_args(parser: argparse.ArgumentParser) -> list[str]:
+    """``--max-length``, ``--stride``, ``--batch-size`` from :class:`~hf_knnlm.lm.windows.WindowSettings`
+    (scoring defaults to the windows the datastore was built with)."""
+    from ..lm.windows import WindowSettings
+
+    return add_dataclass_options(parser.add_argument_group("windows"), WindowSettings)
 
 
-def add_knn_args(parser: argparse.ArgumentParser) -> None:
+def window_settings(args: argparse.Namespace):
+    from ..lm.windows import WindowSettings
+
+    return dataclass_from_args(args, WindowSettings)
+
+
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    """``--datastore``, ``--nprobe`` and ``--gpu``: how the store is opened (``from_pretrained``)."""
+    from ..datastore.index import DEFAULT_NPROBE, GPU_MODES
+
     parser.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
-    parser.add_argument("--k", type=positive_int, default=1024, help="Neighbours per query (default 1024).")
-    parser.add_argument("--lmbda", type=float, default=0.25, help="Weight of p_kNN in [0, 1] (default 0.25).")
     parser.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="Distance temperature (default: the datastore's calibrated temperature).",
-    )
-    parser.add_argument("--recompute-dists", action="store_true", help="Exact distances from stored keys.")
-    parser.add_argument(
-        "--nprobe", type=positive_int, default=32, help="IVF lists probed per query (default 32)."
+        "--nprobe",
+        type=positive_int,
+        default=DEFAULT_NPROBE,
+        help=f"IVF lists probed per query (default: {DEFAULT_NPROBE}).",
     )
     parser.add_argument(
         "--gpu",
-        default="auto",
-        choices=["auto", "replicate", "shard", "none"],
-        help="With faiss-gpu: clone the index to every GPU, or split it (default auto).",
+        default=GPU_MODES[0],
+        choices=GPU_MODES,
+        help=f"With faiss-gpu: clone the index to every GPU, or split it (default: {GPU_MODES[0]}).",
     )
 
 
-def add_skip_args(parser: argparse.ArgumentParser) -> None:
-    """``--retomaton`` and ``--gate``: two ways of searching at fewer steps."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--retomaton",
-        type=int,
-        default=None,
-        metavar="THRESHOLD",
-        help="RetoMaton: follow corpus pointers, search only when fewer than THRESHOLD survive.",
-    )
-    group.add_argument(
-        "--gate", action="store_true", help="Use the adaptive-retrieval gate saved with the datastore."
-    )
+def add_knn_args(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> list[str]:
+    """The store options and the :class:`~hf_knnlm.KNNSettings` fields (``only`` those named)."""
+    from ..knnlm.settings import KNNSettings
+
+    add_store_args(parser)
+    return add_dataclass_options(parser.add_argument_group("kNN-LM"), KNNSettings, only=only)
 
 
-def knn_kwargs(args: argparse.Namespace) -> dict:
-    """The mixture settings of :func:`add_knn_args` / :func:`add_skip_args` as keyword arguments."""
-    return dict(
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        recompute_dists=args.recompute_dists,
-        retomaton=getattr(args, "retomaton", None),
-        gate=getattr(args, "gate", False) or None,
-    )
+def knn_settings(args: argparse.Namespace):
+    """The :class:`~hf_knnlm.KNNSettings` of the command line (validated: before any model is loaded)."""
+    from ..knnlm.settings import KNNSettings
+
+    return dataclass_from_args(args, KNNSettings)
 
 
-def add_index_args(parser: argparse.ArgumentParser, *, default_factory: str | None) -> None:
+def add_index_args(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
     """``--index-factory``, ``--train-size`` and ``--overwrite``: shared by build and reindex."""
+    from ..datastore.index import DEFAULT_INDEX_FACTORY, DEFAULT_TRAIN_SIZE
+
     parser.add_argument(
         "--index-factory",
-        default=default_factory,
-        required=default_factory is None,
-        help="faiss index factory, e.g. Flat or IVF4096,PQ64.",
+        default=None if required else DEFAULT_INDEX_FACTORY,
+        required=required,
+        help="faiss index factory, e.g. Flat or IVF4096,PQ64"
+        + ("." if required else f" (default: {DEFAULT_INDEX_FACTORY})."),
     )
     parser.add_argument(
-        "--train-size", type=positive_int, default=1_000_000, help="Keys sampled to train the index."
+        "--train-size",
+        type=positive_int,
+        default=DEFAULT_TRAIN_SIZE,
+        help=f"Keys sampled to train the index (default: {DEFAULT_TRAIN_SIZE}).",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a finished datastore in --output.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace a finished datastore in --output (default: off)."
+    )
 
 
 def size(text: str) -> int | str:
@@ -199,3 +197,12 @@ def load_datastore(args: argparse.Namespace):
     from ..datastore import Datastore
 
     return Datastore.from_pretrained(args.datastore, nprobe=args.nprobe, gpu=args.gpu)
+
+
+def check_data_args(args: argparse.Namespace) -> None:
+    """Text files that do not exist are named before any model is loaded."""
+    from pathlib import Path
+
+    for path in getattr(args, "data", None) or []:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--data {path}: no such file.")

@@ -82,7 +82,7 @@ def _help(text: str, default: Any) -> str:
     text = " ".join((text or "").split())
     if "default" in text.lower():
         return text
-    return f"{text} (default: {_shown(default)})".strip()
+    return f"{text.rstrip('.')} (default: {_shown(default)}).".strip()
 
 
 def docstring_args(obj: Any) -> dict[str, str]:

@@ -1,51 +1,52 @@
-"""Arguments the ``rag-*`` subcommands share: which retriever, and how it is used."""
+"""Arguments the ``rag-*`` subcommands share: which retriever, and how it is used.
+
+The retrieval options are generated from :class:`~hf_knnlm.rag.RetrievalSettings`, with one
+exception: ``--num-documents`` defaults to the method's own (1 for In-Context RALM, ``REPLUGProcessor``'s
+``k`` for REPLUG).
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+
+from ..rag.settings import RetrievalSettings
+from ._options import add_dataclass_options, dataclass_from_args
+
+
+def replug_documents() -> int:
+    """REPLUG's default number of passages: ``REPLUGProcessor``'s ``k``."""
+    from ..rag import REPLUGProcessor
+
+    return inspect.signature(REPLUGProcessor.__init__).parameters["k"].default
 
 
 def add_retriever_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retriever", required=True, help="Folder of a BM25 or dense index (rag-index).")
     parser.add_argument(
-        "--encoder", default=None, help="Sentence encoder of a dense index (default: recorded)."
+        "--encoder", default=None, help="Sentence encoder of a dense index (default: the one it recorded)."
     )
-    parser.add_argument(
-        "--num-documents", type=int, default=None, help="Passages per retrieval (ralm 1, replug 4)."
-    )
-    parser.add_argument(
-        "--retrieval-stride", type=int, default=4, help="Tokens between retrievals (default 4)."
-    )
-    parser.add_argument(
-        "--query-length", type=int, default=32, help="Query = the last N tokens (default 32)."
-    )
-    parser.add_argument(
-        "--replug-temperature", type=float, default=1.0, help="REPLUG weights softmax(score/T)."
-    )
-    parser.add_argument(
-        "--max-document-tokens", type=int, default=256, help="Passage length cap (default 256)."
-    )
+    helps = {"num_documents": "Passages per retrieval (default: 1 for ralm, REPLUGProcessor's k for replug)."}
+    add_dataclass_options(parser.add_argument_group("retrieval"), RetrievalSettings, helps=helps)
+    parser.set_defaults(num_documents=None)
 
 
 def num_documents(args: argparse.Namespace) -> int:
     if args.num_documents is not None:
         return args.num_documents
-    return 4 if args.method == "replug" else 1
+    return replug_documents() if args.method == "replug" else RetrievalSettings.num_documents
 
 
-def retrieval_settings(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :class:`~hf_knnlm.rag.RetrievalSettings` from the command line."""
-    return {
-        "num_documents": num_documents(args),
-        "retrieval_stride": args.retrieval_stride,
-        "query_length": args.query_length,
-        "document_temperature": args.replug_temperature,
-        "max_document_tokens": args.max_document_tokens,
-    }
+def retrieval_settings(args: argparse.Namespace) -> RetrievalSettings:
+    """The :class:`~hf_knnlm.rag.RetrievalSettings` of the command line (validated)."""
+    settings = dataclass_from_args(
+        args, RetrievalSettings, [n for n in RetrievalSettings.__dataclass_fields__ if n != "num_documents"]
+    )
+    return settings.replace(num_documents=num_documents(args))
 
 
-def print_result(result: dict, output_json: str | None) -> int:
+def print_result(result, output_json: str | None) -> int:
     """Print the result as JSON (and write it to ``output_json``); the command's exit status."""
     from ..utils.files import atomic_write_json
 

@@ -4,29 +4,34 @@ from __future__ import annotations
 
 import argparse
 
+from ..datastore.shards import DEFAULT_MAX_SHARD_SIZE
 from ._common import (
     add_data_args,
     add_index_args,
     add_model_args,
     add_window_args,
+    check_data_args,
     load_data,
     load_model,
     size,
+    window_settings,
 )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..datastore import Datastore
 
+    windows = window_settings(args).resolve()  # bad windows fail before the model loads
+    check_data_args(args)
     model, tokenizer = load_model(args)
     store = Datastore.build(
         model,
         tokenizer,
         load_data(args),
         args.output,
-        max_length=args.max_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
+        max_length=windows.max_length,
+        stride=windows.stride,
+        batch_size=windows.batch_size,
         text_column=args.text_column,
         index_factory=args.index_factory,
         hook_module=args.hook_module,
@@ -44,7 +49,16 @@ def register(subparsers) -> None:
     add_data_args(p)
     add_window_args(p)
     p.add_argument("--output", required=True, help="Datastore folder to write (resumes if killed).")
-    add_index_args(p, default_factory="Flat")
-    p.add_argument("--hook-module", default=None, help="FFN module path, if the model is not in the table.")
-    p.add_argument("--max-shard-size", type=size, default="5GB", help="Largest keys shard (default 5GB).")
+    add_index_args(p)
+    p.add_argument(
+        "--hook-module",
+        default=None,
+        help="FFN module path, if the model is not in the table (default: the table's).",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=size,
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"Largest keys shard (default: {DEFAULT_MAX_SHARD_SIZE}).",
+    )
     p.set_defaults(func=run)

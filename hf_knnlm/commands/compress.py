@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..datastore.index import DEFAULT_NPROBE, DEFAULT_TRAIN_SIZE
+
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and not f.name.startswith("."))
@@ -43,15 +45,34 @@ def register(subparsers) -> None:
     )
     p.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
     p.add_argument("--output", required=True, help="Folder of the new, smaller datastore.")
-    p.add_argument("--pca-dim", type=int, default=None, help="Keep this many PCA dimensions of the keys.")
     p.add_argument(
-        "--prune-to", type=float, default=None, help="Keep this fraction of the entries (greedy merging)."
+        "--pca-dim", type=int, default=None, help="Keep this many PCA dimensions of the keys (default: all)."
     )
     p.add_argument(
-        "--merge-k", type=int, default=8, help="Neighbours searched per entry to merge (default 8)."
+        "--prune-to",
+        type=float,
+        default=None,
+        help="Keep this fraction of the entries, by greedy merging (default: all).",
     )
-    p.add_argument("--index-factory", default=None, help="faiss index of the new store (default: the same).")
-    p.add_argument("--train-size", type=int, default=1_000_000, help="Keys sampled to train PCA and index.")
-    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed when searching merge candidates.")
-    p.add_argument("--overwrite", action="store_true", help="Replace a finished datastore in --output.")
+    p.add_argument(
+        "--merge-k", type=int, default=8, help="Neighbours searched per entry to merge (default: 8)."
+    )
+    p.add_argument(
+        "--index-factory", default=None, help="faiss index of the new store (default: the source's, shrunk)."
+    )
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=DEFAULT_TRAIN_SIZE,
+        help=f"Keys sampled to train PCA and index (default: {DEFAULT_TRAIN_SIZE}).",
+    )
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        default=DEFAULT_NPROBE,
+        help=f"IVF lists probed when searching merge candidates (default: {DEFAULT_NPROBE}).",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace a finished datastore in --output (default: off)."
+    )
     p.set_defaults(func=run)

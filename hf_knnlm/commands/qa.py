@@ -8,12 +8,14 @@ JSON lines: documents with ``title``/``text`` (and optionally ``id``), questions
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils.files import atomic_write_json
+from ._options import add_dataclass_options, add_signature_options, values
 
 if TYPE_CHECKING:
     import datasets
@@ -69,8 +71,32 @@ def steps_or_ratio(text: str) -> int | float:
     return value if 0 <= value < 1 else int(value)
 
 
-def _proj_size(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+# The REALM model options of qa-train: RealmConfig fields (their help is the RealmConfig docstring).
+REALM_FIELDS = (
+    "reader_stride",
+    "retriever_pooling",
+    "retriever_proj_size",
+    "retriever_normalize",
+    "retriever_score_scale",
+    "top_k",
+    "max_reader_length",
+    "max_doc_embed_length",
+    "max_question_length",
+    "max_span_width",
+)
+# The training options of qa-train: parameters of train_realm (defaults read from its signature).
+TRAINING_HELPS = {
+    "epochs": "Training epochs",
+    "max_steps": "Stop after this many steps (-1: the epochs decide)",
+    "batch_size": "Questions per step",
+    "learning_rate": "Learning rate of the encoders (the query encoder's too, unless the next two change it)",
+    "head_learning_rate": "Learning rate of the span head",
+    "retriever_learning_rate": "Learning rate of the query encoder (none: --learning-rate)",
+    "retriever_frozen_steps": "Freeze the query encoder for the first N steps",
+    "warmup_steps": "Warm-up steps, or a ratio of all steps when below 1",
+    "refresh_index_every": "Re-embed the documents every N steps in the background (0: never, as REALM does)",
+    "seed": "Seed of the run",
+}
 
 
 def qa_train(args: argparse.Namespace) -> int:
@@ -85,19 +111,7 @@ def qa_train(args: argparse.Namespace) -> int:
     if reader != args.encoder:
         tokenizer = RealmTokenizerPair(tokenizer, AutoTokenizer.from_pretrained(reader))
     model = RealmForOpenQA.from_retriever_and_reader(
-        args.encoder,
-        reader,
-        reader_head=args.reader_head,
-        reader_stride=args.reader_stride,
-        retriever_pooling=args.pooling,
-        retriever_proj_size=args.proj_size,
-        retriever_normalize=args.normalize,
-        retriever_score_scale=args.score_scale,
-        top_k=args.top_k,
-        max_reader_length=args.max_reader_length,
-        max_span_width=args.max_span_width,
-        max_doc_embed_length=args.max_doc_length,
-        max_question_length=args.max_question_length,
+        args.encoder, reader, reader_head=args.reader_head, **values(args, REALM_FIELDS)
     )
     output = Path(args.output_dir)
     started = time.perf_counter()
@@ -110,21 +124,7 @@ def qa_train(args: argparse.Namespace) -> int:
     train = random_subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_realm(
-        model,
-        tokenizer,
-        index,
-        train,
-        output_dir=output / "trainer",
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        head_learning_rate=args.head_learning_rate,
-        retriever_learning_rate=args.retriever_learning_rate,
-        retriever_frozen_steps=args.retriever_frozen_steps,
-        warmup_steps=args.warmup_steps,
-        refresh_index_every=args.refresh_index_every,
-        seed=args.seed,
+        model, tokenizer, index, train, output_dir=output / "trainer", **values(args, TRAINING_HELPS)
     )
     model.save_pretrained(output / "model")
     tokenizer.save_pretrained(output / "model")
@@ -186,8 +186,19 @@ def qa_eval(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``qa-train`` and ``qa-eval`` to the ``add_subparsers()`` object of the ``hf-knnlm`` parser."""
-    train = subparsers.add_parser("qa-train", help="fine-tune a REALM open-QA model (retriever + reader)")
+    """Add ``qa-train`` and ``qa-eval`` to the ``hf-knnlm`` parser (options built when the verb runs: they
+    come from RealmConfig and train_realm, which import transformers)."""
+    subparsers.add_parser(
+        "qa-train", help="fine-tune a REALM open-QA model (retriever + reader)", configure=configure_train
+    )
+    subparsers.add_parser(
+        "qa-eval", help="evaluate a REALM open-QA model: recall, EM, F1", configure=configure_eval
+    )
+
+
+def configure_train(train: argparse.ArgumentParser) -> None:
+    from ..open_qa import RealmConfig, RealmForOpenQA, train_realm
+
     train.add_argument("--encoder", required=True, help="BERT-style checkpoint (folder or Hub id)")
     train.add_argument("--tokenizer", help="retriever tokenizer folder or id (default: --encoder)")
     train.add_argument(
@@ -195,13 +206,16 @@ def register(subparsers: Any) -> None:
         help="reader checkpoint (default: --encoder): a question-answering checkpoint such as one saved by "
         "qa-train-reader, or a plain encoder",
     )
+    reader_head = (
+        inspect.signature(RealmForOpenQA.from_retriever_and_reader).parameters["reader_head"].default
+    )
     train.add_argument(
         "--reader-head",
         choices=["auto", "start_end", "mlp"],
-        default="auto",
-        help="auto: start+end logits of a question-answering checkpoint, REALM's span MLP on an encoder",
+        default=reader_head,
+        help="auto: start+end logits of a question-answering checkpoint, REALM's span MLP on an encoder "
+        f"(default: {reader_head})",
     )
-    train.add_argument("--reader-stride", type=int, help="overlap of reader windows (default 128 or less)")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--documents", help="SQuAD JSON or JSON lines with title/text to build the index from"
@@ -210,50 +224,39 @@ def register(subparsers: Any) -> None:
     train.add_argument("--train", required=True, help="SQuAD JSON or JSON lines with question/answers")
     train.add_argument("--articles", help="SQuAD articles to take questions from, START:STOP (e.g. 0:38)")
     train.add_argument("--output-dir", required=True)
-    train.add_argument("--max-questions", type=int, help="random subset of the training questions")
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, default=-1)
-    train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--learning-rate", type=float, default=3e-5)
-    train.add_argument("--head-learning-rate", type=float, default=1e-3)
     train.add_argument(
-        "--retriever-learning-rate", type=float, help="query encoder (default: --learning-rate)"
+        "--max-questions", type=int, help="random subset of the training questions (default: all)"
     )
-    train.add_argument("--retriever-frozen-steps", type=int, default=0, help="freeze the query encoder first")
-    train.add_argument("--warmup-steps", type=steps_or_ratio, default=0, help="warm-up steps, or a ratio < 1")
-    train.add_argument("--top-k", type=int, default=5)
-    train.add_argument("--pooling", choices=["cls", "mean"], default="mean")
-    train.add_argument(
-        "--proj-size", type=_proj_size, default=None, help="retriever projection size or 'none'"
+    add_dataclass_options(
+        train.add_argument_group("REALM model (RealmConfig)"), RealmConfig, only=REALM_FIELDS
     )
-    train.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True)
-    train.add_argument("--score-scale", type=float, default=20.0)
-    train.add_argument("--max-reader-length", type=int, default=288)
-    train.add_argument("--max-doc-length", type=int, default=256, help="tokens the document encoder reads")
-    train.add_argument("--max-question-length", type=int, default=64)
-    train.add_argument("--max-span-width", type=int, default=10)
-    train.add_argument(
-        "--refresh-index-every",
-        type=int,
-        default=0,
-        help="re-embed the documents every N steps in the background (0: never, as in REALM fine-tuning)",
+    add_signature_options(
+        train.add_argument_group("training (train_realm)"),
+        train_realm,
+        TRAINING_HELPS,
+        types_={"warmup_steps": steps_or_ratio},
     )
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--push-to-hub", help="repo id for the model; the index goes to <repo id>-index")
     train.set_defaults(func=qa_train)
 
-    evaluate = subparsers.add_parser("qa-eval", help="evaluate a REALM open-QA model: recall, EM, F1")
+
+def configure_eval(evaluate: argparse.ArgumentParser) -> None:
+    from ..open_qa import RealmConfig
+
     evaluate.add_argument("--model", required=True, help="folder or Hub id saved by qa-train")
     evaluate.add_argument("--tokenizer", help="default: --model")
     evaluate.add_argument("--index", required=True, help="document index folder or Hub id")
     evaluate.add_argument("--data", required=True, help="SQuAD JSON or JSON lines with question/answers")
     evaluate.add_argument("--articles", help="SQuAD articles to evaluate on, START:STOP (e.g. 38:)")
-    evaluate.add_argument("--max-questions", type=int)
-    evaluate.add_argument("--top-k", type=int, default=5)
+    evaluate.add_argument("--max-questions", type=int, help="random subset of the questions (default: all)")
+    top_k = RealmConfig.top_k
+    evaluate.add_argument(
+        "--top-k", type=int, default=top_k, help=f"documents read per question (default: {top_k})"
+    )
     evaluate.add_argument("--gold", action="store_true", help="also score the reader on the gold paragraph")
     evaluate.add_argument("--predictions", help="write the predictions to this JSON file")
     evaluate.add_argument("--results", help="write the scores to this JSON file")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random subset (default: 0)")
     evaluate.set_defaults(func=qa_eval)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..utils.files import atomic_write_json
 from ._common import positive_int
+from ._options import add_signature_options, values
 from .qa import parse_articles, random_subset, read_jsonl, steps_or_ratio
 
 
@@ -41,21 +42,7 @@ def run(args: argparse.Namespace) -> int:
     rows = random_subset(load_reader_rows(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_reader(
-        args.model,
-        rows,
-        output_dir=args.output_dir,
-        max_length=args.max_length,
-        doc_stride=args.doc_stride,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_ratio=args.warmup,
-        seed=args.seed,
-        save_every_epoch=args.save_every_epoch,
-        save_steps=args.save_steps,
-        bf16=args.bf16,
-        use_cpu=args.cpu,
+        args.model, rows, output_dir=args.output_dir, **values(args, HELPS), bf16=args.bf16, use_cpu=args.cpu
     )
     summary = {
         "model": args.model,
@@ -69,11 +56,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELPS = {
+    "max_length": "Tokens per window",
+    "doc_stride": "Overlap of consecutive windows of a long context",
+    "epochs": "Training epochs",
+    "max_steps": "Stop after this many steps (-1: the epochs decide)",
+    "batch_size": "Windows per step",
+    "learning_rate": "Peak learning rate",
+    "warmup_ratio": "Warm-up, a ratio of all steps (or a step count when >= 1)",
+    "weight_decay": "AdamW weight decay",
+    "seed": "Seed of the run (and of a fresh QA head)",
+    "save_every_epoch": "Also keep <output-dir>-epoch-N after every epoch",
+    "save_steps": "Keep a checkpoint every N steps; a stopped run resumes when rerun with the same options",
+}
+
+
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
+    subparsers.add_parser(
         "qa-train-reader",
         help="fine-tune an extractive QA reader (a standard question-answering checkpoint) for qa-train",
+        configure=configure,
     )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The options, from train_reader's signature (built when the verb runs: it imports transformers)."""
+    from ..open_qa import train_reader
+
     parser.add_argument(
         "--model", required=True, help="encoder or QA checkpoint to start from (folder or id)"
     )
@@ -83,22 +92,16 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--articles", help="SQuAD articles to train on, START:STOP (e.g. 0:38)")
     parser.add_argument("--output-dir", required=True, help="where the checkpoint and tokenizer are saved")
     parser.add_argument("--max-questions", type=int, help="random subset of the training questions")
-    parser.add_argument("--max-length", type=int, default=384, help="tokens per window (default 384)")
-    parser.add_argument("--doc-stride", type=int, default=128, help="overlap of windows (default 128)")
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=steps_or_ratio, default=0.1, help="warm-up ratio (default 0.1)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is visible")
-    parser.add_argument("--save-every-epoch", action="store_true", help="also keep <output-dir>-epoch-N")
-    parser.add_argument(
-        "--save-steps",
-        type=positive_int,
-        help="keep a checkpoint every N steps; a stopped run resumes when rerun with the same options",
+    add_signature_options(
+        parser.add_argument_group("training (train_reader)"),
+        train_reader,
+        HELPS,
+        types_={"warmup_ratio": steps_or_ratio, "save_steps": positive_int},
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (default: off)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on the CPU even if a GPU is visible (default: off)"
+    )
     parser.set_defaults(func=run)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ._common import add_model_args, load_model
-from ._rag import add_retriever_args, load_retriever, num_documents
+from ._rag import add_retriever_args, load_retriever, retrieval_settings
+
+FLARE_THRESHOLD = 0.4  # flare_generate's threshold (tests/test_cli_defaults.py checks it)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -13,9 +15,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..rag import InContextRALMProcessor, REPLUGProcessor, flare_generate
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; pass the text to continue, e.g. --prompt 'The history of'.")
+    settings = retrieval_settings(args)  # bad values fail before anything is loaded
     retriever = load_retriever(args)  # before the model: a wrong folder fails at once
     model, tokenizer = load_model(args)
-    common = dict(query_length=args.query_length, max_document_tokens=args.max_document_tokens)
+    common = dict(query_length=settings.query_length, max_document_tokens=settings.max_document_tokens)
     if args.method == "flare":
         out = flare_generate(
             model,
@@ -23,20 +28,25 @@ def run(args: argparse.Namespace) -> int:
             retriever,
             args.prompt,
             threshold=args.threshold,
-            num_documents=num_documents(args),
+            num_documents=settings.num_documents,
             max_new_tokens=args.max_new_tokens,
-            max_document_tokens=args.max_document_tokens,
+            max_document_tokens=settings.max_document_tokens,
         )
         print(args.prompt + out.text)
         print(f"[{len(out.steps)} sentences, {out.num_retrievals} retrievals]")
         return 0
     if args.method == "ralm":
         processor = InContextRALMProcessor(
-            model, tokenizer, retriever, retrieval_stride=args.retrieval_stride, **common
+            model, tokenizer, retriever, retrieval_stride=settings.retrieval_stride, **common
         )
     else:
         processor = REPLUGProcessor(
-            model, tokenizer, retriever, k=num_documents(args), temperature=args.replug_temperature, **common
+            model,
+            tokenizer,
+            retriever,
+            k=settings.num_documents,
+            temperature=settings.document_temperature,
+            **common,
         )
     inputs = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     output = model.generate(
@@ -54,12 +64,17 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("rag-generate", help="Generate with In-Context RALM, REPLUG or FLARE.")
     add_model_args(p)
-    p.add_argument("--method", choices=["ralm", "replug", "flare"], default="ralm")
+    p.add_argument("--method", choices=["ralm", "replug", "flare"], default="ralm", help="(default: ralm).")
     add_retriever_args(p)
     p.add_argument(
-        "--threshold", type=float, default=0.4, help="FLARE: retrieve below this token probability."
+        "--threshold",
+        type=float,
+        default=FLARE_THRESHOLD,
+        help=f"FLARE: retrieve below this token probability (default: {FLARE_THRESHOLD}).",
     )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--prompt", required=True, help="The text to continue.")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="Tokens to generate (default: 50).")
+    p.add_argument(
+        "--do-sample", action="store_true", help="Sample instead of greedy decoding (default: off)."
+    )
     p.set_defaults(func=run)

@@ -23,5 +23,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("reindex", help="Copy a datastore with a new faiss index over the same keys.")
     p.add_argument("--datastore", required=True, help="Datastore folder or Hub repo id.")
     p.add_argument("--output", required=True, help="New datastore folder.")
-    add_index_args(p, default_factory=None)
+    add_index_args(p, required=True)
     p.set_defaults(func=run)

@@ -38,7 +38,9 @@ from .config import CONFIG_NAME, DatastoreConfig
 from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
 from .extras import EXTRA_FILES, copy_extra_files
 from .index import (
+    DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
+    DEFAULT_TRAIN_SIZE,
     INDEX_NAME,
     build_index,
     check_index_factory,
@@ -48,7 +50,7 @@ from .index import (
     write_index,
 )
 from .provenance import record_provenance
-from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
+from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
 
 if TYPE_CHECKING:
@@ -191,7 +193,7 @@ def write_store(
     bounds: list[tuple[int, int]],
     *,
     index: faiss.Index | None = None,
-    train_size: int = 1_000_000,
+    train_size: int = DEFAULT_TRAIN_SIZE,
     key_dim: int | None = None,
 ) -> list[str]:
     """Write the data files of a store: key and value shards, their index jsons, the faiss index.
@@ -250,11 +252,11 @@ def build_datastore(
     stride: int = 512,
     batch_size: int = 8,
     text_column: str = "text",
-    index_factory: str = "Flat",
+    index_factory: str = DEFAULT_INDEX_FACTORY,
     hook_module: str | None = None,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     checkpoint_every: int = 65536,
-    train_size: int = 1_000_000,
+    train_size: int = DEFAULT_TRAIN_SIZE,
     overwrite: bool = False,
     separator: str = "\n\n",
     disable_progress: bool | None = None,

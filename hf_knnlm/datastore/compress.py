@@ -34,8 +34,9 @@ from .builder import write_store
 from .card import datastore_card
 from .config import CONFIG_NAME, DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
-from .index import new_index, train_sample
+from .index import DEFAULT_TRAIN_SIZE, new_index, train_sample
 from .provenance import Provenance
+from .shards import DEFAULT_MAX_SHARD_SIZE
 from .storage import ShardedArray, shard_bounds
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ def compress_datastore(
     prune_to: float | None = None,
     merge_k: int = 8,
     index_factory: str | None = None,
-    train_size: int = 1_000_000,
+    train_size: int = DEFAULT_TRAIN_SIZE,
     overwrite: bool = False,
 ):
     """Write a smaller copy of ``datastore`` to ``output_dir`` and open it.
@@ -227,7 +228,7 @@ def compress_datastore(
     config = DatastoreConfig.from_dict(src.config.to_dict())
     config.index_factory = factory
     config.evaluation = config.temperature = None  # both measured on the source store's keys
-    bounds = shard_bounds(len(keep), dim * 2, "5GB")
+    bounds = shard_bounds(len(keep), dim * 2, DEFAULT_MAX_SHARD_SIZE)
     values_kept = [values[keep].astype(np.int32)]
     # Written beside ``out`` and swapped in whole (under its lock): an old store there stays until then.
     with src._writable_folder(out) as folder:

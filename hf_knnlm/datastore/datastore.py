@@ -23,7 +23,9 @@ from .compat import check_compatible
 from .config import DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
 from .index import (
+    DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
+    DEFAULT_TRAIN_SIZE,
     GPU_MAX_K,
     INDEX_NAME,
     configure_threads,
@@ -34,7 +36,7 @@ from .index import (
 from .neighbours import Neighbours
 from .provenance import Provenance
 from .search_index import SearchIndex
-from .shards import INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
+from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
 
 if TYPE_CHECKING:
@@ -135,11 +137,11 @@ class Datastore(HubMixin):
         stride: int = 512,
         batch_size: int = 8,
         text_column: str = "text",
-        index_factory: str = "Flat",
+        index_factory: str = DEFAULT_INDEX_FACTORY,
         hook_module: str | None = None,
-        max_shard_size: int | str = "5GB",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         checkpoint_every: int = 65536,
-        train_size: int = 1_000_000,
+        train_size: int = DEFAULT_TRAIN_SIZE,
         overwrite: bool = False,
         disable_progress: bool | None = None,
         document_names: Sequence[str] | None = None,
@@ -253,7 +255,7 @@ class Datastore(HubMixin):
         files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
         return config, [*files, *copy_extra_files(self.folder, folder, config)]
 
-    def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = "5GB", **kwargs):
+    def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, **kwargs):
         """Save into a temporary folder and upload it to ``repo_id`` in one commit.
 
         Args:
@@ -418,7 +420,7 @@ class Datastore(HubMixin):
         index_factory: str,
         output_dir: str | os.PathLike,
         *,
-        train_size: int = 1_000_000,
+        train_size: int = DEFAULT_TRAIN_SIZE,
         overwrite: bool = False,
     ) -> Datastore:
         """A copy of this store in ``output_dir`` with a new faiss index over the same keys (no model run).

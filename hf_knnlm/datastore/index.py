@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.faiss"
 DEFAULT_NPROBE = 32
+DEFAULT_INDEX_FACTORY = "Flat"  # exact search; "IVF4096,PQ64" for large stores
+DEFAULT_TRAIN_SIZE = 1_000_000  # keys sampled to train an index (and a PCA)
 # Exact search: no index file is written; the index is rebuilt from the stored fp16 keys when a store
 # is opened, so the keys are kept once (an fp32 faiss copy would be twice the size of the keys).
 EXACT_FACTORY = "Flat"
@@ -85,7 +87,7 @@ def build_index(
     keys,
     chunks: Iterable[np.ndarray],
     *,
-    train_size: int = 1_000_000,
+    train_size: int = DEFAULT_TRAIN_SIZE,
     seed: int = 0,
     metric: int | None = None,
 ) -> faiss.Index:

@@ -22,6 +22,8 @@ KEYS_PREFIX, VALUES_PREFIX = "keys", "values"
 INDEX_SUFFIX = ".safetensors.index.json"
 _SLICE = re.compile(r"(?P<tensor>[A-Za-z_][\w.]*)\[(?P<start>\d+):(?P<end>\d+)\]")
 
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # largest keys shard, as transformers' max_shard_size
+
 
 def shard_index_name(prefix: str) -> str:
     """``keys`` -> ``keys.safetensors.index.json``."""
