@@ -177,7 +177,7 @@ def compress_datastore(
         merge_k (`int`, defaults to 8): nearest same-value entries searched per entry as merge
             candidates.
         index_factory (`str`, *optional*): faiss index of the new store (default: the source's, its
-            PQ code shrunk in proportion to the dimensions, see :func:`factory_for_dim`).
+            PQ code shrunk in proportion to the dimensions, see ``factory_for_dim``).
         train_size (`int`, defaults to 1_000_000): keys sampled to train the PCA and the index.
         overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
 

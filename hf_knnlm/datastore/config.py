@@ -3,7 +3,7 @@
 Like peft's adapter configs: a versioned dataclass, ``help`` metadata on every field, validation
 in ``__post_init__``, unknown keys tolerated with a warning, sorted JSON, relative file names only.
 The fields every saved store shares (format version, hf_knnlm version, sha256 of every file) and
-the loading rules come from :class:`hf_knnlm.utils.hub_mixin.StoreConfig`.
+the loading rules come from [`hf_knnlm.utils.hub_mixin.StoreConfig`][hf_knnlm.utils.StoreConfig].
 """
 
 from __future__ import annotations

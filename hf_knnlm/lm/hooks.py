@@ -109,13 +109,14 @@ class FFNInputCapture:
 
     The captured tensor lives in thread-local storage: one model (and one capture, or several)
     can serve several threads at once, each reading the input of its own latest forward pass.
-    Use as a context manager or call :meth:`remove`; the hook holds no graph when the model runs
+    Use as a context manager or call ``remove``; the hook holds no graph when the model runs
     under ``torch.no_grad()``.
 
     Args:
         model (`nn.Module`): the model to hook.
-        hook_module (`str`, *optional*): module path; defaults to :func:`find_ffn_module`.
-        stop_forward (`bool`, *optional*, defaults to `False`): raise :class:`StopForward` right
+        hook_module (`str`, *optional*): module path; defaults to
+            [`find_ffn_module`][hf_knnlm.find_ffn_module].
+        stop_forward (`bool`, *optional*, defaults to `False`): raise ``StopForward`` right
             after capturing, in the thread that created the capture only. Building a datastore
             needs nothing past the last FFN's input, so this skips the last FFN, the final norm and
             the LM head (a large share of small models).

@@ -1,4 +1,4 @@
-"""Configuration of :class:`~hf_knnlm.open_qa.RealmForOpenQA`."""
+"""Configuration of [`RealmForOpenQA`][hf_knnlm.open_qa.RealmForOpenQA]."""
 
 from __future__ import annotations
 

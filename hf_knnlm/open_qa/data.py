@@ -1,11 +1,12 @@
 """Training features for REALM: retrieval, answer-span matching in each retrieved document, padding.
 
-Retrieval for training happens here, not inside the model. :class:`RealmDataCollator` embeds the questions of
-each batch with the *current* query encoder (no gradient, dropout off), searches the frozen document index for
-the top-k and puts the stored vectors of those documents in the batch; the model then recomputes the query
-embedding with gradients, so the query encoder trains through f(x, z) while the index stays fixed (REALM
-fine-tuning). Rows that already carry ``doc_positions`` (see :func:`precompute_retrieval`) skip the search and
-use the precomputed top-k instead.
+Retrieval for training happens here, not inside the model.
+[`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator] embeds the questions of each batch with the
+*current* query encoder (no gradient, dropout off), searches the frozen document index for the top-k and puts
+the stored vectors of those documents in the batch; the model then recomputes the query embedding with
+gradients, so the query encoder trains through f(x, z) while the index stays fixed (REALM fine-tuning). Rows
+that already carry ``doc_positions`` (see [`precompute_retrieval`][hf_knnlm.open_qa.precompute_retrieval])
+skip the search and use the precomputed top-k instead.
 
 Answers are matched on characters: every occurrence of an answer string in a retrieved document
 (case-insensitive, at word boundaries) that begins and ends on token boundaries of a reader window becomes a
@@ -150,9 +151,9 @@ def build_features(
     Every document is read in windows of ``max_reader_length`` tokens overlapping by ``reader_stride``; the
     windows of a question are laid out along one axis ``[b, n, seq]`` and ``window_doc`` ``[b, n]`` says which
     of its k documents each comes from (``-1``: padding). Returns ``(features, meta)``: ``features`` are the
-    tensors :meth:`RealmForOpenQA.forward` takes (with ``answer_starts`` / ``answer_ends`` ``[b, n, m]``
-    when ``answers`` are given); ``meta`` has the document ids and texts and each window's character offsets,
-    which turn a span back into text.
+    tensors [`RealmForOpenQA.forward`][hf_knnlm.open_qa.RealmForOpenQA.forward] takes (with ``answer_starts``
+    / ``answer_ends`` ``[b, n, m]`` when ``answers`` are given); ``meta`` has the document ids and texts and
+    each window's character offsets, which turn a span back into text.
     """
     config = model.config
     retriever_tok, reader_tok = retriever_tokenizer(tokenizer), reader_tokenizer(tokenizer)
@@ -251,8 +252,9 @@ class RealmDataCollator:
 
     Retrieval runs in the process that calls the collator, with the query encoder as it is at that step. In
     a ``DataLoader`` worker (``dataloader_num_workers > 0``) the model is a stale copy, so live retrieval is
-    refused there; rows with a precomputed ``doc_positions`` column (:func:`precompute_retrieval`) skip
-    retrieval and are safe to collate in workers.
+    refused there; rows with a precomputed ``doc_positions`` column
+    ([`precompute_retrieval`][hf_knnlm.open_qa.precompute_retrieval]) skip retrieval and are safe to collate
+    in workers.
     """
 
     def __init__(

@@ -11,7 +11,7 @@ Fine-tuning follows Guu et al. (2020), section 3.4 / appendix:
   (normalised) span scores;
 * loss: -log sum_{z in top-k} sum_{s in z, s matches an answer} p(z|x) p(s|z, x).
 
-Training retrieval is done outside the model (see :mod:`hf_knnlm.open_qa.data`): the collator finds the top-k
+Training retrieval is done outside the model (see ``hf_knnlm.open_qa.data``): the collator finds the top-k
 with a no-grad query embedding against the frozen document index and hands the stored document embeddings in
 the batch; the model recomputes the query embedding *with* gradients, so the query encoder learns through
 f(x, z) while the document encoder stays frozen, as in the paper's fine-tuning.
@@ -47,7 +47,7 @@ _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
 
 @dataclass
 class RealmOpenQAOutput(ModelOutput):
-    """Output of :meth:`RealmForOpenQA.forward`.
+    """Output of [`RealmForOpenQA.forward`][hf_knnlm.open_qa.RealmForOpenQA.forward].
 
     Args:
         loss: negative log marginal likelihood, averaged over the questions with ``has_answer``.
@@ -104,11 +104,13 @@ class RealmPreTrainedModel(PreTrainedModel):
 class RealmForOpenQA(RealmPreTrainedModel):
     """REALM retriever + reader for open-domain extractive QA.
 
-    Build one from a retriever checkpoint and a reader checkpoint with :meth:`from_retriever_and_reader` (the
-    reader may be any ``AutoModelForQuestionAnswering`` checkpoint, e.g. one made by
-    :func:`~hf_knnlm.open_qa.train_reader`), or from one encoder with :meth:`from_encoder`; train it with
-    ``transformers.Trainer`` and :class:`~hf_knnlm.open_qa.RealmDataCollator`; answer questions with
-    :meth:`answer`.
+    Build one from a retriever checkpoint and a reader checkpoint with
+    [`from_retriever_and_reader`][hf_knnlm.open_qa.RealmForOpenQA.from_retriever_and_reader] (the reader may
+    be any ``AutoModelForQuestionAnswering`` checkpoint, e.g. one made by
+    [`train_reader`][hf_knnlm.open_qa.train_reader]), or from one encoder with
+    [`from_encoder`][hf_knnlm.open_qa.RealmForOpenQA.from_encoder]; train it with ``transformers.Trainer`` and
+    [`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator]; answer questions with
+    [`answer`][hf_knnlm.open_qa.RealmForOpenQA.answer].
     """
 
     # Reader windows run at most this many at a time, sorted by length (see ``reading.run_reader``).
@@ -147,7 +149,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
         """A model whose query embedder, document embedder and reader all start from one encoder checkpoint,
         with REALM's span MLP on the reader.
 
-        ``config_kwargs`` are :class:`RealmConfig` fields. Projection and span-head weights start random.
+        ``config_kwargs`` are [`RealmConfig`][hf_knnlm.open_qa.RealmConfig] fields. Projection and span-head
+        weights start random.
         """
         return cls.from_retriever_and_reader(
             encoder_name_or_path, encoder_name_or_path, reader_head="mlp", **config_kwargs
@@ -167,7 +170,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         ``reader_head="auto"`` keeps the start/end head of a question-answering checkpoint (its config names a
         ``*ForQuestionAnswering`` architecture; span score = start logit + end logit) and otherwise puts
         REALM's span MLP on the plain encoder; ``"start_end"`` or ``"mlp"`` force one. ``config_kwargs`` are
-        :class:`RealmConfig` fields.
+        [`RealmConfig`][hf_knnlm.open_qa.RealmConfig] fields.
         """
         retriever_config = AutoConfig.from_pretrained(retriever_name_or_path)
         reader_config = AutoConfig.from_pretrained(reader_name_or_path)
@@ -295,10 +298,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
     ) -> list[dict[str, Any]]:
         """Retrieve, read (every window of every retrieved document) and return the best span per question.
 
-        ``tokenizer`` is one tokenizer or a :class:`~hf_knnlm.open_qa.RealmTokenizerPair`. Each result holds
-        ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it came from),
-        ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` / ``doc_scores``
-        (the retrieved documents and p(z|x)).
+        ``tokenizer`` is one tokenizer or a [`RealmTokenizerPair`][hf_knnlm.open_qa.RealmTokenizerPair]. Each
+        result holds ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it
+        came from), ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` /
+        ``doc_scores`` (the retrieved documents and p(z|x)).
         """
         from .data import build_features, resolve_top_k, retrieve
 
@@ -321,7 +324,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
 
     @torch.no_grad()
     def decode(self, features: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[dict[str, Any]]:
-        """Best span per question from features made by :func:`~hf_knnlm.open_qa.data.build_features`."""
+        """Best span per question from features made by
+        [`build_features`][hf_knnlm.open_qa.build_features]."""
         device = self.device
         output = self(**{name: tensor.to(device) for name, tensor in features.items()})
         doc_probs = torch.softmax(output.retriever_logits.float().cpu(), dim=-1)

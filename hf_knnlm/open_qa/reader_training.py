@@ -1,12 +1,14 @@
 """Reader warm-start: extractive-QA fine-tuning that yields a plain ``AutoModelForQuestionAnswering``.
 
-REALM, ORQA and DPR all start open-QA training from a reader that can already read. :func:`train_reader` is
-that step, done the way transformers' ``run_qa.py`` does it: ``question [SEP] context`` windows of
-``max_length`` tokens overlapping by ``doc_stride`` tokens (``return_overflowing_tokens``), the answer located
-through the offsets mapping (a window that does not contain the whole answer points at ``[CLS]``), dynamic
-padding, windows grouped by length, and the stock ``Trainer``. The saved folder is an ordinary
-question-answering checkpoint: ``pipeline("question-answering", model=folder)`` loads it unchanged, and
-:meth:`RealmForOpenQA.from_retriever_and_reader` takes it as the reader.
+REALM, ORQA and DPR all start open-QA training from a reader that can already read.
+[`train_reader`][hf_knnlm.open_qa.train_reader] is that step, done the way transformers' ``run_qa.py`` does
+it: ``question [SEP] context`` windows of ``max_length`` tokens overlapping by ``doc_stride`` tokens
+(``return_overflowing_tokens``), the answer located through the offsets mapping (a window that does not
+contain the whole answer points at ``[CLS]``), dynamic padding, windows grouped by length, and the stock
+``Trainer``. The saved folder is an ordinary question-answering checkpoint: ``pipeline("question-answering",
+model=folder)`` loads it unchanged, and
+[`RealmForOpenQA.from_retriever_and_reader`][hf_knnlm.open_qa.RealmForOpenQA.from_retriever_and_reader] takes
+it as the reader.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def load_squad_open(
 def load_squad(path: str | os.PathLike, *, articles: slice | None = None) -> datasets.Dataset:
     """The questions of the chosen articles in the layout of the Hub's ``squad`` dataset (``id``, ``title``,
     ``context``, ``question``, ``answers`` = ``{"text": [...], "answer_start": [...]}``) plus ``gold_doc_id``:
-    what :func:`~hf_knnlm.open_qa.train_reader` reads."""
+    what [`train_reader`][hf_knnlm.open_qa.train_reader] reads."""
     all_articles = _load_articles(path)
     rows: dict[str, list] = {k: [] for k in ("id", "title", "context", "question", "answers", "gold_doc_id")}
     for a in range(len(all_articles))[articles or slice(None)]:

@@ -1,8 +1,9 @@
-"""Fine-tune :class:`RealmForOpenQA` with the stock ``transformers.Trainer``.
+"""Fine-tune [`RealmForOpenQA`][hf_knnlm.open_qa.RealmForOpenQA] with the stock ``transformers.Trainer``.
 
-Nothing here is a custom loop: the model returns its loss first, :class:`RealmDataCollator` does retrieval and
-labelling, and the only additions are two learning rates (pre-trained encoders vs. the freshly initialised
-span head and projections) and the optional index-refresh callback.
+Nothing here is a custom loop: the model returns its loss first,
+[`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator] does retrieval and labelling, and the only additions
+are two learning rates (pre-trained encoders vs. the freshly initialised span head and projections) and the
+optional index-refresh callback.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class FLAREStep:
 @dataclass
 class FLAREOutput:
     """``sequences``: prompt + generated token ids ``[1, L]``; ``text``: the generated part;
-    ``steps``: one :class:`FLAREStep` per sentence."""
+    ``steps``: one ``FLAREStep`` per sentence."""
 
     sequences: torch.LongTensor
     text: str

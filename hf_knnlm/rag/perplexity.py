@@ -1,6 +1,6 @@
 """Perplexity of In-Context RALM and REPLUG over the same sliding windows as ``evaluate_perplexity``.
 
-The text is cut into the windows of :func:`~hf_knnlm.knnlm.evaluate_perplexity` (every token but the
+The text is cut into the windows of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity] (every token but the
 first scored once, with the window's context). Each window's targets are split into blocks of
 ``retrieval_stride`` tokens; the ``query_length`` tokens before a block query the retriever, and each
 target ``t`` of the block is scored as ``log sum_d w_d p_LM(t | d ⊕ tokens[window.begin:t])``.
@@ -108,7 +108,7 @@ def evaluate_retrieval_perplexity(
     Args:
         retriever: any object with ``search(queries, k) -> (scores, doc_ids)``, ``titles`` and ``texts``.
         num_documents, retrieval_stride, query_length, temperature, max_document_tokens: see
-            :class:`~hf_knnlm.rag.RetrievalSettings`.
+            [`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings].
         datastore, k, lmbda, knn_temperature: the kNN-LM, as in ``evaluate_perplexity``.
         max_length, stride, batch_size, text_column, max_tokens: the windows, as in ``evaluate_perplexity``.
         row_batch_size: document-prefixed rows per forward pass.

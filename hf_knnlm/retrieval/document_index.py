@@ -1,6 +1,6 @@
 """The REALM document index: passages, their embeddings (safetensors) and a FAISS inner-product index.
 
-Saved, loaded and pushed like a kNN-LM datastore (both are :class:`~hf_knnlm.utils.hub_mixin.HubMixin`
+Saved, loaded and pushed like a kNN-LM datastore (both are [`HubMixin`][hf_knnlm.utils.HubMixin]
 stores): ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl`` (id, title,
 text per line), ``embeddings.safetensors`` (the source of truth for the vectors), ``index.faiss``
 (the search structure) and a ``README.md`` model card. Every file is checked against its recorded
@@ -148,8 +148,9 @@ def embed_corpus(
 class DocumentIndex(HubMixin):
     """Documents + one embedding each + a FAISS maximum-inner-product index over them.
 
-    Build one with :meth:`build`; ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as
-    for a :class:`~hf_knnlm.Datastore` (local folder first, then the Hub; sha256-checked files).
+    Build one with [`build`][hf_knnlm.retrieval.DocumentIndex.build]; ``save_pretrained`` /
+    ``from_pretrained`` / ``push_to_hub`` work as for a [`Datastore`][hf_knnlm.Datastore] (local folder first,
+    then the Hub; sha256-checked files).
     """
 
     config_class = DocumentIndexConfig
@@ -294,7 +295,8 @@ class DocumentIndex(HubMixin):
 
     def replace_embeddings(self, embeddings: torch.Tensor, encoder: Any = None) -> None:
         """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
-        index. ``encoder``, the embedder that computed them, is recorded for :meth:`check_compatible`."""
+        index. ``encoder``, the embedder that computed them, is recorded for
+        [`check_compatible`][hf_knnlm.retrieval.DocumentIndex.check_compatible]."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "

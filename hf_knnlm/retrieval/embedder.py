@@ -1,8 +1,9 @@
 """A dense retriever's embedder: an encoder, a pooling, an optional projection and normalisation.
 
 REALM's query and document embedders are two of these (``open_qa``); a sentence-embedding checkpoint
-(masked mean pooling, unit vectors, no projection) is another (:func:`sentence_encoder`), used by
-:class:`~hf_knnlm.retrieval.DenseRetriever` for the retrieval-augmented LMs.
+(masked mean pooling, unit vectors, no projection) is another
+([`sentence_encoder`][hf_knnlm.retrieval.sentence_encoder]), used by
+[`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] for the retrieval-augmented LMs.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def sentence_encoder(name_or_path: str | os.PathLike) -> RetrieverEmbedder:
 
 def retriever_tokenizer(tokenizer: Any) -> Any:
     """The retriever's tokenizer of ``tokenizer``: the ``retriever`` side of a tokenizer pair (REALM's
-    :class:`~hf_knnlm.open_qa.RealmTokenizerPair`), else the tokenizer itself."""
+    [`RealmTokenizerPair`][hf_knnlm.open_qa.RealmTokenizerPair]), else the tokenizer itself."""
     return getattr(tokenizer, "retriever", tokenizer)
 
 

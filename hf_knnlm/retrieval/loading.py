@@ -18,9 +18,9 @@ DENSE_CONFIG = "document_index.json"
 def load_retriever(
     path: str | os.PathLike, encoder: str | os.PathLike | None = None, **kwargs: Any
 ) -> Retriever:
-    """A :class:`BM25Retriever` (folder with ``bm25_config.json``) or a :class:`DenseRetriever` (folder with
-    ``document_index.json``; ``encoder`` is the sentence encoder that embedded it, by default the one its
-    metadata names)."""
+    """A [`BM25Retriever`][hf_knnlm.retrieval.BM25Retriever] (folder with ``bm25_config.json``) or a
+    [`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] (folder with ``document_index.json``; ``encoder`` is
+    the sentence encoder that embedded it, by default the one its metadata names)."""
     folder = Path(path)
     if (folder / BM25_CONFIG).is_file():
         return BM25Retriever.from_pretrained(folder, **kwargs)

@@ -3,9 +3,9 @@
 ``retriever.search(queries, k) -> (scores, doc_ids)``: ``queries`` is a list of strings, ``scores`` a
 float32 array ``[len(queries), k]`` (higher is better) and ``doc_ids`` an int64 array of the same shape
 holding positions in the retriever's collection (``retriever.titles[i]``, ``retriever.texts[i]``),
-``-1`` where fewer than ``k`` documents match. :class:`~hf_knnlm.rag.BM25Retriever` and
-:class:`~hf_knnlm.rag.DenseRetriever` both follow it, so the retrieval-augmented LMs of this package
-take either.
+``-1`` where fewer than ``k`` documents match. [`BM25Retriever`][hf_knnlm.retrieval.BM25Retriever] and
+[`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] both follow it, so the retrieval-augmented LMs of this
+package take either.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Files every saveable object writes and checks: atomic writes, whole-folder swaps, locks, sha256.
 
 A reader never sees a half-written file: everything is written to a temporary sibling and
-``os.replace``-d onto its name once complete (:func:`atomic_path`). A whole store is written to a
-temporary sibling folder and swapped in only when complete (:func:`atomic_folder`), so a failed
+``os.replace``-d onto its name once complete (``atomic_path``). A whole store is written to a
+temporary sibling folder and swapped in only when complete (``atomic_folder``), so a failed
 or interrupted save leaves the old store as it was; one writer at a time holds a folder
-(:func:`folder_lock`).
+(``folder_lock``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def folder_lock(folder: str | os.PathLike, tag: str = "") -> Iterator[None]:
     """Hold the exclusive write lock of ``folder`` for the duration of the block.
 
     The lock is an ``flock`` on a hidden sibling file (``.<name><tag>.lock``), taken without
-    waiting: a second writer fails at once with :class:`FolderInUseError` naming the folder. The
+    waiting: a second writer fails at once with [`FolderInUseError`][hf_knnlm.FolderInUseError] naming the
+        folder. The
     kernel drops the lock when its holder exits, ``kill -9`` included, so a lock file left behind
     never blocks the next build (which resumes).
     """
@@ -101,7 +102,7 @@ def _acquire(path: Path, folder: Path) -> int:
 
 
 def not_matching(patterns: Iterable[str]) -> Callable[[str], bool]:
-    """``keep`` for :func:`atomic_folder`: names that match none of ``patterns`` (glob)."""
+    """``keep`` for ``atomic_folder``: names that match none of ``patterns`` (glob)."""
     patterns = tuple(patterns)
     return lambda name: not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
@@ -183,7 +184,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Sorted, indented JSON written with :func:`atomic_write_bytes`."""
+    """Sorted, indented JSON written with ``atomic_write_bytes``."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
@@ -206,7 +207,8 @@ def verify_files(
     what: str = "datastore",
     required: Iterable[str] = (),
 ) -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or whose sha256 differs.
+    """Raise [`IntegrityError`][hf_knnlm.IntegrityError] naming the first file that is missing or whose sha256
+    differs.
 
     A config that records no hashes, or none for a file in ``required`` (the files the loader is
     about to read), is refused too: it would load unchecked. Loaders offer ``verify=False`` for that.

@@ -4,17 +4,18 @@ Like huggingface_hub's ``ModelHubMixin``, the public ``save_pretrained`` / ``fro
 ``push_to_hub`` live here and call two private methods a store type implements; the base owns what
 every store must do the same way:
 
-- the config file (a :class:`StoreConfig` dataclass): format version (a file written by a newer
+- the config file (a [`StoreConfig`][hf_knnlm.utils.StoreConfig] dataclass): format version (a file written by
+a newer
   hf_knnlm is refused with the upgrade command), hf_knnlm version, the sha256 of every file;
 - the order of writes (data files, then the model card, then the config last, so a folder with a
   config is complete), into a temporary sibling folder that replaces the old one whole, under a
-  write lock (:meth:`HubMixin._writable_folder`);
+  write lock (``HubMixin._writable_folder``);
 - loading: a local folder first, then one ``snapshot_download`` of the store's files; every file is
   checked against its sha256 before it is parsed;
 - the model card (``README.md``, a ``huggingface_hub.ModelCard``) and pushes as one commit.
 
 A new store type plugs in like this (a table of counts; any class with a ``README.md`` card
-overrides ``_model_card`` too, see :func:`render_card`):
+overrides ``_model_card`` too, see ``render_card``):
 
 ```python
 >>> import tempfile
@@ -228,11 +229,12 @@ def finish_folder(
 
 
 class HubMixin(abc.ABC):
-    """Base of the saveable stores (:class:`~hf_knnlm.Datastore`, :class:`~hf_knnlm.DocumentIndex`).
+    """Base of the saveable stores ([`Datastore`][hf_knnlm.Datastore],
+    [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex]).
 
     A subclass sets ``config_class`` and ``hub_patterns`` (the glob patterns of its data files,
-    which a Hub download fetches into one snapshot folder) and implements :meth:`_save_pretrained`
-    and :meth:`_from_pretrained`; optionally :meth:`_model_card` and ``delete_patterns`` (remote
+    which a Hub download fetches into one snapshot folder) and implements ``_save_pretrained``
+    and ``_from_pretrained``; optionally ``_model_card`` and ``delete_patterns`` (remote
     files a push replaces, e.g. shards of an earlier push with another shard count).
     """
 
@@ -254,7 +256,7 @@ class HubMixin(abc.ABC):
 
     @classmethod
     def _files_read(cls, config: StoreConfig) -> Iterable[str]:
-        """The files :meth:`_from_pretrained` reads: each must have a sha256 in the config."""
+        """The files ``_from_pretrained`` reads: each must have a sha256 in the config."""
         return ()
 
     @classmethod
@@ -269,7 +271,7 @@ class HubMixin(abc.ABC):
         as a whole once the block completes, under the folder's write lock.
 
         A save that fails midway (a full disk, an interrupt) leaves the store that was there as it
-        was, and a concurrent writer fails at once (:class:`~hf_knnlm.utils.files.FolderInUseError`).
+        was, and a concurrent writer fails at once ([`FolderInUseError`][hf_knnlm.FolderInUseError]).
         Files of the old folder that are not the store's own (a user's notes) are carried over.
         """
         own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)
@@ -347,7 +349,8 @@ class HubMixin(abc.ABC):
             private (`bool`, *optional*): visibility of a repository this call creates.
             token (`str` or `bool`, *optional*): Hub token; defaults to the logged-in one.
             create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
-            kwargs: everything else goes to :meth:`save_pretrained` (e.g. ``max_shard_size``).
+            kwargs: everything else goes to [`save_pretrained`][hf_knnlm.utils.HubMixin.save_pretrained] (e.g.
+                ``max_shard_size``).
 
         A README.md the repository already has is kept; remote files matching ``delete_patterns``
         that this upload does not rewrite are deleted in the same commit.
