@@ -27,6 +27,24 @@ class Neighbours:
         ids: datastore entry ids (int64).
         token_ids: the entries' values, next-token ids (int64).
         log_counts: log of each entry's merge count (pruned stores), or None when every count is 1.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> import torch
+    >>> from hf_knnlm import Datastore
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> keys = torch.from_numpy(store.keys.take([0, 3]).astype("float32"))
+    >>> found = store.search_entries(keys, 4)  # the Neighbours of two queries
+    >>> found.ids[:, 0].tolist(), found.distances[:, 0].tolist()  # each stored key is its own nearest
+    ([0, 3], [0.0, 0.0])
+    >>> found.log_weights(temperature=1.0).exp().sum(dim=-1)  # softmax(-d / T) over the k neighbours
+    tensor([1., 1.])
+    ```
     """
 
     distances: torch.Tensor

@@ -30,7 +30,26 @@ _CHUNK = 1 << 20
 
 
 class IntegrityError(ValueError):
-    """A file of a saved object is missing, truncated or was modified after it was written."""
+    """A file of a saved object is missing, truncated or was modified after it was written.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm import Datastore, IntegrityError
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> with open("my-store/values.safetensors", "r+b") as f:  # a file changed after it was written
+    ...     _ = f.seek(-1, 2), f.write(b"x")
+    >>> try:
+    ...     Datastore.from_pretrained("my-store")
+    ... except IntegrityError as err:
+    ...     print("values.safetensors" in str(err))
+    True
+    ```
+    """
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -54,7 +73,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 class FolderInUseError(RuntimeError):
-    """Another writer (a build or a save, in this process or another) holds the folder's lock."""
+    """Another writer (a build or a save, in this process or another) holds the folder's lock.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm import FolderInUseError
+    >>> from hf_knnlm.utils.files import folder_lock
+    >>> with folder_lock("my-store"):  # what every build and save holds while it writes
+    ...     try:
+    ...         with folder_lock("my-store"):  # a second writer, in this process or another
+    ...             pass
+    ...     except FolderInUseError as err:
+    ...         print(str(err).split(" (")[0])
+    /.../my-store is being written by another writer
+    ```
+    """
 
 
 @contextlib.contextmanager
@@ -62,10 +96,9 @@ def folder_lock(folder: str | os.PathLike, tag: str = "") -> Iterator[None]:
     """Hold the exclusive write lock of ``folder`` for the duration of the block.
 
     The lock is an ``flock`` on a hidden sibling file (``.<name><tag>.lock``), taken without
-    waiting: a second writer fails at once with [`FolderInUseError`][hf_knnlm.FolderInUseError] naming the
-        folder. The
-    kernel drops the lock when its holder exits, ``kill -9`` included, so a lock file left behind
-    never blocks the next build (which resumes).
+    waiting: a second writer fails at once with [`FolderInUseError`][hf_knnlm.FolderInUseError] naming
+    the folder. The kernel drops the lock when its holder exits, ``kill -9`` included, so a lock file
+    left behind never blocks the next build (which resumes).
     """
     folder = Path(folder).absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
