@@ -120,6 +120,24 @@ def evaluate_retrieval_perplexity(
         batched rows), ``times`` (seconds: ``base_s`` the plain window pass,
         ``retrieval_s``, ``prefixed_s`` the document-prefixed passes, ``knn_s`` the datastore searches) and
         ``settings``.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.rag import BM25Retriever, evaluate_retrieval_perplexity
+    >>> text = "The cat sat on the mat. The dog ran in the park. " * 4
+    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "The dog ran."}])
+    >>> result = evaluate_retrieval_perplexity(model, tokenizer, [text], bm25, retrieval_stride=4,
+    ...                                        query_length=8, max_length=32, stride=16,
+    ...                                        disable_progress=True)
+    >>> result["num_tokens"], round(result["retrieved_fraction"], 2)  # targets that read a passage
+    (56, 0.93)
+    >>> result["ppl"] != result["base_ppl"], result["knn_ppl"]  # In-Context RALM vs the LM; no datastore
+    (True, None)
+    ```
     """
     settings = RetrievalSettings(
         num_documents, retrieval_stride, query_length, temperature, max_document_tokens

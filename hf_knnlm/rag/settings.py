@@ -28,6 +28,20 @@ class RetrievalSettings:
         query_length: the last this many tokens (decoded to text) are the query.
         temperature: REPLUG weights are ``softmax(score / temperature)`` over the retrieved passages.
         max_document_tokens: a passage is cut from the left to this many LM tokens.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.rag import RetrievalSettings
+    >>> settings = RetrievalSettings(num_documents=4, retrieval_stride=None)  # REPLUG: 4 passages, once
+    >>> settings.num_documents, settings.retrieval_stride, settings.max_document_tokens
+    (4, None, 256)
+    >>> try:
+    ...     RetrievalSettings(num_documents=0)
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    num_documents=0 must be a positive integer...
+    ```
     """
 
     num_documents: int = 1

@@ -115,6 +115,21 @@ def embed_corpus(
     """Embed ``title [SEP] text`` pairs with a retriever embedder; returns float32 ``[n, d]`` on the CPU.
 
     Documents are processed in length order so that a batch pads to its own longest member.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoTokenizer, BertConfig
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
+    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, intermediate_size=64)
+    >>> from hf_knnlm.retrieval import RetrieverEmbedder, embed_corpus
+    >>> embedder = RetrieverEmbedder(tiny, pooling="mean", normalize=True).eval()
+    >>> vectors = embed_corpus(embedder, tokenizer, ["Cats", "Dogs"], ["The cat sat.", "A dog ran."],
+    ...                        show_progress=False)
+    >>> vectors.dtype, tuple(vectors.shape)  # float32 [documents, dim], on the CPU
+    (torch.float32, (2, 32))
+    ```
     """
     device = next(embedder.parameters()).device
     was_training = embedder.training
@@ -151,6 +166,22 @@ class DocumentIndex(HubMixin):
     Build one with [`build`][hf_knnlm.retrieval.DocumentIndex.build]; ``save_pretrained`` /
     ``from_pretrained`` / ``push_to_hub`` work as for a [`Datastore`][hf_knnlm.Datastore] (local folder first,
     then the Hub; sha256-checked files).
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm.retrieval import DocumentIndex
+    >>> texts = ["Paris is in France.", "Rome is in Italy."]
+    >>> index = DocumentIndex(["paris", "rome"], ["France", "Italy"], texts,
+    ...                       torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # one vector per document
+    >>> scores, positions = index.search(torch.tensor([[0.2, 0.9]]), k=2)  # maximum inner product first
+    >>> positions.tolist(), [index.ids[i] for i in positions[0]]
+    ([[1, 0]], ['rome', 'paris'])
+    >>> folder = index.save_pretrained("my-index")  # documents + safetensors vectors + faiss, sha256-checked
+    >>> DocumentIndex.from_pretrained("my-index").texts  # a folder or a Hub repo id
+    ['Paris is in France.', 'Rome is in Italy.']
+    ```
     """
 
     config_class = DocumentIndexConfig

@@ -18,7 +18,25 @@ import numpy as np
 
 @runtime_checkable
 class Retriever(Protocol):
-    """What In-Context RALM, REPLUG and FLARE need from a document retriever."""
+    """What In-Context RALM, REPLUG and FLARE need from a document retriever.
+
+    Examples:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_knnlm.retrieval import BM25Retriever, Retriever
+    >>> isinstance(BM25Retriever.build([{"text": "The cat sat."}]), Retriever)
+    True
+    >>> class Fixed:  # any collection with search(queries, k) -> (scores, doc_ids) fits
+    ...     titles, texts = ["", ""], ["The cat sat.", "Dogs bark."]
+    ...     def __len__(self):
+    ...         return 2
+    ...     def search(self, queries, k):
+    ...         return np.ones((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+    >>> isinstance(Fixed(), Retriever)
+    True
+    ```
+    """
 
     titles: Sequence[str]
     texts: Sequence[str]
