@@ -56,6 +56,30 @@ class RealmOpenQAOutput(ModelOutput):
             the span from token ``i`` to token ``i + w``; non-candidates hold ``SPAN_MASK_VALUE``.
         joint_log_probs: ``[batch, k, seq, max_span_width]`` log p(z|x) + log p(s|z, x).
         has_answer: ``[batch]`` whether any retrieved document has a span matching an answer.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import build_features, retrieve
+    >>> questions = ["what is the capital of france"]
+    >>> features, meta = build_features(model, tokenizer, index, questions, retrieve(model, tokenizer, index,
+    ...                                 questions, top_k=2), answers=[["paris"]])
+    >>> output = model(**features)  # a RealmOpenQAOutput
+    >>> output.loss.shape, tuple(output.retriever_logits.shape), output.has_answer.tolist()
+    (torch.Size([]), (1, 2), [True])
+    ```
     """
 
     loss: torch.FloatTensor | None = None
@@ -95,6 +119,18 @@ def marginal_loss(joint_log_probs: torch.Tensor, target: torch.Tensor) -> tuple[
 
 
 class RealmPreTrainedModel(PreTrainedModel):
+    """Base of the REALM open-QA models: ties them to [`RealmConfig`][hf_knnlm.open_qa.RealmConfig]
+    (model type ``realm_open_qa``) for ``from_pretrained`` / ``save_pretrained`` and the Auto classes.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.open_qa import RealmConfig, RealmForOpenQA, RealmPreTrainedModel
+    >>> issubclass(RealmForOpenQA, RealmPreTrainedModel), RealmPreTrainedModel.config_class is RealmConfig
+    (True, True)
+    ```
+    """
+
     config_class = RealmConfig
     base_model_prefix = "realm"
     main_input_name = "question_input_ids"
@@ -111,6 +147,34 @@ class RealmForOpenQA(RealmPreTrainedModel):
     [`from_encoder`][hf_knnlm.open_qa.RealmForOpenQA.from_encoder]; train it with ``transformers.Trainer`` and
     [`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator]; answer questions with
     [`answer`][hf_knnlm.open_qa.RealmForOpenQA.answer].
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> result = model.answer(["what is the capital of france"], index, tokenizer)[0]
+    >>> sorted(result)  # a span of a retrieved document, its offsets there and p(z|x) of the documents
+    ['answer', 'doc_id', 'doc_ids', 'doc_scores', 'end', 'score', 'start']
+    >>> text = {d["id"]: d["text"] for d in docs}[result["doc_id"]]
+    >>> text[result["start"] : result["end"]] == result["answer"]
+    True
+    >>> model.save_pretrained("realm"), tokenizer.save_pretrained("realm")
+    (None, ...)
+    >>> from transformers import AutoModel
+    >>> type(AutoModel.from_pretrained("realm")).__name__  # registered with the Auto classes
+    'RealmForOpenQA'
+    ```
     """
 
     # Reader windows run at most this many at a time, sorted by length (see ``reading.run_reader``).
