@@ -39,7 +39,7 @@ def _points(result: dict, **where) -> list[dict]:
 
 
 def sweep_figure(result: dict, title: str | None = None):
-    """The matplotlib ``Figure`` of a sweep result (the dict :func:`~hf_knnlm.tune` returns).
+    """The matplotlib ``Figure`` of a sweep result (the dict [`tune`][hf_knnlm.tune] returns).
 
     Examples:
 
@@ -110,7 +110,8 @@ def _zoom(ax, values: Sequence[float], base: float) -> None:
 
 
 def plot_sweep(result: dict, path: str | os.PathLike, title: str | None = None) -> None:
-    """Write the PNG of :func:`sweep_figure` to ``path`` (atomically: temporary sibling, then rename).
+    """Write the PNG of [`sweep_figure`][hf_knnlm.knnlm.tuning_plot.sweep_figure] to ``path``
+    (atomically: a temporary sibling, then a rename).
 
     Examples:
 

@@ -175,7 +175,7 @@ def train_realm(
     fine-tuning does. ``warmup_steps`` is a step count, or a ratio of the steps when below 1. The query
     encoder trains at ``learning_rate`` from the first step unless ``retriever_learning_rate`` (a rate of its
     own) or ``retriever_frozen_steps`` say otherwise; with a warm-started reader that default kept the most
-    held-out recall on SQuAD (docs/benchmarks.md, section 4).
+    held-out recall on SQuAD (docs/benchmarks/index.md, "REALM open-domain QA").
 
     Examples:
 
