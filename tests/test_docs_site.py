@@ -163,3 +163,34 @@ def test_attribution_view_shows_a_legend_and_the_neighbours_of_a_token(
     assert "texts[0][" in shown.inner_text()  # the source document and character span
     page.screenshot(path=str(screenshots / "attribution-test.png"), full_page=True)
     page.close()
+
+
+def _inventory(site: Path) -> set[str]:
+    """The objects the API reference documents (mkdocstrings' objects.inv)."""
+    import zlib
+
+    header_and_body = (site / "objects.inv").read_bytes().split(b"\n", 4)
+    return {line.split()[0] for line in zlib.decompress(header_and_body[4]).decode().splitlines()}
+
+
+def test_every_public_name_is_in_the_api_reference(site):
+    import importlib
+
+    import hf_knnlm
+
+    documented = _inventory(site)
+    missing = []
+    for package in ("", ".retrieval", ".rag", ".open_qa", ".datastore", ".lm", ".utils"):
+        module = importlib.import_module(f"hf_knnlm{package}")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, str):  # __version__, file-name constants
+                continue
+            paths = {f"hf_knnlm{package}.{name}", f"hf_knnlm.{name}", f"{obj.__module__}.{name}"}
+            paths |= {
+                f"hf_knnlm.{home}.{name}" for home in ("retrieval", "knnlm", "datastore", "lm", "utils")
+            }
+            if not paths & documented:
+                missing.append(f"hf_knnlm{package}.{name}")
+    assert not missing, f"not in the API reference (docs/api/*.md): {missing}"
+    assert hf_knnlm.__all__  # the top-level names were checked too
