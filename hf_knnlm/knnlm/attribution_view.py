@@ -1,8 +1,8 @@
 """The attribution view (``hf-knnlm explain --html``): a standalone HTML page a person reads.
 
 Each generated token is shaded by the share of its probability that came from the datastore
-(lmbda p_kNN / p), on a scale stretched to the text's own range (at lmbda 0.15 no share is above
-~11%, and an absolute 0-100% scale would leave the whole text white); a legend gives the range.
+(lmbda p_kNN / p), on a scale stretched to the text's own range (at lmbda 0.15 most shares are a few
+percent, and an absolute 0-100% scale would leave most of the text white); a legend gives the range.
 Clicking a token (or Tab + Enter) shows, below the text, its nearest stored contexts: weight in
 p_kNN, stored value, source document and character span, and the text before the span. Without
 JavaScript every token's table is listed below the text.
