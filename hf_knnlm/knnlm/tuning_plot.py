@@ -53,8 +53,8 @@ def sweep_figure(result: dict, title: str | None = None):
     >>> fig = sweep_figure({"points": points, "best": best, "base_ppl": 20.0, "median_nn_distance": 3.0})
     >>> [ax.get_xlabel() for ax in fig.axes]
     ['lmbda', 'k (neighbours)']
-    >>> [text.get_text() for text in fig.legends[0].get_texts()]
-    ['T=1 (0.33 m)', 'T=3 (1 m)', 'base LM', 'best']
+    >>> [text.get_text() for text in fig.legends[0].get_texts()]  # T = 3 is 1 x the median m
+    ['T=1', 'T=3 (1 m)', 'base LM', 'best']
     ```
     """
     import matplotlib
