@@ -120,8 +120,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-questions", type=int, help="evaluation questions (default: all 1,988)")
     parser.add_argument("--batch-size", type=int, default=2, help="questions per REALM step")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="REALM: reader")
-    # Chosen on the held-out recall of four settings (docs/benchmarks.md, section 4): with a warm-started
-    # reader the query encoder at the reader's rate, never frozen, loses no held-out recall and gains at @1.
+    # Chosen on the held-out recall of four settings (docs/benchmarks/index.md, "REALM open-domain QA"):
+    # with a warm-started reader the query encoder at the reader's rate, never frozen, loses no held-out
+    # recall and gains at @1.
     parser.add_argument(
         "--retriever-learning-rate", type=float, help="REALM: query encoder (default: --learning-rate)"
     )

@@ -2,7 +2,7 @@
 
 Importing the package is cheap and needs neither faiss nor torch: every name below is imported on
 first use. The model types hf_knnlm defines are registered with transformers' Auto classes as soon
-as transformers loads them (:mod:`hf_knnlm.auto_classes`).
+as transformers loads them (``hf_knnlm.auto_classes``).
 
 Layout: ``knnlm/`` the kNN-LM method (settings, mixture, search policies, processor, wrapper,
 evaluation, tuning, RetoMaton, gate, attribution); ``datastore/`` the store it searches;

@@ -70,7 +70,7 @@ def register_pending(just_loaded: str | None = None) -> None:
 
 
 class _Loader(importlib.abc.Loader):
-    """Runs a watched module's own loader, then :func:`register_pending`."""
+    """Runs a watched module's own loader, then ``register_pending``."""
 
     def __init__(self, loader: importlib.abc.Loader):
         self._loader = loader

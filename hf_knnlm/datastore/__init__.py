@@ -1,5 +1,5 @@
 """kNN-LM datastores: building, storage (safetensors shards), the faiss index, search results
-(:class:`Neighbours`), config, model card and compression.
+([`Neighbours`][hf_knnlm.Neighbours]), config, model card and compression.
 
 Names are imported on first use, so that the storage and index modules can be imported without
 torch, transformers or faiss (the memory benchmarks measure them alone).

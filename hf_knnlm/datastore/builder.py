@@ -262,7 +262,7 @@ def build_datastore(
     disable_progress: bool | None = None,
     document_names: Sequence[str] | None = None,
 ) -> Path:
-    """Build a datastore folder; see :meth:`hf_knnlm.Datastore.build` for the arguments.
+    """Build a datastore folder; see [`hf_knnlm.Datastore.build`][hf_knnlm.Datastore.build] for the arguments.
 
     Everything that can be checked is checked before any file is touched: window and batch
     settings, the hook module, the index-factory string and the corpus itself.
@@ -377,7 +377,7 @@ def rebuild_store(
     store: Datastore, index_factory: str, output_dir: str | os.PathLike, *, train_size: int, overwrite: bool
 ) -> Path:
     """Write ``store``'s keys and values under a new faiss index into ``output_dir`` (no model run);
-    see :meth:`hf_knnlm.Datastore.rebuild_index`."""
+    see [`hf_knnlm.Datastore.rebuild_index`][hf_knnlm.Datastore.rebuild_index]."""
     out = Path(output_dir)
     if out.exists() and out.resolve() == store.folder.resolve():
         raise ValueError(

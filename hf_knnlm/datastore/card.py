@@ -2,7 +2,7 @@
 
 The card is rendered from ``model_cards/datastore.md`` and the datastore's config. It is not in the
 config's sha256 ``files`` map: users edit cards on the Hub, and ``push_to_hub`` never overwrites a
-card the repository already has (see :mod:`hf_knnlm.utils.hub_mixin`).
+card the repository already has (see ``hf_knnlm.utils.hub_mixin``).
 """
 
 from __future__ import annotations

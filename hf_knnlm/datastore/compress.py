@@ -178,11 +178,26 @@ def compress_datastore(
         merge_k (`int`, defaults to 8): nearest same-value entries searched per entry as merge
             candidates.
         index_factory (`str`, *optional*): faiss index of the new store (default: the source's, its
-            PQ code shrunk in proportion to the dimensions, see :func:`factory_for_dim`).
+            PQ code shrunk in proportion to the dimensions, see ``factory_for_dim``).
         train_size (`int`, defaults to 1_000_000): keys sampled to train the PCA and the index.
         overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
 
     With neither ``pca_dim`` nor ``prune_to`` the copy is exact (same keys, values and index type).
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm import Datastore, compress_datastore
+    >>> text = ["The cat sat on the mat. A dog ran to the park and back."] * 4  # 64 entries
+    >>> store = Datastore.build(model, tokenizer, text, "my-store", max_length=32, stride=16,
+    ...                         disable_progress=True)
+    >>> small = compress_datastore(store, "my-store-pca", pca_dim=16)  # keys projected to half the width
+    >>> store.key_dim, small.key_dim, len(small) == len(store)
+    (32, 16, True)
+    ```
     """
     from .datastore import Datastore
 

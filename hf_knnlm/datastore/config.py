@@ -3,7 +3,7 @@
 Like peft's adapter configs: a versioned dataclass, ``help`` metadata on every field, validation
 in ``__post_init__``, unknown keys tolerated with a warning, sorted JSON, relative file names only.
 The fields every saved store shares (format version, hf_knnlm version, sha256 of every file) and
-the loading rules come from :class:`hf_knnlm.utils.hub_mixin.StoreConfig`.
+the loading rules come from [`hf_knnlm.utils.hub_mixin.StoreConfig`][hf_knnlm.utils.StoreConfig].
 """
 
 from __future__ import annotations
@@ -23,7 +23,24 @@ METRICS = ("l2",)
 
 @dataclass(kw_only=True)
 class DatastoreConfig(StoreConfig):
-    """What a datastore is, what built it and which files belong to it."""
+    """What a datastore is, what built it and which files belong to it.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm import Datastore
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> config = store.config  # datastore_config.json
+    >>> config.model_type, config.hook_module, config.hidden_size, config.num_entries, config.index_factory
+    ('gpt2', 'transformer.h.1.mlp', 32, 6, 'Flat')
+    >>> sorted(config.files)  # every file with its sha256, checked before it is read
+    ['documents.safetensors', 'entries.safetensors', 'keys.safetensors', 'values.safetensors']
+    ```
+    """
 
     CONFIG_NAME: ClassVar[str] = CONFIG_NAME
     WHAT: ClassVar[str] = "datastore"

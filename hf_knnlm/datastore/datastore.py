@@ -54,8 +54,9 @@ def _has_index_file(config: DatastoreConfig) -> bool:
 class Datastore(HubMixin):
     """A kNN-LM datastore: keys (FFN inputs), values (next token ids) and a faiss index.
 
-    Build one with :meth:`build`, open a saved one (a folder or a Hub repo id) with
-    :meth:`from_pretrained`, query it with :meth:`search`.
+    Build one with [`build`][hf_knnlm.Datastore.build], open a saved one (a folder or a Hub repo id) with
+    [`from_pretrained`][hf_knnlm.Datastore.from_pretrained], query it with
+    [`search`][hf_knnlm.Datastore.search].
 
     Examples:
 
@@ -204,7 +205,7 @@ class Datastore(HubMixin):
         Every file is checked against the sha256 in ``datastore_config.json`` (``verify=True``)
         before faiss or safetensors read it; the index is memory-mapped where its type allows.
         With faiss-gpu and CUDA, ``gpu`` (``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``)
-        says how the index is cloned to the GPUs (see :func:`hf_knnlm.datastore.index.index_to_gpus`).
+        says how the index is cloned to the GPUs (see ``hf_knnlm.datastore.index.index_to_gpus``).
 
         Args:
             repo_id_or_path (`str` or `os.PathLike`): a folder or a Hub repository id.
@@ -213,7 +214,7 @@ class Datastore(HubMixin):
             gpu (`str` or `bool`, defaults to `"auto"`): how to use GPUs with faiss-gpu.
             hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download`` and ``verify``, as in
-                :meth:`hf_knnlm.utils.hub_mixin.HubMixin.from_pretrained`.
+                [`hf_knnlm.utils.hub_mixin.HubMixin.from_pretrained`][hf_knnlm.utils.HubMixin.from_pretrained].
         """
         check_positive_int("nprobe", nprobe, "IVF lists probed per query")
         return super().from_pretrained(repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, **hub_kwargs)
@@ -262,7 +263,7 @@ class Datastore(HubMixin):
             repo_id (`str`): the Hub model repository (created if missing).
             max_shard_size (`int` or `str`, defaults to `"5GB"`): largest keys shard uploaded.
             kwargs: ``revision``, ``private``, ``commit_message``, ``token``, ``create_pr``, as in
-                :meth:`hf_knnlm.utils.hub_mixin.HubMixin.push_to_hub`.
+                [`hf_knnlm.utils.hub_mixin.HubMixin.push_to_hub`][hf_knnlm.utils.HubMixin.push_to_hub].
 
         A README.md the repository already has is kept; shards of an earlier push that this one
         does not rewrite are deleted in the same commit.
@@ -302,7 +303,7 @@ class Datastore(HubMixin):
 
     @property
     def nprobe(self) -> int:
-        """IVF lists probed per query (see :class:`~hf_knnlm.datastore.search_index.SearchIndex`)."""
+        """IVF lists probed per query (see ``SearchIndex``)."""
         return self._searcher.nprobe
 
     @nprobe.setter
@@ -326,7 +327,7 @@ class Datastore(HubMixin):
     @property
     def search_index(self) -> faiss.Index:
         """The index queries go to: the GPU clone when faiss-gpu sees a GPU (and ``gpu`` allows), else
-        :attr:`index`."""
+        [`index`][hf_knnlm.Datastore.index]."""
         return self._searcher.active
 
     @property

@@ -1,8 +1,8 @@
 """Multi-process datastore builds with accelerate: one contiguous range of windows per process.
 
 Under ``accelerate launch --num_processes N hf-knnlm build ...`` (or any script that calls
-:meth:`hf_knnlm.Datastore.build` under accelerate), every process runs the model over its own
-contiguous range of windows and writes its own resumable chunks to ``.partial/rank-NNNNN/``; after a
+[`hf_knnlm.Datastore.build`][hf_knnlm.Datastore.build] under accelerate), every process runs the model over
+its own contiguous range of windows and writes its own resumable chunks to ``.partial/rank-NNNNN/``; after a
 barrier the main process reads every rank's chunks in window order, writes the final shards,
 trains and fills the index. Because ranges are contiguous and merged in rank order, the store lists
 its entries in the same order as a single-process build. The output folder must be on a

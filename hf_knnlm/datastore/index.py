@@ -1,6 +1,6 @@
 """faiss specifics: index-factory strings, training on a sample, chunked adds, safe file IO.
 
-faiss is imported when a function here first needs it (:func:`hf_knnlm.utils.faiss_support.import_faiss`),
+faiss is imported when a function here first needs it (``hf_knnlm.utils.faiss_support.import_faiss``),
 so that importing this module does not require it.
 """
 
@@ -207,7 +207,7 @@ def configure_threads(faiss_threads: int | None = None, torch_threads: int | Non
     Args:
         faiss_threads (`int`, *optional*): faiss threads; defaults to the ``HF_KNNLM_FAISS_THREADS``
             environment variable, else to the count of an earlier explicit call, else to torch's count.
-            :class:`~hf_knnlm.Datastore` calls this (with no arguments) when it opens a store.
+            [`Datastore`][hf_knnlm.Datastore] calls this (with no arguments) when it opens a store.
         torch_threads (`int`, *optional*): torch threads; defaults to the current count.
 
     Returns:

@@ -41,11 +41,19 @@ class Neighbours:
     Examples:
 
     ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
     >>> import torch
-    >>> from hf_knnlm import Neighbours
-    >>> nb = Neighbours(torch.tensor([[0.0, 2.0]]), torch.tensor([[7, 3]]), torch.tensor([[11, 12]]))
-    >>> nb.k, len(nb), nb.truncate(1).token_ids.tolist()
-    (2, 1, [[11]])
+    >>> from hf_knnlm import Datastore, Neighbours
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> keys = torch.from_numpy(store.keys.take([0, 3]).astype("float32"))
+    >>> found = store.search(keys, 4)  # the Neighbours of two queries
+    >>> found.ids[:, 0].tolist(), found.distances[:, 0].tolist()  # each stored key is its own nearest
+    ([0, 3], [0.0, 0.0])
+    >>> found.k, len(found), found.truncate(1).ids.tolist()
+    (4, 2, [[0], [3]])
     >>> Neighbours.empty(2, 3).ids.tolist()  # rows that were not searched
     [[-1, -1, -1], [-1, -1, -1]]
     ```

@@ -76,7 +76,7 @@ def tokenize_documents(
     separator: str = "\n\n",
     names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, Documents]:
-    """The token stream of :func:`hf_knnlm.lm.corpus.tokenize_corpus` plus its :class:`Documents`.
+    """The token stream of ``hf_knnlm.lm.corpus.tokenize_corpus`` plus its ``Documents``.
 
     A text file is one document (tokenized in the same ~1 MB pieces); a list or a dataset column
     gives one document per element, joined by ``separator`` (whose tokens belong to no span).

@@ -27,7 +27,7 @@ class SearchIndex:
         index (`faiss.Index`): the CPU index (memory-mapped or in RAM).
         nprobe (`int`): IVF lists probed per query.
         gpu (`str` or `bool`): ``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``
-            (see :func:`hf_knnlm.datastore.index.index_to_gpus`).
+            (see ``hf_knnlm.datastore.index.index_to_gpus``).
     """
 
     def __init__(self, index: faiss.Index, *, nprobe: int, gpu: str | bool) -> None:
@@ -61,7 +61,7 @@ class SearchIndex:
 
     @property
     def active(self) -> faiss.Index:
-        """The index queries go to: the GPU clone when there is one, else :attr:`cpu`."""
+        """The index queries go to: the GPU clone when there is one, else ``cpu``."""
         if self._gpu is None and self.gpu not in ("none", False, None):
             clone = index_to_gpus(self._cpu, self.gpu)
             if clone is not self._cpu:

@@ -43,7 +43,7 @@ class StreamingSafetensorsWriter:
     """Writes one 1-D or 2-D tensor named ``name`` to a safetensors file, rows appended in chunks.
 
     The total row count must be known up front (it is in the header); the file appears under its
-    final name only after :meth:`close` checked that every row was written.
+    final name only after ``close`` checked that every row was written.
     """
 
     def __init__(self, path: str | os.PathLike, name: str, dtype: np.dtype, shape: tuple[int, ...]):

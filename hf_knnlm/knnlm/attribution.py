@@ -4,18 +4,19 @@ For each generated (or scored) token w, the neighbours of its step with their we
 (softmax over -d / T, times merge counts), their value, and the source document and character span
 of that value (recorded at build time). The weights of the neighbours whose value is w sum to
 p_kNN(w); ``knn_share`` = lmbda p_kNN(w) / p(w) is how much of the final probability the datastore
-contributed. :func:`render_html` colours a text by that share.
+contributed. The HTML view that shades a text by that share is
+[`render_html`][hf_knnlm.render_html] (``attribution_view.py``).
 """
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList
 
 from ..datastore.neighbours import Neighbours
+from .attribution_view import render_html  # noqa: F401 (the HTML view's old home)
 from .logits_process import KNNProcessor
 from .mixture import neighbour_weights
 from .settings import KNNSettings
@@ -173,30 +174,6 @@ def explain_generation(
             for token, (found, lam, lm) in zip(new, recorder.steps, strict=False)
         ]
     return result, tokenizer.decode(new)
-
-
-def render_html(prompt: str, attributions: list[TokenAttribution]) -> str:
-    """A standalone HTML page: the prompt, then each generated token shaded by its kNN share,
-    with its top neighbours' sources in the hover text."""
-    spans = []
-    for a in attributions:
-        tip = "\n".join(
-            f"{n.weight:.3f} {n.token!r} {n.document or '?'}[{n.char_start}:{n.char_end}] …{n.context[-40:]}"
-            for n in a.neighbours
-        )
-        tip = f"p={a.prob:.3f} LM={a.lm_prob:.3f} kNN={a.knn_prob:.3f} share={a.knn_share:.0%}\n{tip}"
-        alpha = min(1.0, max(0.0, a.knn_share))
-        spans.append(
-            f'<span title="{html.escape(tip)}" style="background: rgba(255, 140, 0, {alpha:.2f})">'
-            f"{html.escape(a.token)}</span>"
-        )
-    return (
-        "<!doctype html><meta charset='utf-8'><title>kNN-LM attribution</title>"
-        "<body style='font-family: sans-serif; max-width: 50em; white-space: pre-wrap'>"
-        "<p>Shading: share of each token's probability that came from the datastore "
-        "(lmbda p_kNN / p); hover a token for its nearest stored contexts.</p>"
-        f"<p><b>{html.escape(prompt)}</b>{''.join(spans)}</p></body>"
-    )
 
 
 def format_attribution(a: TokenAttribution) -> str:

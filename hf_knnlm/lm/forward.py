@@ -86,12 +86,12 @@ def iter_window_batches(
     lm_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     expected_width: int | None = None,
 ) -> Iterator[WindowBatch]:
-    """Yield one :class:`WindowBatch` per ``batch_size`` windows, starting at ``start_window``.
+    """Yield one ``WindowBatch`` per ``batch_size`` windows, starting at ``start_window``.
 
     ``lm_features`` (with ``with_log_probs``) maps the ``[n, V]`` LM log-probs of the scored
     positions to per-token features (e.g. entropy for a retrieval gate), kept in the batch.
     ``expected_width`` refuses a ``hook_module`` whose input has another width (see
-    :class:`~hf_knnlm.FFNInputCapture`).
+    [`FFNInputCapture`][hf_knnlm.FFNInputCapture]).
     """
     check_positive_int("batch_size", batch_size, "windows per forward pass")
     device = next(model.parameters()).device

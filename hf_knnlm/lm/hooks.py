@@ -76,6 +76,17 @@ def find_ffn_module(model: nn.Module, hook_module: str | None = None) -> str:
         model (`nn.Module`): a causal LM (any ``PreTrainedModel``; wrappers such as peft work
             through the generic fallback).
         hook_module (`str`, *optional*): an explicit path, e.g. ``"model.layers.29.mlp"``.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm import find_ffn_module
+    >>> find_ffn_module(model)  # the last decoder layer's FFN: its input is a kNN-LM key
+    'transformer.h.1.mlp'
+    ```
     """
     if hook_module is not None:
         if _module_or_none(model, hook_module) is None:
@@ -109,18 +120,34 @@ class FFNInputCapture:
 
     The captured tensor lives in thread-local storage: one model (and one capture, or several)
     can serve several threads at once, each reading the input of its own latest forward pass.
-    Use as a context manager or call :meth:`remove`; the hook holds no graph when the model runs
+    Use as a context manager or call ``remove``; the hook holds no graph when the model runs
     under ``torch.no_grad()``.
 
     Args:
         model (`nn.Module`): the model to hook.
-        hook_module (`str`, *optional*): module path; defaults to :func:`find_ffn_module`.
-        stop_forward (`bool`, *optional*, defaults to `False`): raise :class:`StopForward` right
+        hook_module (`str`, *optional*): module path; defaults to
+            [`find_ffn_module`][hf_knnlm.find_ffn_module].
+        stop_forward (`bool`, *optional*, defaults to `False`): raise ``StopForward`` right
             after capturing, in the thread that created the capture only. Building a datastore
             needs nothing past the last FFN's input, so this skips the last FFN, the final norm and
             the LM head (a large share of small models).
         expected_width (`int`, *optional*): refuse (ValueError naming ``hook_module``) a module whose
             input is not a float tensor of this width, e.g. an embedding or an FFN's second linear layer.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> import torch
+    >>> from hf_knnlm import FFNInputCapture
+    >>> ids = tokenizer("The cat sat on the mat", return_tensors="pt")
+    >>> with FFNInputCapture(model) as capture, torch.no_grad():
+    ...     logits = model(**ids).logits
+    ...     print(capture.path, tuple(capture.captured.shape))  # [batch, positions, hidden]: a query each
+    transformer.h.1.mlp (1, 6, 32)
+    ```
     """
 
     def __init__(

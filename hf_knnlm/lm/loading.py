@@ -26,7 +26,22 @@ def load_model_and_tokenizer(
     dtype: str = "auto",
     device: str | None = None,
 ):
-    """``AutoModelForCausalLM`` + ``AutoTokenizer`` the way the CLI and the demo need them."""
+    """``AutoModelForCausalLM`` + ``AutoTokenizer`` the way the CLI and the demo need them.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm import load_model_and_tokenizer
+    >>> model.save_pretrained("tiny-lm"), tokenizer.save_pretrained("tiny-lm")  # or a Hub id
+    (None, ...)
+    >>> model, tokenizer = load_model_and_tokenizer("tiny-lm")
+    >>> type(model).__name__, model.training  # ready to score: in eval mode
+    ('GPT2LMHeadModel', False)
+    ```
+    """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}.")
     for what, value in (("model", name_or_path), ("tokenizer", tokenizer)):

@@ -2,7 +2,7 @@
 support.
 
 ``RealmConfig`` / ``RealmForOpenQA`` (model type ``realm_open_qa``) are registered with ``AutoConfig`` /
-``AutoModel`` as soon as transformers loads them (see :mod:`hf_knnlm.auto_classes`), so a saved model loads
+``AutoModel`` as soon as transformers loads them (see ``hf_knnlm.auto_classes``), so a saved model loads
 with ``AutoModel.from_pretrained`` after ``import hf_knnlm``. Names here are imported on first use.
 """
 

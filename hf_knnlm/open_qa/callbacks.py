@@ -26,6 +26,34 @@ class IndexRefreshCallback(TrainerCallback):
 
     A snapshot (deep copy) of the document embedder is taken at the trigger step, so the refresh sees one
     consistent set of weights. If the previous refresh is still running, the trigger is skipped.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from types import SimpleNamespace
+    >>> from hf_knnlm.open_qa import IndexRefreshCallback
+    >>> callback = IndexRefreshCallback(index, tokenizer, every_n_steps=1)  # refresh_index_every=1
+    >>> before = index.embeddings.clone()
+    >>> with torch.no_grad():  # the document encoder moved (share_retriever_encoders=True trains it)
+    ...     _ = model.document_embedder.encoder.embeddings.word_embeddings.weight.mul_(2.0)
+    >>> step = SimpleNamespace(global_step=1)  # what Trainer passes after an optimizer step
+    >>> _ = callback.on_step_end(None, step, None, model=model)  # re-embeds in a thread
+    >>> callback.wait()
+    >>> callback.refreshes, torch.equal(before, index.embeddings)  # new vectors swapped in
+    (1, False)
+    ```
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Configuration of :class:`~hf_knnlm.open_qa.RealmForOpenQA`."""
+"""Configuration of [`RealmForOpenQA`][hf_knnlm.open_qa.RealmForOpenQA]."""
 
 from __future__ import annotations
 
@@ -61,6 +61,22 @@ class RealmConfig(PreTrainedConfig):
             in several overlapping windows (see `reader_stride`).
         max_doc_embed_length (`int`, defaults to 256):
             Tokens of `title [SEP] text` read by the document embedder.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoConfig, BertConfig
+    >>> from hf_knnlm.open_qa import RealmConfig
+    >>> encoder = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    >>> config = RealmConfig(encoder_config=encoder.to_dict(),
+    ...                      retriever_pooling="mean", retriever_proj_size=None, retriever_normalize=True,
+    ...                      retriever_score_scale=20.0, top_k=5)  # a sentence embedder as the retriever
+    >>> config.model_type, config.encoder_config.hidden_size, config.reader_head
+    ('realm_open_qa', 32, 'mlp')
+    >>> config.save_pretrained("realm-config")
+    >>> type(AutoConfig.from_pretrained("realm-config")).__name__  # registered with AutoConfig
+    'RealmConfig'
+    ```
     """
 
     model_type = "realm_open_qa"

@@ -1,11 +1,12 @@
 """Training features for REALM: retrieval, answer-span matching in each retrieved document, padding.
 
-Retrieval for training happens here, not inside the model. :class:`RealmDataCollator` embeds the questions of
-each batch with the *current* query encoder (no gradient, dropout off), searches the frozen document index for
-the top-k and puts the stored vectors of those documents in the batch; the model then recomputes the query
-embedding with gradients, so the query encoder trains through f(x, z) while the index stays fixed (REALM
-fine-tuning). Rows that already carry ``doc_positions`` (see :func:`precompute_retrieval`) skip the search and
-use the precomputed top-k instead.
+Retrieval for training happens here, not inside the model.
+[`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator] embeds the questions of each batch with the
+*current* query encoder (no gradient, dropout off), searches the frozen document index for the top-k and puts
+the stored vectors of those documents in the batch; the model then recomputes the query embedding with
+gradients, so the query encoder trains through f(x, z) while the index stays fixed (REALM fine-tuning). Rows
+that already carry ``doc_positions`` (see [`precompute_retrieval`][hf_knnlm.open_qa.precompute_retrieval])
+skip the search and use the precomputed top-k instead.
 
 Answers are matched on characters: every occurrence of an answer string in a retrieved document
 (case-insensitive, at word boundaries) that begins and ends on token boundaries of a reader window becomes a
@@ -27,7 +28,18 @@ from .tokenization import reader_tokenizer, retriever_tokenizer
 
 
 def normalize_answers(answers: Any) -> list[str]:
-    """Answer strings from a SQuAD-style ``{"text": [...]}`` dict, a list of strings or one string."""
+    """Answer strings from a SQuAD-style ``{"text": [...]}`` dict, a list of strings or one string.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.open_qa import normalize_answers
+    >>> normalize_answers({"text": ["the mat", "mat"], "answer_start": [16, 20]})  # the Hub's squad layout
+    ['the mat', 'mat']
+    >>> normalize_answers("the mat"), normalize_answers(["the mat"])
+    (['the mat'], ['the mat'])
+    ```
+    """
     if isinstance(answers, Mapping):
         answers = answers.get("text", [])
     if isinstance(answers, str):
@@ -63,7 +75,29 @@ def resolve_top_k(top_k: int | None, model: Any) -> int:
 def retrieve(
     model: Any, tokenizer: Any, index: DocumentIndex, questions: list[str], top_k: int
 ) -> np.ndarray:
-    """Top-k document positions ``[len(questions), top_k]`` for the current query encoder (``-1``: none)."""
+    """Top-k document positions ``[len(questions), top_k]`` for the current query encoder (``-1``: none).
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import retrieve
+    >>> positions = retrieve(model, tokenizer, index, ["what is the capital of france"], top_k=2)
+    >>> positions.shape, sorted(index.ids[p] for p in positions[0])  # positions in the index, best first
+    ((1, 2), ['paris', 'rome'])
+    ```
+    """
     encoded = retriever_tokenizer(tokenizer)(
         questions,
         truncation=True,
@@ -150,9 +184,33 @@ def build_features(
     Every document is read in windows of ``max_reader_length`` tokens overlapping by ``reader_stride``; the
     windows of a question are laid out along one axis ``[b, n, seq]`` and ``window_doc`` ``[b, n]`` says which
     of its k documents each comes from (``-1``: padding). Returns ``(features, meta)``: ``features`` are the
-    tensors :meth:`RealmForOpenQA.forward` takes (with ``answer_starts`` / ``answer_ends`` ``[b, n, m]``
-    when ``answers`` are given); ``meta`` has the document ids and texts and each window's character offsets,
-    which turn a span back into text.
+    tensors [`RealmForOpenQA.forward`][hf_knnlm.open_qa.RealmForOpenQA.forward] takes (with ``answer_starts``
+    / ``answer_ends`` ``[b, n, m]`` when ``answers`` are given); ``meta`` has the document ids and texts and
+    each window's character offsets, which turn a span back into text.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import build_features
+    >>> features, meta = build_features(model, tokenizer, index, ["what is the capital of france"],
+    ...                                 [[0, 1]], answers=[["paris"]])
+    >>> tuple(features["reader_input_ids"].shape), features["window_doc"].tolist()  # [b, n, seq]
+    ((1, 2, ...), [[0, 1]])
+    >>> int(features["answer_starts"][0, 0, 0]) >= 0  # "paris" found in the first document's window
+    True
+    ```
     """
     config = model.config
     retriever_tok, reader_tok = retriever_tokenizer(tokenizer), reader_tokenizer(tokenizer)
@@ -251,8 +309,33 @@ class RealmDataCollator:
 
     Retrieval runs in the process that calls the collator, with the query encoder as it is at that step. In
     a ``DataLoader`` worker (``dataloader_num_workers > 0``) the model is a stale copy, so live retrieval is
-    refused there; rows with a precomputed ``doc_positions`` column (:func:`precompute_retrieval`) skip
-    retrieval and are safe to collate in workers.
+    refused there; rows with a precomputed ``doc_positions`` column
+    ([`precompute_retrieval`][hf_knnlm.open_qa.precompute_retrieval]) skip retrieval and are safe to collate
+    in workers.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import RealmDataCollator
+    >>> collator = RealmDataCollator(model, tokenizer, index)
+    >>> batch = collator([{"question": "what is the capital of france", "answers": {"text": ["paris"]}}])
+    >>> tuple(batch["doc_embeddings"].shape)  # the stored vectors of the 2 retrieved documents (width 128)
+    (1, 2, 128)
+    >>> "question_input_ids" in batch and "answer_starts" in batch  # what RealmForOpenQA.forward takes
+    True
+    ```
     """
 
     def __init__(
@@ -306,7 +389,31 @@ def precompute_retrieval(
     batch_size: int = 64,
 ) -> Any:
     """Add a ``doc_positions`` column (top-k once, with the current query encoder) to a
-    ``datasets.Dataset``."""
+    ``datasets.Dataset``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> import datasets
+    >>> from hf_knnlm.open_qa import precompute_retrieval
+    >>> rows = datasets.Dataset.from_list([{"question": "what is the capital of italy", "answers": ["rome"]}])
+    >>> rows = precompute_retrieval(rows, model, tokenizer, index, top_k=2)
+    >>> rows.column_names, len(rows[0]["doc_positions"])  # DataLoader workers may collate these rows
+    (['question', 'answers', 'doc_positions'], 2)
+    ```
+    """
     top_k = resolve_top_k(top_k, model)
 
     def add(batch: dict[str, list]) -> dict[str, list]:

@@ -23,7 +23,30 @@ def retrieval_recall(
     ks: Sequence[int] = (1, 5),
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Fraction of questions whose gold document is among the top-k retrieved, for each k in ``ks``."""
+    """Fraction of questions whose gold document is among the top-k retrieved, for each k in ``ks``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import retrieval_recall
+    >>> questions, gold = ["what is the capital of france"], ["paris"]
+    >>> recall = retrieval_recall(model, tokenizer, index, questions, gold, ks=(1, 2))
+    >>> sorted(recall), recall["recall@2"]  # with 2 documents, the gold one is always in the top 2
+    (['recall@1', 'recall@2'], 1.0)
+    ```
+    """
     if len(questions) != len(gold_doc_ids):
         raise ValueError(
             f"{len(questions)} questions but {len(gold_doc_ids)} gold document ids; pass one each."
@@ -62,7 +85,30 @@ def evaluate_open(
     batch_size: int = 8,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """End-to-end open QA: retrieve top-k, read, SQuAD EM / F1 (in percent) of the best span."""
+    """End-to-end open QA: retrieve top-k, read, SQuAD EM / F1 (in percent) of the best span.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import evaluate_open
+    >>> scores, predictions = evaluate_open(model, tokenizer, index, ["what is the capital of france"],
+    ...                                     [["paris"]], show_progress=False)
+    >>> sorted(scores), sorted(predictions[0])[:3]  # SQuAD EM / F1 in percent, and each prediction
+    (['exact_match', 'f1', 'questions'], ['answer', 'doc_id', 'doc_ids'])
+    ```
+    """
     predictions: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(questions), batch_size), desc="open QA", disable=not show_progress):
         predictions += model.answer(
@@ -82,7 +128,30 @@ def evaluate_gold(
     batch_size: int = 8,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The same reader given only the gold paragraph (p(z|x) = 1): an upper bound for end-to-end EM / F1."""
+    """The same reader given only the gold paragraph (p(z|x) = 1): an upper bound for end-to-end EM / F1.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import evaluate_gold
+    >>> scores, predictions = evaluate_gold(model, tokenizer, index, ["what is the capital of france"],
+    ...                                     [["paris"]], ["paris"], show_progress=False)
+    >>> sorted(scores), predictions[0]["doc_id"]  # read from the gold paragraph only
+    (['exact_match', 'f1', 'questions'], 'paris')
+    ```
+    """
     gold = index.positions_of(gold_doc_ids)
     was_training = model.training
     model.eval()

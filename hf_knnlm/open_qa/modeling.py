@@ -11,7 +11,7 @@ Fine-tuning follows Guu et al. (2020), section 3.4 / appendix:
   (normalised) span scores;
 * loss: -log sum_{z in top-k} sum_{s in z, s matches an answer} p(z|x) p(s|z, x).
 
-Training retrieval is done outside the model (see :mod:`hf_knnlm.open_qa.data`): the collator finds the top-k
+Training retrieval is done outside the model (see ``hf_knnlm.open_qa.data``): the collator finds the top-k
 with a no-grad query embedding against the frozen document index and hands the stored document embeddings in
 the batch; the model recomputes the query embedding *with* gradients, so the query encoder learns through
 f(x, z) while the document encoder stays frozen, as in the paper's fine-tuning.
@@ -47,7 +47,7 @@ _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
 
 @dataclass
 class RealmOpenQAOutput(ModelOutput):
-    """Output of :meth:`RealmForOpenQA.forward`.
+    """Output of [`RealmForOpenQA.forward`][hf_knnlm.open_qa.RealmForOpenQA.forward].
 
     Args:
         loss: negative log marginal likelihood, averaged over the questions with ``has_answer``.
@@ -56,6 +56,30 @@ class RealmOpenQAOutput(ModelOutput):
             the span from token ``i`` to token ``i + w``; non-candidates hold ``SPAN_MASK_VALUE``.
         joint_log_probs: ``[batch, k, seq, max_span_width]`` log p(z|x) + log p(s|z, x).
         has_answer: ``[batch]`` whether any retrieved document has a span matching an answer.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import build_features, retrieve
+    >>> questions = ["what is the capital of france"]
+    >>> features, meta = build_features(model, tokenizer, index, questions, retrieve(model, tokenizer, index,
+    ...                                 questions, top_k=2), answers=[["paris"]])
+    >>> output = model(**features)  # a RealmOpenQAOutput
+    >>> output.loss.shape, tuple(output.retriever_logits.shape), output.has_answer.tolist()
+    (torch.Size([]), (1, 2), [True])
+    ```
     """
 
     loss: torch.FloatTensor | None = None
@@ -95,6 +119,18 @@ def marginal_loss(joint_log_probs: torch.Tensor, target: torch.Tensor) -> tuple[
 
 
 class RealmPreTrainedModel(PreTrainedModel):
+    """Base of the REALM open-QA models: ties them to [`RealmConfig`][hf_knnlm.open_qa.RealmConfig]
+    (model type ``realm_open_qa``) for ``from_pretrained`` / ``save_pretrained`` and the Auto classes.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.open_qa import RealmConfig, RealmForOpenQA, RealmPreTrainedModel
+    >>> issubclass(RealmForOpenQA, RealmPreTrainedModel), RealmPreTrainedModel.config_class is RealmConfig
+    (True, True)
+    ```
+    """
+
     config_class = RealmConfig
     base_model_prefix = "realm"
     main_input_name = "question_input_ids"
@@ -104,11 +140,41 @@ class RealmPreTrainedModel(PreTrainedModel):
 class RealmForOpenQA(RealmPreTrainedModel):
     """REALM retriever + reader for open-domain extractive QA.
 
-    Build one from a retriever checkpoint and a reader checkpoint with :meth:`from_retriever_and_reader` (the
-    reader may be any ``AutoModelForQuestionAnswering`` checkpoint, e.g. one made by
-    :func:`~hf_knnlm.open_qa.train_reader`), or from one encoder with :meth:`from_encoder`; train it with
-    ``transformers.Trainer`` and :class:`~hf_knnlm.open_qa.RealmDataCollator`; answer questions with
-    :meth:`answer`.
+    Build one from a retriever checkpoint and a reader checkpoint with
+    [`from_retriever_and_reader`][hf_knnlm.open_qa.RealmForOpenQA.from_retriever_and_reader] (the reader may
+    be any ``AutoModelForQuestionAnswering`` checkpoint, e.g. one made by
+    [`train_reader`][hf_knnlm.open_qa.train_reader]), or from one encoder with
+    [`from_encoder`][hf_knnlm.open_qa.RealmForOpenQA.from_encoder]; train it with ``transformers.Trainer`` and
+    [`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator]; answer questions with
+    [`answer`][hf_knnlm.open_qa.RealmForOpenQA.answer].
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> result = model.answer(["what is the capital of france"], index, tokenizer)[0]
+    >>> sorted(result)  # a span of a retrieved document, its offsets there and p(z|x) of the documents
+    ['answer', 'doc_id', 'doc_ids', 'doc_scores', 'end', 'score', 'start']
+    >>> text = {d["id"]: d["text"] for d in docs}[result["doc_id"]]
+    >>> text[result["start"] : result["end"]] == result["answer"]
+    True
+    >>> model.save_pretrained("realm"), tokenizer.save_pretrained("realm")
+    (None, ...)
+    >>> from transformers import AutoModel
+    >>> type(AutoModel.from_pretrained("realm")).__name__  # registered with the Auto classes
+    'RealmForOpenQA'
+    ```
     """
 
     # Reader windows run at most this many at a time, sorted by length (see ``reading.run_reader``).
@@ -147,7 +213,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
         """A model whose query embedder, document embedder and reader all start from one encoder checkpoint,
         with REALM's span MLP on the reader.
 
-        ``config_kwargs`` are :class:`RealmConfig` fields. Projection and span-head weights start random.
+        ``config_kwargs`` are [`RealmConfig`][hf_knnlm.open_qa.RealmConfig] fields. Projection and span-head
+        weights start random.
         """
         return cls.from_retriever_and_reader(
             encoder_name_or_path, encoder_name_or_path, reader_head="mlp", **config_kwargs
@@ -167,7 +234,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         ``reader_head="auto"`` keeps the start/end head of a question-answering checkpoint (its config names a
         ``*ForQuestionAnswering`` architecture; span score = start logit + end logit) and otherwise puts
         REALM's span MLP on the plain encoder; ``"start_end"`` or ``"mlp"`` force one. ``config_kwargs`` are
-        :class:`RealmConfig` fields.
+        [`RealmConfig`][hf_knnlm.open_qa.RealmConfig] fields.
         """
         retriever_config = AutoConfig.from_pretrained(retriever_name_or_path)
         reader_config = AutoConfig.from_pretrained(reader_name_or_path)
@@ -295,10 +362,10 @@ class RealmForOpenQA(RealmPreTrainedModel):
     ) -> list[dict[str, Any]]:
         """Retrieve, read (every window of every retrieved document) and return the best span per question.
 
-        ``tokenizer`` is one tokenizer or a :class:`~hf_knnlm.open_qa.RealmTokenizerPair`. Each result holds
-        ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it came from),
-        ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` / ``doc_scores``
-        (the retrieved documents and p(z|x)).
+        ``tokenizer`` is one tokenizer or a [`RealmTokenizerPair`][hf_knnlm.open_qa.RealmTokenizerPair]. Each
+        result holds ``answer`` (text), ``score`` (p(z, s|x) of the chosen span), ``doc_id`` (the document it
+        came from), ``start`` / ``end`` (its character offsets in that document's text) and ``doc_ids`` /
+        ``doc_scores`` (the retrieved documents and p(z|x)).
         """
         from .data import build_features, resolve_top_k, retrieve
 
@@ -321,7 +388,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
 
     @torch.no_grad()
     def decode(self, features: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[dict[str, Any]]:
-        """Best span per question from features made by :func:`~hf_knnlm.open_qa.data.build_features`."""
+        """Best span per question from features made by
+        [`build_features`][hf_knnlm.open_qa.build_features]."""
         device = self.device
         output = self(**{name: tensor.to(device) for name, tensor in features.items()})
         doc_probs = torch.softmax(output.retriever_logits.float().cpu(), dim=-1)

@@ -1,12 +1,14 @@
 """Reader warm-start: extractive-QA fine-tuning that yields a plain ``AutoModelForQuestionAnswering``.
 
-REALM, ORQA and DPR all start open-QA training from a reader that can already read. :func:`train_reader` is
-that step, done the way transformers' ``run_qa.py`` does it: ``question [SEP] context`` windows of
-``max_length`` tokens overlapping by ``doc_stride`` tokens (``return_overflowing_tokens``), the answer located
-through the offsets mapping (a window that does not contain the whole answer points at ``[CLS]``), dynamic
-padding, windows grouped by length, and the stock ``Trainer``. The saved folder is an ordinary
-question-answering checkpoint: ``pipeline("question-answering", model=folder)`` loads it unchanged, and
-:meth:`RealmForOpenQA.from_retriever_and_reader` takes it as the reader.
+REALM, ORQA and DPR all start open-QA training from a reader that can already read.
+[`train_reader`][hf_knnlm.open_qa.train_reader] is that step, done the way transformers' ``run_qa.py`` does
+it: ``question [SEP] context`` windows of ``max_length`` tokens overlapping by ``doc_stride`` tokens
+(``return_overflowing_tokens``), the answer located through the offsets mapping (a window that does not
+contain the whole answer points at ``[CLS]``), dynamic padding, windows grouped by length, and the stock
+``Trainer``. The saved folder is an ordinary question-answering checkpoint: ``pipeline("question-answering",
+model=folder)`` loads it unchanged, and
+[`RealmForOpenQA.from_retriever_and_reader`][hf_knnlm.open_qa.RealmForOpenQA.from_retriever_and_reader] takes
+it as the reader.
 """
 
 from __future__ import annotations
@@ -57,7 +59,23 @@ def prepare_reader_features(
     examples: Mapping[str, list], tokenizer: Any, max_length: int = 384, doc_stride: int = 128
 ) -> dict[str, list]:
     """Batched ``datasets.map`` function: SQuAD-style rows -> windows with ``start_positions`` /
-    ``end_positions`` (the ``[CLS]`` index when the window does not hold the answer) and ``length``."""
+    ``end_positions`` (the ``[CLS]`` index when the window does not hold the answer) and ``length``.
+
+    Examples:
+
+    ```python
+    >>> from transformers import BertTokenizerFast
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] where does the cat sit sits on mat".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> from hf_knnlm.open_qa import prepare_reader_features
+    >>> rows = {"question": ["where does the cat sit"], "context": ["the cat sits on the mat"],
+    ...         "answers": [{"text": ["the mat"], "answer_start": [16]}]}
+    >>> features = prepare_reader_features(rows, tokenizer, max_length=32, doc_stride=8)
+    >>> start, end = features["start_positions"][0], features["end_positions"][0]
+    >>> tokenizer.decode(features["input_ids"][0][start : end + 1])  # the labelled answer tokens
+    'the mat'
+    ```
+    """
     pad_right = tokenizer.padding_side == "right"
     questions = [q.lstrip() for q in examples["question"]]
     contexts = examples["context"]

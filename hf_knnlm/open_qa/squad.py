@@ -40,6 +40,22 @@ def load_squad_open(
     ``documents`` holds *all* paragraphs (``id``, ``title``, ``text``) whatever ``articles`` says: the open
     collection is the whole file. ``questions`` (``id``, ``question``, ``answers``, ``gold_doc_id``) come only
     from the articles selected by ``articles`` (e.g. ``slice(0, 38)``).
+
+    Examples:
+
+    ```python
+    >>> import json
+    >>> squad = {"data": [{"title": "cats", "paragraphs": [{"context": "the cat sits on the mat", "qas": [
+    ...     {"id": "q1", "question": "where does the cat sit",
+    ...      "answers": [{"text": "the mat", "answer_start": 16}]}]}]},
+    ...     {"title": "dogs", "paragraphs": [{"context": "the dog runs in the park", "qas": []}]}]}
+    >>> with open("squad.json", "w") as f:
+    ...     json.dump(squad, f)
+    >>> from hf_knnlm.open_qa import load_squad_open
+    >>> documents, questions = load_squad_open("squad.json", articles=slice(0, 1))
+    >>> len(documents), len(questions)  # every paragraph is retrievable; questions of the chosen articles
+    (2, 1)
+    ```
     """
     all_articles = _load_articles(path)
     chosen = set(range(len(all_articles))[articles or slice(None)])
@@ -64,7 +80,24 @@ def load_squad_open(
 def load_squad(path: str | os.PathLike, *, articles: slice | None = None) -> datasets.Dataset:
     """The questions of the chosen articles in the layout of the Hub's ``squad`` dataset (``id``, ``title``,
     ``context``, ``question``, ``answers`` = ``{"text": [...], "answer_start": [...]}``) plus ``gold_doc_id``:
-    what :func:`~hf_knnlm.open_qa.train_reader` reads."""
+    what [`train_reader`][hf_knnlm.open_qa.train_reader] reads.
+
+    Examples:
+
+    ```python
+    >>> import json
+    >>> squad = {"data": [{"title": "cats", "paragraphs": [{"context": "the cat sits on the mat", "qas": [
+    ...     {"id": "q1", "question": "where does the cat sit",
+    ...      "answers": [{"text": "the mat", "answer_start": 16}]}]}]},
+    ...     {"title": "dogs", "paragraphs": [{"context": "the dog runs in the park", "qas": []}]}]}
+    >>> with open("squad.json", "w") as f:
+    ...     json.dump(squad, f)
+    >>> from hf_knnlm.open_qa import load_squad
+    >>> rows = load_squad("squad.json", articles=slice(0, 1))  # the Hub squad layout, + gold_doc_id
+    >>> rows[0]["question"], rows[0]["answers"], rows[0]["gold_doc_id"]
+    ('where does the cat sit', {'text': ['the mat'], 'answer_start': [16]}, '0-0')
+    ```
+    """
     all_articles = _load_articles(path)
     rows: dict[str, list] = {k: [] for k in ("id", "title", "context", "question", "answers", "gold_doc_id")}
     for a in range(len(all_articles))[articles or slice(None)]:

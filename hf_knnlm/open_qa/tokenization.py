@@ -2,7 +2,8 @@
 
 Like ``RagTokenizer`` in transformers: a retriever tokenizer (questions and documents for the dense
 retriever) and a reader tokenizer (``question [SEP] document`` windows), saved in two sub-folders. Every
-open-QA function takes either one tokenizer (retriever and reader share it) or a :class:`RealmTokenizerPair`.
+open-QA function takes either one tokenizer (retriever and reader share it) or a
+[`RealmTokenizerPair`][hf_knnlm.open_qa.RealmTokenizerPair].
 """
 
 from __future__ import annotations
@@ -20,9 +21,26 @@ READER_FOLDER = "reader_tokenizer"
 
 
 class RealmTokenizerPair:
-    """A retriever tokenizer and a reader tokenizer; :meth:`save_pretrained` writes them to
-    ``retriever_tokenizer/`` and ``reader_tokenizer/`` and :meth:`from_pretrained` reads them back (or one
-    plain tokenizer folder, used for both)."""
+    """A retriever tokenizer and a reader tokenizer; ``save_pretrained`` writes them to
+    ``retriever_tokenizer/`` and ``reader_tokenizer/`` and
+    [`from_pretrained`][hf_knnlm.open_qa.RealmTokenizerPair.from_pretrained] reads them back (or one plain
+    tokenizer folder, used for both).
+
+    Examples:
+
+    ```python
+    >>> from transformers import BertTokenizerFast
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] where does the cat sit sits on mat".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> from transformers import AutoTokenizer
+    >>> from hf_knnlm.open_qa import RealmTokenizerPair
+    >>> pair = RealmTokenizerPair(AutoTokenizer.from_pretrained("gpt2"), tokenizer)  # retriever, reader
+    >>> pair.save_pretrained("tokenizers")
+    >>> loaded = RealmTokenizerPair.from_pretrained("tokenizers")
+    >>> type(loaded).__name__, loaded.reader.tokenize("the cat sits")
+    ('RealmTokenizerPair', ['the', 'cat', 'sits'])
+    ```
+    """
 
     def __init__(self, retriever: Any, reader: Any):
         for name, tokenizer in (("retriever", retriever), ("reader", reader)):

@@ -1,8 +1,9 @@
-"""Fine-tune :class:`RealmForOpenQA` with the stock ``transformers.Trainer``.
+"""Fine-tune [`RealmForOpenQA`][hf_knnlm.open_qa.RealmForOpenQA] with the stock ``transformers.Trainer``.
 
-Nothing here is a custom loop: the model returns its loss first, :class:`RealmDataCollator` does retrieval and
-labelling, and the only additions are two learning rates (pre-trained encoders vs. the freshly initialised
-span head and projections) and the optional index-refresh callback.
+Nothing here is a custom loop: the model returns its loss first,
+[`RealmDataCollator`][hf_knnlm.open_qa.RealmDataCollator] does retrieval and labelling, and the only additions
+are two learning rates (pre-trained encoders vs. the freshly initialised span head and projections) and the
+optional index-refresh callback.
 """
 
 from __future__ import annotations
@@ -30,7 +31,30 @@ def realm_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters in three groups: the reader encoder (``learning_rate``), the query
     encoder (``retriever_learning_rate``, default ``learning_rate``) and the freshly initialised span head and
-    projections (``head_learning_rate``, default ``learning_rate``)."""
+    projections (``head_learning_rate``, default ``learning_rate``).
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa import realm_optimizer
+    >>> optimizer = realm_optimizer(model, learning_rate=1e-5, head_learning_rate=1e-3,
+    ...                             retriever_learning_rate=3e-6)
+    >>> sorted({group["lr"] for group in optimizer.param_groups})  # query encoder, reader, fresh heads
+    [3e-06, 1e-05, 0.001]
+    ```
+    """
     rates = {
         "reader": learning_rate,
         "retriever": retriever_learning_rate or learning_rate,
@@ -151,7 +175,35 @@ def train_realm(
     fine-tuning does. ``warmup_steps`` is a step count, or a ratio of the steps when below 1. The query
     encoder trains at ``learning_rate`` from the first step unless ``retriever_learning_rate`` (a rate of its
     own) or ``retriever_frozen_steps`` say otherwise; with a warm-started reader that default kept the most
-    held-out recall on SQuAD (docs/benchmarks.md, section 4)."""
+    held-out recall on SQuAD (docs/benchmarks/index.md, "REALM open-domain QA").
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
+    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
+    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
+    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> _ = torch.manual_seed(0)
+    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> import datasets
+    >>> from hf_knnlm.open_qa import train_realm
+    >>> rows = datasets.Dataset.from_list([
+    ...     {"question": "what is the capital of france", "answers": ["paris"]},
+    ...     {"question": "what is the capital of italy", "answers": ["rome"]}])
+    >>> trainer = train_realm(model, tokenizer, index, rows, output_dir="realm-out", max_steps=2,
+    ...                       batch_size=2, disable_tqdm=True, logging_steps=1, report_to=[])
+    {...}
+    >>> trainer.state.global_step, "loss" in trainer.state.log_history[0]
+    (2, True)
+    ```
+    """
     args = training_arguments_for(
         output_dir,
         batch_size=batch_size,

@@ -34,7 +34,21 @@ class FLAREStep:
 @dataclass
 class FLAREOutput:
     """``sequences``: prompt + generated token ids ``[1, L]``; ``text``: the generated part;
-    ``steps``: one :class:`FLAREStep` per sentence."""
+    ``steps``: one ``FLAREStep`` per sentence.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.rag import BM25Retriever, flare_generate
+    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
+    >>> out = flare_generate(model, tokenizer, bm25, "The cat", threshold=0.0, max_new_tokens=8)
+    >>> out.sequences.shape[0], len(out.text) > 0, [step.retrieved for step in out.steps][:1]
+    (1, True, [False])
+    ```
+    """
 
     sequences: torch.LongTensor
     text: str

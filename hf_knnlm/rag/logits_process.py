@@ -142,7 +142,9 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
 
 class InContextRALMProcessor(_DocumentEnsembleProcessor):
     r"""
-    [`LogitsProcessor`] for In-Context RALM (Ram et al., 2023): the next token is predicted from
+    A transformers
+    [`LogitsProcessor`](https://huggingface.co/docs/transformers/main/en/internal/generation_utils#logitsprocessor)
+    for In-Context RALM (Ram et al., 2023): the next token is predicted from
     ``p_LM(y | d ⊕ x)``, where ``d`` is the top passage retrieved with the last ``query_length`` tokens of
     the sequence, retrieved again every ``retrieval_stride`` generated tokens.
 
@@ -155,7 +157,8 @@ class InContextRALMProcessor(_DocumentEnsembleProcessor):
     Args:
         model (`PreTrainedModel`): the causal LM that generates.
         tokenizer: its tokenizer (decodes queries, encodes passages).
-        retriever (`Retriever`): ``search(queries, k) -> (scores, doc_ids)``, e.g. :class:`BM25Retriever`.
+        retriever (`Retriever`): ``search(queries, k) -> (scores, doc_ids)``, e.g.
+            [`BM25Retriever`][hf_knnlm.retrieval.BM25Retriever].
         retrieval_stride (`int` or `None`, defaults to 4): tokens between retrievals; `None`: once.
         query_length (`int`, defaults to 32): tokens of the sequence used as the query.
         max_document_tokens (`int`, defaults to 256): a passage is cut from the left to this many tokens.
@@ -191,13 +194,15 @@ class InContextRALMProcessor(_DocumentEnsembleProcessor):
 
 class REPLUGProcessor(_DocumentEnsembleProcessor):
     r"""
-    [`LogitsProcessor`] for REPLUG inference (Shi et al., 2023): the top-``k`` passages for the prompt are
+    A transformers
+    [`LogitsProcessor`](https://huggingface.co/docs/transformers/main/en/internal/generation_utils#logitsprocessor)
+    for REPLUG inference (Shi et al., 2023): the top-``k`` passages for the prompt are
     each prepended to it and the next-token distributions are ensembled,
     ``p(y | x) = sum_d softmax(score(d) / temperature) · p_LM(y | d ⊕ x)``, computed as one batched forward
     pass over the ``k`` copies of every sequence (with a KV cache, so each step costs ``k`` one-token passes).
 
-    Same mechanics and caveats as :class:`InContextRALMProcessor` (put it first; one processor per
-    ``generate`` call). With ``k=1`` it is exactly the LM reading the top passage.
+    Same mechanics and caveats as [`InContextRALMProcessor`][hf_knnlm.rag.InContextRALMProcessor] (put it
+    first; one processor per ``generate`` call). With ``k=1`` it is exactly the LM reading the top passage.
 
     Args:
         model (`PreTrainedModel`): the causal LM that generates.
@@ -208,7 +213,7 @@ class REPLUGProcessor(_DocumentEnsembleProcessor):
         retrieval_stride (`int` or `None`, defaults to `None`): retrieve once from the prompt, or every
             this many tokens.
         query_length, max_document_tokens, queries, max_input_length: as for
-            :class:`InContextRALMProcessor`.
+            [`InContextRALMProcessor`][hf_knnlm.rag.InContextRALMProcessor].
 
     Examples:
 

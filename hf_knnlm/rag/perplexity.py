@@ -1,7 +1,7 @@
 """Perplexity of In-Context RALM and REPLUG over the same sliding windows as ``evaluate_perplexity``.
 
-The text is cut into the windows of :func:`~hf_knnlm.evaluate_perplexity` (every token but the
-first scored once, with the window's context). Each window's targets are split into blocks of
+The text is cut into the windows of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity] (every token but
+the first scored once, with the window's context). Each window's targets are split into blocks of
 ``retrieval_stride`` tokens; the ``query_length`` tokens before a block query the retriever, and each
 target ``t`` of the block is scored as ``log sum_d w_d p_LM(t | d ⊕ tokens[window.begin:t])``.
 
@@ -309,16 +309,36 @@ def evaluate_retrieval_perplexity(
 
     Args:
         retriever: any object with ``search(queries, k) -> (scores, doc_ids)``, ``titles`` and ``texts``.
-        retrieval ([`RetrievalSettings`], *optional*): num_documents, retrieval_stride, query_length,
-            document_temperature, max_document_tokens.
-        datastore, knn ([`KNNSettings`], *optional*): the kNN-LM, as in ``evaluate_perplexity``.
-        windows ([`WindowSettings`], *optional*): the windows (default: the store's, as
-            ``evaluate_perplexity``), text_column, max_tokens: as in ``evaluate_perplexity``.
+        retrieval ([`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings], *optional*): num_documents,
+            retrieval_stride, query_length, document_temperature, max_document_tokens.
+        datastore, knn ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM, as in
+            ``evaluate_perplexity``.
+        windows ([`WindowSettings`][hf_knnlm.WindowSettings], *optional*): the windows (default: the
+            store's, as ``evaluate_perplexity``); text_column, max_tokens: as in ``evaluate_perplexity``.
         row_batch_size: document-prefixed rows per forward pass.
         overrides: single fields of any of the three settings objects, e.g. ``num_documents=4, k=64``.
 
     Returns:
-        [`RetrievalPerplexityOutput`]: the perplexities, token counts, times and every setting used.
+        [`RetrievalPerplexityOutput`][hf_knnlm.rag.RetrievalPerplexityOutput]: the perplexities, token
+        counts, times and every setting used.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.rag import BM25Retriever, evaluate_retrieval_perplexity
+    >>> text = "The cat sat on the mat. The dog ran in the park. " * 4
+    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "The dog ran."}])
+    >>> result = evaluate_retrieval_perplexity(model, tokenizer, [text], bm25, retrieval_stride=4,
+    ...                                        query_length=8, max_length=32, stride=16,
+    ...                                        disable_progress=True)
+    >>> result["num_tokens"], round(result["retrieved_fraction"], 2)  # targets that read a passage
+    (56, 0.93)
+    >>> result["ppl"] != result["base_ppl"], result["knn_ppl"]  # In-Context RALM vs the LM; no datastore
+    (True, None)
+    ```
     """
     retrieval_changes, knn_changes, window_changes = _split_overrides(overrides)
     retrieval = (retrieval or RetrievalSettings()).replace(**retrieval_changes)

@@ -1,7 +1,7 @@
 """Document-prefixed LM inputs: a retrieved passage's tokens placed before the context, batched.
 
 Every retrieval-augmented LM here reads ``p_LM(y | d ⊕ x)``: the passage ``d`` (its title and text, see
-:func:`~hf_knnlm.retrieval.retriever.document_text`) tokenized by the LM's tokenizer and put in front of the
+``document_text``) tokenized by the LM's tokenizer and put in front of the
 context ``x``. Rows of different lengths are left-padded with explicit position ids, so a row's log-probs
 do not depend on what it is batched with (up to float rounding).
 """

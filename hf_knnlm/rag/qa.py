@@ -24,7 +24,7 @@ METHODS = ("closed_book", "ralm", "replug")
 
 def _processor(method, model, tokenizer, retriever, questions, k, temperature, max_document_tokens):
     """REPLUG needs the processor (k copies per question); closed-book and In-Context RALM (one passage,
-    retrieved once) are plain generation, the latter from passage-prefixed prompts (see :func:`_prefixes`)."""
+    retrieved once) are plain generation, the latter from passage-prefixed prompts (see ``_prefixes``)."""
     if method != "replug":
         return []
     common = dict(retrieval_stride=None, queries=questions, max_document_tokens=max_document_tokens)

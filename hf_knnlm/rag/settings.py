@@ -18,7 +18,22 @@ from typing import Any
 
 @dataclass
 class RetrievalSettings:
-    """Validated retrieval settings shared by perplexity evaluation, generation and the CLI."""
+    """Validated retrieval settings shared by perplexity evaluation, generation and the CLI.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.rag import RetrievalSettings
+    >>> settings = RetrievalSettings(num_documents=4, retrieval_stride=None)  # REPLUG: 4 passages, once
+    >>> settings.num_documents, settings.retrieval_stride, settings.max_document_tokens
+    (4, None, 256)
+    >>> try:
+    ...     RetrievalSettings(num_documents=0)
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    num_documents=0 must be a positive integer...
+    ```
+    """
 
     num_documents: int = field(
         default=1,

@@ -1,10 +1,10 @@
 """Passage retrieval shared by the retrieval-augmented LMs (``rag/``) and REALM (``open_qa/``).
 
 One contract, ``search(queries, k) -> (scores, doc_ids)`` (``retriever.py``); BM25 (``bm25.py``) and
-dense retrieval (``dense.py``) over a FAISS inner-product :class:`DocumentIndex`
-(``document_index.py``) of passages embedded by a :class:`RetrieverEmbedder` (``embedder.py``);
-passages cut from a corpus (``chunking.py``) and their storage (``documents.py``); a saved retriever
-of either kind by folder or Hub id (``loading.py``).
+dense retrieval (``dense.py``) over a FAISS inner-product [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex]
+(``document_index.py``) of passages embedded by a [`RetrieverEmbedder`][hf_knnlm.retrieval.RetrieverEmbedder]
+(``embedder.py``); passages cut from a corpus (``chunking.py``) and their storage (``documents.py``); a saved
+retriever of either kind by folder or Hub id (``loading.py``).
 """
 
 from typing import TYPE_CHECKING

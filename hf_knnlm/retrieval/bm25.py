@@ -5,7 +5,7 @@ term -> column vocabulary. We save exactly those: ``bm25.safetensors`` (``data``
 ``indptr`` and, for BM25L/BM25+, ``nonoccurrence``), ``bm25_vocab.json``, the passages in
 ``documents.jsonl`` and ``bm25_config.json`` (parameters, sizes and the sha256 of every file, checked
 before anything is parsed). Nothing is pickled. Saving, loading and pushing are
-:class:`~hf_knnlm.utils.hub_mixin.HubMixin`'s, as for datastores and document indexes.
+[`HubMixin`][hf_knnlm.utils.HubMixin]'s, as for datastores and document indexes.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class BM25Retriever(HubMixin):
         include_title: bool = True,
     ) -> BM25Retriever:
         """Index ``documents`` (rows with ``text`` and optionally ``title`` and ``id``; a
-        ``datasets.Dataset`` from :func:`~hf_knnlm.rag.chunk_documents` works)."""
+        ``datasets.Dataset`` from [`chunk_documents`][hf_knnlm.retrieval.chunk_documents] works)."""
         bm25s = _bm25s()
         ids, titles, texts = rows_of(documents)
         indexed = [f"{t}\n{x}" if include_title and t else x for t, x in zip(titles, texts, strict=True)]

@@ -1,10 +1,11 @@
 """A corpus cut into passages of a fixed number of tokens with overlap, ready to index.
 
 The passages are a ``datasets.Dataset`` with the columns ``id``, ``title``, ``text`` (what
-:meth:`BM25Retriever.build <hf_knnlm.rag.BM25Retriever.build>`, :meth:`DenseRetriever.build
-<hf_knnlm.rag.DenseRetriever.build>` and :class:`~hf_knnlm.DocumentIndex` take), plus ``document`` (the
-source row) and ``start_token``. Each passage's text is an exact substring of its source document, cut at
-token boundaries found with the tokenizer's offsets, so nothing is re-tokenized differently.
+[`BM25Retriever.build`][hf_knnlm.retrieval.BM25Retriever.build],
+[`DenseRetriever.build`][hf_knnlm.retrieval.DenseRetriever.build] and
+[`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex] take), plus ``document`` (the source row) and
+``start_token``. Each passage's text is an exact substring of its source document, cut at token boundaries
+found with the tokenizer's offsets, so nothing is re-tokenized differently.
 """
 
 from __future__ import annotations

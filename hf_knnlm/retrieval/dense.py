@@ -1,4 +1,5 @@
-"""Dense retrieval over a :class:`~hf_knnlm.DocumentIndex` (the open-QA index) for text queries."""
+"""Dense retrieval over a [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex] (the open-QA index) for text
+queries."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from .retriever import check_search_args
 
 class DenseRetriever:
     r"""
-    Text queries in, ``(scores, doc_ids)`` out, over a :class:`~hf_knnlm.DocumentIndex`: the query encoder
-    embeds the queries and FAISS finds the documents of largest inner product.
+    Text queries in, ``(scores, doc_ids)`` out, over a [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex]:
+    the query encoder embeds the queries and FAISS finds the documents of largest inner product.
 
     The index is the same object open-QA uses, so a REALM model's index serves retrieval-augmented LMs too:
     ``DenseRetriever(index, realm_model.query_embedder, realm_tokenizer)``. ``search`` runs the encoder
@@ -27,7 +28,8 @@ class DenseRetriever:
     Args:
         index (`DocumentIndex`): documents and their vectors.
         query_encoder (`nn.Module`): maps tokenized queries to ``[n, dim]`` vectors in the index's space
-            (a :func:`sentence_encoder` or ``RealmForOpenQA.query_embedder``).
+            (a [`sentence_encoder`][hf_knnlm.retrieval.sentence_encoder] or
+            ``RealmForOpenQA.query_embedder``).
         tokenizer: the query encoder's tokenizer.
         max_query_length (`int`, defaults to 64): queries are truncated to this many tokens.
         batch_size (`int`, defaults to 64): queries embedded per forward pass.
@@ -140,7 +142,8 @@ class DenseRetriever:
     def from_pretrained(
         cls, repo_id_or_path: str | os.PathLike, query_encoder: Any, tokenizer: Any, **kwargs: Any
     ) -> DenseRetriever:
-        """A saved :class:`DocumentIndex` (folder or Hub id, sha256-checked) with its query encoder."""
+        """A saved [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex] (folder or Hub id, sha256-checked) with
+        its query encoder."""
         hub_keys = (
             "subfolder",
             "revision",

@@ -1,6 +1,6 @@
 """The REALM document index: passages, their embeddings (safetensors) and a FAISS inner-product index.
 
-Saved, loaded and pushed like a kNN-LM datastore (both are :class:`~hf_knnlm.utils.hub_mixin.HubMixin`
+Saved, loaded and pushed like a kNN-LM datastore (both are [`HubMixin`][hf_knnlm.utils.HubMixin]
 stores): ``document_index.json`` (metadata + sha256 of every file), ``documents.jsonl`` (id, title,
 text per line), ``embeddings.safetensors`` (the source of truth for the vectors), ``index.faiss``
 (the search structure) and a ``README.md`` model card. Every file is checked against its recorded
@@ -115,6 +115,21 @@ def embed_corpus(
     """Embed ``title [SEP] text`` pairs with a retriever embedder; returns float32 ``[n, d]`` on the CPU.
 
     Documents are processed in length order so that a batch pads to its own longest member.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoTokenizer, BertConfig
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
+    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, intermediate_size=64)
+    >>> from hf_knnlm.retrieval import RetrieverEmbedder, embed_corpus
+    >>> embedder = RetrieverEmbedder(tiny, pooling="mean", normalize=True).eval()
+    >>> vectors = embed_corpus(embedder, tokenizer, ["Cats", "Dogs"], ["The cat sat.", "A dog ran."],
+    ...                        show_progress=False)
+    >>> vectors.dtype, tuple(vectors.shape)  # float32 [documents, dim], on the CPU
+    (torch.float32, (2, 32))
+    ```
     """
     device = next(embedder.parameters()).device
     was_training = embedder.training
@@ -148,8 +163,25 @@ def embed_corpus(
 class DocumentIndex(HubMixin):
     """Documents + one embedding each + a FAISS maximum-inner-product index over them.
 
-    Build one with :meth:`build`; ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as
-    for a :class:`~hf_knnlm.Datastore` (local folder first, then the Hub; sha256-checked files).
+    Build one with [`build`][hf_knnlm.retrieval.DocumentIndex.build]; ``save_pretrained`` /
+    ``from_pretrained`` / ``push_to_hub`` work as for a [`Datastore`][hf_knnlm.Datastore] (local folder first,
+    then the Hub; sha256-checked files).
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm.retrieval import DocumentIndex
+    >>> texts = ["Paris is in France.", "Rome is in Italy."]
+    >>> index = DocumentIndex(["paris", "rome"], ["France", "Italy"], texts,
+    ...                       torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # one vector per document
+    >>> scores, positions = index.search(torch.tensor([[0.2, 0.9]]), k=2)  # maximum inner product first
+    >>> positions.tolist(), [index.ids[i] for i in positions[0]]
+    ([[1, 0]], ['rome', 'paris'])
+    >>> folder = index.save_pretrained("my-index")  # documents + safetensors vectors + faiss, sha256-checked
+    >>> DocumentIndex.from_pretrained("my-index").texts  # a folder or a Hub repo id
+    ['Paris is in France.', 'Rome is in Italy.']
+    ```
     """
 
     config_class = DocumentIndexConfig
@@ -294,7 +326,8 @@ class DocumentIndex(HubMixin):
 
     def replace_embeddings(self, embeddings: torch.Tensor, encoder: Any = None) -> None:
         """Swap in re-computed vectors (index refresh); searches running meanwhile see the old or new
-        index. ``encoder``, the embedder that computed them, is recorded for :meth:`check_compatible`."""
+        index. ``encoder``, the embedder that computed them, is recorded for
+        [`check_compatible`][hf_knnlm.retrieval.DocumentIndex.check_compatible]."""
         if tuple(embeddings.shape) != tuple(self._embeddings.shape):
             raise ValueError(
                 f"new embeddings have shape {tuple(embeddings.shape)}, the index holds "

@@ -13,7 +13,7 @@ from .document_index import documents_from_rows
 
 def rows_of(documents: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str], list[str]]:
     """ids, titles, texts of rows with ``text`` (and optionally ``title``, ``id``); the same reading
-    as :meth:`DocumentIndex.build <hf_knnlm.DocumentIndex.build>`, so both retrievers number passages
+    as [`DocumentIndex.build`][hf_knnlm.retrieval.DocumentIndex.build], so both retrievers number passages
     alike."""
     return documents_from_rows(documents)
 

@@ -1,8 +1,9 @@
 """A dense retriever's embedder: an encoder, a pooling, an optional projection and normalisation.
 
 REALM's query and document embedders are two of these (``open_qa``); a sentence-embedding checkpoint
-(masked mean pooling, unit vectors, no projection) is another (:func:`sentence_encoder`), used by
-:class:`~hf_knnlm.retrieval.DenseRetriever` for the retrieval-augmented LMs.
+(masked mean pooling, unit vectors, no projection) is another
+([`sentence_encoder`][hf_knnlm.retrieval.sentence_encoder]), used by
+[`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] for the retrieval-augmented LMs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ class RetrieverEmbedder(nn.Module):
         pooling (`"cls"` or `"mean"`, defaults to `"cls"`): the ``[CLS]`` vector or the masked mean.
         proj_size (`int`, *optional*): width of a linear projection on the pooled vector (None: none).
         normalize (`bool`, defaults to `False`): L2-normalise the embedding.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoTokenizer, BertConfig
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
+    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, intermediate_size=64)
+    >>> from hf_knnlm.retrieval import RetrieverEmbedder
+    >>> embedder = RetrieverEmbedder(tiny, pooling="mean", normalize=True).eval()
+    >>> batch = tokenizer(["The cat sat.", "A dog ran to the park."], padding=True, return_tensors="pt")
+    >>> vectors = embedder(**batch)
+    >>> tuple(vectors.shape), [round(float(n), 4) for n in vectors.norm(dim=-1)]  # one unit vector per text
+    ((2, 32), [1.0, 1.0])
+    ```
     """
 
     def __init__(
@@ -66,7 +82,23 @@ class RetrieverEmbedder(nn.Module):
 
 def sentence_encoder(name_or_path: str | os.PathLike) -> RetrieverEmbedder:
     """A sentence-embedding encoder (masked mean pooling, unit vectors, no projection) from any
-    ``AutoModel`` checkpoint: e.g. all-MiniLM-L6-v2 gives the published sentence-transformers embedding."""
+    ``AutoModel`` checkpoint: e.g. all-MiniLM-L6-v2 gives the published sentence-transformers embedding.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoTokenizer, BertConfig
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
+    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...                   num_attention_heads=2, intermediate_size=64)
+    >>> from transformers import BertModel
+    >>> from hf_knnlm.retrieval import sentence_encoder
+    >>> BertModel(tiny).save_pretrained("encoder")  # e.g. sentence-transformers/all-MiniLM-L6-v2
+    >>> encoder = sentence_encoder("encoder")
+    >>> encoder.pooling, encoder.normalize, encoder.name_or_path  # the sentence-transformers recipe
+    ('mean', True, 'encoder')
+    ```
+    """
     embedder = RetrieverEmbedder(
         AutoConfig.from_pretrained(name_or_path), pooling="mean", proj_size=None, normalize=True
     )
@@ -77,7 +109,7 @@ def sentence_encoder(name_or_path: str | os.PathLike) -> RetrieverEmbedder:
 
 def retriever_tokenizer(tokenizer: Any) -> Any:
     """The retriever's tokenizer of ``tokenizer``: the ``retriever`` side of a tokenizer pair (REALM's
-    :class:`~hf_knnlm.open_qa.RealmTokenizerPair`), else the tokenizer itself."""
+    [`RealmTokenizerPair`][hf_knnlm.open_qa.RealmTokenizerPair]), else the tokenizer itself."""
     return getattr(tokenizer, "retriever", tokenizer)
 
 

@@ -18,9 +18,21 @@ DENSE_CONFIG = "document_index.json"
 def load_retriever(
     path: str | os.PathLike, encoder: str | os.PathLike | None = None, **kwargs: Any
 ) -> Retriever:
-    """A :class:`BM25Retriever` (folder with ``bm25_config.json``) or a :class:`DenseRetriever` (folder with
-    ``document_index.json``; ``encoder`` is the sentence encoder that embedded it, by default the one its
-    metadata names)."""
+    """A [`BM25Retriever`][hf_knnlm.retrieval.BM25Retriever] (folder with ``bm25_config.json``) or a
+    [`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] (folder with ``document_index.json``; ``encoder`` is
+    the sentence encoder that embedded it, by default the one its metadata names).
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.retrieval import BM25Retriever, load_retriever
+    >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
+    >>> folder = bm25.save_pretrained("bm25")
+    >>> retriever = load_retriever("bm25")  # the kind is read from the folder's config
+    >>> type(retriever).__name__, retriever.search(["dogs"], k=1)[1].tolist()
+    ('BM25Retriever', [[1]])
+    ```
+    """
     folder = Path(path)
     if (folder / BM25_CONFIG).is_file():
         return BM25Retriever.from_pretrained(folder, **kwargs)

@@ -3,9 +3,9 @@
 ``retriever.search(queries, k) -> (scores, doc_ids)``: ``queries`` is a list of strings, ``scores`` a
 float32 array ``[len(queries), k]`` (higher is better) and ``doc_ids`` an int64 array of the same shape
 holding positions in the retriever's collection (``retriever.titles[i]``, ``retriever.texts[i]``),
-``-1`` where fewer than ``k`` documents match. :class:`~hf_knnlm.rag.BM25Retriever` and
-:class:`~hf_knnlm.rag.DenseRetriever` both follow it, so the retrieval-augmented LMs of this package
-take either.
+``-1`` where fewer than ``k`` documents match. [`BM25Retriever`][hf_knnlm.retrieval.BM25Retriever] and
+[`DenseRetriever`][hf_knnlm.retrieval.DenseRetriever] both follow it, so the retrieval-augmented LMs of this
+package take either.
 """
 
 from __future__ import annotations
@@ -18,7 +18,25 @@ import numpy as np
 
 @runtime_checkable
 class Retriever(Protocol):
-    """What In-Context RALM, REPLUG and FLARE need from a document retriever."""
+    """What In-Context RALM, REPLUG and FLARE need from a document retriever.
+
+    Examples:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_knnlm.retrieval import BM25Retriever, Retriever
+    >>> isinstance(BM25Retriever.build([{"text": "The cat sat."}]), Retriever)
+    True
+    >>> class Fixed:  # any collection with search(queries, k) -> (scores, doc_ids) fits
+    ...     titles, texts = ["", ""], ["The cat sat.", "Dogs bark."]
+    ...     def __len__(self):
+    ...         return 2
+    ...     def search(self, queries, k):
+    ...         return np.ones((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+    >>> isinstance(Fixed(), Retriever)
+    True
+    ```
+    """
 
     titles: Sequence[str]
     texts: Sequence[str]

@@ -1,6 +1,6 @@
 """faiss is an optional dependency: ``faiss-cpu`` or ``faiss-gpu``, installed through the extras.
 
-Everything that searches or writes a faiss index imports it through :func:`import_faiss`, so that
+Everything that searches or writes a faiss index imports it through ``import_faiss``, so that
 ``import hf_knnlm`` works without it and a feature that needs it fails with one line that says
 how to install it.
 """
@@ -17,7 +17,7 @@ class MissingDependencyError(ImportError):
 
 
 def import_faiss(feature: str = "this feature") -> ModuleType:
-    """The ``faiss`` module, or :class:`MissingDependencyError` naming ``feature`` and the install command."""
+    """The ``faiss`` module, or ``MissingDependencyError`` naming ``feature`` and the install command."""
     try:
         import faiss
     except ImportError as err:

@@ -1,10 +1,10 @@
 """Files every saveable object writes and checks: atomic writes, whole-folder swaps, locks, sha256.
 
 A reader never sees a half-written file: everything is written to a temporary sibling and
-``os.replace``-d onto its name once complete (:func:`atomic_path`). A whole store is written to a
-temporary sibling folder and swapped in only when complete (:func:`atomic_folder`), so a failed
+``os.replace``-d onto its name once complete (``atomic_path``). A whole store is written to a
+temporary sibling folder and swapped in only when complete (``atomic_folder``), so a failed
 or interrupted save leaves the old store as it was; one writer at a time holds a folder
-(:func:`folder_lock`).
+(``folder_lock``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,26 @@ _CHUNK = 1 << 20
 
 
 class IntegrityError(ValueError):
-    """A file of a saved object is missing, truncated or was modified after it was written."""
+    """A file of a saved object is missing, truncated or was modified after it was written.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm import Datastore, IntegrityError
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> with open("my-store/values.safetensors", "r+b") as f:  # a file changed after it was written
+    ...     _ = f.seek(-1, 2), f.write(b"x")
+    >>> try:
+    ...     Datastore.from_pretrained("my-store")
+    ... except IntegrityError as err:
+    ...     print("values.safetensors" in str(err))
+    True
+    ```
+    """
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -54,7 +73,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 class FolderInUseError(RuntimeError):
-    """Another writer (a build or a save, in this process or another) holds the folder's lock."""
+    """Another writer (a build or a save, in this process or another) holds the folder's lock.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm import FolderInUseError
+    >>> from hf_knnlm.utils.files import folder_lock
+    >>> with folder_lock("my-store"):  # what every build and save holds while it writes
+    ...     try:
+    ...         with folder_lock("my-store"):  # a second writer, in this process or another
+    ...             pass
+    ...     except FolderInUseError as err:
+    ...         print(str(err).split(" (")[0])
+    /.../my-store is being written by another writer
+    ```
+    """
 
 
 @contextlib.contextmanager
@@ -62,9 +96,9 @@ def folder_lock(folder: str | os.PathLike, tag: str = "") -> Iterator[None]:
     """Hold the exclusive write lock of ``folder`` for the duration of the block.
 
     The lock is an ``flock`` on a hidden sibling file (``.<name><tag>.lock``), taken without
-    waiting: a second writer fails at once with :class:`FolderInUseError` naming the folder. The
-    kernel drops the lock when its holder exits, ``kill -9`` included, so a lock file left behind
-    never blocks the next build (which resumes).
+    waiting: a second writer fails at once with [`FolderInUseError`][hf_knnlm.FolderInUseError] naming
+    the folder. The kernel drops the lock when its holder exits, ``kill -9`` included, so a lock file
+    left behind never blocks the next build (which resumes).
     """
     folder = Path(folder).absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +135,7 @@ def _acquire(path: Path, folder: Path) -> int:
 
 
 def not_matching(patterns: Iterable[str]) -> Callable[[str], bool]:
-    """``keep`` for :func:`atomic_folder`: names that match none of ``patterns`` (glob)."""
+    """``keep`` for ``atomic_folder``: names that match none of ``patterns`` (glob)."""
     patterns = tuple(patterns)
     return lambda name: not any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
@@ -183,7 +217,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Sorted, indented JSON written with :func:`atomic_write_bytes`."""
+    """Sorted, indented JSON written with ``atomic_write_bytes``."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
@@ -206,7 +240,8 @@ def verify_files(
     what: str = "datastore",
     required: Iterable[str] = (),
 ) -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or whose sha256 differs.
+    """Raise [`IntegrityError`][hf_knnlm.IntegrityError] naming the first file that is missing or whose sha256
+    differs.
 
     A config that records no hashes, or none for a file in ``required`` (the files the loader is
     about to read), is refused too: it would load unchecked. Loaders offer ``verify=False`` for that.

@@ -1,7 +1,7 @@
 """The Hub side of every saveable object (datastores, document indexes).
 
 Local path first, then the Hub (``snapshot_download``); pushes are a save into a temporary folder
-plus one ``upload_folder`` commit. Integrity checks live in :mod:`hf_knnlm.utils.files`.
+plus one ``upload_folder`` commit. Integrity checks live in ``hf_knnlm.utils.files``.
 """
 
 from __future__ import annotations

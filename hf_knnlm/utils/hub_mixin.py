@@ -4,50 +4,17 @@ Like huggingface_hub's ``ModelHubMixin``, the public ``save_pretrained`` / ``fro
 ``push_to_hub`` live here and call two private methods a store type implements; the base owns what
 every store must do the same way:
 
-- the config file (a :class:`StoreConfig` dataclass): format version (a file written by a newer
-  hf_knnlm is refused with the upgrade command), hf_knnlm version, the sha256 of every file;
+- the config file (a [`StoreConfig`][hf_knnlm.utils.StoreConfig] dataclass): format version (a file
+  written by a newer hf_knnlm is refused with the upgrade command), hf_knnlm version, the sha256 of every
+  file;
 - the order of writes (data files, then the model card, then the config last, so a folder with a
   config is complete), into a temporary sibling folder that replaces the old one whole, under a
-  write lock (:meth:`HubMixin._writable_folder`);
+  write lock (``HubMixin._writable_folder``);
 - loading: a local folder first, then one ``snapshot_download`` of the store's files; every file is
   checked against its sha256 before it is parsed;
 - the model card (``README.md``, a ``huggingface_hub.ModelCard``) and pushes as one commit.
 
-A new store type plugs in like this (a table of counts; any class with a ``README.md`` card
-overrides ``_model_card`` too, see :func:`render_card`):
-
-```python
->>> import tempfile
->>> from dataclasses import dataclass, field
->>> from typing import ClassVar
->>> import numpy as np
->>> from safetensors.numpy import load_file, save_file
->>> from hf_knnlm.utils.hub_mixin import HubMixin, StoreConfig
->>> @dataclass(kw_only=True)
-... class CountsConfig(StoreConfig):
-...     CONFIG_NAME: ClassVar[str] = "counts_config.json"
-...     WHAT: ClassVar[str] = "count table"
-...     num_rows: int = field(default=0, metadata={"help": "Rows in counts.safetensors."})
->>> class CountTable(HubMixin):
-...     config_class = CountsConfig
-...     hub_patterns = ("counts.safetensors",)  # what a Hub download fetches besides the config
-...
-...     def __init__(self, counts):
-...         self.counts = counts
-...
-...     def _save_pretrained(self, folder):  # folder: given by the base
-...         save_file({"counts": self.counts}, str(folder / "counts.safetensors"))
-...         return CountsConfig(num_rows=len(self.counts)), ["counts.safetensors"]
-...
-...     @classmethod
-...     def _from_pretrained(cls, folder, config):  # files already sha256-checked
-...         return cls(load_file(str(folder / "counts.safetensors"))["counts"])
->>> folder = CountTable(np.arange(3)).save_pretrained(tempfile.mkdtemp())
->>> sorted(p.name for p in folder.iterdir())
-['counts.safetensors', 'counts_config.json']
->>> CountTable.from_pretrained(folder).counts
-array([0, 1, 2])
-```
+A new store type plugs in as the example of [`HubMixin`][hf_knnlm.utils.HubMixin] shows.
 """
 
 from __future__ import annotations
@@ -97,6 +64,21 @@ class StoreConfig:
 
     Class attributes a subclass sets: ``CONFIG_NAME`` (the file name), ``WHAT`` (how errors name
     the store) and ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files).
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.datastore import DatastoreConfig  # a StoreConfig of one store type
+    >>> config = DatastoreConfig(model_type="gpt2", hook_module="transformer.h.1.mlp", hidden_size=32,
+    ...                          vocab_size=50257)
+    >>> DatastoreConfig.from_dict(config.to_dict()) == config  # what save / load write and read
+    True
+    >>> try:
+    ...     DatastoreConfig.from_dict({**config.to_dict(), "hidden_size": "abc"}, source="config.json")
+    ... except ValueError as err:
+    ...     print(err)
+    config.json: field 'hidden_size' is 'abc', not of type int...
+    ```
     """
 
     CONFIG_NAME: ClassVar[str] = "config.json"
@@ -228,12 +210,51 @@ def finish_folder(
 
 
 class HubMixin(abc.ABC):
-    """Base of the saveable stores (:class:`~hf_knnlm.Datastore`, :class:`~hf_knnlm.DocumentIndex`).
+    """Base of the saveable stores ([`Datastore`][hf_knnlm.Datastore],
+    [`DocumentIndex`][hf_knnlm.retrieval.DocumentIndex]).
 
     A subclass sets ``config_class`` and ``hub_patterns`` (the glob patterns of its data files,
-    which a Hub download fetches into one snapshot folder) and implements :meth:`_save_pretrained`
-    and :meth:`_from_pretrained`; optionally :meth:`_model_card` and ``delete_patterns`` (remote
+    which a Hub download fetches into one snapshot folder) and implements ``_save_pretrained``
+    and ``_from_pretrained``; optionally ``_model_card`` and ``delete_patterns`` (remote
     files a push replaces, e.g. shards of an earlier push with another shard count).
+
+    Examples:
+
+    A new store type plugs in like this (a table of counts; any class with a ``README.md`` card
+    overrides ``_model_card`` too, see ``render_card``):
+
+    ```python
+    >>> import tempfile
+    >>> from dataclasses import dataclass, field
+    >>> from typing import ClassVar
+    >>> import numpy as np
+    >>> from safetensors.numpy import load_file, save_file
+    >>> from hf_knnlm.utils.hub_mixin import HubMixin, StoreConfig
+    >>> @dataclass(kw_only=True)
+    ... class CountsConfig(StoreConfig):
+    ...     CONFIG_NAME: ClassVar[str] = "counts_config.json"
+    ...     WHAT: ClassVar[str] = "count table"
+    ...     num_rows: int = field(default=0, metadata={"help": "Rows in counts.safetensors."})
+    >>> class CountTable(HubMixin):
+    ...     config_class = CountsConfig
+    ...     hub_patterns = ("counts.safetensors",)  # what a Hub download fetches besides the config
+    ...
+    ...     def __init__(self, counts):
+    ...         self.counts = counts
+    ...
+    ...     def _save_pretrained(self, folder):  # folder: given by the base
+    ...         save_file({"counts": self.counts}, str(folder / "counts.safetensors"))
+    ...         return CountsConfig(num_rows=len(self.counts)), ["counts.safetensors"]
+    ...
+    ...     @classmethod
+    ...     def _from_pretrained(cls, folder, config):  # files already sha256-checked
+    ...         return cls(load_file(str(folder / "counts.safetensors"))["counts"])
+    >>> folder = CountTable(np.arange(3)).save_pretrained(tempfile.mkdtemp())
+    >>> sorted(p.name for p in folder.iterdir())
+    ['counts.safetensors', 'counts_config.json']
+    >>> CountTable.from_pretrained(folder).counts
+    array([0, 1, 2])
+    ```
     """
 
     config_class: ClassVar[type[StoreConfig]] = StoreConfig
@@ -254,7 +275,7 @@ class HubMixin(abc.ABC):
 
     @classmethod
     def _files_read(cls, config: StoreConfig) -> Iterable[str]:
-        """The files :meth:`_from_pretrained` reads: each must have a sha256 in the config."""
+        """The files ``_from_pretrained`` reads: each must have a sha256 in the config."""
         return ()
 
     @classmethod
@@ -269,7 +290,7 @@ class HubMixin(abc.ABC):
         as a whole once the block completes, under the folder's write lock.
 
         A save that fails midway (a full disk, an interrupt) leaves the store that was there as it
-        was, and a concurrent writer fails at once (:class:`~hf_knnlm.utils.files.FolderInUseError`).
+        was, and a concurrent writer fails at once ([`FolderInUseError`][hf_knnlm.FolderInUseError]).
         Files of the old folder that are not the store's own (a user's notes) are carried over.
         """
         own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)
@@ -347,7 +368,8 @@ class HubMixin(abc.ABC):
             private (`bool`, *optional*): visibility of a repository this call creates.
             token (`str` or `bool`, *optional*): Hub token; defaults to the logged-in one.
             create_pr (`bool`, defaults to `False`): open a pull request instead of committing.
-            kwargs: everything else goes to :meth:`save_pretrained` (e.g. ``max_shard_size``).
+            kwargs: everything else goes to [`save_pretrained`][hf_knnlm.utils.HubMixin.save_pretrained] (e.g.
+                ``max_shard_size``).
 
         A README.md the repository already has is kept; remote files matching ``delete_patterns``
         that this upload does not rewrite are deleted in the same commit.
