@@ -64,6 +64,19 @@ class RetrievalPerplexityOutput(Output):
         times: seconds (``base_s`` the plain window pass, ``retrieval_s``, ``prefixed_s`` the
             document-prefixed passes, ``knn_s`` the datastore searches).
         retrieval, knn, windows, search: every setting used.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.rag import RetrievalPerplexityOutput, RetrievalSettings
+    >>> out = RetrievalPerplexityOutput(base_ppl=30.0, ppl=28.5, knn_ppl=None, knn_ralm_ppl=None,
+    ...     num_tokens=100, retrieved_fraction=0.9, forward_tokens=900, padded_tokens=950,
+    ...     base_forward_tokens=100, times={}, retrieval=RetrievalSettings())
+    >>> out.ppl / out.base_ppl, out["retrieved_fraction"]  # attributes, or keys as in a dict
+    (0.95, 0.9)
+    >>> out.to_dict()["retrieval"]["num_documents"]  # JSON-ready, with every setting used
+    1
+    ```
     """
 
     base_ppl: float
