@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList, PreTrainedCo
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..datastore.datastore import Datastore
+from ..lm.caches import cache_of, output_cache
 from ..lm.hooks import FFNInputCapture
 from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig
@@ -78,7 +79,9 @@ def _load_base(
     hub_kwargs = {key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs}
     saved = _knnlm_config_dict(source, hub_kwargs)
     if saved is None:
-        return AutoModelForCausalLM.from_pretrained(source, **model_kwargs), None, hub_kwargs
+        base = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        base.config._name_or_path = base.config._name_or_path or str(source)  # what to reload it from
+        return base, None, hub_kwargs
     # A saved wrapper: ``revision`` is the wrapper's (and its datastore's), not the base model's.
     model_kwargs.pop("revision", None)
     saved = {key: v for key, v in saved.items() if key not in ("model_type", "transformers_version")}
@@ -351,7 +354,9 @@ class KNNLMForCausalLM(PreTrainedModel):
         loss = None
         if labels is not None or shift_labels is not None:
             loss = _causal_lm_loss(mixed, labels, num_items_in_batch, shift_labels)
-        return CausalLMOutputWithPast(loss=loss, logits=mixed, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=mixed, **output_cache(CausalLMOutputWithPast, cache_of(out))
+        )
 
     def _mix(self, lm_log_probs, hidden, tokens, scored) -> torch.Tensor:
         """The kNN-LM log-probs of the scored positions; the others keep the LM's."""

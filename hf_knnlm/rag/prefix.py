@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..lm.caches import cache_kwargs, cache_of
 from ..retrieval.retriever import Retriever, document_text
 
 
@@ -129,17 +130,6 @@ def last_log_probs(
         **kwargs,
     )
     return torch.log_softmax(output.logits[:, -keep:].float(), dim=-1), output
-
-
-def cache_of(output) -> object:
-    """The KV cache a forward pass returned (``cache`` in recent transformers, ``past_key_values`` before)."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
-def cache_kwargs(model: torch.nn.Module, cache: object) -> dict:
-    """Pass ``cache`` back to ``model`` under the name its ``forward`` takes."""
-    return {"cache": cache} if _accepts(model, "cache") else {"past_key_values": cache}
 
 
 __all__ = [
