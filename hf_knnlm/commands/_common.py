@@ -199,6 +199,36 @@ def load_datastore(args: argparse.Namespace):
     return Datastore.from_pretrained(args.datastore, nprobe=args.nprobe, gpu=args.gpu)
 
 
+def add_max_tokens_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="Score only the first N tokens (default: all)."
+    )
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, *, knn_fields: tuple[str, ...] | None = None) -> None:
+    """What a verb that scores a text against a store takes: model, text, windows, store, kNN settings."""
+    add_model_args(parser)
+    add_data_args(parser)
+    add_window_args(parser)
+    add_knn_args(parser, only=knn_fields)
+    add_max_tokens_arg(parser)
+
+
+def load_scoring(args: argparse.Namespace, check=None) -> tuple[tuple, dict]:
+    """``(model, tokenizer, text, store)`` and the keywords of a scoring call, after every check.
+
+    Settings (and ``check(settings)``, for what depends on them) fail before the store and the model load.
+    """
+    settings, windows = knn_settings(args), window_settings(args)
+    if check is not None:
+        check(settings)
+    check_data_args(args)
+    store = load_datastore(args)
+    model, tokenizer = load_model(args)
+    keywords = {"settings": settings, "windows": windows, "text_column": args.text_column}
+    return (model, tokenizer, load_data(args), store), {**keywords, "max_tokens": args.max_tokens}
+
+
 def check_data_args(args: argparse.Namespace) -> None:
     """Text files that do not exist are named before any model is loaded."""
     from pathlib import Path

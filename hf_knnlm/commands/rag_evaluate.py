@@ -6,6 +6,7 @@ import argparse
 
 from ._common import (
     add_data_args,
+    add_max_tokens_arg,
     add_model_args,
     add_window_args,
     check_data_args,
@@ -62,8 +63,6 @@ def register(subparsers) -> None:
         help="Also mix this kNN-LM datastore into In-Context RALM (default: none).",
     )
     add_dataclass_options(p.add_argument_group("kNN-LM (with --datastore)"), KNNSettings, only=KNN_FIELDS)
-    p.add_argument(
-        "--max-tokens", type=int, default=None, help="Score only the first N tokens (default: all)."
-    )
+    add_max_tokens_arg(p)
     p.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
     p.set_defaults(func=run)
