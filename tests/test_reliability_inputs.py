@@ -147,3 +147,10 @@ def test_a_hook_module_that_is_not_an_ffn_input_is_refused(
 ):
     with pytest.raises(ValueError, match=rf"hook_module='{hook_module}'"):
         Datastore.build(model, tokenizer, [corpus_text], tmp_path / "s", **BUILD, hook_module=hook_module)
+
+
+def test_a_text_passed_where_a_path_goes_is_named_short(model, tokenizer, tmp_path):
+    text = "The cat sat on the mat.\n" * 400  # a str is a path: the text itself is far too long a file name
+    with pytest.raises(ValueError, match=r"is not a file.*\[text\]") as caught:
+        Datastore.build(model, tokenizer, text, tmp_path / "store", **BUILD)
+    assert len(str(caught.value)) < 300

@@ -59,16 +59,24 @@ def _dataset_rows(data: Any, text_column: str) -> Iterator[str]:
         yield row
 
 
+def _is_file(data: str | os.PathLike) -> bool:
+    """Whether ``data`` names a file; a text passed where a path goes (too long a name) is not one."""
+    try:
+        return Path(data).is_file()
+    except OSError:
+        return False
+
+
 def iter_documents(data: CorpusLike, text_column: str = "text") -> list[str] | Iterator[str]:
     """The documents of ``data``: a text file's pieces, a dataset column's rows, or the strings."""
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.is_file():
+        if not _is_file(data):
+            shown = str(data) if len(str(data)) <= 80 else f"{str(data)[:60]}... ({len(str(data))} characters)"
             raise ValueError(
-                f"data={str(data)!r} is not a file. Pass a list of strings, the path of a UTF-8 text file, "
-                f"or a datasets.Dataset."
+                f"data={shown!r} is not a file. Pass a list of strings (e.g. [text] for one text), the path "
+                f"of a UTF-8 text file, or a datasets.Dataset."
             )
-        return _file_pieces(path)
+        return _file_pieces(Path(data))
     if hasattr(data, "column_names"):  # datasets.Dataset
         if text_column not in data.column_names:
             raise ValueError(
