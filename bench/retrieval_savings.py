@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu  # noqa: E402
+from _common import load_smollm2  # noqa: E402
 
 from hf_knnlm.knnlm.gate import fit_gate  # noqa: E402
 from hf_knnlm.knnlm.mixture import interpolate  # noqa: E402
@@ -125,7 +126,7 @@ def gate_data(args, run, best) -> tuple[dict, torch.Tensor]:
     if path.is_file():
         cache = sotu.load_cache(path)
     else:
-        model, tokenizer = sotu.load_smollm2()
+        model, tokenizer = load_smollm2()
         tokens = sotu.text_stream(tokenizer, sotu.held_out_text("dev"))[: args.gate_tokens + 1]
         cache = sotu.scored_cache(model, tokens, run.store.config.hook_module, path, with_queries=True)
         del model
