@@ -24,7 +24,8 @@ import torch
 from _common import REPO, Stopwatch, cached_store, corpus_splits, load_smollm2, timed
 
 from hf_knnlm import Datastore
-from hf_knnlm.knnlm.evaluation import ScoredBatch, ScoredQueries, collect_queries
+from hf_knnlm.datastore.neighbours import Neighbours
+from hf_knnlm.knnlm.scored import ScoredTokens, collect_queries
 from hf_knnlm.knnlm.tuning import base_perplexity, sweep, sweep_result, write_results
 
 MAX_LENGTH, STRIDE, BATCH_SIZE = 512, 448, 4
@@ -74,12 +75,12 @@ def run_corpus(model, tokenizer, name: str, args) -> dict:
     del tune_queries
     with Stopwatch() as clock:
         tuned = sweep_result(cache, ks=[k for k in args.ks if k <= args.k])
-        tuned["title"] = f"{name}: SmolLM2-135M kNN-LM sweep ({tuned['num_tokens']:,} tuning tokens, Flat)"
+        tuned.title = f"{name}: SmolLM2-135M kNN-LM sweep ({tuned['num_tokens']:,} tuning tokens, Flat)"
         write_results(tuned, work / "tune")
         if args.plot_dir:
             shutil.copyfile(work / "tune" / "tune_plot.png", Path(args.plot_dir) / f"quality_{name}.png")
     times["sweep_s"] = clock.seconds
-    best = tuned["best"]
+    best = tuned.best.to_dict()
     del cache
     print(
         f"[{name}] tuned on {tuned['num_tokens']} tokens: base {tuned['base_ppl']:.3f} best {best}",
@@ -121,9 +122,7 @@ def run_corpus(model, tokenizer, name: str, args) -> dict:
     return result
 
 
-def store_scaling(
-    flat: Datastore, test: ScoredQueries, best: dict, fractions=(0.125, 0.25, 0.5, 1.0)
-) -> list:
+def store_scaling(flat: Datastore, test: ScoredTokens, best: dict, fractions=(0.125, 0.25, 0.5, 1.0)) -> list:
     """Test perplexity at the tuned setting with the datastore cut to its first entries (exact search)."""
     points = []
     for fraction in fractions:
@@ -133,7 +132,8 @@ def store_scaling(
             index.add(flat.keys.take(range(start, min(n, start + 65536))).astype("float32"))
         k = min(best["k"], n)
         distances, ids = index.search(test.queries.numpy(), k)
-        cache = ScoredBatch(test.lm_log_probs, test.targets, torch.from_numpy(distances), flat.token_ids(ids))
+        found = Neighbours.from_ids(flat, torch.from_numpy(distances), torch.from_numpy(ids))
+        cache = ScoredTokens(test.lm_log_probs, test.targets, neighbours=found)
         ppl = sweep(cache, [best["lmbda"]], [best["temperature"]], [k])[0]["knn_ppl"]
         points.append({"entries": n, "knn_ppl": ppl})
         print(f"  store prefix {n:>8,} entries: kNN-LM ppl {ppl:.3f}", flush=True)

@@ -293,19 +293,14 @@ def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
 
 def first_k(found, k: int):
     """The ``k`` nearest of each row of :class:`Neighbours` sorted by distance."""
-    from hf_knnlm.datastore.neighbours import Neighbours
-
-    counts = None if found.log_counts is None else found.log_counts[:, :k]
-    return Neighbours(found.distances[:, :k], found.ids[:, :k], found.token_ids[:, :k], counts)
+    return found.truncate(k)
 
 
 def cache_batch(cache: dict, found):
-    """The :class:`ScoredBatch` of a cache and its neighbours."""
-    from hf_knnlm.knnlm.evaluation import ScoredBatch
+    """The :class:`ScoredTokens` of a cache and its neighbours (what the tuning sweep reads)."""
+    from hf_knnlm.knnlm.scored import ScoredTokens
 
-    return ScoredBatch(
-        cache["lm_log_probs"], cache["targets"], found.distances, found.token_ids, found.log_counts
-    )
+    return ScoredTokens(cache["lm_log_probs"], cache["targets"], neighbours=found)
 
 
 def tuned_settings(dev_batch, path: Path) -> dict:
@@ -316,7 +311,7 @@ def tuned_settings(dev_batch, path: Path) -> dict:
 
     if path.is_file():
         return json.loads(path.read_text())
-    k = dev_batch.distances.shape[1]
+    k = dev_batch.neighbours.k
     result = sweep_result(dev_batch, ks=[x for x in (8, 32, 128, 256, 512, 1024) if x <= k])
     best = {
         **result["best"],
