@@ -2,7 +2,8 @@
 
 A "tree" is a folder holding an ``hf_knnlm`` package: this checkout, or one exported from another
 commit (``git archive <commit> hf_knnlm | tar -x -C /tmp/old``). Each probe runs with the tree first
-on ``PYTHONPATH`` and in it as working directory, and prints JSON as its last line of output.
+on ``PYTHONPATH`` (then this ``bench/`` folder, for ``_common``'s helpers) and in it as working
+directory, and prints JSON as its last line of output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-THIS_TREE = Path(__file__).resolve().parents[1]
+from _common import BENCH, REPO
+
+THIS_TREE = REPO
 
 
 def add_tree_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +34,7 @@ def trees(args: argparse.Namespace) -> dict[str, Path]:
 
 def run_probe(tree: Path, code: str, *argv: str) -> dict:
     """Run ``python -c code *argv`` against ``tree``; return the JSON of its last output line."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(BENCH)])}
     out = subprocess.run(
         [sys.executable, "-c", code, *argv], env=env, cwd=tree, capture_output=True, text=True, check=True
     )

@@ -15,7 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sotu import get_store, load_smollm2
+from _common import load_smollm2
+from sotu import get_store
 
 from hf_knnlm import explain_generation, render_html
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu  # noqa: E402
+from _common import timed  # noqa: E402
 
 from hf_knnlm.commands.compress import folder_bytes  # noqa: E402
 from hf_knnlm.datastore.compress import compress_datastore  # noqa: E402
@@ -55,9 +56,7 @@ def compressed(store, folder: Path, train_size: int, kwargs: dict):
             return small, saved["seconds"]
     for stale in folder.parent.glob(f"*_neighbours_{folder.name}.safetensors"):
         stale.unlink()
-    start = time.time()
-    small = compress_datastore(store, folder, train_size=train_size, overwrite=True, **kwargs)
-    seconds = time.time() - start
+    small, seconds = timed(compress_datastore, store, folder, train_size=train_size, overwrite=True, **kwargs)
     options = {**kwargs, "train_size": train_size, "source_entries": len(store)}
     timing.write_text(json.dumps({"options": options, "seconds": seconds}))
     small.nprobe = store.nprobe

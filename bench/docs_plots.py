@@ -8,14 +8,15 @@ Tiny Shakespeare whole test slice); change both together.
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
 
 import matplotlib
+from _common import REPO
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "plots"
+OUT = REPO / "docs" / "benchmarks" / "plots"
 COLOURS = plt.get_cmap("tab10")
 
 # RetoMaton: (searches saved %, perplexity vs full kNN-LM %) for thresholds 4, 8, 16, 32, 64.
@@ -105,6 +106,7 @@ def rag() -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     tradeoff(
         RETOMATON,
         "RetoMaton, 1.9M-entry store (thresholds 64 … 4)",

@@ -13,22 +13,18 @@ import argparse
 import gc
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+from _common import rss_bytes, timed
 
 from hf_knnlm.datastore.index import read_index
 from hf_knnlm.utils.files import sha256_file
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return rss_bytes("VmRSS") / 2**20
 
 
 def opened_rss(path: Path, mmap: bool, queries: np.ndarray) -> tuple[float, np.ndarray]:
@@ -71,9 +67,7 @@ def main() -> None:
                 f"{np.array_equal(ids_mapped, ids_ram)}"
             )
             if factory == "Flat":
-                start = time.perf_counter()
-                sha256_file(path)
-                hash_rate = size / (time.perf_counter() - start)
+                hash_rate = size / timed(sha256_file, path)[1]
             os.remove(path)
     if "Flat" in args.factories:
         print(f"sha256 verification: {hash_rate:.0f} MiB/s (one core)")

@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (loaded first, as in a build: faiss then shares torch's OpenMP runtime)
+from _common import timed
 
 from hf_knnlm.datastore.index import build_index, skip_polysemous_training
 from hf_knnlm.datastore.storage import ShardedArray, open_memmap, write_sharded
@@ -46,12 +46,6 @@ def store_keys(store: Path, entries: int) -> np.ndarray:
 
     keys = Datastore.from_pretrained(store).keys
     return np.asarray(keys.take(np.arange(min(entries, len(keys)))), dtype=np.float16)
-
-
-def timed(step) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = step()
-    return result, time.perf_counter() - start
 
 
 def direct(keys16: np.ndarray, factory: str, polysemous: bool) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu  # noqa: E402
+from _common import load_gemma, load_qwen, load_smollm2  # noqa: E402
 
 
 def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
@@ -40,7 +41,7 @@ def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
 def smollm2_rows(args, text: str, work: Path) -> tuple[list[dict], dict]:
     from hf_knnlm.knnlm.tuning import sweep
 
-    model, tokenizer = sotu.load_smollm2()
+    model, tokenizer = load_smollm2()
     store = sotu.get_store(
         model,
         tokenizer,
@@ -121,9 +122,9 @@ def main() -> None:
     num_bytes = len(text.encode("utf-8"))
     rows, info = smollm2_rows(args, text, work)
     if "gemma3-270m" in args.models:
-        rows.append(base_row("gemma3-270m", lambda: sotu.load_gemma(args.workdir / "models"), text, work))
+        rows.append(base_row("gemma3-270m", lambda: load_gemma(args.workdir / "models"), text, work))
     if "qwen2.5-0.5b" in args.models:
-        rows.append(base_row("qwen2.5-0.5b", lambda: sotu.load_qwen(args.workdir / "models"), text, work))
+        rows.append(base_row("qwen2.5-0.5b", lambda: load_qwen(args.workdir / "models"), text, work))
     for row in rows:
         row["bits_per_byte"] = bits_per_byte(row["nll"], num_bytes)
         row["ppl_per_token"] = math.exp(row["nll"] / row["tokens"])

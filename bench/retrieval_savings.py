@@ -31,9 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sotu  # noqa: E402
+from _common import load_smollm2  # noqa: E402
 
-from hf_knnlm.knnlm.gate import fit_gate  # noqa: E402
-from hf_knnlm.knnlm.mixture import interpolate  # noqa: E402
+from hf_knnlm.knnlm.gate_training import fit_gate  # noqa: E402
+from hf_knnlm.knnlm.mixture import interpolate, knn_target_log_probs  # noqa: E402
 from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def retomaton_rows(store, test, full, best, thresholds, n, variants) -> list[dic
             automaton = RetoMaton(store, threshold, best["k"], True, clusters=pointers == "lists")
             start = time.time()
             found = stream_neighbours(automaton, queries, prev, precomputed=full)
-            knn = found.target_log_probs(targets, best["temperature"])
+            knn = knn_target_log_probs(found, targets, best["temperature"])
             mixed = interpolate(test["lm_log_probs"][:n], knn, best["lmbda"])
             stats = automaton.stats()
             rows.append(
@@ -91,8 +92,8 @@ def online_check(store, test, best, threshold, n, pointers="lists") -> dict:
         set(a[a >= 0].tolist()) == set(b[b >= 0].tolist())
         for a, b in zip(online.ids, simulated.ids, strict=True)
     ]
-    lp_online = online.target_log_probs(targets, best["temperature"])
-    lp_simulated = simulated.target_log_probs(targets, best["temperature"])
+    lp_online = knn_target_log_probs(online, targets, best["temperature"])
+    lp_simulated = knn_target_log_probs(simulated, targets, best["temperature"])
     lm = test["lm_log_probs"][:n]
     return {
         "pointers": pointers,
@@ -117,22 +118,22 @@ def gate_data(args, run, best) -> tuple[dict, torch.Tensor]:
     """The gate's training tokens: the first ``--gate-tokens`` tokens of the dev speeches (LM pass and
     search cached in the run folder), or the tuning cache when ``--gate-tokens`` is 0."""
     if not args.gate_tokens:
-        return run.dev, sotu.first_k(run.dev_found, best["k"]).target_log_probs(
-            run.dev["targets"], best["temperature"]
+        return run.dev, knn_target_log_probs(
+            sotu.first_k(run.dev_found, best["k"]), run.dev["targets"], best["temperature"]
         )
     name = f"gate{args.gate_tokens}"
     path = run.work / f"{name}_smollm2.safetensors"
     if path.is_file():
         cache = sotu.load_cache(path)
     else:
-        model, tokenizer = sotu.load_smollm2()
+        model, tokenizer = load_smollm2()
         tokens = sotu.text_stream(tokenizer, sotu.held_out_text("dev"))[: args.gate_tokens + 1]
         cache = sotu.scored_cache(model, tokens, run.store.config.hook_module, path, with_queries=True)
         del model
     found = sotu.neighbours_cache(
         run.store, cache, best["k_searched"], run.work / f"{name}_neighbours.safetensors"
     )
-    return cache, sotu.first_k(found, best["k"]).target_log_probs(cache["targets"], best["temperature"])
+    return cache, knn_target_log_probs(sotu.first_k(found, best["k"]), cache["targets"], best["temperature"])
 
 
 def gate_selection(dev, dev_knn, best, split: float = 0.6) -> list[dict]:
@@ -276,7 +277,7 @@ def main() -> None:
     run = sotu.load_run(args)
     store, best, test = run.store, run.best, run.test
     full = sotu.first_k(run.test_found, best["k"])  # the full kNN-LM: every test token searched
-    test_knn = full.target_log_probs(test["targets"], best["temperature"])
+    test_knn = knn_target_log_probs(full, test["targets"], best["temperature"])
     base, knn = ppl(test["lm_log_probs"]), ppl(interpolate(test["lm_log_probs"], test_knn, best["lmbda"]))
     n = min(len(test["targets"]), args.reto_tokens or (10**9 if args.quick else 30000))
     knn_n = ppl(interpolate(test["lm_log_probs"][:n], test_knn[:n], best["lmbda"]))

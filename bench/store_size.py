@@ -19,9 +19,10 @@ from pathlib import Path
 from _trees import add_tree_args, run_probe, trees
 
 _PROBE = r"""
-import json, re, sys, time
+import json, sys, time
 from pathlib import Path
 import numpy as np
+from _common import rss_bytes
 from hf_knnlm.datastore.builder import write_store
 from hf_knnlm.datastore.card import datastore_card
 from hf_knnlm.datastore.config import DatastoreConfig
@@ -39,12 +40,9 @@ files = write_store(folder, config, [keys], [values], [(0, entries)])
 finish_folder(folder, config, files, datastore_card)
 sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
 
-def anon():
-    return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-before, start = anon(), time.perf_counter()
+before, start = rss_bytes("RssAnon"), time.perf_counter()
 store = Datastore.from_pretrained(folder)
-seconds, grown = time.perf_counter() - start, anon() - before
+seconds, grown = time.perf_counter() - start, rss_bytes("RssAnon") - before
 rows = np.arange(0, entries, max(1, entries // 200))
 distances, ids = store.search_ids(keys[rows].astype(np.float32), 1)
 print(json.dumps({"files": sizes, "open_seconds": seconds, "open_anon_bytes": grown,

@@ -1,6 +1,7 @@
 """Shared fixtures: an in-process BPE tokenizer, tiny random causal LMs and a small datastore.
 
-Nothing is downloaded: the tokenizer is trained on generated text and models are random.
+Nothing is downloaded: the tokenizer is trained on generated text and models are random. A test that
+needs something from outside (a tool, a package, the shared data folder) asks :func:`require`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,22 @@ from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFa
 SHARED_DATA = Path(
     os.environ.get("HF_KNNLM_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 )
+# .ci/run sets it: there every check must run, and a missing tool or file fails rather than skips.
+IN_CI = os.environ.get("HF_KNNLM_CI") == "1"
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip the calling test (or module) with ``reason`` unless ``available``; in CI, fail with it.
+
+    ``reason`` names what is missing and how to get it, e.g. ``"no chromium on PATH (apt-get install
+    chromium)"``; pytest's ``-ra`` summary lists it for every skipped test.
+    """
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (HF_KNNLM_CI=1: in CI this check must run, not skip)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
 
 _SUBJECTS = [
     "the king",

@@ -116,7 +116,7 @@ def _brute_force_pairs(keys: np.ndarray, values: np.ndarray, merge_k: int) -> se
     return pairs
 
 
-@pytest.mark.parametrize("exact_group", [8192, 48])
+@pytest.mark.parametrize("exact_group", [8192, pytest.param(48, marks=pytest.mark.slow)])
 def test_merge_candidates_are_the_nearest_same_value_entries(store, monkeypatch, exact_group):
     from hf_knnlm.datastore import compress
 

@@ -15,6 +15,11 @@ from accelerate import PartialState
 from hf_knnlm import Datastore
 from hf_knnlm.datastore.distributed import window_range
 
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.conftest import require
+except ImportError:
+    from conftest import require
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +40,15 @@ def test_window_range_rejects_bad_rank():
         window_range(10, 2, 2)
 
 
+@pytest.mark.slow
 def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, corpus_text):
+    # The launcher of the active environment (an activated virtual environment puts it on PATH).
+    launcher = shutil.which("accelerate")
+    require(
+        launcher is not None,
+        "the `accelerate` launcher is not on PATH (activate the environment that has the accelerate "
+        "package, e.g. `. .venv/bin/activate`)",
+    )
     model_dir = tmp_path / "tiny"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -49,7 +62,6 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
     # --multi_gpu makes accelerate start the processes with torchrun; without CUDA they use gloo on CPU.
-    launcher = shutil.which("accelerate")
     cmd = [
         launcher,
         "launch",

@@ -2,7 +2,7 @@
 
 Chromium is Debian's ``chromium`` package, driven through the ``playwright`` Python package
 (``executable_path``: Playwright's own browser download is not used). In CI (``HF_KNNLM_CI=1``) a
-missing tool fails these tests; elsewhere they are skipped with the reason. With
+missing tool fails these tests; elsewhere they are skipped with the reason (``conftest.require``). With
 ``HF_KNNLM_UPDATE_SCREENSHOTS=1`` the screenshots are written to ``docs/screenshots/`` (the ones the
 docs show); otherwise to a temporary folder.
 """
@@ -18,8 +18,12 @@ from pathlib import Path
 
 import pytest
 
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.conftest import require
+except ImportError:
+    from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("HF_KNNLM_CI") == "1"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -29,12 +33,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-def _missing(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (HF_KNNLM_CI=1: the docs checks must run)")
-    pytest.skip(reason)
 
 
 def _build(docs_root: Path, site: Path) -> subprocess.CompletedProcess:
@@ -50,8 +48,8 @@ def _build(docs_root: Path, site: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
-        _missing('mkdocs / mkdocstrings are not installed (pip install -e ".[docs]")')
+    installed = all(importlib.util.find_spec(name) is not None for name in ("mkdocs", "mkdocstrings"))
+    require(installed, 'mkdocs / mkdocstrings are not installed (pip install -e ".[docs]")')
     folder = tmp_path_factory.mktemp("site")
     result = _build(ROOT, folder)
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout}\n{result.stderr}"
@@ -60,11 +58,12 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if importlib.util.find_spec("playwright") is None:
-        _missing("the playwright package is not installed (the dev extra has it)")
+    require(
+        importlib.util.find_spec("playwright") is not None,
+        "the playwright package is not installed (the dev extra has it)",
+    )
     executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        _missing("no chromium on PATH (Debian: apt-get install -y chromium)")
+    require(executable is not None, "no chromium on PATH (Debian: apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -96,8 +95,8 @@ def _open(browser, path: Path):
 
 
 def test_a_broken_link_fails_the_build(tmp_path):
-    if importlib.util.find_spec("mkdocs") is None:
-        _missing('mkdocs is not installed (pip install -e ".[docs]")')
+    installed = importlib.util.find_spec("mkdocs") is not None
+    require(installed, 'mkdocs is not installed (pip install -e ".[docs]")')
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "docs", copy / "docs")
     shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")

@@ -2,6 +2,7 @@
 
 Examples load the GPT-2 tokenizer by its Hub id, as users write it; here it is served offline from a
 Hub cache filled with the GPT-2 tokenizer files in ``../shared/data/gpt2-tokenizer`` (the same files).
+Without them the examples are skipped with that reason; in CI (``HF_KNNLM_CI=1``) they fail instead.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from transformers import GPT2Config
 import hf_knnlm
 
 try:  # tests/ is a package on main, a plain folder elsewhere
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA, require
 except ImportError:
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, require
 
 GPT2_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 MODULES = sorted(m.name for m in pkgutil.walk_packages(hf_knnlm.__path__, "hf_knnlm."))
@@ -45,8 +46,10 @@ def _examples(name: str) -> list[doctest.DocTest]:
 def hub_cache(tmp_path_factory) -> Path:
     """A Hub cache holding ``gpt2``'s tokenizer files, as ``snapshot_download`` would have left it."""
     source = SHARED_DATA / "gpt2-tokenizer"
-    if not source.is_dir():
-        pytest.skip(f"{source} is missing (the GPT-2 tokenizer the examples load)")
+    require(
+        source.is_dir(),
+        f"{source} is missing (the GPT-2 tokenizer the examples load; HF_KNNLM_SHARED_DATA names the folder)",
+    )
     cache = tmp_path_factory.mktemp("hf-cache")
     revision = "0" * 40
     snapshot = cache / "models--gpt2" / "snapshots" / revision

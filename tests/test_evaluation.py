@@ -66,6 +66,7 @@ def test_knn_ppl_equals_direct_reference(model, tokenizer, other_text, store):
     )
 
 
+@pytest.mark.slow
 def test_flat_ivf_and_recompute_are_selectable(model, tokenizer, other_text, store, ivf_stores):
     kwargs = dict(lmbda=0.4, temperature=3.0, **WINDOWS)
     full = len(store)  # every entry: the exact neighbour set whatever the index

@@ -8,6 +8,7 @@ as on the Hub. Uploads cannot be served locally; ``test_hub_local.py`` records t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -23,10 +24,16 @@ import numpy as np
 import pytest
 import torch
 
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.conftest import require
+except ImportError:
+    from conftest import require
+
 OLAH_MISSING = "olah is not installed (pip install -e '.[dev]'); it serves the Hub mirror these tests use"
-pytest.importorskip("olah", reason=OLAH_MISSING)
-if shutil.which("git") is None:
-    pytest.skip("git is needed to create the repositories olah serves", allow_module_level=True)
+require(importlib.util.find_spec("olah") is not None, OLAH_MISSING)
+require(shutil.which("git") is not None, "git is needed to create the repositories olah serves")
+# The mirror's start and the stores it publishes take seconds (module fixtures).
+pytestmark = pytest.mark.slow
 
 from huggingface_hub import constants  # noqa: E402
 from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402

@@ -56,6 +56,7 @@ def test_import_loads_no_heavy_library_and_needs_no_faiss():
     assert "Datastore" in out["all"] and "KNNProcessor" in out["all"] and "IntegrityError" in out["all"]
 
 
+@pytest.mark.slow
 def test_every_public_name_resolves_without_faiss():
     result = run_python(
         """
@@ -95,6 +96,7 @@ def test_faiss_features_fail_with_one_line_naming_the_extras(store_dir, tmp_path
     assert "hf-knnlm reindex: error: Opening a kNN-LM datastore needs faiss" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_build_without_faiss_fails_before_the_model_runs(tmp_path):
     result = run_python(
         f"""
@@ -125,6 +127,7 @@ def saved_realm(tmp_path_factory) -> Path:
 _AUTO = "from transformers import AutoConfig, AutoModel"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "imports",
     [

@@ -152,6 +152,7 @@ def test_batch_of_three_equals_three_batches_of_one(model, tokenizer, index):
         )
 
 
+@pytest.mark.slow
 def test_loss_falls_with_trainer(model, tokenizer, index, tmp_path):
     rows = QUESTIONS
     features = _features(model, tokenizer, index, rows)

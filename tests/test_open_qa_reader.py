@@ -189,6 +189,7 @@ def _reader_rows():
     return datasets.Dataset.from_list(rows)
 
 
+@pytest.mark.slow
 def test_train_reader_saves_a_standard_qa_checkpoint_that_learns(folders, tmp_path):
     tokenizer = folders["tokenizer"]
     rows = _reader_rows()
@@ -363,6 +364,7 @@ def _train_rows():
     )
 
 
+@pytest.mark.slow
 def test_live_retrieval_is_refused_in_dataloader_workers(folders, tmp_path):
     tokenizer = folders["tokenizer"]
     model = _qa_model(folders)

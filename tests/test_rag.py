@@ -67,6 +67,7 @@ def _prefixed_reference(model, tokenizer, text: str, doc: int) -> float:
     return math.exp(nll / count)
 
 
+@pytest.mark.slow
 def test_replug_k1_equals_lm_on_document_prefixed_input(model, tokenizer, other_text):
     text = other_text[:300]
     replug = evaluate_retrieval_perplexity(
@@ -238,15 +239,14 @@ def test_docstring_examples_run(name, monkeypatch):
     from transformers import AutoTokenizer
 
     try:
-        from tests.conftest import SHARED_DATA
+        from tests.conftest import SHARED_DATA, require
         from tests.test_docstrings import FencedDocTestParser
     except ImportError:  # tests/ on sys.path rather than importable as a package
-        from conftest import SHARED_DATA
+        from conftest import SHARED_DATA, require
         from test_docstrings import FencedDocTestParser
 
     local = SHARED_DATA / "gpt2-tokenizer"
-    if not local.is_dir():
-        pytest.skip(f"{local} is missing (the shared data folder holds the GPT-2 tokenizer)")
+    require(local.is_dir(), f"{local} is missing (the shared data folder holds the GPT-2 tokenizer)")
     load = AutoTokenizer.from_pretrained.__func__
     monkeypatch.setattr(
         AutoTokenizer,

@@ -19,6 +19,7 @@ def saved_model(tmp_path_factory, model, tokenizer):
     return folder
 
 
+@pytest.mark.slow
 def test_rag_index_evaluate_generate(saved_model, corpus_text, other_text, tmp_path, capsys):
     corpus, held_out = tmp_path / "corpus.txt", tmp_path / "held_out.txt"
     corpus.write_text(corpus_text, encoding="utf-8")

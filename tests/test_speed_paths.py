@@ -226,6 +226,7 @@ def test_cli_gpu_flag_reaches_the_datastore(store_dir, fake_gpus):
     assert store.on_gpu and fake_gpus[-1].options["shard"] is True
 
 
+@pytest.mark.slow
 def test_pq_indexes_skip_polysemous_training():
     # Polysemous training only reorders the PQ centroids (for Hamming-filtered search, never used
     # here) and is most of an IVF-PQ's training time: searches return the same distances without it.

@@ -75,6 +75,7 @@ def test_values_are_memory_mapped_int32(store_dir, store):
     assert token_ids.tolist() == [[int(store.values[0]), int(store.values[5]), int(store.values[0])]]
 
 
+@pytest.mark.slow
 def test_evaluation_defaults_to_the_stores_windows(model, tokenizer, store, other_text):
     assert (store.config.max_length, store.config.stride) == (64, 32)
     default = evaluate_perplexity(model, tokenizer, [other_text], store, k=8, disable_progress=True)

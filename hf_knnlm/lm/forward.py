@@ -30,9 +30,37 @@ class WindowBatch:
     lm_features: torch.Tensor | None = None  # [n, F] lm_features(log p_LM over the vocabulary), if given
 
 
-def _pad_batch(
-    tokens: np.ndarray, windows: list[Window], device: torch.device
+def pad_batch(
+    tokens: np.ndarray, windows: list[Window], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``input_ids`` and ``attention_mask`` of a batch of windows, right-padded to the longest.
+
+    What ``iter_window_batches`` feeds the model; for running the same forward passes without
+    capturing anything (a benchmark's baseline: the model alone, no datastore work).
+
+    Args:
+        tokens (`np.ndarray`): the token stream the windows index, ``[n]`` integers.
+        windows (`list[Window]`): windows of ``tokens`` (``sliding_windows``), at least one.
+        device (`torch.device` or `str`): where the tensors go.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``[len(windows), width]`` token ids (0 past a window's
+        end) and the mask (1 on a window's tokens).
+
+    Examples:
+
+    ```python
+    >>> import numpy as np
+    >>> from hf_knnlm.lm import pad_batch
+    >>> from hf_knnlm.lm.windows import Window
+    >>> tokens = np.arange(10, 17)
+    >>> ids, mask = pad_batch(tokens, [Window(0, 4, 1), Window(4, 7, 4)])  # 4 and 3 tokens
+    >>> ids.tolist()
+    [[10, 11, 12, 13], [14, 15, 16, 0]]
+    >>> mask.tolist()
+    [[1, 1, 1, 1], [1, 1, 1, 0]]
+    ```
+    """
     width = max(w.end - w.begin for w in windows)
     ids = torch.zeros(len(windows), width, dtype=torch.long)
     mask = torch.zeros(len(windows), width, dtype=torch.long)
@@ -102,7 +130,7 @@ def iter_window_batches(
     with capture:
         for first in tqdm(todo, desc=desc, unit="batch", disable=disable_progress):
             batch = windows[first : first + batch_size]
-            ids, mask = _pad_batch(tokens, batch, device)
+            ids, mask = pad_batch(tokens, batch, device)
             logits = None
             try:
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
