@@ -122,14 +122,16 @@ def _log_counts(folder: Path, config: DatastoreConfig, start: int, end: int) -> 
 def _ivf_slice(path: Path, start: int, end: int, mmap: bool) -> faiss.Index:
     """The IVF index at ``path`` with only the entries ``[start, end)`` in its lists (same quantizer)."""
     faiss = import_faiss("opening a datastore shard")
-    full = faiss.downcast_index(read_index(path, mmap=mmap))
+    full = read_index(path, mmap=mmap)  # faiss returns the concrete type (a downcast copy would not own it)
     if not isinstance(full, faiss.IndexIVF):
         raise ValueError(
             f"distributed='shard' slices exact (Flat) and IVF indexes; {path} is a {type(full).__name__}. "
             f"Rebuild the store with Datastore.rebuild_index('IVF4096,PQ64', ...) or 'Flat'."
         )
-    part = faiss.downcast_index(read_index(path, mmap=mmap))
-    part.replace_invlists(faiss.ArrayInvertedLists(part.nlist, part.code_size), True)
+    part = read_index(path, mmap=mmap)
+    lists = faiss.ArrayInvertedLists(part.nlist, part.code_size)
+    part.replace_invlists(lists, True)
+    lists.this.disown()  # the index frees its lists
     part.ntotal = 0
     subset = getattr(faiss.InvertedLists, "SUBSET_TYPE_ID_RANGE", 0)
     full.copy_subset_to(part, subset, start, end)
@@ -300,7 +302,8 @@ class ShardedSearch:
 
 def _merge(received: torch.Tensor, k: int) -> torch.Tensor:
     """``[world, Q, k, 4]`` candidates -> ``[Q, k, 4]``: the ``k`` smallest by (distance, entry id)."""
-    rows = received.permute(1, 0, 2, 3).reshape(received.shape[1], -1, _FIELDS)
+    world, queries, k_each = received.shape[:3]
+    rows = received.permute(1, 0, 2, 3).reshape(queries, world * k_each, _FIELDS)
     ids = rows[:, :, 1]
     by_id = torch.argsort(torch.where(ids < 0, math.inf, ids), dim=1, stable=True)
     rows = torch.take_along_dim(rows, by_id[:, :, None], dim=1)
