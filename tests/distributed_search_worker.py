@@ -1,7 +1,7 @@
 """One rank of tests/test_distributed_search.py, started by torchrun: a sharded store at work.
 
-``python -m torch.distributed.run --nproc_per_node N tests/distributed_search_worker.py MODE STORE OUT [MODEL DATA]``
-writes this rank's results to ``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
+``python -m torch.distributed.run --nproc_per_node N tests/distributed_search_worker.py MODE STORE OUT
+[MODEL DATA]`` writes this rank's results to ``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
 """
 
 from __future__ import annotations
