@@ -36,7 +36,7 @@ from .index import (
 from .neighbours import Neighbours
 from .provenance import Provenance
 from .search_index import SearchIndex, prepare_queries, search_keys
-from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group
+from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_gpu
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, open_memmap, shard_bounds
 
@@ -128,7 +128,8 @@ class Datastore(HubMixin):
             )
         self._warned_k: set[int] = set()
         self._temperature: float | None = None
-        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu)
+        device = rank_gpu() if distributed and world > 1 else None  # a rank's shard: its own GPU
+        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu, device=device)
         self._sharded = ShardedSearch(shard, self._searcher, rank, world) if distributed else None
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 

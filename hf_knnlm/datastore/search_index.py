@@ -29,11 +29,14 @@ class SearchIndex:
         nprobe (`int`): IVF lists probed per query.
         gpu (`str` or `bool`): ``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``
             (see ``hf_knnlm.datastore.index.index_to_gpus``).
+        device (`int`, *optional*): the one GPU to clone onto (a rank of a sharded store).
     """
 
-    def __init__(self, index: faiss.Index, *, nprobe: int, gpu: str | bool) -> None:
+    def __init__(
+        self, index: faiss.Index, *, nprobe: int, gpu: str | bool, device: int | None = None
+    ) -> None:
         self._lock = threading.Lock()
-        self.gpu = gpu
+        self.gpu, self.device = gpu, device
         self.cpu = index
         self.nprobe = nprobe
         set_nprobe(index, nprobe)  # for code that searches the CPU index directly
@@ -64,7 +67,7 @@ class SearchIndex:
     def active(self) -> faiss.Index:
         """The index queries go to: the GPU clone when there is one, else ``cpu``."""
         if self._gpu is None and self.gpu not in ("none", False, None):
-            clone = index_to_gpus(self._cpu, self.gpu)
+            clone = index_to_gpus(self._cpu, self.gpu, device=self.device)
             if clone is not self._cpu:
                 set_nprobe(clone, self.nprobe, on_gpu=True)
                 self._gpu = clone

@@ -78,6 +78,11 @@ def process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def rank_gpu() -> int | None:
+    """The GPU of this rank (``cuda:<local rank>``, which accelerate makes current), None without CUDA."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
 @dataclass
 class RankShard:
     """The entries ``[start, end)`` of one rank: keys, values, merge counts and an index over them.
@@ -318,4 +323,5 @@ __all__ = [
     "check_distributed",
     "open_rank_shard",
     "process_group",
+    "rank_gpu",
 ]
