@@ -166,6 +166,27 @@ class ShardedSearch:
         shard (`RankShard`): this rank's entries.
         searcher (`SearchIndex`): the search of ``shard.index`` (nprobe, GPU clone).
         rank (`int`) / world (`int`): this process and the number of processes.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> _ = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store", max_length=16,
+    ...                     stride=8, disable_progress=True)
+    >>> store = Datastore.from_pretrained("my-store", distributed="shard")  # under torchrun: 1/N a rank
+    >>> shard = store.sharded.shard
+    >>> store.sharded.world, (shard.start, shard.end), len(store)  # one process holds every entry
+    (1, (0, 6), 6)
+    >>> keys = torch.from_numpy(store.keys.take([0, 3]).astype("float32"))
+    >>> with store.serving():  # a loop the ranks may leave at different times
+    ...     found = store.search(keys, 2)
+    >>> found.ids[:, 0].tolist()  # every stored key is its own nearest neighbour
+    [0, 3]
+    ```
     """
 
     def __init__(self, shard: RankShard, searcher: SearchIndex, rank: int, world: int) -> None:
