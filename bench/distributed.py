@@ -86,6 +86,8 @@ def rank_main(args: argparse.Namespace) -> None:
         "index": type(store.index).__name__,
     }
     (out / f"rank-{sharded.rank}.json").write_text(json.dumps(report))
+    if torch.distributed.is_initialized():  # gloo's threads must stop before the interpreter exits
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------- this process

@@ -95,6 +95,8 @@ def main() -> None:
         evaluate(store, out, sys.argv[4], sys.argv[5])
     else:
         generate(store, out, sys.argv[4])
+    if torch.distributed.is_initialized():  # gloo's threads must stop before the interpreter exits
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
