@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +27,6 @@ from .index import (
     DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
     DEFAULT_TRAIN_SIZE,
-    GPU_MAX_K,
     INDEX_NAME,
     configure_threads,
     exact_index,
@@ -35,9 +35,10 @@ from .index import (
 )
 from .neighbours import Neighbours
 from .provenance import Provenance
-from .search_index import SearchIndex
+from .search_index import SearchIndex, prepare_queries, search_keys
+from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_gpu
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
-from .storage import ShardedArray, exact_sq_distances, open_memmap, shard_bounds
+from .storage import ShardedArray, open_memmap, shard_bounds
 
 if TYPE_CHECKING:
     import faiss
@@ -93,19 +94,25 @@ class Datastore(HubMixin):
         mmap: bool = True,
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
+        distributed: str | None = None,
     ):
         import_faiss("Opening a kNN-LM datastore")  # one clear line, before any file is read
+        check_distributed(distributed)
         self.folder = Path(folder)
         configure_threads()  # faiss gets torch's thread count; see index.configure_threads
         self.config = config
         layout = shard_layout(self.folder, config)
-        self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
-        # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
-        self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
-        if _has_index_file(config):
-            index = read_index(self.folder / INDEX_NAME, mmap=mmap)
-        else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
-            index = exact_index(self.keys.iter_rows(65536), self.key_dim)
+        if distributed == "shard":  # this rank's entries only (see hf_knnlm.datastore.sharded)
+            shard, rank, world = open_rank_shard(self.folder, config, layout, *process_group(), mmap=mmap)
+            self.keys, self.values, index = shard.keys, shard.values, shard.index
+        else:
+            self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
+            # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
+            self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
+            if _has_index_file(config):
+                index = read_index(self.folder / INDEX_NAME, mmap=mmap)
+            else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
+                index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         # A PCA-compressed store keeps reduced keys; queries go through the same transform.
         self.key_transform = (
             import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
@@ -114,15 +121,16 @@ class Datastore(HubMixin):
         )
         self._provenance = None
         self._clusters: Clusters | None | object = _NOT_READ
-        if index.ntotal != len(self.values) or len(self.keys) != len(self.values):
+        if index.ntotal != len(self.keys) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {index.ntotal} entries, keys {len(self.keys)}, values "
-                f"{len(self.values)}; config says {config.num_entries}. "
-                f"The datastore is incomplete; rebuild it."
+                f"{len(self.values)}; config says {config.num_entries}. The store is incomplete; rebuild it."
             )
         self._warned_k: set[int] = set()
         self._temperature: float | None = None
-        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu)
+        device = rank_gpu() if distributed and world > 1 else None  # a rank's shard: its own GPU
+        self._searcher = SearchIndex(index, nprobe=nprobe, gpu=gpu, device=device)
+        self._sharded = ShardedSearch(shard, self._searcher, rank, world) if distributed else None
         _ = self.search_index  # clone to the GPU(s) now rather than at the first query
 
     # ----------------------------------------------------------------- construction
@@ -198,6 +206,7 @@ class Datastore(HubMixin):
         mmap: bool = True,
         nprobe: int = DEFAULT_NPROBE,
         gpu: str | bool = "auto",
+        distributed: str | None = None,
         **hub_kwargs,
     ) -> Datastore:
         """Open a datastore from a local folder or a Hub repository id.
@@ -212,12 +221,17 @@ class Datastore(HubMixin):
             mmap (`bool`, defaults to `True`): memory-map the index where its type allows.
             nprobe (`int`, defaults to 32): IVF lists probed per query.
             gpu (`str` or `bool`, defaults to `"auto"`): how to use GPUs with faiss-gpu.
+            distributed (`str`, *optional*): ``"shard"``: under accelerate / torchrun each process holds
+                and searches 1/N of the entries; searches are collective (``hf_knnlm.datastore.sharded``).
             hub_kwargs: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``force_download`` and ``verify``, as in
                 [`hf_knnlm.utils.hub_mixin.HubMixin.from_pretrained`][hf_knnlm.utils.HubMixin.from_pretrained].
         """
         check_positive_int("nprobe", nprobe, "IVF lists probed per query")
-        return super().from_pretrained(repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, **hub_kwargs)
+        check_distributed(distributed)
+        return super().from_pretrained(
+            repo_id_or_path, mmap=mmap, nprobe=nprobe, gpu=gpu, distributed=distributed, **hub_kwargs
+        )
 
     @classmethod
     def _from_pretrained(cls, folder: Path, config: DatastoreConfig, **kwargs) -> Datastore:
@@ -272,7 +286,16 @@ class Datastore(HubMixin):
 
     # ----------------------------------------------------------------- properties
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.values) if self._sharded is None else self.config.num_entries
+
+    @property
+    def sharded(self) -> ShardedSearch | None:
+        """The collective search of a ``distributed="shard"`` store (its ``shard``: this rank's entries)."""
+        return self._sharded
+
+    def serving(self) -> contextlib.AbstractContextManager:
+        """[`ShardedSearch.serving`][hf_knnlm.datastore.sharded.ShardedSearch.serving]; a no-op unsharded."""
+        return contextlib.nullcontext() if self._sharded is None else self._sharded.serving()
 
     @property
     def hidden_size(self) -> int:
@@ -355,30 +378,15 @@ class Datastore(HubMixin):
 
     def search_ids(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False):
         """``(squared L2 distances [Q, k], entry ids [Q, k])`` as numpy; missing neighbours are inf / -1."""
+        if self._sharded is None:
+            return search_keys(self._searcher, self.keys, *self._queries(queries, k), recompute_dists)
+        found = self.search(queries, k, recompute_dists)
+        return found.distances.numpy(), found.ids.numpy()
+
+    def _queries(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """``queries`` as float32 numpy in the stored keys' space, and ``k``, both checked."""
         k = self.clamp_k(k)
-        q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.hidden_size:
-            raise ValueError(
-                f"queries have shape {list(q.shape)}; this store takes queries of width {self.hidden_size}, "
-                f"so pass [num_queries, {self.hidden_size}]: the FFN inputs of the model that built it."
-            )
-        if self.key_transform is not None:
-            q = self.key_transform.apply(q)
-        if self.on_gpu and k > GPU_MAX_K:
-            raise ValueError(
-                f"k={k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
-                f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
-            )
-        distances, ids = self._searcher.search(q, k)
-        missing = ids < 0
-        if recompute_dists:
-            distances = exact_sq_distances(self.keys, q, np.where(missing, 0, ids))
-            # Approximate search orders by approximate distance; exact ones may reorder.
-            order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
-            distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
-        distances = np.where(missing, np.inf, distances).astype(np.float32)
-        return distances, ids
+        return prepare_queries(queries, self.hidden_size, self.key_transform, k if self.on_gpu else None), k
 
     def search(self, queries: torch.Tensor | np.ndarray, k: int, recompute_dists: bool = False) -> Neighbours:
         """The ``k`` nearest stored keys of every query by squared L2 distance.
@@ -392,7 +400,10 @@ class Datastore(HubMixin):
         Returns:
             [`Neighbours`]: ``[Q, k]`` distances (float32), entry ids, values (next-token ids) and the
             merge counts of a pruned store, on the CPU; a missing neighbour has id -1 and distance `inf`.
+            On a store opened with ``distributed="shard"`` every rank must call it (see ``serving``).
         """
+        if self._sharded is not None:
+            return self._sharded.search(*self._queries(queries, k), recompute_dists)
         distances, ids = self.search_ids(queries, k, recompute_dists)
         return Neighbours.from_ids(self, distances, ids)
 
@@ -407,8 +418,9 @@ class Datastore(HubMixin):
         now on a sample of the keys (:func:`~hf_knnlm.datastore.calibration.calibrate_temperature`)."""
         if self.config.temperature is not None:
             return self.config.temperature
-        if self._temperature is None:
-            self._temperature = calibrate_temperature(self.keys, self._searcher.search) or 1.0
+        if self._temperature is None:  # a sharded store samples every rank's keys
+            found = self._sharded.calibrate_temperature() if self._sharded else None
+            self._temperature = found or calibrate_temperature(self.keys, self._searcher.search) or 1.0
         return self._temperature
 
     # ----------------------------------------------------------------- compatibility

@@ -246,7 +246,7 @@ def num_gpus() -> int:
 
 
 def index_to_gpus(
-    index: faiss.Index, gpu: str | bool | None = "auto", use_float16: bool = True
+    index: faiss.Index, gpu: str | bool | None = "auto", use_float16: bool = True, device: int | None = None
 ) -> faiss.Index:
     """Clone ``index`` onto every visible GPU, or return it unchanged when there is none.
 
@@ -257,6 +257,7 @@ def index_to_gpus(
             across GPUs (for indexes larger than one GPU's memory); ``"none"`` (or `False`): stay on CPU.
         use_float16 (`bool`, defaults to `True`): float16 IVFPQ lookup tables / flat storage on the
             GPU, needed for PQ codes of 56+ bytes and halves GPU memory.
+        device (`int`, *optional*): clone onto this GPU only (a rank of a sharded store: its own GPU).
     """
     mode = {True: "auto", False: "none", None: "none"}.get(gpu, gpu)
     if mode not in GPU_MODES:
@@ -267,6 +268,13 @@ def index_to_gpus(
             logger.warning("gpu=%r, but faiss sees no GPU (faiss-cpu or no CUDA); staying on CPU.", mode)
         return index
     faiss = import_faiss()
+    if device is not None:
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = use_float16
+        resources = faiss.StandardGpuResources()
+        clone = faiss.index_cpu_to_gpu(resources, device, index, options)
+        clone.referenced_objects = [resources]  # the clone needs them for its life
+        return clone
     options = faiss.GpuMultipleClonerOptions()
     options.shard = mode == "shard"
     options.useFloat16 = use_float16

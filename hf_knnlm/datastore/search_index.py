@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..utils.checks import check_positive_int
-from .index import index_to_gpus, search_parameters, set_nprobe
+from .index import GPU_MAX_K, index_to_gpus, search_parameters, set_nprobe
+from .storage import ShardedArray, exact_sq_distances
 
 if TYPE_CHECKING:
     import faiss
@@ -28,11 +29,14 @@ class SearchIndex:
         nprobe (`int`): IVF lists probed per query.
         gpu (`str` or `bool`): ``"auto"``, ``"replicate"``, ``"shard"`` or ``"none"``
             (see ``hf_knnlm.datastore.index.index_to_gpus``).
+        device (`int`, *optional*): the one GPU to clone onto (a rank of a sharded store).
     """
 
-    def __init__(self, index: faiss.Index, *, nprobe: int, gpu: str | bool) -> None:
+    def __init__(
+        self, index: faiss.Index, *, nprobe: int, gpu: str | bool, device: int | None = None
+    ) -> None:
         self._lock = threading.Lock()
-        self.gpu = gpu
+        self.gpu, self.device = gpu, device
         self.cpu = index
         self.nprobe = nprobe
         set_nprobe(index, nprobe)  # for code that searches the CPU index directly
@@ -63,7 +67,7 @@ class SearchIndex:
     def active(self) -> faiss.Index:
         """The index queries go to: the GPU clone when there is one, else ``cpu``."""
         if self._gpu is None and self.gpu not in ("none", False, None):
-            clone = index_to_gpus(self._cpu, self.gpu)
+            clone = index_to_gpus(self._cpu, self.gpu, device=self.device)
             if clone is not self._cpu:
                 set_nprobe(clone, self.nprobe, on_gpu=True)
                 self._gpu = clone
@@ -83,4 +87,47 @@ class SearchIndex:
         return index.search(queries, k, params=search_parameters(index, nprobe))
 
 
-__all__ = ["SearchIndex"]
+def prepare_queries(queries, width: int, transform=None, gpu_k: int | None = None) -> np.ndarray:
+    """``queries`` (a tensor or array ``[Q, width]``) as contiguous float32 numpy, through ``transform``
+    (a PCA-compressed store's); ``gpu_k`` is the k of a search on a GPU index, checked against faiss's cap."""
+    q = queries.detach().float().cpu().numpy() if hasattr(queries, "detach") else queries
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != width:
+        raise ValueError(
+            f"queries have shape {list(q.shape)}; this store takes queries of width {width}, "
+            f"so pass [num_queries, {width}]: the FFN inputs of the model that built it."
+        )
+    if transform is not None:
+        q = transform.apply(q)
+    if gpu_k is not None and gpu_k > GPU_MAX_K:
+        raise ValueError(
+            f"k={gpu_k} is more than faiss GPU indexes return ({GPU_MAX_K}); use "
+            f"k <= {GPU_MAX_K} or open the datastore with gpu='none'."
+        )
+    return q
+
+
+def search_keys(
+    searcher: SearchIndex,
+    keys: ShardedArray,
+    queries: np.ndarray,
+    k: int,
+    recompute_dists: bool = False,
+    first_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(squared distances, ids)`` of the ``k`` nearest of ``keys``; missing neighbours are inf / -1.
+
+    ``first_id`` is the id the index gives to ``keys[0]`` (0 for a whole store; a rank's first entry
+    for the slice of a shared IVF index, whose lists keep the store's ids).
+    """
+    distances, ids = searcher.search(queries, k)
+    missing = ids < 0
+    if recompute_dists:
+        distances = exact_sq_distances(keys, queries, np.where(missing, 0, ids - first_id))
+        # Approximate search orders by approximate distance; exact ones may reorder.
+        order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
+        distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
+    return np.where(missing, np.inf, distances).astype(np.float32), ids
+
+
+__all__ = ["SearchIndex", "prepare_queries", "search_keys"]

@@ -143,13 +143,19 @@ def evaluate_perplexity(
         if plan.policy is not None:
             knn_nll -= batch.mixed(plan.settings).double().sum().item()
         count += len(batch)
+    stats = plan.policy.stats if plan.policy is not None else None
+    sharded = getattr(datastore, "sharded", None) if stats is not None else None
+    if sharded is not None:  # each rank scored its own windows: the sums over ranks are the text's
+        base_nll, knn_nll, count, steps, searches = sharded.all_reduce_sum(
+            [base_nll, knn_nll, count, stats.steps, stats.searches]
+        )
+        count, stats = int(count), RetrievalStats(int(steps), int(searches))
     if not count:
         raise ValueError("the text has fewer than 2 tokens: nothing to score.")
-    return _output(plan, datastore, base_nll, knn_nll, count)
+    return _output(plan, datastore, base_nll, knn_nll, count, stats)
 
 
-def _output(plan: _Plan, datastore, base_nll: float, knn_nll: float, count: int) -> PerplexityOutput:
-    stats = plan.policy.stats if plan.policy is not None else None
+def _output(plan: _Plan, datastore, base_nll: float, knn_nll: float, count: int, stats) -> PerplexityOutput:
     return PerplexityOutput(
         base_ppl=math.exp(base_nll / count),
         knn_ppl=math.exp(knn_nll / count) if plan.policy is not None else None,

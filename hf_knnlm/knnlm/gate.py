@@ -158,7 +158,7 @@ def gated_neighbours(
     """Neighbours of the rows the gate searches (the others have none) and lmbda_t of every row."""
     lam = gate.lmbda(features.cpu(), queries.cpu() if gate.hidden_size else None)
     rows = torch.nonzero(lam > 0).flatten()
-    if not len(rows):
+    if not len(rows) and getattr(datastore, "sharded", None) is None:  # a sharded search is collective
         return Neighbours.empty(len(lam), settings.k), lam
     found = datastore.search(queries[rows.to(queries.device)], settings.k, settings.recompute_dists)
     return found.scatter(rows, len(lam)), lam

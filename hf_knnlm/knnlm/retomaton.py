@@ -83,6 +83,11 @@ class RetoMaton:
         pool: int | None = None,
     ):
         check_retomaton(threshold)
+        if getattr(datastore, "sharded", None) is not None:  # pointers need every rank's values and keys
+            raise ValueError(
+                "retomaton is not available on a store opened with distributed='shard' (its pointers read "
+                "entries of every rank); open the store without distributed=, or use plain kNN-LM / the gate."
+            )
         self.datastore = datastore
         self.threshold = threshold
         self.k = datastore.clamp_k(k)

@@ -8,6 +8,7 @@ of size ``[tokens x vocab]`` is kept: the LM's log-prob of each target is gather
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from ..datastore.datastore import Datastore
 from ..datastore.neighbours import Neighbours
+from ..datastore.sharded import ShardedSearch
 from ..lm.corpus import CorpusLike, tokenize_corpus
 from ..lm.forward import WindowBatch, check_forward_args, iter_window_batches
 from ..lm.windows import WindowSettings, sliding_windows
@@ -134,31 +136,56 @@ def iter_scored_batches(
 
     Without a ``policy`` nothing is searched (the LM alone, or queries kept for later searches).
     ``lm_features`` (or the policy's) maps each batch's ``[n, V]`` LM log-probs to per-token features.
+    With a policy over a sharded store each rank scores its own contiguous share of the windows
+    (its batches in corpus order) and serves the other ranks' searches once its own are done.
     """
     spans = list(sliding_windows(len(tokens), windows.max_length, windows.stride))
+    sharded = getattr(datastore, "sharded", None) if policy is not None else None
+    if sharded is not None:
+        spans = sharded.share(spans)
     hook = datastore.config.hook_module if datastore is not None else None
     features = lm_features or (policy.lm_features if policy is not None else None)
     stream = _TokenStream()
     model.eval()
-    for batch in iter_window_batches(
-        model,
-        tokens,
-        spans,
-        batch_size=windows.batch_size,
-        hook_module=hook,
-        with_log_probs=True,
-        desc=desc,
-        disable_progress=disable_progress,
-        lm_features=features,
-    ):
-        scored = ScoredTokens(batch.lm_log_probs.float().cpu(), batch.targets.cpu())
-        if policy is not None:
-            scored.neighbours, scored.lmbda = _neighbours(batch, datastore, policy, stream)
-        if keep_queries:
-            scored.queries = batch.hidden.float().cpu()
-        if batch.lm_features is not None:
-            scored.lm_features = batch.lm_features.cpu()
-        yield scored
+    with sharded.serving() if sharded is not None else contextlib.nullcontext():
+        for batch in iter_window_batches(
+            model,
+            tokens,
+            spans,
+            batch_size=windows.batch_size,
+            hook_module=hook,
+            with_log_probs=True,
+            desc=desc,
+            disable_progress=disable_progress,
+            lm_features=features,
+        ):
+            scored = ScoredTokens(batch.lm_log_probs.float().cpu(), batch.targets.cpu())
+            if policy is not None:
+                scored.neighbours, scored.lmbda = _neighbours(batch, datastore, policy, stream)
+            if keep_queries:
+                scored.queries = batch.hidden.float().cpu()
+            if batch.lm_features is not None:
+                scored.lm_features = batch.lm_features.cpu()
+            yield scored
+
+
+def gather_scored(parts: Sequence[ScoredTokens], sharded: ShardedSearch, k: int) -> ScoredTokens:
+    """Every rank's compact scored tokens (``parts``: this rank's), in rank order: the windows are split
+    contiguously, so this is the corpus order and the cache a one-process pass makes."""
+    n_k = (0, k)
+    mine = {
+        "lm": torch.cat([p.lm_log_probs for p in parts]) if parts else torch.zeros(0),
+        "targets": torch.cat([p.targets for p in parts]) if parts else torch.zeros(0, dtype=torch.long),
+        "distances": torch.cat([p.neighbours.distances for p in parts]) if parts else torch.zeros(n_k),
+        "values": torch.cat([p.neighbours.token_ids for p in parts])
+        if parts
+        else torch.zeros(n_k, dtype=torch.int32),
+    }
+    if sharded.shard.log_counts is not None:
+        mine["counts"] = torch.cat([p.neighbours.log_counts for p in parts]) if parts else torch.zeros(n_k)
+    full = {name: sharded.all_gather_rows(t) for name, t in mine.items()}
+    found = Neighbours(full["distances"], None, full["values"], full.get("counts"))
+    return ScoredTokens(full["lm"], full["targets"], found)
 
 
 def collect_queries(
@@ -196,4 +223,4 @@ def collect_queries(
     return ScoredTokens.cat(list(batches))
 
 
-__all__ = ["ScoredTokens", "collect_queries", "iter_scored_batches", "scored_tokens"]
+__all__ = ["ScoredTokens", "collect_queries", "gather_scored", "iter_scored_batches", "scored_tokens"]

@@ -32,7 +32,7 @@ from ..utils.outputs import Output
 from .evaluation import recorded_windows, search_setup
 from .mixture import interpolate, knn_target_log_probs
 from .policies import PlainSearch
-from .scored import ScoredTokens, iter_scored_batches, scored_tokens
+from .scored import ScoredTokens, gather_scored, iter_scored_batches, scored_tokens
 from .settings import KNNSettings, settings_from
 from .tuning_grid import TuningGrid
 from .tuning_plot import plot_sweep
@@ -121,7 +121,10 @@ def build_tuning_cache(
     batches = iter_scored_batches(
         model, tokens, datastore, policy, windows, disable_progress=disable_progress
     )
-    cache = ScoredTokens.cat([_compact(b) for b in batches])
+    parts = [_compact(b) for b in batches]
+    # A sharded store: each rank scored its own windows; every rank sweeps the whole text's cache.
+    sharded = datastore.sharded
+    cache = ScoredTokens.cat(parts) if sharded is None else gather_scored(parts, sharded, settings.k)
     if not len(cache):
         raise ValueError("no scored tokens: the tuning text is empty.")
     return cache

@@ -1,0 +1,103 @@
+"""One rank of tests/test_distributed_search.py, started by torchrun: a sharded store at work.
+
+``python -m torch.distributed.run --nproc_per_node N tests/distributed_search_worker.py MODE STORE OUT
+[MODEL DATA]`` writes this rank's results to ``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_knnlm import Datastore
+
+PROMPTS = ["The cat", "A dog sat on", "The bird", "My friend likes the"]  # rank 0: 3 prompts, rank 1: 1
+NEW_TOKENS = [6, 3, 9, 4]  # and uneven lengths
+
+
+def search(store: Datastore, out: Path) -> None:
+    rank, world = store.sharded.rank, store.sharded.world
+    queries = load_file(str(out / "queries.safetensors"))["queries"]
+    # Uneven query counts: rank 0 takes 5, the others share the rest; then a round where rank 0 has none.
+    split = [5, *[len(queries) - 5]] if world == 2 else [len(queries) // world] * world
+    first = sum(split[:rank])
+    mine = queries[first : first + split[rank]]
+    results = {}
+    for k in (8, 64):
+        found = store.search(mine, k)
+        results[f"ids_{k}"], results[f"distances_{k}"] = found.ids, found.distances
+        results[f"values_{k}"] = found.token_ids
+    found = store.search(mine, 8, recompute_dists=True)
+    results["ids_recompute"], results["distances_recompute"] = found.ids, found.distances
+    found = store.search(mine if rank else mine[:0], 4)
+    results["ids_second"] = found.ids
+    results["queries"] = mine.contiguous()
+    save_file({k: v.contiguous() for k, v in results.items()}, str(out / f"rank-{rank}.safetensors"))
+
+
+def evaluate(store: Datastore, out: Path, model_dir: str, data: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_knnlm import evaluate_perplexity, tune
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = Path(data).read_text(encoding="utf-8")
+    result = evaluate_perplexity(model, tokenizer, [text], store, k=8, lmbda=0.5, batch_size=2)
+    tuned = tune(model, tokenizer, [text], store, out / f"tune-{store.sharded.rank}", k=8, lmbdas=[0.25, 0.5])
+    summary = {
+        "base_ppl": result.base_ppl,
+        "knn_ppl": result.knn_ppl,
+        "num_tokens": result.num_tokens,
+        "searches": result.searches,
+        "tune_points": [p.knn_ppl for p in tuned.points],
+        "tune_tokens": tuned.num_tokens,
+    }
+    (out / f"rank-{store.sharded.rank}.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+def generate(store: Datastore, out: Path, model_dir: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    from hf_knnlm import KNNProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    knn = KNNProcessor(model, store, k=8, lmbda=0.5)
+    rank = store.sharded.rank
+    mine = range(3) if rank == 0 else range(3, len(PROMPTS))
+    texts = []
+    with store.serving():  # rank 1 finishes first and serves rank 0's searches
+        for i in mine:
+            inputs = tokenizer(PROMPTS[i], return_tensors="pt")
+            ids = model.generate(
+                **inputs,
+                max_new_tokens=NEW_TOKENS[i],
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+                logits_processor=LogitsProcessorList([knn]),
+            )
+            texts.append(ids[0].tolist())
+    (out / f"rank-{rank}.json").write_text(json.dumps(texts), encoding="utf-8")
+
+
+def main() -> None:
+    mode, store_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    torch.manual_seed(0)
+    store = Datastore.from_pretrained(store_dir, distributed="shard")
+    if mode == "search":
+        search(store, out)
+    elif mode == "evaluate":
+        evaluate(store, out, sys.argv[4], sys.argv[5])
+    else:
+        generate(store, out, sys.argv[4])
+    if torch.distributed.is_initialized():  # gloo's threads must stop before the interpreter exits
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""A store sharded over 2 gloo processes (torchrun, CPU) answers as one process does.
+
+Every rank holds half of the entries; the merged search, the reduced perplexity, the tuning sweep and
+generation over uneven prompts must equal the one-process results (tests/distributed_search_worker.py
+is one rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessorList
+
+from hf_knnlm import Datastore, KNNProcessor, evaluate_perplexity, tune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_search_worker.py")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def gloo(tmp_path_factory):
+    """Skip (with the reason) where 2 gloo processes cannot start on this machine."""
+    folder = tmp_path_factory.mktemp("gloo")
+    probe = folder / "probe.py"
+    probe.write_text(
+        "import torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "t = torch.ones(1)\n"
+        "dist.all_reduce(t)\n"
+        "assert t.item() == 2\n",
+        encoding="utf-8",
+    )
+    result = _torchrun(str(probe), cwd=folder)
+    if result.returncode != 0:
+        pytest.skip(f"torch.distributed gloo cannot start 2 processes here: {result.stderr[:1500]}")
+
+
+def _run(mode: str, store: Path, out: Path, *extra: str) -> None:
+    result = _torchrun(str(WORKER), mode, str(store), str(out), *extra, cwd=out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_sharded_search_equals_one_process(gloo, tmp_path, store_dir, factory):
+    single = Datastore.from_pretrained(store_dir)
+    if factory != "Flat":
+        single = single.rebuild_index(factory, tmp_path / "ivf")
+        single.nprobe = 8  # every list: the IVF result is exact too, so ids can be compared
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(single), 13, replace=False)
+    keys = torch.from_numpy(single.keys.take(rows).astype(np.float32))
+    queries = torch.cat([keys, keys[:6] + 0.1 * torch.randn(6, keys.shape[1])])  # stored keys and others
+    save_file({"queries": queries.contiguous()}, str(tmp_path / "queries.safetensors"))
+
+    _run("search", single.folder, tmp_path)
+
+    ranks = [load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in range(2)]
+    assert [len(r["queries"]) for r in ranks] == [5, len(queries) - 5]  # uneven query counts
+    mine = torch.cat([r["queries"] for r in ranks])
+    torch.testing.assert_close(mine, queries)
+    for k in (8, 64):
+        ref = single.search(queries, k)
+        ids = torch.cat([r[f"ids_{k}"] for r in ranks])
+        assert torch.equal(ids, ref.ids), k
+        torch.testing.assert_close(
+            torch.cat([r[f"distances_{k}"] for r in ranks]), ref.distances, atol=1e-5, rtol=1e-5
+        )
+        assert torch.equal(torch.cat([r[f"values_{k}"] for r in ranks]), ref.token_ids)
+    assert torch.equal(ranks[0]["ids_8"][:, 0], torch.from_numpy(rows[:5]))  # a stored key finds itself
+    ref = single.search(queries, 8, recompute_dists=True)
+    assert torch.equal(torch.cat([r["ids_recompute"] for r in ranks]), ref.ids)
+    torch.testing.assert_close(torch.cat([r["distances_recompute"] for r in ranks]), ref.distances)
+    assert ranks[0]["ids_second"].shape == (0, 4)  # a rank with no queries still took part
+    assert torch.equal(ranks[1]["ids_second"], single.search(queries[5:], 4).ids)
+
+
+def test_sharded_evaluation_and_tuning_equal_one_process(
+    gloo, tmp_path, store_dir, saved_model, model, tokenizer, other_text
+):
+    data = tmp_path / "eval.txt"
+    data.write_text(other_text, encoding="utf-8")
+    _run("evaluate", store_dir, tmp_path, str(saved_model), str(data))
+
+    single = Datastore.from_pretrained(store_dir)
+    ref = evaluate_perplexity(model, tokenizer, [other_text], single, k=8, lmbda=0.5, batch_size=2)
+    tuned = tune(model, tokenizer, [other_text], single, tmp_path / "tune-ref", k=8, lmbdas=[0.25, 0.5])
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))
+        assert got["num_tokens"] == ref.num_tokens and got["searches"] == ref.searches
+        assert got["base_ppl"] == pytest.approx(ref.base_ppl, rel=1e-5)
+        assert got["knn_ppl"] == pytest.approx(ref.knn_ppl, rel=1e-5)
+        assert got["tune_tokens"] == tuned.num_tokens
+        assert got["tune_points"] == pytest.approx([p.knn_ppl for p in tuned.points], rel=1e-5)
+
+
+def test_uneven_generation_finishes_and_equals_serial(
+    gloo, tmp_path, store_dir, saved_model, model, tokenizer
+):
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import NEW_TOKENS, PROMPTS
+
+    _run("generate", store_dir, tmp_path, str(saved_model))
+
+    knn = KNNProcessor(model, Datastore.from_pretrained(store_dir), k=8, lmbda=0.5)
+    serial = []
+    for prompt, new in zip(PROMPTS, NEW_TOKENS, strict=True):
+        ids = model.generate(
+            **tokenizer(prompt, return_tensors="pt"),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            logits_processor=LogitsProcessorList([knn]),
+        )
+        serial.append(ids[0].tolist())
+    got = [t for r in range(2) for t in json.loads((tmp_path / f"rank-{r}.json").read_text(encoding="utf-8"))]
+    assert got == serial
+
+
+def test_bad_distributed_value_is_refused(store_dir):
+    with pytest.raises(ValueError, match=r"distributed='shards'.*distributed='shard'"):
+        Datastore.from_pretrained(store_dir, distributed="shards")
+
+
+def test_one_process_shard_mode_equals_plain(store_dir):
+    """Outside torchrun a sharded store is one rank holding every entry: same answers, no collectives."""
+    plain = Datastore.from_pretrained(store_dir)
+    sharded = Datastore.from_pretrained(store_dir, distributed="shard")
+    assert sharded.sharded.world == 1 and len(sharded) == len(plain)
+    queries = torch.from_numpy(plain.keys.take(np.arange(0, len(plain), 37)).astype(np.float32))
+    a, b = plain.search(queries, 16), sharded.search(queries, 16)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.distances, b.distances)
+    with sharded.serving():
+        pass
