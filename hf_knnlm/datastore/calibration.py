@@ -5,7 +5,7 @@ tens to thousands for real models: with ``T = 1`` p_kNN is a one-hot on the near
 mixture usually *hurts*. The useful temperatures scale with the distances, so a store records
 ``TEMPERATURE_FACTOR x`` the median distance from a sample of its keys to their nearest *other* entry
 (each sampled key is held out of its own search, as a query from unseen text would be). The factor was
-chosen on real stores (docs/benchmarks.md, "Default temperature").
+chosen on real stores (docs/benchmarks/index.md, "Default temperature").
 """
 
 from __future__ import annotations

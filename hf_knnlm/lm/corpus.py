@@ -71,7 +71,8 @@ def iter_documents(data: CorpusLike, text_column: str = "text") -> list[str] | I
     """The documents of ``data``: a text file's pieces, a dataset column's rows, or the strings."""
     if isinstance(data, (str, os.PathLike)):
         if not _is_file(data):
-            shown = str(data) if len(str(data)) <= 80 else f"{str(data)[:60]}... ({len(str(data))} characters)"
+            text = str(data)
+            shown = text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
             raise ValueError(
                 f"data={shown!r} is not a file. Pass a list of strings (e.g. [text] for one text), the path "
                 f"of a UTF-8 text file, or a datasets.Dataset."
