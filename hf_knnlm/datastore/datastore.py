@@ -294,7 +294,7 @@ class Datastore(HubMixin):
         return self._sharded
 
     def serving(self) -> contextlib.AbstractContextManager:
-        """[`ShardedSearch.serving`][hf_knnlm.datastore.sharded.ShardedSearch.serving]; a no-op unsharded."""
+        """``ShardedSearch.serving`` (``hf_knnlm.datastore.sharded``) of a sharded store; else a no-op."""
         return contextlib.nullcontext() if self._sharded is None else self._sharded.serving()
 
     @property
