@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,6 +160,94 @@ def merge_plan(
     return reps, counts
 
 
+def _plan_compression(
+    src, out: Path, pca_dim: int | None, prune_to: float | None, index_factory: str | None, overwrite: bool
+) -> tuple[int, str]:
+    """The new key width and index type; everything that cannot succeed is refused here, before any work."""
+    check_compress_args(len(src), src.key_dim, pca_dim, prune_to)
+    if out.exists() and out.resolve() == src.folder.resolve():
+        raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder.")
+    if (out / CONFIG_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
+    if src.key_transform is not None and pca_dim is not None:
+        raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
+    dim = pca_dim or src.key_dim
+    factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
+    new_index(factory, dim)  # a bad string fails now, before any work
+    return dim, factory
+
+
+def _kept_entries(
+    src, values: np.ndarray, prune_to: float | None, merge_k: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(kept entry ids, their counts, their RetoMaton pointers)``: pruning renumbers the pointers to the
+    entries that absorbed their targets, so that RetoMaton still follows the corpus."""
+    old = src.provenance
+    keep = np.arange(len(src))
+    counts = old.counts.astype(np.int64) if old.counts is not None else None
+    if prune_to is None or prune_to >= 1:
+        return keep, counts, old.next_ids
+    reps, merged = merge_plan(src.keys, values, merge_k, prune_to)
+    if counts is not None:  # a store pruned before: its weights add up
+        merged = np.bincount(reps, weights=counts, minlength=len(src)).astype(np.int64)
+    keep = np.flatnonzero(reps == np.arange(len(src)))
+    new_id = np.full(len(src), -1, dtype=np.int64)
+    new_id[keep] = np.arange(len(keep))
+    succ = old.successors(keep)
+    next_ids = np.where(succ >= 0, new_id[reps[np.maximum(succ, 0)]], -1)
+    logger.info("pruned %d -> %d entries", len(src), len(keep))
+    return keep, merged[keep], next_ids
+
+
+def _compressed_config(src, factory: str) -> DatastoreConfig:
+    """The source's config with the new index type; evaluation and temperature were measured on the source
+    store's keys, so they are dropped (``write_store`` calibrates the temperature again)."""
+    config = DatastoreConfig.from_dict(src.config.to_dict())
+    config.index_factory = factory
+    config.evaluation = config.temperature = None
+    return config
+
+
+def _key_rows(src, keep: np.ndarray, pca: faiss.PCAMatrix | None) -> Iterator[np.ndarray]:
+    """The kept keys in row chunks (through the PCA when there is one): the store is never read whole."""
+    for start in range(0, len(keep), _ROWS):
+        rows = src.keys.take(keep[start : start + _ROWS]).astype(np.float32)
+        yield rows if pca is None else pca.apply(np.ascontiguousarray(rows))
+
+
+def _write_entry_files(
+    folder: Path,
+    src,
+    keep: np.ndarray,
+    next_ids: np.ndarray | None,
+    counts: np.ndarray | None,
+    pca: faiss.PCAMatrix | None,
+) -> list[str]:
+    """Provenance of the kept entries and the transform queries need; returns the names, to be hashed."""
+    old = src.provenance
+    provenance = Provenance(len(keep), old.entry_positions(keep), next_ids, counts, documents=old.documents)
+    extra = provenance.save(folder)
+    if pca is not None:
+        with atomic_path(folder / TRANSFORM_NAME) as tmp:
+            import_faiss().write_VectorTransform(pca, str(tmp))
+        extra.append(TRANSFORM_NAME)
+    elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
+        extra += copy_extra_files(src.folder, folder, src.config, only=(TRANSFORM_NAME,))
+    # A gate is not carried over: it was fitted to the source store's p_kNN.
+    return extra
+
+
+def _compression_record(src, pca_dim: int | None, prune_to: float | None, merge_k: int) -> dict:
+    """The config's ``compression``: this step composed with the source's own, relative to the original."""
+    before = src.config.compression or {}
+    return {
+        "source_entries": before.get("source_entries", len(src)),
+        "pca_dim": pca_dim or before.get("pca_dim"),
+        "prune_to": prune_to if prune_to is not None else before.get("prune_to"),
+        "merge_k": merge_k if prune_to is not None else before.get("merge_k"),
+    }
+
+
 def compress_datastore(
     datastore,
     output_dir: str | os.PathLike,
@@ -201,74 +290,20 @@ def compress_datastore(
     """
     from .datastore import Datastore
 
-    src = datastore
-    check_compress_args(len(src), src.key_dim, pca_dim, prune_to)
-    out = Path(output_dir)
-    if out.exists() and out.resolve() == src.folder.resolve():
-        raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder.")
-    if (out / CONFIG_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
-    if src.key_transform is not None and pca_dim is not None:
-        raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
-    dim = pca_dim or src.key_dim
-    factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
-    new_index(factory, dim)  # a bad string fails now, before any work
-
+    src, out = datastore, Path(output_dir)
+    dim, factory = _plan_compression(src, out, pca_dim, prune_to, index_factory, overwrite)
     values = src.values.to_numpy()
-    old = src.provenance
-    keep = np.arange(len(src))
-    counts = old.counts.astype(np.int64) if old.counts is not None else None
-    next_ids = None
-    if prune_to is not None and prune_to < 1:
-        reps, merged = merge_plan(src.keys, values, merge_k, prune_to)
-        if counts is not None:  # a store pruned before: its weights add up
-            merged = np.bincount(reps, weights=counts, minlength=len(src)).astype(np.int64)
-        keep = np.flatnonzero(reps == np.arange(len(src)))
-        new_id = np.full(len(src), -1, dtype=np.int64)
-        new_id[keep] = np.arange(len(keep))
-        succ = old.successors(keep)
-        next_ids = np.where(succ >= 0, new_id[reps[np.maximum(succ, 0)]], -1)
-        counts = merged[keep]
-        logger.info("pruned %d -> %d entries", len(src), len(keep))
-    elif old.next_ids is not None:
-        next_ids = old.next_ids
-
+    keep, counts, next_ids = _kept_entries(src, values, prune_to, merge_k)
     pca = train_pca(src.keys, pca_dim, train_size) if pca_dim is not None else None
-
-    def key_rows():
-        for start in range(0, len(keep), _ROWS):
-            rows = src.keys.take(keep[start : start + _ROWS]).astype(np.float32)
-            yield rows if pca is None else pca.apply(np.ascontiguousarray(rows))
-
-    config = DatastoreConfig.from_dict(src.config.to_dict())
-    config.index_factory = factory
-    config.evaluation = config.temperature = None  # both measured on the source store's keys
+    config = _compressed_config(src, factory)
     bounds = shard_bounds(len(keep), dim * 2, DEFAULT_MAX_SHARD_SIZE)
     values_kept = [values[keep].astype(np.int32)]
     # Written beside ``out`` and swapped in whole (under its lock): an old store there stays until then.
     with src._writable_folder(out) as folder:
         files = write_store(
-            folder, config, key_rows(), values_kept, bounds, train_size=train_size, key_dim=dim
+            folder, config, _key_rows(src, keep, pca), values_kept, bounds, train_size=train_size, key_dim=dim
         )
-
-        provenance = Provenance(
-            len(keep), old.entry_positions(keep), next_ids, counts, documents=old.documents
-        )
-        extra = provenance.save(folder)
-        if pca is not None:
-            with atomic_path(folder / TRANSFORM_NAME) as tmp:
-                import_faiss().write_VectorTransform(pca, str(tmp))
-            extra.append(TRANSFORM_NAME)
-        elif src.key_transform is not None:  # pruning a PCA store: queries still need its transform
-            extra += copy_extra_files(src.folder, folder, src.config, only=(TRANSFORM_NAME,))
-        # A gate is not carried over: it was fitted to the source store's p_kNN.
-
-        before = src.config.compression or {}
-        config.compression = {
-            "source_entries": before.get("source_entries", len(src)),
-            "pca_dim": pca_dim or before.get("pca_dim"),
-            "prune_to": prune_to if prune_to is not None else before.get("prune_to"),
-            "merge_k": merge_k if prune_to is not None else before.get("merge_k"),
-        }
+        extra = _write_entry_files(folder, src, keep, next_ids, counts, pca)
+        config.compression = _compression_record(src, pca_dim, prune_to, merge_k)
         finish_folder(folder, config, [*files, *extra], datastore_card)
     return Datastore.from_pretrained(out, verify=False, nprobe=src.nprobe, gpu=src.gpu)

@@ -24,6 +24,7 @@ import torch
 
 from ..retrieval.document_index import DocumentIndex
 from ..utils.checks import check_positive_int
+from .reader_windows import ReaderWindows, read_in_windows
 from .tokenization import reader_tokenizer, retriever_tokenizer
 
 
@@ -170,6 +171,69 @@ def match_answer_spans(
     return spans
 
 
+def _check_doc_positions(
+    doc_positions: np.ndarray | Sequence[Sequence[int]], num_questions: int
+) -> np.ndarray:
+    """``doc_positions`` as int64 ``[b, k]``, refused unless it has one row per question."""
+    positions = np.asarray(doc_positions, dtype=np.int64)
+    if positions.ndim != 2 or positions.shape[0] != num_questions:
+        raise ValueError(
+            f"doc_positions has shape {positions.shape}; expected [{num_questions}, k], one row per question."
+        )
+    return positions
+
+
+def _model_inputs(
+    question_enc: Any, windows: ReaderWindows, positions: np.ndarray, index: DocumentIndex
+) -> dict[str, torch.Tensor]:
+    """The tensors ``RealmForOpenQA.forward`` takes, under the names it takes them by."""
+    features = {f"question_{name}": tensor for name, tensor in question_enc.items()}
+    features.update({f"reader_{name}": tensor for name, tensor in windows.tensors.items()})
+    features["doc_mask"] = windows.doc_mask
+    features["window_doc"] = windows.window_doc
+    features["doc_valid"] = torch.from_numpy(positions >= 0)
+    features["doc_embeddings"] = index.embeddings_for(positions)
+    return features
+
+
+def _answer_labels(
+    windows: ReaderWindows,
+    texts: list[list[str]],
+    answers: list[list[str]],
+    max_span_width: int,
+    max_answer_spans: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``answer_starts`` / ``answer_ends`` ``[b, n, m]``: each window's answer spans, ``-1`` past the last."""
+    batch, n = windows.window_doc.shape
+    starts = torch.full((batch, n, max_answer_spans), -1, dtype=torch.long)
+    ends = torch.full_like(starts, -1)
+    for b, question_offsets in enumerate(windows.offsets):
+        chars = [find_answer_chars(text, answers[b]) for text in texts[b]]
+        for w, offsets in enumerate(question_offsets):
+            spans = match_answer_spans(
+                offsets,
+                windows.doc_mask[b, w].tolist(),
+                chars[int(windows.window_doc[b, w])],
+                max_span_width,
+                max_answer_spans,
+            )
+            for m, (start, end) in enumerate(spans):
+                starts[b, w, m], ends[b, w, m] = start, end
+    return starts, ends
+
+
+def _window_meta(
+    positions: np.ndarray, index: DocumentIndex, texts: list[list[str]], windows: ReaderWindows
+) -> dict[str, Any]:
+    """What turns a predicted span back into text: the documents' ids and texts, the windows' offsets."""
+    return {
+        "positions": positions,
+        "doc_ids": [[index.ids[p] if p >= 0 else None for p in row] for row in positions],
+        "texts": texts,
+        "offsets": windows.offsets,
+    }
+
+
 def build_features(
     model: Any,
     tokenizer: Any,
@@ -216,81 +280,19 @@ def build_features(
     retriever_tok, reader_tok = retriever_tokenizer(tokenizer), reader_tokenizer(tokenizer)
     for tok in (retriever_tok, reader_tok):
         _require_fast(tok)
-    positions = np.asarray(doc_positions, dtype=np.int64)
-    if positions.ndim != 2 or positions.shape[0] != len(questions):
-        raise ValueError(
-            f"doc_positions has shape {positions.shape}; expected [{len(questions)}, k], one row per "
-            "question."
-        )
-    batch, k = positions.shape
+    positions = _check_doc_positions(doc_positions, len(questions))
     question_enc = retriever_tok(
         questions, truncation=True, max_length=config.max_question_length, padding=True, return_tensors="pt"
     )
     short_questions = _truncate_questions(reader_tok, questions, config.max_question_length)
     texts = [[index.texts[p] if p >= 0 else "" for p in row] for row in positions]
-    pairs = [(b, z) for b in range(batch) for z in range(k) if positions[b, z] >= 0]
-    reader_enc = reader_tok(
-        [short_questions[b] for b, _ in pairs] or [""],
-        [texts[b][z] for b, z in pairs] or [""],
-        truncation="only_second",
-        max_length=config.max_reader_length,
-        stride=config.window_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding=True,
-    )
-    windows: list[list[int]] = [[] for _ in range(batch)]  # rows of reader_enc per question
-    for row, pair in enumerate(reader_enc["overflow_to_sample_mapping"] if pairs else []):
-        windows[pairs[pair][0]].append(row)
-    n = max(1, max(len(rows) for rows in windows))
-    seq = len(reader_enc["input_ids"][0])
-    window_doc = torch.full((batch, n), -1, dtype=torch.long)
-    doc_mask = torch.zeros(batch, n, seq, dtype=torch.bool)
-    tensors = {
-        name: torch.full((batch, n, seq), reader_tok.pad_token_id if name == "input_ids" else 0)
-        for name in ("input_ids", "attention_mask", "token_type_ids")
-        if name in reader_enc
-    }
-    window_offsets: list[list[list[tuple[int, int]]]] = [[] for _ in range(batch)]
-    for b, rows in enumerate(windows):
-        for w, row in enumerate(rows):
-            window_doc[b, w] = pairs[reader_enc["overflow_to_sample_mapping"][row]][1]
-            doc_mask[b, w] = torch.tensor([sid == 1 for sid in reader_enc.sequence_ids(row)])
-            for name, tensor in tensors.items():
-                tensor[b, w] = torch.tensor(reader_enc[name][row])
-            window_offsets[b].append(reader_enc["offset_mapping"][row])
-
-    features = {f"question_{name}": tensor for name, tensor in question_enc.items()}
-    features.update({f"reader_{name}": tensor for name, tensor in tensors.items()})
-    features["doc_mask"] = doc_mask
-    features["window_doc"] = window_doc
-    features["doc_valid"] = torch.from_numpy(positions >= 0)
-    features["doc_embeddings"] = index.embeddings_for(positions)
-
+    windows = read_in_windows(reader_tok, short_questions, texts, positions, config)
+    features = _model_inputs(question_enc, windows, positions, index)
     if answers is not None:
-        starts = torch.full((batch, n, max_answer_spans), -1, dtype=torch.long)
-        ends = torch.full_like(starts, -1)
-        for b, rows in enumerate(windows):
-            chars = [find_answer_chars(text, answers[b]) for text in texts[b]]
-            for w in range(len(rows)):
-                spans = match_answer_spans(
-                    window_offsets[b][w],
-                    doc_mask[b, w].tolist(),
-                    chars[int(window_doc[b, w])],
-                    config.max_span_width,
-                    max_answer_spans,
-                )
-                for m, (start, end) in enumerate(spans):
-                    starts[b, w, m], ends[b, w, m] = start, end
-        features["answer_starts"], features["answer_ends"] = starts, ends
-
-    meta = {
-        "positions": positions,
-        "doc_ids": [[index.ids[p] if p >= 0 else None for p in row] for row in positions],
-        "texts": texts,
-        "offsets": window_offsets,
-    }
-    return features, meta
+        features["answer_starts"], features["answer_ends"] = _answer_labels(
+            windows, texts, answers, config.max_span_width, max_answer_spans
+        )
+    return features, _window_meta(positions, index, texts, windows)
 
 
 LIVE_RETRIEVAL_IN_WORKER = (

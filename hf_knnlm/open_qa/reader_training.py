@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
     set_seed,
 )
 
@@ -180,6 +181,106 @@ def _checkpoint_to_resume(scratch: Path, settings: dict[str, Any]) -> str | None
     return str(max(done, key=lambda c: int(c.name.rpartition("-")[2])))
 
 
+def _check_reader_args(train_dataset: Any, max_length: int, doc_stride: int, save_steps: int | None) -> None:
+    """Refuse rows, windows or a checkpoint interval that cannot train before any model is loaded."""
+    _check_rows(train_dataset)
+    if not 0 <= doc_stride < max_length:
+        raise ValueError(
+            f"doc_stride={doc_stride} must be >= 0 and below max_length={max_length} (the overlap between "
+            "consecutive windows); 128 with max_length 384 is the usual choice."
+        )
+    if save_steps is not None and (isinstance(save_steps, bool) or save_steps <= 0):
+        raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
+
+
+def _reader_and_tokenizer(model: Any, tokenizer: Any, seed: int) -> tuple[PreTrainedModel, Any]:
+    """The QA model and a fast tokenizer (windows need its offsets), loaded when given as a path or id."""
+    if tokenizer is None:
+        if isinstance(model, PreTrainedModel):
+            raise ValueError("pass tokenizer= when model is an instance rather than a checkpoint path or id.")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; windows need offset mappings. Load it with "
+            "AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+    if not isinstance(model, PreTrainedModel):
+        set_seed(seed)  # a fresh QA head is drawn here: the same seed, the same run
+        model = AutoModelForQuestionAnswering.from_pretrained(model)
+    return model, tokenizer
+
+
+def _reader_windows(train_dataset: Any, tokenizer: Any, max_length: int, doc_stride: int) -> Any:
+    """The labelled training windows of every row, made once before training (a ``datasets.map``)."""
+    return train_dataset.map(
+        prepare_reader_features,
+        batched=True,
+        remove_columns=train_dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "doc_stride": doc_stride},
+        desc="reader windows",
+    )
+
+
+def _open_scratch(output: Path, run_settings: dict[str, Any]) -> tuple[Path, str | None]:
+    """The Trainer's hidden folder beside ``output`` and the checkpoint to resume from: a stopped run's is
+    kept only when its settings match, and the settings are recorded so that a later rerun can check them."""
+    scratch = output.with_name(f".{output.name}.trainer")
+    resume = _checkpoint_to_resume(scratch, run_settings)
+    if resume is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(scratch / _RUN_SETTINGS, run_settings)
+    return scratch, resume
+
+
+def _trainer_arguments(
+    scratch: Path, settings: dict[str, Any], logging_steps: float, disable_tqdm: bool, save_steps: int | None
+) -> TrainingArguments:
+    """The ``TrainingArguments`` of the settings a run records, so that the two cannot drift apart; windows
+    are grouped by length and, with ``save_steps``, the newest Trainer checkpoint is kept in ``scratch``."""
+    # max_length and doc_stride shape the windows, not the Trainer; warmup_ratio goes in as warmup_steps
+    # (below 1 a ratio of the total steps).
+    trainer_settings = {
+        k: v for k, v in settings.items() if k not in ("max_length", "doc_stride", "warmup_ratio")
+    }
+    if save_steps is not None:
+        trainer_settings |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
+    return training_arguments_for(
+        scratch,
+        warmup_steps=settings["warmup_ratio"],
+        logging_steps=logging_steps,
+        disable_tqdm=disable_tqdm,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        **trainer_settings,
+    )
+
+
+def _reader_trainer(
+    model: PreTrainedModel, tokenizer: Any, features: Any, args: TrainingArguments, callbacks: list
+) -> Trainer:
+    """The stock ``Trainer`` over the windows, padding each batch to its longest window."""
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=callbacks,
+    )
+
+
+def _train_and_save(
+    trainer: Trainer, tokenizer: Any, output: Path, scratch: Path, resume: str | None
+) -> None:
+    """Train (from ``resume`` when a stopped run left one), swap the checkpoint into ``output``, then drop
+    ``scratch``: only a finished training removes what a rerun would resume from."""
+    if resume is not None:
+        logger.info("reader training: resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    _save_checkpoint(trainer.model, tokenizer, output)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def train_reader(
     model: str | os.PathLike | PreTrainedModel,
     train_dataset: Any,
@@ -240,35 +341,10 @@ def train_reader(
     'BertForQuestionAnswering'
     ```
     """
-    _check_rows(train_dataset)
-    if not 0 <= doc_stride < max_length:
-        raise ValueError(
-            f"doc_stride={doc_stride} must be >= 0 and below max_length={max_length} (the overlap between "
-            "consecutive windows); 128 with max_length 384 is the usual choice."
-        )
-    if save_steps is not None and (isinstance(save_steps, bool) or save_steps <= 0):
-        raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
-    if tokenizer is None:
-        if isinstance(model, PreTrainedModel):
-            raise ValueError("pass tokenizer= when model is an instance rather than a checkpoint path or id.")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"{type(tokenizer).__name__} is a slow tokenizer; windows need offset mappings. Load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True)."
-        )
-    if not isinstance(model, PreTrainedModel):
-        set_seed(seed)  # a fresh QA head is drawn here: the same seed, the same run
-        model = AutoModelForQuestionAnswering.from_pretrained(model)
-    features = train_dataset.map(
-        prepare_reader_features,
-        batched=True,
-        remove_columns=train_dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "doc_stride": doc_stride},
-        desc="reader windows",
-    )
+    _check_reader_args(train_dataset, max_length, doc_stride, save_steps)
+    model, tokenizer = _reader_and_tokenizer(model, tokenizer, seed)
+    features = _reader_windows(train_dataset, tokenizer, max_length, doc_stride)
     output = Path(output_dir)
-    scratch = output.with_name(f".{output.name}.trainer")
     settings = dict(
         max_length=max_length,
         doc_stride=doc_stride,
@@ -281,44 +357,13 @@ def train_reader(
         seed=seed,
         **training_arguments,
     )
-    if save_steps is not None:
-        training_arguments |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
     with folder_lock(output, ".train"):
-        run_settings = _run_settings(model, train_dataset, settings)
-        resume = _checkpoint_to_resume(scratch, run_settings)
-        if resume is None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(scratch / _RUN_SETTINGS, run_settings)
-        args = training_arguments_for(
-            scratch,
-            batch_size=batch_size,
-            epochs=epochs,
-            max_steps=max_steps,
-            warmup_steps=warmup_ratio,
-            logging_steps=logging_steps,
-            seed=seed,
-            disable_tqdm=disable_tqdm,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            train_sampling_strategy="group_by_length",
-            length_column_name="length",
-            **training_arguments,
-        )
+        scratch, resume = _open_scratch(output, _run_settings(model, train_dataset, settings))
+        args = _trainer_arguments(scratch, settings, logging_steps, disable_tqdm, save_steps)
         epoch_saver = [_EpochCheckpoints(output, tokenizer)] if save_every_epoch else []
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=features,
-            data_collator=DataCollatorWithPadding(tokenizer),
-            callbacks=[*epoch_saver, *(callbacks or [])],
-        )
+        trainer = _reader_trainer(model, tokenizer, features, args, [*epoch_saver, *(callbacks or [])])
         logger.info("reader training: %d questions -> %d windows", len(train_dataset), len(features))
-        if resume is not None:
-            logger.info("reader training: resuming from %s", resume)
-        trainer.train(resume_from_checkpoint=resume)
-        _save_checkpoint(trainer.model, tokenizer, output)
-        shutil.rmtree(scratch, ignore_errors=True)
+        _train_and_save(trainer, tokenizer, output, scratch, resume)
     return trainer
 
 
