@@ -2,8 +2,16 @@
 per layer) and Memorizing Transformers (a gated kNN memory of earlier (key, value) pairs in one layer),
 for the Llama family and GPT-2, through transformers' attention interface."""
 
+from .memorizing import MemorizingTransformer
 from .memory import KNNMemory
 from .settings import MemorizingSettings, UnlimiformerSettings
 from .unlimiformer import Unlimiformer, windowed_log_probs
 
-__all__ = ["KNNMemory", "MemorizingSettings", "Unlimiformer", "UnlimiformerSettings", "windowed_log_probs"]
+__all__ = [
+    "KNNMemory",
+    "MemorizingSettings",
+    "MemorizingTransformer",
+    "Unlimiformer",
+    "UnlimiformerSettings",
+    "windowed_log_probs",
+]
