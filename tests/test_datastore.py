@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, FFNInputCapture, IntegrityError
-from hf_knnlm.datastore.builder import _Progress
+from hf_knnlm.datastore.progress import Progress
 
 from .conftest import tiny_gpt2
 
@@ -63,7 +63,7 @@ def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, t
     kwargs = dict(max_length=64, stride=32, batch_size=2, checkpoint_every=100, disable_progress=True)
     reference = Datastore.build(model, tokenizer, [corpus_text], tmp_path / "ref", **kwargs)
 
-    original = _Progress.add_chunk
+    original = Progress.add_chunk
     calls = {"n": 0}
 
     def dying_add_chunk(self, *args, **kw):
@@ -72,12 +72,12 @@ def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, t
         calls["n"] += 1
         return original(self, *args, **kw)
 
-    monkeypatch.setattr(_Progress, "add_chunk", dying_add_chunk)
+    monkeypatch.setattr(Progress, "add_chunk", dying_add_chunk)
     with pytest.raises(KeyboardInterrupt):
         Datastore.build(model, tokenizer, [corpus_text], tmp_path / "resumed", **kwargs)
     progress = json.loads((tmp_path / "resumed" / ".partial" / "progress.json").read_text())
     assert len(progress["chunks"]) == 3 and 0 < progress["windows_done"]
-    monkeypatch.setattr(_Progress, "add_chunk", original)
+    monkeypatch.setattr(Progress, "add_chunk", original)
 
     forwards = {"n": 0}
     handle = model.register_forward_pre_hook(lambda *a: forwards.__setitem__("n", forwards["n"] + 1))

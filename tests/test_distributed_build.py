@@ -110,12 +110,12 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork-free check of the rank folder layout only")
 def test_rank_progresses_single_process_layout(tmp_path):
-    from hf_knnlm.datastore.builder import _rank_progresses
+    from hf_knnlm.datastore.progress import rank_progresses
 
     state = type("S", (), {"num_processes": 1, "process_index": 0})()
-    (progress,) = _rank_progresses(tmp_path / ".partial", "fp", 5, state)
+    (progress,) = rank_progresses(tmp_path / ".partial", "fp", 5, state)
     assert progress.folder == tmp_path / ".partial"
     state = type("S", (), {"num_processes": 2, "process_index": 1})()
-    progresses = _rank_progresses(tmp_path / ".partial2", "fp", 5, state)
+    progresses = rank_progresses(tmp_path / ".partial2", "fp", 5, state)
     assert [p.folder.name for p in progresses] == ["rank-00000", "rank-00001"]
     assert not progresses[0].folder.exists() and progresses[1].folder.exists()  # only its own folder

@@ -8,34 +8,30 @@ written last, so a folder with a config is a finished store.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from .._version import __version__
 from ..lm.corpus import CorpusLike, corpus_name, tokenize_corpus
-from ..lm.forward import check_forward_args, iter_window_batches
+from ..lm.forward import check_forward_args
 from ..lm.hooks import find_ffn_module, num_hidden_layers
 from ..lm.windows import sliding_windows
 from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
-from ..utils.files import atomic_folder, atomic_path, atomic_write_json, folder_lock, not_matching
+from ..utils.files import atomic_folder, folder_lock, not_matching
 from ..utils.fingerprints import tokenizer_fingerprint
 from ..utils.hub_mixin import CARD_NAME, finish_folder
 from .calibration import calibrate_temperature, exact_search
 from .card import datastore_card
 from .compat import model_vocab_size
 from .config import CONFIG_NAME, DatastoreConfig
-from .distributed import build_state, place_model, rank_fingerprint, rank_folder, window_range
+from .distributed import build_state
 from .extras import EXTRA_FILES, copy_extra_files
 from .index import (
     DEFAULT_INDEX_FACTORY,
@@ -49,6 +45,7 @@ from .index import (
     search_parameters,
     write_index,
 )
+from .progress import build_fingerprint, check_ranks_done, embed_windows, merged_arrays, rank_progresses
 from .provenance import record_provenance
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
@@ -71,78 +68,7 @@ DATA_PATTERNS = (
     *EXTRA_FILES,
 )
 STORE_PATTERNS = (CONFIG_NAME, CARD_NAME, *DATA_PATTERNS)
-PROGRESS_NAME = "progress.json"
 _INDEX_ADD_ROWS = 65536
-
-
-def _build_fingerprint(tokens: np.ndarray, settings: dict) -> str:
-    digest = hashlib.sha256(tokens.tobytes())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-class _Progress:
-    """The resumable state of a build: which windows are done and which chunks hold them."""
-
-    def __init__(self, folder: Path, fingerprint: str, load_only: bool = False):
-        self.folder = folder
-        self.path = folder / PROGRESS_NAME
-        self.fingerprint = fingerprint
-        if load_only:  # another process owns this folder; read it with reload() once it is done
-            self.state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
-            return
-        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if state.get("fingerprint") != fingerprint:
-            if state:
-                logger.warning(
-                    "%s belongs to a different build (corpus or settings changed); starting over.", folder
-                )
-            shutil.rmtree(folder, ignore_errors=True)
-            state = {"fingerprint": fingerprint, "windows_done": 0, "chunks": []}
-        folder.mkdir(parents=True, exist_ok=True)
-        self.state = state
-
-    def reload(self) -> None:
-        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        if state.get("fingerprint") != self.fingerprint:
-            raise RuntimeError(f"{self.path} is missing or from another build; a process did not finish.")
-        self.state = state
-
-    @property
-    def windows_done(self) -> int:
-        return self.state["windows_done"]
-
-    def add_chunk(self, keys: np.ndarray, values: np.ndarray, windows_done: int) -> None:
-        name = f"chunk-{len(self.state['chunks']):06d}.safetensors"
-        with atomic_path(self.folder / name) as tmp:
-            save_file({"keys": keys, "values": values}, str(tmp))
-        self.state["chunks"].append({"file": name, "rows": len(values)})
-        self.state["windows_done"] = windows_done
-        atomic_write_json(self.path, self.state)
-
-    def arrays(self) -> tuple[ShardedArray, ShardedArray]:
-        files = [self.folder / c["file"] for c in self.state["chunks"]]
-        return (
-            ShardedArray([open_memmap(f, "keys") for f in files]),
-            ShardedArray([open_memmap(f, "values") for f in files]),
-        )
-
-
-class _Buffer:
-    def __init__(self) -> None:
-        self.keys: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-        self.rows = 0
-
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys.append(keys.to(torch.float16).cpu().numpy())
-        self.values.append(values.to(torch.int32).cpu().numpy())
-        self.rows += len(values)
-
-    def drain(self) -> tuple[np.ndarray, np.ndarray]:
-        out = np.concatenate(self.keys), np.concatenate(self.values)
-        self.__init__()
-        return out
 
 
 def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
@@ -151,15 +77,6 @@ def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
             f"{output_dir} already holds a datastore; pass overwrite=True (--overwrite) to rebuild it "
             f"or choose another output_dir."
         )
-
-
-def _merged_arrays(progresses: list[_Progress]) -> tuple[ShardedArray, ShardedArray]:
-    """Every rank's chunks as one (keys, values) pair, in window order (ranks hold contiguous ranges)."""
-    arrays = [p.arrays() for p in progresses if p.state["chunks"]]
-    return (
-        ShardedArray([s for keys, _ in arrays for s in keys.shards]),
-        ShardedArray([s for _, values in arrays for s in values.shards]),
-    )
 
 
 def _finalize(
@@ -242,6 +159,32 @@ def _calibration_search(index: faiss.Index | None, keys: ShardedArray):
     return lambda queries, k: index.search(queries, k, params=params)
 
 
+def _check_build_args(
+    model: torch.nn.Module,
+    output_dir: Path,
+    overwrite: bool,
+    max_length: int,
+    stride: int,
+    batch_size: int,
+    checkpoint_every: int,
+    train_size: int,
+) -> None:
+    """The checks that need neither the hook nor the corpus: a mistake there costs no tokenising."""
+    import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
+    _refuse_existing(output_dir, overwrite)
+    check_forward_args(model, max_length, stride, batch_size)
+    check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
+    check_positive_int("train_size", train_size, "keys sampled to train the index")
+
+
+def _hook_and_width(model: torch.nn.Module, hook_module: str | None, index_factory: str) -> tuple[str, int]:
+    """The FFN module to hook and the key width; a bad factory string fails now, not after the model pass."""
+    path = find_ffn_module(model, hook_module)
+    width = model.config.get_text_config().hidden_size
+    new_index(index_factory, width)
+    return path, width
+
+
 def build_datastore(
     model: torch.nn.Module,
     tokenizer,
@@ -267,15 +210,11 @@ def build_datastore(
     Everything that can be checked is checked before any file is touched: window and batch
     settings, the hook module, the index-factory string and the corpus itself.
     """
-    import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
     output_dir = Path(output_dir)
-    _refuse_existing(output_dir, overwrite)
-    check_forward_args(model, max_length, stride, batch_size)
-    check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
-    check_positive_int("train_size", train_size, "keys sampled to train the index")
-    path = find_ffn_module(model, hook_module)
-    width = model.config.get_text_config().hidden_size
-    new_index(index_factory, width)  # a bad factory string fails now, not after the model pass
+    _check_build_args(
+        model, output_dir, overwrite, max_length, stride, batch_size, checkpoint_every, train_size
+    )
+    path, width = _hook_and_width(model, hook_module, index_factory)
     tokens = tokenize_corpus(tokenizer, data, text_column, separator)
     check_index_factory(index_factory, width, len(tokens) - 1, train_size)
     state = build_state()
@@ -284,53 +223,33 @@ def build_datastore(
     with folder_lock(output_dir, f".rank-{state.process_index}" if state.process_index else ""):
         _refuse_existing(output_dir, overwrite)  # a build that finished while we validated
         output_dir.mkdir(parents=True, exist_ok=True)  # .partial lives here; an old store is not touched
-
         config = _new_config(model, tokenizer, data, path, index_factory, max_length, stride)
-        settings = {k: v for k, v in config.to_dict().items() if k not in ("files", "shards", "num_entries")}
-        fingerprint = _build_fingerprint(tokens, settings)
         windows = list(sliding_windows(len(tokens), max_length, stride))
-        progresses = _rank_progresses(output_dir / PARTIAL_DIR, fingerprint, len(windows), state)
-        first, last = window_range(len(windows), state.process_index, state.num_processes)
-        progress = progresses[state.process_index]
-        if progress.windows_done:
-            logger.info(
-                "Resuming the build of %s at window %d/%d", output_dir, first + progress.windows_done, last
-            )
-
-        buffer = _Buffer()
-        place_model(model, state).eval()
-        for batch in iter_window_batches(
+        fingerprint = build_fingerprint(tokens, config)
+        progresses = rank_progresses(output_dir / PARTIAL_DIR, fingerprint, len(windows), state)
+        embed_windows(
             model,
             tokens,
-            windows[first:last],
+            windows,
+            progresses,
+            state,
+            output_dir,
             batch_size=batch_size,
             hook_module=path,
-            start_window=progress.windows_done,
-            desc="building datastore",
-            disable_progress=disable_progress or not state.is_local_main_process,
+            checkpoint_every=checkpoint_every,
+            disable_progress=disable_progress,
             expected_width=width if hook_module is not None else None,
-        ):
-            buffer.add(batch.hidden, batch.targets)
-            done = batch.first_window + batch.num_windows
-            if buffer.rows >= checkpoint_every or done == last - first:
-                progress.add_chunk(*buffer.drain(), windows_done=done)
-
+        )
         state.wait_for_everyone()
         if state.is_main_process:
-            for rank, p in enumerate(progresses):
-                p.reload()
-                todo = window_range(len(windows), rank, state.num_processes)
-                if p.windows_done != todo[1] - todo[0]:
-                    raise RuntimeError(
-                        f"process {rank} did {p.windows_done} of its {todo[1] - todo[0]} windows."
-                    )
+            check_ranks_done(progresses, len(windows), state.num_processes)
             # The finished store is written beside the folder and swapped in whole: an old store (with
             # overwrite=True) stays loadable until then, and the swap takes .partial away with it.
             with atomic_folder(output_dir, keep=not_matching((*STORE_PATTERNS, PARTIAL_DIR))) as folder:
                 extra = record_provenance(
                     folder, tokenizer, data, tokens, text_column, separator, document_names
                 )
-                _finalize(*_merged_arrays(progresses), folder, config, max_shard_size, train_size, extra)
+                _finalize(*merged_arrays(progresses), folder, config, max_shard_size, train_size, extra)
         state.wait_for_everyone()
     return output_dir
 
@@ -353,24 +272,6 @@ def _new_config(model, tokenizer, data, hook_module, index_factory, max_length, 
         stride=stride,
         datasets=[corpus_name(data)],
     )
-
-
-def _rank_progresses(partial: Path, fingerprint: str, num_windows: int, state) -> list[_Progress]:
-    """The progress of every process; a single process keeps its chunks directly in ``partial``.
-
-    Each process opens (and, if stale, resets) only its own folder; the main process reads the
-    others' after the barrier.
-    """
-    if state.num_processes == 1:
-        return [_Progress(partial, fingerprint)]
-    return [
-        _Progress(
-            rank_folder(partial, rank),
-            rank_fingerprint(fingerprint, rank, state.num_processes, num_windows),
-            load_only=rank != state.process_index,
-        )
-        for rank in range(state.num_processes)
-    ]
 
 
 def rebuild_store(

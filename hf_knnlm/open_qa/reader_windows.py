@@ -1,10 +1,10 @@
 """Reader windows of a batch: every (question, retrieved document) pair read in overlapping windows.
 
-A document longer than ``max_reader_length`` tokens is read in windows overlapping by ``window_stride``
-(``return_overflowing_tokens``, as extractive QA does); the windows of one question share one axis, padded
-to the largest count in the batch: ``[b, n, seq]``, with ``window_doc`` ``[b, n]`` saying which of the
-question's documents each window reads (``-1``: padding). [`build_features`][hf_knnlm.open_qa.build_features]
-turns them into model inputs.
+A pair longer than ``max_reader_length`` tokens is read in windows (the question, then a part of the
+document) overlapping by ``window_stride`` tokens (``return_overflowing_tokens``, as extractive QA does).
+The windows of one question share one axis, padded to the largest count in the batch: ``[b, n, seq]``,
+with ``window_doc`` ``[b, n]`` saying which of the question's documents each window reads (``-1``:
+padding). [`build_features`][hf_knnlm.open_qa.build_features] turns them into model inputs.
 """
 
 from __future__ import annotations
