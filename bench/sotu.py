@@ -323,7 +323,7 @@ def load_run(args) -> Run:
 
 def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
     """The ``k`` nearest entries of every cached query in ``store`` (IVF-PQ candidates, exact
-    distances recomputed from the stored keys, sorted by them) as :class:`Neighbours`; with
+    distances recomputed from the stored keys, sorted by them) as ``Neighbours``; with
     ``path``, saved there (safetensors) on the first call and read back afterwards.
 
     Every store and every setting is searched at the tuning ``k`` and cut to the tuned one, so all
@@ -362,7 +362,7 @@ def neighbours_cache(store, cache: dict, k: int, path: Path | None = None):
 
 
 def first_k(found, k: int):
-    """The ``k`` nearest of each row of :class:`Neighbours` sorted by distance."""
+    """The ``k`` nearest of each row of ``Neighbours`` sorted by distance."""
     from hf_knnlm.datastore.neighbours import Neighbours
 
     counts = None if found.log_counts is None else found.log_counts[:, :k]
@@ -370,7 +370,7 @@ def first_k(found, k: int):
 
 
 def cache_batch(cache: dict, found):
-    """The :class:`ScoredBatch` of a cache and its neighbours."""
+    """The ``ScoredBatch`` of a cache and its neighbours."""
     from hf_knnlm.knnlm.evaluation import ScoredBatch
 
     return ScoredBatch(

@@ -137,8 +137,9 @@ def explain_generation(
     """Greedy kNN-LM generation from ``prompt`` with an attribution for every new token.
 
     Args:
-        settings ([`KNNSettings`], *optional*): the kNN-LM (``overrides`` such as ``k=``, ``lmbda=``
-            change single fields); ``gate`` as in [`KNNProcessor`].
+        settings ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM (``overrides`` such
+            as ``k=``, ``lmbda=`` change single fields); ``gate`` as in
+            [`KNNProcessor`][hf_knnlm.KNNProcessor].
         top (`int`, defaults to 5): neighbours listed per token.
 
     Returns:

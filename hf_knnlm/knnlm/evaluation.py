@@ -21,7 +21,8 @@ from .settings import KNNSettings, settings_from
 
 @dataclass
 class PerplexityOutput(Output):
-    """The result of :func:`evaluate_perplexity` (also readable as a dict: ``result["knn_ppl"]``).
+    """The result of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity] (also readable as a dict:
+    ``result["knn_ppl"]``).
 
     Attributes:
         base_ppl: perplexity of the model alone.
@@ -111,8 +112,8 @@ def evaluate_perplexity(
         overrides: single fields of either settings object, e.g. ``k=16, lmbda=0.3, max_length=512``.
 
     Returns:
-        [`PerplexityOutput`]: ``base_ppl``, ``knn_ppl``, ``num_tokens``, the searches saved and every
-        setting used.
+        [`PerplexityOutput`][hf_knnlm.PerplexityOutput]: ``base_ppl``, ``knn_ppl``, ``num_tokens``, the
+        searches saved and every setting used.
 
     Examples:
 

@@ -137,7 +137,8 @@ def store_gate(datastore) -> RetrievalGate:
 
 
 def load_gate(gate, datastore) -> RetrievalGate:
-    """``True`` -> the store's gate; a path -> that file; a :class:`RetrievalGate` -> itself."""
+    """``True`` -> the store's gate; a path -> that file; a [`RetrievalGate`][hf_knnlm.RetrievalGate] ->
+    itself."""
     if isinstance(gate, RetrievalGate):
         return gate
     if gate is True:

@@ -17,7 +17,7 @@ def _check_share(name: str, value: Any, meaning: str) -> None:
 
 @dataclass
 class GateTraining:
-    """How :func:`train_gate` / :func:`fit_gate` fit the gate."""
+    """How [`train_gate`][hf_knnlm.train_gate] / [`fit_gate`][hf_knnlm.knnlm.fit_gate] fit the gate."""
 
     use_queries: bool = field(
         default=False,

@@ -1,6 +1,6 @@
-"""Fitting the adaptive-retrieval gate (:class:`~hf_knnlm.knnlm.gate.RetrievalGate`) on held-out text.
+"""Fitting the adaptive-retrieval gate ([`RetrievalGate`][hf_knnlm.RetrievalGate]) on held-out text.
 
-The model runs once over the text and every token is searched once (:mod:`hf_knnlm.knnlm.scored`);
+The model runs once over the text and every token is searched once (``hf_knnlm.knnlm.scored``);
 the gate is then fitted on the cached LM features, queries and target log-probs under the LM and under
 p_kNN, full-batch, to maximise log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)).
 """

@@ -1,4 +1,5 @@
-"""The kNN-LM distribution and its interpolation with the LM, in log space, from [`Neighbours`].
+"""The kNN-LM distribution and its interpolation with the LM, in log space, from the
+[`Neighbours`][hf_knnlm.Neighbours] of a search.
 
 p_kNN(w) = sum over neighbours j with value w of softmax(-d_j / T + log count_j), and the output is
 log(lmbda * p_kNN + (1 - lmbda) * p_LM), computed with ``logaddexp`` so that lmbda = 0 returns the

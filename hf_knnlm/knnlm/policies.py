@@ -1,10 +1,12 @@
 """Where a step's neighbours come from: a plain search, RetoMaton's pointers or the adaptive-retrieval gate.
 
-One protocol (:class:`SearchPolicy`) and one resolver (:func:`search_policy`) serve generation
-(:class:`~hf_knnlm.KNNProcessor`), the wrapper's forward (:class:`~hf_knnlm.KNNLMForCausalLM`) and
-teacher-forced evaluation (:func:`~hf_knnlm.evaluate_perplexity`) alike. A policy maps a :class:`Step`
-(the queries of a batch and what it needs to know about them) to the step's :class:`Neighbours` and,
-for the gate, a per-row lmbda; every policy counts its steps and searches (:class:`RetrievalStats`).
+One protocol ([`SearchPolicy`][hf_knnlm.knnlm.SearchPolicy]) and one resolver
+([`search_policy`][hf_knnlm.knnlm.search_policy]) serve generation ([`KNNProcessor`][hf_knnlm.KNNProcessor]),
+the wrapper's forward ([`KNNLMForCausalLM`][hf_knnlm.KNNLMForCausalLM]) and teacher-forced evaluation
+([`evaluate_perplexity`][hf_knnlm.evaluate_perplexity]) alike. A policy maps a [`Step`][hf_knnlm.knnlm.Step]
+(the queries of a batch and what it needs to know about them) to the step's
+[`Neighbours`][hf_knnlm.Neighbours] and, for the gate, a per-row lmbda; every policy counts its steps and
+searches ([`RetrievalStats`][hf_knnlm.knnlm.RetrievalStats]).
 
 Policies with state (RetoMaton's pointer sets) serve one sequence stream at a time: their users
 keep one per thread.

@@ -1,9 +1,9 @@
 """A text scored by the LM and its datastore: per target token, log p_LM(target) and the neighbours.
 
-Evaluation, tuning, gate training and the retrieval-augmented LMs read a text the same way: the
-sliding windows of :mod:`hf_knnlm.lm.windows`, one forward pass and one policy call (a search, or
-RetoMaton / the gate) per batch of windows, yielding :class:`ScoredTokens` in corpus order. Nothing
-of size ``[tokens x vocab]`` is kept: the LM's log-prob of each target is gathered per batch.
+Evaluation, tuning, gate training and the retrieval-augmented LMs read a text the same way: the sliding
+windows of ``hf_knnlm.lm.windows``, one forward pass and one policy call (a search, or RetoMaton / the gate)
+per batch of windows, yielding [`ScoredTokens`][hf_knnlm.knnlm.ScoredTokens] in corpus order. Nothing of size
+``[tokens x vocab]`` is kept: the LM's log-prob of each target is gathered per batch.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ScoredTokens:
     Attributes:
         lm_log_probs: ``[n]`` log p_LM(target), float32.
         targets: ``[n]`` the target token ids.
-        neighbours: the targets' :class:`Neighbours` (None before a search).
+        neighbours: the targets' [`Neighbours`][hf_knnlm.Neighbours] (None before a search).
         lmbda: ``[n]`` per-token weights of a gate (0 = not searched), or None.
         queries: ``[n, d]`` the FFN inputs, when kept (to search several stores with one model pass).
         lm_features: ``[n, F]`` LM features (a gate's inputs), when asked for.
@@ -173,9 +173,10 @@ def collect_queries(
     disable_progress: bool | None = None,
     **window_overrides: int,
 ) -> ScoredTokens:
-    """Run the model once over ``data`` (the windows of :func:`~hf_knnlm.evaluate_perplexity`) and keep
-    the queries and LM target log-probs, so that several stores or settings can be searched without the
-    model (:meth:`ScoredTokens.search`); memory is ``num_tokens * (hidden_size + 3) * 4`` bytes.
+    """Run the model once over ``data`` (the windows of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity])
+    and keep the queries and LM target log-probs, so that several stores or settings can be searched without
+    the model ([`ScoredTokens.search`][hf_knnlm.knnlm.ScoredTokens.search]); memory is
+    ``num_tokens * (hidden_size + 3) * 4`` bytes.
 
     ``datastore`` says which FFN module to hook and is checked for compatibility.
     """

@@ -1,6 +1,6 @@
 """Tuning lmbda, temperature and k of a kNN-LM from one forward pass and one neighbour search.
 
-The cache is :class:`~hf_knnlm.knnlm.scored.ScoredTokens` over the whole tuning text: per scored
+The cache is [`ScoredTokens`][hf_knnlm.knnlm.scored.ScoredTokens] over the whole tuning text: per scored
 token, log p_LM(target) and its ``k`` nearest neighbours' squared L2 distances (float32) and values
 (int32), so ``num_tokens * k * 8`` bytes, capped by ``max_cache_bytes``. Every
 (lmbda, temperature, k' <= k) point is then computed from the cache alone, never re-running the model.
@@ -54,14 +54,15 @@ class TuningPoint(Output):
 
 @dataclass
 class TuningOutput(Output):
-    """The result of :func:`tune` (also readable as a dict: ``result["best"]["lmbda"]``).
+    """The result of [`tune`][hf_knnlm.tune] (also readable as a dict: ``result["best"]["lmbda"]``).
 
     Attributes:
         base_ppl: perplexity of the model alone on the tuning text.
         num_tokens: tokens scored (the text may be cut to fit ``max_cache_bytes``).
         k_searched: neighbours searched once per token.
         median_nn_distance: median squared L2 distance to the nearest neighbour (the temperature scale).
-        best: the point of lowest perplexity; :attr:`best_settings` as a :class:`KNNSettings`.
+        best: the point of lowest perplexity; [`best_settings`][hf_knnlm.TuningOutput.best_settings] as a
+            [`KNNSettings`][hf_knnlm.KNNSettings].
         points: every point of the grid.
         settings: the windows, search settings and store the cache was made with.
         json, plot: the files written (``tune_results.json``, ``tune_plot.png``).
@@ -102,7 +103,7 @@ def build_tuning_cache(
 
     The cache (``num_tokens * k * 8`` bytes) is cut to ``max_cache_bytes``: only the first
     ``max_cache_bytes // (8 k)`` targets are scored (with a warning). Other arguments are those of
-    :func:`~hf_knnlm.evaluate_perplexity`.
+    [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity].
     """
     settings, windows = settings_from(settings, windows, overrides)
     settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
@@ -241,8 +242,9 @@ def tune(
         overrides: single fields of any of the three, e.g. ``k=256, lmbdas=[0.1, 0.3]``.
 
     Returns:
-        [`TuningOutput`]: ``base_ppl``, ``best`` (``k``, ``temperature``, ``lmbda``, ``knn_ppl``; as
-        settings: ``best_settings``), every point, and the paths under ``json`` / ``plot``.
+        [`TuningOutput`][hf_knnlm.TuningOutput]: ``base_ppl``, ``best`` (``k``, ``temperature``,
+        ``lmbda``, ``knn_ppl``; as settings: ``best_settings``), every point, and the paths under
+        ``json`` / ``plot``.
     """
     grid_changes = {
         name: overrides.pop(name) for name in list(overrides) if name in TuningGrid.__dataclass_fields__
