@@ -66,6 +66,28 @@ class TuningOutput(Output):
         points: every point of the grid.
         settings: the windows, search settings and store the cache was made with.
         json, plot: the files written (``tune_results.json``, ``tune_plot.png``).
+
+    Examples:
+
+    ```python
+    >>> import json
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, tune
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = tune(model, tokenizer, text, store, "output-tuning", k=4, lmbdas=[0.25, 0.5],
+    ...               temperatures=[10.0], disable_progress=True)
+    >>> result["best"]["lmbda"], result.best_settings.lmbda  # a dataclass that reads like a dict
+    (0.5, 0.5)
+    >>> len(result.points), result.k_searched, result.num_tokens  # 2 lmbdas x 1 temperature x ks (4)
+    (2, 4, 13)
+    >>> with open(result.json) as f:  # the same numbers, on disk
+    ...     json.load(f)["best"]["knn_ppl"] == result.best.knn_ppl
+    True
+    ```
     """
 
     base_ppl: float
@@ -245,6 +267,32 @@ def tune(
         [`TuningOutput`][hf_knnlm.TuningOutput]: ``base_ppl``, ``best`` (``k``, ``temperature``,
         ``lmbda``, ``knn_ppl``; as settings: ``best_settings``), every point, and the paths under
         ``json`` / ``plot``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, tune
+    >>> _ = torch.manual_seed(0)
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "tune-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = tune(model, tokenizer, text, store, "tuning", k=8, lmbdas=[0.0, 0.5, 0.9], ks=[1, 8],
+    ...               temperatures=[1.0, 10.0], disable_progress=True)
+    >>> len(result.points)  # 3 lmbdas x 2 temperatures x 2 ks, from one search of k=8 per token
+    12
+    >>> all(p.knn_ppl == result.base_ppl for p in result.points if p.lmbda == 0.0)  # lmbda=0: the LM
+    True
+    >>> result.best.lmbda, result.best.knn_ppl < result.base_ppl  # the store holds this very text
+    (0.9, True)
+    >>> result.best_settings  # for every kNN-LM entry point
+    KNNSettings(k=1, lmbda=0.9, temperature=1.0, recompute_dists=False, retomaton=None, gate=False)
+    >>> result.json, result.plot
+    ('tuning/tune_results.json', 'tuning/tune_plot.png')
+    ```
     """
     grid_changes = {
         name: overrides.pop(name) for name in list(overrides) if name in TuningGrid.__dataclass_fields__
