@@ -33,6 +33,26 @@ class PerplexityOutput(Output):
         settings: the kNN-LM settings used, resolved for the store (its temperature and k filled in).
         windows: the sliding windows used.
         search: the store's search setup (entries, index factory, nprobe).
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, evaluate_perplexity
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> base = evaluate_perplexity(model, tokenizer, text, max_length=16, stride=8, disable_progress=True)
+    >>> base.knn_ppl, base.searches  # without a datastore: the model alone
+    (None, None)
+    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.0, disable_progress=True)
+    >>> result["knn_ppl"] == result["base_ppl"] == base.base_ppl  # lmbda=0: the base model exactly
+    True
+    >>> result.to_dict()["settings"]["lmbda"], result.searches, result.search["entries"]
+    (0.0, 13, 13)
+    ```
     """
 
     base_ppl: float
