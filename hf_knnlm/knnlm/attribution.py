@@ -139,11 +139,11 @@ def explain_generation(
     Args:
         model (`PreTrainedModel`): the model that built ``datastore``.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer (decodes tokens and neighbours).
-        datastore ([`Datastore`][hf_knnlm.Datastore], `str` or `os.PathLike`): the store, or a folder /
+        datastore (`Datastore`, `str` or `os.PathLike`): the store, or a folder /
             Hub repo id to load one from.
         prompt (`str`): the text to continue.
         max_new_tokens (`int`, defaults to 20): tokens generated (greedily).
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM (``overrides`` such
+        settings (`KNNSettings`, *optional*): the kNN-LM (``overrides`` such
             as ``k=``, ``lmbda=`` change single fields); ``gate`` as in
             [`KNNProcessor`][hf_knnlm.KNNProcessor].
         top (`int`, defaults to 5): neighbours listed per token.

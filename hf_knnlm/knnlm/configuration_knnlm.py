@@ -30,7 +30,7 @@ class KNNLMConfig(PreTrainedConfig):
             inside this wrapper's own folder (or Hub repository), in ``datastore_subfolder``.
         datastore_subfolder (`str`, *optional*): the datastore's folder inside ``datastore`` (or inside
             this wrapper's folder or repository when ``datastore`` is `None`).
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings] or `dict`, *optional*): k, lmbda, temperature,
+        settings (`KNNSettings` or `dict`, *optional*): k, lmbda, temperature,
             recompute_dists, retomaton and gate; defaults to ``KNNSettings()``.
 
     Examples:

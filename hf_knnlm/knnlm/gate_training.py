@@ -89,7 +89,7 @@ def fit_gate(
         lm_target (`torch.Tensor`): ``[n]`` log p_LM of each target.
         knn_target (`torch.Tensor`): ``[n]`` log p_kNN of each target
             ([`knn_target_log_probs`][hf_knnlm.knnlm.knn_target_log_probs]).
-        training ([`GateTraining`][hf_knnlm.GateTraining], *optional*): how the gate is fitted;
+        training (`GateTraining`, *optional*): how the gate is fitted;
             ``overrides`` change single fields of it, e.g. ``epochs=100``.
 
     Returns:

@@ -69,7 +69,7 @@ class KNNProcessor(LogitsProcessor):
         gate (`RetrievalGate`, `bool` or a path, *optional*):
             Adaptive retrieval: a gate (`True`: the one saved with the store) sets lmbda per step
             and skips the search where it predicts no gain.
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*):
+        settings (`KNNSettings`, *optional*):
             All of the above at once; the processor keeps them, resolved for the store, as ``settings``.
 
     Examples:

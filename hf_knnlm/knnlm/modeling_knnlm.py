@@ -240,7 +240,7 @@ class KNNLMForCausalLM(PreTrainedModel):
                 `AutoModelForCausalLM.from_pretrained(..., **model_kwargs)`, e.g. ``gguf_file=``), or
                 a folder / repo saved by [`save_pretrained`][hf_knnlm.KNNLMForCausalLM.save_pretrained].
             datastore: a `Datastore`, a folder or a Hub repo id; defaults to the saved one.
-            settings ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM settings (default:
+            settings (`KNNSettings`, *optional*): the kNN-LM settings (default:
                 the saved ones, else ``KNNSettings()``); ``k``, ``lmbda``, ``temperature``,
                 ``recompute_dists``, ``retomaton`` and ``gate`` override single fields.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).

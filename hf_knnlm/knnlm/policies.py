@@ -283,10 +283,10 @@ def search_policy(
     (``settings.gate``) or one plain faiss search per query.
 
     Args:
-        datastore ([`Datastore`][hf_knnlm.Datastore]): the store searched.
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings]): already resolved for ``datastore``
+        datastore (`Datastore`): the store searched.
+        settings (`KNNSettings`): already resolved for ``datastore``
             (``settings.resolve(datastore)``).
-        gate ([`RetrievalGate`][hf_knnlm.RetrievalGate], `str` or `os.PathLike`, *optional*): a gate, or
+        gate (`RetrievalGate`, `str` or `os.PathLike`, *optional*): a gate, or
             a gate file, to use instead of the one saved with the store.
 
     Returns:

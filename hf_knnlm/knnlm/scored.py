@@ -200,9 +200,9 @@ def collect_queries(
         model (`torch.nn.Module`): the model that built ``datastore``.
         tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
         data: a list of strings, a text file or a `datasets.Dataset` (``text_column``).
-        datastore ([`Datastore`][hf_knnlm.Datastore]): says which FFN module to hook and is checked
+        datastore (`Datastore`): says which FFN module to hook and is checked
             for compatibility; it is not searched.
-        windows ([`WindowSettings`][hf_knnlm.WindowSettings], *optional*): max_length / stride
+        windows (`WindowSettings`, *optional*): max_length / stride
             (default: the store's) and batch_size; ``window_overrides`` change single fields.
         max_tokens (`int`, *optional*): keep only the first ``max_tokens`` tokens.
 

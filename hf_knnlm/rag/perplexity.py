@@ -323,11 +323,11 @@ def evaluate_retrieval_perplexity(
 
     Args:
         retriever: any object with ``search(queries, k) -> (scores, doc_ids)``, ``titles`` and ``texts``.
-        retrieval ([`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings], *optional*): num_documents,
+        retrieval (`RetrievalSettings`, *optional*): num_documents,
             retrieval_stride, query_length, document_temperature, max_document_tokens.
-        datastore, knn ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM, as in
+        datastore, knn (`KNNSettings`, *optional*): the kNN-LM, as in
             ``evaluate_perplexity``.
-        windows ([`WindowSettings`][hf_knnlm.WindowSettings], *optional*): the windows (default: the
+        windows (`WindowSettings`, *optional*): the windows (default: the
             store's, as ``evaluate_perplexity``); text_column, max_tokens: as in ``evaluate_perplexity``.
         row_batch_size: document-prefixed rows per forward pass.
         overrides: single fields of any of the three settings objects, e.g. ``num_documents=4, k=64``.
