@@ -28,7 +28,7 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
 
 
 def trees(args: argparse.Namespace) -> dict[str, Path]:
-    """``{"this tree": ..., "compared tree": ...}`` from :func:`add_tree_args`'s arguments."""
+    """``{"this tree": ..., "compared tree": ...}`` from ``add_tree_args``'s arguments."""
     return {"this tree": args.tree} | ({"compared tree": args.compare} if args.compare else {})
 
 

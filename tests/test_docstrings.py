@@ -71,17 +71,23 @@ def test_every_module_with_examples_is_collected():
     } <= with_examples
 
 
-# Every public name of these packages has an example (knnlm/'s names are being reworked; its own examples
-# are checked by test_docstring_examples_run wherever they exist).
-DOCUMENTED_PACKAGES = ("datastore", "retrieval", "rag", "open_qa", "utils", "lm")
+DOCUMENTED_PACKAGES = ("knnlm", "datastore", "retrieval", "rag", "open_qa", "utils", "lm")
+
+
+def _without_examples(module) -> list[str]:
+    objects = {name: getattr(module, name) for name in module.__all__}
+    return [name for name, obj in objects.items() if callable(obj) and ">>>" not in (obj.__doc__ or "")]
 
 
 @pytest.mark.parametrize("package", DOCUMENTED_PACKAGES)
 def test_every_public_name_has_an_example(package):
-    module = importlib.import_module(f"hf_knnlm.{package}")
-    objects = {name: getattr(module, name) for name in module.__all__}
-    missing = [name for name, obj in objects.items() if callable(obj) and ">>>" not in (obj.__doc__ or "")]
+    missing = _without_examples(importlib.import_module(f"hf_knnlm.{package}"))
     assert not missing, f"hf_knnlm.{package}: public names without a docstring example: {missing}"
+
+
+def test_every_top_level_name_has_an_example():
+    missing = _without_examples(hf_knnlm)
+    assert not missing, f"hf_knnlm: public names without a docstring example: {missing}"
 
 
 @pytest.mark.parametrize("name", [name for name in MODULES if _examples(name)])

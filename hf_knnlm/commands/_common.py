@@ -94,8 +94,9 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def add_window_args(parser: argparse.ArgumentParser) -> list[str]:
-    """``--max-length``, ``--stride``, ``--batch-size`` from :class:`~hf_knnlm.lm.windows.WindowSettings`
-    (scoring defaults to the windows the datastore was built with)."""
+    """``--max-length``, ``--stride``, ``--batch-size`` from
+    [`WindowSettings`][hf_knnlm.lm.windows.WindowSettings] (scoring defaults to the windows the datastore was
+    built with)."""
     from ..lm.windows import WindowSettings
 
     return add_dataclass_options(parser.add_argument_group("windows"), WindowSettings)
@@ -127,7 +128,7 @@ def add_store_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_knn_args(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> list[str]:
-    """The store options and the :class:`~hf_knnlm.KNNSettings` fields (``only`` those named)."""
+    """The store options and the [`KNNSettings`][hf_knnlm.KNNSettings] fields (``only`` those named)."""
     from ..knnlm.settings import KNNSettings
 
     add_store_args(parser)
@@ -135,7 +136,8 @@ def add_knn_args(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | Non
 
 
 def knn_settings(args: argparse.Namespace):
-    """The :class:`~hf_knnlm.KNNSettings` of the command line (validated: before any model is loaded)."""
+    """The [`KNNSettings`][hf_knnlm.KNNSettings] of the command line (validated: before any model is
+    loaded)."""
     from ..knnlm.settings import KNNSettings
 
     return dataclass_from_args(args, KNNSettings)

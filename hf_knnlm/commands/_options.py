@@ -158,7 +158,7 @@ def values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
 
 
 def dataclass_from_args(args: argparse.Namespace, cls: type, names: Iterable[str] | None = None) -> Any:
-    """An instance of ``cls`` from the options :func:`add_dataclass_options` added (other fields default)."""
+    """An instance of ``cls`` from the options ``add_dataclass_options`` added (other fields default)."""
     names = [f.name for f in dataclasses.fields(cls)] if names is None else list(names)
     return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 

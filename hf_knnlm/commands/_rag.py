@@ -1,6 +1,6 @@
 """Arguments the ``rag-*`` subcommands share: which retriever, and how it is used.
 
-The retrieval options are generated from :class:`~hf_knnlm.rag.RetrievalSettings`, with one
+The retrieval options are generated from [`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings], with one
 exception: ``--num-documents`` defaults to the method's own (1 for In-Context RALM, ``REPLUGProcessor``'s
 ``k`` for REPLUG).
 """
@@ -39,7 +39,7 @@ def num_documents(args: argparse.Namespace) -> int:
 
 
 def retrieval_settings(args: argparse.Namespace) -> RetrievalSettings:
-    """The :class:`~hf_knnlm.rag.RetrievalSettings` of the command line (validated)."""
+    """The [`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings] of the command line (validated)."""
     settings = dataclass_from_args(
         args, RetrievalSettings, [n for n in RetrievalSettings.__dataclass_fields__ if n != "num_documents"]
     )

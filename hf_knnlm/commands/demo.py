@@ -97,7 +97,7 @@ def run_demo(
     stride: int = 448,
     settings=None,
 ) -> dict:
-    """Build, score and generate; ``settings`` is a :class:`~hf_knnlm.KNNSettings` (default: its
+    """Build, score and generate; ``settings`` is a [`KNNSettings`][hf_knnlm.KNNSettings] (default: its
     defaults, with the temperature the new store was calibrated with)."""
     from ..datastore import CONFIG_NAME, Datastore
     from ..knnlm import KNNSettings, evaluate_perplexity

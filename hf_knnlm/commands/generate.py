@@ -1,4 +1,4 @@
-"""``hf-knnlm generate``: generate with a :class:`~hf_knnlm.KNNProcessor`."""
+"""``hf-knnlm generate``: generate with a [`KNNProcessor`][hf_knnlm.KNNProcessor]."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``hf-knnlm qa-train`` and ``hf-knnlm qa-eval``: register with :func:`register` on the main parser.
+"""``hf-knnlm qa-train`` and ``hf-knnlm qa-eval``: register with ``register`` on the main parser.
 
 Data files are either SQuAD v1.1 JSON (every paragraph is a document; ``--articles`` picks the questions) or
 JSON lines: documents with ``title``/``text`` (and optionally ``id``), questions with ``question`` and

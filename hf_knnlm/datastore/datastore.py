@@ -398,8 +398,9 @@ class Datastore(HubMixin):
                 with exact ones computed from the stored fp16 keys.
 
         Returns:
-            [`Neighbours`]: ``[Q, k]`` distances (float32), entry ids, values (next-token ids) and the
-            merge counts of a pruned store, on the CPU; a missing neighbour has id -1 and distance `inf`.
+            [`Neighbours`][hf_knnlm.Neighbours]: ``[Q, k]`` distances (float32), entry ids, values
+            (next-token ids) and the merge counts of a pruned store, on the CPU; a missing neighbour has
+            id -1 and distance `inf`.
             On a store opened with ``distributed="shard"`` every rank must call it (see ``serving``).
         """
         if self._sharded is not None:
@@ -415,7 +416,7 @@ class Datastore(HubMixin):
     @property
     def default_temperature(self) -> float:
         """The kNN temperature used when none is given: the one recorded at build time, else calibrated
-        now on a sample of the keys (:func:`~hf_knnlm.datastore.calibration.calibrate_temperature`)."""
+        now on a sample of the keys (``calibrate_temperature``)."""
         if self.config.temperature is not None:
             return self.config.temperature
         if self._temperature is None:  # a sharded store samples every rank's keys

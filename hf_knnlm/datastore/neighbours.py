@@ -1,8 +1,8 @@
 """Neighbours: the result of every search, and the one input of p_kNN.
 
-A faiss search (:meth:`~hf_knnlm.Datastore.search`), RetoMaton's pointer-following, the gate's
+A faiss search ([`search`][hf_knnlm.Datastore.search]), RetoMaton's pointer-following, the gate's
 partial searches and a sharded search all produce this structure; p_kNN and the mixture are
-computed from it by :mod:`hf_knnlm.knnlm.mixture` whichever produced it, so the merge counts of a
+computed from it by ``hf_knnlm.knnlm.mixture`` whichever produced it, so the merge counts of a
 pruned store are never forgotten on one path and used on another.
 """
 

@@ -6,7 +6,7 @@ sliding-window perplexity (``evaluation.py``, over the scored-token stream of ``
 cached λ × T × k sweeps (``tuning.py``, grid in ``tuning_grid.py``, picture in ``tuning_plot.py``),
 the ways to search at fewer steps (``policies.py``: RetoMaton in ``retomaton.py``, adaptive retrieval
 in ``gate.py`` / ``gate_training.py``) and attribution (``attribution.py``). Every entry point takes
-one :class:`KNNSettings` (``settings.py``).
+one [`KNNSettings`][hf_knnlm.KNNSettings] (``settings.py``).
 """
 
 from typing import TYPE_CHECKING

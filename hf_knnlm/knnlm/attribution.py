@@ -137,12 +137,41 @@ def explain_generation(
     """Greedy kNN-LM generation from ``prompt`` with an attribution for every new token.
 
     Args:
-        settings ([`KNNSettings`], *optional*): the kNN-LM (``overrides`` such as ``k=``, ``lmbda=``
-            change single fields); ``gate`` as in [`KNNProcessor`].
+        model (`PreTrainedModel`): the model that built ``datastore``.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer (decodes tokens and neighbours).
+        datastore (`Datastore`, `str` or `os.PathLike`): the store, or a folder /
+            Hub repo id to load one from.
+        prompt (`str`): the text to continue.
+        max_new_tokens (`int`, defaults to 20): tokens generated (greedily).
+        settings (`KNNSettings`, *optional*): the kNN-LM (``overrides`` such
+            as ``k=``, ``lmbda=`` change single fields); ``gate`` as in
+            [`KNNProcessor`][hf_knnlm.KNNProcessor].
         top (`int`, defaults to 5): neighbours listed per token.
 
     Returns:
-        `(attributions, generated_text)`.
+        `(attributions, generated_text)`: one attribution per new token (its ``prob``, ``lm_prob``,
+        ``knn_prob``, ``knn_share`` = lmbda p_kNN / p, and its ``top`` neighbours with their weight in
+        p_kNN, value and source ``document`` / span), and the decoded new tokens.
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, explain_generation
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat. The dog sat on the log."],
+    ...                         "store", max_length=16, stride=8, disable_progress=True)
+    >>> attributions, text = explain_generation(model, tokenizer, store, "The cat", max_new_tokens=4,
+    ...                                         k=4, lmbda=0.5)
+    >>> text
+    ' sat on the mat'
+    >>> [(a.token, round(a.knn_share, 2)) for a in attributions]  # a random LM: the store decides
+    [(' sat', 1.0), (' on', 1.0), (' the', 1.0), (' mat', 1.0)]
+    >>> nearest = attributions[0].neighbours[0]
+    >>> nearest.token, nearest.matches, nearest.document, nearest.span_text  # where ' sat' came from
+    (' sat', True, 'texts[0]', ' sat')
+    ```
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt is empty; pass the text to continue, e.g. prompt='The history of'.")

@@ -1,8 +1,8 @@
-"""KNNLMConfig: the saved form of a :class:`~hf_knnlm.KNNLMForCausalLM` (``config.json``).
+"""KNNLMConfig: the saved form of a [`KNNLMForCausalLM`][hf_knnlm.KNNLMForCausalLM] (``config.json``).
 
 A module of its own, as transformers keeps ``configuration_*.py`` apart from ``modeling_*.py``:
 registering the ``knnlm`` model type with ``AutoConfig`` then needs no model code. The kNN-LM
-settings are one :class:`~hf_knnlm.KNNSettings` object, ``config.settings``, saved as a nested
+settings are one [`KNNSettings`][hf_knnlm.KNNSettings] object, ``config.settings``, saved as a nested
 ``"settings"`` object; configs written before it (flat ``k``, ``lmbda``, ... keys) load the same.
 """
 
@@ -19,7 +19,8 @@ from .settings import SETTING_NAMES, KNNSettings
 @strict
 class KNNLMConfig(PreTrainedConfig):
     r"""
-    Configuration of [`KNNLMForCausalLM`]: which base model and datastore, and the kNN-LM settings.
+    Configuration of [`KNNLMForCausalLM`][hf_knnlm.KNNLMForCausalLM]: which base model and datastore,
+    and the kNN-LM settings.
 
     Args:
         base_model_name_or_path (`str`, *optional*): Hub id or path of the base causal LM.
@@ -29,8 +30,8 @@ class KNNLMConfig(PreTrainedConfig):
             inside this wrapper's own folder (or Hub repository), in ``datastore_subfolder``.
         datastore_subfolder (`str`, *optional*): the datastore's folder inside ``datastore`` (or inside
             this wrapper's folder or repository when ``datastore`` is `None`).
-        settings ([`KNNSettings`] or `dict`, *optional*): k, lmbda, temperature, recompute_dists,
-            retomaton and gate; defaults to ``KNNSettings()``.
+        settings (`KNNSettings` or `dict`, *optional*): k, lmbda, temperature,
+            recompute_dists, retomaton and gate; defaults to ``KNNSettings()``.
 
     Examples:
 

@@ -21,7 +21,8 @@ from .settings import KNNSettings, settings_from
 
 @dataclass
 class PerplexityOutput(Output):
-    """The result of :func:`evaluate_perplexity` (also readable as a dict: ``result["knn_ppl"]``).
+    """The result of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity] (also readable as a dict:
+    ``result["knn_ppl"]``).
 
     Attributes:
         base_ppl: perplexity of the model alone.
@@ -32,6 +33,26 @@ class PerplexityOutput(Output):
         settings: the kNN-LM settings used, resolved for the store (its temperature and k filled in).
         windows: the sliding windows used.
         search: the store's search setup (entries, index factory, nprobe).
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, evaluate_perplexity
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> base = evaluate_perplexity(model, tokenizer, text, max_length=16, stride=8, disable_progress=True)
+    >>> base.knn_ppl, base.searches  # without a datastore: the model alone
+    (None, None)
+    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.0, disable_progress=True)
+    >>> result["knn_ppl"] == result["base_ppl"] == base.base_ppl  # lmbda=0: the base model exactly
+    True
+    >>> result.to_dict()["settings"]["lmbda"], result.searches, result.search["entries"]
+    (0.0, 13, 13)
+    ```
     """
 
     base_ppl: float
@@ -111,8 +132,8 @@ def evaluate_perplexity(
         overrides: single fields of either settings object, e.g. ``k=16, lmbda=0.3, max_length=512``.
 
     Returns:
-        [`PerplexityOutput`]: ``base_ppl``, ``knn_ppl``, ``num_tokens``, the searches saved and every
-        setting used.
+        [`PerplexityOutput`][hf_knnlm.PerplexityOutput]: ``base_ppl``, ``knn_ppl``, ``num_tokens``, the
+        searches saved and every setting used.
 
     Examples:
 

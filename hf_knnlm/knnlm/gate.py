@@ -48,6 +48,30 @@ class RetrievalGate(nn.Module):
         hidden_size (`int`): width of the queries (0: LM features only).
         width (`int`, defaults to 16): hidden units of the MLP.
         skip_below (`float`, defaults to 0.0): tokens whose lmbda_t is below it are not searched.
+
+    [`train_gate`][hf_knnlm.train_gate] fits one on held-out text and saves it with the store;
+    ``gate=True`` in [`KNNSettings`][hf_knnlm.KNNSettings] (or ``gate=`` a gate or its file) uses it.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm import RetrievalGate
+    >>> _ = torch.manual_seed(0)
+    >>> gate = RetrievalGate(hidden_size=0)  # LM features only (no query vector)
+    >>> features = gate.lm_features(torch.log_softmax(torch.randn(4, 10), dim=-1))
+    >>> features.shape  # entropy, top log-prob, top-1 minus top-2 log-prob
+    torch.Size([4, 3])
+    >>> lmbda = gate.lmbda(features)
+    >>> bool(((lmbda > 0) & (lmbda < 1)).all())  # every token searched, each with its own lmbda
+    True
+    >>> gate.skip_below = 1.0
+    >>> gate.lmbda(features)  # below skip_below: not searched, p_LM kept exactly
+    tensor([0., 0., 0., 0.])
+    >>> gate.save("gate.safetensors")
+    >>> RetrievalGate.from_file("gate.safetensors").skip_below
+    1.0
+    ```
     """
 
     def __init__(self, hidden_size: int, width: int = 16, skip_below: float = 0.0):
@@ -137,7 +161,8 @@ def store_gate(datastore) -> RetrievalGate:
 
 
 def load_gate(gate, datastore) -> RetrievalGate:
-    """``True`` -> the store's gate; a path -> that file; a :class:`RetrievalGate` -> itself."""
+    """``True`` -> the store's gate; a path -> that file; a [`RetrievalGate`][hf_knnlm.RetrievalGate] ->
+    itself."""
     if isinstance(gate, RetrievalGate):
         return gate
     if gate is True:

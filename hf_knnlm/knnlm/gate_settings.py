@@ -17,7 +17,33 @@ def _check_share(name: str, value: Any, meaning: str) -> None:
 
 @dataclass
 class GateTraining:
-    """How :func:`train_gate` / :func:`fit_gate` fit the gate."""
+    """How [`train_gate`][hf_knnlm.train_gate] / [`fit_gate`][hf_knnlm.knnlm.fit_gate] fit the gate.
+
+    Args:
+        use_queries (`bool`, defaults to `False`): also feed the query vector to the gate (ranks tokens
+            better; needs tens of thousands of training tokens).
+        skip_fraction (`float`, defaults to 0.5): share of tokens not searched, in [0, 1).
+        calibration_fraction (`float`, defaults to 0.2): share of the text kept out of fitting to set
+            the skip threshold, in [0, 1).
+        width (`int`, defaults to 16): hidden units of the gate's MLP.
+        epochs (`int`, defaults to 300): full-batch Adam steps.
+        learning_rate (`float`, defaults to 1e-2): Adam learning rate.
+        weight_decay (`float`, defaults to 1e-2): Adam weight decay.
+        seed (`int`, defaults to 0): seed of the gate's initial weights.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm import GateTraining
+    >>> training = GateTraining(skip_fraction=0.3)
+    >>> training.replace(epochs=50).epochs, training.epochs  # a copy; None values are ignored
+    (50, 300)
+    >>> GateTraining(skip_fraction=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: skip_fraction=1.0 must be a number in [0, 1): the share of tokens not searched.
+    ```
+    """
 
     use_queries: bool = field(
         default=False,

@@ -1,6 +1,6 @@
-"""Fitting the adaptive-retrieval gate (:class:`~hf_knnlm.knnlm.gate.RetrievalGate`) on held-out text.
+"""Fitting the adaptive-retrieval gate ([`RetrievalGate`][hf_knnlm.RetrievalGate]) on held-out text.
 
-The model runs once over the text and every token is searched once (:mod:`hf_knnlm.knnlm.scored`);
+The model runs once over the text and every token is searched once (``hf_knnlm.knnlm.scored``);
 the gate is then fitted on the cached LM features, queries and target log-probs under the LM and under
 p_kNN, full-batch, to maximise log(lmbda_t p_kNN(y) + (1 - lmbda_t) p_LM(y)).
 """
@@ -80,7 +80,41 @@ def fit_gate(
     ``skip_below`` is set to the ``skip_fraction`` quantile of lmbda_t. With ``calibration_fraction``
     > 0 the last such share of the tokens is not fitted and the quantile is taken on it: a gate that
     reads queries fits its training tokens closely, so a quantile taken there skips less than
-    ``skip_fraction`` of unseen text. ``overrides`` change single fields of ``training``.
+    ``skip_fraction`` of unseen text.
+
+    Args:
+        features (`torch.Tensor`): ``[n, 3]`` LM features (``RetrievalGate.lm_features``).
+        queries (`torch.Tensor`, *optional*): ``[n, d]`` query vectors, or None for a gate that reads
+            the LM features only.
+        lm_target (`torch.Tensor`): ``[n]`` log p_LM of each target.
+        knn_target (`torch.Tensor`): ``[n]`` log p_kNN of each target
+            ([`knn_target_log_probs`][hf_knnlm.knnlm.knn_target_log_probs]).
+        training (`GateTraining`, *optional*): how the gate is fitted;
+            ``overrides`` change single fields of it, e.g. ``epochs=100``.
+
+    Returns:
+        [`RetrievalGate`][hf_knnlm.RetrievalGate]: the fitted gate (in eval mode), with ``skip_below``
+        set and what it was fitted on in ``info``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm.knnlm import fit_gate
+    >>> _ = torch.manual_seed(0)
+    >>> unsure = torch.arange(200) % 2 == 0  # where the LM is unsure, the datastore knows the token
+    >>> features = torch.stack([torch.where(unsure, 5.0, 0.5), torch.where(unsure, -5.0, -0.1),
+    ...                         torch.where(unsure, 0.1, 3.0)], dim=-1) + 0.01 * torch.randn(200, 3)
+    >>> lm_target = torch.where(unsure, -5.0, -0.1)
+    >>> knn_target = torch.where(unsure, -0.1, -8.0)
+    >>> gate = fit_gate(features, None, lm_target, knn_target, skip_fraction=0.4,
+    ...                 calibration_fraction=0.0, epochs=100)
+    >>> lmbda = gate.lmbda(features)
+    >>> bool(lmbda[unsure].min() > 0.9), bool(lmbda[~unsure].max() < 0.05)  # trusts p_kNN where it helps
+    (True, True)
+    >>> int((lmbda == 0).sum())  # skip_fraction=0.4 of the 200 tokens are not searched
+    80
+    ```
     """
     training = (training or GateTraining()).replace(**overrides)
     fit = _split(len(lm_target), training.calibration_fraction)
@@ -149,6 +183,34 @@ def train_gate(
         windows (`WindowSettings`, *optional*): the windows (default: the store's).
         training (`GateTraining`, *optional*): how the gate is fitted.
         overrides: single fields of any of the three, e.g. ``k=64, skip_fraction=0.4, max_length=512``.
+
+    Returns:
+        [`RetrievalGate`][hf_knnlm.RetrievalGate]: the fitted gate; ``info`` records the tokens, k,
+        temperature and windows it was fitted with.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, evaluate_perplexity, train_gate
+    >>> _ = torch.manual_seed(0)
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> gate = train_gate(model, tokenizer, text, store, k=4, epochs=20, calibration_fraction=0.0,
+    ...                   disable_progress=True)  # held-out text in practice
+    >>> (store.folder / "gate.safetensors").is_file(), gate.info["train_tokens"]
+    (True, 13)
+    >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.5, gate=True,
+    ...                              disable_progress=True)
+    >>> result.steps, result.searches < result.steps  # the gate skipped some searches
+    (13, True)
+    >>> result.knn_ppl < result.base_ppl
+    True
+    ```
     """
     gate_changes = {name: overrides.pop(name) for name in list(overrides) if name in _TRAINING_FIELDS}
     training = (training or GateTraining()).replace(**gate_changes)

@@ -32,10 +32,11 @@ def load_datastore(datastore: Datastore | str | os.PathLike, **kwargs) -> Datast
 
 class KNNProcessor(LogitsProcessor):
     r"""
-    [`LogitsProcessor`] that turns a causal LM into a kNN-LM (Khandelwal et al., 2020) during
-    generation: the next-token distribution becomes ``lmbda * p_kNN + (1 - lmbda) * p_LM``, where
-    p_kNN is a softmax over the negative squared L2 distances (divided by ``temperature``) of the
-    ``k`` nearest datastore keys to the current FFN input, summed per stored next token.
+    [`LogitsProcessor`](https://huggingface.co/docs/transformers/main/en/internal/generation_utils#logitsprocessor)
+    that turns a causal LM into a kNN-LM (Khandelwal et al., 2020) during generation: the next-token
+    distribution becomes ``lmbda * p_kNN + (1 - lmbda) * p_LM``, where p_kNN is a softmax over the
+    negative squared L2 distances (divided by ``temperature``) of the ``k`` nearest datastore keys to
+    the current FFN input, summed per stored next token.
 
     The processor hooks ``model`` itself (the input of the last layer's FFN) and reads the vector of
     the last position of every sequence. The returned scores are log-probabilities (the incoming
@@ -58,8 +59,8 @@ class KNNProcessor(LogitsProcessor):
         datastore (`Datastore`, `str` or `os.PathLike`):
             A datastore, or a local folder / Hub repo id to load one from.
         k, lmbda, temperature, recompute_dists, retomaton (*optional*):
-            Override single fields of ``settings`` (see [`KNNSettings`]: by default k=1024, lmbda=0.25,
-            the store's calibrated temperature, approximate distances, no RetoMaton).
+            Override single fields of ``settings`` (see [`KNNSettings`][hf_knnlm.KNNSettings]: by default
+            k=1024, lmbda=0.25, the store's calibrated temperature, approximate distances, no RetoMaton).
         hook_module (`str`, *optional*):
             The module to hook; defaults to the one recorded in the datastore.
         tokenizer (`PreTrainedTokenizerBase`, *optional*):
@@ -68,7 +69,7 @@ class KNNProcessor(LogitsProcessor):
         gate (`RetrievalGate`, `bool` or a path, *optional*):
             Adaptive retrieval: a gate (`True`: the one saved with the store) sets lmbda per step
             and skips the search where it predicts no gain.
-        settings ([`KNNSettings`], *optional*):
+        settings (`KNNSettings`, *optional*):
             All of the above at once; the processor keeps them, resolved for the store, as ``settings``.
 
     Examples:

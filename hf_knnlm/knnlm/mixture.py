@@ -1,4 +1,5 @@
-"""The kNN-LM distribution and its interpolation with the LM, in log space, from [`Neighbours`].
+"""The kNN-LM distribution and its interpolation with the LM, in log space, from the
+[`Neighbours`][hf_knnlm.Neighbours] of a search.
 
 p_kNN(w) = sum over neighbours j with value w of softmax(-d_j / T + log count_j), and the output is
 log(lmbda * p_kNN + (1 - lmbda) * p_LM), computed with ``logaddexp`` so that lmbda = 0 returns the
@@ -61,7 +62,7 @@ def knn_target_log_probs(neighbours: Neighbours, targets: torch.Tensor, temperat
     """log p_kNN(target) of each row, without materialising the vocabulary: ``[Q, k]`` -> ``[Q]``.
 
     Args:
-        neighbours ([`Neighbours`][hf_knnlm.Neighbours]): ``[Q, k]`` neighbours of ``Q`` queries.
+        neighbours (`Neighbours`): ``[Q, k]`` neighbours of ``Q`` queries.
         targets (`torch.Tensor`): ``[Q]`` the token id to score in each row.
         temperature (`float`): divides the squared L2 distances before the softmax over neighbours.
 
@@ -143,9 +144,9 @@ def mix(
     """The kNN-LM log-probs over the vocabulary, ``[Q, V]``, from ``[Q, V]`` LM log-probs.
 
     Args:
-        neighbours ([`Neighbours`][hf_knnlm.Neighbours]): ``[Q, k]`` neighbours of the ``Q`` queries.
+        neighbours (`Neighbours`): ``[Q, k]`` neighbours of the ``Q`` queries.
         lm_log_probs (`torch.Tensor`): ``[Q, V]`` LM log-probs.
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings]): ``lmbda`` and ``temperature`` (resolved for the
+        settings (`KNNSettings`): ``lmbda`` and ``temperature`` (resolved for the
             store: ``settings.resolve(datastore)``).
         lmbda (`torch.Tensor`, *optional*): ``[Q]`` per-row weights (a gate's); overrides
             ``settings.lmbda``.
@@ -186,10 +187,10 @@ def mix_targets(
     score every token of a text this way.
 
     Args:
-        neighbours ([`Neighbours`][hf_knnlm.Neighbours]): ``[Q, k]`` neighbours of the ``Q`` queries.
+        neighbours (`Neighbours`): ``[Q, k]`` neighbours of the ``Q`` queries.
         lm_target_log_probs (`torch.Tensor`): ``[Q]`` the LM's log-prob of each target.
         targets (`torch.Tensor`): ``[Q]`` the target token ids.
-        settings ([`KNNSettings`][hf_knnlm.KNNSettings]): ``lmbda`` and ``temperature`` (resolved).
+        settings (`KNNSettings`): ``lmbda`` and ``temperature`` (resolved).
         lmbda (`torch.Tensor`, *optional*): ``[Q]`` per-row weights (a gate's); overrides
             ``settings.lmbda``.
 

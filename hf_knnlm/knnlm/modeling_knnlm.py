@@ -150,11 +150,13 @@ class KNNLMForCausalLM(PreTrainedModel):
     A causal LM whose next-token distribution is the kNN-LM mixture
     ``log(lmbda * p_kNN + (1 - lmbda) * p_LM)``.
 
-    ``forward`` returns a [`~modeling_outputs.CausalLMOutputWithPast`] whose ``logits`` are the
-    mixed log-probabilities and whose ``loss`` is the kNN-LM negative log-likelihood of ``labels``
-    (shifted inside, ``-100`` ignored, as in transformers). ``generate`` mixes automatically through
-    a [`KNNProcessor`]. Every other attribute is read from the base model. ``save_pretrained``
-    writes only this wrapper's ``config.json`` (and, if asked, the datastore), never base weights.
+    ``forward`` returns a
+    [`CausalLMOutputWithPast`](https://huggingface.co/docs/transformers/main/en/main_classes/output#transformers.modeling_outputs.CausalLMOutputWithPast)
+    whose ``logits`` are the mixed log-probabilities and whose ``loss`` is the kNN-LM negative
+    log-likelihood of ``labels`` (shifted inside, ``-100`` ignored, as in transformers). ``generate``
+    mixes automatically through a [`KNNProcessor`][hf_knnlm.KNNProcessor]. Every other attribute is
+    read from the base model. ``save_pretrained`` writes only this wrapper's ``config.json`` (and, if
+    asked, the datastore), never base weights.
 
     Examples:
 
@@ -236,11 +238,11 @@ class KNNLMForCausalLM(PreTrainedModel):
         Args:
             pretrained_model_name_or_path: a `PreTrainedModel`, a base model id/path (loaded with
                 `AutoModelForCausalLM.from_pretrained(..., **model_kwargs)`, e.g. ``gguf_file=``), or
-                a folder / repo saved by [`~KNNLMForCausalLM.save_pretrained`].
+                a folder / repo saved by [`save_pretrained`][hf_knnlm.KNNLMForCausalLM.save_pretrained].
             datastore: a `Datastore`, a folder or a Hub repo id; defaults to the saved one.
-            settings ([`KNNSettings`], *optional*): the kNN-LM settings (default: the saved ones, else
-                ``KNNSettings()``); ``k``, ``lmbda``, ``temperature``, ``recompute_dists``, ``retomaton``
-                and ``gate`` override single fields.
+            settings (`KNNSettings`, *optional*): the kNN-LM settings (default:
+                the saved ones, else ``KNNSettings()``); ``k``, ``lmbda``, ``temperature``,
+                ``recompute_dists``, ``retomaton`` and ``gate`` override single fields.
             datastore_kwargs: passed to `Datastore.from_pretrained` (revision, token, ...).
             tokenizer: the tokenizer used with the model, checked against the datastore's fingerprint.
         """
@@ -288,14 +290,15 @@ class KNNLMForCausalLM(PreTrainedModel):
     def push_to_hub(
         self, repo_id: str, *, save_datastore: bool = False, commit_message: str | None = None, **kwargs: Any
     ) -> Any:
-        """Save into a temporary folder (:meth:`save_pretrained`) and upload it to ``repo_id`` in one commit.
+        """Save into a temporary folder ([`save_pretrained`][hf_knnlm.KNNLMForCausalLM.save_pretrained]) and
+        upload it to ``repo_id`` in one commit.
 
         Args:
             repo_id (`str`): the Hub model repository (created if missing).
             save_datastore (`bool`, defaults to `False`): upload the datastore too, in ``datastore/``.
             commit_message (`str`, *optional*): defaults to "Upload kNN-LM model".
             kwargs: ``revision``, ``private``, ``token``, ``create_pr``, ``commit_description`` go to the
-                upload; ``max_shard_size`` to :meth:`save_pretrained`.
+                upload; ``max_shard_size`` to [`save_pretrained`][hf_knnlm.KNNLMForCausalLM.save_pretrained].
         """
         hub_kwargs = {name: kwargs.pop(name) for name in PUSH_OPTIONS if name in kwargs}
         return push_folder(
@@ -377,8 +380,8 @@ class KNNLMForCausalLM(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, *args: Any, logits_processor: LogitsProcessorList | None = None, **kwargs: Any):
-        """``base_model.generate`` with a [`KNNProcessor`] for the current settings appended to
-        ``logits_processor``; its hook comes off the base model when generation returns."""
+        """``base_model.generate`` with a [`KNNProcessor`][hf_knnlm.KNNProcessor] for the current settings
+        appended to ``logits_processor``; its hook comes off the base model when generation returns."""
         # A processor per call: it sees this call's settings, and another thread's generate has its own.
         processor = KNNProcessor(self.model, self.datastore, settings=self._current_settings())
         with processor:

@@ -1,10 +1,12 @@
 """Where a step's neighbours come from: a plain search, RetoMaton's pointers or the adaptive-retrieval gate.
 
-One protocol (:class:`SearchPolicy`) and one resolver (:func:`search_policy`) serve generation
-(:class:`~hf_knnlm.KNNProcessor`), the wrapper's forward (:class:`~hf_knnlm.KNNLMForCausalLM`) and
-teacher-forced evaluation (:func:`~hf_knnlm.evaluate_perplexity`) alike. A policy maps a :class:`Step`
-(the queries of a batch and what it needs to know about them) to the step's :class:`Neighbours` and,
-for the gate, a per-row lmbda; every policy counts its steps and searches (:class:`RetrievalStats`).
+One protocol ([`SearchPolicy`][hf_knnlm.knnlm.SearchPolicy]) and one resolver
+([`search_policy`][hf_knnlm.knnlm.search_policy]) serve generation ([`KNNProcessor`][hf_knnlm.KNNProcessor]),
+the wrapper's forward ([`KNNLMForCausalLM`][hf_knnlm.KNNLMForCausalLM]) and teacher-forced evaluation
+([`evaluate_perplexity`][hf_knnlm.evaluate_perplexity]) alike. A policy maps a [`Step`][hf_knnlm.knnlm.Step]
+(the queries of a batch and what it needs to know about them) to the step's
+[`Neighbours`][hf_knnlm.Neighbours] and, for the gate, a per-row lmbda; every policy counts its steps and
+searches ([`RetrievalStats`][hf_knnlm.knnlm.RetrievalStats]).
 
 Policies with state (RetoMaton's pointer sets) serve one sequence stream at a time: their users
 keep one per thread.
@@ -43,6 +45,24 @@ class Step:
         parents: for rows that are parallel sequences (generation), the row of the previous call each
             row continues (-1: a new sequence); None means the rows are consecutive positions of one
             stream (teacher forcing), row 0 continuing the last row of the previous call.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, KNNSettings
+    >>> from hf_knnlm.knnlm import Step, search_policy
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "step-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> policy = search_policy(store, KNNSettings(k=4).resolve(store))
+    >>> queries = torch.from_numpy(store.keys.take([0, 1, 2]).astype("float32"))
+    >>> found, lmbda = policy(Step(queries))  # three queries of one batch
+    >>> found.ids[:, 0].tolist(), lmbda  # each stored key is its own nearest; no per-row lmbda
+    ([0, 1, 2], None)
+    ```
     """
 
     queries: torch.Tensor
@@ -54,7 +74,38 @@ class Step:
 
 @dataclass
 class RetrievalStats:
-    """Steps (queries) answered and faiss searches run (one per searched query)."""
+    """Steps (queries) answered and faiss searches run (one per searched query).
+
+    Every policy counts its own; [`KNNProcessor`][hf_knnlm.KNNProcessor] adds those of its threads up
+    as ``retrieval_stats``, and [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity] reports them.
+
+    Args:
+        steps (`int`, defaults to 0): queries answered.
+        searches (`int`, defaults to 0): queries answered by a faiss search (the others by RetoMaton's
+            pointers, or skipped by the gate).
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
+    >>> from hf_knnlm import Datastore, KNNProcessor
+    >>> from hf_knnlm.knnlm import RetrievalStats
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat. The dog sat on the log."],
+    ...                         "stats-store", max_length=16, stride=8, disable_progress=True)
+    >>> inputs = tokenizer("The cat", return_tensors="pt")
+    >>> knn = KNNProcessor(model, store, k=4, lmbda=1.0, retomaton=1)  # RetoMaton: follow the corpus
+    >>> out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+    ...                      logits_processor=LogitsProcessorList([knn]))
+    >>> tokenizer.decode(out[0])
+    'The cat sat on the mat. The'
+    >>> knn.retrieval_stats  # one search, then the stored continuation's pointers
+    RetrievalStats(steps=6, searches=1)
+    >>> (RetrievalStats(10, 4) + RetrievalStats(6, 6)).to_dict()
+    {'steps': 16, 'searches': 10, 'searches_saved': 0.375}
+    ```
+    """
 
     steps: int = 0
     searches: int = 0
@@ -72,7 +123,36 @@ class RetrievalStats:
 
 
 class SearchPolicy(Protocol):
-    """What the kNN-LM entry points call for the neighbours of a step."""
+    """What the kNN-LM entry points call for the neighbours of a step.
+
+    A policy is called with a [`Step`][hf_knnlm.knnlm.Step] and returns the step's
+    [`Neighbours`][hf_knnlm.Neighbours] and, for the gate, a ``[Q]`` lmbda per row (else None); rows
+    without a search have no neighbour (id -1, distance ``inf``) and so no kNN mass. ``stats`` counts
+    steps and searches; ``reset`` forgets the state of a sequence stream (RetoMaton's pointers).
+    [`search_policy`][hf_knnlm.knnlm.search_policy] makes the one that settings ask for.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, KNNSettings, RetrievalGate
+    >>> from hf_knnlm.knnlm import Step, search_policy
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "policy-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> gate = RetrievalGate(hidden_size=0, skip_below=1.0)  # a gate that skips every search
+    >>> policy = search_policy(store, KNNSettings(k=4, gate=True).resolve(store), gate)
+    >>> queries = torch.from_numpy(store.keys.take([0, 1, 2]).astype("float32"))
+    >>> lm_log_probs = torch.log_softmax(torch.zeros(3, model.config.vocab_size), dim=-1)
+    >>> found, lmbda = policy(Step(queries, lm_log_probs=lm_log_probs))
+    >>> lmbda, found.ids[:, 0].tolist()  # lmbda 0 and no neighbour: these steps keep p_LM exactly
+    (tensor([0., 0., 0.]), [-1, -1, -1])
+    >>> policy.stats
+    RetrievalStats(steps=3, searches=0)
+    ```
+    """
 
     lm_features: Callable[[torch.Tensor], torch.Tensor] | None  # what it needs from the LM, if anything
     follows_tokens: bool  # whether Step.tokens / Step.parents matter
@@ -199,8 +279,37 @@ def policy_name(settings: KNNSettings) -> str:
 def search_policy(
     datastore: Datastore, settings: KNNSettings, gate: RetrievalGate | str | os.PathLike | None = None
 ) -> SearchPolicy:
-    """The policy ``settings`` (already resolved for ``datastore``) ask for; ``gate`` is a gate object or
-    file to use instead of the one saved with the store."""
+    """The policy ``settings`` ask for: RetoMaton (``settings.retomaton``), the adaptive-retrieval gate
+    (``settings.gate``) or one plain faiss search per query.
+
+    Args:
+        datastore (`Datastore`): the store searched.
+        settings (`KNNSettings`): already resolved for ``datastore``
+            (``settings.resolve(datastore)``).
+        gate (`RetrievalGate`, `str` or `os.PathLike`, *optional*): a gate, or
+            a gate file, to use instead of the one saved with the store.
+
+    Returns:
+        [`SearchPolicy`][hf_knnlm.knnlm.SearchPolicy]: a new policy (with its own counts and state).
+
+    Examples:
+
+    ```python
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, KNNSettings, RetrievalGate
+    >>> from hf_knnlm.knnlm import search_policy
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "resolve-store",
+    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> for settings in (KNNSettings(k=4), KNNSettings(k=4, retomaton=8), KNNSettings(k=4, gate=True)):
+    ...     policy = search_policy(store, settings.resolve(store), gate=RetrievalGate(hidden_size=0))
+    ...     print(type(policy).__name__, policy.follows_tokens)
+    PlainSearch False
+    RetoMatonSearch True
+    GatedSearch False
+    ```
+    """
     return _POLICIES[policy_name(settings)](datastore, settings, gate)
 
 

@@ -9,7 +9,7 @@ their stored keys) and skips the faiss search; otherwise it searches as plain kN
 
 As in the paper, a pointer also stands for the cluster of entries its target belongs to: the
 pointed entries are topped up with the other members of their clusters (the IVF lists of the
-store's index, :class:`~hf_knnlm.datastore.clusters.Clusters`) up to ``pool`` candidates (4k by
+store's index, [`Clusters`][hf_knnlm.datastore.clusters.Clusters]) up to ``pool`` candidates (4k by
 default), of which the ``k`` nearest by exact distance are kept, so that a few surviving pointers
 give a neighbourhood of ``k`` entries, as a search would, rather than a peaked distribution over a
 handful. ``clusters=False`` (or a ``Flat`` store, which has no lists) follows the pointers alone.

@@ -1,9 +1,9 @@
 """A text scored by the LM and its datastore: per target token, log p_LM(target) and the neighbours.
 
-Evaluation, tuning, gate training and the retrieval-augmented LMs read a text the same way: the
-sliding windows of :mod:`hf_knnlm.lm.windows`, one forward pass and one policy call (a search, or
-RetoMaton / the gate) per batch of windows, yielding :class:`ScoredTokens` in corpus order. Nothing
-of size ``[tokens x vocab]`` is kept: the LM's log-prob of each target is gathered per batch.
+Evaluation, tuning, gate training and the retrieval-augmented LMs read a text the same way: the sliding
+windows of ``hf_knnlm.lm.windows``, one forward pass and one policy call (a search, or RetoMaton / the gate)
+per batch of windows, yielding [`ScoredTokens`][hf_knnlm.knnlm.ScoredTokens] in corpus order. Nothing of size
+``[tokens x vocab]`` is kept: the LM's log-prob of each target is gathered per batch.
 """
 
 from __future__ import annotations
@@ -38,10 +38,28 @@ class ScoredTokens:
     Attributes:
         lm_log_probs: ``[n]`` log p_LM(target), float32.
         targets: ``[n]`` the target token ids.
-        neighbours: the targets' :class:`Neighbours` (None before a search).
+        neighbours: the targets' [`Neighbours`][hf_knnlm.Neighbours] (None before a search).
         lmbda: ``[n]`` per-token weights of a gate (0 = not searched), or None.
         queries: ``[n, d]`` the FFN inputs, when kept (to search several stores with one model pass).
         lm_features: ``[n, F]`` LM features (a gate's inputs), when asked for.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from hf_knnlm import KNNSettings, Neighbours
+    >>> from hf_knnlm.knnlm import ScoredTokens
+    >>> nb = Neighbours(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[3, 4], [5, 6]]),
+    ...                 torch.tensor([[1, 2], [2, 2]]))
+    >>> scored = ScoredTokens(torch.tensor([0.5, 0.1]).log(), targets=torch.tensor([1, 2]), neighbours=nb)
+    >>> settings = KNNSettings(k=2, lmbda=0.5, temperature=1.0)
+    >>> scored.mixed(settings).exp()  # 0.5 * p_kNN(y) + 0.5 * p_LM(y) of each target
+    tensor([0.6155, 0.5500])
+    >>> torch.equal(scored.mixed(settings.replace(lmbda=0.0)), scored.lm_log_probs)
+    True
+    >>> len(ScoredTokens.cat([scored, scored]))
+    4
+    ```
     """
 
     lm_log_probs: torch.Tensor
@@ -200,11 +218,47 @@ def collect_queries(
     disable_progress: bool | None = None,
     **window_overrides: int,
 ) -> ScoredTokens:
-    """Run the model once over ``data`` (the windows of :func:`~hf_knnlm.evaluate_perplexity`) and keep
-    the queries and LM target log-probs, so that several stores or settings can be searched without the
-    model (:meth:`ScoredTokens.search`); memory is ``num_tokens * (hidden_size + 3) * 4`` bytes.
+    """Run the model once over ``data`` (the windows of [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity])
+    and keep the queries and LM target log-probs, so that several stores or settings can be searched without
+    the model ([`ScoredTokens.search`][hf_knnlm.knnlm.ScoredTokens.search]); memory is
+    ``num_tokens * (hidden_size + 3) * 4`` bytes.
 
-    ``datastore`` says which FFN module to hook and is checked for compatibility.
+    Args:
+        model (`torch.nn.Module`): the model that built ``datastore``.
+        tokenizer (`PreTrainedTokenizerBase`): its tokenizer.
+        data: a list of strings, a text file or a `datasets.Dataset` (``text_column``).
+        datastore (`Datastore`): says which FFN module to hook and is checked
+            for compatibility; it is not searched.
+        windows (`WindowSettings`, *optional*): max_length / stride
+            (default: the store's) and batch_size; ``window_overrides`` change single fields.
+        max_tokens (`int`, *optional*): keep only the first ``max_tokens`` tokens.
+
+    Returns:
+        [`ScoredTokens`][hf_knnlm.knnlm.ScoredTokens]: ``lm_log_probs``, ``targets`` and ``queries``
+        of every scored token, without neighbours.
+
+    Examples:
+
+    ```python
+    >>> import math
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, KNNSettings, evaluate_perplexity
+    >>> from hf_knnlm.knnlm import collect_queries
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "queries-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> cache = collect_queries(model, tokenizer, text, store, disable_progress=True)
+    >>> cache.queries.shape, cache.neighbours  # 13 scored tokens, 32-wide queries, nothing searched
+    (torch.Size([13, 32]), None)
+    >>> settings = KNNSettings(k=4, lmbda=0.5).resolve(store)
+    >>> searched = cache.search(store, k=4)  # no model run
+    >>> ppl = math.exp(-searched.mixed(settings).double().mean().item())
+    >>> result = evaluate_perplexity(model, tokenizer, text, store, settings=settings, disable_progress=True)
+    >>> math.isclose(ppl, result.knn_ppl, rel_tol=1e-6)  # what a full evaluation gives
+    True
+    ```
     """
     windows = (windows or WindowSettings()).replace(**window_overrides)
     windows = windows.resolve((datastore.config.max_length, datastore.config.stride))

@@ -7,10 +7,10 @@ one as ``settings=`` and states no default of its own; keyword arguments such as
 single fields. Like peft's configs: ``help`` metadata on every field, validation in
 ``__post_init__`` (and on every assignment), unknown keys tolerated with a warning when read back.
 
-``temperature=None`` means the datastore's calibrated temperature (recorded when the store was built,
-see :func:`hf_knnlm.datastore.calibration.calibrate_temperature`): squared L2 distances between FFN
-inputs are in the tens to thousands, so a fixed temperature of 1 makes p_kNN a one-hot on the nearest
-neighbour and usually hurts. :meth:`KNNSettings.resolve` fills it in for one store.
+``temperature=None`` means the datastore's calibrated temperature (recorded when the store was built, see
+``calibrate_temperature``): squared L2 distances between FFN inputs are in the tens to thousands, so a fixed
+temperature of 1 makes p_kNN a one-hot on the nearest neighbour and usually hurts.
+[`KNNSettings.resolve`][hf_knnlm.KNNSettings.resolve] fills it in for one store.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tuning lmbda, temperature and k of a kNN-LM from one forward pass and one neighbour search.
 
-The cache is :class:`~hf_knnlm.knnlm.scored.ScoredTokens` over the whole tuning text: per scored
+The cache is [`ScoredTokens`][hf_knnlm.knnlm.scored.ScoredTokens] over the whole tuning text: per scored
 token, log p_LM(target) and its ``k`` nearest neighbours' squared L2 distances (float32) and values
 (int32), so ``num_tokens * k * 8`` bytes, capped by ``max_cache_bytes``. Every
 (lmbda, temperature, k' <= k) point is then computed from the cache alone, never re-running the model.
@@ -54,17 +54,40 @@ class TuningPoint(Output):
 
 @dataclass
 class TuningOutput(Output):
-    """The result of :func:`tune` (also readable as a dict: ``result["best"]["lmbda"]``).
+    """The result of [`tune`][hf_knnlm.tune] (also readable as a dict: ``result["best"]["lmbda"]``).
 
     Attributes:
         base_ppl: perplexity of the model alone on the tuning text.
         num_tokens: tokens scored (the text may be cut to fit ``max_cache_bytes``).
         k_searched: neighbours searched once per token.
         median_nn_distance: median squared L2 distance to the nearest neighbour (the temperature scale).
-        best: the point of lowest perplexity; :attr:`best_settings` as a :class:`KNNSettings`.
+        best: the point of lowest perplexity; [`best_settings`][hf_knnlm.TuningOutput.best_settings] as a
+            [`KNNSettings`][hf_knnlm.KNNSettings].
         points: every point of the grid.
         settings: the windows, search settings and store the cache was made with.
         json, plot: the files written (``tune_results.json``, ``tune_plot.png``).
+
+    Examples:
+
+    ```python
+    >>> import json
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, tune
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = tune(model, tokenizer, text, store, "output-tuning", k=4, lmbdas=[0.25, 0.5],
+    ...               temperatures=[10.0], disable_progress=True)
+    >>> result["best"]["lmbda"], result.best_settings.lmbda  # a dataclass that reads like a dict
+    (0.5, 0.5)
+    >>> len(result.points), result.k_searched, result.num_tokens  # 2 lmbdas x 1 temperature x ks (4)
+    (2, 4, 13)
+    >>> with open(result.json) as f:  # the same numbers, on disk
+    ...     json.load(f)["best"]["knn_ppl"] == result.best.knn_ppl
+    True
+    ```
     """
 
     base_ppl: float
@@ -102,7 +125,7 @@ def build_tuning_cache(
 
     The cache (``num_tokens * k * 8`` bytes) is cut to ``max_cache_bytes``: only the first
     ``max_cache_bytes // (8 k)`` targets are scored (with a warning). Other arguments are those of
-    :func:`~hf_knnlm.evaluate_perplexity`.
+    [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity].
     """
     settings, windows = settings_from(settings, windows, overrides)
     settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
@@ -244,8 +267,35 @@ def tune(
         overrides: single fields of any of the three, e.g. ``k=256, lmbdas=[0.1, 0.3]``.
 
     Returns:
-        [`TuningOutput`]: ``base_ppl``, ``best`` (``k``, ``temperature``, ``lmbda``, ``knn_ppl``; as
-        settings: ``best_settings``), every point, and the paths under ``json`` / ``plot``.
+        [`TuningOutput`][hf_knnlm.TuningOutput]: ``base_ppl``, ``best`` (``k``, ``temperature``,
+        ``lmbda``, ``knn_ppl``; as settings: ``best_settings``), every point, and the paths under
+        ``json`` / ``plot``.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm import Datastore, tune
+    >>> _ = torch.manual_seed(0)
+    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
+    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> store = Datastore.build(model, tokenizer, text, "tune-store", max_length=16, stride=8,
+    ...                         disable_progress=True)
+    >>> result = tune(model, tokenizer, text, store, "tuning", k=8, lmbdas=[0.0, 0.5, 0.9], ks=[1, 8],
+    ...               temperatures=[1.0, 10.0], disable_progress=True)
+    >>> len(result.points)  # 3 lmbdas x 2 temperatures x 2 ks, from one search of k=8 per token
+    12
+    >>> all(p.knn_ppl == result.base_ppl for p in result.points if p.lmbda == 0.0)  # lmbda=0: the LM
+    True
+    >>> result.best.lmbda, result.best.knn_ppl < result.base_ppl  # the store holds this very text
+    (0.9, True)
+    >>> result.best_settings  # for every kNN-LM entry point
+    KNNSettings(k=1, lmbda=0.9, temperature=1.0, recompute_dists=False, retomaton=None, gate=False)
+    >>> result.json, result.plot
+    ('tuning/tune_results.json', 'tuning/tune_plot.png')
+    ```
     """
     grid_changes = {
         name: overrides.pop(name) for name in list(overrides) if name in TuningGrid.__dataclass_fields__

@@ -15,7 +15,40 @@ DEFAULT_KS = (8, 32, 128, 512, 1024)
 
 @dataclass
 class TuningGrid:
-    """lmbda x temperature x k points of a sweep (every point is computed from one cached search)."""
+    """lmbda x temperature x k points of a sweep (every point is computed from one cached search).
+
+    Given to [`tune`][hf_knnlm.tune] as ``grid=`` (or field by field: ``tune(..., lmbdas=[0.1, 0.3])``);
+    every value is checked when the grid is made.
+
+    Args:
+        lmbdas (`tuple[float, ...]`): lmbda values to try, each in [0, 1].
+        temperatures (`tuple[float, ...]`, *optional*): temperatures to try; default:
+            ``temperature_multiples`` x the median nearest-neighbour distance of the text, plus 1 and 10.
+        temperature_multiples (`tuple[float, ...]`): multiples of that distance used by default.
+        ks (`tuple[int, ...]`, *optional*): k values to try, each at most the k searched; default:
+            those of ``DEFAULT_KS`` below it, and it.
+        max_cache_bytes (`int`, defaults to 1 GiB): cap of the neighbour cache (tokens x k x 8 bytes);
+            the text is cut to fit.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm import TuningGrid
+    >>> grid = TuningGrid(lmbdas=[0.1, 0.3], ks=[8, 64])
+    >>> grid.lmbdas, grid.ks  # lists are kept as tuples
+    ((0.1, 0.3), (8, 64))
+    >>> TuningGrid().ks_for(100)  # the default ks below the k searched, and it
+    (8, 32, 100)
+    >>> TuningGrid(lmbdas=[0.1, 1.5])
+    Traceback (most recent call last):
+    ...
+    ValueError: lmbda=1.5 must be a number in [0, 1]: it is the weight of p_kNN in the mixture.
+    >>> grid.check_ks(32)  # a cache of 32 neighbours per token cannot answer k=64
+    Traceback (most recent call last):
+    ...
+    ValueError: k=64 must be an integer in [1, 32] (the k searched once for the cache).
+    ```
+    """
 
     lmbdas: tuple[float, ...] = field(
         default=(0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),

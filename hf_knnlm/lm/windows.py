@@ -38,8 +38,9 @@ DEFAULT_MAX_LENGTH, DEFAULT_STRIDE = 1024, 512
 class WindowSettings:
     """The sliding windows a text is run in (building a store, scoring, tuning, training a gate).
 
-    ``None`` means: the windows the datastore was built with (scoring a text as its store was built
-    is the protocol), else ``DEFAULT_MAX_LENGTH`` / ``DEFAULT_STRIDE``; :meth:`resolve` fills them in.
+    ``None`` means: the windows the datastore was built with (scoring a text as its store was built is the
+    protocol), else ``DEFAULT_MAX_LENGTH`` / ``DEFAULT_STRIDE``; [`resolve`][hf_knnlm.WindowSettings.resolve]
+    fills them in.
 
     Examples:
 
@@ -75,7 +76,7 @@ class WindowSettings:
 
     def resolve(self, recorded: tuple[int | None, int | None] = (None, None)) -> WindowSettings:
         """Concrete windows: the given ones, else the ``recorded`` ones (a recorded stride only with the
-        recorded max_length), else the defaults; checked with :func:`check_window_args`."""
+        recorded max_length), else the defaults; checked with ``check_window_args``."""
         max_length, stride = window_settings(self.max_length, self.stride, recorded)
         check_window_args(max_length, stride)
         return WindowSettings(max_length, stride, self.batch_size)

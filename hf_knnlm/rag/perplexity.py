@@ -11,8 +11,8 @@ that retrieved passage ``d`` is scored from **one** forward pass over ``d ⊕ to
 the cost. Blocks that retrieved nothing keep the base model's log-probs from the plain window pass, so an
 empty retriever gives the base model's perplexity exactly.
 
-With a datastore, the kNN-LM is mixed in through the same :class:`~hf_knnlm.KNNSettings` and
-:func:`~hf_knnlm.knnlm.mixture.mix_targets` as everywhere else (merge counts of a pruned store
+With a datastore, the kNN-LM is mixed in through the same [`KNNSettings`][hf_knnlm.KNNSettings] and
+[`mix_targets`][hf_knnlm.knnlm.mixture.mix_targets] as everywhere else (merge counts of a pruned store
 included): alone over the plain windows, and into In-Context RALM with the queries of the
 passage-prefixed pass.
 """
@@ -53,7 +53,8 @@ _SEARCH_CHUNK = 1024
 
 @dataclass
 class RetrievalPerplexityOutput(Output):
-    """The result of :func:`evaluate_retrieval_perplexity` (also readable as a dict).
+    """The result of [`evaluate_retrieval_perplexity`][hf_knnlm.rag.evaluate_retrieval_perplexity] (also
+    readable as a dict).
 
     Attributes:
         base_ppl: the model alone; ppl: In-Context RALM / REPLUG; knn_ppl: the kNN-LM alone;
@@ -322,11 +323,11 @@ def evaluate_retrieval_perplexity(
 
     Args:
         retriever: any object with ``search(queries, k) -> (scores, doc_ids)``, ``titles`` and ``texts``.
-        retrieval ([`RetrievalSettings`][hf_knnlm.rag.RetrievalSettings], *optional*): num_documents,
+        retrieval (`RetrievalSettings`, *optional*): num_documents,
             retrieval_stride, query_length, document_temperature, max_document_tokens.
-        datastore, knn ([`KNNSettings`][hf_knnlm.KNNSettings], *optional*): the kNN-LM, as in
+        datastore, knn (`KNNSettings`, *optional*): the kNN-LM, as in
             ``evaluate_perplexity``.
-        windows ([`WindowSettings`][hf_knnlm.WindowSettings], *optional*): the windows (default: the
+        windows (`WindowSettings`, *optional*): the windows (default: the
             store's, as ``evaluate_perplexity``); text_column, max_tokens: as in ``evaluate_perplexity``.
         row_batch_size: document-prefixed rows per forward pass.
         overrides: single fields of any of the three settings objects, e.g. ``num_documents=4, k=64``.

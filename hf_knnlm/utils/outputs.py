@@ -8,7 +8,7 @@ from typing import Any
 
 class Output:
     """Mixin for result dataclasses: ``result.knn_ppl``, ``result["knn_ppl"]``, ``dict(result)`` and a
-    JSON-ready :meth:`to_dict` (nested dataclasses become dicts)."""
+    JSON-ready ``to_dict`` (nested dataclasses become dicts)."""
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
