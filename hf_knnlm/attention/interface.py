@@ -18,6 +18,7 @@ unchanged, so an empty memory is the base model.
 from __future__ import annotations
 
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,7 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, dtype: tor
     return mask.to(dtype)
 
 
-class LayerState:
+class LayerState(ABC):
     """One attention layer's memory: keeps the layer's inputs of the last call and commits them.
 
     Subclasses define ``ready``, ``attend``, ``_store`` and ``clear``.
@@ -117,17 +118,17 @@ class LayerState:
     # hooks set ``hidden_now`` on every call, ``hidden`` only while collecting
     hidden_now: torch.Tensor
 
-    def ready(self) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def ready(self) -> bool: ...
 
-    def attend(self, module, query, key, value, attention_mask, *, base, **kwargs):  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def attend(self, module, query, key, value, attention_mask, *, base, **kwargs): ...
 
-    def _store(self, hidden, keys, values, positions) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _store(self, hidden, keys, values, positions) -> None: ...
 
-    def clear(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def clear(self) -> None: ...
 
 
 class RetrievalContext:
