@@ -441,8 +441,8 @@ class Datastore(HubMixin):
 
         Args:
             index_factory (`str`): faiss index-factory string, e.g. ``"IVF1024,PQ64"`` or ``"Flat"``.
-            output_dir (`str` or `os.PathLike`): a new folder; keys and values are copied, not linked,
-                so the two stores share no file.
+            output_dir (`str` or `os.PathLike`): a new folder; only the index is written: keys and values
+                are hard links to this store's (copies across file systems), never written in place.
             train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
         """
