@@ -137,9 +137,8 @@ def tiny_realm(
 
 
 def write_tiny_squad(path: str | os.PathLike) -> Path:
-    """Write [`TINY_SQUAD`][hf_knnlm.open_qa.testing.TINY_SQUAD] to ``path`` as a SQuAD v1.1 JSON file: two
-    articles, ``cats`` (one paragraph, one question "where does the cat sit", answer "the mat") and ``dogs``
-    (one paragraph, no question).
+    """Write ``TINY_SQUAD`` to ``path`` as a SQuAD v1.1 JSON file: two articles, ``cats`` (one paragraph,
+    one question "where does the cat sit", answer "the mat") and ``dogs`` (one paragraph, no question).
 
     Examples:
 
