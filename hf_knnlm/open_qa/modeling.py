@@ -143,7 +143,8 @@ class RealmForOpenQA(RealmPreTrainedModel):
     ```python
     >>> import torch
     >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> from hf_knnlm.open_qa.testing import TINY_DOCUMENTS, tiny_encoder_config, tiny_tokenizer
+    >>> from hf_knnlm.open_qa.testing import TINY_DOCUMENTS
+    >>> from hf_knnlm.retrieval.testing import tiny_encoder_config, tiny_tokenizer
     >>> tokenizer = tiny_tokenizer()  # a word-level BertTokenizerFast
     >>> encoder = tiny_encoder_config(len(tokenizer))  # a 1-layer BertConfig, e.g. all-MiniLM-L6-v2's config
     >>> _ = torch.manual_seed(0)

@@ -1,9 +1,10 @@
 """Tiny random REALM parts built in-process, for examples and tests (as transformers' testing utilities).
 
-Nothing is downloaded and nothing is trained: a word-level BERT tokenizer over a handful of words, a random
-one-layer BERT retriever + reader of width 32, and a [`DocumentIndex`][hf_knnlm.open_qa.DocumentIndex] of
-two documents embedded by it. The numbers such a model gives mean nothing; the shapes, types and file
-layouts are those of a real one (e.g. a REALM built on ``all-MiniLM-L6-v2``).
+Nothing is downloaded and nothing is trained: the word-level BERT tokenizer and one-layer BERT config of
+[`hf_knnlm.retrieval.testing`][hf_knnlm.retrieval.testing], a random retriever + reader built from them, and
+a [`DocumentIndex`][hf_knnlm.open_qa.DocumentIndex] of two documents embedded by it. The numbers such a
+model gives mean nothing; the shapes, types and file layouts are those of a real one (e.g. a REALM built
+on ``all-MiniLM-L6-v2``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from transformers import BertConfig, BertTokenizerFast
+from transformers import BertTokenizerFast
 
 from ..retrieval.document_index import DocumentIndex
+from ..retrieval.testing import tiny_encoder_config, tiny_tokenizer
 from ..utils.files import atomic_write_json
 from .configuration import RealmConfig
 from .modeling import RealmForOpenQA
@@ -23,9 +25,6 @@ from .modeling import RealmForOpenQA
 TINY_DOCUMENTS: tuple[dict[str, str], ...] = (
     {"id": "paris", "title": "france", "text": "paris is the capital of france"},
     {"id": "rome", "title": "italy", "text": "rome is the capital of italy"},
-)
-TINY_WORDS: tuple[str, ...] = tuple(
-    "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
 )
 TINY_SQUAD: dict[str, Any] = {
     "data": [
@@ -67,43 +66,6 @@ class TinyRealm(NamedTuple):
     index: DocumentIndex
 
 
-def tiny_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS) -> BertTokenizerFast:
-    """A word-level BERT tokenizer whose vocabulary is ``words`` (the BERT special tokens first).
-
-    Examples:
-
-    ```python
-    >>> from hf_knnlm.open_qa.testing import tiny_tokenizer
-    >>> tokenizer = tiny_tokenizer()
-    >>> tokenizer.tokenize("what is the capital of france"), len(tokenizer)
-    (['what', 'is', 'the', 'capital', 'of', 'france'], 14)
-    ```
-    """
-    return BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-
-
-def tiny_encoder_config(vocab_size: int) -> BertConfig:
-    """A one-layer BERT config of width 32 (two heads); the shape, not the size, of e.g.
-    ``all-MiniLM-L6-v2``'s config.
-
-    Examples:
-
-    ```python
-    >>> from hf_knnlm.open_qa.testing import tiny_encoder_config
-    >>> config = tiny_encoder_config(vocab_size=14)
-    >>> config.hidden_size, config.num_hidden_layers, config.vocab_size
-    (32, 1, 14)
-    ```
-    """
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-
-
 def tiny_realm(
     documents: tuple[dict[str, str], ...] | list[dict[str, str]] = TINY_DOCUMENTS,
     *,
@@ -112,7 +74,7 @@ def tiny_realm(
     **config_kwargs: Any,
 ) -> TinyRealm:
     """A random REALM ``(model, tokenizer, index)``: the model in eval mode, seeded with ``seed``, the
-    tokenizer of [`tiny_tokenizer`][hf_knnlm.open_qa.testing.tiny_tokenizer], and ``documents`` (by default
+    tokenizer of [`tiny_tokenizer`][hf_knnlm.retrieval.testing.tiny_tokenizer], and ``documents`` (by default
     ``paris`` and ``rome``) embedded into a [`DocumentIndex`][hf_knnlm.open_qa.DocumentIndex].
     ``config_kwargs`` go to [`RealmConfig`][hf_knnlm.open_qa.RealmConfig].
 
@@ -157,10 +119,7 @@ def write_tiny_squad(path: str | os.PathLike) -> Path:
 __all__ = [
     "TINY_DOCUMENTS",
     "TINY_SQUAD",
-    "TINY_WORDS",
     "TinyRealm",
-    "tiny_encoder_config",
     "tiny_realm",
-    "tiny_tokenizer",
     "write_tiny_squad",
 ]
