@@ -10,13 +10,15 @@ Data comes from ``../shared/data`` next to the repository (``$HF_KNNLM_SHARED_DA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -288,3 +290,32 @@ def cached_store(
     if nprobe is not None:
         store.nprobe = nprobe
     return store, seconds
+
+
+# ------------------------------------------------------------------------------------------ headless Chromium
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def chromium_context(profile: str, executable: str, viewport: dict[str, int]) -> Iterator[Any]:
+    """A Playwright browser context of the system's Chromium (``executable``; Playwright's own browser
+    download is not used), headless, with a fresh profile in the folder ``profile``; closed on exit.
+    The docs-site tests and ``attribution_screenshot.py`` photograph pages with it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS, viewport=viewport
+        )
+        try:
+            yield context
+        finally:
+            context.close()

@@ -15,37 +15,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import load_smollm2
+from _common import chromium_context, load_smollm2
 from sotu import get_store
 
 from hf_knnlm import explain_generation, render_html
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
 
 def screenshot(page: Path, output: Path, chromium: str) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1100, "height": 800},
-        )
-        tab = context.new_page()
-        tab.goto(page.as_uri())
-        tab.screenshot(path=str(output), full_page=True, timeout=120_000)
-        context.close()
+    with tempfile.TemporaryDirectory() as profile:
+        with chromium_context(profile, chromium, {"width": 1100, "height": 800}) as context:
+            tab = context.new_page()
+            tab.goto(page.as_uri())
+            tab.screenshot(path=str(output), full_page=True, timeout=120_000)
 
 
 def main() -> None:
