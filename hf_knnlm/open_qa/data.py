@@ -366,12 +366,10 @@ def precompute_retrieval(
     Examples:
 
     ```python
-    >>> from hf_knnlm.open_qa.testing import tiny_realm
-    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
-    >>> import datasets
     >>> from hf_knnlm.open_qa import precompute_retrieval
-    >>> rows = datasets.Dataset.from_list([{"question": "what is the capital of italy", "answers": ["rome"]}])
-    >>> rows = precompute_retrieval(rows, model, tokenizer, index, top_k=2)
+    >>> from hf_knnlm.open_qa.testing import tiny_questions, tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
+    >>> rows = precompute_retrieval(tiny_questions(), model, tokenizer, index, top_k=2)  # a datasets.Dataset
     >>> rows.column_names, len(rows[0]["doc_positions"])  # DataLoader workers may collate these rows
     (['question', 'answers', 'doc_positions'], 2)
     ```

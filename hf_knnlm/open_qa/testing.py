@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import datasets
 import torch
 from transformers import BertTokenizerFast
 
@@ -25,6 +26,10 @@ from .modeling import RealmForOpenQA
 TINY_DOCUMENTS: tuple[dict[str, str], ...] = (
     {"id": "paris", "title": "france", "text": "paris is the capital of france"},
     {"id": "rome", "title": "italy", "text": "rome is the capital of italy"},
+)
+TINY_QUESTIONS: tuple[dict[str, Any], ...] = (
+    {"question": "what is the capital of france", "answers": ["paris"]},
+    {"question": "what is the capital of italy", "answers": ["rome"]},
 )
 TINY_SQUAD: dict[str, Any] = {
     "data": [
@@ -98,6 +103,22 @@ def tiny_realm(
     return TinyRealm(model, tokenizer, index)
 
 
+def tiny_questions() -> datasets.Dataset:
+    """``TINY_QUESTIONS`` as a ``datasets.Dataset`` (``question``, ``answers``): one question per document
+    of [`tiny_realm`][hf_knnlm.open_qa.testing.tiny_realm], the rows training and evaluation read.
+
+    Examples:
+
+    ```python
+    >>> from hf_knnlm.open_qa.testing import tiny_questions
+    >>> rows = tiny_questions()
+    >>> rows.column_names, rows[1]
+    (['question', 'answers'], {'question': 'what is the capital of italy', 'answers': ['rome']})
+    ```
+    """
+    return datasets.Dataset.from_list(list(TINY_QUESTIONS))
+
+
 def write_tiny_squad(path: str | os.PathLike) -> Path:
     """Write ``TINY_SQUAD`` to ``path`` as a SQuAD v1.1 JSON file: two articles, ``cats`` (one paragraph,
     one question "where does the cat sit", answer "the mat") and ``dogs`` (one paragraph, no question).
@@ -118,8 +139,10 @@ def write_tiny_squad(path: str | os.PathLike) -> Path:
 
 __all__ = [
     "TINY_DOCUMENTS",
+    "TINY_QUESTIONS",
     "TINY_SQUAD",
     "TinyRealm",
+    "tiny_questions",
     "tiny_realm",
     "write_tiny_squad",
 ]

@@ -170,13 +170,10 @@ def train_realm(
     Examples:
 
     ```python
-    >>> from hf_knnlm.open_qa.testing import tiny_realm
-    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
-    >>> import datasets
     >>> from hf_knnlm.open_qa import train_realm
-    >>> rows = datasets.Dataset.from_list([
-    ...     {"question": "what is the capital of france", "answers": ["paris"]},
-    ...     {"question": "what is the capital of italy", "answers": ["rome"]}])
+    >>> from hf_knnlm.open_qa.testing import tiny_questions, tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
+    >>> rows = tiny_questions()  # a datasets.Dataset: question, answers
     >>> trainer = train_realm(model, tokenizer, index, rows, output_dir="realm-out", max_steps=2,
     ...                       batch_size=2, disable_tqdm=True, logging_steps=1, report_to=[])
     {...}
