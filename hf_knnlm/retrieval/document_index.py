@@ -24,7 +24,8 @@ from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path
 from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..utils.hub_mixin import HubMixin, StoreConfig, render_card
-from .documents import read_documents, rows_of, write_documents
+from .documents import read_documents, write_documents
+from .documents import rows_of as documents_from_rows  # the name importers of this module use
 from .embedder import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
@@ -208,7 +209,7 @@ class DocumentIndex(HubMixin):
         """Embed ``documents`` (rows with ``title``, ``text`` and optionally ``id``) with ``model``'s
         document embedder and index them."""
         _faiss()  # before the documents are embedded, not after
-        ids, titles, texts = rows_of(documents)
+        ids, titles, texts = documents_from_rows(documents)
         max_length = max_length or model.config.max_doc_embed_length
         embeddings = embed_corpus(
             model.document_embedder,
@@ -374,4 +375,4 @@ class DocumentIndex(HubMixin):
         )
 
 
-__all__ = ["DocumentIndex", "DocumentIndexConfig", "embed_corpus"]
+__all__ = ["DocumentIndex", "DocumentIndexConfig", "documents_from_rows", "embed_corpus"]
