@@ -63,10 +63,9 @@ class Datastore(HubMixin):
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
     >>> from hf_knnlm import Datastore
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> model, tokenizer = tiny_causal_lm()  # any causal LM and its tokenizer: a random 2-layer GPT-2 here
     >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-datastore",
     ...                         max_length=16, stride=8, disable_progress=True)
     >>> len(store), store.hidden_size  # one entry per token after the first

@@ -194,12 +194,9 @@ class ShardedSearch:
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> from hf_knnlm import Datastore
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> _ = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store", max_length=16,
-    ...                     stride=8, disable_progress=True)
+    >>> model, tokenizer, _ = tiny_datastore("my-store")
     >>> store = Datastore.from_pretrained("my-store", distributed="shard")  # under torchrun: 1/N a rank
     >>> shard = store.sharded.shard
     >>> store.sharded.world, (shard.start, shard.end), len(store)  # one process holds every entry

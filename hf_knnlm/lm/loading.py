@@ -34,9 +34,8 @@ def load_model_and_tokenizer(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> from hf_knnlm.lm import load_model_and_tokenizer
     >>> model.save_pretrained("tiny-lm"), tokenizer.save_pretrained("tiny-lm")  # or a Hub id
     (None, ...)

@@ -35,12 +35,9 @@ class IntegrityError(ValueError):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> from hf_knnlm import Datastore, IntegrityError
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("my-store")
     >>> with open("my-store/values.safetensors", "r+b") as f:  # a file changed after it was written
     ...     _ = f.seek(-1, 2), f.write(b"x")
     >>> try:

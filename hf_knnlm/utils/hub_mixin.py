@@ -63,7 +63,8 @@ class StoreConfig:
     """The on-disk contract every saved store shares; a store type subclasses it with its own fields.
 
     Class attributes a subclass sets: ``CONFIG_NAME`` (the file name), ``WHAT`` (how errors name
-    the store) and ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files).
+    the store), ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files) and,
+    for a store whose config has a ``format`` field, ``FORMAT``: the only value that field may hold.
 
     Examples:
 
@@ -84,6 +85,7 @@ class StoreConfig:
     CONFIG_NAME: ClassVar[str] = "config.json"
     WHAT: ClassVar[str] = "store"
     FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT: ClassVar[str | None] = None
 
     format_version: int = field(default=0, metadata={"help": "Version of this on-disk format."})
     hf_knnlm_version: str = field(default="", metadata={"help": "hf_knnlm version that wrote the files."})
@@ -102,6 +104,11 @@ class StoreConfig:
             )
         for name in self.files:
             check_relative(name, self.WHAT)
+        found = getattr(self, "format", None)
+        if self.FORMAT is not None and found != self.FORMAT:
+            raise ValueError(
+                f"{self.CONFIG_NAME} has format {found!r}, not {self.FORMAT!r}: not a {self.WHAT}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
