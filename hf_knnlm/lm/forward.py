@@ -137,7 +137,7 @@ def iter_window_batches(
             rows, positions = rows.to(device), positions.to(device)
             targets = torch.from_numpy(tokens[corpus_positions].astype(np.int64)).to(device)
             if head is not None:
-                head.check(ids, mask, rows, positions)
+                head.check(ids, mask)
             lm_log_probs, features = _forward(model, ids, mask, head, rows, positions, targets, lm_features)
             hidden = capture.hidden_states(len(batch))[rows, positions]
             yield WindowBatch(first, len(batch), hidden.float(), targets, lm_log_probs, features)

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 512  # [512 x vocab] float32 logits at a time: 100 MB for a 49k vocabulary
 _TOLERANCE = 1e-4
+_CHECK_POSITIONS = 32
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the head path is exact
 
 
@@ -78,19 +79,20 @@ class HeadCapture:
             pass
         return self.capture.hidden_states(len(ids))
 
-    def check(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
-        """Compare the head path with the model's own logits on the first window, once per model."""
+    def check(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Compare the head path with the model's own logits on the first window's start, once per model."""
         if self.model in _CHECKED or self.capture is None:
             return
-        first = rows == 0
-        hidden = self.forward(ids[:1], mask[:1])[0, positions[first]]
-        targets = ids[0, positions[first]]  # any ids: the whole distribution is compared
+        # The first _CHECK_POSITIONS tokens of the first window: the full logits of those only
+        ids, mask = ids[:1, :_CHECK_POSITIONS], mask[:1, :_CHECK_POSITIONS]
+        hidden = self.forward(ids, mask)[0]
+        targets = ids[0]  # any ids: the whole distribution is compared
         self.capture.stop_forward = False
         try:
-            logits = self.model(input_ids=ids[:1], attention_mask=mask[:1], use_cache=False).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         finally:
             self.capture.stop_forward = True
-        reference = torch.log_softmax(logits[0, positions[first]].float(), dim=-1)
+        reference = torch.log_softmax(logits[0].float(), dim=-1)
         _, ours = scored_log_probs(self.head, hidden, targets, lm_features=lambda log_probs: log_probs)
         exact = torch.allclose(ours, reference, atol=_TOLERANCE)
         _CHECKED[self.model] = exact
