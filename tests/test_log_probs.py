@@ -73,8 +73,11 @@ def test_no_batch_holds_the_logits_of_every_position(model, monkeypatch):
     head.forward = lambda x: shapes.append(tuple(x.shape)) or original(x)
     tokens = _tokens(300, model.config.vocab_size)
     windows = list(sliding_windows(len(tokens), 64, 32))
+    _scored(model, tokens, windows[:1])  # the once-per-model check runs the full forward on 32 tokens
+    assert (1, 32, model.config.n_embd) in shapes
+    shapes.clear()
     _scored(model, tokens, windows)
-    assert shapes and max(s[0] for s in shapes[2:]) <= 16 and all(len(s) == 2 for s in shapes[2:])
+    assert shapes and all(len(s) == 2 and s[0] <= 16 for s in shapes)  # [rows, hidden] chunks only
 
 
 def test_a_soft_capped_model_is_detected_and_scored_exactly(caplog):
