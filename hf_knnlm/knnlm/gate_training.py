@@ -235,7 +235,7 @@ def train_gate(
         gate = fit_gate(cache.lm_features, queries, cache.lm_log_probs, knn, training)
         gate.info.update({"k": settings.k, "temperature": settings.temperature, **windows.to_dict()})
         if save:
-            gate.save_to_datastore(datastore)
+            gate.save_to_datastore(datastore, lock=False)  # this call holds the lock
     return gate
 
 

@@ -165,6 +165,20 @@ def atomic_folder(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def updated_folder(folder: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of the finished folder ``folder`` to write new or changed files into.
+
+    Once the block completes, the files of ``folder`` the block did not write join the sibling
+    (hard-linked) and it replaces ``folder`` whole, the same swap as a build's; on an exception
+    (a full disk while writing the config) ``folder`` is left exactly as it was. ``lock=False`` is
+    for a caller that already holds the folder's lock.
+    """
+    with folder_lock(folder) if lock else contextlib.nullcontext():
+        with atomic_folder(folder, keep=lambda name: True) as tmp:
+            yield tmp
+
+
 def replace_folder(new: Path, folder: Path) -> None:
     """Put the folder ``new`` in the place of ``folder`` and delete the old one.
 
