@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hf_knnlm import Datastore
 from hf_knnlm.commands import main as cli_main
@@ -231,3 +232,27 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(saved_model, othe
     assert forwards["n"] < reference.config.num_entries // 32  # it resumed, it did not start over
     assert resumed.config.files == reference.config.files  # byte-identical files
     assert not (out / ".partial").exists()
+
+
+def test_every_file_written_has_the_permissions_open_gives(store, tmp_path, tokenizer, model):
+    """Modes follow the umask like an ordinary ``open()`` (0644 under umask 022), so a store copied to a
+    shared folder or served is readable by others: no 0600 file beside 0644 siblings."""
+    from hf_knnlm import compress_datastore
+    from hf_knnlm.open_qa.reader_training import _save_checkpoint
+    from hf_knnlm.retrieval import BM25Retriever, DenseRetriever
+
+    old = os.umask(0o022)
+    try:
+        store.save_pretrained(tmp_path / "saved")
+        compress_datastore(store, tmp_path / "pruned", prune_to=0.5)
+        docs = [{"text": "The cat sat on the mat."}, {"text": "A dog ran to the park."}]
+        BM25Retriever.build(docs).save_pretrained(tmp_path / "bm25")
+        table = torch.nn.Embedding(len(tokenizer), 8)
+        dense = DenseRetriever.build(docs, lambda input_ids, **_: table(input_ids).mean(1), tokenizer)
+        dense.save_pretrained(tmp_path / "dense")
+        _save_checkpoint(model, tokenizer, tmp_path / "reader")  # the reader's checkpoints
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert len(modes) > 15 and set(modes.values()) == {"0o644"}, modes
