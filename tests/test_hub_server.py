@@ -343,8 +343,11 @@ def test_offline_from_a_prepopulated_cache(hub, built, monkeypatch, tmp_path):
         local = Datastore.from_pretrained(built[name])
         remote = Datastore.from_pretrained(f"{ORG}/knn", revision=revision)
         assert _search(remote, _queries(local)) == _search(local, _queries(local))
-    with pytest.raises(LocalEntryNotFoundError):
-        Datastore.from_pretrained(f"{ORG}/corrupt")
+    with pytest.raises(
+        FileNotFoundError, match=f"the Hub repository {ORG}/corrupt could not be fetched"
+    ) as info:
+        Datastore.from_pretrained(f"{ORG}/corrupt")  # one sentence, the Hub's error chained
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
 
 
 _CHILD = """

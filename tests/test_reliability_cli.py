@@ -74,3 +74,23 @@ def test_an_offline_push_is_one_line(store_dir, monkeypatch, capsys):
 def test_debug_shows_the_traceback(saved_model, store_dir):
     with pytest.raises(ValueError, match="--prompt"):
         cli_main(["--debug", *_generate_args(saved_model, store_dir, "--prompt", "")])
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_missing_store_or_retriever_folder_is_no_such_folder(
+    saved_model, tmp_path, capsys, monkeypatch, offline
+):
+    """Not a Hub ConnectError or "outgoing traffic has been disabled": a name that is no folder and no
+    namespace/name Hub id is a folder that does not exist."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline == "1")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    data = tmp_path / "text.txt"
+    data.write_text("The king sees the river.")
+    argv = ["evaluate", "--model", str(saved_model), "--data", str(data), "--datastore", "nosuchstore"]
+    assert _run(argv) == 2
+    _one_error_line(capsys, "nosuchstore: no such folder")
+    argv = ["rag-evaluate", "--model", str(saved_model), "--data", str(data), "--retriever", "nosuchindex"]
+    assert _run(argv) == 2
+    _one_error_line(capsys, "nosuchindex: no such folder")

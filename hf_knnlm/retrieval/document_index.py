@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path, atomic_write_bytes
 from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
@@ -91,6 +92,12 @@ def documents_from_rows(documents: Any) -> tuple[list[str], list[str], list[str]
                 f"document {position} is {type(row).__name__} without a 'text' field; pass rows like "
                 "{'id': ..., 'title': ..., 'text': ...} (a datasets.Dataset with these columns works)."
             )
+        for name in ("text", "id"):
+            if name in row and row[name] is None:
+                raise ValueError(
+                    f"document {position} has {name} None; drop or fill such rows first (it would be indexed "
+                    f"as the word 'None'), e.g. dataset.filter(lambda r: r[{name!r}] is not None)."
+                )
         ids.append(str(row.get("id", position)))
         titles.append(str(row.get("title") or ""))
         texts.append(str(row["text"]))
@@ -131,6 +138,8 @@ def embed_corpus(
     (torch.float32, (2, 32))
     ```
     """
+    check_positive_int("batch_size", batch_size, "documents embedded per forward pass")
+    check_positive_int("max_length", max_length, "tokens per document")
     device = next(embedder.parameters()).device
     was_training = embedder.training
     embedder.eval()

@@ -7,6 +7,7 @@ plus one ``upload_folder`` commit. Integrity checks live in ``hf_knnlm.utils.fil
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,15 +41,12 @@ def resolve_folder(
                 f"{path} is a folder but has no {config_name}; is it a saved {config_name}?"
             )
         return path
-    if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
+    if path.exists():
         raise FileNotFoundError(f"{repo_id_or_path} is not a folder with a {config_name}.")
     if sub is not None and allow_patterns is not None:
         allow_patterns = [f"{sub.as_posix()}/{pattern}" for pattern in allow_patterns]
-
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(repo_id=str(repo_id_or_path), allow_patterns=allow_patterns, **download_kwargs)
-    folder = Path(folder) / sub if sub is not None else Path(folder)
+    folder = fetch_snapshot(repo_id_or_path, allow_patterns=allow_patterns, **download_kwargs)
+    folder = folder / sub if sub is not None else folder
     if not (folder / config_name).is_file():
         where = f"{sub.as_posix()}/{config_name}" if sub is not None else config_name
         raise FileNotFoundError(
@@ -56,6 +54,28 @@ def resolve_folder(
             f"{download_kwargs.get('revision') or 'main'}."
         )
     return folder
+
+
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def fetch_snapshot(repo_id_or_path: str | os.PathLike, **download_kwargs: Any) -> Path:
+    """``snapshot_download`` of a Hub id, for a name that is no local folder; a name that cannot be a
+    Hub id (no ``namespace/name``: ``nosuchstore``, ``./x``, ``/a/b/c``) is reported as a missing
+    folder, and a repository that cannot be fetched (offline, unknown, no network) in one sentence."""
+    name = str(repo_id_or_path)
+    if isinstance(repo_id_or_path, os.PathLike) or not _REPO_ID.fullmatch(name):
+        raise FileNotFoundError(f"{name}: no such folder (and not a Hub id, which reads namespace/name).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, **download_kwargs))
+    except Exception as err:  # offline, unknown repository, network (httpx errors are no OSError)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{name}: no such folder, and the Hub repository {name} could not be fetched "
+            f"({type(err).__name__}: {reason[:160]})."
+        ) from err
 
 
 # The keyword arguments of push_folder that a push_to_hub passes through (the rest go to its save).
