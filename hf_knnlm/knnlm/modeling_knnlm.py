@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..datastore.datastore import Datastore
 from ..lm.caches import cache_of, output_cache
 from ..lm.hooks import FFNInputCapture
+from ..lm.loading import gguf_file_in
 from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig
 from .logits_process import KNNProcessor
@@ -79,6 +80,8 @@ def _load_base(
     hub_kwargs = {key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs}
     saved = _knnlm_config_dict(source, hub_kwargs)
     if saved is None:
+        if "gguf_file" not in model_kwargs and (gguf_file := gguf_file_in(source)):
+            model_kwargs["gguf_file"] = gguf_file  # a GGUF package folder; recorded in the config
         base = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         base.config._name_or_path = base.config._name_or_path or str(source)  # what to reload it from
         return base, None, hub_kwargs
