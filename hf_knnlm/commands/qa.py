@@ -65,6 +65,19 @@ def random_subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> da
     return dataset
 
 
+# The CLI's training verbs log the loss ~50 times per run (a ratio of the steps: at least every step of a
+# short run), so that the summary's "losses" is never empty after a run that trained.
+LOGGING_RATIO = 0.02
+
+
+def logged_losses(trainer: Any) -> dict[str, Any]:
+    """``losses`` (every logged step's, in order) and ``train_loss`` (the run's mean) of a Trainer."""
+    history = trainer.state.log_history
+    losses = [round(e["loss"], 4) for e in history if "loss" in e]
+    train_loss = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
+    return {"losses": losses, "train_loss": None if train_loss is None else round(train_loss, 4)}
+
+
 def steps_or_ratio(text: str) -> int | float:
     """``--warmup-steps 50`` (steps) or ``--warmup-steps 0.1`` (a ratio of all steps)."""
     value = float(text)
@@ -124,7 +137,13 @@ def qa_train(args: argparse.Namespace) -> int:
     train = random_subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_realm(
-        model, tokenizer, index, train, output_dir=output / "trainer", **values(args, TRAINING_HELPS)
+        model,
+        tokenizer,
+        index,
+        train,
+        output_dir=output / "trainer",
+        logging_steps=LOGGING_RATIO,
+        **values(args, TRAINING_HELPS),
     )
     model.save_pretrained(output / "model")
     tokenizer.save_pretrained(output / "model")
@@ -134,7 +153,7 @@ def qa_train(args: argparse.Namespace) -> int:
         "train_questions": len(train),
         "index_seconds": index_seconds,
         "train_seconds": time.perf_counter() - started,
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        **logged_losses(trainer),
     }
     atomic_write_json(output / "train_summary.json", summary)
     if args.push_to_hub:

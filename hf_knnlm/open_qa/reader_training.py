@@ -149,6 +149,13 @@ def _check_rows(train_dataset: Any) -> None:
         )
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty; pass at least one (question, context, answers) row.")
+    for column in _COLUMNS:
+        bad = next((i for i, value in enumerate(train_dataset[column]) if value is None), None)
+        if bad is not None:
+            raise ValueError(
+                f"train_dataset row {bad} has {column} None; drop or fill such rows first, e.g. "
+                f"train_dataset.filter(lambda r: r[{column!r}] is not None)."
+            )
 
 
 def _run_settings(model: Any, train_dataset: Any, settings: dict[str, Any]) -> dict[str, Any]:
