@@ -18,6 +18,7 @@ from ..datastore.datastore import Datastore
 from ..lm.caches import cache_of, output_cache
 from ..lm.hooks import FFNInputCapture
 from ..lm.loading import gguf_file_in
+from ..utils.checks import check_has_tokens
 from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig
 from .logits_process import KNNProcessor
@@ -337,6 +338,7 @@ class KNNLMForCausalLM(PreTrainedModel):
         Returns:
             `CausalLMOutputWithPast` whose ``logits`` are the mixed log-probabilities.
         """
+        check_has_tokens(input_ids)
         if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             kwargs["logits_to_keep"] = logits_to_keep  # base models without it are called as before
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from ..retrieval.retriever import Retriever
+from ..retrieval.retriever import Retriever, check_num_documents
+from ..utils.checks import check_has_tokens, check_positive_finite
 from .prefix import (
     DocumentTokens,
     cache_kwargs,
@@ -38,6 +39,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
         queries: Sequence[str] | None = None,
         max_input_length: int | None = None,
     ) -> None:
+        check_num_documents("num_documents", settings.num_documents, retriever)
         self.model = model
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -114,6 +116,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        check_has_tokens(input_ids)
         seen = self._seen
         continuing = (
             seen is not None
@@ -236,6 +239,8 @@ class REPLUGProcessor(_DocumentEnsembleProcessor):
         temperature: float = 1.0, retrieval_stride: int | None = None, query_length: int = 32,
         max_document_tokens: int = 256, **options,
     ) -> None:  # fmt: skip
+        check_num_documents("k", k, retriever)  # named as the caller passed it, not num_documents
+        check_positive_finite("temperature", temperature, "it divides the retrieval scores")
         settings = RetrievalSettings(k, retrieval_stride, query_length, temperature, max_document_tokens)
         super().__init__(model, tokenizer, retriever, settings, **options)
 

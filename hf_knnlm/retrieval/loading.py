@@ -42,7 +42,8 @@ def load_retriever(
             for key in ("revision", "cache_dir", "token", "local_files_only")
             if key in kwargs
         }
-        folder = fetch_snapshot(path, allow_patterns=[BM25_CONFIG, DENSE_CONFIG], **hub)
+        hint = "; build a retriever with `hf-knnlm rag-index`"
+        folder = fetch_snapshot(path, hint, allow_patterns=[BM25_CONFIG, DENSE_CONFIG], **hub)
         source = str(path)
     if (folder / BM25_CONFIG).is_file():
         return BM25Retriever.from_pretrained(source, **kwargs)

@@ -59,13 +59,16 @@ def resolve_folder(
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def fetch_snapshot(repo_id_or_path: str | os.PathLike, **download_kwargs: Any) -> Path:
+def fetch_snapshot(repo_id_or_path: str | os.PathLike, hint: str = "", **download_kwargs: Any) -> Path:
     """``snapshot_download`` of a Hub id, for a name that is no local folder; a name that cannot be a
     Hub id (no ``namespace/name``: ``nosuchstore``, ``./x``, ``/a/b/c``) is reported as a missing
-    folder, and a repository that cannot be fetched (offline, unknown, no network) in one sentence."""
+    folder, and a repository that cannot be fetched (offline, unknown, no network) in one sentence;
+    ``hint`` (how to make the folder) ends the first message."""
     name = str(repo_id_or_path)
     if isinstance(repo_id_or_path, os.PathLike) or not _REPO_ID.fullmatch(name):
-        raise FileNotFoundError(f"{name}: no such folder (and not a Hub id, which reads namespace/name).")
+        raise FileNotFoundError(
+            f"{name}: no such folder (and not a Hub id, which reads namespace/name){hint}."
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -1,0 +1,112 @@
+"""In-Context RALM, REPLUG, FLARE and retrieval QA: every argument is refused under the name the caller
+used, empty prompts and questions are named (not an IndexError), booleans are no sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_knnlm import KNNLMForCausalLM
+from hf_knnlm.rag import (
+    BM25Retriever,
+    InContextRALMProcessor,
+    REPLUGProcessor,
+    RetrievalSettings,
+    answer_questions,
+    evaluate_retrieval_perplexity,
+    flare_generate,
+)
+
+DOCS = [{"text": "The king sees the bridge."}, {"text": "A knight follows the road."}, {"text": "A fool."}]
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    return BM25Retriever.build(DOCS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_documents=True), "num_documents=True"),
+        (dict(retrieval_stride=2.5), "retrieval_stride=2.5"),
+        (dict(query_length=True), "query_length=True"),
+        (dict(max_document_tokens=8.0), "max_document_tokens=8.0"),
+        (dict(document_temperature=float("nan")), "document_temperature=nan"),
+    ],
+    ids=str,
+)
+def test_retrieval_settings_refuse_booleans_and_non_integers(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RetrievalSettings(**kwargs)
+
+
+@pytest.mark.parametrize("k, name", [(0, "k=0"), (True, "k=True"), (5, "k=5")])
+def test_replug_names_its_k_not_num_documents(model, tokenizer, retriever, k, name):
+    with pytest.raises(ValueError, match=name) as info:
+        REPLUGProcessor(model, tokenizer, retriever, k=k)
+    assert "num_documents" not in str(info.value)
+
+
+def test_more_documents_than_the_collection_holds_are_refused_by_the_callers_name(
+    model, tokenizer, retriever, corpus_text
+):
+    windows = dict(max_length=64, stride=32, disable_progress=True)
+    with pytest.raises(ValueError, match=r"num_documents=5 .* 3 documents"):
+        evaluate_retrieval_perplexity(
+            model, tokenizer, [corpus_text[:400]], retriever, num_documents=5, **windows
+        )
+    with pytest.raises(ValueError, match=r"num_documents=5 .* 3 documents"):
+        flare_generate(model, tokenizer, retriever, "The king", num_documents=5, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prompt", ["", torch.zeros(1, 0, dtype=torch.long)], ids=["text", "ids"])
+def test_flare_names_an_empty_prompt(model, tokenizer, retriever, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        flare_generate(model, tokenizer, retriever, prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [(dict(max_new_tokens=2.5), "max_new_tokens=2.5"), (dict(num_documents=True), "num_documents=True")],
+)
+def test_flare_refuses_non_integer_sizes(model, tokenizer, retriever, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        flare_generate(model, tokenizer, retriever, "The king", **{"max_new_tokens": 2, **kwargs})
+
+
+def test_empty_prompts_outside_generate_are_named(model, tokenizer, retriever, store):
+    """The processors called directly and the wrapper's forward (transformers' generate refuses an empty
+    prompt itself)."""
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    for processor in (
+        InContextRALMProcessor(model, tokenizer, retriever),
+        REPLUGProcessor(model, tokenizer, retriever, k=2),
+    ):
+        with pytest.raises(ValueError, match="input_ids has no tokens"):
+            processor(empty, torch.zeros(1, len(tokenizer)))
+    wrapper = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=4)
+    with pytest.raises(ValueError, match="input_ids has no tokens"):
+        wrapper(empty)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(questions=[""]), "questions\\[0\\]"),
+        (dict(questions=[None]), "questions\\[0\\]"),
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(batch_size=2.5), "batch_size=2.5"),
+        (dict(k=True), "k=True"),
+        (dict(k=5), "k=5"),
+        (dict(max_new_tokens=0), "max_new_tokens=0"),
+    ],
+    ids=str,
+)
+def test_answer_questions_refuses_arguments_by_name(model, tokenizer, retriever, kwargs, name):
+    call = dict(
+        questions=["who sees the bridge?"], method="replug", retriever=retriever, k=2, show_progress=False
+    )
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        answer_questions(model, tokenizer, call.pop("questions"), **call)
