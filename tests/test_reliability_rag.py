@@ -110,3 +110,19 @@ def test_answer_questions_refuses_arguments_by_name(model, tokenizer, retriever,
     call.update(kwargs)
     with pytest.raises(ValueError, match=name):
         answer_questions(model, tokenizer, call.pop("questions"), **call)
+
+
+def test_the_knn_ralm_path_scores_a_pruned_store_as_evaluate_perplexity_does(
+    model, tokenizer, store, retriever, other_text, tmp_path
+):
+    """p_kNN weighs each neighbour by its merge count in every method that reads a pruned store."""
+    from hf_knnlm import compress_datastore, evaluate_perplexity
+
+    pruned = compress_datastore(store, tmp_path / "pruned", prune_to=0.3)
+    assert pruned.provenance.counts is not None and pruned.provenance.counts.max() > 1
+    settings = dict(k=8, lmbda=0.5, temperature=1.0, max_length=64, stride=32, disable_progress=True)
+    expected = evaluate_perplexity(model, tokenizer, [other_text], pruned, **settings).knn_ppl
+    got = evaluate_retrieval_perplexity(
+        model, tokenizer, [other_text], retriever, datastore=pruned, **settings
+    )
+    assert got.knn_ppl == pytest.approx(expected, rel=1e-6)
