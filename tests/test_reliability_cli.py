@@ -143,3 +143,36 @@ def test_the_wrapper_loads_a_gguf_folder_without_gguf_file_and_records_it(
         json.loads((tmp_path / "w" / "config.json").read_text())["base_model_gguf_file"]
         == "SmolLM2.Q4_1.gguf"
     )
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["rag-generate", "--model", "m", "--retriever", "r", "--prompt", "x", "--max-new-tokens", "0"],
+         "max_new_tokens=0"),
+        (["rag-generate", "--model", "m", "--retriever", "r", "--prompt", "x", "--method", "flare",
+          "--threshold", "1.5"], "threshold=1.5"),
+        (["rag-index", "--tokenizer", "t", "--data", __file__, "--output", "o", "--chunk-tokens", "0"],
+         "chunk_tokens=0"),
+        (["rag-index", "--tokenizer", "t", "--data", __file__, "--output", "o", "--overlap", "500"],
+         "overlap=500"),
+        (["rag-index", "--tokenizer", "t", "--data", __file__, "--output", "o", "--kind", "dense"],
+         "--encoder"),
+        (["rag-index", "--tokenizer", "t", "--data", "no-such-file.txt", "--output", "o"],
+         "no-such-file.txt: no such file"),
+        (["qa-train-reader", "--model", "m", "--train", "TRAIN", "--output-dir", "o", "--batch-size", "0"],
+         "batch_size=0"),
+        (["qa-train-reader", "--model", "m", "--train", "TRAIN", "--output-dir", "o", "--max-length", "0"],
+         "max_length=0"),
+    ],
+)  # fmt: skip
+def test_rag_and_reader_verbs_check_arguments_before_loading_anything(argv, match, tmp_path, capsys):
+    import json
+    import time
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"question": "q?", "context": "a b", "answers": ["a"]}) + "\n")
+    started = time.perf_counter()
+    assert _run([str(train) if a == "TRAIN" else a for a in argv]) == 2
+    _one_error_line(capsys, match)
+    assert time.perf_counter() - started < 5  # no tokenizer, retriever or model was loaded (nor looked up)
