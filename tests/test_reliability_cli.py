@@ -176,3 +176,35 @@ def test_rag_and_reader_verbs_check_arguments_before_loading_anything(argv, matc
     assert _run([str(train) if a == "TRAIN" else a for a in argv]) == 2
     _one_error_line(capsys, match)
     assert time.perf_counter() - started < 5  # no tokenizer, retriever or model was loaded (nor looked up)
+
+
+def test_hub_retry_warnings_do_not_precede_the_one_line_error(capsys):
+    """What huggingface_hub logs per failed request while it retries a name it cannot resolve (a dozen
+    "Retrying in 1s [Retry 1/5]" lines) is not shown; --debug shows it."""
+    import argparse
+    import logging
+
+    from hf_knnlm.commands._common import run_command
+
+    http = logging.getLogger("huggingface_hub.utils._http")
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    http.addHandler(handler)
+
+    def fails_after_retries(args):
+        http.warning("Retrying in 1s [Retry 1/5].")
+        raise OSError("nosuchmodel is not a local folder and not a model on the Hub")
+
+    level = logging.getLogger("huggingface_hub").level
+    try:
+        args = argparse.Namespace(func=fails_after_retries, command="generate", debug=False)
+        assert run_command(args) == 2
+        assert shown == []
+        _one_error_line(capsys, "nosuchmodel")
+        with pytest.raises(OSError):
+            run_command(argparse.Namespace(func=fails_after_retries, command="generate", debug=True))
+        assert shown == ["Retrying in 1s [Retry 1/5]."]
+    finally:
+        http.removeHandler(handler)
+    assert logging.getLogger("huggingface_hub").level == level  # restored after the command
