@@ -117,3 +117,31 @@ def test_qa_train_reader_reports_the_losses_it_logged(tokenizer, tmp_path, capsy
     summary = json.loads((tmp_path / "reader" / "reader_training.json").read_text())
     assert summary["steps"] == 3 and len(summary["losses"]) == 3, summary
     assert summary["train_loss"] == pytest.approx(sum(summary["losses"]) / 3, abs=1e-3)
+
+
+def test_a_checkpoint_save_that_fails_midway_keeps_the_old_checkpoint(tokenizer, tmp_path):
+    """Reader checkpoints and qa-train's model folder: written beside, swapped in whole, under the lock."""
+    from hf_knnlm import FolderInUseError
+    from hf_knnlm.utils.files import folder_lock, save_pretrained_atomically
+
+    try:
+        from tests.open_qa_utils import save_encoder
+    except ImportError:
+        from open_qa_utils import save_encoder
+    from transformers import AutoModel
+
+    folder = save_encoder(tokenizer, tmp_path / "checkpoint")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = AutoModel.from_pretrained(folder)
+
+    class DiskFull:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{")  # half written
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained_atomically(folder, model, DiskFull())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    with folder_lock(folder), pytest.raises(FolderInUseError):
+        save_pretrained_atomically(folder, model, tokenizer)

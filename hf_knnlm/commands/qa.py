@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils.files import atomic_write_json
+from ..utils.files import atomic_write_json, save_pretrained_atomically
 from ._options import add_dataclass_options, add_signature_options, values
 
 if TYPE_CHECKING:
@@ -145,8 +145,7 @@ def qa_train(args: argparse.Namespace) -> int:
         logging_steps=LOGGING_RATIO,
         **values(args, TRAINING_HELPS),
     )
-    model.save_pretrained(output / "model")
-    tokenizer.save_pretrained(output / "model")
+    save_pretrained_atomically(output / "model", model, tokenizer)  # an old model there stays until then
     if args.refresh_index_every:
         index.save_pretrained(output / "index")  # the refreshed vectors belong with the trained model
     summary = {

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from ..utils.checks import check_positive_finite, check_positive_int, is_int
-from ..utils.files import atomic_folder, atomic_write_json, folder_lock
+from ..utils.files import atomic_write_json, folder_lock, save_pretrained_atomically
 from .training import training_arguments_for
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ class _EpochCheckpoints(TrainerCallback):
 
 def _save_checkpoint(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
     """Write into a temporary sibling folder, then swap it in: a reader never sees a half-written one."""
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_pretrained_atomically(folder, model, tokenizer)
 
 
 def _check_rows(train_dataset: Any) -> None:

@@ -196,6 +196,16 @@ def updated_folder(folder: str | os.PathLike, *, lock: bool = True) -> Iterator[
             yield tmp
 
 
+def save_pretrained_atomically(folder: str | os.PathLike, *objects: Any) -> Path:
+    """``obj.save_pretrained`` of every object (a model, its tokenizer) into ``folder`` as one swap under
+    its lock: a save that fails midway (a full disk) leaves the folder that was there as it was."""
+    folder = Path(folder)
+    with folder_lock(folder), atomic_folder(folder) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+    return folder
+
+
 def replace_folder(new: Path, folder: Path) -> None:
     """Put the folder ``new`` in the place of ``folder`` and delete the old one.
 
