@@ -104,6 +104,7 @@ def test_a_folder_holding_a_gguf_file_is_loaded_from_it_without_gguf_file(
 
     from hf_knnlm.lm import load_model_and_tokenizer
 
+    monkeypatch.setenv("HF_KNNLM_GGUF_CACHE", "0")  # no de-quantized copy of the stand-in file
     calls = []
     record = lambda returned: classmethod(lambda cls, name, **kw: calls.append((str(name), kw)) or returned)  # noqa: E731
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record(model))

@@ -19,6 +19,7 @@ import torch
 
 from hf_knnlm import Datastore
 from hf_knnlm.commands import main as cli_main
+from hf_knnlm.utils.files import atomic_write_bytes
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.conftest import tiny_gpt2
@@ -256,3 +257,22 @@ def test_every_file_written_has_the_permissions_open_gives(store, tmp_path, toke
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert len(modes) > 15 and set(modes.values()) == {"0o644"}, modes
+
+
+def test_reindex_links_the_keys_and_values_instead_of_copying_them(store_dir, tmp_path):
+    store = Datastore.from_pretrained(shutil.copytree(store_dir, tmp_path / "store"))
+    ivf = store.rebuild_index("IVF4,Flat", tmp_path / "ivf", train_size=len(store))
+    for shard in store.config.shards:
+        for name in (shard["keys"], shard["values"]):
+            assert os.stat(store.folder / name).st_ino == os.stat(ivf.folder / name).st_ino
+    assert (
+        ivf.config.files[store.config.shards[0]["keys"]] == store.config.files[store.config.shards[0]["keys"]]
+    )
+    queries = np.asarray(store.keys[:5], dtype=np.float32)
+    found = ivf.search(queries, k=1)
+    assert found.ids[:, 0].tolist() == list(range(5))  # each stored key is its own nearest
+    # every write of the library replaces a file by name, so the linked store keeps its content
+    before = _digests(ivf.folder)
+    atomic_write_bytes(store.folder / store.config.shards[0]["keys"], b"replaced")
+    assert _digests(ivf.folder) == before
+    assert len(Datastore.from_pretrained(ivf.folder)) == len(store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -56,8 +57,9 @@ def test_cache_from_collected_queries_equals_cache(model, tokenizer, other_text,
 
 
 def test_tune_runs_the_model_once_per_batch(model, tokenizer, other_text, store, tmp_path):
+    model = copy.deepcopy(model)  # not yet scored: its LM head path is checked once (2 one-window passes)
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         result = tune(
             model,
@@ -74,7 +76,7 @@ def test_tune_runs_the_model_once_per_batch(model, tokenizer, other_text, store,
     finally:
         handle.remove()
     n = len(tokenizer(other_text)["input_ids"])
-    assert len(calls) == -(-count_windows(n, 64, 32) // 4)  # one forward per batch, none per setting
+    assert len(calls) == -(-count_windows(n, 64, 32) // 4) + 2  # one forward per batch, none per setting
     assert len(result["points"]) == 2 * 5 * 3  # 3 multiples + the plain 1 and 10
 
 
@@ -133,8 +135,10 @@ def test_rebuild_index_copies_store(store, tmp_path):
     assert np.array_equal(new.keys.to_numpy(), store.keys.to_numpy())
     assert np.array_equal(new.values.to_numpy(), store.values.to_numpy())
     inodes = {p.stat().st_ino for p in store.folder.iterdir()}
-    # copies, not links
-    assert not any(p.is_symlink() or p.stat().st_ino in inodes for p in new.folder.iterdir())
+    shards = {s[part] for s in store.config.shards for part in ("keys", "values")}
+    # the keys and values are hard links (the index and the config are the new store's own), no symlinks
+    assert {p.name for p in new.folder.iterdir() if p.stat().st_ino in inodes} == shards
+    assert not any(p.is_symlink() for p in new.folder.iterdir())
     Datastore.from_pretrained(new.folder, verify=True)  # hashes recorded
     with pytest.raises(FileExistsError):
         store.rebuild_index("Flat", tmp_path / "ivf")

@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path, file_hashes, updated_folder
 from .config import CONFIG_NAME, DatastoreConfig
 
@@ -47,3 +48,10 @@ def add_files(datastore, write: Callable[[Path], list[str]], *, lock: bool = Tru
         config.files.update(file_hashes(folder, write(folder)))
         config.save(folder / CONFIG_NAME)
     datastore.config.files = config.files
+
+
+def read_key_transform(folder: Path, config: DatastoreConfig):
+    """The PCA of a compressed store (its keys are reduced; queries go through it too), or None."""
+    if TRANSFORM_NAME not in config.files:
+        return None
+    return import_faiss("a PCA-compressed datastore").read_VectorTransform(str(Path(folder) / TRANSFORM_NAME))

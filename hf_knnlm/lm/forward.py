@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..utils.checks import check_positive_int, is_int
 from .hooks import FFNInputCapture, StopForward
+from .log_probs import HeadCapture, scored_log_probs
 from .windows import Window, check_window_args
 
 
@@ -127,21 +128,41 @@ def iter_window_batches(
     capture = FFNInputCapture(
         model, hook_module, stop_forward=not with_log_probs, expected_width=expected_width
     )
-    with capture:
+    head = HeadCapture(model) if with_log_probs else None
+    try:
         for first in tqdm(todo, desc=desc, unit="batch", disable=disable_progress):
             batch = windows[first : first + batch_size]
             ids, mask = pad_batch(tokens, batch, device)
-            logits = None
-            try:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            except StopForward:
-                pass
             rows, positions, corpus_positions = _target_index(batch)
-            hidden = capture.hidden_states(len(batch))[rows.to(device), positions.to(device)]
+            rows, positions = rows.to(device), positions.to(device)
             targets = torch.from_numpy(tokens[corpus_positions].astype(np.int64)).to(device)
-            lm_log_probs = features = None
-            if with_log_probs:
-                scored = torch.log_softmax(logits[rows.to(device), positions.to(device)].float(), dim=-1)
-                lm_log_probs = scored.gather(-1, targets[:, None]).squeeze(-1)
-                features = None if lm_features is None else lm_features(scored)
+            if head is not None:
+                head.check(ids, mask, rows, positions)
+            lm_log_probs, features = _forward(model, ids, mask, head, rows, positions, targets, lm_features)
+            hidden = capture.hidden_states(len(batch))[rows, positions]
             yield WindowBatch(first, len(batch), hidden.float(), targets, lm_log_probs, features)
+    finally:
+        capture.remove()
+        if head is not None:
+            head.remove()
+
+
+def _forward(model, ids, mask, head: HeadCapture | None, rows, positions, targets, lm_features):
+    """One forward pass; with a ``head``, the targets' LM log-probs (and features) of the scored positions.
+
+    The head path never forms the ``[windows, positions, vocab]`` logits (see ``hf_knnlm.lm.log_probs``).
+    """
+    if head is not None and head.usable:
+        return scored_log_probs(head.head, head.forward(ids, mask)[rows, positions], targets, lm_features)
+    if head is not None:
+        head.capture.stop_forward = False  # this model's logits are not its head's output
+    logits = None
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    except StopForward:  # a build: nothing past the last FFN's input is needed
+        return None, None
+    if head is None:
+        return None, None
+    scored = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+    features = None if lm_features is None else lm_features(scored)
+    return scored.gather(-1, targets[:, None]).squeeze(-1), features

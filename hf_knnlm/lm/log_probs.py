@@ -1,0 +1,106 @@
+"""log p_LM(target) at the scored positions of a batch, without its ``[windows x positions x vocab]`` logits.
+
+A causal LM's forward returns the logits of every position: for a 49k-word vocabulary and 1024-token
+windows that is 200 MB a window in float32, and its log-softmax as much again, so a batch of 8
+windows held 3-4 GB for a 135M model. Here the forward stops at the input of the output embeddings
+(the LM head); the head is applied to the scored positions only, a chunk of rows at a time.
+
+A model whose logits are not its head's output (a final soft-cap, a scale, a bias added in its
+``forward``) would be scored wrongly that way, so the first batch of every model is also scored by the
+model's own forward and compared; a model that differs keeps the full forward, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .hooks import FFNInputCapture, StopForward
+
+logger = logging.getLogger(__name__)
+
+_ROWS_PER_CHUNK = 512  # [512 x vocab] float32 logits at a time: 100 MB for a 49k vocabulary
+_TOLERANCE = 1e-4
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the head path is exact
+
+
+def head_path(model: nn.Module) -> str | None:
+    """The module path of ``model``'s output embeddings (its LM head), or None if it has none."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def scored_log_probs(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    lm_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log p(target) [n], lm_features(log p) [n, F] or None)`` from the head's inputs ``hidden`` [n, d]."""
+    picked, features = [], []
+    for start in range(0, len(hidden), _ROWS_PER_CHUNK):
+        # .forward: not through the module's hooks, whose capture would stop this call too
+        logits = head.forward(hidden[start : start + _ROWS_PER_CHUNK]).float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        picked.append(log_probs.gather(-1, targets[start : start + _ROWS_PER_CHUNK, None]).squeeze(-1))
+        if lm_features is not None:
+            features.append(lm_features(log_probs))
+    empty = hidden.new_zeros(0)
+    return (torch.cat(picked) if picked else empty), (torch.cat(features) if features else None)
+
+
+class HeadCapture:
+    """The LM head's input of a forward pass, the forward stopped there (see the module docstring).
+
+    Args:
+        model (`nn.Module`): a causal LM; ``usable`` is False when it has no output embeddings.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        path = head_path(model)
+        self.head = model.get_submodule(path) if path else None
+        self.capture = FFNInputCapture(model, path, stop_forward=True) if path else None
+
+    @property
+    def usable(self) -> bool:
+        return self.capture is not None and _CHECKED.get(self.model, True)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head's inputs ``[windows, positions, d]`` (the forward stops before the head)."""
+        try:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except StopForward:
+            pass
+        return self.capture.hidden_states(len(ids))
+
+    def check(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        """Compare the head path with the model's own logits on the first window, once per model."""
+        if self.model in _CHECKED or self.capture is None:
+            return
+        first = rows == 0
+        hidden = self.forward(ids[:1], mask[:1])[0, positions[first]]
+        targets = ids[0, positions[first]]  # any ids: the whole distribution is compared
+        self.capture.stop_forward = False
+        try:
+            logits = self.model(input_ids=ids[:1], attention_mask=mask[:1], use_cache=False).logits
+        finally:
+            self.capture.stop_forward = True
+        reference = torch.log_softmax(logits[0, positions[first]].float(), dim=-1)
+        _, ours = scored_log_probs(self.head, hidden, targets, lm_features=lambda log_probs: log_probs)
+        exact = torch.allclose(ours, reference, atol=_TOLERANCE)
+        _CHECKED[self.model] = exact
+        if not exact:
+            logger.warning(
+                "%s's logits are not its LM head's output (a soft-cap or scale in its forward?): "
+                "scoring keeps the full forward, which holds every position's logits.",
+                type(self.model).__name__,
+            )
+
+    def remove(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
