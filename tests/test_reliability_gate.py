@@ -64,3 +64,9 @@ def test_a_gate_save_goes_through_the_folder_swap_and_lock(gated, model, tokeniz
     gate.save_to_datastore(store)
     assert (gated / "notes.txt").read_text() == "a file of the user's"
     assert len(Datastore.from_pretrained(gated)) == len(store)
+
+
+def test_train_gate_refuses_a_number_for_save(model, tokenizer, store, other_text):
+    with pytest.raises(ValueError, match="save=1"):
+        train_gate(model, tokenizer, [other_text], store, save=1, epochs=2, **WINDOWS)
+    assert "gate.safetensors" not in store.config.files

@@ -126,3 +126,14 @@ def test_the_knn_ralm_path_scores_a_pruned_store_as_evaluate_perplexity_does(
         model, tokenizer, [other_text], retriever, datastore=pruned, **settings
     )
     assert got.knn_ppl == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("row_batch_size", [0, 2.5])
+def test_retrieval_perplexity_refuses_a_bad_row_batch_size(
+    model, tokenizer, retriever, corpus_text, row_batch_size
+):
+    with pytest.raises(ValueError, match=f"row_batch_size={row_batch_size}"):
+        evaluate_retrieval_perplexity(
+            model, tokenizer, [corpus_text[:300]], retriever, row_batch_size=row_batch_size, max_length=64,
+            stride=32, disable_progress=True,
+        )  # fmt: skip

@@ -91,3 +91,8 @@ def test_a_hub_id_that_cannot_be_fetched_is_named_for_the_retriever_loader(tmp_p
         load_retriever("no-such-org/no-such-index")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_retriever(tmp_path / "missing")
+
+
+def test_retriever_searches_refuse_a_boolean_k():
+    with pytest.raises(ValueError, match="k=True"):
+        BM25Retriever.build(DOCS).search(["cat"], True)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..utils.checks import check_positive_int
+from ..utils.checks import check_positive_int, is_int
 
 
 @runtime_checkable
@@ -52,7 +52,7 @@ def check_search_args(queries: Sequence[str], k: int, num_documents: int) -> lis
     """Validate ``k`` and turn ``queries`` into a list of strings (one string is one query)."""
     if isinstance(queries, str):
         queries = [queries]
-    if not isinstance(k, int) or k < 1 or k > num_documents:
+    if not is_int(k) or k < 1 or k > num_documents:
         raise ValueError(
             f"k={k!r} but the collection holds {num_documents} documents; use 1 <= k <= {num_documents}."
         )
