@@ -137,3 +137,30 @@ def test_retrieval_perplexity_refuses_a_bad_row_batch_size(
             model, tokenizer, [corpus_text[:300]], retriever, row_batch_size=row_batch_size, max_length=64,
             stride=32, disable_progress=True,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["ralm", "replug"])
+def test_a_rag_processor_shared_by_two_threads_keeps_each_generation_apart(model, tokenizer, retriever, kind):
+    """Thread A's second step continues A's generation when thread B's first step came in between: no
+    extra retrieval, the same scores as A alone (the state of a generation is per thread)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def make():
+        if kind == "ralm":
+            return InContextRALMProcessor(model, tokenizer, retriever, retrieval_stride=4)
+        return REPLUGProcessor(model, tokenizer, retriever, k=2)
+
+    a = tokenizer("The king sees", return_tensors="pt")["input_ids"]
+    a_next = torch.cat([a, a[:, -1:]], 1)
+    b = tokenizer("A knight follows the", return_tensors="pt")["input_ids"]
+    scores = torch.zeros(1, len(tokenizer))
+    alone = make()
+    alone(a, scores)
+    expected = alone(a_next, scores)
+    shared = make()
+    with ThreadPoolExecutor(1) as thread_a, ThreadPoolExecutor(1) as thread_b:  # one worker thread each
+        thread_a.submit(shared, a, scores).result()
+        thread_b.submit(shared, b, scores).result()
+        got = thread_a.submit(shared, a_next, scores).result()
+    assert shared.num_retrievals == alone.num_retrievals + 1  # B's own retrieval, none again for A
+    torch.testing.assert_close(got, expected)
