@@ -276,3 +276,17 @@ def test_reindex_links_the_keys_and_values_instead_of_copying_them(store_dir, tm
     atomic_write_bytes(store.folder / store.config.shards[0]["keys"], b"replaced")
     assert _digests(ivf.folder) == before
     assert len(Datastore.from_pretrained(ivf.folder)) == len(store)
+
+
+def test_a_wrapper_save_that_fails_midway_keeps_the_old_config(model, store, tmp_path):
+    """``KNNLMForCausalLM.save_pretrained`` writes its config.json through a temporary sibling."""
+    from hf_knnlm import KNNLMForCausalLM
+
+    wrapper = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8)
+    wrapper.save_pretrained(tmp_path / "w")
+    before = (tmp_path / "w" / "config.json").read_bytes()
+    wrapper.settings.lmbda = 0.5
+    with _DiskFull(64), pytest.raises(OSError):
+        wrapper.save_pretrained(tmp_path / "w")
+    assert (tmp_path / "w" / "config.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json"]  # no temporary file left

@@ -19,6 +19,7 @@ from ..lm.caches import cache_of, output_cache
 from ..lm.hooks import FFNInputCapture
 from ..lm.loading import gguf_file_in
 from ..utils.checks import check_has_tokens
+from ..utils.files import atomic_path, folder_lock
 from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig
 from .logits_process import KNNProcessor
@@ -286,7 +287,8 @@ class KNNLMForCausalLM(PreTrainedModel):
         if save_datastore:
             self.datastore.save_pretrained(out / DATASTORE_SUBFOLDER, max_shard_size=max_shard_size)
             config.datastore, config.datastore_subfolder = None, DATASTORE_SUBFOLDER
-        config.save_pretrained(out)
+        with folder_lock(out), atomic_path(out / "config.json") as tmp:  # a failed write keeps the old one
+            config.to_json_file(tmp)
 
     def push_to_hub(
         self, repo_id: str, *, save_datastore: bool = False, commit_message: str | None = None, **kwargs: Any
