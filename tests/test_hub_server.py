@@ -343,8 +343,11 @@ def test_offline_from_a_prepopulated_cache(hub, built, monkeypatch, tmp_path):
         local = Datastore.from_pretrained(built[name])
         remote = Datastore.from_pretrained(f"{ORG}/knn", revision=revision)
         assert _search(remote, _queries(local)) == _search(local, _queries(local))
-    with pytest.raises(LocalEntryNotFoundError):
-        Datastore.from_pretrained(f"{ORG}/corrupt")
+    with pytest.raises(
+        FileNotFoundError, match=f"the Hub repository {ORG}/corrupt could not be fetched"
+    ) as info:
+        Datastore.from_pretrained(f"{ORG}/corrupt")  # one sentence, the Hub's error chained
+    assert isinstance(info.value.__cause__, LocalEntryNotFoundError)
 
 
 _CHILD = """
@@ -388,3 +391,19 @@ def test_environment_variables_in_a_fresh_process(hub_server, published, built, 
         snapshot = tmp_path / "cache" / f"models--{ORG}--knn" / "snapshots" / published["v1"]
         assert result["folder"] == str(snapshot)
         assert (result["distances"], result["ids"]) == expected
+
+
+def test_load_retriever_takes_a_hub_id(hub, hub_server, tmp_path):
+    """What `--retriever org/name` of the RAG verbs reads: the kind comes from the configs the repo holds."""
+    from hf_knnlm.retrieval import BM25Retriever, load_retriever
+
+    _, mirrors = hub_server
+    docs = [{"text": "The cat sat on the mat."}, {"text": "Dogs bark at night."}]
+    BM25Retriever.build(docs).save_pretrained(tmp_path / "bm25")
+    publish(mirrors, "bm25", tmp_path / "bm25")
+    retriever = load_retriever(f"{ORG}/bm25")
+    assert type(retriever).__name__ == "BM25Retriever" and retriever.search(["dogs"], k=1)[1].tolist() == [
+        [1]
+    ]
+    with pytest.raises(FileNotFoundError, match=f"Hub repository {ORG}/no-such-index could not be fetched"):
+        load_retriever(f"{ORG}/no-such-index")

@@ -71,3 +71,77 @@ def test_a_document_index_without_file_hashes_needs_verify_false(index, tmp_path
     with pytest.raises(ValueError, match="verify=False"):
         DocumentIndex.from_pretrained(folder)
     assert len(DocumentIndex.from_pretrained(folder, verify=False)) == len(index)
+
+
+def _reader_rows(**override):
+    row = {
+        "question": "capital of france?",
+        "context": "paris is the capital of france.",
+        "answers": ["paris"],
+    }
+    return [row, {**row, **override}]
+
+
+@pytest.mark.parametrize("field", ["question", "context", "answers"])
+def test_reader_training_rows_with_none_fields_are_named(tokenizer, tmp_path, field):
+    import datasets
+
+    from hf_knnlm.open_qa import train_reader
+
+    try:
+        from tests.open_qa_utils import save_encoder
+    except ImportError:
+        from open_qa_utils import save_encoder
+    encoder = save_encoder(tokenizer, tmp_path / "encoder")
+    rows = datasets.Dataset.from_list(_reader_rows(**{field: None}))
+    with pytest.raises(ValueError, match=rf"row 1.*{field}.*None"):
+        train_reader(str(encoder), rows, output_dir=tmp_path / "reader", max_steps=1, use_cpu=True)
+    assert not (tmp_path / "reader").exists()
+
+
+def test_qa_train_reader_reports_the_losses_it_logged(tokenizer, tmp_path, capsys):
+    import json
+
+    from hf_knnlm.commands import main
+
+    try:
+        from tests.open_qa_utils import save_encoder
+    except ImportError:
+        from open_qa_utils import save_encoder
+    encoder = save_encoder(tokenizer, tmp_path / "encoder")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in _reader_rows()))
+    argv = ["qa-train-reader", "--model", str(encoder), "--train", str(train), "--output-dir"]
+    options = ["--max-steps", "3", "--max-length", "32", "--doc-stride", "8", "--cpu"]
+    assert main([*argv, str(tmp_path / "reader"), *options]) == 0
+    summary = json.loads((tmp_path / "reader" / "reader_training.json").read_text())
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3, summary
+    assert summary["train_loss"] == pytest.approx(sum(summary["losses"]) / 3, abs=1e-3)
+
+
+def test_a_checkpoint_save_that_fails_midway_keeps_the_old_checkpoint(tokenizer, tmp_path):
+    """Reader checkpoints and qa-train's model folder: written beside, swapped in whole, under the lock."""
+    from hf_knnlm import FolderInUseError
+    from hf_knnlm.utils.files import folder_lock, save_pretrained_atomically
+
+    try:
+        from tests.open_qa_utils import save_encoder
+    except ImportError:
+        from open_qa_utils import save_encoder
+    from transformers import AutoModel
+
+    folder = save_encoder(tokenizer, tmp_path / "checkpoint")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = AutoModel.from_pretrained(folder)
+
+    class DiskFull:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{")  # half written
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained_atomically(folder, model, DiskFull())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    with folder_lock(folder), pytest.raises(FolderInUseError):
+        save_pretrained_atomically(folder, model, tokenizer)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hf_knnlm import Datastore
 from hf_knnlm.commands import main as cli_main
@@ -234,6 +235,30 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(saved_model, othe
     assert not (out / ".partial").exists()
 
 
+def test_every_file_written_has_the_permissions_open_gives(store, tmp_path, tokenizer, model):
+    """Modes follow the umask like an ordinary ``open()`` (0644 under umask 022), so a store copied to a
+    shared folder or served is readable by others: no 0600 file beside 0644 siblings."""
+    from hf_knnlm import compress_datastore
+    from hf_knnlm.open_qa.reader_training import _save_checkpoint
+    from hf_knnlm.retrieval import BM25Retriever, DenseRetriever
+
+    old = os.umask(0o022)
+    try:
+        store.save_pretrained(tmp_path / "saved")
+        compress_datastore(store, tmp_path / "pruned", prune_to=0.5)
+        docs = [{"text": "The cat sat on the mat."}, {"text": "A dog ran to the park."}]
+        BM25Retriever.build(docs).save_pretrained(tmp_path / "bm25")
+        table = torch.nn.Embedding(len(tokenizer), 8)
+        dense = DenseRetriever.build(docs, lambda input_ids, **_: table(input_ids).mean(1), tokenizer)
+        dense.save_pretrained(tmp_path / "dense")
+        _save_checkpoint(model, tokenizer, tmp_path / "reader")  # the reader's checkpoints
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert len(modes) > 15 and set(modes.values()) == {"0o644"}, modes
+
+
 def test_reindex_links_the_keys_and_values_instead_of_copying_them(store_dir, tmp_path):
     store = Datastore.from_pretrained(shutil.copytree(store_dir, tmp_path / "store"))
     ivf = store.rebuild_index("IVF4,Flat", tmp_path / "ivf", train_size=len(store))
@@ -251,3 +276,17 @@ def test_reindex_links_the_keys_and_values_instead_of_copying_them(store_dir, tm
     atomic_write_bytes(store.folder / store.config.shards[0]["keys"], b"replaced")
     assert _digests(ivf.folder) == before
     assert len(Datastore.from_pretrained(ivf.folder)) == len(store)
+
+
+def test_a_wrapper_save_that_fails_midway_keeps_the_old_config(model, store, tmp_path):
+    """``KNNLMForCausalLM.save_pretrained`` writes its config.json through a temporary sibling."""
+    from hf_knnlm import KNNLMForCausalLM
+
+    wrapper = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8)
+    wrapper.save_pretrained(tmp_path / "w")
+    before = (tmp_path / "w" / "config.json").read_bytes()
+    wrapper.settings.lmbda = 0.5
+    with _DiskFull(64), pytest.raises(OSError):
+        wrapper.save_pretrained(tmp_path / "w")
+    assert (tmp_path / "w" / "config.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json"]  # no temporary file left

@@ -8,6 +8,7 @@ its traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from ._options import add_dataclass_options, dataclass_from_args
@@ -43,6 +44,12 @@ def one_line(err: BaseException) -> str:
 def run_command(args: argparse.Namespace) -> int:
     """Run the chosen subcommand; report an error in one line unless ``--debug`` was given."""
     debug = getattr(args, "debug", False)
+    # The Hub client's per-request warnings ("Retrying in 1s [Retry 1/5]", a dozen for a name the Hub
+    # cannot resolve) would precede the one-line error; --debug shows them.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    if not debug:
+        hub_logger.setLevel(logging.ERROR)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -55,6 +62,8 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         print(f"hf-knnlm {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2 if isinstance(err, USER_ERRORS) else 1
+    finally:
+        hub_logger.setLevel(level)
 
 
 def positive_int(text: str) -> int:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils.files import atomic_write_json
+from ..utils.files import atomic_write_json, save_pretrained_atomically
 from ._options import add_dataclass_options, add_signature_options, values
 
 if TYPE_CHECKING:
@@ -63,6 +63,19 @@ def random_subset(dataset: datasets.Dataset, limit: int | None, seed: int) -> da
     if limit and limit < len(dataset):
         return dataset.shuffle(seed=seed).select(range(limit))
     return dataset
+
+
+# The CLI's training verbs log the loss ~50 times per run (a ratio of the steps: at least every step of a
+# short run), so that the summary's "losses" is never empty after a run that trained.
+LOGGING_RATIO = 0.02
+
+
+def logged_losses(trainer: Any) -> dict[str, Any]:
+    """``losses`` (every logged step's, in order) and ``train_loss`` (the run's mean) of a Trainer."""
+    history = trainer.state.log_history
+    losses = [round(e["loss"], 4) for e in history if "loss" in e]
+    train_loss = next((e["train_loss"] for e in reversed(history) if "train_loss" in e), None)
+    return {"losses": losses, "train_loss": None if train_loss is None else round(train_loss, 4)}
 
 
 def steps_or_ratio(text: str) -> int | float:
@@ -124,17 +137,22 @@ def qa_train(args: argparse.Namespace) -> int:
     train = random_subset(load_questions(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_realm(
-        model, tokenizer, index, train, output_dir=output / "trainer", **values(args, TRAINING_HELPS)
+        model,
+        tokenizer,
+        index,
+        train,
+        output_dir=output / "trainer",
+        logging_steps=LOGGING_RATIO,
+        **values(args, TRAINING_HELPS),
     )
-    model.save_pretrained(output / "model")
-    tokenizer.save_pretrained(output / "model")
+    save_pretrained_atomically(output / "model", model, tokenizer)  # an old model there stays until then
     if args.refresh_index_every:
         index.save_pretrained(output / "index")  # the refreshed vectors belong with the trained model
     summary = {
         "train_questions": len(train),
         "index_seconds": index_seconds,
         "train_seconds": time.perf_counter() - started,
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        **logged_losses(trainer),
     }
     atomic_write_json(output / "train_summary.json", summary)
     if args.push_to_hub:

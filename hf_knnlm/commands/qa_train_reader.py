@@ -17,7 +17,7 @@ from typing import Any
 from ..utils.files import atomic_write_json
 from ._common import positive_int
 from ._options import add_signature_options, values
-from .qa import parse_articles, random_subset, read_jsonl, steps_or_ratio
+from .qa import LOGGING_RATIO, logged_losses, parse_articles, random_subset, read_jsonl, steps_or_ratio
 
 
 def load_reader_rows(path: str, articles: str | None = None):
@@ -42,14 +42,20 @@ def run(args: argparse.Namespace) -> int:
     rows = random_subset(load_reader_rows(args.train, args.articles), args.max_questions, args.seed)
     started = time.perf_counter()
     trainer = train_reader(
-        args.model, rows, output_dir=args.output_dir, **values(args, HELPS), bf16=args.bf16, use_cpu=args.cpu
+        args.model,
+        rows,
+        output_dir=args.output_dir,
+        logging_steps=LOGGING_RATIO,
+        **values(args, HELPS),
+        bf16=args.bf16,
+        use_cpu=args.cpu,
     )
     summary = {
         "model": args.model,
         "train_questions": len(rows),
         "steps": trainer.state.global_step,
         "train_seconds": round(time.perf_counter() - started, 1),
-        "losses": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
+        **logged_losses(trainer),
     }
     atomic_write_json(Path(args.output_dir) / "reader_training.json", summary)
     print(json.dumps(summary, indent=2))

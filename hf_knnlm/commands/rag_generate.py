@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..utils.checks import check_fraction, check_positive_int
 from ._common import add_model_args, load_model
 from ._rag import add_retriever_args, load_retriever, retrieval_settings
 
@@ -18,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; pass the text to continue, e.g. --prompt 'The history of'.")
     settings = retrieval_settings(args)  # bad values fail before anything is loaded
+    check_positive_int("max_new_tokens", args.max_new_tokens, "tokens to generate")
+    if args.method == "flare":
+        check_fraction("threshold", args.threshold, "retrieve below this probability, e.g. 0.4")
     retriever = load_retriever(args)  # before the model: a wrong folder fails at once
     model, tokenizer = load_model(args)
     common = dict(query_length=settings.query_length, max_document_tokens=settings.max_document_tokens)

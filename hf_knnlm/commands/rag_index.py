@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_data_args, load_data
+from ._common import add_data_args, check_data_args, load_data
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from ..lm.loading import gguf_file_in
     from ..rag import BM25Retriever, DenseRetriever, chunk_documents, sentence_encoder
+    from ..retrieval.chunking import token_spans
 
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    token_spans(1, args.chunk_tokens, args.overlap)  # bad sizes fail before the tokenizer loads
+    if args.kind != "bm25" and not args.encoder:
+        raise ValueError("--kind dense needs --encoder <sentence encoder folder or Hub id>.")
+    check_data_args(args)
+    gguf_file = args.gguf_file or gguf_file_in(args.tokenizer)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, **kwargs)
     passages = chunk_documents(
         load_data(args),

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..utils.checks import check_flag, check_positive_int, is_int, is_real
 from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path
 from ..utils.hub_mixin import finish_folder
@@ -35,7 +36,7 @@ from .builder import write_store
 from .card import datastore_card
 from .config import CONFIG_NAME, DatastoreConfig
 from .extras import TRANSFORM_NAME, copy_extra_files
-from .index import DEFAULT_TRAIN_SIZE, new_index, train_sample
+from .index import DEFAULT_TRAIN_SIZE, check_index_factory, train_sample
 from .provenance import Provenance
 from .shards import DEFAULT_MAX_SHARD_SIZE
 from .storage import ShardedArray, shard_bounds
@@ -48,13 +49,33 @@ logger = logging.getLogger(__name__)
 _ROWS = 65536
 
 
-def check_compress_args(num_entries: int, key_dim: int, pca_dim: int | None, prune_to: float | None) -> None:
-    if pca_dim is not None and not 0 < pca_dim <= key_dim:
-        raise ValueError(f"pca_dim={pca_dim} must be in [1, {key_dim}] (the store's key width).")
-    if prune_to is not None and not 0 < prune_to <= 1:
-        raise ValueError(f"prune_to={prune_to} must be in (0, 1]: the fraction of entries to keep.")
+def check_compress_args(
+    num_entries: int,
+    key_dim: int,
+    pca_dim: int | None,
+    prune_to: float | None,
+    merge_k: int = 8,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+) -> None:
+    """Refuse, by name, every argument that cannot give the store asked for (``True`` is not a size)."""
+    if pca_dim is not None and (not is_int(pca_dim) or not 0 < pca_dim <= key_dim):
+        raise ValueError(
+            f"pca_dim={pca_dim!r} must be in [1, {key_dim}] (an integer: at most the key width)."
+        )
+    if prune_to is not None and (not is_real(prune_to) or not 0 < prune_to <= 1):
+        raise ValueError(
+            f"prune_to={prune_to!r} must be a number in (0, 1]: the fraction of entries to keep."
+        )
+    check_positive_int("merge_k", merge_k, "nearest same-value entries searched per entry, e.g. 8")
+    check_positive_int("train_size", train_size, "keys sampled to train the PCA and the index")
     if num_entries < 2:
         raise ValueError(f"the store has {num_entries} entries; there is nothing to compress.")
+    if pca_dim is not None and min(num_entries, train_size) < key_dim:
+        raise ValueError(
+            f"train_size={train_size} leaves {min(num_entries, train_size)} keys to train the PCA of "
+            f"{key_dim}-wide keys on; it needs at least {key_dim} (the key width): pass a larger "
+            f"train_size{' or compress a larger store' if num_entries < key_dim else ''}."
+        )
 
 
 def factory_for_dim(factory: str, src_dim: int, dim: int) -> str:
@@ -161,19 +182,31 @@ def merge_plan(
 
 
 def _plan_compression(
-    src, out: Path, pca_dim: int | None, prune_to: float | None, index_factory: str | None, overwrite: bool
+    src, out: Path, pca_dim: int | None, prune_to: float | None, options: dict
 ) -> tuple[int, str]:
-    """The new key width and index type; everything that cannot succeed is refused here, before any work."""
-    check_compress_args(len(src), src.key_dim, pca_dim, prune_to)
+    """The new key width and index type; everything that cannot succeed is refused here, before any work.
+
+    ``options``: ``merge_k``, ``train_size``, ``index_factory`` and ``overwrite`` of the call."""
+    index_factory, overwrite, train_size = (
+        options["index_factory"],
+        options["overwrite"],
+        options["train_size"],
+    )
+    check_compress_args(len(src), src.key_dim, pca_dim, prune_to, options["merge_k"], train_size)
+    check_flag("overwrite", overwrite)
+    if index_factory is not None and not isinstance(index_factory, str):
+        raise ValueError(
+            f"index_factory={index_factory!r} must be a faiss index-factory string, e.g. 'Flat'."
+        )
     if out.exists() and out.resolve() == src.folder.resolve():
         raise ValueError(f"output_dir={str(out)!r} is the store itself; choose a new folder.")
-    if (out / CONFIG_NAME).exists() and not overwrite:
+    if (out / CONFIG_NAME).exists() and not options["overwrite"]:
         raise FileExistsError(f"{out} already holds a datastore; pass overwrite=True or a new output_dir.")
     if src.key_transform is not None and pca_dim is not None:
         raise ValueError(f"{src.folder} is already PCA-compressed; compress the original store instead.")
     dim = pca_dim or src.key_dim
     factory = index_factory or factory_for_dim(src.config.index_factory, src.key_dim, dim)
-    new_index(factory, dim)  # a bad string fails now, before any work
+    check_index_factory(factory, dim, len(src), train_size)  # a bad string fails now, before any work
     return dim, factory
 
 
@@ -288,7 +321,8 @@ def compress_datastore(
     from .datastore import Datastore
 
     src, out = datastore, Path(output_dir)
-    dim, factory = _plan_compression(src, out, pca_dim, prune_to, index_factory, overwrite)
+    options = dict(merge_k=merge_k, train_size=train_size, index_factory=index_factory, overwrite=overwrite)
+    dim, factory = _plan_compression(src, out, pca_dim, prune_to, options)
     values = src.values.to_numpy()
     keep, counts, next_ids = _kept_entries(src, values, prune_to, merge_k)
     pca = train_pca(src.keys, pca_dim, train_size) if pca_dim is not None else None

@@ -7,10 +7,11 @@ simply lack them and load as before.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..utils.faiss_support import import_faiss
-from ..utils.files import atomic_path, file_hashes
+from ..utils.files import atomic_path, file_hashes, updated_folder
 from .config import CONFIG_NAME, DatastoreConfig
 
 ENTRIES_NAME = "entries.safetensors"  # corpus positions, RetoMaton pointers, merge counts
@@ -37,10 +38,16 @@ def copy_extra_files(
     return names
 
 
-def register_files(folder: Path, config: DatastoreConfig, names: list[str]) -> None:
-    """Hash files just written into a finished store and rewrite its config (atomically)."""
-    config.files.update(file_hashes(folder, names))
-    config.save(Path(folder) / CONFIG_NAME)
+def add_files(datastore, write: Callable[[Path], list[str]], *, lock: bool = True) -> None:
+    """Add or replace optional files of a finished store: ``write(folder)`` writes them and returns
+    their names; they are hashed into a copy of the config, and the folder with both is swapped in
+    whole under the store's lock (``lock=False``: the caller holds it). A failure anywhere (a full
+    disk while the config is written) leaves the store and ``datastore.config`` as they were."""
+    config = DatastoreConfig.from_dict(datastore.config.to_dict())
+    with updated_folder(datastore.folder, lock=lock) as folder:
+        config.files.update(file_hashes(folder, write(folder)))
+        config.save(folder / CONFIG_NAME)
+    datastore.config.files = config.files
 
 
 def read_key_transform(folder: Path, config: DatastoreConfig):

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 
 from ..lm.corpus import _TOKENIZE_BATCH, CorpusLike, corpus_name, iter_documents
 from ..utils.files import atomic_path
-from .extras import DOCUMENTS_NAME, ENTRIES_NAME, register_files
+from .extras import DOCUMENTS_NAME, ENTRIES_NAME, add_files
 
 logger = logging.getLogger(__name__)
 
@@ -275,5 +275,5 @@ def attach_documents(
             f"pass the corpus (and separator / text_column) the store was built from."
         )
     provenance = Provenance(len(values), documents=documents)
-    register_files(store.folder, store.config, provenance.save(store.folder))
+    add_files(store, provenance.save)  # beside the store, swapped in whole under its lock
     store._provenance = provenance

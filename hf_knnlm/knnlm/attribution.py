@@ -16,6 +16,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..datastore.neighbours import Neighbours
+from ..utils.checks import check_positive_int
 from .attribution_view import render_html  # noqa: F401 (the HTML view's old home)
 from .logits_process import KNNProcessor
 from .mixture import neighbour_weights
@@ -173,6 +174,8 @@ def explain_generation(
     """
     if not prompt or not prompt.strip():
         raise ValueError("prompt is empty; pass the text to continue, e.g. prompt='The history of'.")
+    check_positive_int("max_new_tokens", max_new_tokens, "tokens to generate and explain")
+    check_positive_int("top", top, "neighbours shown per token, e.g. 5")
     with _RecordingProcessor(
         model, datastore, tokenizer=tokenizer, gate=gate, settings=KNNSettings.merge(settings, **overrides)
     ) as recorder:

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..datastore.extras import GATE_NAME, register_files
+from ..datastore.extras import GATE_NAME, add_files
 from ..datastore.neighbours import Neighbours
 from ..utils.files import atomic_path
 from .settings import KNNSettings
@@ -130,10 +130,18 @@ class RetrievalGate(nn.Module):
         gate.info = json.loads(meta.get("info", "{}"))
         return gate.eval()
 
-    def save_to_datastore(self, datastore) -> None:
-        """Write ``gate.safetensors`` into the store's folder and record its sha256 in the config."""
-        self.save(datastore.folder / GATE_NAME)
-        register_files(datastore.folder, datastore.config, [GATE_NAME])
+    def save_to_datastore(self, datastore, *, lock: bool = True) -> None:
+        """Write ``gate.safetensors`` into the store's folder and record its sha256 in the config.
+
+        Both are written beside the store and swapped in whole under its lock (``lock=False``: the
+        caller holds it), so a failed write leaves the store with its old gate.
+        """
+
+        def write(folder: Path) -> list[str]:
+            self.save(folder / GATE_NAME)
+            return [GATE_NAME]
+
+        add_files(datastore, write, lock=lock)
 
     @classmethod
     def from_datastore(cls, datastore) -> RetrievalGate:

@@ -17,6 +17,7 @@ from torch import nn
 from ..lm.corpus import CorpusLike
 from ..lm.forward import check_forward_args
 from ..lm.windows import WindowSettings
+from ..utils.checks import check_flag
 from ..utils.files import folder_lock
 from .evaluation import recorded_windows
 from .gate import RetrievalGate, lm_features
@@ -207,6 +208,7 @@ def train_gate(
     True
     ```
     """
+    check_flag("save", save)
     gate_changes = {name: overrides.pop(name) for name in list(overrides) if name in _TRAINING_FIELDS}
     training = (training or GateTraining()).replace(**gate_changes)
     settings, windows = settings_from(settings, windows, overrides)
@@ -230,7 +232,7 @@ def train_gate(
         gate = fit_gate(cache.lm_features, queries, cache.lm_log_probs, knn, training)
         gate.info.update({"k": settings.k, "temperature": settings.temperature, **windows.to_dict()})
         if save:
-            gate.save_to_datastore(datastore)
+            gate.save_to_datastore(datastore, lock=False)  # this call holds the lock
     return gate
 
 

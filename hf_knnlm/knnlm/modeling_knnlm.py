@@ -17,6 +17,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..datastore.datastore import Datastore
 from ..lm.caches import cache_of, output_cache
 from ..lm.hooks import FFNInputCapture
+from ..lm.loading import gguf_file_in
+from ..utils.checks import check_has_tokens
+from ..utils.files import atomic_path, folder_lock
 from ..utils.hub import PUSH_OPTIONS, push_folder
 from .configuration_knnlm import KNNLMConfig
 from .logits_process import KNNProcessor
@@ -79,6 +82,8 @@ def _load_base(
     hub_kwargs = {key: model_kwargs[key] for key in ("revision", "token", "cache_dir") if key in model_kwargs}
     saved = _knnlm_config_dict(source, hub_kwargs)
     if saved is None:
+        if "gguf_file" not in model_kwargs and (gguf_file := gguf_file_in(source)):
+            model_kwargs["gguf_file"] = gguf_file  # a GGUF package folder; recorded in the config
         base = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         base.config._name_or_path = base.config._name_or_path or str(source)  # what to reload it from
         return base, None, hub_kwargs
@@ -282,7 +287,8 @@ class KNNLMForCausalLM(PreTrainedModel):
         if save_datastore:
             self.datastore.save_pretrained(out / DATASTORE_SUBFOLDER, max_shard_size=max_shard_size)
             config.datastore, config.datastore_subfolder = None, DATASTORE_SUBFOLDER
-        config.save_pretrained(out)
+        with folder_lock(out), atomic_path(out / "config.json") as tmp:  # a failed write keeps the old one
+            config.to_json_file(tmp)
 
     def push_to_hub(
         self, repo_id: str, *, save_datastore: bool = False, commit_message: str | None = None, **kwargs: Any
@@ -331,6 +337,7 @@ class KNNLMForCausalLM(PreTrainedModel):
         Returns:
             `CausalLMOutputWithPast` whose ``logits`` are the mixed log-probabilities.
         """
+        check_has_tokens(input_ids)
         if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             kwargs["logits_to_keep"] = logits_to_keep  # base models without it are called as before
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

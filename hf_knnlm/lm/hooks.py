@@ -118,7 +118,8 @@ class FFNInputCapture:
     """Keeps the input of a module from its latest forward call, per thread.
 
     The captured tensor lives in thread-local storage: one model (and one capture, or several)
-    can serve several threads at once, each reading the input of its own latest forward pass.
+    can serve several threads at once, each reading the input of its own latest forward pass, and
+    captures may be added and removed while other threads run the model.
     Use as a context manager or call ``remove``; the hook holds no graph when the model runs
     under ``torch.no_grad()``.
 
@@ -163,7 +164,10 @@ class FFNInputCapture:
         self._local = threading.local()
         self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        # ``kwargs`` may be missing: torch adds a hook before it marks it ``with_kwargs`` (and unmarks it
+        # on removal after), so a forward pass in another thread can call it in between without them.
+        kwargs = kwargs or {}
         hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         self._check(hidden)
         self._local.captured = hidden

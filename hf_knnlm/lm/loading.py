@@ -17,6 +17,24 @@ def _looks_like_path(value: str | os.PathLike) -> bool:
     return isinstance(value, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
+def gguf_file_in(name_or_path: str | os.PathLike) -> str | None:
+    """The GGUF file of a local folder that holds one and no ``config.json`` (a GGUF package folder).
+
+    ``None`` for a Hub id or a transformers checkpoint folder; a folder with several GGUF files (one
+    per quantization) is refused with their names, to pass one as ``gguf_file``.
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    found = sorted(path.name for path in folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise ValueError(
+            f"gguf_file=None, but {folder} holds {len(found)} GGUF files {found}; pass the one to load "
+            f"as gguf_file= (--gguf-file), e.g. {found[0]!r}."
+        )
+    return found[0] if found else None
+
+
 _DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -52,6 +70,7 @@ def load_model_and_tokenizer(
                 f"{what} {str(value)!r} is not an existing folder (and a path cannot be a Hub id); "
                 f"check the path, or pass a Hub model id such as 'gpt2'."
             )
+    gguf_file = gguf_file or gguf_file_in(name_or_path)
     gguf_path = gguf_cache.local_gguf_path(name_or_path, gguf_file)
     if gguf_path is not None:
         model, tok = _load_gguf(name_or_path, gguf_path, tokenizer, dtype)

@@ -33,7 +33,8 @@ from transformers import (
     set_seed,
 )
 
-from ..utils.files import atomic_folder, atomic_write_json, folder_lock
+from ..utils.checks import check_positive_finite, check_positive_int, is_int
+from ..utils.files import atomic_write_json, folder_lock, save_pretrained_atomically
 from .training import training_arguments_for
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,7 @@ class _EpochCheckpoints(TrainerCallback):
 
 def _save_checkpoint(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
     """Write into a temporary sibling folder, then swap it in: a reader never sees a half-written one."""
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_pretrained_atomically(folder, model, tokenizer)
 
 
 def _check_rows(train_dataset: Any) -> None:
@@ -149,6 +148,13 @@ def _check_rows(train_dataset: Any) -> None:
         )
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty; pass at least one (question, context, answers) row.")
+    for column in _COLUMNS:
+        bad = next((i for i, value in enumerate(train_dataset[column]) if value is None), None)
+        if bad is not None:
+            raise ValueError(
+                f"train_dataset row {bad} has {column} None; drop or fill such rows first, e.g. "
+                f"train_dataset.filter(lambda r: r[{column!r}] is not None)."
+            )
 
 
 def _run_settings(model: Any, train_dataset: Any, settings: dict[str, Any]) -> dict[str, Any]:
@@ -181,16 +187,25 @@ def _checkpoint_to_resume(scratch: Path, settings: dict[str, Any]) -> str | None
     return str(max(done, key=lambda c: int(c.name.rpartition("-")[2])))
 
 
-def _check_reader_args(train_dataset: Any, max_length: int, doc_stride: int, save_steps: int | None) -> None:
-    """Refuse rows, windows or a checkpoint interval that cannot train before any model is loaded."""
+def _check_reader_args(train_dataset: Any, settings: dict[str, Any], save_steps: int | None) -> None:
+    """Refuse rows, windows, sizes or a checkpoint interval that cannot train before any model is loaded."""
     _check_rows(train_dataset)
-    if not 0 <= doc_stride < max_length:
+    max_length, doc_stride = settings["max_length"], settings["doc_stride"]
+    check_positive_int("max_length", max_length, "tokens per window, e.g. 384")
+    check_positive_int("batch_size", settings["batch_size"], "windows per step, e.g. 32")
+    check_positive_finite("epochs", settings["epochs"], "training epochs, e.g. 2")
+    check_positive_finite("learning_rate", settings["learning_rate"], "e.g. 1e-4")
+    if not is_int(settings["max_steps"]) or not (settings["max_steps"] >= 1 or settings["max_steps"] == -1):
         raise ValueError(
-            f"doc_stride={doc_stride} must be >= 0 and below max_length={max_length} (the overlap between "
-            "consecutive windows); 128 with max_length 384 is the usual choice."
+            f"max_steps={settings['max_steps']!r} must be a positive integer, or -1 (the epochs decide)."
         )
-    if save_steps is not None and (isinstance(save_steps, bool) or save_steps <= 0):
-        raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
+    if not is_int(doc_stride) or not 0 <= doc_stride < max_length:
+        raise ValueError(
+            f"doc_stride={doc_stride!r} must be an integer >= 0 and below max_length={max_length} (the "
+            "overlap between consecutive windows); 128 with max_length 384 is the usual choice."
+        )
+    if save_steps is not None:
+        check_positive_int("save_steps", save_steps, "steps between checkpoints, or None (none)")
 
 
 def _reader_and_tokenizer(model: Any, tokenizer: Any, seed: int) -> tuple[PreTrainedModel, Any]:
@@ -341,10 +356,6 @@ def train_reader(
     'BertForQuestionAnswering'
     ```
     """
-    _check_reader_args(train_dataset, max_length, doc_stride, save_steps)
-    model, tokenizer = _reader_and_tokenizer(model, tokenizer, seed)
-    features = _reader_windows(train_dataset, tokenizer, max_length, doc_stride)
-    output = Path(output_dir)
     settings = dict(
         max_length=max_length,
         doc_stride=doc_stride,
@@ -357,6 +368,10 @@ def train_reader(
         seed=seed,
         **training_arguments,
     )
+    _check_reader_args(train_dataset, settings, save_steps)
+    model, tokenizer = _reader_and_tokenizer(model, tokenizer, seed)
+    features = _reader_windows(train_dataset, tokenizer, max_length, doc_stride)
+    output = Path(output_dir)
     with folder_lock(output, ".train"):
         scratch, resume = _open_scratch(output, _run_settings(model, train_dataset, settings))
         args = _trainer_arguments(scratch, settings, logging_steps, disable_tqdm, save_steps)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..retrieval.retriever import Retriever
+from ..retrieval.retriever import Retriever, check_num_documents
+from ..utils.checks import check_fraction, check_positive_int, check_text
 from .prefix import DocumentTokens, max_positions, pad_token_id, tokens_containing
 
 SENTENCE_ENDS = (".", "!", "?", "\n")
@@ -122,18 +123,23 @@ def flare_generate(
     0
     ```
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold={threshold!r} must be a probability in [0, 1] (e.g. 0.4).")
+    check_fraction("threshold", threshold, "retrieve below this probability, e.g. 0.4")
     mask_threshold = threshold if mask_threshold is None else mask_threshold
-    if max_new_tokens < 1 or max_sentence_tokens < 1:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} and max_sentence_tokens={max_sentence_tokens} must be >= 1."
-        )
+    check_fraction("mask_threshold", mask_threshold, "a probability, e.g. 0.4")
+    check_positive_int("max_new_tokens", max_new_tokens, "tokens to generate")
+    check_positive_int("max_sentence_tokens", max_sentence_tokens, "tokens per sentence")
+    check_positive_int("max_document_tokens", max_document_tokens, "LM tokens per passage")
+    check_num_documents("num_documents", num_documents, retriever)
     generate_kwargs.setdefault("do_sample", False)
     if isinstance(prompt, str):
+        check_text("prompt", prompt)
         prompt_ids = tokenizer(prompt)["input_ids"]
     else:
         prompt_ids = torch.as_tensor(prompt).reshape(-1).tolist()
+    if not prompt_ids:
+        raise ValueError(
+            "prompt is empty (no tokens); pass the text to continue, e.g. prompt='The history of'."
+        )
     doc_tokens = DocumentTokens(tokenizer, retriever, max_document_tokens)
     limit = max_positions(model)
     generated: list[int] = []

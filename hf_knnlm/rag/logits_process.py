@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from ..retrieval.retriever import Retriever
+from ..retrieval.retriever import Retriever, check_num_documents
+from ..utils.checks import check_has_tokens, check_positive_finite
 from .prefix import (
     DocumentTokens,
     cache_kwargs,
@@ -23,10 +26,34 @@ from .prefix import (
 from .settings import RetrievalSettings
 
 
+class _PerThread:
+    """An attribute whose value is kept per thread: the state of the generation a thread runs."""
+
+    def __init__(self, default: Any = None) -> None:
+        self.default = default
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._local, self.name, self.default)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj._local, self.name, value)
+
+
 class _DocumentEnsembleProcessor(LogitsProcessor):
     """``log sum_d w_d p_LM(y | d ⊕ x)`` for the next token, with a KV cache over the ``B x k``
     document-prefixed copies of the batch that is reused while the sequences only grow and the passages
-    stay the same."""
+    stay the same. That state is per thread: one processor may serve several threads' generations."""
+
+    _seen = _PerThread()
+    _doc_ids = _PerThread()
+    _log_weights = _PerThread()
+    _retrieved_at = _PerThread(0)
+    _cache = _PerThread()
+    _mask = _PerThread()
+    _next_position = _PerThread()
 
     def __init__(
         self,
@@ -38,6 +65,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
         queries: Sequence[str] | None = None,
         max_input_length: int | None = None,
     ) -> None:
+        check_num_documents("num_documents", settings.num_documents, retriever)
         self.model = model
         self.tokenizer = tokenizer
         self.retriever = retriever
@@ -48,14 +76,8 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
         self.pad_id = pad_token_id(tokenizer)
         self.num_retrievals = 0
         self.retrieved: list[np.ndarray] = []  # doc ids of every retrieval, for inspection
-        self._reset()
-
-    def _reset(self) -> None:
-        self._seen: torch.Tensor | None = None
-        self._doc_ids: np.ndarray | None = None
-        self._log_weights: torch.Tensor | None = None
-        self._retrieved_at = 0
-        self._cache = self._mask = self._next_position = None
+        self._local = threading.local()
+        self._stats = threading.Lock()
 
     def _row_tokens(self, row: torch.Tensor) -> list[int]:
         """A sequence without its left padding (generate left-pads batched prompts)."""
@@ -81,8 +103,9 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
         # A row that found nothing reads no passage: one "empty passage" of weight 1 is the plain LM.
         empty = torch.isneginf(log_weights).all(dim=-1)
         log_weights[empty, 0] = 0.0
-        self.num_retrievals += 1
-        self.retrieved.append(doc_ids)
+        with self._stats:
+            self.num_retrievals += 1
+            self.retrieved.append(doc_ids)
         return doc_ids, log_weights
 
     def _prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -114,6 +137,7 @@ class _DocumentEnsembleProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        check_has_tokens(input_ids)
         seen = self._seen
         continuing = (
             seen is not None
@@ -152,7 +176,8 @@ class InContextRALMProcessor(_DocumentEnsembleProcessor):
     when the passage changes) and returns those log-probabilities in place of the incoming scores, so put it
     first in the list; tokens an earlier processor set to ``-inf`` stay banned. Left-padded batches work
     (padding is recognised as leading pad tokens). Beam search works but rebuilds the cache every step.
-    A processor holds the state of one ``generate`` call: use one per call, not from several threads.
+    The state of a generation (passages, KV cache) is kept per thread: one processor may serve several
+    threads' ``generate`` calls, one generation per thread at a time.
 
     Args:
         model (`PreTrainedModel`): the causal LM that generates.
@@ -202,7 +227,7 @@ class REPLUGProcessor(_DocumentEnsembleProcessor):
     pass over the ``k`` copies of every sequence (with a KV cache, so each step costs ``k`` one-token passes).
 
     Same mechanics and caveats as [`InContextRALMProcessor`][hf_knnlm.rag.InContextRALMProcessor] (put it
-    first; one processor per ``generate`` call). With ``k=1`` it is exactly the LM reading the top passage.
+    first; one generation per thread at a time). With ``k=1`` it is exactly the LM reading the top passage.
 
     Args:
         model (`PreTrainedModel`): the causal LM that generates.
@@ -236,6 +261,8 @@ class REPLUGProcessor(_DocumentEnsembleProcessor):
         temperature: float = 1.0, retrieval_stride: int | None = None, query_length: int = 32,
         max_document_tokens: int = 256, **options,
     ) -> None:  # fmt: skip
+        check_num_documents("k", k, retriever)  # named as the caller passed it, not num_documents
+        check_positive_finite("temperature", temperature, "it divides the retrieval scores")
         settings = RetrievalSettings(k, retrieval_stride, query_length, temperature, max_document_tokens)
         super().__init__(model, tokenizer, retriever, settings, **options)
 

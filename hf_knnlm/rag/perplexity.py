@@ -36,7 +36,8 @@ from ..knnlm.settings import KNNSettings
 from ..lm.corpus import CorpusLike
 from ..lm.hooks import FFNInputCapture
 from ..lm.windows import Window, WindowSettings, sliding_windows
-from ..retrieval.retriever import Retriever
+from ..retrieval.retriever import Retriever, check_num_documents
+from ..utils.checks import check_positive_int
 from ..utils.outputs import Output
 from .prefix import (
     DocumentTokens,
@@ -357,6 +358,8 @@ def evaluate_retrieval_perplexity(
     retrieval = (retrieval or RetrievalSettings()).replace(**retrieval_changes)
     knn = KNNSettings.merge(knn, **knn_changes)
     windows = (windows or WindowSettings()).replace(**window_changes)
+    check_num_documents("num_documents", retrieval.num_documents, retriever)
+    check_positive_int("row_batch_size", row_batch_size, "document-prefixed rows per forward pass")
     plan = _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_column, max_tokens)
     times: dict[str, float] = {}
     base, knn_only = _base_pass(model, plan, datastore, times, disable_progress)

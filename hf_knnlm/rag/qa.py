@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BatchEncoding, LogitsProcessorList
 
-from ..retrieval.retriever import Retriever
+from ..retrieval.retriever import Retriever, check_num_documents
+from ..utils.checks import check_positive_int, check_text
 from .logits_process import REPLUGProcessor
 from .prefix import DocumentTokens, pad_token_id, tokens_containing
 
@@ -84,11 +85,18 @@ def answer_questions(
         raise ValueError(f"prompt={prompt!r} has no '{{question}}' placeholder.")
     if method != "closed_book" and retriever is None:
         raise ValueError(f"method={method!r} reads passages: pass a retriever (or method='closed_book').")
+    check_positive_int("batch_size", batch_size, "questions per generate call")
+    check_positive_int("max_new_tokens", max_new_tokens, "tokens per answer")
+    check_positive_int("max_document_tokens", max_document_tokens, "LM tokens per passage")
+    if method == "replug":
+        check_num_documents("k", k, retriever)
+    questions = list(questions)
+    for position, question in enumerate(questions):
+        check_text(f"questions[{position}]", question, "Who wrote Hamlet?")
     doc_tokens = DocumentTokens(tokenizer, retriever, max_document_tokens) if retriever is not None else None
     pad = pad_token_id(tokenizer)
     stop = [t for t in [tokenizer.eos_token_id] if t is not None] + tokens_containing(tokenizer, ("\n",))
     device = next(model.parameters()).device
-    questions = list(questions)
     prompts = tokenizer([prompt.format(question=q) for q in questions])["input_ids"]
     prefixes = _prefixes(method, retriever, questions, doc_tokens)
     rows = [prefix + row for prefix, row in zip(prefixes, prompts, strict=True)]

@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..utils.checks import check_positive_finite, check_positive_int
+
 
 @dataclass
 class RetrievalSettings:
@@ -52,21 +54,12 @@ class RetrievalSettings:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_documents, int) or self.num_documents < 1:
-            raise ValueError(f"num_documents={self.num_documents!r} must be a positive integer (e.g. 4).")
-        if self.retrieval_stride is not None and self.retrieval_stride < 1:
-            raise ValueError(
-                f"retrieval_stride={self.retrieval_stride!r} must be >= 1 (e.g. 4), or None to retrieve once."
-            )
-        if self.query_length < 1:
-            raise ValueError(f"query_length={self.query_length!r} must be >= 1 (e.g. 32).")
-        if not self.document_temperature > 0:
-            raise ValueError(
-                f"document_temperature={self.document_temperature!r} must be > 0; it divides the retrieval "
-                "scores."
-            )
-        if self.max_document_tokens < 1:
-            raise ValueError(f"max_document_tokens={self.max_document_tokens!r} must be >= 1 (e.g. 256).")
+        check_positive_int("num_documents", self.num_documents, "passages per retrieval, e.g. 4")
+        if self.retrieval_stride is not None:
+            check_positive_int("retrieval_stride", self.retrieval_stride, "e.g. 4, or None to retrieve once")
+        check_positive_int("query_length", self.query_length, "the last tokens that query, e.g. 32")
+        check_positive_finite("document_temperature", self.document_temperature, "it divides the scores")
+        check_positive_int("max_document_tokens", self.max_document_tokens, "LM tokens per passage, e.g. 256")
 
     def replace(self, **changes: Any) -> RetrievalSettings:
         """A copy with the changes that are not ``None`` (``retrieval_stride=None`` is kept as given)."""

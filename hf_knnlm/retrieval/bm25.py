@@ -123,6 +123,11 @@ class BM25Retriever(HubMixin):
         ids, titles, texts = rows_of(documents)
         indexed = [f"{t}\n{x}" if include_title and t else x for t, x in zip(titles, texts, strict=True)]
         tokens = bm25s.tokenize(indexed, stopwords=stopwords, show_progress=False)
+        if not tokens.vocab:
+            raise ValueError(
+                f"the {len(texts)} documents hold no word BM25 can index (only stopwords={stopwords!r} and "
+                "punctuation); pass documents with text, or stopwords=None to index every word."
+            )
         bm25 = bm25s.BM25(k1=k1, b=b, method=method)
         bm25.index(tokens, show_progress=False)
         return cls(ids, titles, texts, bm25, stopwords=stopwords, include_title=include_title)

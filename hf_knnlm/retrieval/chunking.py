@@ -17,6 +17,9 @@ from typing import Any
 
 import datasets
 
+from ..lm.corpus import read_text_file
+from ..utils.checks import is_int
+
 
 def _rows(data: Any, text_column: str, title_column: str, title: str | None) -> Iterator[tuple[str, str]]:
     """(title, text) of every source document."""
@@ -26,7 +29,7 @@ def _rows(data: Any, text_column: str, title_column: str, title: str | None) -> 
             raise ValueError(
                 f"data={str(data)!r} is not a file; pass a text file, strings, rows or a Dataset."
             )
-        yield (title if title is not None else path.stem), path.read_text(encoding="utf-8")
+        yield (title if title is not None else path.stem), read_text_file(path)
         return
     if hasattr(data, "column_names") and text_column not in data.column_names:
         raise ValueError(
@@ -36,21 +39,23 @@ def _rows(data: Any, text_column: str, title_column: str, title: str | None) -> 
     for position, row in enumerate(data):
         if isinstance(row, str):
             yield title or "", row
-        elif isinstance(row, Mapping) and text_column in row:
+        elif isinstance(row, Mapping) and isinstance(row.get(text_column), str):
             yield str(row.get(title_column) or title or ""), str(row[text_column])
         else:
+            has = isinstance(row, Mapping) and text_column in row
+            field = f" ({text_column}={row[text_column]!r})" if has else ""
             raise ValueError(
-                f"document {position} is {type(row).__name__} without a {text_column!r} field; pass strings "
-                f"or rows like {{'{title_column}': ..., '{text_column}': ...}}."
+                f"document {position} is {type(row).__name__} without a {text_column!r} text{field}; pass "
+                f"strings or rows like {{'{title_column}': ..., '{text_column}': ...}}."
             )
 
 
 def token_spans(num_tokens: int, chunk_tokens: int, overlap: int) -> list[tuple[int, int]]:
     """``[start, end)`` token ranges of ``chunk_tokens`` (the last may be shorter) covering every token,
     consecutive ranges sharing ``overlap`` tokens."""
-    if chunk_tokens < 1 or not 0 <= overlap < chunk_tokens:
+    if not is_int(chunk_tokens) or not is_int(overlap) or chunk_tokens < 1 or not 0 <= overlap < chunk_tokens:
         raise ValueError(
-            f"chunk_tokens={chunk_tokens}, overlap={overlap}: need chunk_tokens >= 1 and "
+            f"chunk_tokens={chunk_tokens!r}, overlap={overlap!r}: need integers with chunk_tokens >= 1 and "
             "0 <= overlap < chunk_tokens (e.g. chunk_tokens=128, overlap=32)."
         )
     step = chunk_tokens - overlap

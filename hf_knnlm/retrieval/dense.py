@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.checks import check_positive_int
+from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from .document_index import DocumentIndex, embed_corpus
 from .documents import rows_of
 from .retriever import check_search_args
@@ -59,6 +61,9 @@ class DenseRetriever:
         max_query_length: int = 64,
         batch_size: int = 64,
     ) -> None:
+        check_positive_int("batch_size", batch_size, "queries embedded per forward pass")
+        check_positive_int("max_query_length", max_query_length, "tokens per query")
+        _check_query_encoder(index, query_encoder, tokenizer)
         self.index = index
         self.query_encoder = query_encoder
         self.tokenizer = tokenizer
@@ -84,6 +89,9 @@ class DenseRetriever:
         options = {"batch_size": batch_size, "max_length": max_length, "show_progress": show_progress}
         embeddings = embed_corpus(_as_module(encoder), tokenizer, titles, texts, **options)
         metadata = {"encoder": str(getattr(encoder, "name_or_path", "")), "max_length": max_length}
+        if isinstance(encoder, nn.Module):  # what a loader checks: the same encoder embeds the queries
+            metadata["query_encoder_fingerprint"] = encoder_fingerprint(encoder)
+            metadata["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
         index = DocumentIndex(ids, titles, texts, embeddings, index_type=index_type, metadata=metadata)
         return cls(index, encoder, tokenizer, **kwargs)
 
@@ -167,6 +175,28 @@ class _CallableModule(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         return self.function(**batch)
+
+
+def _check_query_encoder(index: DocumentIndex, encoder: Any, tokenizer: Any) -> None:
+    """Refuse an encoder (or tokenizer) other than the one that embedded an index built by ``build``.
+
+    The fingerprints (sha256 of the weights, of the vocabulary) are those ``build`` recorded; an index
+    without them (a REALM index, whose queries have their own encoder) is not checked.
+    """
+    recorded = index.metadata.get("query_encoder_fingerprint")
+    if recorded and isinstance(encoder, nn.Module) and encoder_fingerprint(encoder) != recorded:
+        raise ValueError(
+            f"query_encoder={type(encoder).__name__} is another query encoder than the one that embedded "
+            f"this index ({index.metadata.get('encoder') or 'recorded by its sha256'}: the weights "
+            "differ, though the widths match), so its searches would return other documents; load the "
+            "encoder it was built with, or rebuild the index with DenseRetriever.build(...)."
+        )
+    recorded = index.metadata.get("tokenizer_fingerprint")
+    if recorded and hasattr(tokenizer, "get_vocab") and tokenizer_fingerprint(tokenizer) != recorded:
+        raise ValueError(
+            "tokenizer mismatch: this index was embedded with another tokenizer (its vocabulary fingerprint "
+            "differs); load the tokenizer the index was built with."
+        )
 
 
 def _as_module(encoder: Any) -> nn.Module:

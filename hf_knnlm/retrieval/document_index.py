@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path
 from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
@@ -108,6 +109,8 @@ def embed_corpus(
     (torch.float32, (2, 32))
     ```
     """
+    check_positive_int("batch_size", batch_size, "documents embedded per forward pass")
+    check_positive_int("max_length", max_length, "tokens per document")
     device = next(embedder.parameters()).device
     was_training = embedder.training
     embedder.eval()

@@ -22,6 +22,12 @@ def rows_of(documents: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[str
                 f"document {position} is {type(row).__name__} without a 'text' field; pass rows like "
                 "{'id': ..., 'title': ..., 'text': ...} (a datasets.Dataset with these columns works)."
             )
+        for name in ("text", "id"):
+            if name in row and row[name] is None:
+                raise ValueError(
+                    f"document {position} has {name} None; drop or fill such rows first (it would be indexed "
+                    f"as the word 'None'), e.g. dataset.filter(lambda r: r[{name!r}] is not None)."
+                )
         ids.append(str(row.get("id", position)))
         titles.append(str(row.get("title") or ""))
         texts.append(str(row["text"]))

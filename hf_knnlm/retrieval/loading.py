@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..utils.hub import fetch_snapshot
 from .bm25 import CONFIG_NAME as BM25_CONFIG
 from .bm25 import BM25Retriever
 from .dense import DenseRetriever
@@ -33,15 +34,25 @@ def load_retriever(
     ('BM25Retriever', [[1]])
     ```
     """
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    source: str | Path = folder
+    if not folder.is_dir():  # a Hub id (or no such folder): the configs it holds say which kind it is
+        hub = {
+            key: kwargs[key]
+            for key in ("revision", "cache_dir", "token", "local_files_only")
+            if key in kwargs
+        }
+        hint = "; build a retriever with `hf-knnlm rag-index`"
+        folder = fetch_snapshot(path, hint, allow_patterns=[BM25_CONFIG, DENSE_CONFIG], **hub)
+        source = str(path)
     if (folder / BM25_CONFIG).is_file():
-        return BM25Retriever.from_pretrained(folder, **kwargs)
+        return BM25Retriever.from_pretrained(source, **kwargs)
     if (folder / DENSE_CONFIG).is_file():
         from transformers import AutoTokenizer
 
         from .document_index import DocumentIndex
 
-        index = DocumentIndex.from_pretrained(folder, **kwargs)
+        index = DocumentIndex.from_pretrained(source, **kwargs)
         encoder = encoder or index.metadata.get("encoder")
         if not encoder:
             raise ValueError(

@@ -11,9 +11,11 @@ package take either.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..utils.checks import check_positive_int, is_int
 
 
 @runtime_checkable
@@ -50,7 +52,7 @@ def check_search_args(queries: Sequence[str], k: int, num_documents: int) -> lis
     """Validate ``k`` and turn ``queries`` into a list of strings (one string is one query)."""
     if isinstance(queries, str):
         queries = [queries]
-    if not isinstance(k, int) or k < 1 or k > num_documents:
+    if not is_int(k) or k < 1 or k > num_documents:
         raise ValueError(
             f"k={k!r} but the collection holds {num_documents} documents; use 1 <= k <= {num_documents}."
         )
@@ -59,6 +61,17 @@ def check_search_args(queries: Sequence[str], k: int, num_documents: int) -> lis
             "queries must be strings (one per row); the retriever embeds or tokenizes them itself."
         )
     return list(queries)
+
+
+def check_num_documents(name: str, value: Any, retriever: Retriever) -> None:
+    """``value`` passages per search (``name`` as the caller spells it: ``num_documents``, ``k``) is a
+    positive integer the retriever's collection can give."""
+    check_positive_int(name, value, "passages per search")
+    if value > len(retriever):
+        raise ValueError(
+            f"{name}={value} but the retriever holds {len(retriever)} documents; use 1 <= {name} <= "
+            f"{len(retriever)}."
+        )
 
 
 def document_text(title: str, text: str) -> str:

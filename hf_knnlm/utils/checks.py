@@ -41,3 +41,19 @@ def check_positive_finite(name: str, value: Any, meaning: str = "") -> None:
 def check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False.")
+
+
+def check_text(name: str, value: Any, example: str = "The history of") -> None:
+    """``value`` is a string with something besides whitespace (a prompt, a question)."""
+    if not isinstance(value, str) or not value.strip():
+        what = "is empty" if isinstance(value, str) else f"is {type(value).__name__}, not text"
+        raise ValueError(f"{name} {what} ({name}={value!r}); pass the text, e.g. {name}={example!r}.")
+
+
+def check_has_tokens(input_ids: Any) -> None:
+    """A batch of token ids ``[batch, length]`` with at least one token per row."""
+    if input_ids is not None and getattr(input_ids, "ndim", 0) >= 1 and input_ids.shape[-1] == 0:
+        raise ValueError(
+            f"input_ids has no tokens (shape {list(input_ids.shape)}): the prompt is empty; pass at least "
+            "one token, e.g. the tokenizer's BOS token to start from nothing."
+        )

@@ -55,15 +55,28 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; it replaces ``path`` only if the block completes.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. The file gets the
+    mode an ordinary ``open()`` gives (``0o666`` less the umask, 0644 typically) whatever wrote the
+    temporary file (writers that go through ``mkstemp`` leave 0600).
     """
     tmp = temporary_path(path)
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -143,7 +156,8 @@ def atomic_folder(
 ) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``folder``; it replaces ``folder`` only if the block completes.
 
-    On an exception the temporary folder is removed and ``folder`` is left as it was. Entries of
+    On an exception the temporary folder is removed and ``folder`` is left as it was. The files the
+    block wrote get the mode an ordinary ``open()`` gives (see ``atomic_path``). Entries of
     the old folder that the new one lacks and ``keep(name)`` accepts (files a user put beside a
     store) are carried over, hard-linked, before the swap.
     """
@@ -153,6 +167,9 @@ def atomic_folder(
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # model.save_pretrained and safetensors leave 0600 files
+            if path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1:  # not a linked one
+                os.chmod(path, 0o666 & ~_umask())
         if folder.is_dir():
             for entry in folder.iterdir():
                 if keep(entry.name) and not (tmp / entry.name).exists():
@@ -160,6 +177,30 @@ def atomic_folder(
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def updated_folder(folder: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of the finished folder ``folder`` to write new or changed files into.
+
+    Once the block completes, the files of ``folder`` the block did not write join the sibling
+    (hard-linked) and it replaces ``folder`` whole, the same swap as a build's; on an exception
+    (a full disk while writing the config) ``folder`` is left exactly as it was. ``lock=False`` is
+    for a caller that already holds the folder's lock.
+    """
+    with folder_lock(folder) if lock else contextlib.nullcontext():
+        with atomic_folder(folder, keep=lambda name: True) as tmp:
+            yield tmp
+
+
+def save_pretrained_atomically(folder: str | os.PathLike, *objects: Any) -> Path:
+    """``obj.save_pretrained`` of every object (a model, its tokenizer) into ``folder`` as one swap under
+    its lock: a save that fails midway (a full disk) leaves the folder that was there as it was."""
+    folder = Path(folder)
+    with folder_lock(folder), atomic_folder(folder) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+    return folder
 
 
 def replace_folder(new: Path, folder: Path) -> None:

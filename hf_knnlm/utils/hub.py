@@ -7,6 +7,7 @@ plus one ``upload_folder`` commit. Integrity checks live in ``hf_knnlm.utils.fil
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ def resolve_folder(
                 f"{path} is a folder but has no {config_name}; is it a saved {config_name}?"
             )
         return path
-    if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
+    if path.exists():
         raise FileNotFoundError(f"{repo_id_or_path} is not a folder with a {config_name}.")
     if callable(allow_patterns):
         folder = _download(repo_id_or_path, [config_name], sub, download_kwargs)
@@ -62,13 +63,36 @@ def resolve_folder(
     return folder
 
 
-def _download(repo_id: str | os.PathLike, patterns: list[str] | None, sub: Path | None, kwargs: dict) -> Path:
-    """One ``snapshot_download`` of ``patterns`` (relative to ``sub``); the object's folder in it."""
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def fetch_snapshot(repo_id_or_path: str | os.PathLike, hint: str = "", **download_kwargs: Any) -> Path:
+    """``snapshot_download`` of a Hub id, for a name that is no local folder; a name that cannot be a
+    Hub id (no ``namespace/name``: ``nosuchstore``, ``./x``, ``/a/b/c``) is reported as a missing
+    folder, and a repository that cannot be fetched (offline, unknown, no network) in one sentence;
+    ``hint`` (how to make the folder) ends the first message."""
+    name = str(repo_id_or_path)
+    if isinstance(repo_id_or_path, os.PathLike) or not _REPO_ID.fullmatch(name):
+        raise FileNotFoundError(
+            f"{name}: no such folder (and not a Hub id, which reads namespace/name){hint}."
+        )
     from huggingface_hub import snapshot_download
 
+    try:
+        return Path(snapshot_download(repo_id=name, **download_kwargs))
+    except Exception as err:  # offline, unknown repository, network (httpx errors are no OSError)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"{name}: no such folder, and the Hub repository {name} could not be fetched "
+            f"({type(err).__name__}: {reason[:160]})."
+        ) from err
+
+
+def _download(repo_id: str | os.PathLike, patterns: list[str] | None, sub: Path | None, kwargs: dict) -> Path:
+    """One ``snapshot_download`` of ``patterns`` (relative to ``sub``); the object's folder in it."""
     if sub is not None and patterns is not None:
         patterns = [f"{sub.as_posix()}/{pattern}" for pattern in patterns]
-    folder = Path(snapshot_download(repo_id=str(repo_id), allow_patterns=patterns, **kwargs))
+    folder = fetch_snapshot(repo_id, allow_patterns=patterns, **kwargs)
     return folder / sub if sub is not None else folder
 
 
