@@ -181,8 +181,46 @@ class Unlimiformer:
 def windowed_log_probs(
     model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, retrieval: Any | None = None
 ) -> torch.Tensor:
-    """Log-probs of tokens 1..n-1 in sliding windows; with ``retrieval`` (an Unlimiformer or Memorizing
-    wrapper) every window also sees the memory of the tokens before it (cleared first)."""
+    """Log-probabilities of tokens 1..n-1 of one document (1-D ids) in sliding windows of
+    ``max_length`` tokens, ``stride`` new targets each (the first window scores all of its tokens).
+
+    Without ``retrieval`` this is the sliding-window baseline: every window runs alone, at positions
+    0..max_length. With ``retrieval`` (an [`Unlimiformer`][hf_knnlm.Unlimiformer] or a
+    [`MemorizingTransformer`][hf_knnlm.MemorizingTransformer]) its memory is cleared first (a document
+    boundary), every window also attends over the memory of the tokens before it, and runs at its
+    positions in the whole document.
+
+    Args:
+        model (`PreTrainedModel`): The causal LM.
+        input_ids (`torch.Tensor`): One document's token ids, 1-D.
+        max_length (`int`): Window length in tokens.
+        stride (`int`): New tokens scored per window.
+        retrieval (`Unlimiformer | MemorizingTransformer`, *optional*): The memory windows also see.
+
+    Returns:
+        `torch.Tensor`: ``n - 1`` log-probabilities, one per token after the first.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from hf_knnlm.attention import windowed_log_probs
+    >>> _ = torch.manual_seed(0)
+    >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                      num_attention_heads=4, num_key_value_heads=2)
+    >>> model = AutoModelForCausalLM.from_config(config).eval()
+    >>> ids = torch.randint(0, 50, (64,))
+    >>> full = torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
+    >>> bool(torch.allclose(windowed_log_probs(model, ids, 64, 32), full, atol=1e-5))  # one window
+    True
+    >>> windowed = windowed_log_probs(model, ids, 16, 8)  # each token sees 8 to 15 tokens before it
+    >>> windowed.shape, bool(torch.allclose(windowed[:15], full[:15], atol=1e-5))  # the first window
+    (torch.Size([63]), True)
+    >>> bool(torch.allclose(windowed, full, atol=1e-3))  # later ones lose the context before them
+    False
+    ```
+    """
     if input_ids.ndim != 1:
         raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} must be 1-D (one document).")
     out = torch.empty(max(len(input_ids) - 1, 0))
