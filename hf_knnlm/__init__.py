@@ -27,6 +27,7 @@ _IMPORT_STRUCTURE = {
         "MemorizingTransformer",
         "Unlimiformer",
         "UnlimiformerSettings",
+        "long_context_perplexity",
         "windowed_log_probs",
     ],
     ".datastore": ["Datastore", "DatastoreConfig", "Neighbours", "compress_datastore"],
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
         MemorizingTransformer,
         Unlimiformer,
         UnlimiformerSettings,
+        long_context_perplexity,
         windowed_log_probs,
     )
     from .datastore import Datastore, DatastoreConfig, Neighbours, compress_datastore

@@ -34,6 +34,7 @@ BARE = {
     "qa-train-reader": ["--model", "m", "--train", "t", "--output-dir", "o"],
     "qa-eval": ["--model", "m", "--index", "i", "--data", "d"],
     "demo": [],
+    "long-evaluate": [*MODEL, *DATA],
 }
 
 
@@ -67,6 +68,15 @@ def test_rag_defaults_are_the_library_defaults():
     assert replug_documents() == inspect.signature(REPLUGProcessor.__init__).parameters["k"].default
     assert knn_settings(parse("rag-evaluate")) == KNNSettings()
     assert FLARE_THRESHOLD == inspect.signature(flare_generate).parameters["threshold"].default
+
+
+def test_long_evaluate_defaults_are_the_library_defaults():
+    from hf_knnlm import MemorizingSettings, UnlimiformerSettings
+    from hf_knnlm.commands.long_evaluate import attention_settings
+
+    assert attention_settings(parse("long-evaluate")) == UnlimiformerSettings()
+    assert attention_settings(parse("long-evaluate", "--method", "memorizing")) == MemorizingSettings()
+    assert parse("long-evaluate").method == "unlimiformer"
 
 
 def _signature_defaults(function, args, names):

@@ -10,6 +10,9 @@ from typing import Any
 from ..lm.windows import check_window_args
 from ..utils.checks import check_positive_int, is_int, is_real
 
+# The kinds of attention long_context_perplexity (and ``hf-knnlm long-evaluate --method``) compares.
+METHODS = ("window", "unlimiformer", "memorizing", "full")
+
 
 def _check_windows(max_length: Any, stride: Any) -> None:
     check_positive_int("max_length", max_length, "tokens in the local window")
@@ -116,4 +119,4 @@ class MemorizingSettings:
         return dataclasses.asdict(self)
 
 
-__all__ = ["MemorizingSettings", "UnlimiformerSettings"]
+__all__ = ["METHODS", "MemorizingSettings", "UnlimiformerSettings"]

@@ -13,6 +13,7 @@ from . import (
     evaluate,
     explain,
     generate,
+    long_evaluate,
     push,
     qa,
     qa_train_reader,
@@ -30,6 +31,7 @@ SUBCOMMANDS = (
     build,
     evaluate,
     generate,
+    long_evaluate,
     tune,
     reindex,
     compress,
@@ -67,7 +69,9 @@ def _chosen(argv: Sequence[str] | None) -> str | None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``hf-knnlm`` parser; with ``argv``, only the verb it runs has its options built."""
-    parser = ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
+    parser = ArgumentParser(
+        prog="hf-knnlm", description="kNN-LM, REALM, RAG and retrieval inside attention for transformers."
+    )
     subparsers = Subparsers(parser.add_subparsers(dest="command", required=True), _chosen(argv))
     for command in SUBCOMMANDS:
         command.register(subparsers)

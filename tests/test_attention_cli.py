@@ -1,0 +1,73 @@
+"""hf-knnlm long-evaluate on a tiny saved GPT-2: the four methods, the library's numbers, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_knnlm import MemorizingSettings, MemorizingTransformer, long_context_perplexity
+from hf_knnlm.commands import main
+
+WINDOWS = ["--max-length", "64", "--stride", "32", "--max-tokens", "200", "--score-from", "64"]
+
+
+@pytest.fixture()
+def long_document(tmp_path, corpus_text):
+    path = tmp_path / "document.txt"
+    path.write_text(corpus_text[:4000], encoding="utf-8")
+    return path
+
+
+def long_evaluate(capsys, saved_model, document, *extra) -> dict:
+    argv = ["long-evaluate", "--model", str(saved_model), "--data", str(document), *WINDOWS, *extra]
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_four_methods_and_the_library_agree(saved_model, long_document, tmp_path, capsys):
+    run = lambda *extra: long_evaluate(capsys, saved_model, long_document, *extra)  # noqa: E731
+    full = run("--method", "full")
+    window = run("--method", "window")
+    unlimiformer = run("--method", "unlimiformer", "--k", "200", "--output-json", str(tmp_path / "u.json"))
+    assert full["scored_tokens"] == window["scored_tokens"] == unlimiformer["scored_tokens"] == 200 - 64
+    assert unlimiformer["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)  # k >= the document
+    assert window["perplexity"] != pytest.approx(full["perplexity"], rel=1e-3)
+    assert json.loads((tmp_path / "u.json").read_text())["perplexity"] == unlimiformer["perplexity"]
+    assert unlimiformer["settings"]["k"] == 200 and unlimiformer["method"] == "unlimiformer"
+
+    model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    settings = MemorizingSettings(layer=1, k=8, max_length=64, stride=32, gate_init=0.0)
+    MemorizingTransformer(model, settings).save_gate(tmp_path / "gate")
+    memorizing = run("--method", "memorizing", "--memorizing-layer", "1", "--memorizing-k", "8",
+                     "--gate", str(tmp_path / "gate"))  # fmt: skip
+    ids = AutoTokenizer.from_pretrained(saved_model)(long_document.read_text())["input_ids"][:200]
+    expected = long_context_perplexity(
+        model, [torch.tensor(ids)], method="memorizing", settings=settings, score_from=64
+    )
+    assert memorizing["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    assert memorizing["settings"] == {**settings.to_dict(), "gate_init": MemorizingSettings.gate_init}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "full", "--max-tokens", "300"], "is longer than the model's 256 positions"),
+        (["--k", "0"], "k=0 must be a positive integer"),
+        (["--memorizing-layer", "5", "--method", "memorizing"], "layer=5 must be below the model's 2 layers"),
+        (["--gate", "g", "--method", "window"], "--gate g is a Memorizing Transformers gate"),
+        (["--score-from", "500"], "no document has a token at position 500 or later"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(saved_model, long_document, capsys, extra, message):
+    argv = ["long-evaluate", "--model", str(saved_model), "--data", str(long_document), *WINDOWS, *extra]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar, if it loaded
+    assert last.startswith("hf-knnlm long-evaluate: error: ") and message in last
+
+
+def test_a_missing_file_fails_before_the_model_loads(tmp_path, capsys):
+    assert main(["long-evaluate", "--model", "no-such-model", "--data", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt: no such file" in capsys.readouterr().err
