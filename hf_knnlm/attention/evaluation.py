@@ -2,9 +2,9 @@
 
 * ``window``: sliding windows of ``max_length`` tokens, each run alone (the baseline);
 * ``unlimiformer``: the same windows, every head also attending over its top-k keys of the whole
-  preceding document (:class:`~hf_knnlm.attention.unlimiformer.Unlimiformer`);
+  preceding document (``Unlimiformer``);
 * ``memorizing``: the same windows, one layer also attending over its kNN memory of the document so
-  far, mixed in by a (trained) gate (:class:`~hf_knnlm.attention.memorizing.MemorizingTransformer`);
+  far, mixed in by a (trained) gate (``MemorizingTransformer``);
 * ``full``: one forward over the whole document (up to the model's maximum positions); the output
   layer runs in chunks, so the logits of a long document are never all in memory at once.
 """
@@ -118,7 +118,8 @@ def long_context_perplexity(
     gate: str | Path | None = None,
 ) -> dict[str, Any]:
     """Perplexity of the tokens at positions ``score_from`` and later of every document, each scored
-    from its start (memories cleared between documents) with one of :data:`METHODS`.
+    from its start (memories cleared between documents) with one of ``window``, ``unlimiformer``,
+    ``memorizing`` and ``full``.
 
     Args:
         model (`PreTrainedModel`): A causal LM of the Llama family (Llama, SmolLM2, Qwen2) or GPT-2.

@@ -11,7 +11,7 @@ from ._common import add_data_args, add_model_args, check_data_args, load_model,
 from ._options import add_dataclass_options, dataclass_from_args
 
 WINDOW_FIELDS = ("max_length", "stride")
-UNLIMIFORMER_FIELDS = ("k", "layer_begin", "max_memory")
+UNLIMIFORMER_FIELDS = ("k", "layer_begin", "max_memory", "sink_tokens")
 MEMORIZING_FIELDS = ("layer", "k", "max_memory", "gate_init")
 MEMORIZING_PREFIX = "memorizing_"
 
