@@ -105,18 +105,16 @@ def speech_ids(tokenizer, part: str, count: int, max_tokens: int) -> list[torch.
     return [torch.tensor(sotu.text_stream(tokenizer, s.text)[:max_tokens], dtype=torch.long) for s in chosen]
 
 
+def memorizing_settings(args, **changes) -> MemorizingSettings:
+    windows = {"max_length": args.window, "stride": args.stride}
+    return MemorizingSettings(layer=args.memorizing_layer, k=args.memorizing_k, **windows, **changes)
+
+
 def train_gate(model, args, tokenizer, folder: Path) -> tuple[list[float], float]:
     """Fine-tune the Memorizing gate with ``Trainer`` (the gate only) on dev speeches; save it."""
     from transformers import Trainer, TrainingArguments
 
-    settings = MemorizingSettings(
-        layer=args.memorizing_layer,
-        k=args.memorizing_k,
-        max_length=args.window,
-        stride=args.stride,
-        gate_init=args.gate_init,
-    )
-    memorizing = MemorizingTransformer(model, settings)
+    memorizing = MemorizingTransformer(model, memorizing_settings(args, gate_init=args.gate_init))
     documents = speech_ids(tokenizer, "dev", args.train_speeches, args.train_tokens)
     training = TrainingArguments(
         output_dir=str(folder / "trainer"),
@@ -196,11 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder, torch.enable_grad():
         gate, seconds = train_gate(model, args, tokenizer, Path(folder))
         log(f"gate trained in {seconds:.0f} s: {[round(g, 3) for g in gate]}")
-        memorizing = MemorizingSettings(
-            layer=args.memorizing_layer, k=args.memorizing_k, max_length=args.window, stride=args.stride
-        )
         with torch.no_grad():
-            rows["memorizing"] = row(model, documents, "memorizing", memorizing, args, gate=folder)
+            settings = memorizing_settings(args)
+            rows["memorizing"] = row(model, documents, "memorizing", settings, args, gate=folder)
     rows["memorizing"].update(gate=gate, train_seconds=seconds)
 
     longest = max(len(d) for d in documents)

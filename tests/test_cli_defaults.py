@@ -71,12 +71,16 @@ def test_rag_defaults_are_the_library_defaults():
 
 
 def test_long_evaluate_defaults_are_the_library_defaults():
-    from hf_knnlm import MemorizingSettings, UnlimiformerSettings
+    from hf_knnlm import MemorizingSettings, UnlimiformerSettings, long_context_perplexity
     from hf_knnlm.commands.long_evaluate import attention_settings
 
     assert attention_settings(parse("long-evaluate")) == UnlimiformerSettings()
     assert attention_settings(parse("long-evaluate", "--method", "memorizing")) == MemorizingSettings()
     assert parse("long-evaluate").method == "unlimiformer"
+    got, expected = _signature_defaults(
+        long_context_perplexity, parse("long-evaluate"), ["method", "score_from"]
+    )
+    assert got == expected
 
 
 def _signature_defaults(function, args, names):

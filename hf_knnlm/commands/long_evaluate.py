@@ -8,7 +8,7 @@ import json
 
 from ..utils.files import atomic_write_json
 from ._common import add_data_args, add_model_args, check_data_args, load_model, positive_int
-from ._options import add_dataclass_options, dataclass_from_args
+from ._options import add_dataclass_options, add_signature_options, dataclass_from_args
 
 WINDOW_FIELDS = ("max_length", "stride")
 UNLIMIFORMER_FIELDS = ("k", "layer_begin", "max_memory", "sink_tokens")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..attention import MemorizingSettings, UnlimiformerSettings
+    from ..attention import MemorizingSettings, UnlimiformerSettings, long_context_perplexity
     from ..attention.settings import METHODS
 
     p.add_argument(
@@ -98,8 +98,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Keep the first N tokens of each document (default: all).",
     )
-    p.add_argument(
-        "--score-from", type=int, default=0, help="First scored position of each document (default: 0)."
+    add_signature_options(
+        p, long_context_perplexity, {"score_from": "First scored position of each document"}
     )
     add_dataclass_options(p.add_argument_group("windows"), UnlimiformerSettings, only=WINDOW_FIELDS)
     add_dataclass_options(
