@@ -71,3 +71,19 @@ def test_user_errors_are_one_line_with_exit_2(saved_model, long_document, capsys
 def test_a_missing_file_fails_before_the_model_loads(tmp_path, capsys):
     assert main(["long-evaluate", "--model", "no-such-model", "--data", str(tmp_path / "none.txt")]) == 2
     assert "none.txt: no such file" in capsys.readouterr().err
+
+
+def test_long_generate_continues_a_long_prompt_as_full_attention(saved_model, long_document, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(saved_model)
+    ids = tokenizer(long_document.read_text(), return_tensors="pt")["input_ids"][:, :150]
+    prompt = long_document.parent / "prompt.txt"
+    prompt.write_text(tokenizer.decode(ids[0]), encoding="utf-8")
+    ids = tokenizer(prompt.read_text(), return_tensors="pt")["input_ids"]  # what the verb tokenizes
+    argv = ["long-generate", "--model", str(saved_model), "--prompt-file", str(prompt), "--max-length", "64"]
+    assert main([*argv, "--stride", "32", "--k", "200", "--max-new-tokens", "5"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    full = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(full[0, ids.shape[1] :], skip_special_tokens=True)
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["long-generate", "--model", str(saved_model), "--prompt", "  "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err

@@ -35,6 +35,7 @@ BARE = {
     "qa-eval": ["--model", "m", "--index", "i", "--data", "d"],
     "demo": [],
     "long-evaluate": [*MODEL, *DATA],
+    "long-generate": [*MODEL, "--prompt", "p"],
 }
 
 
@@ -75,6 +76,7 @@ def test_long_evaluate_defaults_are_the_library_defaults():
     from hf_knnlm.commands.long_evaluate import attention_settings
 
     assert attention_settings(parse("long-evaluate")) == UnlimiformerSettings()
+    assert attention_settings(parse("long-generate")) == UnlimiformerSettings()
     assert attention_settings(parse("long-evaluate", "--method", "memorizing")) == MemorizingSettings()
     assert parse("long-evaluate").method == "unlimiformer"
     got, expected = _signature_defaults(

@@ -21,11 +21,21 @@ def attention_settings(args: argparse.Namespace):
     from ..attention import MemorizingSettings, UnlimiformerSettings
 
     windows = {name: getattr(args, name) for name in WINDOW_FIELDS}
-    if args.method == "memorizing":
+    if getattr(args, "method", "unlimiformer") == "memorizing":
         return dataclass_from_args(
             args, MemorizingSettings, MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX, **windows
         )
     return dataclass_from_args(args, UnlimiformerSettings, UNLIMIFORMER_FIELDS, **windows)
+
+
+def add_unlimiformer_args(parser: argparse.ArgumentParser) -> None:
+    """The window and Unlimiformer options (``--max-length``, ``--stride``, ``--k``, ...)."""
+    from ..attention import UnlimiformerSettings
+
+    add_dataclass_options(parser.add_argument_group("windows"), UnlimiformerSettings, only=WINDOW_FIELDS)
+    add_dataclass_options(
+        parser.add_argument_group("unlimiformer"), UnlimiformerSettings, only=UNLIMIFORMER_FIELDS
+    )
 
 
 def documents(args: argparse.Namespace, tokenizer) -> list:
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..attention import MemorizingSettings, UnlimiformerSettings, long_context_perplexity
+    from ..attention import MemorizingSettings, long_context_perplexity
     from ..attention.settings import METHODS
 
     p.add_argument(
@@ -101,10 +111,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_signature_options(
         p, long_context_perplexity, {"score_from": "First scored position of each document"}
     )
-    add_dataclass_options(p.add_argument_group("windows"), UnlimiformerSettings, only=WINDOW_FIELDS)
-    add_dataclass_options(
-        p.add_argument_group("unlimiformer"), UnlimiformerSettings, only=UNLIMIFORMER_FIELDS
-    )
+    add_unlimiformer_args(p)
     group = p.add_argument_group("memorizing (options prefixed --memorizing-)")
     add_dataclass_options(group, MemorizingSettings, only=MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX)
     group.add_argument(
