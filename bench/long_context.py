@@ -47,6 +47,7 @@ from hf_knnlm import (  # noqa: E402
     MemorizingTransformer,
     UnlimiformerSettings,
     long_context_perplexity,
+    train_memorizing_gate,
 )
 
 
@@ -112,28 +113,12 @@ def memorizing_settings(args, **changes) -> MemorizingSettings:
 
 def train_gate(model, args, tokenizer, folder: Path) -> tuple[list[float], float]:
     """Fine-tune the Memorizing gate with ``Trainer`` (the gate only) on dev speeches; save it."""
-    from transformers import Trainer, TrainingArguments
-
     memorizing = MemorizingTransformer(model, memorizing_settings(args, gate_init=args.gate_init))
     documents = speech_ids(tokenizer, "dev", args.train_speeches, args.train_tokens)
-    training = TrainingArguments(
-        output_dir=str(folder / "trainer"),
-        per_device_train_batch_size=1,
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        disable_tqdm=True,
+    result = train_memorizing_gate(
+        memorizing, documents, folder, learning_rate=args.learning_rate, epochs=args.epochs
     )
-    dataset = [{"input_ids": ids} for ids in documents]
-    trainer = Trainer(model=memorizing, args=training, train_dataset=dataset)
-    seconds = trainer.train().metrics["train_runtime"]
-    memorizing.save_gate(folder)
-    return memorizing.gate_values(), seconds
+    return result["gate"], result["seconds"]
 
 
 # ------------------------------------------------------------------------------------------ rows

@@ -28,6 +28,7 @@ _IMPORT_STRUCTURE = {
         "Unlimiformer",
         "UnlimiformerSettings",
         "long_context_perplexity",
+        "train_memorizing_gate",
         "windowed_log_probs",
     ],
     ".datastore": ["Datastore", "DatastoreConfig", "Neighbours", "compress_datastore"],
@@ -82,6 +83,7 @@ if TYPE_CHECKING:
         Unlimiformer,
         UnlimiformerSettings,
         long_context_perplexity,
+        train_memorizing_gate,
         windowed_log_probs,
     )
     from .datastore import Datastore, DatastoreConfig, Neighbours, compress_datastore

@@ -87,3 +87,29 @@ def test_long_generate_continues_a_long_prompt_as_full_attention(saved_model, lo
     assert capsys.readouterr().out == expected + "\n"
     assert main(["long-generate", "--model", str(saved_model), "--prompt", "  "]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+def test_memorizing_train_writes_the_gate_long_evaluate_reads(saved_model, long_document, tmp_path, capsys):
+    gate = tmp_path / "gate"
+    memorizing = ["--memorizing-layer", "1", "--memorizing-k", "8", "--memorizing-gate-init", "0"]
+    argv = [
+        "memorizing-train",
+        "--model",
+        str(saved_model),
+        "--data",
+        str(long_document),
+        "--max-tokens",
+        "200",
+    ]
+    assert main([*argv, "--max-length", "64", "--stride", "32", *memorizing, "--output-dir", str(gate)]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["saved_to"] == str(gate / "memorizing_gate.safetensors") and len(trained["gate"]) == 2
+    assert trained["gate"] != [0.5, 0.5]  # moved from sigmoid(0)
+    model = AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    loaded = MemorizingTransformer(model, MemorizingSettings(layer=1))
+    loaded.load_gate(gate)
+    assert loaded.gate_values() == trained["gate"]
+    evaluated = long_evaluate(capsys, saved_model, long_document, "--method", "memorizing", *memorizing[:4],
+                              "--gate", str(gate))  # fmt: skip
+    untrained = long_evaluate(capsys, saved_model, long_document, "--method", "memorizing", *memorizing)
+    assert evaluated["perplexity"] != untrained["perplexity"]

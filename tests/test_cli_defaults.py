@@ -36,6 +36,7 @@ BARE = {
     "demo": [],
     "long-evaluate": [*MODEL, *DATA],
     "long-generate": [*MODEL, "--prompt", "p"],
+    "memorizing-train": [*MODEL, *DATA, "--output-dir", "o"],
 }
 
 
@@ -82,6 +83,16 @@ def test_long_evaluate_defaults_are_the_library_defaults():
     got, expected = _signature_defaults(
         long_context_perplexity, parse("long-evaluate"), ["method", "score_from"]
     )
+    assert got == expected
+
+
+def test_memorizing_train_defaults_are_the_library_defaults():
+    from hf_knnlm import MemorizingSettings, train_memorizing_gate
+    from hf_knnlm.commands.memorizing_train import TRAINING_HELPS, memorizing_settings
+
+    train = parse("memorizing-train")
+    assert memorizing_settings(train) == MemorizingSettings()
+    got, expected = _signature_defaults(train_memorizing_gate, train, TRAINING_HELPS)
     assert got == expected
 
 

@@ -14,6 +14,7 @@ _IMPORT_STRUCTURE = {
     ".memorizing": ["MemorizingTransformer"],
     ".memory": ["KNNMemory"],
     ".settings": ["MemorizingSettings", "UnlimiformerSettings"],
+    ".training": ["train_memorizing_gate"],
     ".unlimiformer": ["Unlimiformer", "windowed_log_probs"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
@@ -24,4 +25,5 @@ if TYPE_CHECKING:
     from .memorizing import MemorizingTransformer
     from .memory import KNNMemory
     from .settings import MemorizingSettings, UnlimiformerSettings
+    from .training import train_memorizing_gate
     from .unlimiformer import Unlimiformer, windowed_log_probs

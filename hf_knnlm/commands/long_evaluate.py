@@ -18,23 +18,55 @@ MEMORIZING_PREFIX = "memorizing_"
 
 def attention_settings(args: argparse.Namespace):
     """The settings of ``--method`` (validated: before the model loads)."""
-    from ..attention import MemorizingSettings, UnlimiformerSettings
+    from ..attention import UnlimiformerSettings
 
-    windows = {name: getattr(args, name) for name in WINDOW_FIELDS}
     if getattr(args, "method", "unlimiformer") == "memorizing":
-        return dataclass_from_args(
-            args, MemorizingSettings, MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX, **windows
-        )
+        return memorizing_settings(args)
+    windows = {name: getattr(args, name) for name in WINDOW_FIELDS}
     return dataclass_from_args(args, UnlimiformerSettings, UNLIMIFORMER_FIELDS, **windows)
 
 
-def add_unlimiformer_args(parser: argparse.ArgumentParser) -> None:
-    """The window and Unlimiformer options (``--max-length``, ``--stride``, ``--k``, ...)."""
+def memorizing_settings(args: argparse.Namespace):
+    """The MemorizingSettings of ``--memorizing-*`` and the windows."""
+    from ..attention import MemorizingSettings
+
+    windows = {name: getattr(args, name) for name in WINDOW_FIELDS}
+    return dataclass_from_args(
+        args, MemorizingSettings, MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX, **windows
+    )
+
+
+def add_unlimiformer_args(parser: argparse.ArgumentParser, *, unlimiformer: bool = True) -> None:
+    """The window options (``--max-length``, ``--stride``) and the Unlimiformer ones (``--k``, ...)."""
     from ..attention import UnlimiformerSettings
 
     add_dataclass_options(parser.add_argument_group("windows"), UnlimiformerSettings, only=WINDOW_FIELDS)
-    add_dataclass_options(
-        parser.add_argument_group("unlimiformer"), UnlimiformerSettings, only=UNLIMIFORMER_FIELDS
+    if unlimiformer:
+        add_dataclass_options(
+            parser.add_argument_group("unlimiformer"), UnlimiformerSettings, only=UNLIMIFORMER_FIELDS
+        )
+
+
+def add_memorizing_args(parser: argparse.ArgumentParser, *, gate: bool = True) -> None:
+    """``--memorizing-layer``, ``--memorizing-k``, ... and, with ``gate``, ``--gate FOLDER``."""
+    from ..attention import MemorizingSettings
+
+    group = parser.add_argument_group("memorizing (options prefixed --memorizing-)")
+    add_dataclass_options(group, MemorizingSettings, only=MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX)
+    if gate:
+        group.add_argument(
+            "--gate",
+            default=None,
+            help="Folder with a trained gate (memorizing_gate.safetensors) (default: none).",
+        )
+
+
+def add_document_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="Keep the first N tokens of each document (default: all).",
     )
 
 
@@ -89,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from ..attention import MemorizingSettings, long_context_perplexity
+    from ..attention import long_context_perplexity
     from ..attention.settings import METHODS
 
     p.add_argument(
@@ -102,23 +134,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     add_model_args(p)
     add_data_args(p)
-    p.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=None,
-        help="Keep the first N tokens of each document (default: all).",
-    )
+    add_document_args(p)
     add_signature_options(
         p, long_context_perplexity, {"score_from": "First scored position of each document"}
     )
     add_unlimiformer_args(p)
-    group = p.add_argument_group("memorizing (options prefixed --memorizing-)")
-    add_dataclass_options(group, MemorizingSettings, only=MEMORIZING_FIELDS, prefix=MEMORIZING_PREFIX)
-    group.add_argument(
-        "--gate",
-        default=None,
-        help="Folder with a trained gate (memorizing_gate.safetensors) (default: none).",
-    )
+    add_memorizing_args(p)
     p.add_argument("--output-json", default=None, help="Also write the result to this JSON file.")
     p.set_defaults(func=run)
 

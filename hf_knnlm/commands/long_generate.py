@@ -46,10 +46,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+HELP = "Continue a prompt longer than the window: the window + Unlimiformer over the rest."
+
+
 def register(subparsers) -> None:
-    subparsers.add_parser(
-        "long-generate",
-        configure=configure,
-        help="Continue a prompt longer than the window: the window + Unlimiformer over the rest (prints "
-        "the continuation).",
-    )
+    subparsers.add_parser("long-generate", configure=configure, help=HELP)
