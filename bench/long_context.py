@@ -17,7 +17,8 @@ Wall time and peak memory per scored token for every row: the peak resident set 
 before the row (the kernel's high-water mark, reset through ``/proc/self/clear_refs``, freed memory
 returned first with ``malloc_trim``). Peak memory of (b) and (c) is measured again on the first speech
 cut to each of ``--lengths`` shorter than the speeches: how it grows with document length (the
-longest point is the main rows').
+longest point is the main rows'). The high-water mark carries allocator slack of about 100 MB:
+take lengths far apart.
 
 Targets printed as met / missed: (b) below (a); (b) recovers at least half of the gap from (a) to
 (c); the peak memory of (b) grows slower with document length than that of (c).
