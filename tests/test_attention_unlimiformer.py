@@ -34,6 +34,20 @@ def test_small_k_retrieves_something_between_window_and_full(family):
     assert torch.isfinite(retrieved).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sink_tokens_are_attended_by_every_query_and_never_searched(family):
+    model, ids = tiny(family), document(150)
+    everything = Unlimiformer(model, UnlimiformerSettings(k=1, max_length=32, stride=16, sink_tokens=150))
+    assert torch.allclose(everything.log_probs(ids), full_log_probs(model, ids), atol=1e-4)  # all sinks
+    assert all(len(layer.memory) == 0 for layer in everything.context.states.values())
+    four = Unlimiformer(model, UnlimiformerSettings(k=1, max_length=32, stride=16, sink_tokens=4))
+    plain = Unlimiformer(model, UnlimiformerSettings(k=1, max_length=32, stride=16, sink_tokens=0))
+    assert not torch.allclose(four.log_probs(ids), plain.log_probs(ids), atol=1e-4)
+    for layer in four.context.states.values():
+        assert layer.sinks["position"].tolist() == [0, 1, 2, 3]
+        assert layer.memory.payload["position"].tolist() == list(range(4, 118))  # before the last window
+
+
 def test_layer_begin_leaves_earlier_layers_local():
     model, ids = tiny("llama", layers=3), document(100)
     unlimiformer = Unlimiformer(model, UnlimiformerSettings(k=100, layer_begin=2, max_length=32, stride=16))
@@ -46,7 +60,7 @@ def test_layer_begin_leaves_earlier_layers_local():
 def test_folded_search_finds_the_best_unrotated_key(family):
     """q . (W_k h + b) ranked by searching W_k^T q among the stored h, per head (per kv head with GQA)."""
     model, ids = tiny(family), document(80)
-    unlimiformer = Unlimiformer(model, UnlimiformerSettings(k=1, max_length=32, stride=16))
+    unlimiformer = Unlimiformer(model, UnlimiformerSettings(k=1, max_length=32, stride=16, sink_tokens=0))
     unlimiformer.encode(ids[:64])
     layer = unlimiformer.context.states[1]
     adapter, module = unlimiformer.context.adapter, layer.module
@@ -106,6 +120,7 @@ def test_a_new_document_starts_with_an_empty_memory():
         ({"layer_begin": -1}, "layer_begin=-1 must be an integer >= 0"),
         ({"max_length": 32, "stride": 32}, "stride=32 must be in"),
         ({"max_memory": 0}, "max_memory=0 must be a positive integer"),
+        ({"sink_tokens": -1}, "sink_tokens=-1 must be an integer >= 0"),
     ],
 )
 def test_bad_settings_are_refused(changes, message):

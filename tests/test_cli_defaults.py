@@ -34,6 +34,9 @@ BARE = {
     "qa-train-reader": ["--model", "m", "--train", "t", "--output-dir", "o"],
     "qa-eval": ["--model", "m", "--index", "i", "--data", "d"],
     "demo": [],
+    "long-evaluate": [*MODEL, *DATA],
+    "long-generate": [*MODEL, "--prompt", "p"],
+    "memorizing-train": [*MODEL, *DATA, "--output-dir", "o"],
 }
 
 
@@ -67,6 +70,30 @@ def test_rag_defaults_are_the_library_defaults():
     assert replug_documents() == inspect.signature(REPLUGProcessor.__init__).parameters["k"].default
     assert knn_settings(parse("rag-evaluate")) == KNNSettings()
     assert FLARE_THRESHOLD == inspect.signature(flare_generate).parameters["threshold"].default
+
+
+def test_long_evaluate_defaults_are_the_library_defaults():
+    from hf_knnlm import MemorizingSettings, UnlimiformerSettings, long_context_perplexity
+    from hf_knnlm.commands.long_evaluate import attention_settings
+
+    assert attention_settings(parse("long-evaluate")) == UnlimiformerSettings()
+    assert attention_settings(parse("long-generate")) == UnlimiformerSettings()
+    assert attention_settings(parse("long-evaluate", "--method", "memorizing")) == MemorizingSettings()
+    assert parse("long-evaluate").method == "unlimiformer"
+    got, expected = _signature_defaults(
+        long_context_perplexity, parse("long-evaluate"), ["method", "score_from"]
+    )
+    assert got == expected
+
+
+def test_memorizing_train_defaults_are_the_library_defaults():
+    from hf_knnlm import MemorizingSettings, train_memorizing_gate
+    from hf_knnlm.commands.memorizing_train import TRAINING_HELPS, memorizing_settings
+
+    train = parse("memorizing-train")
+    assert memorizing_settings(train) == MemorizingSettings()
+    got, expected = _signature_defaults(train_memorizing_gate, train, TRAINING_HELPS)
+    assert got == expected
 
 
 def _signature_defaults(function, args, names):

@@ -169,7 +169,7 @@ def test_every_public_name_is_in_the_api_reference(site):
 
     documented = _inventory(site)
     missing = []
-    for package in ("", ".retrieval", ".rag", ".open_qa", ".datastore", ".lm", ".utils"):
+    for package in ("", ".retrieval", ".rag", ".open_qa", ".datastore", ".lm", ".utils", ".attention"):
         module = importlib.import_module(f"hf_knnlm{package}")
         for name in module.__all__:
             obj = getattr(module, name)
@@ -177,7 +177,8 @@ def test_every_public_name_is_in_the_api_reference(site):
                 continue
             paths = {f"hf_knnlm{package}.{name}", f"hf_knnlm.{name}", f"{obj.__module__}.{name}"}
             paths |= {
-                f"hf_knnlm.{home}.{name}" for home in ("retrieval", "knnlm", "datastore", "lm", "utils")
+                f"hf_knnlm.{home}.{name}"
+                for home in ("retrieval", "knnlm", "datastore", "lm", "utils", "attention")
             }
             if not paths & documented:
                 missing.append(f"hf_knnlm{package}.{name}")

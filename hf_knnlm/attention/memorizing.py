@@ -160,7 +160,7 @@ class MemorizingTransformer(nn.Module):
         return path
 
     def load_gate(self, folder: str | Path) -> None:
-        """Read a gate :meth:`save_gate` wrote; its number of heads must be this model's."""
+        """Read a gate ``save_gate`` wrote; its number of heads must be this model's."""
         from safetensors.torch import load_file
 
         gate = load_file(str(Path(folder) / GATE_FILE))["gate"]

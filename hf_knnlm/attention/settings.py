@@ -10,6 +10,10 @@ from typing import Any
 from ..lm.windows import check_window_args
 from ..utils.checks import check_positive_int, is_int, is_real
 
+# The kinds of attention long_context_perplexity (and ``hf-knnlm long-evaluate --method``) compares.
+METHODS = ("window", "unlimiformer", "memorizing", "full")
+SINK_TOKENS = 4  # StreamingLLM (Xiao et al. 2024): four sink tokens keep windowed attention stable
+
 
 def _check_windows(max_length: Any, stride: Any) -> None:
     check_positive_int("max_length", max_length, "tokens in the local window")
@@ -23,14 +27,17 @@ class UnlimiformerSettings:
 
     The input is run in sliding windows; from ``layer_begin`` on, every attention head attends over
     its window plus the ``k`` keys of the whole preceding input (before the window) that a faiss
-    index of the layer's attention inputs returns for it.
+    index of the layer's attention inputs returns for it. The first ``sink_tokens`` tokens of the
+    input are attended by every query instead of being searched (the "attention sinks" that models
+    put much attention on, and that a position-free search may miss); with ``k`` plus ``sink_tokens``
+    at least the input length, the result is still exactly full attention.
 
     Examples:
 
     ```python
     >>> from hf_knnlm.attention import UnlimiformerSettings
     >>> UnlimiformerSettings(k=8, max_length=64, stride=32)
-    UnlimiformerSettings(k=8, layer_begin=0, max_length=64, stride=32, max_memory=None)
+    UnlimiformerSettings(k=8, layer_begin=0, max_length=64, stride=32, max_memory=None, sink_tokens=4)
     >>> UnlimiformerSettings(k=0)
     Traceback (most recent call last):
     ...
@@ -51,9 +58,20 @@ class UnlimiformerSettings:
         default=None,
         metadata={"help": "Most tokens kept per layer, oldest evicted first (none = the whole input)."},
     )
+    sink_tokens: int = field(
+        default=SINK_TOKENS,
+        metadata={
+            "help": "The document's first N tokens, attended by every query besides the k retrieved "
+            "(attention sinks; 0 = none)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive_int("k", self.k, "keys retrieved per head and query")
+        if not is_int(self.sink_tokens) or self.sink_tokens < 0:
+            raise ValueError(
+                f"sink_tokens={self.sink_tokens!r} must be an integer >= 0 (first tokens every query sees)."
+            )
         if not is_int(self.layer_begin) or self.layer_begin < 0:
             raise ValueError(
                 f"layer_begin={self.layer_begin!r} must be an integer >= 0 (the first retrieving layer)."
@@ -116,4 +134,4 @@ class MemorizingSettings:
         return dataclasses.asdict(self)
 
 
-__all__ = ["MemorizingSettings", "UnlimiformerSettings"]
+__all__ = ["METHODS", "MemorizingSettings", "UnlimiformerSettings"]

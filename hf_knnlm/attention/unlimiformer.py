@@ -36,24 +36,30 @@ class UnlimiformerLayer(LayerState):
 
     def __init__(self, context: RetrievalContext, module: nn.Module, settings: UnlimiformerSettings) -> None:
         super().__init__(context, module)
-        self.k = settings.k
+        self.k, self.sink_tokens = settings.k, settings.sink_tokens
         self.memory = KNNMemory(context.adapter.hidden_size, settings.max_memory)
+        self.sinks: dict[str, torch.Tensor] = {}  # key, value, position of the first sink_tokens tokens
 
     def ready(self) -> bool:
-        return len(self.memory) > 0
+        return len(self.memory) > 0 or bool(self.sinks)
 
     def clear(self) -> None:
         self.memory.clear()
+        self.sinks = {}
 
     def _store(self, hidden, keys, values, positions) -> None:
-        self.memory.add(hidden, key=keys, value=values, position=positions)
+        early = positions < self.sink_tokens  # attended by every query, never searched
+        if bool(early.any()):
+            new = {"key": keys[early], "value": values[early], "position": positions[early]}
+            self.sinks = {n: torch.cat([self.sinks[n], t]) if self.sinks else t for n, t in new.items()}
+        if not bool(early.all()):
+            late = ~early
+            self.memory.add(hidden[late], key=keys[late], value=values[late], position=positions[late])
 
-    def attend(self, module, query, key, value, attention_mask, *, base, scaling=None, **kwargs):
+    def _retrieved(self, module, query) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (q, H, k, d) rotated to their positions and values (q, H, k, d) of each head's top k."""
         adapter = self.context.adapter
-        batch, heads, q_len, d = query.shape
-        if batch != 1:
-            raise ValueError(f"Unlimiformer runs one sequence at a time; got a batch of {batch}.")
-        scaling = d**-0.5 if scaling is None else scaling
+        q_len, heads = query.shape[2], query.shape[1]
         kv_head = adapter.kv_head_of()
         with torch.no_grad():
             folded = torch.einsum(
@@ -62,20 +68,43 @@ class UnlimiformerLayer(LayerState):
             _, rows = self.memory.search(folded.reshape(q_len * heads, -1), self.k)
         rows = rows.view(q_len, heads, -1)
         heads_index = kv_head[None, :, None]
-        keys = self.memory.payload["key"][rows, heads_index]  # (q, H, k, d)
+        keys = self.memory.payload["key"][rows, heads_index]
         values = self.memory.payload["value"][rows, heads_index]
-        keys = adapter.rotate(keys, self.memory.payload["position"][rows])
+        return adapter.rotate(keys, self.memory.payload["position"][rows]), values
 
+    def _sink_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (H, s, d) rotated to their positions and values (H, s, d) of the sink tokens."""
+        adapter, kv_head = self.context.adapter, self.context.adapter.kv_head_of()
+        keys, values = self.sinks["key"][:, kv_head], self.sinks["value"][:, kv_head]  # (s, H, d)
+        keys = adapter.rotate(keys, self.sinks["position"][:, None].expand(-1, keys.shape[1]))
+        return keys.transpose(0, 1), values.transpose(0, 1)
+
+    def attend(self, module, query, key, value, attention_mask, *, base, scaling=None, **kwargs):
+        adapter = self.context.adapter
+        batch, heads, q_len, d = query.shape
+        if batch != 1:
+            raise ValueError(f"Unlimiformer runs one sequence at a time; got a batch of {batch}.")
+        scaling = d**-0.5 if scaling is None else scaling
         q = query[0]  # (H, q, d)
         local_keys = repeat_kv(key, adapter.groups)[0]
-        local_values = repeat_kv(value, adapter.groups)[0]
         local = torch.matmul(q, local_keys.transpose(-1, -2)) * scaling
-        local = local + additive_mask(attention_mask, q_len, local.shape[-1], local.dtype)[0]
-        retrieved = torch.einsum("hqd,qhkd->hqk", q, keys) * scaling
-        weights = torch.softmax(torch.cat([local, retrieved], dim=-1).float(), dim=-1).to(query.dtype)
-        n_local = local.shape[-1]
-        out = torch.matmul(weights[..., :n_local], local_values)
-        out = out + torch.einsum("hqk,qhkd->hqd", weights[..., n_local:], values)
+        scores = [local + additive_mask(attention_mask, q_len, local.shape[-1], local.dtype)[0]]
+        values = [repeat_kv(value, adapter.groups)[0]]  # (H, n, d) shared by every query, or (q, H, k, d)
+        if self.sinks:
+            sink_keys, sink_values = self._sink_keys()
+            scores.append(torch.matmul(q, sink_keys.transpose(-1, -2)) * scaling)
+            values.append(sink_values)
+        if len(self.memory):
+            keys, retrieved_values = self._retrieved(module, query)
+            scores.append(torch.einsum("hqd,qhkd->hqk", q, keys) * scaling)
+            values.append(retrieved_values)
+        weights = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(query.dtype)
+        out, begin = torch.zeros_like(q), 0
+        for part, part_values in zip(scores, values, strict=True):
+            w = weights[..., begin : begin + part.shape[-1]]
+            begin += part.shape[-1]
+            per_query = part_values.ndim == 4
+            out = out + (torch.einsum("hqk,qhkd->hqd", w, part_values) if per_query else w @ part_values)
         return out.transpose(0, 1)[None].contiguous(), None
 
 
@@ -181,8 +210,46 @@ class Unlimiformer:
 def windowed_log_probs(
     model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, retrieval: Any | None = None
 ) -> torch.Tensor:
-    """Log-probs of tokens 1..n-1 in sliding windows; with ``retrieval`` (an Unlimiformer or Memorizing
-    wrapper) every window also sees the memory of the tokens before it (cleared first)."""
+    """Log-probabilities of tokens 1..n-1 of one document (1-D ids) in sliding windows of
+    ``max_length`` tokens, ``stride`` new targets each (the first window scores all of its tokens).
+
+    Without ``retrieval`` this is the sliding-window baseline: every window runs alone, at positions
+    0..max_length. With ``retrieval`` (an [`Unlimiformer`][hf_knnlm.Unlimiformer] or a
+    [`MemorizingTransformer`][hf_knnlm.MemorizingTransformer]) its memory is cleared first (a document
+    boundary), every window also attends over the memory of the tokens before it, and runs at its
+    positions in the whole document.
+
+    Args:
+        model (`PreTrainedModel`): The causal LM.
+        input_ids (`torch.Tensor`): One document's token ids, 1-D.
+        max_length (`int`): Window length in tokens.
+        stride (`int`): New tokens scored per window.
+        retrieval (`Unlimiformer | MemorizingTransformer`, *optional*): The memory windows also see.
+
+    Returns:
+        `torch.Tensor`: ``n - 1`` log-probabilities, one per token after the first.
+
+    Examples:
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig
+    >>> from hf_knnlm.attention import windowed_log_probs
+    >>> _ = torch.manual_seed(0)
+    >>> config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                      num_attention_heads=4, num_key_value_heads=2)
+    >>> model = AutoModelForCausalLM.from_config(config).eval()
+    >>> ids = torch.randint(0, 50, (64,))
+    >>> full = torch.log_softmax(model(ids[None]).logits[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
+    >>> bool(torch.allclose(windowed_log_probs(model, ids, 64, 32), full, atol=1e-5))  # one window
+    True
+    >>> windowed = windowed_log_probs(model, ids, 16, 8)  # each token sees 8 to 15 tokens before it
+    >>> windowed.shape, bool(torch.allclose(windowed[:15], full[:15], atol=1e-5))  # the first window
+    (torch.Size([63]), True)
+    >>> bool(torch.allclose(windowed, full, atol=1e-3))  # later ones lose the context before them
+    False
+    ```
+    """
     if input_ids.ndim != 1:
         raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} must be 1-D (one document).")
     out = torch.empty(max(len(input_ids) - 1, 0))

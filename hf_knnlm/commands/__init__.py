@@ -13,6 +13,9 @@ from . import (
     evaluate,
     explain,
     generate,
+    long_evaluate,
+    long_generate,
+    memorizing_train,
     push,
     qa,
     qa_train_reader,
@@ -30,6 +33,9 @@ SUBCOMMANDS = (
     build,
     evaluate,
     generate,
+    long_evaluate,
+    long_generate,
+    memorizing_train,
     tune,
     reindex,
     compress,
@@ -67,7 +73,9 @@ def _chosen(argv: Sequence[str] | None) -> str | None:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``hf-knnlm`` parser; with ``argv``, only the verb it runs has its options built."""
-    parser = ArgumentParser(prog="hf-knnlm", description="kNN-LM and REALM for transformers.")
+    parser = ArgumentParser(
+        prog="hf-knnlm", description="kNN-LM, REALM, RAG and retrieval inside attention for transformers."
+    )
     subparsers = Subparsers(parser.add_subparsers(dest="command", required=True), _chosen(argv))
     for command in SUBCOMMANDS:
         command.register(subparsers)

@@ -118,9 +118,11 @@ def add_dataclass_options(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     helps: dict[str, str] | None = None,
+    prefix: str = "",
 ) -> list[str]:
     """One option per field of the dataclass ``cls`` (those in ``only``, minus ``exclude``); returns
-    the field names added."""
+    the field names added. ``prefix`` goes before every option and destination name (two dataclasses
+    with a field of the same name in one parser)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     names = [n for n in (only if only is not None else fields) if n not in set(exclude)]
     documented = docstring_args(cls)
@@ -129,7 +131,9 @@ def add_dataclass_options(
         default = _field_default(field)
         text = (helps or {}).get(name) or field.metadata.get("help") or documented.get(name, "")
         kwargs = _argparse_kwargs(_field_type(cls, field), default)
-        parser.add_argument(flag(name), dest=name, default=default, help=_help(text, default), **kwargs)
+        parser.add_argument(
+            flag(prefix + name), dest=prefix + name, default=default, help=_help(text, default), **kwargs
+        )
     return names
 
 
@@ -157,10 +161,19 @@ def values(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def dataclass_from_args(args: argparse.Namespace, cls: type, names: Iterable[str] | None = None) -> Any:
-    """An instance of ``cls`` from the options ``add_dataclass_options`` added (other fields default)."""
+def dataclass_from_args(
+    args: argparse.Namespace,
+    cls: type,
+    names: Iterable[str] | None = None,
+    *,
+    prefix: str = "",
+    **fixed: Any,
+) -> Any:
+    """An instance of ``cls`` from the options ``add_dataclass_options`` added (with that ``prefix``),
+    ``fixed`` fields as given, other fields default."""
     names = [f.name for f in dataclasses.fields(cls)] if names is None else list(names)
-    return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    found = {name: getattr(args, prefix + name) for name in names if hasattr(args, prefix + name)}
+    return cls(**{**found, **fixed})
 
 
 __all__ = [
