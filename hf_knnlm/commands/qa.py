@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..utils.checks import check_positive_int
 from ..utils.files import atomic_write_json, save_pretrained_atomically
 from ._options import add_dataclass_options, add_signature_options, values
 
@@ -112,12 +113,25 @@ TRAINING_HELPS = {
 }
 
 
+def _check_files(*paths: str | None) -> None:
+    """Question and document files that do not exist are named before any model is loaded."""
+    for path in paths:
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file.")
+
+
 def qa_train(args: argparse.Namespace) -> int:
     """``hf-knnlm qa-train``: returns exit status 0; the summary goes to stdout and train_summary.json."""
     from transformers import AutoTokenizer, set_seed
 
-    from ..open_qa import DocumentIndex, RealmForOpenQA, RealmTokenizerPair, train_realm
+    from ..open_qa import DocumentIndex, RealmConfig, RealmForOpenQA, RealmTokenizerPair, train_realm
 
+    # Every setting is checked before a tokenizer or encoder loads: the model's through its config.
+    RealmConfig(**values(args, REALM_FIELDS))  # reader_head "auto" is resolved from the reader later
+    check_positive_int("batch_size", args.batch_size, "questions per step")
+    if args.max_steps != -1:
+        check_positive_int("max_steps", args.max_steps, "or -1: the epochs decide")
+    _check_files(args.train, args.documents)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.encoder)
     reader = args.reader or args.encoder
@@ -174,6 +188,8 @@ def qa_eval(args: argparse.Namespace) -> int:
         retrieval_recall,
     )
 
+    check_positive_int("top_k", args.top_k, "documents read per question")  # before any model loads
+    _check_files(args.data)
     model = RealmForOpenQA.from_pretrained(args.model).eval()
     tokenizer = RealmTokenizerPair.from_pretrained(args.tokenizer or args.model)
     index = DocumentIndex.from_pretrained(args.index)
