@@ -134,6 +134,28 @@ def test_build_edge_cases_are_refused_by_name(model, tokenizer, corpus_text, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"max_shard_size": 0}, "max_shard_size"),
+        ({"max_shard_size": "0"}, "max_shard_size"),
+        ({"max_shard_size": True}, "max_shard_size"),
+        ({"overwrite": 1}, "overwrite"),
+    ],
+)
+def test_build_sizes_and_flags_are_refused_before_the_model_runs(
+    model, tokenizer, corpus_text, tmp_path, kwargs, name
+):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=rf"\b{name}="):
+            Datastore.build(model, tokenizer, [corpus_text], tmp_path / "s", **BUILD, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == [] and not (tmp_path / "s").exists()
+
+
 def test_nprobe_must_be_positive(store_dir, store):
     with pytest.raises(ValueError, match=r"\bnprobe="):
         Datastore.from_pretrained(store_dir, nprobe=0)

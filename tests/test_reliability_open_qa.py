@@ -145,3 +145,37 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_old_checkpoint(tokenizer,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     with folder_lock(folder), pytest.raises(FolderInUseError):
         save_pretrained_atomically(folder, model, tokenizer)
+
+
+def test_a_realm_model_or_tokenizer_save_that_fails_midway_keeps_the_old_one(
+    model, tokenizer, tmp_path, monkeypatch
+):
+    """RealmForOpenQA and RealmTokenizerPair save beside the folder and swap it in whole, under the lock;
+    each keeps what else the folder holds (the model its tokenizers, the tokenizers the model)."""
+    import transformers.modeling_utils
+
+    from hf_knnlm import FolderInUseError
+    from hf_knnlm.open_qa import RealmForOpenQA, RealmTokenizerPair
+    from hf_knnlm.open_qa.tokenization import RETRIEVER_FOLDER
+    from hf_knnlm.utils.files import folder_lock
+
+    folder = tmp_path / "realm"
+    RealmTokenizerPair(tokenizer, tokenizer).save_pretrained(folder)
+    model.save_pretrained(folder)
+    RealmTokenizerPair(tokenizer, tokenizer).save_pretrained(folder)
+    assert (folder / RETRIEVER_FOLDER).is_dir() and (folder / "config.json").is_file()  # both kept
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+    monkeypatch.setattr(model.config, "top_k", model.config.top_k + 1)  # a new config.json is written first
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(folder)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["realm"]
+    monkeypatch.undo()
+    assert isinstance(RealmForOpenQA.from_pretrained(folder), RealmForOpenQA)
+    with folder_lock(folder), pytest.raises(FolderInUseError):
+        RealmTokenizerPair(tokenizer, tokenizer).save_pretrained(folder)

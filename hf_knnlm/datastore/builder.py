@@ -22,7 +22,7 @@ from ..lm.corpus import CorpusLike, corpus_name, tokenize_corpus
 from ..lm.forward import check_forward_args
 from ..lm.hooks import find_ffn_module, num_hidden_layers
 from ..lm.windows import sliding_windows
-from ..utils.checks import check_positive_int
+from ..utils.checks import check_flag, check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_folder, folder_lock, link_or_copy, not_matching
 from ..utils.fingerprints import tokenizer_fingerprint
@@ -48,7 +48,7 @@ from .index import (
 from .progress import build_fingerprint, check_ranks_done, embed_windows, merged_arrays, rank_progresses
 from .provenance import record_provenance
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
-from .storage import ShardedArray, open_memmap, shard_bounds, write_sharded
+from .storage import ShardedArray, open_memmap, parse_size, shard_bounds, write_sharded
 
 if TYPE_CHECKING:
     import faiss
@@ -188,6 +188,7 @@ def _check_build_args(
 ) -> None:
     """The checks that need neither the hook nor the corpus: a mistake there costs no tokenising."""
     import_faiss("Building a kNN-LM datastore")  # before the model runs, not after
+    check_flag("overwrite", overwrite)
     _refuse_existing(output_dir, overwrite)
     check_forward_args(model, max_length, stride, batch_size)
     check_positive_int("checkpoint_every", checkpoint_every, "entries between resumable checkpoints")
@@ -231,6 +232,7 @@ def build_datastore(
     _check_build_args(
         model, output_dir, overwrite, max_length, stride, batch_size, checkpoint_every, train_size
     )
+    parse_size(max_shard_size)  # a bad size fails now, not after the model pass
     path, width = _hook_and_width(model, hook_module, index_factory)
     tokens = tokenize_corpus(tokenizer, data, text_column, separator)
     check_index_factory(index_factory, width, len(tokens) - 1, train_size)

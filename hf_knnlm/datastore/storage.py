@@ -29,9 +29,13 @@ _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10
 
 def parse_size(size: int | str) -> int:
     """``"5GB"`` -> 5_000_000_000, as transformers' ``max_shard_size``."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)) or (isinstance(size, int) and size <= 0):
+        raise ValueError(
+            f"max_shard_size={size!r} is not a size: pass a positive number of bytes or a string like '5GB'."
+        )
     if isinstance(size, int):
         return size
-    if size.strip().isdigit():
+    if size.strip().isdigit() and int(size) > 0:
         return int(size)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
     if match is None:

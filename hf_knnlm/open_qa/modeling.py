@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, P
 from transformers.utils import ModelOutput
 
 from ..retrieval.embedder import RetrieverEmbedder
-from ..utils.files import atomic_write_bytes
+from ..utils.files import atomic_folder, atomic_write_bytes, folder_lock, not_matching
 from .configuration import RealmConfig
 from .heads import SPAN_MASK_VALUE, SpanHead, answer_span_mask, start_end_span_scores
 from .reading import decode_best_spans, doc_normalised_log_probs, run_reader
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from ..retrieval.document_index import DocumentIndex
 
 _CARD = Path(__file__).resolve().parent.parent / "model_cards" / "open_qa.md"
+
+
+_OWN_FILES = ("*.safetensors", "*.bin", "*.index.json", "config.json", "generation_config.json", "README.md")
 
 
 @dataclass
@@ -404,7 +407,16 @@ class RealmForOpenQA(RealmPreTrainedModel):
             reader_tokenizer(tokenizer).save_pretrained(save_directory)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
+        """``PreTrainedModel.save_pretrained`` written beside the folder and swapped in whole under its lock:
+        a save that fails midway (a full disk) leaves the checkpoint that was there as it was."""
+        if kwargs.get("push_to_hub"):  # the repository is named after the folder, not its temporary sibling
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+        # what else the folder holds (its tokenizers, a user's files) stays; old weights do not
+        with folder_lock(save_directory), atomic_folder(save_directory, keep=not_matching(_OWN_FILES)) as tmp:
+            super().save_pretrained(tmp, *args, **kwargs)
+            self._write_card(tmp)
+
+    def _write_card(self, save_directory: Path) -> None:
         card = Path(save_directory) / "README.md"
         if not card.exists() and _CARD.is_file():
             text = Template(_CARD.read_text(encoding="utf-8")).safe_substitute(

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from ..retrieval.embedder import retriever_tokenizer
+from ..utils.files import atomic_folder, folder_lock, not_matching
 
 RETRIEVER_FOLDER = "retriever_tokenizer"
 READER_FOLDER = "reader_tokenizer"
@@ -55,9 +56,11 @@ class RealmTokenizerPair:
         return f"RealmTokenizerPair(retriever={self.retriever!r}, reader={self.reader!r})"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        folder = Path(save_directory)
-        self.retriever.save_pretrained(folder / RETRIEVER_FOLDER)
-        self.reader.save_pretrained(folder / READER_FOLDER)
+        """Both tokenizers, written beside ``save_directory`` and swapped in whole under its lock."""
+        own = not_matching([RETRIEVER_FOLDER, READER_FOLDER])  # the rest of the folder (a model) stays
+        with folder_lock(save_directory), atomic_folder(save_directory, keep=own) as folder:
+            self.retriever.save_pretrained(folder / RETRIEVER_FOLDER)
+            self.reader.save_pretrained(folder / READER_FOLDER)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload both sub-folders as one commit (``kwargs``: revision, private, token, create_pr, ...)."""
