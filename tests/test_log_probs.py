@@ -82,17 +82,9 @@ def test_no_batch_holds_the_logits_of_every_position(model, monkeypatch):
 
 def test_a_soft_capped_model_is_detected_and_scored_exactly(caplog):
     torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        final_logit_softcapping=0.5,
-        max_position_embeddings=128,
-    )
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    heads = {"num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128}
+    config = Gemma2Config(vocab_size=97, final_logit_softcapping=0.5, **sizes, **heads)  # logits tanh-capped
     capped = AutoModelForCausalLM.from_config(config).eval()
     tokens = _tokens(200, 97)
     windows = list(sliding_windows(len(tokens), 64, 32))
