@@ -1,0 +1,28 @@
+"""REALM pre-training: a retrieval-augmented masked LM over a live MIPS document index.
+
+[`RealmForMaskedLM`][hf_knnlm.open_qa.pretraining.RealmForMaskedLM] (model type ``realm_masked_lm``) is
+trained on masked sentences of the corpus (salient spans by default) with the marginal likelihood over the
+retrieved documents and the null document, while
+[`AsyncIndexRefresh`][hf_knnlm.open_qa.pretraining.AsyncIndexRefresh] re-embeds the corpus in the background;
+[`save_for_open_qa`][hf_knnlm.open_qa.pretraining.save_for_open_qa] hands the result to
+[`RealmForOpenQA`][hf_knnlm.open_qa.RealmForOpenQA] fine-tuning. Names here are imported on first use.
+"""
+
+from typing import TYPE_CHECKING
+
+from ...utils.lazy import lazy_exports
+
+_IMPORT_STRUCTURE = {
+    ".collator": ["RealmPretrainingCollator"],
+    ".configuration": ["RealmMaskedLMConfig"],
+    ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
+    ".salient_spans": ["salient_spans"],
+}
+__getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
+__all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
+
+if TYPE_CHECKING:
+    from .collator import RealmPretrainingCollator
+    from .configuration import RealmMaskedLMConfig
+    from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
+    from .salient_spans import salient_spans
