@@ -15,8 +15,10 @@ from ...utils.lazy import lazy_exports
 _IMPORT_STRUCTURE = {
     ".collator": ["RealmPretrainingCollator"],
     ".configuration": ["RealmMaskedLMConfig"],
+    ".masking": ["masked_examples"],
     ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
-    ".salient_spans": ["salient_spans"],
+    ".spans": ["salient_spans"],
+    ".settings": ["RealmPretrainingSettings"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
 __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
@@ -24,5 +26,7 @@ __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 if TYPE_CHECKING:
     from .collator import RealmPretrainingCollator
     from .configuration import RealmMaskedLMConfig
+    from .masking import masked_examples
     from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
-    from .salient_spans import salient_spans
+    from .settings import RealmPretrainingSettings
+    from .spans import salient_spans

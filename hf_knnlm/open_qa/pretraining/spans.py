@@ -53,7 +53,7 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     Examples:
 
     ```python
-    >>> from hf_knnlm.open_qa.pretraining.salient_spans import split_sentences
+    >>> from hf_knnlm.open_qa.pretraining.spans import split_sentences
     >>> text = "Paris is in France. It lies on the Seine."
     >>> [text[s:e] for s, e in split_sentences(text)]
     ['Paris is in France.', 'It lies on the Seine.']
@@ -77,20 +77,22 @@ def _words(text: str) -> list[tuple[int, int, bool]]:
             words[-1] = (*words[-1][:2], True)
         while start < end and text[start] in _OPENERS:
             start += 1
-        stripped = end
-        while end > start and text[end - 1] in _CLOSERS:
-            end -= 1
-        if text[end - 2 : end] in ("'s", "’s") and end - 2 > start:
-            end -= 2
-        if end > start and text[end - 1] == "." and "." not in text[start : end - 1]:
-            end -= 1
+        stripped, before = end, None
+        while end != before:  # "Act)." or "Sorin's," lose every trailing mark, in any order
+            before = end
+            while end > start and text[end - 1] in _CLOSERS:
+                end -= 1
+            if text[end - 2 : end] in ("'s", "’s") and end - 2 > start:
+                end -= 2
+            if end > start and text[end - 1] == "." and "." not in text[start : end - 1]:
+                end -= 1
         if end > start:
             words.append((start, end, end != stripped))
     return words
 
 
 def _capitalised(word: str) -> bool:
-    return word[:1].isupper()
+    return word[:1].isupper() and word != "I"
 
 
 def _entity_runs(text: str, offset: int) -> list[tuple[int, int]]:
@@ -130,7 +132,7 @@ def salient_spans(text: str) -> list[tuple[int, int, str]]:
     Examples:
 
     ```python
-    >>> from hf_knnlm.open_qa.pretraining.salient_spans import salient_spans
+    >>> from hf_knnlm.open_qa.pretraining.spans import salient_spans
     >>> text = "The University of Notre Dame was founded on November 26, 1842 by 7 priests. It grew."
     >>> [(text[s:e], kind) for s, e, kind in salient_spans(text)]
     [('University of Notre Dame', 'entity'), ('November 26, 1842', 'date'), ('7', 'number')]
