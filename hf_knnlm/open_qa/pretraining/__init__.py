@@ -18,6 +18,7 @@ _IMPORT_STRUCTURE = {
     ".masking": ["masked_examples"],
     ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
     ".spans": ["salient_spans"],
+    ".refresh": ["AsyncIndexRefresh"],
     ".settings": ["RealmPretrainingSettings"],
 }
 __getattr__, __dir__ = lazy_exports(__name__, _IMPORT_STRUCTURE)
@@ -28,5 +29,6 @@ if TYPE_CHECKING:
     from .configuration import RealmMaskedLMConfig
     from .masking import masked_examples
     from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
+    from .refresh import AsyncIndexRefresh
     from .settings import RealmPretrainingSettings
     from .spans import salient_spans
