@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel
 
 from hf_knnlm.open_qa.pretraining import RealmForMaskedLM, RealmMaskedLMConfig, RealmPretrainingCollator
+from hf_knnlm.open_qa.pretraining.ict import ict_loss, ict_pairs, ict_warm_start
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.open_qa_utils import DOCUMENTS, make_tokenizer
@@ -132,3 +133,44 @@ def test_saved_model_loads_with_auto_model(tokenizer, tmp_path):
 def test_config_rejects_bad_switch():
     with pytest.raises(ValueError, match="null_document must be True or False"):
         RealmMaskedLMConfig(null_document="yes")
+
+
+ICT_DOCS = [
+    {"title": "France", "text": "Paris is the capital of France. Paris sits on the Seine river."},
+    {"title": "Italy", "text": "Rome is the capital of Italy. Rome has the Tiber river."},
+    {"title": "Austria", "text": "Vienna is the capital of Austria. Vienna is on the Danube river."},
+]
+
+
+def test_ict_loss_is_the_in_batch_cross_entropy(tokenizer):
+    model = make_mlm_model(tokenizer)
+    pairs = ict_pairs(ICT_DOCS, min_sentence_words=3, remove_probability=1.0)
+    for pair, doc in zip(pairs, ICT_DOCS, strict=True):
+        assert pair["query"] in doc["text"] and pair["query"] not in pair["text"]
+    kept = ict_pairs(ICT_DOCS, min_sentence_words=3, remove_probability=0.0)
+    assert [pair["text"] for pair in kept] == [doc["text"] for doc in ICT_DOCS]
+    with torch.no_grad():
+        loss = ict_loss(model, tokenizer, pairs)
+        queries = [model.query_embedder(torch.tensor([tokenizer(p["query"])["input_ids"]]))[0] for p in pairs]
+        docs = [
+            model.doc_embedder(torch.tensor([tokenizer(p["title"], p["text"])["input_ids"]]))[0]
+            for p in pairs
+        ]
+    expected = 0.0
+    for i, query in enumerate(queries):
+        scores = [2.0 * float(query @ doc) for doc in docs]
+        expected -= scores[i] - math.log(sum(math.exp(s) for s in scores))
+    assert float(loss) == pytest.approx(expected / 3, abs=1e-5)
+
+
+def test_ict_warm_start_trains_the_retriever_only(tokenizer):
+    model = make_mlm_model(tokenizer)
+    encoder_before = {n: p.clone() for n, p in model.encoder.named_parameters()}
+    query_before = model.query_embedder.projection.weight.clone()
+    losses = ict_warm_start(model, tokenizer, ICT_DOCS, steps=30, batch_size=3, learning_rate=1e-2,
+                            min_sentence_words=3)  # fmt: skip
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    assert not torch.equal(query_before, model.query_embedder.projection.weight)
+    assert all(torch.equal(p, encoder_before[n]) for n, p in model.encoder.named_parameters())
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        ict_warm_start(model, tokenizer, ICT_DOCS[:1], steps=1)

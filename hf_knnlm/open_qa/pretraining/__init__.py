@@ -15,6 +15,7 @@ from ...utils.lazy import lazy_exports
 _IMPORT_STRUCTURE = {
     ".collator": ["RealmPretrainingCollator"],
     ".configuration": ["RealmMaskedLMConfig"],
+    ".ict": ["ict_warm_start"],
     ".masking": ["masked_examples"],
     ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
     ".spans": ["salient_spans"],
@@ -27,6 +28,7 @@ __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 if TYPE_CHECKING:
     from .collator import RealmPretrainingCollator
     from .configuration import RealmMaskedLMConfig
+    from .ict import ict_warm_start
     from .masking import masked_examples
     from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
     from .refresh import AsyncIndexRefresh
