@@ -15,10 +15,12 @@ from ...utils.lazy import lazy_exports
 _IMPORT_STRUCTURE = {
     ".collator": ["RealmPretrainingCollator"],
     ".configuration": ["RealmMaskedLMConfig"],
+    ".export": ["open_qa_from_pretraining", "save_for_open_qa"],
     ".ict": ["ict_warm_start"],
     ".masking": ["masked_examples"],
     ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
     ".spans": ["salient_spans"],
+    ".training": ["pretrain_realm"],
     ".refresh": ["AsyncIndexRefresh"],
     ".settings": ["RealmPretrainingSettings"],
 }
@@ -28,9 +30,11 @@ __all__ = [name for names in _IMPORT_STRUCTURE.values() for name in names]
 if TYPE_CHECKING:
     from .collator import RealmPretrainingCollator
     from .configuration import RealmMaskedLMConfig
+    from .export import open_qa_from_pretraining, save_for_open_qa
     from .ict import ict_warm_start
     from .masking import masked_examples
     from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
     from .refresh import AsyncIndexRefresh
     from .settings import RealmPretrainingSettings
     from .spans import salient_spans
+    from .training import pretrain_realm
