@@ -164,7 +164,8 @@ def pretrain_realm(
     Examples:
 
     ```python
-    >>>     >>> from transformers import BertConfig, BertTokenizerFast
+    >>> import torch
+    >>> from transformers import BertConfig, BertTokenizerFast
     >>> from hf_knnlm.open_qa.pretraining import (RealmForMaskedLM, RealmMaskedLMConfig,
     ...                                           RealmPretrainingSettings, pretrain_realm)
     >>> docs = [{"id": "fr", "title": "France", "text": "Paris is the capital of France since 987."},
