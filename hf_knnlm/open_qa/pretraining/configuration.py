@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import field
+from typing import Literal  # noqa: F401  (the inherited fields' annotations are read in this module)
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
