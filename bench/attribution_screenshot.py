@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct with the datastore of the 3 State of the Union addresses before the held-out part
 (what ``--quick`` of the SOTU benchmarks builds), a greedy continuation of a prompt explained token by
-token, written as ``hf-knnlm explain --html`` writes it, and photographed in headless Chromium with the
+token by ``hf-knnlm explain --html`` (the verb itself runs), and photographed in headless Chromium with the
 token of the largest datastore share selected.
 
     python bench/attribution_screenshot.py --workdir runs/sotu --output docs/screenshots/attribution.png
@@ -15,37 +15,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import load_smollm2
+from _common import chromium_context, load_smollm2, smollm2_cli_args
 from sotu import get_store
 
-from hf_knnlm import explain_generation, render_html
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from hf_knnlm.commands import main as cli
 
 
 def screenshot(page: Path, output: Path, chromium: str) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            profile,
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1100, "height": 800},
-        )
-        tab = context.new_page()
-        tab.goto(page.as_uri())
-        tab.screenshot(path=str(output), full_page=True, timeout=120_000)
-        context.close()
+    with tempfile.TemporaryDirectory() as profile:
+        with chromium_context(profile, chromium, {"width": 1100, "height": 800}) as context:
+            tab = context.new_page()
+            tab.goto(page.as_uri())
+            tab.screenshot(path=str(output), full_page=True, timeout=120_000)
 
 
 def main() -> None:
@@ -64,20 +45,21 @@ def main() -> None:
 
     model, tokenizer = load_smollm2()
     store = get_store(model, tokenizer, Path(args.workdir), quick=True, index_factory="Flat")
-    attributions, text = explain_generation(
-        model,
-        tokenizer,
-        store,
-        args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        k=args.k,
-        lmbda=args.lmbda,
-        temperature=args.temperature,
-        top=5,
-    )
-    print(args.prompt + text)
+    del model, tokenizer  # the verb loads its own
     page = Path(args.workdir) / "attribution.html"
-    page.write_text(render_html(args.prompt, attributions), encoding="utf-8")
+    options = {
+        "--datastore": store.folder,
+        "--prompt": args.prompt,
+        "--max-new-tokens": args.max_new_tokens,
+        "--k": args.k,
+        "--lmbda": args.lmbda,
+        "--temperature": args.temperature,
+        "--top": 5,
+        "--html": page,
+    }
+    explain = ["explain", *smollm2_cli_args(), *(str(x) for option in options.items() for x in option)]
+    if cli(explain) != 0:
+        raise SystemExit(f"hf-knnlm {' '.join(explain)} failed")
     screenshot(page, Path(args.output), args.chromium)
     print(f"wrote {page} and {args.output}")
 

@@ -3,44 +3,27 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+try:  # tests/ is a package on main, a plain folder elsewhere
+    from tests.conftest import tiny_gpt2
+except ImportError:
+    from conftest import tiny_gpt2
 
 VOCAB = 50
+# What the tiny Llama-style decoders share; each family sets its layers and key/value heads.
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+_FAMILIES = {"llama": (LlamaConfig, 2), "qwen2": (Qwen2Config, 1)}  # config class, key/value heads
 
 
 def tiny(family: str, seed: int = 0, layers: int = 2):
+    if family not in _FAMILIES:
+        return tiny_gpt2(VOCAB, seed=seed, n_layer=layers, n_positions=512)
     torch.manual_seed(seed)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        )
-    elif family == "qwen2":
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-        )
-    else:
-        config = GPT2Config(
-            n_layer=layers,
-            n_embd=32,
-            n_head=2,
-            vocab_size=VOCAB,
-            n_positions=512,
-            bos_token_id=1,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+    config_class, kv_heads = _FAMILIES[family]
+    config = config_class(
+        **DECODER, num_hidden_layers=layers, num_key_value_heads=kv_heads, max_position_embeddings=512
+    )
     return AutoModelForCausalLM.from_config(config).eval()
 
 

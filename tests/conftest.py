@@ -86,14 +86,14 @@ def tokenizer(corpus_text: str) -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2):
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2, n_positions: int = 256):
     torch.manual_seed(seed)
     config = GPT2Config(
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=2,
         vocab_size=vocab_size,
-        n_positions=256,
+        n_positions=n_positions,
         bos_token_id=1,
         eos_token_id=1,
         pad_token_id=1,

@@ -1,12 +1,14 @@
 """One rank of tests/test_distributed_search.py, started by torchrun: a sharded store at work.
 
 ``python -m torch.distributed.run --nproc_per_node N tests/distributed_search_worker.py MODE STORE OUT
-[MODEL DATA]`` writes this rank's results to ``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
+[MODEL DATA]`` (MODE: search, hub, evaluate, generate) writes this rank's results to
+``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from hf_knnlm import Datastore
 
 PROMPTS = ["The cat", "A dog sat on", "The bird", "My friend likes the"]  # rank 0: 3 prompts, rank 1: 1
 NEW_TOKENS = [6, 3, 9, 4]  # and uneven lengths
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def search(store: Datastore, out: Path) -> None:
@@ -85,16 +88,43 @@ def generate(store: Datastore, out: Path, model_dir: str) -> None:
     (out / f"rank-{rank}.json").write_text(json.dumps(texts), encoding="utf-8")
 
 
+def from_hub(remote: str, out: Path) -> Datastore:
+    """The store in the folder ``remote`` opened as the Hub repository ``user/store``: a stand-in for
+    ``snapshot_download`` copies the files the patterns match into this rank's own cache snapshot."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ["RANK"])
+    snapshot = out / f"cache-{rank}" / "snapshots" / COMMIT
+
+    def snapshot_download(repo_id, allow_patterns=None, revision=None, **kwargs):
+        assert repo_id == "user/store" and revision in (None, COMMIT), (repo_id, revision)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in Path(remote).iterdir():
+            if any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, snapshot / path.name)
+        return str(snapshot)
+
+    huggingface_hub.snapshot_download = snapshot_download
+    store = Datastore.from_pretrained("user/store", distributed="shard")
+    files = sorted(p.name for p in snapshot.iterdir())
+    (out / f"files-{rank}.json").write_text(json.dumps(files), encoding="utf-8")
+    return store
+
+
 def main() -> None:
     mode, store_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     torch.manual_seed(0)
-    store = Datastore.from_pretrained(store_dir, distributed="shard")
-    if mode == "search":
-        search(store, out)
+    if mode == "hub":
+        search(from_hub(store_dir, out), out)
+    elif mode == "search":
+        search(Datastore.from_pretrained(store_dir, distributed="shard"), out)
     elif mode == "evaluate":
-        evaluate(store, out, sys.argv[4], sys.argv[5])
+        evaluate(Datastore.from_pretrained(store_dir, distributed="shard"), out, sys.argv[4], sys.argv[5])
     else:
-        generate(store, out, sys.argv[4])
+        generate(Datastore.from_pretrained(store_dir, distributed="shard"), out, sys.argv[4])
     if torch.distributed.is_initialized():  # gloo's threads must stop before the interpreter exits
         torch.distributed.destroy_process_group()
 

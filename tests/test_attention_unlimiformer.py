@@ -9,7 +9,7 @@ import torch
 from hf_knnlm.attention import Unlimiformer, UnlimiformerSettings, windowed_log_probs
 from hf_knnlm.attention.interface import STATE
 
-from .attention_utils import document, full_log_probs, tiny
+from .attention_utils import DECODER, document, full_log_probs, tiny
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 
@@ -126,15 +126,7 @@ def test_bad_uses_are_refused():
 def test_keys_behind_a_norm_cannot_be_folded():
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    config = Qwen3Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    config = Qwen3Config(**DECODER, num_hidden_layers=1, num_key_value_heads=2, head_dim=8)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="normalises its keys after k_proj"):
         Unlimiformer(model)

@@ -80,14 +80,21 @@ def test_sharded_search_equals_one_process(gloo, tmp_path, store_dir, factory):
     if factory != "Flat":
         single = single.rebuild_index(factory, tmp_path / "ivf")
         single.nprobe = 8  # every list: the IVF result is exact too, so ids can be compared
+    rows, queries = _write_queries(single, tmp_path)
+    _run("search", single.folder, tmp_path)
+    _assert_ranks_found_as_one(single, rows, queries, tmp_path)
+
+
+def _write_queries(single: Datastore, folder: Path) -> tuple[np.ndarray, torch.Tensor]:
     rng = np.random.default_rng(0)
     rows = rng.choice(len(single), 13, replace=False)
     keys = torch.from_numpy(single.keys.take(rows).astype(np.float32))
     queries = torch.cat([keys, keys[:6] + 0.1 * torch.randn(6, keys.shape[1])])  # stored keys and others
-    save_file({"queries": queries.contiguous()}, str(tmp_path / "queries.safetensors"))
+    save_file({"queries": queries.contiguous()}, str(folder / "queries.safetensors"))
+    return rows, queries
 
-    _run("search", single.folder, tmp_path)
 
+def _assert_ranks_found_as_one(single: Datastore, rows: np.ndarray, queries: torch.Tensor, tmp_path: Path):
     ranks = [load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in range(2)]
     assert [len(r["queries"]) for r in ranks] == [5, len(queries) - 5]  # uneven query counts
     mine = torch.cat([r["queries"] for r in ranks])
@@ -106,6 +113,27 @@ def test_sharded_search_equals_one_process(gloo, tmp_path, store_dir, factory):
     torch.testing.assert_close(torch.cat([r["distances_recompute"] for r in ranks]), ref.distances)
     assert ranks[0]["ids_second"].shape == (0, 4)  # a rank with no queries still took part
     assert torch.equal(ranks[1]["ids_second"], single.search(queries[5:], 4).ids)
+
+
+def test_a_rank_downloads_only_its_own_shards_from_the_hub(gloo, tmp_path, store):
+    remote = tmp_path / "remote"
+    single = Datastore.from_pretrained(store.save_pretrained(remote, max_shard_size=300 * 32 * 2))
+    rows, queries = _write_queries(single, tmp_path)
+    _run("hub", remote, tmp_path)
+    _assert_ranks_found_as_one(single, rows, queries, tmp_path)
+    half = len(single) - len(single) // 2
+    shards = [(s, {s["keys"], s["values"]}) for s in single.config.shards]
+    first = set().union(*(names for s, names in shards if s["start"] < half))
+    second = set().union(*(names for s, names in shards if s["end"] > half))
+    assert len(shards) > 3 and first - second and second - first
+    rank_files = [set(json.loads((tmp_path / f"files-{r}.json").read_text())) for r in range(2)]
+    every = {p.name for p in remote.iterdir()}
+    for files, own, others in (
+        (rank_files[0], first, second - first),
+        (rank_files[1], second, first - second),
+    ):
+        assert own <= files and not files & others  # its own shards, none of the other rank's
+        assert every - files == others  # and every other file of the store
 
 
 def test_sharded_evaluation_and_tuning_equal_one_process(

@@ -24,15 +24,14 @@ except ImportError:
     from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+
+
+def _bench_common():
+    """``bench/_common.py``: its headless Chromium is the one the bench screenshots use."""
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "_common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _build(docs_root: Path, site: Path) -> subprocess.CompletedProcess:
@@ -64,20 +63,11 @@ def browser(tmp_path_factory):
     )
     executable = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     require(executable is not None, "no chromium on PATH (Debian: apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh profile: nothing from before
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 900},
-        )
+    profile = str(tmp_path_factory.mktemp("chromium-profile"))  # a fresh profile: nothing from before
+    with _bench_common().chromium_context(profile, executable, {"width": 1280, "height": 900}) as context:
         context.set_default_timeout(60_000)
         context.route("http*://**", lambda route: route.abort())  # a page that needs the network fails
         yield context
-        context.close()
 
 
 @pytest.fixture(scope="module")

@@ -344,8 +344,11 @@ def test_index_push_and_load_by_repo_id(index, tmp_path, monkeypatch):
             calls.append(repo_id)
             shutil.copytree(folder_path, remote)
 
+    downloads = []
+
     def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
-        assert repo_id == "user/toy-index" and "index.faiss" in allow_patterns
+        assert repo_id == "user/toy-index"
+        downloads.append(allow_patterns)
         return str(remote)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -354,6 +357,7 @@ def test_index_push_and_load_by_repo_id(index, tmp_path, monkeypatch):
     assert calls == ["user/toy-index"]
     loaded = DocumentIndex.from_pretrained("user/toy-index")
     assert loaded.ids == index.ids and torch.equal(loaded.embeddings, index.embeddings)
+    assert "index.faiss" not in downloads[0] and "index.faiss" in downloads[-1]  # the config first
 
 
 def test_config_rejects_bad_values_and_round_trips(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 from hf_knnlm import Datastore
 from hf_knnlm.commands import main as cli_main
+from hf_knnlm.utils.files import atomic_write_bytes
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.conftest import tiny_gpt2
@@ -231,3 +232,22 @@ def test_a_build_killed_with_sigkill_resumes_to_the_same_bytes(saved_model, othe
     assert forwards["n"] < reference.config.num_entries // 32  # it resumed, it did not start over
     assert resumed.config.files == reference.config.files  # byte-identical files
     assert not (out / ".partial").exists()
+
+
+def test_reindex_links_the_keys_and_values_instead_of_copying_them(store_dir, tmp_path):
+    store = Datastore.from_pretrained(shutil.copytree(store_dir, tmp_path / "store"))
+    ivf = store.rebuild_index("IVF4,Flat", tmp_path / "ivf", train_size=len(store))
+    for shard in store.config.shards:
+        for name in (shard["keys"], shard["values"]):
+            assert os.stat(store.folder / name).st_ino == os.stat(ivf.folder / name).st_ino
+    assert (
+        ivf.config.files[store.config.shards[0]["keys"]] == store.config.files[store.config.shards[0]["keys"]]
+    )
+    queries = np.asarray(store.keys[:5], dtype=np.float32)
+    found = ivf.search(queries, k=1)
+    assert found.ids[:, 0].tolist() == list(range(5))  # each stored key is its own nearest
+    # every write of the library replaces a file by name, so the linked store keeps its content
+    before = _digests(ivf.folder)
+    atomic_write_bytes(store.folder / store.config.shards[0]["keys"], b"replaced")
+    assert _digests(ivf.folder) == before
+    assert len(Datastore.from_pretrained(ivf.folder)) == len(store)

@@ -24,7 +24,7 @@ from ..lm.hooks import find_ffn_module, num_hidden_layers
 from ..lm.windows import sliding_windows
 from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
-from ..utils.files import atomic_folder, folder_lock, not_matching
+from ..utils.files import atomic_folder, folder_lock, link_or_copy, not_matching
 from ..utils.fingerprints import tokenizer_fingerprint
 from ..utils.hub_mixin import CARD_NAME, finish_folder
 from .calibration import calibrate_temperature, exact_search
@@ -124,6 +124,23 @@ def write_store(
     key_dim = key_dim or config.hidden_size
     key_files = write_sharded(folder, KEYS_PREFIX, "keys", np.float16, (key_dim,), bounds, keys)
     value_files = write_sharded(folder, VALUES_PREFIX, "values", np.int32, (), bounds, values)
+    return index_shards(
+        folder, config, key_files, value_files, bounds, index=index, train_size=train_size, key_dim=key_dim
+    )
+
+
+def index_shards(
+    folder: Path,
+    config: DatastoreConfig,
+    key_files: list[str],
+    value_files: list[str],
+    bounds: list[tuple[int, int]],
+    *,
+    index: faiss.Index | None,
+    train_size: int,
+    key_dim: int,
+) -> list[str]:
+    """Index the key shards already in ``folder`` and describe them in ``config`` (see ``write_store``)."""
     index_files = [] if is_exact(config.index_factory) else [INDEX_NAME]
     if index is None and index_files:
         written = ShardedArray([open_memmap(folder / f, "keys") for f in key_files])
@@ -295,10 +312,27 @@ def rebuild_store(
     config.index_factory, config.evaluation, config.temperature = index_factory, None, None
     bounds = [(s["start"], s["end"]) for s in config.shards]
     with store._writable_folder(out) as folder:
-        keys, values = store.keys.iter_rows(_INDEX_ADD_ROWS), store.values.iter_rows(1 << 20)
-        files = write_store(
-            folder, config, keys, values, bounds, train_size=train_size, key_dim=store.key_dim
+        # The keys and values do not change: the new store hard-links the old one's shards (a copy
+        # only across file systems) and writes just its index. Shards are never written in place.
+        key_files, value_files = link_shards(store.folder, folder, config.shards)
+        files = index_shards(
+            folder,
+            config,
+            key_files,
+            value_files,
+            bounds,
+            index=None,
+            train_size=train_size,
+            key_dim=store.key_dim,
         )
         extra = copy_extra_files(store.folder, folder, config)
         finish_folder(folder, config, [*files, *extra], datastore_card)
     return out
+
+
+def link_shards(src: Path, dst: Path, shards: list[dict]) -> tuple[list[str], list[str]]:
+    """Hard-link the key and value shard files named in ``shards`` from ``src`` into ``dst``."""
+    for shard in shards:
+        for name in (shard["keys"], shard["values"]):
+            link_or_copy(src / name, dst / name)
+    return [s["keys"] for s in shards], [s["values"] for s in shards]

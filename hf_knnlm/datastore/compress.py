@@ -276,13 +276,10 @@ def compress_datastore(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
-    >>> from hf_knnlm import Datastore, compress_datastore
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import compress_datastore
     >>> text = ["The cat sat on the mat. A dog ran to the park and back."] * 4  # 64 entries
-    >>> store = Datastore.build(model, tokenizer, text, "my-store", max_length=32, stride=16,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("my-store", text, max_length=32, stride=16)
     >>> small = compress_datastore(store, "my-store-pca", pca_dim=16)  # keys projected to half the width
     >>> store.key_dim, small.key_dim, len(small) == len(store)
     (32, 16, True)

@@ -28,12 +28,8 @@ class DatastoreConfig(StoreConfig):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
-    >>> from hf_knnlm import Datastore
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> model, tokenizer, store = tiny_datastore("my-store")
     >>> config = store.config  # datastore_config.json
     >>> config.model_type, config.hook_module, config.hidden_size, config.num_entries, config.index_factory
     ('gpt2', 'transformer.h.1.mlp', 32, 6, 'Flat')

@@ -22,7 +22,7 @@ from .card import datastore_card
 from .clusters import Clusters
 from .compat import check_compatible
 from .config import DatastoreConfig
-from .extras import TRANSFORM_NAME, copy_extra_files
+from .extras import copy_extra_files, read_key_transform
 from .index import (
     DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
@@ -36,7 +36,7 @@ from .index import (
 from .neighbours import Neighbours
 from .provenance import Provenance
 from .search_index import SearchIndex, prepare_queries, search_keys
-from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_gpu
+from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_files, rank_gpu
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
 from .storage import ShardedArray, open_memmap, shard_bounds
 
@@ -63,10 +63,9 @@ class Datastore(HubMixin):
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
     >>> from hf_knnlm import Datastore
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> model, tokenizer = tiny_causal_lm()  # any causal LM and its tokenizer: a random 2-layer GPT-2 here
     >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-datastore",
     ...                         max_length=16, stride=8, disable_progress=True)
     >>> len(store), store.hidden_size  # one entry per token after the first
@@ -113,12 +112,7 @@ class Datastore(HubMixin):
                 index = read_index(self.folder / INDEX_NAME, mmap=mmap)
             else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
                 index = exact_index(self.keys.iter_rows(65536), self.key_dim)
-        # A PCA-compressed store keeps reduced keys; queries go through the same transform.
-        self.key_transform = (
-            import_faiss("a PCA-compressed datastore").read_VectorTransform(str(self.folder / TRANSFORM_NAME))
-            if TRANSFORM_NAME in config.files
-            else None
-        )
+        self.key_transform = read_key_transform(self.folder, config)
         self._provenance = None
         self._clusters: Clusters | None | object = _NOT_READ
         if index.ntotal != len(self.keys) or len(self.keys) != len(self.values):
@@ -241,6 +235,10 @@ class Datastore(HubMixin):
     def _files_read(cls, config: DatastoreConfig) -> list[str]:
         index = [INDEX_NAME] if _has_index_file(config) else []
         return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), *index]
+
+    @classmethod
+    def _files_needed(cls, config: DatastoreConfig, distributed: str | None = None, **kw) -> list[str] | None:
+        return rank_files(config) if distributed == "shard" else None  # a rank: its own shards only
 
     @classmethod
     def _model_card(cls, config: DatastoreConfig, repo_id: str | None = None):
@@ -441,8 +439,8 @@ class Datastore(HubMixin):
 
         Args:
             index_factory (`str`): faiss index-factory string, e.g. ``"IVF1024,PQ64"`` or ``"Flat"``.
-            output_dir (`str` or `os.PathLike`): a new folder; keys and values are copied, not linked,
-                so the two stores share no file.
+            output_dir (`str` or `os.PathLike`): a new folder; only the index is written: keys and values
+                are hard links to this store's (copies across file systems), never written in place.
             train_size (`int`, defaults to 1_000_000): keys sampled to train the index.
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
         """

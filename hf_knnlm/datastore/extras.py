@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..utils.faiss_support import import_faiss
 from ..utils.files import atomic_path, file_hashes
 from .config import CONFIG_NAME, DatastoreConfig
 
@@ -40,3 +41,10 @@ def register_files(folder: Path, config: DatastoreConfig, names: list[str]) -> N
     """Hash files just written into a finished store and rewrite its config (atomically)."""
     config.files.update(file_hashes(folder, names))
     config.save(Path(folder) / CONFIG_NAME)
+
+
+def read_key_transform(folder: Path, config: DatastoreConfig):
+    """The PCA of a compressed store (its keys are reduced; queries go through it too), or None."""
+    if TRANSFORM_NAME not in config.files:
+        return None
+    return import_faiss("a PCA-compressed datastore").read_VectorTransform(str(Path(folder) / TRANSFORM_NAME))

@@ -41,13 +41,10 @@ class Neighbours:
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> import torch
-    >>> from hf_knnlm import Datastore, Neighbours
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> from hf_knnlm import Neighbours
+    >>> model, tokenizer, store = tiny_datastore("my-store")
     >>> keys = torch.from_numpy(store.keys.take([0, 3]).astype("float32"))
     >>> found = store.search(keys, 4)  # the Neighbours of two queries
     >>> found.ids[:, 0].tolist(), found.distances[:, 0].tolist()  # each stored key is its own nearest

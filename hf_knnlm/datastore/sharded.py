@@ -114,6 +114,29 @@ def _slices(folder: Path, layout: list[dict], part: str, start: int, end: int) -
     return ShardedArray(pieces)
 
 
+def rank_files(
+    config: DatastoreConfig, rank: int | None = None, world: int | None = None
+) -> list[str] | None:
+    """The files a rank reads of a sharded store: the key and value shards that hold its entries and
+    every file that is not a shard (index, merge counts, side files); ``None`` for a single process.
+
+    A rank of a store opened from the Hub downloads and checks only these (``rank``/``world``: this
+    process's unless given).
+    """
+    if rank is None or world is None:
+        rank, world = process_group()
+    if world == 1:
+        return None
+    start, end = window_range(config.num_entries, rank, world)
+    layout = config.shards
+    own = [s for s in layout if max(s["start"], start) < min(s["end"], end)] or layout[-1:]
+    shard_names = {shard[part] for shard in layout for part in ("keys", "values")}
+    return [
+        *(shard[part] for shard in own for part in ("keys", "values")),
+        *sorted(set(config.files) - shard_names),
+    ]
+
+
 def _log_counts(folder: Path, config: DatastoreConfig, start: int, end: int) -> torch.Tensor | None:
     if ENTRIES_NAME not in config.files:
         return None
@@ -171,12 +194,9 @@ class ShardedSearch:
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> from hf_knnlm import Datastore
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> _ = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store", max_length=16,
-    ...                     stride=8, disable_progress=True)
+    >>> model, tokenizer, _ = tiny_datastore("my-store")
     >>> store = Datastore.from_pretrained("my-store", distributed="shard")  # under torchrun: 1/N a rank
     >>> shard = store.sharded.shard
     >>> store.sharded.world, (shard.start, shard.end), len(store)  # one process holds every entry

@@ -156,12 +156,10 @@ def explain_generation(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, explain_generation
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat. The dog sat on the log."],
-    ...                         "store", max_length=16, stride=8, disable_progress=True)
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import explain_generation
+    >>> corpus = ["The cat sat on the mat. The dog sat on the log."]
+    >>> model, tokenizer, store = tiny_datastore("store", corpus)
     >>> attributions, text = explain_generation(model, tokenizer, store, "The cat", max_new_tokens=4,
     ...                                         k=4, lmbda=0.5)
     >>> text

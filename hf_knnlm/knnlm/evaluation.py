@@ -37,16 +37,13 @@ class PerplexityOutput(Output):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, evaluate_perplexity
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import evaluate_perplexity
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> model, tokenizer, store = tiny_datastore("output-store", text)  # random GPT-2, a store of text
     >>> base = evaluate_perplexity(model, tokenizer, text, max_length=16, stride=8, disable_progress=True)
     >>> base.knn_ppl, base.searches  # without a datastore: the model alone
     (None, None)
-    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
-    ...                         disable_progress=True)
     >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.0, disable_progress=True)
     >>> result["knn_ppl"] == result["base_ppl"] == base.base_ppl  # lmbda=0: the base model exactly
     True
@@ -138,13 +135,10 @@ def evaluate_perplexity(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, evaluate_perplexity
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import evaluate_perplexity
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
-    >>> store = Datastore.build(model, tokenizer, text, "store", max_length=16, stride=8,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("store", text)
     >>> result = evaluate_perplexity(model, tokenizer, text, store, k=4, lmbda=0.5, disable_progress=True)
     >>> result.knn_ppl < result.base_ppl  # the store holds this very text
     True

@@ -191,15 +191,10 @@ def train_gate(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, evaluate_perplexity, train_gate
-    >>> _ = torch.manual_seed(0)
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import evaluate_perplexity, train_gate
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
-    >>> store = Datastore.build(model, tokenizer, text, "store", max_length=16, stride=8,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("store", text, seed=0)
     >>> gate = train_gate(model, tokenizer, text, store, k=4, epochs=20, calibration_fraction=0.0,
     ...                   disable_progress=True)  # held-out text in practice
     >>> (store.folder / "gate.safetensors").is_file(), gate.info["train_tokens"]

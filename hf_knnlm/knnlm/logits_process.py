@@ -76,12 +76,10 @@ class KNNProcessor(LogitsProcessor):
 
     ```python
     >>> import tempfile
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
-    >>> from hf_knnlm import Datastore, KNNProcessor
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], tempfile.mkdtemp(),
-    ...                         max_length=16, stride=8)
+    >>> from transformers import LogitsProcessorList
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNProcessor
+    >>> model, tokenizer, store = tiny_datastore(tempfile.mkdtemp())
     >>> inputs = tokenizer("The cat", return_tensors="pt")
     >>> knn = KNNProcessor(model, store, k=4, lmbda=1.0)  # lmbda=1: p_kNN alone
     >>> out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id,

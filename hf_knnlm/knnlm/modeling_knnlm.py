@@ -161,12 +161,9 @@ class KNNLMForCausalLM(PreTrainedModel):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, KNNLMForCausalLM
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> base = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(base, tokenizer, ["The cat sat on the mat."], "store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNLMForCausalLM
+    >>> base, tokenizer, store = tiny_datastore("store")
     >>> model = KNNLMForCausalLM.from_pretrained(base, datastore=store, k=4, lmbda=0.25)
     >>> inputs = tokenizer("The cat sat", return_tensors="pt")
     >>> out = model(**inputs, labels=inputs["input_ids"])

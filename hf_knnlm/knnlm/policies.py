@@ -50,13 +50,10 @@ class Step:
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, KNNSettings
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNSettings
     >>> from hf_knnlm.knnlm import Step, search_policy
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "step-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("step-store")
     >>> policy = search_policy(store, KNNSettings(k=4).resolve(store))
     >>> queries = torch.from_numpy(store.keys.take([0, 1, 2]).astype("float32"))
     >>> found, lmbda = policy(Step(queries))  # three queries of one batch
@@ -87,13 +84,12 @@ class RetrievalStats:
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
-    >>> from hf_knnlm import Datastore, KNNProcessor
+    >>> from transformers import LogitsProcessorList
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNProcessor
     >>> from hf_knnlm.knnlm import RetrievalStats
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat. The dog sat on the log."],
-    ...                         "stats-store", max_length=16, stride=8, disable_progress=True)
+    >>> text = ["The cat sat on the mat. The dog sat on the log."]
+    >>> model, tokenizer, store = tiny_datastore("stats-store", text)
     >>> inputs = tokenizer("The cat", return_tensors="pt")
     >>> knn = KNNProcessor(model, store, k=4, lmbda=1.0, retomaton=1)  # RetoMaton: follow the corpus
     >>> out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id,
@@ -135,13 +131,10 @@ class SearchPolicy(Protocol):
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, KNNSettings, RetrievalGate
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNSettings, RetrievalGate
     >>> from hf_knnlm.knnlm import Step, search_policy
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "policy-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("policy-store")
     >>> gate = RetrievalGate(hidden_size=0, skip_below=1.0)  # a gate that skips every search
     >>> policy = search_policy(store, KNNSettings(k=4, gate=True).resolve(store), gate)
     >>> queries = torch.from_numpy(store.keys.take([0, 1, 2]).astype("float32"))
@@ -295,13 +288,10 @@ def search_policy(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, KNNSettings, RetrievalGate
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNSettings, RetrievalGate
     >>> from hf_knnlm.knnlm import search_policy
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "resolve-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("resolve-store")
     >>> for settings in (KNNSettings(k=4), KNNSettings(k=4, retomaton=8), KNNSettings(k=4, gate=True)):
     ...     policy = search_policy(store, settings.resolve(store), gate=RetrievalGate(hidden_size=0))
     ...     print(type(policy).__name__, policy.follows_tokens)

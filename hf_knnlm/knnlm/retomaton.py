@@ -57,13 +57,9 @@ class RetoMaton:
 
     ```python
     >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> from hf_knnlm.knnlm.retomaton import RetoMaton
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("store")
     >>> automaton = RetoMaton(store, threshold=1, k=4)
     >>> queries = torch.from_numpy(store.keys[[0, 1]]).float()  # the FFN inputs at two corpus positions
     >>> nb = automaton.neighbours(queries[:1])  # first step: a search

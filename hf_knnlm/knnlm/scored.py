@@ -241,14 +241,11 @@ def collect_queries(
 
     ```python
     >>> import math
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, KNNSettings, evaluate_perplexity
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import KNNSettings, evaluate_perplexity
     >>> from hf_knnlm.knnlm import collect_queries
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
-    >>> store = Datastore.build(model, tokenizer, text, "queries-store", max_length=16, stride=8,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("queries-store", text)
     >>> cache = collect_queries(model, tokenizer, text, store, disable_progress=True)
     >>> cache.queries.shape, cache.neighbours  # 13 scored tokens, 32-wide queries, nothing searched
     (torch.Size([13, 32]), None)

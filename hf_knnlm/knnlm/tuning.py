@@ -71,13 +71,10 @@ class TuningOutput(Output):
 
     ```python
     >>> import json
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, tune
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import tune
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
-    >>> store = Datastore.build(model, tokenizer, text, "output-store", max_length=16, stride=8,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("output-store", text)
     >>> result = tune(model, tokenizer, text, store, "output-tuning", k=4, lmbdas=[0.25, 0.5],
     ...               temperatures=[10.0], disable_progress=True)
     >>> result["best"]["lmbda"], result.best_settings.lmbda  # a dataclass that reads like a dict
@@ -274,15 +271,10 @@ def tune(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> from hf_knnlm import Datastore, tune
-    >>> _ = torch.manual_seed(0)
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
+    >>> from hf_knnlm import tune
     >>> text = ["The cat sat on the mat. The dog sat on the log."]
-    >>> store = Datastore.build(model, tokenizer, text, "tune-store", max_length=16, stride=8,
-    ...                         disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("tune-store", text, seed=0)
     >>> result = tune(model, tokenizer, text, store, "tuning", k=8, lmbdas=[0.0, 0.5, 0.9], ks=[1, 8],
     ...               temperatures=[1.0, 10.0], disable_progress=True)
     >>> len(result.points)  # 3 lmbdas x 2 temperatures x 2 ks, from one search of k=8 per token

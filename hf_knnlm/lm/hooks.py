@@ -80,9 +80,8 @@ def find_ffn_module(model: nn.Module, hook_module: str | None = None) -> str:
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> from hf_knnlm import find_ffn_module
     >>> find_ffn_module(model)  # the last decoder layer's FFN: its input is a kNN-LM key
     'transformer.h.1.mlp'
@@ -137,9 +136,8 @@ class FFNInputCapture:
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> import torch
     >>> from hf_knnlm import FFNInputCapture
     >>> ids = tokenizer("The cat sat on the mat", return_tensors="pt")

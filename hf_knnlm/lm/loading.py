@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..utils.files import FolderInUseError
+from . import gguf_cache
+
 
 def _looks_like_path(value: str | os.PathLike) -> bool:
     text = str(value)
@@ -31,9 +34,8 @@ def load_model_and_tokenizer(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> from hf_knnlm.lm import load_model_and_tokenizer
     >>> model.save_pretrained("tiny-lm"), tokenizer.save_pretrained("tiny-lm")  # or a Hub id
     (None, ...)
@@ -50,11 +52,39 @@ def load_model_and_tokenizer(
                 f"{what} {str(value)!r} is not an existing folder (and a path cannot be a Hub id); "
                 f"check the path, or pass a Hub model id such as 'gpt2'."
             )
-    kwargs = {"revision": revision}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, **(kwargs if tokenizer is None else {}))
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kwargs)
+    gguf_path = gguf_cache.local_gguf_path(name_or_path, gguf_file)
+    if gguf_path is not None:
+        model, tok = _load_gguf(name_or_path, gguf_path, tokenizer, dtype)
+    else:
+        kwargs = {"revision": revision, **({"gguf_file": gguf_file} if gguf_file else {})}
+        tok_kwargs = kwargs if tokenizer is None else {}
+        tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kwargs)
     if device:
         model.to(device)
     return model.eval(), tok
+
+
+def _load_gguf(folder: str | os.PathLike, gguf_path: Path, tokenizer: str | None, dtype: str):
+    """A local GGUF checkpoint, from its de-quantized copy when there is one (written on first load).
+
+    The model keeps the GGUF folder as its ``name_or_path``: that is what a datastore records as its
+    base model and what a saved wrapper reloads from.
+    """
+    cache = gguf_cache.cache_folder(gguf_path, dtype)
+    copy = gguf_cache.cached_copy(cache)
+    source, kwargs = (copy, {}) if copy else (folder, {"gguf_file": gguf_path.name})
+    if tokenizer is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    elif copy is not None and gguf_cache.has_tokenizer(copy):
+        tok = AutoTokenizer.from_pretrained(copy)
+    else:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
+    if cache is not None and copy is None:
+        try:
+            gguf_cache.write_copy(cache, gguf_path, model, tok if tokenizer is None else None)
+        except (FolderInUseError, OSError):
+            pass  # another process is writing the same copy, or the cache is not writable: load as is
+    model.config._name_or_path = str(folder)
+    return model, tok

@@ -30,18 +30,9 @@ class IndexRefreshCallback(TrainerCallback):
     Examples:
 
     ```python
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
     >>> from types import SimpleNamespace
     >>> from hf_knnlm.open_qa import IndexRefreshCallback
     >>> callback = IndexRefreshCallback(index, tokenizer, every_n_steps=1)  # refresh_index_every=1

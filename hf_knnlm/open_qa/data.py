@@ -81,18 +81,8 @@ def retrieve(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import retrieve
     >>> positions = retrieve(model, tokenizer, index, ["what is the capital of france"], top_k=2)
     >>> positions.shape, sorted(index.ids[p] for p in positions[0])  # positions in the index, best first
@@ -255,18 +245,8 @@ def build_features(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import build_features
     >>> features, meta = build_features(model, tokenizer, index, ["what is the capital of france"],
     ...                                 [[0, 1]], answers=[["paris"]])
@@ -318,18 +298,8 @@ class RealmDataCollator:
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import RealmDataCollator
     >>> collator = RealmDataCollator(model, tokenizer, index)
     >>> batch = collator([{"question": "what is the capital of france", "answers": {"text": ["paris"]}}])
@@ -396,22 +366,10 @@ def precompute_retrieval(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
-    >>> import datasets
     >>> from hf_knnlm.open_qa import precompute_retrieval
-    >>> rows = datasets.Dataset.from_list([{"question": "what is the capital of italy", "answers": ["rome"]}])
-    >>> rows = precompute_retrieval(rows, model, tokenizer, index, top_k=2)
+    >>> from hf_knnlm.open_qa.testing import tiny_questions, tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
+    >>> rows = precompute_retrieval(tiny_questions(), model, tokenizer, index, top_k=2)  # a datasets.Dataset
     >>> rows.column_names, len(rows[0]["doc_positions"])  # DataLoader workers may collate these rows
     (['question', 'answers', 'doc_positions'], 2)
     ```

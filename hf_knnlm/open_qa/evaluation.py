@@ -28,18 +28,8 @@ def retrieval_recall(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import retrieval_recall
     >>> questions, gold = ["what is the capital of france"], ["paris"]
     >>> recall = retrieval_recall(model, tokenizer, index, questions, gold, ks=(1, 2))
@@ -90,18 +80,8 @@ def evaluate_open(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import evaluate_open
     >>> scores, predictions = evaluate_open(model, tokenizer, index, ["what is the capital of france"],
     ...                                     [["paris"]], show_progress=False)
@@ -133,18 +113,8 @@ def evaluate_gold(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import evaluate_gold
     >>> scores, predictions = evaluate_gold(model, tokenizer, index, ["what is the capital of france"],
     ...                                     [["paris"]], ["paris"], show_progress=False)

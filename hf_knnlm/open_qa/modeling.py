@@ -60,18 +60,8 @@ class RealmOpenQAOutput(ModelOutput):
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import build_features, retrieve
     >>> questions = ["what is the capital of france"]
     >>> features, meta = build_features(model, tokenizer, index, questions, retrieve(model, tokenizer, index,
@@ -152,16 +142,14 @@ class RealmForOpenQA(RealmPreTrainedModel):
 
     ```python
     >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
     >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
+    >>> from hf_knnlm.open_qa.testing import TINY_DOCUMENTS
+    >>> from hf_knnlm.retrieval.testing import tiny_encoder_config, tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()  # a word-level BertTokenizerFast
+    >>> encoder = tiny_encoder_config(len(tokenizer))  # a 1-layer BertConfig, e.g. all-MiniLM-L6-v2's config
     >>> _ = torch.manual_seed(0)
     >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
+    >>> docs = list(TINY_DOCUMENTS)  # [{"id": "paris", "title": "france", "text": "paris is ..."}, ...]
     >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
     >>> result = model.answer(["what is the capital of france"], index, tokenizer)[0]
     >>> sorted(result)  # a span of a retrieved document, its offsets there and p(z|x) of the documents

@@ -44,13 +44,8 @@ def load_squad_open(
     Examples:
 
     ```python
-    >>> import json
-    >>> squad = {"data": [{"title": "cats", "paragraphs": [{"context": "the cat sits on the mat", "qas": [
-    ...     {"id": "q1", "question": "where does the cat sit",
-    ...      "answers": [{"text": "the mat", "answer_start": 16}]}]}]},
-    ...     {"title": "dogs", "paragraphs": [{"context": "the dog runs in the park", "qas": []}]}]}
-    >>> with open("squad.json", "w") as f:
-    ...     json.dump(squad, f)
+    >>> from hf_knnlm.open_qa.testing import write_tiny_squad
+    >>> _ = write_tiny_squad("squad.json")  # articles "cats" (1 paragraph, 1 question) and "dogs" (1, none)
     >>> from hf_knnlm.open_qa import load_squad_open
     >>> documents, questions = load_squad_open("squad.json", articles=slice(0, 1))
     >>> len(documents), len(questions)  # every paragraph is retrievable; questions of the chosen articles
@@ -85,13 +80,8 @@ def load_squad(path: str | os.PathLike, *, articles: slice | None = None) -> dat
     Examples:
 
     ```python
-    >>> import json
-    >>> squad = {"data": [{"title": "cats", "paragraphs": [{"context": "the cat sits on the mat", "qas": [
-    ...     {"id": "q1", "question": "where does the cat sit",
-    ...      "answers": [{"text": "the mat", "answer_start": 16}]}]}]},
-    ...     {"title": "dogs", "paragraphs": [{"context": "the dog runs in the park", "qas": []}]}]}
-    >>> with open("squad.json", "w") as f:
-    ...     json.dump(squad, f)
+    >>> from hf_knnlm.open_qa.testing import write_tiny_squad
+    >>> _ = write_tiny_squad("squad.json")  # articles "cats" (1 paragraph, 1 question) and "dogs" (1, none)
     >>> from hf_knnlm.open_qa import load_squad
     >>> rows = load_squad("squad.json", articles=slice(0, 1))  # the Hub squad layout, + gold_doc_id
     >>> rows[0]["question"], rows[0]["answers"], rows[0]["gold_doc_id"]

@@ -36,18 +36,8 @@ def realm_optimizer(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.testing import tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
     >>> from hf_knnlm.open_qa import realm_optimizer
     >>> optimizer = realm_optimizer(model, learning_rate=1e-5, head_learning_rate=1e-3,
     ...                             retriever_learning_rate=3e-6)
@@ -180,23 +170,10 @@ def train_realm(
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] what is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)  # e.g. all-MiniLM-L6-v2's config
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForOpenQA(RealmConfig(encoder_config=encoder.to_dict(), top_k=2)).eval()
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
-    >>> import datasets
     >>> from hf_knnlm.open_qa import train_realm
-    >>> rows = datasets.Dataset.from_list([
-    ...     {"question": "what is the capital of france", "answers": ["paris"]},
-    ...     {"question": "what is the capital of italy", "answers": ["rome"]}])
+    >>> from hf_knnlm.open_qa.testing import tiny_questions, tiny_realm
+    >>> model, tokenizer, index = tiny_realm()  # a random 1-layer REALM, documents paris and rome
+    >>> rows = tiny_questions()  # a datasets.Dataset: question, answers
     >>> trainer = train_realm(model, tokenizer, index, rows, output_dir="realm-out", max_steps=2,
     ...                       batch_size=2, disable_tqdm=True, logging_steps=1, report_to=[])
     {...}

@@ -39,9 +39,8 @@ class FLAREOutput:
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> from hf_knnlm.rag import BM25Retriever, flare_generate
     >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
     >>> out = flare_generate(model, tokenizer, bm25, "The cat", threshold=0.0, max_new_tokens=8)
@@ -114,10 +113,9 @@ def flare_generate(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
     >>> from hf_knnlm.rag import BM25Retriever, flare_generate
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
     >>> out = flare_generate(model, tokenizer, bm25, "The cat", threshold=0.0, max_new_tokens=8)
     >>> out.num_retrievals  # threshold 0: the LM is never unsure enough

@@ -170,10 +170,10 @@ class InContextRALMProcessor(_DocumentEnsembleProcessor):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LogitsProcessorList
+    >>> from transformers import LogitsProcessorList
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
     >>> from hf_knnlm.rag import BM25Retriever, InContextRALMProcessor
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "Dogs bark."}])
     >>> ralm = InContextRALMProcessor(model, tokenizer, bm25)
     >>> inputs = tokenizer("Where did the cat sit?", return_tensors="pt")

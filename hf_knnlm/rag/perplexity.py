@@ -339,9 +339,8 @@ def evaluate_retrieval_perplexity(
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.lm.testing import tiny_causal_lm
+    >>> model, tokenizer = tiny_causal_lm()  # a random 2-layer GPT-2, GPT-2's tokenizer
     >>> from hf_knnlm.rag import BM25Retriever, evaluate_retrieval_perplexity
     >>> text = "The cat sat on the mat. The dog ran in the park. " * 4
     >>> bm25 = BM25Retriever.build([{"text": "The cat sat on the mat."}, {"text": "The dog ran."}])

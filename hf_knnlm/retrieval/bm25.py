@@ -48,6 +48,7 @@ class BM25Config(StoreConfig):
     CONFIG_NAME: ClassVar[str] = CONFIG_NAME
     WHAT: ClassVar[str] = "BM25 index"
     FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    FORMAT: ClassVar[str] = FORMAT
 
     format: str = field(default=FORMAT, metadata={"help": "Identifies the file as a BM25 index."})
     num_documents: int = field(metadata={"help": "Number of passages (lines of documents.jsonl)."})
@@ -56,11 +57,6 @@ class BM25Config(StoreConfig):
     stopwords: str | None = field(default="en", metadata={"help": "Stop-word list used to index and query."})
     include_title: bool = field(default=True, metadata={"help": "Whether titles were indexed with the text."})
     bm25s_version: str = field(default="", metadata={"help": "bm25s version that built the index."})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.format != FORMAT:
-            raise ValueError(f"{CONFIG_NAME} has format {self.format!r}, not {FORMAT!r}: not a BM25 index.")
 
 
 class BM25Retriever(HubMixin):

@@ -37,11 +37,11 @@ class DenseRetriever:
     Examples:
 
     ```python
-    >>> from transformers import AutoTokenizer, BertConfig, BertModel
+    >>> from transformers import AutoTokenizer, BertModel
     >>> from hf_knnlm.rag import DenseRetriever
+    >>> from hf_knnlm.retrieval.testing import tiny_encoder_config
     >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
-    >>> encoder = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-    ...                                num_attention_heads=2, intermediate_size=64))
+    >>> encoder = BertModel(tiny_encoder_config(len(tokenizer)))  # a random 1-layer BERT
     >>> embed = lambda **batch: encoder(**batch).last_hidden_state.mean(dim=1)  # any text -> vector map
     >>> dense = DenseRetriever.build([{"text": "The cat sat."}, {"text": "A dog ran."}], embed, tokenizer)
     >>> scores, doc_ids = dense.search(["Where is the cat?", "A dog"], k=2)

@@ -9,7 +9,6 @@ sha256 before it is parsed; nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..utils.faiss_support import import_faiss
-from ..utils.files import atomic_path, atomic_write_bytes
+from ..utils.files import atomic_path
 from ..utils.fingerprints import encoder_fingerprint, tokenizer_fingerprint
 from ..utils.hub_mixin import HubMixin, StoreConfig, render_card
+from .documents import read_documents, write_documents
+from .documents import rows_of as documents_from_rows  # the name importers of this module use
 from .embedder import retriever_tokenizer
 
 CONFIG_NAME = "document_index.json"
@@ -44,6 +45,7 @@ class DocumentIndexConfig(StoreConfig):
     CONFIG_NAME: ClassVar[str] = CONFIG_NAME
     WHAT: ClassVar[str] = "document index"
     FORMAT_VERSION: ClassVar[int] = FORMAT_VERSION
+    FORMAT: ClassVar[str] = FORMAT
 
     format: str = field(default=FORMAT, metadata={"help": "Identifies the file as a document index."})
     num_documents: int = field(metadata={"help": "Number of documents (rows of every file)."})
@@ -56,10 +58,6 @@ class DocumentIndexConfig(StoreConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.format != FORMAT:
-            raise ValueError(
-                f"{CONFIG_NAME} has format {self.format!r}, not {FORMAT!r}: not a document index."
-            )
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}.")
         self.metadata = dict(self.metadata or {})
@@ -82,25 +80,6 @@ def _build_faiss(embeddings: np.ndarray, index_type: str):
     return index
 
 
-def documents_from_rows(documents: Any) -> tuple[list[str], list[str], list[str]]:
-    """ids, titles, texts from a ``datasets.Dataset`` or any iterable of mappings with title/text(/id)."""
-    ids, titles, texts = [], [], []
-    for position, row in enumerate(documents):
-        if not isinstance(row, Mapping) or "text" not in row:
-            raise ValueError(
-                f"document {position} is {type(row).__name__} without a 'text' field; pass rows like "
-                "{'id': ..., 'title': ..., 'text': ...} (a datasets.Dataset with these columns works)."
-            )
-        ids.append(str(row.get("id", position)))
-        titles.append(str(row.get("title") or ""))
-        texts.append(str(row["text"]))
-    if not texts:
-        raise ValueError("the document collection is empty; pass at least one document.")
-    if len(set(ids)) != len(ids):
-        raise ValueError("document ids must be unique; drop the duplicates or leave 'id' out to number them.")
-    return ids, titles, texts
-
-
 @torch.no_grad()
 def embed_corpus(
     embedder: torch.nn.Module,
@@ -119,13 +98,11 @@ def embed_corpus(
     Examples:
 
     ```python
-    >>> from transformers import AutoTokenizer, BertConfig
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
-    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-    ...                   num_attention_heads=2, intermediate_size=64)
     >>> from hf_knnlm.retrieval import RetrieverEmbedder, embed_corpus
-    >>> embedder = RetrieverEmbedder(tiny, pooling="mean", normalize=True).eval()
-    >>> vectors = embed_corpus(embedder, tokenizer, ["Cats", "Dogs"], ["The cat sat.", "A dog ran."],
+    >>> from hf_knnlm.retrieval.testing import tiny_encoder_config, tiny_tokenizer
+    >>> tokenizer = tiny_tokenizer()  # a word-level BERT tokenizer; any retriever tokenizer works
+    >>> embedder = RetrieverEmbedder(tiny_encoder_config(len(tokenizer)), pooling="mean", normalize=True)
+    >>> vectors = embed_corpus(embedder, tokenizer, ["france", "italy"], ["paris is the capital", "rome"],
     ...                        show_progress=False)
     >>> vectors.dtype, tuple(vectors.shape)  # float32 [documents, dim], on the CPU
     (torch.float32, (2, 32))
@@ -342,11 +319,7 @@ class DocumentIndex(HubMixin):
 
     # -- persistence -------------------------------------------------------------------------------------
     def _save_pretrained(self, folder: Path) -> tuple[DocumentIndexConfig, list[str]]:
-        lines = (
-            json.dumps({"id": i, "title": t, "text": x}, ensure_ascii=False)
-            for i, t, x in zip(self.ids, self.titles, self.texts, strict=True)
-        )
-        atomic_write_bytes(folder / DOCUMENTS_NAME, ("\n".join(lines) + "\n").encode("utf-8"))
+        write_documents(folder / DOCUMENTS_NAME, self.ids, self.titles, self.texts)
         with self._lock:
             embeddings, faiss_index = self._embeddings, self._faiss
         with atomic_path(folder / EMBEDDINGS_NAME) as tmp:
@@ -361,14 +334,7 @@ class DocumentIndex(HubMixin):
 
     @classmethod
     def _from_pretrained(cls, folder: Path, config: DocumentIndexConfig) -> DocumentIndex:
-        ids, titles, texts = [], [], []
-        with open(folder / DOCUMENTS_NAME, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    ids.append(row["id"])
-                    titles.append(row["title"])
-                    texts.append(row["text"])
+        ids, titles, texts = read_documents(folder / DOCUMENTS_NAME)
         embeddings = load_file(str(folder / EMBEDDINGS_NAME))["embeddings"]
         faiss_index = _faiss().read_index(str(folder / FAISS_NAME))
         n = config.num_documents

@@ -87,13 +87,11 @@ def sentence_encoder(name_or_path: str | os.PathLike) -> RetrieverEmbedder:
     Examples:
 
     ```python
-    >>> from transformers import AutoTokenizer, BertConfig
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2", pad_token="<|endoftext|>")
-    >>> tiny = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-    ...                   num_attention_heads=2, intermediate_size=64)
     >>> from transformers import BertModel
     >>> from hf_knnlm.retrieval import sentence_encoder
-    >>> BertModel(tiny).save_pretrained("encoder")  # e.g. sentence-transformers/all-MiniLM-L6-v2
+    >>> from hf_knnlm.retrieval.testing import tiny_encoder_config
+    >>> tiny = BertModel(tiny_encoder_config(vocab_size=100))  # a random 1-layer BERT
+    >>> tiny.save_pretrained("encoder")  # e.g. sentence-transformers/all-MiniLM-L6-v2
     >>> encoder = sentence_encoder("encoder")
     >>> encoder.pooling, encoder.normalize, encoder.name_or_path  # the sentence-transformers recipe
     ('mean', True, 'encoder')

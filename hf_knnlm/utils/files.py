@@ -35,12 +35,9 @@ class IntegrityError(ValueError):
     Examples:
 
     ```python
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-    >>> tokenizer = AutoTokenizer.from_pretrained("gpt2")
-    >>> model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=32, n_head=2))  # any causal LM
+    >>> from hf_knnlm.datastore.testing import tiny_datastore
     >>> from hf_knnlm import Datastore, IntegrityError
-    >>> store = Datastore.build(model, tokenizer, ["The cat sat on the mat."], "my-store",
-    ...                         max_length=16, stride=8, disable_progress=True)
+    >>> model, tokenizer, store = tiny_datastore("my-store")
     >>> with open("my-store/values.safetensors", "r+b") as f:  # a file changed after it was written
     ...     _ = f.seek(-1, 2), f.write(b"x")
     >>> try:
@@ -195,17 +192,23 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    def link(source: str, target: str) -> None:
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Hard-link ``source`` as ``target`` (a copy where a link cannot be made, e.g. across file systems).
 
+    Safe for the files of a saved object because none is ever written in place: every write
+    replaces a name with a new file, so the other name keeps the old content.
+    """
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
     if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
     else:
-        link(str(src), str(dst))
+        link_or_copy(src, dst)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -17,7 +17,7 @@ def resolve_folder(
     repo_id_or_path: str | os.PathLike,
     *,
     config_name: str,
-    allow_patterns: list[str] | None = None,
+    allow_patterns: list[str] | Callable[[Path], list[str]] | None = None,
     subfolder: str | None = None,
     **download_kwargs: Any,
 ) -> Path:
@@ -28,6 +28,9 @@ def resolve_folder(
     ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and the cache are honoured by huggingface_hub itself.
     ``subfolder`` names the object's folder inside the repository (or local folder), as in transformers;
     ``download_kwargs`` (``revision``, ``cache_dir``, ``token``, ...) go to ``snapshot_download``.
+    ``allow_patterns`` may be a function of the downloaded config file's path: the config is fetched
+    first, then the files it names, at the commit the config came from (a process of a sharded job
+    downloads only its own shards).
     """
     sub = Path(subfolder.strip("/")) if subfolder else None
     if sub is not None and (sub.is_absolute() or ".." in sub.parts):
@@ -42,13 +45,14 @@ def resolve_folder(
         return path
     if path.exists() or str(repo_id_or_path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{repo_id_or_path} is not a folder with a {config_name}.")
-    if sub is not None and allow_patterns is not None:
-        allow_patterns = [f"{sub.as_posix()}/{pattern}" for pattern in allow_patterns]
-
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(repo_id=str(repo_id_or_path), allow_patterns=allow_patterns, **download_kwargs)
-    folder = Path(folder) / sub if sub is not None else Path(folder)
+    if callable(allow_patterns):
+        folder = _download(repo_id_or_path, [config_name], sub, download_kwargs)
+        if (folder / config_name).is_file():
+            commit = _snapshot_commit(folder, sub) or download_kwargs.get("revision")
+            patterns = [config_name, *allow_patterns(folder / config_name)]
+            folder = _download(repo_id_or_path, patterns, sub, {**download_kwargs, "revision": commit})
+    else:
+        folder = _download(repo_id_or_path, allow_patterns, sub, download_kwargs)
     if not (folder / config_name).is_file():
         where = f"{sub.as_posix()}/{config_name}" if sub is not None else config_name
         raise FileNotFoundError(
@@ -56,6 +60,22 @@ def resolve_folder(
             f"{download_kwargs.get('revision') or 'main'}."
         )
     return folder
+
+
+def _download(repo_id: str | os.PathLike, patterns: list[str] | None, sub: Path | None, kwargs: dict) -> Path:
+    """One ``snapshot_download`` of ``patterns`` (relative to ``sub``); the object's folder in it."""
+    from huggingface_hub import snapshot_download
+
+    if sub is not None and patterns is not None:
+        patterns = [f"{sub.as_posix()}/{pattern}" for pattern in patterns]
+    folder = Path(snapshot_download(repo_id=str(repo_id), allow_patterns=patterns, **kwargs))
+    return folder / sub if sub is not None else folder
+
+
+def _snapshot_commit(folder: Path, sub: Path | None) -> str | None:
+    """The commit of a Hub cache snapshot folder (``.../snapshots/<commit>[/sub]``), if it is one."""
+    snapshot = folder.parents[len(sub.parts) - 1] if sub is not None else folder
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
 
 
 # The keyword arguments of push_folder that a push_to_hub passes through (the rest go to its save).

@@ -63,7 +63,8 @@ class StoreConfig:
     """The on-disk contract every saved store shares; a store type subclasses it with its own fields.
 
     Class attributes a subclass sets: ``CONFIG_NAME`` (the file name), ``WHAT`` (how errors name
-    the store) and ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files).
+    the store), ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files) and,
+    for a store whose config has a ``format`` field, ``FORMAT``: the only value that field may hold.
 
     Examples:
 
@@ -84,6 +85,7 @@ class StoreConfig:
     CONFIG_NAME: ClassVar[str] = "config.json"
     WHAT: ClassVar[str] = "store"
     FORMAT_VERSION: ClassVar[int] = 1
+    FORMAT: ClassVar[str | None] = None
 
     format_version: int = field(default=0, metadata={"help": "Version of this on-disk format."})
     hf_knnlm_version: str = field(default="", metadata={"help": "hf_knnlm version that wrote the files."})
@@ -102,6 +104,11 @@ class StoreConfig:
             )
         for name in self.files:
             check_relative(name, self.WHAT)
+        found = getattr(self, "format", None)
+        if self.FORMAT is not None and found != self.FORMAT:
+            raise ValueError(
+                f"{self.CONFIG_NAME} has format {found!r}, not {self.FORMAT!r}: not a {self.WHAT}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,6 +286,12 @@ class HubMixin(abc.ABC):
         return ()
 
     @classmethod
+    def _files_needed(cls, config: StoreConfig, **kwargs: Any) -> list[str] | None:
+        """The files a load with ``kwargs`` needs when it is not all of them (e.g. one process's part of a
+        sharded store): only they are downloaded from the Hub and checked. ``None``: every file."""
+        return None
+
+    @classmethod
     def _model_card(cls, config: StoreConfig, repo_id: str | None = None) -> ModelCard | None:
         """The ``README.md`` of a saved store; ``repo_id`` is the Hub repository it is pushed to."""
         return None
@@ -342,10 +355,15 @@ class HubMixin(abc.ABC):
             kwargs: store-specific options, passed to ``_from_pretrained``.
         """
         config_name = cls.config_class.CONFIG_NAME
+
+        def patterns(config_path: Path) -> list[str]:  # what to download, once the config is here
+            needed = cls._files_needed(cls.config_class.load(config_path), **kwargs)
+            return [CARD_NAME, *(cls.hub_patterns if needed is None else needed)]
+
         folder = resolve_folder(
             repo_id_or_path,
             config_name=config_name,
-            allow_patterns=[config_name, CARD_NAME, *cls.hub_patterns],
+            allow_patterns=patterns,
             subfolder=subfolder,
             revision=revision,
             cache_dir=cache_dir,
@@ -355,7 +373,12 @@ class HubMixin(abc.ABC):
         )
         config = cls.config_class.load(folder / config_name)
         if verify:
-            verify_files(folder, config.files, what=cls.config_class.WHAT, required=cls._files_read(config))
+            needed = cls._files_needed(config, **kwargs)
+            required = cls._files_read(config) if needed is None else needed
+            expected = (
+                config.files if needed is None else {n: config.files[n] for n in needed if n in config.files}
+            )
+            verify_files(folder, expected, what=cls.config_class.WHAT, required=required)
         return cls._from_pretrained(folder, config, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, **kwargs: Any) -> Any:
