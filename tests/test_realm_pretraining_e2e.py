@@ -6,17 +6,17 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from transformers import AutoModel, TrainerCallback
+from transformers import AutoModel
 
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA, normalize_answers, train_realm
 from hf_knnlm.open_qa.pretraining import RealmPretrainingSettings, open_qa_from_pretraining, pretrain_realm
 from hf_knnlm.open_qa.pretraining.training import INDEX_CHECKPOINT
 
 try:  # tests/ is a package on main, a plain folder elsewhere
-    from tests.open_qa_utils import DOCUMENTS, QUESTIONS, make_tokenizer
+    from tests.open_qa_utils import DOCUMENTS, QUESTIONS, KillAfter, Killed, make_tokenizer
     from tests.pretraining_utils import make_mlm_model
 except ImportError:
-    from open_qa_utils import DOCUMENTS, QUESTIONS, make_tokenizer
+    from open_qa_utils import DOCUMENTS, QUESTIONS, KillAfter, Killed, make_tokenizer
     from pretraining_utils import make_mlm_model
 
 QA_SETTINGS = dict(top_k=3, max_reader_length=48, span_hidden_size=16, max_span_width=4)
@@ -67,25 +67,10 @@ def test_pretrained_checkpoint_feeds_open_qa(tokenizer, tmp_path):
     assert text[result["start"] : result["end"]] == result["answer"] and result["answer"]
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(TrainerCallback):
-    """Stops training right after step ``step``, before that step's checkpoint: a kill at that point."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise _Killed
-
-
 def test_a_stopped_pretraining_resumes_to_the_same_result(tokenizer, tmp_path):
     straight = _pretrain(tokenizer, tmp_path / "straight", learning_rate=1e-4)
-    with pytest.raises(_Killed):
-        _pretrain(tokenizer, tmp_path / "run", callbacks=[_KillAfter(3)], learning_rate=1e-4)
+    with pytest.raises(Killed):
+        _pretrain(tokenizer, tmp_path / "run", callbacks=[KillAfter(3)], learning_rate=1e-4)
     scratch = tmp_path / ".run.trainer"
     assert [c.name for c in scratch.glob("checkpoint-*")] == ["checkpoint-2"]
     assert (scratch / "checkpoint-2" / INDEX_CHECKPOINT).is_file()

@@ -19,7 +19,7 @@ import torch
 
 from ...retrieval.document_index import DocumentIndex
 from ...retrieval.embedder import retriever_tokenizer
-from ..data import resolve_top_k
+from ..data import _require_fast, resolve_top_k
 from .modeling import IGNORE_INDEX
 
 
@@ -45,21 +45,12 @@ class RealmPretrainingCollator:
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex
-    >>> from hf_knnlm.open_qa.pretraining import (RealmForMaskedLM, RealmMaskedLMConfig,
-    ...                                           RealmPretrainingCollator)
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> model = RealmForMaskedLM(RealmMaskedLMConfig(encoder_config=encoder.to_dict(), top_k=1))
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, index = tiny_realm_mlm(top_k=1)  # a random 1-layer RealmForMaskedLM, 2 documents
+    >>> from hf_knnlm.open_qa.pretraining import RealmPretrainingCollator
     >>> x = tokenizer("[MASK] is the capital of france")["input_ids"]
-    >>> row = {"input_ids": x, "labels": [-100, 11] + [-100] * (len(x) - 2), "source": 0}
+    >>> paris = tokenizer.convert_tokens_to_ids("paris")
+    >>> row = {"input_ids": x, "labels": [-100, paris] + [-100] * (len(x) - 2), "source": 0}
     >>> collator = RealmPretrainingCollator(model, tokenizer, index)
     >>> collator.retrieve([row]).tolist()  # document 0 is where x came from: never retrieved
     [[1]]
@@ -81,11 +72,7 @@ class RealmPretrainingCollator:
         exclude_source: bool = True,
     ):
         self.model, self.tokenizer, self.index = model, retriever_tokenizer(tokenizer), index
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(
-                f"{type(self.tokenizer).__name__} is a slow tokenizer; load it with "
-                "AutoTokenizer.from_pretrained(..., use_fast=True)."
-            )
+        _require_fast(self.tokenizer)
         self.top_k = resolve_top_k(top_k, model)
         self.exclude_source = exclude_source
         self._doc_tokens: dict[tuple[int, int], list[int]] = {}

@@ -57,14 +57,10 @@ def save_for_open_qa(model: Any, tokenizer: Any, folder: str | os.PathLike) -> P
     Examples:
 
     ```python
-    >>> from transformers import BertConfig, BertTokenizerFast
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, _ = tiny_realm_mlm()  # e.g. what pretrain_realm trained
     >>> from hf_knnlm.open_qa import RealmForOpenQA
-    >>> from hf_knnlm.open_qa.pretraining import RealmForMaskedLM, RealmMaskedLMConfig, save_for_open_qa
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] paris is the capital of france".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> model = RealmForMaskedLM(RealmMaskedLMConfig(encoder_config=encoder.to_dict()))
+    >>> from hf_knnlm.open_qa.pretraining import save_for_open_qa
     >>> folder = save_for_open_qa(model, tokenizer, "pretrained")
     >>> sorted(p.name for p in folder.iterdir() if p.is_dir())
     ['reader', 'retriever']
@@ -100,15 +96,9 @@ def open_qa_from_pretraining(
 
     ```python
     >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa.pretraining import (RealmForMaskedLM, RealmMaskedLMConfig,
-    ...                                           open_qa_from_pretraining, save_for_open_qa)
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] paris is the capital of france".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> config = RealmMaskedLMConfig(encoder_config=encoder.to_dict(), retriever_proj_size=16)
-    >>> model = RealmForMaskedLM(config)
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, _ = tiny_realm_mlm(retriever_proj_size=16)  # e.g. what pretrain_realm trained
+    >>> from hf_knnlm.open_qa.pretraining import open_qa_from_pretraining, save_for_open_qa
     >>> qa = open_qa_from_pretraining(save_for_open_qa(model, tokenizer, "pretrained"), top_k=2)
     >>> torch.equal(qa.doc_embedder.projection.weight, model.doc_embedder.projection.weight)
     True

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ...retrieval.document_index import DocumentIndex, documents_from_rows
+from ...retrieval.document_index import DocumentIndex
+from ...retrieval.documents import rows_of
 from ...retrieval.embedder import retriever_tokenizer
 from .spans import split_sentences
 
@@ -37,7 +38,7 @@ def ict_pairs(
     if isinstance(documents, DocumentIndex):
         titles, texts = documents.titles, documents.texts
     else:
-        _, titles, texts = documents_from_rows(documents)
+        _, titles, texts = rows_of(documents)
     pairs = []
     for position, (title, text) in enumerate(zip(titles, texts, strict=True)):
         sentences = [(s, e) for s, e in split_sentences(text) if len(text[s:e].split()) >= min_sentence_words]
@@ -57,17 +58,11 @@ def ict_loss(model: Any, tokenizer: Any, pairs: list[dict[str, str]]) -> torch.T
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa.pretraining import RealmForMaskedLM, RealmMaskedLMConfig
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, _ = tiny_realm_mlm()
     >>> from hf_knnlm.open_qa.pretraining.ict import ict_loss
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] paris rome is in france italy".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> model = RealmForMaskedLM(RealmMaskedLMConfig(encoder_config=encoder.to_dict()))
-    >>> pairs = [{"query": "paris", "title": "france", "text": "paris is in france"},
-    ...          {"query": "rome", "title": "italy", "text": "rome is in italy"}]
+    >>> pairs = [{"query": "paris", "title": "france", "text": "paris is the capital of france"},
+    ...          {"query": "rome", "title": "italy", "text": "rome is the capital of italy"}]
     >>> ict_loss(model, tokenizer, pairs).shape  # mean over the 2 queries
     torch.Size([])
     ```

@@ -14,7 +14,8 @@ import random
 import re
 from typing import Any
 
-from ...retrieval.document_index import DocumentIndex, documents_from_rows
+from ...retrieval.document_index import DocumentIndex
+from ...retrieval.documents import rows_of
 from ...retrieval.embedder import retriever_tokenizer
 from .modeling import IGNORE_INDEX
 from .settings import RealmPretrainingSettings
@@ -107,7 +108,7 @@ def masked_examples(
     ```
     """
     settings = settings or RealmPretrainingSettings()
-    texts = documents.texts if isinstance(documents, DocumentIndex) else documents_from_rows(documents)[2]
+    texts = documents.texts if isinstance(documents, DocumentIndex) else rows_of(documents)[2]
     tokenizer = retriever_tokenizer(tokenizer)
     rows = []
     for position, text in enumerate(texts):

@@ -91,20 +91,9 @@ class RealmForMaskedLM(PreTrainedModel):
     Examples:
 
     ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex
-    >>> from hf_knnlm.open_qa.pretraining import (RealmForMaskedLM, RealmMaskedLMConfig,
-    ...                                           RealmPretrainingCollator)
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> _ = torch.manual_seed(0)
-    >>> model = RealmForMaskedLM(RealmMaskedLMConfig(encoder_config=encoder.to_dict(), top_k=1))
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, index = tiny_realm_mlm(top_k=1)  # a random 1-layer RealmForMaskedLM, 2 documents
+    >>> from hf_knnlm.open_qa.pretraining import RealmPretrainingCollator
     >>> x = tokenizer("[MASK] is the capital of france")["input_ids"]  # "paris" masked
     >>> labels = [-100, tokenizer.convert_tokens_to_ids("paris")] + [-100] * (len(x) - 2)
     >>> batch = RealmPretrainingCollator(model, tokenizer, index)([{"input_ids": x, "labels": labels}])

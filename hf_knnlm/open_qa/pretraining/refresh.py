@@ -30,19 +30,10 @@ class AsyncIndexRefresh(IndexRefreshCallback):
     Examples:
 
     ```python
-    >>> import torch
+    >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+    >>> model, tokenizer, index = tiny_realm_mlm()  # a random 1-layer RealmForMaskedLM, 2 documents
     >>> from types import SimpleNamespace
-    >>> from transformers import BertConfig, BertTokenizerFast
-    >>> from hf_knnlm.open_qa import DocumentIndex
-    >>> from hf_knnlm.open_qa.pretraining import AsyncIndexRefresh, RealmForMaskedLM, RealmMaskedLMConfig
-    >>> docs = [{"id": "paris", "title": "france", "text": "paris is the capital of france"},
-    ...         {"id": "rome", "title": "italy", "text": "rome is the capital of italy"}]
-    >>> words = "[PAD] [UNK] [CLS] [SEP] [MASK] is the capital of france italy paris rome".split()
-    >>> tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
-    >>> encoder = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
-    ...                      num_attention_heads=2, intermediate_size=64)
-    >>> model = RealmForMaskedLM(RealmMaskedLMConfig(encoder_config=encoder.to_dict(), top_k=1))
-    >>> index = DocumentIndex.build(docs, model, tokenizer, show_progress=False)
+    >>> from hf_knnlm.open_qa.pretraining import AsyncIndexRefresh
     >>> refresh = AsyncIndexRefresh(index, tokenizer, every_n_steps=2)
     >>> for step in (1, 2):  # what Trainer calls after each optimizer step
     ...     _ = refresh.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
