@@ -174,3 +174,25 @@ def test_ict_warm_start_trains_the_retriever_only(tokenizer):
     assert all(torch.equal(p, encoder_before[n]) for n, p in model.encoder.named_parameters())
     with pytest.raises(ValueError, match="at least 2 documents"):
         ict_warm_start(model, tokenizer, ICT_DOCS[:1], steps=1)
+
+
+def test_masked_predictions_take_the_argmax_of_the_marginal(tokenizer):
+    model = make_mlm_model(tokenizer)
+    index = make_mlm_index(model, tokenizer)
+    rows = _rows(tokenizer)
+    batch = RealmPretrainingCollator(model, tokenizer, index)(rows)
+    with torch.no_grad():
+        predicted = model.masked_predictions(**batch)
+        p_doc = torch.softmax(model(**batch).retriever_logits, dim=-1)
+        for b, row in enumerate(rows):
+            mixture = 0
+            for z in range(batch["joined_input_ids"].shape[1]):
+                keep = batch["joined_attention_mask"][b, z].bool()
+                logits = model.encoder(
+                    input_ids=batch["joined_input_ids"][b, z][keep][None],
+                    token_type_ids=batch["joined_token_type_ids"][b, z][keep][None],
+                ).logits[0, : len(row["input_ids"])]
+                mixture = mixture + p_doc[b, z] * torch.softmax(logits, dim=-1)
+            masked = [i for i, label in enumerate(row["labels"]) if label != -100]
+            assert predicted[b, masked].tolist() == mixture[masked].argmax(-1).tolist()
+            assert (predicted[b] != -100).sum() == len(masked)

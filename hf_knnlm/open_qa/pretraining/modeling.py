@@ -217,6 +217,61 @@ class RealmForMaskedLM(PreTrainedModel):
         totals = token_ll.new_zeros(batch * candidates).index_add(0, rows, token_ll)
         return totals.view(batch, candidates)
 
+    @torch.no_grad()
+    def masked_predictions(
+        self,
+        input_ids: torch.Tensor,
+        joined_input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        doc_input_ids: torch.Tensor | None = None,
+        doc_attention_mask: torch.Tensor | None = None,
+        doc_valid: torch.Tensor | None = None,
+        joined_attention_mask: torch.Tensor | None = None,
+        joined_token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The most likely token at every masked position of x under the marginal
+        p(y_j|x) = sum_z p(z|x) p(y_j|z, x): ``[b, q]`` ids, -100 where x is not masked. Takes the batch
+        ``forward`` takes.
+
+        Examples:
+
+        ```python
+        >>> from hf_knnlm.open_qa.pretraining.testing import tiny_realm_mlm
+        >>> model, tokenizer, index = tiny_realm_mlm()
+        >>> from hf_knnlm.open_qa.pretraining import RealmPretrainingCollator
+        >>> x = tokenizer("[MASK] is the capital of france")["input_ids"]
+        >>> row = {"input_ids": x, "labels": [-100, 11] + [-100] * (len(x) - 2)}
+        >>> predicted = model.masked_predictions(**RealmPretrainingCollator(model, tokenizer, index)([row]))
+        >>> predicted.shape, (predicted[0] != -100).tolist().count(True)  # one masked token, one prediction
+        (torch.Size([1, 8]), 1)
+        ```
+        """
+        log_p_doc = torch.log_softmax(
+            self.retriever_logits(
+                input_ids, attention_mask, doc_input_ids, doc_attention_mask, doc_valid
+            ).float(),
+            dim=-1,
+        )
+        batch, candidates, seq = joined_input_ids.shape
+        inputs = {"input_ids": joined_input_ids.reshape(-1, seq)}
+        for name, tensor in (
+            ("attention_mask", joined_attention_mask),
+            ("token_type_ids", joined_token_type_ids),
+        ):
+            if tensor is not None:
+                inputs[name] = tensor.reshape(-1, seq)
+        selected = labels.reshape(-1, seq) != IGNORE_INDEX
+        rows, positions = selected.nonzero(as_tuple=True)
+        log_probs = torch.log_softmax(self._masked_logits(inputs, selected).float(), dim=-1)
+        weighted = (log_probs + log_p_doc.reshape(-1)[rows, None]).exp()
+        example = rows // candidates  # x leads every joined input, so a position means the same token in all
+        keys, inverse = torch.unique(example * seq + positions, return_inverse=True)
+        marginal = weighted.new_zeros(len(keys), weighted.shape[1]).index_add_(0, inverse, weighted)
+        out = torch.full((batch, input_ids.shape[1]), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+        out[keys // seq, keys % seq] = marginal.argmax(dim=-1)
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,
