@@ -3,6 +3,8 @@ path (from_retriever_and_reader, train_realm, answer), and a stopped run resumes
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -19,6 +21,7 @@ except ImportError:
     from open_qa_utils import DOCUMENTS, QUESTIONS, KillAfter, Killed, make_tokenizer
     from pretraining_utils import make_mlm_model
 
+NO_REFRESH = RealmPretrainingSettings(refresh_index_every=0)
 QA_SETTINGS = dict(top_k=3, max_reader_length=48, span_hidden_size=16, max_span_width=4)
 
 
@@ -88,3 +91,20 @@ def test_a_stopped_pretraining_resumes_to_the_same_result(tokenizer, tmp_path):
     b = AutoModel.from_pretrained(tmp_path / "run").state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert not scratch.exists()
+
+
+def test_pretraining_on_given_examples_only(tokenizer, tmp_path):
+    from hf_knnlm.open_qa.pretraining import masked_examples
+
+    model = make_mlm_model(tokenizer, top_k=2).train()
+    rows = masked_examples(
+        DOCUMENTS, tokenizer, RealmPretrainingSettings(min_sentence_words=3), max_length=24
+    )
+    trainer = pretrain_realm(
+        model, tokenizer, DOCUMENTS, output_dir=tmp_path / "out", examples=rows[:2], max_steps=1,
+        batch_size=2, disable_tqdm=True, use_cpu=True, settings=NO_REFRESH,
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "out" / "pretraining.json").read_text())
+    assert summary["masked_sentences"] == 2 and trainer.state.global_step == 1
+    with pytest.raises(ValueError, match="no sentence"):
+        pretrain_realm(model, tokenizer, DOCUMENTS, output_dir=tmp_path / "none", examples=[], max_steps=1)

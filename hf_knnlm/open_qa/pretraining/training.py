@@ -139,6 +139,7 @@ def pretrain_realm(
     *,
     output_dir: str | os.PathLike,
     settings: RealmPretrainingSettings | None = None,
+    examples: list[dict[str, Any]] | None = None,
     epochs: float = 1.0,
     max_steps: int = -1,
     batch_size: int = 8,
@@ -158,7 +159,9 @@ def pretrain_realm(
     folder to ``output_dir``; returns the ``Trainer`` (``state.log_history`` has the losses and
     ``index_staleness``; ``pretraining.json`` in the folder sums the run up).
 
-    ``settings`` sets masking, source exclusion and the refresh interval; ``save_steps`` keeps a resumable
+    ``settings`` sets masking, source exclusion and the refresh interval; ``examples`` are the masked rows
+    to train on (default: [`masked_examples`][hf_knnlm.open_qa.pretraining.masked_examples] of every
+    document, e.g. a subset that keeps held-out sentences apart); ``save_steps`` keeps a resumable
     checkpoint every that many steps (see above). Extra keyword arguments go to ``TrainingArguments``.
 
     Examples:
@@ -191,7 +194,9 @@ def pretrain_realm(
     settings = settings or RealmPretrainingSettings()
     _check_run(model, settings, save_steps)
     index = _index_for(documents, model, tokenizer, index_batch_size, not disable_tqdm)
-    rows = masked_examples(index, tokenizer, settings, max_length=model.config.max_question_length)
+    rows = examples
+    if rows is None:
+        rows = masked_examples(index, tokenizer, settings, max_length=model.config.max_question_length)
     if not rows:
         raise ValueError("no sentence of the documents could be masked; pass longer documents.")
     import datasets
@@ -202,7 +207,10 @@ def pretrain_realm(
     )  # fmt: skip
     output = Path(output_dir)
     with folder_lock(output, ".train"):
-        run = _run_settings(model, index, {**trainer_settings, **settings.to_dict()})
+        rows_digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        run = _run_settings(
+            model, index, {**trainer_settings, **settings.to_dict(), "rows_sha256": rows_digest}
+        )
         scratch, resume = _open_scratch(output, run, "REALM pre-training")
         if save_steps is not None:
             trainer_settings |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
