@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     args = parser.parse_args()
     preset = PRESETS["quick" if args.quick else "full"]
+    out = args.output_dir / f"results_{'quick' if args.quick else 'full'}.json"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
     timings, results = (
         {},
         {"preset": preset, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"},
@@ -159,6 +161,7 @@ def main() -> None:
     results["before"] = _accuracies(start_model, tokenizer, start_index, held_out)
     results["recall_before"] = _recall(start_model, tokenizer, documents, questions, start_index)
     timings["before"] = time.perf_counter() - started
+    atomic_write_json(out, results | {"seconds": timings})  # every finished stage is kept
 
     for name, every in (("refreshed", preset["refresh_every"]), ("never_refreshed", 0)):
         model, index, run = _run(args, preset, tokenizer, documents, train_rows, every, name)
@@ -167,9 +170,9 @@ def main() -> None:
         if name == "refreshed":
             results["recall_after"] = _recall(model, tokenizer, documents, questions)
         timings[f"{name}_train"], timings[f"{name}_eval"] = run["seconds"], time.perf_counter() - started
+        atomic_write_json(out, results | {"seconds": timings})
     results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.output_dir / f"results_{'quick' if args.quick else 'full'}.json", results)
+    atomic_write_json(out, results)
     print(json.dumps(results, indent=2))
 
 
