@@ -28,8 +28,12 @@ REGISTRATIONS: dict[str, tuple[str, ...]] = {
     "transformers.models.auto.configuration_auto": (
         "hf_knnlm.knnlm.configuration_knnlm",
         "hf_knnlm.open_qa.configuration",
+        "hf_knnlm.open_qa.pretraining.configuration",
     ),
-    "transformers.models.auto.modeling_auto": ("hf_knnlm.open_qa.modeling",),
+    "transformers.models.auto.modeling_auto": (
+        "hf_knnlm.open_qa.modeling",
+        "hf_knnlm.open_qa.pretraining.modeling",
+    ),
 }
 # Importing our model modules needs these complete (they define PreTrainedConfig / PreTrainedModel).
 _PREREQUISITES = ("transformers.configuration_utils", "transformers.modeling_utils")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertForQuestionAnswering, BertModel, BertTokenizerFast
+from transformers import BertConfig, BertForQuestionAnswering, BertModel, BertTokenizerFast, TrainerCallback
 
 from hf_knnlm.open_qa import DocumentIndex, RealmConfig, RealmForOpenQA
 
@@ -121,3 +121,18 @@ def pipeline_best_span(model, tokenizer, question: str, context: str, max_answer
         entry = answers.setdefault(context[span[0] : span[1]].lower(), [0.0, span])
         entry[0] += candidates[first, last]
     return max(answers.values(), key=lambda entry: entry[0])[1]
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAfter(TrainerCallback):
+    """Stops training right after step ``step``, before that step's checkpoint: a kill at that point."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Killed

@@ -33,6 +33,7 @@ BARE = {
     "qa-train": ["--encoder", "e", "--documents", "d", "--train", "t", "--output-dir", "o"],
     "qa-train-reader": ["--model", "m", "--train", "t", "--output-dir", "o"],
     "qa-eval": ["--model", "m", "--index", "i", "--data", "d"],
+    "realm-pretrain": ["--retriever", "r", "--documents", "d", "--output-dir", "o"],
     "demo": [],
     "long-evaluate": [*MODEL, *DATA],
     "long-generate": [*MODEL, "--prompt", "p"],
@@ -116,6 +117,18 @@ def test_realm_defaults_are_the_library_defaults():
     got, expected = _signature_defaults(train_reader, parse("qa-train-reader"), HELPS)
     assert got == expected
     assert parse("qa-eval").top_k == RealmConfig.top_k
+
+
+def test_realm_pretrain_defaults_are_the_library_defaults():
+    from hf_knnlm.commands.realm_pretrain import HELPS, MODEL_FIELDS
+    from hf_knnlm.open_qa.pretraining import RealmMaskedLMConfig, RealmPretrainingSettings, pretrain_realm
+
+    args = parse("realm-pretrain")
+    fields = {f.name: f.default for f in dataclasses.fields(RealmMaskedLMConfig)}
+    assert {n: getattr(args, n) for n in MODEL_FIELDS} == {n: fields[n] for n in MODEL_FIELDS}
+    assert dataclass_from_args(args, RealmPretrainingSettings) == RealmPretrainingSettings()
+    got, expected = _signature_defaults(pretrain_realm, args, HELPS)
+    assert got == expected
 
 
 def test_store_and_index_options_are_the_library_defaults():

@@ -169,7 +169,17 @@ def test_every_public_name_is_in_the_api_reference(site):
 
     documented = _inventory(site)
     missing = []
-    for package in ("", ".retrieval", ".rag", ".open_qa", ".datastore", ".lm", ".utils", ".attention"):
+    for package in (
+        "",
+        ".retrieval",
+        ".rag",
+        ".open_qa",
+        ".open_qa.pretraining",
+        ".datastore",
+        ".lm",
+        ".utils",
+        ".attention",
+    ):
         module = importlib.import_module(f"hf_knnlm{package}")
         for name in module.__all__:
             obj = getattr(module, name)

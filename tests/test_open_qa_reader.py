@@ -28,6 +28,7 @@ except ImportError:
 DOCUMENTS, QUESTIONS = utils.DOCUMENTS, utils.QUESTIONS
 make_tokenizer, pipeline_best_span = utils.make_tokenizer, utils.pipeline_best_span
 save_encoder, save_qa_checkpoint = utils.save_encoder, utils.save_qa_checkpoint
+KillAfter, Killed = utils.KillAfter, utils.Killed
 
 SMALL = dict(
     retriever_proj_size=16,
@@ -248,21 +249,6 @@ def test_train_reader_callbacks_see_each_epoch_checkpoint(folders, tmp_path):
     assert AutoModelForQuestionAnswering.from_pretrained(tmp_path / "reader-epoch-2") is not None
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(TrainerCallback):
-    """Stops training right after step ``step``, before that step's checkpoint: a kill at that point."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise _Killed
-
-
 def _resumable(folders, output, **kwargs):
     settings = dict(max_length=48, doc_stride=8, max_steps=6, batch_size=4, save_steps=2, logging_steps=1)
     return train_reader(
@@ -273,8 +259,8 @@ def _resumable(folders, output, **kwargs):
 
 def test_a_stopped_reader_training_resumes_from_its_checkpoint(folders, tmp_path):
     straight = _resumable(folders, tmp_path / "straight")
-    with pytest.raises(_Killed):
-        _resumable(folders, tmp_path / "reader", callbacks=[_KillAfter(5)])
+    with pytest.raises(Killed):
+        _resumable(folders, tmp_path / "reader", callbacks=[KillAfter(5)])
     scratch = tmp_path / ".reader.trainer"
     assert sorted(c.name for c in scratch.glob("checkpoint-*")) == ["checkpoint-4"]
     assert not (tmp_path / "reader").exists()

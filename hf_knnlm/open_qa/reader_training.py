@@ -169,7 +169,9 @@ def _run_settings(model: Any, train_dataset: Any, settings: dict[str, Any]) -> d
     }
 
 
-def _checkpoint_to_resume(scratch: Path, settings: dict[str, Any]) -> str | None:
+def _checkpoint_to_resume(
+    scratch: Path, settings: dict[str, Any], what: str = "reader training"
+) -> str | None:
     """The newest complete Trainer checkpoint in ``scratch`` (``trainer_state.json`` is written last),
     when the run that wrote it had the same ``settings``; ``None`` when there is none."""
     done = [c for c in scratch.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
@@ -181,7 +183,7 @@ def _checkpoint_to_resume(scratch: Path, settings: dict[str, Any]) -> str | None
     if changed:
         diff = "; ".join(f"{key}: {before.get(key)!r} then, {settings.get(key)!r} now" for key in changed)
         raise ValueError(
-            f"{scratch} holds a checkpoint of an unfinished reader training with other settings ({diff}); "
+            f"{scratch} holds a checkpoint of an unfinished {what} with other settings ({diff}); "
             f"rerun with the settings it started with to resume it, or delete {scratch} to start over."
         )
     return str(max(done, key=lambda c: int(c.name.rpartition("-")[2])))
@@ -236,11 +238,13 @@ def _reader_windows(train_dataset: Any, tokenizer: Any, max_length: int, doc_str
     )
 
 
-def _open_scratch(output: Path, run_settings: dict[str, Any]) -> tuple[Path, str | None]:
+def _open_scratch(
+    output: Path, run_settings: dict[str, Any], what: str = "reader training"
+) -> tuple[Path, str | None]:
     """The Trainer's hidden folder beside ``output`` and the checkpoint to resume from: a stopped run's is
     kept only when its settings match, and the settings are recorded so that a later rerun can check them."""
     scratch = output.with_name(f".{output.name}.trainer")
-    resume = _checkpoint_to_resume(scratch, run_settings)
+    resume = _checkpoint_to_resume(scratch, run_settings, what)
     if resume is None:
         shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True, exist_ok=True)

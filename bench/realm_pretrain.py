@@ -1,0 +1,180 @@
+"""REALM pre-training benchmark: all-MiniLM-L6-v2 pre-trained on SQuAD v1.1 dev paragraphs.
+
+* corpus: the SQuAD v1.1 dev paragraphs (all 2,067; ``--quick``: the 421 that the questions of the 10
+  evaluation articles are about), the
+  knowledge corpus *and* the source of the masked sentences (one salient span each, the sentence's own
+  paragraph never retrieved); every 10th masked sentence is held out of training;
+* model: query and document embedders and the knowledge-augmented encoder all start from all-MiniLM-L6-v2
+  (mean pooling, unit vectors, score scale 20; the masked-LM head starts fresh: the checkpoint has none);
+* rows: masked salient-span accuracy on the held-out sentences (every token of the span right, under the
+  marginal over the retrieved documents and the null document) with retrieval and with the null document
+  alone, before pre-training, after a run whose index is refreshed every ``--refresh-every`` steps and
+  after one whose index is never refreshed; zero-shot recall@1/5/20 of the questions of the 10 evaluation
+  articles (the open-QA benchmark's split; no question is used in pre-training) before and after; steps/s
+  of both runs; the wall time of every stage.
+
+End-to-end EM / F1 after reader warm-start and REALM fine-tuning from the pre-trained retriever is
+``bench/open_qa.py``'s pipeline and is not run here.
+
+    nice -n 10 python bench/realm_pretrain.py --quick --output-dir /tmp/realm_pretrain_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from _common import minilm_path, squad_path
+from transformers import AutoTokenizer
+
+from hf_knnlm.open_qa import DocumentIndex, load_squad_open
+from hf_knnlm.open_qa.evaluation import retrieval_recall
+from hf_knnlm.open_qa.pretraining import (
+    AsyncIndexRefresh,
+    RealmForMaskedLM,
+    RealmPretrainingCollator,
+    RealmPretrainingSettings,
+    masked_examples,
+    pretrain_realm,
+)
+from hf_knnlm.utils.files import atomic_write_json
+
+EVAL_ARTICLES = slice(38, 48)
+MODEL = dict(
+    retriever_pooling="mean", retriever_proj_size=None, retriever_normalize=True, retriever_score_scale=20.0,
+    max_question_length=48, max_doc_embed_length=128,
+)  # fmt: skip
+PRESETS = {
+    "quick": dict(
+        steps=60, batch_size=4, top_k=2, max_reader_length=112, refresh_every=20, eval_questions=300
+    ),
+    "full": dict(
+        steps=1000, batch_size=8, top_k=4, max_reader_length=192, refresh_every=100, eval_questions=0
+    ),
+}
+
+
+def _null_only(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """The batch that gives the model the null document alone: the masked text, no retrieved document."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = (
+            torch.tensor(row["input_ids"]),
+            torch.tensor(row["labels"]),
+            1,
+        )
+    return dict(input_ids=ids, attention_mask=mask, joined_input_ids=ids[:, None],
+                joined_attention_mask=mask[:, None], labels=labels[:, None])  # fmt: skip
+
+
+def span_accuracy(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16) -> float:
+    """Share of rows whose every masked token is predicted right."""
+    collator = RealmPretrainingCollator(model, tokenizer, index)
+    model.eval()
+    right = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = collator(chunk) if retrieval else _null_only(chunk)
+        predicted = model.masked_predictions(**batch)
+        for row, guess in zip(chunk, predicted, strict=True):
+            targets = [(i, t) for i, t in enumerate(row["labels"]) if t != -100]
+            right += all(int(guess[i]) == t for i, t in targets)
+    return right / len(rows)
+
+
+def _recall(model, tokenizer, documents, questions, index=None) -> dict[str, float]:
+    """recall@1/5/20 of the questions' gold paragraphs, over an index of ``model``'s document encoder."""
+    index = index or DocumentIndex.build(documents, model, tokenizer, show_progress=False)
+    return retrieval_recall(
+        model, tokenizer, index, questions["question"], questions["gold_doc_id"], ks=(1, 5, 20)
+    )
+
+
+def _accuracies(model, tokenizer, index, held_out) -> dict[str, float]:
+    return {
+        "with_retrieval": span_accuracy(model, tokenizer, index, held_out, retrieval=True),
+        "null_document_only": span_accuracy(model, tokenizer, index, held_out, retrieval=False),
+    }
+
+
+def _run(args, preset, tokenizer, documents, train_rows, refresh_every: int, name: str):
+    model = RealmForMaskedLM.from_encoders(
+        str(minilm_path()), top_k=preset["top_k"], max_reader_length=preset["max_reader_length"], **MODEL
+    )
+    started = time.perf_counter()
+    trainer = pretrain_realm(
+        model, tokenizer, documents, output_dir=args.output_dir / name, examples=train_rows,
+        settings=RealmPretrainingSettings(refresh_index_every=refresh_every), max_steps=preset["steps"],
+        batch_size=preset["batch_size"], learning_rate=args.learning_rate, logging_steps=10, use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    steps_per_second = trainer.state.global_step / next(
+        e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e
+    )
+    refresh = next(c for c in trainer.callback_handler.callbacks if isinstance(c, AsyncIndexRefresh))
+    refresh.wait()
+    index = refresh.index  # the index the run searched: refreshed, or the starting one
+    return model.eval(), index, {"seconds": round(seconds, 1), "steps_per_second": round(steps_per_second, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the evaluation articles' paragraphs, 60 steps")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    args = parser.parse_args()
+    preset = PRESETS["quick" if args.quick else "full"]
+    out = args.output_dir / f"results_{'quick' if args.quick else 'full'}.json"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    timings, results = (
+        {},
+        {"preset": preset, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"},
+    )
+    started = time.perf_counter()
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    documents, questions = load_squad_open(squad_path(), articles=EVAL_ARTICLES)
+    if args.quick:
+        gold = set(questions["gold_doc_id"])
+        documents = documents.filter(lambda row: row["id"] in gold)
+    if preset["eval_questions"]:
+        questions = questions.shuffle(seed=0).select(range(min(preset["eval_questions"], len(questions))))
+    rows = masked_examples(documents, tokenizer, max_length=MODEL["max_question_length"])
+    held_out, train_rows = rows[::10], [r for i, r in enumerate(rows) if i % 10]
+    results |= {"documents": len(documents), "train_sentences": len(train_rows), "held_out": len(held_out)}
+    timings["data"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    start_model = RealmForMaskedLM.from_encoders(
+        str(path), top_k=preset["top_k"], max_reader_length=preset["max_reader_length"], **MODEL
+    ).eval()
+    start_index = DocumentIndex.build(documents, start_model, tokenizer, show_progress=False)
+    results["before"] = _accuracies(start_model, tokenizer, start_index, held_out)
+    results["recall_before"] = _recall(start_model, tokenizer, documents, questions, start_index)
+    timings["before"] = time.perf_counter() - started
+    atomic_write_json(out, results | {"seconds": timings})  # every finished stage is kept
+
+    for name, every in (("refreshed", preset["refresh_every"]), ("never_refreshed", 0)):
+        model, index, run = _run(args, preset, tokenizer, documents, train_rows, every, name)
+        started = time.perf_counter()
+        results[name] = _accuracies(model, tokenizer, index, held_out) | run
+        if name == "refreshed":
+            results["recall_after"] = _recall(model, tokenizer, documents, questions)
+        timings[f"{name}_train"], timings[f"{name}_eval"] = run["seconds"], time.perf_counter() - started
+        atomic_write_json(out, results | {"seconds": timings})
+    results["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    atomic_write_json(out, results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
