@@ -103,3 +103,12 @@ def test_scored_log_probs_in_chunks_equal_one_log_softmax(rows):
     picked, _ = head_module.scored_log_probs(head, hidden, targets)
     expected = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(picked, expected)
+
+
+def test_a_model_without_output_embeddings_is_scored_by_its_full_forward(model):
+    headless = copy.deepcopy(model)
+    headless.get_output_embeddings = lambda: None  # e.g. a model whose logits come from elsewhere
+    tokens = _tokens(200, model.config.vocab_size)
+    windows = list(sliding_windows(len(tokens), 64, 32))
+    _, ours = _scored(headless, tokens, windows)
+    torch.testing.assert_close(ours, _reference(model, tokens, windows), atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils.checks import check_positive_int, is_int
@@ -155,14 +156,11 @@ def _forward(model, ids, mask, head: HeadCapture | None, rows, positions, target
     if head is not None and head.usable:
         return scored_log_probs(head.head, head.forward(ids, mask)[rows, positions], targets, lm_features)
     if head is not None:
-        head.capture.stop_forward = False  # this model's logits are not its head's output
-    logits = None
+        head.use_full_forward()  # no head, or logits that are more than its output
     try:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     except StopForward:  # a build: nothing past the last FFN's input is needed
         return None, None
     if head is None:
         return None, None
-    scored = torch.log_softmax(logits[rows, positions].float(), dim=-1)
-    features = None if lm_features is None else lm_features(scored)
-    return scored.gather(-1, targets[:, None]).squeeze(-1), features
+    return scored_log_probs(nn.Identity(), logits[rows, positions], targets, lm_features)  # already logits

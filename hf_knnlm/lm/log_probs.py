@@ -71,6 +71,11 @@ class HeadCapture:
     def usable(self) -> bool:
         return self.capture is not None and _CHECKED.get(self.model, True)
 
+    def use_full_forward(self) -> None:
+        """Let the forward run to the logits: no head, or logits that are more than its output."""
+        if self.capture is not None:
+            self.capture.stop_forward = False
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The head's inputs ``[windows, positions, d]`` (the forward stops before the head)."""
         try:
