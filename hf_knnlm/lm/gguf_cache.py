@@ -19,7 +19,7 @@ from pathlib import Path
 from huggingface_hub import constants
 from safetensors.torch import save_model
 
-from ..utils.files import atomic_folder, folder_lock, sha256_file
+from ..utils.files import sha256_file, write_folder
 
 _DONE = "hf_knnlm_gguf_cache.json"
 _FORMAT = 1
@@ -70,7 +70,7 @@ def write_copy(folder: Path, gguf_path: Path, model, tokenizer=None) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with folder_lock(folder), atomic_folder(folder) as tmp:
+    with write_folder(folder) as tmp:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForQuestionAnswering, P
 from transformers.utils import ModelOutput
 
 from ..retrieval.embedder import RetrieverEmbedder
-from ..utils.files import atomic_folder, atomic_write_bytes, folder_lock, not_matching
+from ..utils.files import atomic_write_bytes, not_matching, write_folder
 from .configuration import RealmConfig
 from .heads import SPAN_MASK_VALUE, SpanHead, answer_span_mask, start_end_span_scores
 from .reading import decode_best_spans, doc_normalised_log_probs, run_reader
@@ -412,7 +412,7 @@ class RealmForOpenQA(RealmPreTrainedModel):
         if kwargs.get("push_to_hub"):  # the repository is named after the folder, not its temporary sibling
             kwargs.setdefault("repo_id", Path(save_directory).name)
         # what else the folder holds (its tokenizers, a user's files) stays; old weights do not
-        with folder_lock(save_directory), atomic_folder(save_directory, keep=not_matching(_OWN_FILES)) as tmp:
+        with write_folder(save_directory, keep=not_matching(_OWN_FILES)) as tmp:
             super().save_pretrained(tmp, *args, **kwargs)
             self._write_card(tmp)
 

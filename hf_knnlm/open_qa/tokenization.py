@@ -15,7 +15,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from ..retrieval.embedder import retriever_tokenizer
-from ..utils.files import atomic_folder, folder_lock, not_matching
+from ..utils.files import not_matching, write_folder
 
 RETRIEVER_FOLDER = "retriever_tokenizer"
 READER_FOLDER = "reader_tokenizer"
@@ -58,7 +58,7 @@ class RealmTokenizerPair:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Both tokenizers, written beside ``save_directory`` and swapped in whole under its lock."""
         own = not_matching([RETRIEVER_FOLDER, READER_FOLDER])  # the rest of the folder (a model) stays
-        with folder_lock(save_directory), atomic_folder(save_directory, keep=own) as folder:
+        with write_folder(save_directory, keep=own) as folder:
             self.retriever.save_pretrained(folder / RETRIEVER_FOLDER)
             self.reader.save_pretrained(folder / READER_FOLDER)
 

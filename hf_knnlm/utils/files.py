@@ -180,6 +180,19 @@ def atomic_folder(
 
 
 @contextlib.contextmanager
+def write_folder(
+    folder: str | os.PathLike, keep: Callable[[str], bool] = lambda name: False
+) -> Iterator[Path]:
+    """``atomic_folder`` under the folder's lock: the one path every save of a whole folder takes.
+
+    A second writer fails at once ([`FolderInUseError`][hf_knnlm.FolderInUseError]); a save that fails
+    midway leaves the folder that was there as it was; ``keep`` as in ``atomic_folder``.
+    """
+    with folder_lock(folder), atomic_folder(folder, keep=keep) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
 def updated_folder(folder: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of the finished folder ``folder`` to write new or changed files into.
 
@@ -197,7 +210,7 @@ def save_pretrained_atomically(folder: str | os.PathLike, *objects: Any) -> Path
     """``obj.save_pretrained`` of every object (a model, its tokenizer) into ``folder`` as one swap under
     its lock: a save that fails midway (a full disk) leaves the folder that was there as it was."""
     folder = Path(folder)
-    with folder_lock(folder), atomic_folder(folder) as tmp:
+    with write_folder(folder) as tmp:
         for obj in objects:
             obj.save_pretrained(tmp)
     return folder

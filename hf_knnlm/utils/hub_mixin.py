@@ -36,13 +36,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from .._version import __version__
 from .checks import is_int, is_real
 from .files import (
-    atomic_folder,
     atomic_write_bytes,
     atomic_write_json,
     file_hashes,
-    folder_lock,
     not_matching,
     verify_files,
+    write_folder,
 )
 from .hub import PUSH_OPTIONS, push_folder, resolve_folder
 
@@ -307,7 +306,7 @@ class HubMixin(abc.ABC):
         Files of the old folder that are not the store's own (a user's notes) are carried over.
         """
         own = (self.config_class.CONFIG_NAME, CARD_NAME, *self.hub_patterns)
-        with folder_lock(save_directory), atomic_folder(save_directory, keep=not_matching(own)) as folder:
+        with write_folder(save_directory, keep=not_matching(own)) as folder:
             yield folder
 
     # ----------------------------------------------------------------- public API

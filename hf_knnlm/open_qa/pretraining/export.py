@@ -24,7 +24,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ...utils.files import atomic_folder, folder_lock
+from ...utils.files import write_folder
 from ..modeling import RealmForOpenQA
 
 RETRIEVER, READER = "retriever", "reader"
@@ -69,7 +69,7 @@ def save_for_open_qa(model: Any, tokenizer: Any, folder: str | os.PathLike) -> P
     'BertModel'
     ```
     """
-    with folder_lock(folder), atomic_folder(folder) as tmp:  # one writer; the old folder until done
+    with write_folder(folder) as tmp:  # one writer; the old folder until done
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         model.query_embedder.encoder.save_pretrained(tmp / RETRIEVER)
