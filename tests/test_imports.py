@@ -56,6 +56,23 @@ def test_import_loads_no_heavy_library_and_needs_no_faiss():
     assert "Datastore" in out["all"] and "KNNProcessor" in out["all"] and "IntegrityError" in out["all"]
 
 
+def test_cli_help_lists_the_verbs_without_importing_heavy_libraries():
+    # `hf-knnlm --help` built every verb's options, which imported torch, transformers and datasets
+    result = run_python(
+        """
+        import contextlib, io, json, sys
+        from hf_knnlm.commands import main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main(["--help"])
+        libraries = ("faiss", "torch", "transformers", "datasets")
+        heavy = [m for m in libraries if sys.modules.get(m) is not None]
+        print(json.dumps({"heavy": heavy, "lists_verbs": "long-evaluate" in out.getvalue()}))
+        """
+    )
+    assert last_json(result) == {"heavy": [], "lists_verbs": True}
+
+
 @pytest.mark.slow
 def test_every_public_name_resolves_without_faiss():
     result = run_python(
