@@ -1,7 +1,7 @@
 """One rank of tests/test_distributed_search.py, started by torchrun: a sharded store at work.
 
 ``python -m torch.distributed.run --nproc_per_node N tests/distributed_search_worker.py MODE STORE OUT
-[MODEL DATA]`` (MODE: search, hub, evaluate, generate) writes this rank's results to
+[MODEL DATA ...]`` (MODE: build, search, hub, evaluate, generate) writes this rank's results to
 ``OUT/rank-R.safetensors`` (tensors) or ``OUT/rank-R.json``.
 """
 
@@ -88,6 +88,39 @@ def generate(store: Datastore, out: Path, model_dir: str) -> None:
     (out / f"rank-{rank}.json").write_text(json.dumps(texts), encoding="utf-8")
 
 
+def build(store_dir: str, out: Path, model_dir: str, data: str, factory: str, fail: str = "") -> None:
+    """Build ``store_dir`` with ``shard_per_rank``; ``fail="1"``: rank 1 dies once its files are written.
+
+    Writes how many shard files this rank wrote (a resumed rank writes none) to ``OUT/build-R.json``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_knnlm.datastore import rank_build
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rank = int(os.environ["RANK"])
+    written, original = [], rank_build.write_sharded
+
+    def write_sharded(*args, **kwargs):
+        written.extend(original(*args, **kwargs))
+
+    rank_build.write_sharded = write_sharded
+    if fail and rank == 1:
+
+        def die(*args, **kwargs):
+            raise SystemExit("rank 1 killed after writing its files")
+
+        rank_build.rank_temperature = die
+    text = Path(data).read_text(encoding="utf-8")
+    kwargs = {"max_length": 64, "stride": 32, "batch_size": 4, "max_shard_size": 300 * 32 * 2}
+    store = Datastore.build(
+        model, tokenizer, [text], store_dir, index_factory=factory, shard_per_rank=True, **kwargs
+    )
+    assert store.sharded is None  # Datastore.build returns the whole store in every process
+    (out / f"build-{rank}.json").write_text(json.dumps(written), encoding="utf-8")
+
+
 def from_hub(remote: str, out: Path) -> Datastore:
     """The store in the folder ``remote`` opened as the Hub repository ``user/store``: a stand-in for
     ``snapshot_download`` copies the files the patterns match into this rank's own cache snapshot."""
@@ -117,7 +150,9 @@ def from_hub(remote: str, out: Path) -> Datastore:
 def main() -> None:
     mode, store_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     torch.manual_seed(0)
-    if mode == "hub":
+    if mode == "build":
+        build(store_dir, out, *sys.argv[4:])
+    elif mode == "hub":
         search(from_hub(store_dir, out), out)
     elif mode == "search":
         search(Datastore.from_pretrained(store_dir, distributed="shard"), out)

@@ -186,6 +186,73 @@ def test_uneven_generation_finishes_and_equals_serial(
     assert got == serial
 
 
+def _build_per_rank(tmp_path: Path, saved_model: Path, text: str, factory: str, *fail: str):
+    data = tmp_path / "corpus.txt"
+    data.write_text(text, encoding="utf-8")
+    args = (
+        str(WORKER),
+        "build",
+        str(tmp_path / "remote"),
+        str(tmp_path),
+        str(saved_model),
+        str(data),
+        factory,
+    )
+    return _torchrun(*args, *fail, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_per_rank_build_opens_sharded_and_whole_as_a_default_build(
+    gloo, tmp_path, saved_model, model, tokenizer, corpus_text, factory
+):
+    kwargs = {"max_length": 64, "stride": 32, "batch_size": 4, "index_factory": factory}
+    single = Datastore.build(
+        model, tokenizer, [corpus_text], tmp_path / "single", disable_progress=True, **kwargs
+    )
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, factory)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    remote = tmp_path / "remote"
+    whole = Datastore.from_pretrained(remote)  # one process: every rank's files
+    parts = whole.config.rank_shards
+    assert [(p["start"], p["end"]) for p in parts] == [(0, parts[0]["end"]), (parts[0]["end"], len(single))]
+    assert not (remote / ".partial").exists() and not (remote / "index.faiss").exists()
+    np.testing.assert_array_equal(whole.keys.to_numpy(), single.keys.to_numpy())  # bitwise, entry order
+    np.testing.assert_array_equal(whole.values.to_numpy(), single.values.to_numpy())
+    assert whole.config.temperature == pytest.approx(single.config.temperature, rel=1e-5)
+    queries = torch.from_numpy(single.keys.take(np.arange(0, len(single), 23)).astype(np.float32)) + 0.05
+    single.nprobe = whole.nprobe = 2  # not every list: the same quantizer probes the same ones
+    a, b = single.search(queries, 32), whole.search(queries, 32)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.distances, b.distances, atol=1e-5, rtol=1e-5)
+
+    single.nprobe = 8  # every list: exact, so the ranks' merged ids compare one to one
+    rows, queries = _write_queries(single, tmp_path)
+    _run("hub", remote, tmp_path)  # each rank downloads and reads its own files only
+    _assert_ranks_found_as_one(single, rows, queries, tmp_path)
+    every = {p.name for p in remote.iterdir()}
+    for rank, part in enumerate(parts):
+        shards = [s for s in whole.config.shards if part["start"] <= s["start"] < part["end"]]
+        own = {s[f] for s in shards for f in ("keys", "values")} | ({part["index"]} - {None})
+        others = {n for n in whole.config.files if n.startswith(("keys-", "values-", "index-"))} - own
+        files = set(json.loads((tmp_path / f"files-{rank}.json").read_text()))
+        assert own and files == every - others, (rank, sorted(files ^ (every - others)))
+
+
+def test_per_rank_build_resumes_a_killed_rank(gloo, tmp_path, saved_model, store, corpus_text):
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, "IVF8,Flat", "1")
+    assert result.returncode != 0 and "rank 1 killed" in result.stdout + result.stderr
+    stage = tmp_path / "remote" / ".partial" / "store"
+    assert not (tmp_path / "remote" / "datastore_config.json").exists()
+    assert sorted(p.name for p in stage.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, "IVF8,Flat")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):  # neither rank writes its shards again
+        assert json.loads((tmp_path / f"build-{rank}.json").read_text()) == []
+    whole = Datastore.from_pretrained(tmp_path / "remote")
+    np.testing.assert_array_equal(whole.keys.to_numpy(), store.keys.to_numpy())
+    assert whole.index.ntotal == len(store)
+
+
 def test_bad_distributed_value_is_refused(store_dir):
     with pytest.raises(ValueError, match=r"distributed='shards'.*distributed='shard'"):
         Datastore.from_pretrained(store_dir, distributed="shards")

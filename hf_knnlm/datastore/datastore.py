@@ -27,14 +27,12 @@ from .index import (
     DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
     DEFAULT_TRAIN_SIZE,
-    INDEX_NAME,
     configure_threads,
     exact_index,
-    is_exact,
-    read_index,
 )
 from .neighbours import Neighbours
 from .provenance import Provenance
+from .rank_index import RANK_INDEX_PATTERN, index_files, open_index
 from .search_index import SearchIndex, prepare_queries, search_keys
 from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_files, rank_gpu
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
@@ -45,11 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _NOT_READ = object()  # Datastore._clusters before the index lists were first read
-
-
-def _has_index_file(config: DatastoreConfig) -> bool:
-    """Every store but an exact one written by format version 2 or later keeps ``index.faiss``."""
-    return INDEX_NAME in config.files or not is_exact(config.index_factory)
 
 
 class Datastore(HubMixin):
@@ -82,7 +75,12 @@ class Datastore(HubMixin):
     # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
     hub_patterns = DATA_PATTERNS
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
-    delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
+    delete_patterns = (
+        f"{KEYS_PREFIX}*.safetensors",
+        f"{VALUES_PREFIX}*.safetensors",
+        f"*{INDEX_SUFFIX}",
+        RANK_INDEX_PATTERN,
+    )
     default_commit_message = "Upload kNN-LM datastore"
 
     def __init__(
@@ -108,9 +106,8 @@ class Datastore(HubMixin):
             self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
             # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
             self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
-            if _has_index_file(config):
-                index = read_index(self.folder / INDEX_NAME, mmap=mmap)
-            else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
+            index = open_index(self.folder, config, mmap)  # index.faiss, or one file per build rank
+            if index is None:  # exact search keeps no second copy of the keys on disk: rebuild it from them
                 index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         self.key_transform = read_key_transform(self.folder, config)
         self._provenance = None
@@ -148,6 +145,7 @@ class Datastore(HubMixin):
         overwrite: bool = False,
         disable_progress: bool | None = None,
         document_names: Sequence[str] | None = None,
+        shard_per_rank: bool = False,
     ) -> Datastore:
         """Run ``model`` over ``data`` and store (FFN input at t, token t+1) for every target.
 
@@ -168,6 +166,9 @@ class Datastore(HubMixin):
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
             document_names (`list[str]`, *optional*): one name per document, shown by attribution
                 (default: the file name, or ``texts[i]`` / ``dataset[i]``).
+            shard_per_rank (`bool`, defaults to `False`): under accelerate / torchrun every process writes
+                its own shards and IVF lists (one shared quantizer), read back by ``distributed="shard"``
+                on as many processes or whole in one (``hf_knnlm.datastore.rank_build``; Flat or IVF).
 
         Each entry's corpus position and every document's text and token character spans are
         recorded (``entries.safetensors``, ``documents.safetensors``) for RetoMaton and attribution.
@@ -189,6 +190,7 @@ class Datastore(HubMixin):
             overwrite=overwrite,
             disable_progress=disable_progress,
             document_names=document_names,
+            shard_per_rank=shard_per_rank,
         )
         return cls.from_pretrained(folder, verify=False)
 
@@ -233,7 +235,7 @@ class Datastore(HubMixin):
 
     @classmethod
     def _files_read(cls, config: DatastoreConfig) -> list[str]:
-        index = [INDEX_NAME] if _has_index_file(config) else []
+        index = index_files(config)
         return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), *index]
 
     @classmethod

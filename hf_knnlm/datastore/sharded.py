@@ -14,6 +14,10 @@ index over them:
   rank keeps 1/N of the codes. Probing the same lists of the same quantizer on every rank, the
   merged result holds what a one-process search of the whole index finds.
 
+A store built with ``shard_per_rank=True`` on as many processes gives each rank the entries it wrote and
+its own files only (its keys and values shards, its ``index-0000r-of-0000N.faiss`` memory-mapped as it
+is); opened on another number of processes it is split as above (:mod:`~hf_knnlm.datastore.rank_index`).
+
 A search is a collective call (every rank calls it, a rank without queries with none):
 
 1. the ranks all-gather a header (query count, k, recompute flag, "done" flag), then the queries;
@@ -43,13 +47,13 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..utils.faiss_support import import_faiss
 from .calibration import calibration_sample, nearest_other_distances, temperature_from_distances
 from .config import DatastoreConfig
 from .distributed import build_state, window_range
 from .extras import ENTRIES_NAME
-from .index import INDEX_NAME, exact_index, is_exact, read_index
+from .index import exact_index, is_exact
 from .neighbours import Neighbours
+from .rank_index import index_files, open_ivf_range, parts_for, rank_range
 from .search_index import SearchIndex, search_keys
 from .storage import ShardedArray, open_memmap
 
@@ -117,8 +121,8 @@ def _slices(folder: Path, layout: list[dict], part: str, start: int, end: int) -
 def rank_files(
     config: DatastoreConfig, rank: int | None = None, world: int | None = None
 ) -> list[str] | None:
-    """The files a rank reads of a sharded store: the key and value shards that hold its entries and
-    every file that is not a shard (index, merge counts, side files); ``None`` for a single process.
+    """The files a rank reads of a sharded store: the key and value shards and the index files that hold
+    its entries and every other file (merge counts, side files); ``None`` for a single process.
 
     A rank of a store opened from the Hub downloads and checks only these (``rank``/``world``: this
     process's unless given).
@@ -127,13 +131,15 @@ def rank_files(
         rank, world = process_group()
     if world == 1:
         return None
-    start, end = window_range(config.num_entries, rank, world)
+    start, end = rank_range(config, rank, world)
     layout = config.shards
     own = [s for s in layout if max(s["start"], start) < min(s["end"], end)] or layout[-1:]
     shard_names = {shard[part] for shard in layout for part in ("keys", "values")}
+    own_index = [p["index"] for p in parts_for(config, start, end)]
     return [
         *(shard[part] for shard in own for part in ("keys", "values")),
-        *sorted(set(config.files) - shard_names),
+        *own_index,
+        *sorted(set(config.files) - shard_names - set(index_files(config))),
     ]
 
 
@@ -147,37 +153,17 @@ def _log_counts(folder: Path, config: DatastoreConfig, start: int, end: int) -> 
     return torch.from_numpy(np.log(counts.astype(np.float32)))
 
 
-def _ivf_slice(path: Path, start: int, end: int, mmap: bool) -> faiss.Index:
-    """The IVF index at ``path`` with only the entries ``[start, end)`` in its lists (same quantizer)."""
-    faiss = import_faiss("opening a datastore shard")
-    full = read_index(path, mmap=mmap)  # faiss returns the concrete type (a downcast copy would not own it)
-    if not isinstance(full, faiss.IndexIVF):
-        raise ValueError(
-            f"distributed='shard' slices exact (Flat) and IVF indexes; {path} is a {type(full).__name__}. "
-            f"Rebuild the store with Datastore.rebuild_index('IVF4096,PQ64', ...) or 'Flat'."
-        )
-    part = read_index(path, mmap=mmap)
-    lists = faiss.ArrayInvertedLists(part.nlist, part.code_size)
-    part.replace_invlists(lists, True)
-    lists.this.disown()  # the index frees its lists
-    part.ntotal = 0
-    subset = getattr(faiss.InvertedLists, "SUBSET_TYPE_ID_RANGE", 0)
-    full.copy_subset_to(part, subset, start, end)
-    del full  # unmaps the whole file: the rank keeps its own lists only
-    return part
-
-
 def open_rank_shard(
     folder: Path, config: DatastoreConfig, layout: list[dict], rank: int, world: int, mmap: bool = True
 ) -> tuple[RankShard, int, int]:
     """``(shard, rank, world)``: the entries of ``rank`` (of ``world``) of the store in ``folder``."""
-    start, end = window_range(config.num_entries, rank, world)
+    start, end = rank_range(config, rank, world)
     keys = _slices(folder, layout, "keys", start, end)
     values = _slices(folder, layout, "values", start, end)
     if is_exact(config.index_factory):  # as a one-process exact store: an index from the keys
         index, first_id = exact_index(keys.iter_rows(65536), int(keys.shape[1])), 0
     else:
-        index, first_id = _ivf_slice(folder / INDEX_NAME, start, end, mmap), start
+        index, first_id = open_ivf_range(folder, config, start, end, mmap), start
     shard = RankShard(start, end, keys, values, _log_counts(folder, config, start, end), index, first_id)
     return shard, rank, world
 
