@@ -163,15 +163,16 @@ def test_sharded_evaluation_and_tuning_equal_one_process(
         assert got["tune_points"] == pytest.approx([p.knn_ppl for p in tuned.points], rel=1e-5)
 
 
+@pytest.mark.parametrize("retomaton", [None, 2])
 def test_uneven_generation_finishes_and_equals_serial(
-    gloo, tmp_path, store_dir, saved_model, model, tokenizer
+    gloo, tmp_path, store_dir, saved_model, model, tokenizer, retomaton
 ):
     sys.path.insert(0, str(WORKER.parent))
     from distributed_search_worker import NEW_TOKENS, PROMPTS
 
-    _run("generate", store_dir, tmp_path, str(saved_model))
+    _run("generate", store_dir, tmp_path, str(saved_model), *([str(retomaton)] if retomaton else []))
 
-    knn = KNNProcessor(model, Datastore.from_pretrained(store_dir), k=8, lmbda=0.5)
+    knn = KNNProcessor(model, Datastore.from_pretrained(store_dir), k=8, lmbda=0.5, retomaton=retomaton)
     serial = []
     for prompt, new in zip(PROMPTS, NEW_TOKENS, strict=True):
         ids = model.generate(
@@ -184,6 +185,29 @@ def test_uneven_generation_finishes_and_equals_serial(
         serial.append(ids[0].tolist())
     got = [t for r in range(2) for t in json.loads((tmp_path / f"rank-{r}.json").read_text(encoding="utf-8"))]
     assert got == serial
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_sharded_retomaton_equals_one_process(gloo, tmp_path, store_dir, factory):
+    """Pointer steps read keys and values of entries on either rank (and, for IVF, every rank's lists)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import reto_streams, reto_walk
+
+    single = Datastore.from_pretrained(store_dir)
+    if factory != "Flat":
+        single = single.rebuild_index(factory, tmp_path / "ivf")
+    _run("retomaton", single.folder, tmp_path, "2")
+    for rank, positions in enumerate(reto_streams(len(single), 2)):
+        got = load_file(str(tmp_path / f"rank-{rank}.safetensors"))
+        ref = reto_walk(single, positions, 2)
+        steps, searches = ref["stats"].tolist()
+        assert got["stats"].tolist() == [steps, searches] and searches < steps / 2  # mostly pointer steps
+        assert torch.equal(got["ids"], ref["ids"])
+        torch.testing.assert_close(got["distances"], ref["distances"], atol=1e-5, rtol=1e-5)
+        found = ref["ids"] >= 0
+        assert torch.equal(got["values"][found], ref["values"][found])
+        owners = (got["ids"][found] >= len(single) - len(single) // 2).unique().tolist()
+        assert owners == [False, True]  # the neighbours came from both ranks' entries
 
 
 def _build_per_rank(tmp_path: Path, saved_model: Path, text: str, factory: str, *fail: str):
@@ -251,6 +275,28 @@ def test_per_rank_build_resumes_a_killed_rank(gloo, tmp_path, saved_model, store
     whole = Datastore.from_pretrained(tmp_path / "remote")
     np.testing.assert_array_equal(whole.keys.to_numpy(), store.keys.to_numpy())
     assert whole.index.ntotal == len(store)
+
+
+@pytest.mark.parametrize("retomaton", [None, 2])
+def test_wrapper_loss_under_trainer_equals_one_process(
+    gloo, tmp_path, store_dir, saved_model, other_text, retomaton
+):
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import trainer_loss
+
+    data = tmp_path / "eval.txt"
+    data.write_text(other_text, encoding="utf-8")
+    _run(
+        "trainer", store_dir, tmp_path, str(saved_model), str(data), *([str(retomaton)] if retomaton else [])
+    )
+    ref = trainer_loss(Datastore.from_pretrained(store_dir), str(saved_model), str(data), tmp_path, retomaton)
+    plain = trainer_loss(Datastore.from_pretrained(store_dir), str(saved_model), str(data), tmp_path, None)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+        assert got["batch_loss"] == pytest.approx(ref["batch_loss"], rel=1e-5)
+    if retomaton:  # pointer steps changed the loss: the comparison sees RetoMaton, not plain kNN-LM
+        assert ref["batch_loss"] != pytest.approx(plain["batch_loss"], rel=1e-6)
 
 
 def test_bad_distributed_value_is_refused(store_dir):

@@ -60,16 +60,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
-# The files of a store (besides its config and card); a new build or save replaces them as a whole.
-DATA_PATTERNS = (
+# Files split by entries (keys, values, per-rank index files), whose count changes with the split.
+SHARD_PATTERNS = (
     f"{KEYS_PREFIX}*.safetensors",
     f"{VALUES_PREFIX}*.safetensors",
     f"*{INDEX_SUFFIX}",
-    "index.faiss*",
     RANK_INDEX_PATTERN,
-    "*.ivfdata",
-    *EXTRA_FILES,
 )
+# The files of a store (besides its config and card); a new build or save replaces them as a whole.
+DATA_PATTERNS = (*SHARD_PATTERNS, "index.faiss*", "*.ivfdata", *EXTRA_FILES)
 STORE_PATTERNS = (CONFIG_NAME, CARD_NAME, *DATA_PATTERNS)
 _INDEX_ADD_ROWS = 65536
 

@@ -16,7 +16,7 @@ from ..lm.corpus import CorpusLike
 from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.hub_mixin import HubMixin
-from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
+from .builder import DATA_PATTERNS, SHARD_PATTERNS, build_datastore, rebuild_store, write_store
 from .calibration import calibrate_temperature
 from .card import datastore_card
 from .clusters import Clusters
@@ -32,10 +32,10 @@ from .index import (
 )
 from .neighbours import Neighbours
 from .provenance import Provenance
-from .rank_index import RANK_INDEX_PATTERN, index_files, open_index
+from .rank_index import index_files, open_index
 from .search_index import SearchIndex, prepare_queries, search_keys
 from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_files, rank_gpu
-from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
+from .shards import DEFAULT_MAX_SHARD_SIZE, shard_layout
 from .storage import ShardedArray, open_memmap, shard_bounds
 
 if TYPE_CHECKING:
@@ -75,12 +75,7 @@ class Datastore(HubMixin):
     # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
     hub_patterns = DATA_PATTERNS
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
-    delete_patterns = (
-        f"{KEYS_PREFIX}*.safetensors",
-        f"{VALUES_PREFIX}*.safetensors",
-        f"*{INDEX_SUFFIX}",
-        RANK_INDEX_PATTERN,
-    )
+    delete_patterns = SHARD_PATTERNS
     default_commit_message = "Upload kNN-LM datastore"
 
     def __init__(
@@ -316,6 +311,8 @@ class Datastore(HubMixin):
     @property
     def clusters(self) -> Clusters | None:
         """The IVF lists of the index as clusters of entries (RetoMaton); None for an index without lists."""
+        if self._sharded is not None:  # every rank's lists (the first call is collective)
+            return self._sharded.clusters()
         if self._clusters is _NOT_READ:
             self._clusters = Clusters.from_index(self.index, len(self))
         return self._clusters
