@@ -29,6 +29,7 @@ from .index import (
     DEFAULT_TRAIN_SIZE,
     configure_threads,
     exact_index,
+    has_mapped_lists,
 )
 from .neighbours import Neighbours
 from .provenance import Provenance
@@ -260,9 +261,10 @@ class Datastore(HubMixin):
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
-        values = self.values.iter_rows(1 << 20)
-        keys = self.keys.iter_rows(65536)
-        files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
+        keys, values, index = self.keys.iter_rows(65536), self.values.iter_rows(1 << 20), self.index
+        if has_mapped_lists(index):  # faiss cannot write lists mapped from a file: an in-RAM copy
+            index = open_index(self.folder, self.config, mmap=False)
+        files = write_store(folder, config, keys, values, bounds, index=index, key_dim=self.key_dim)
         return config, [*files, *copy_extra_files(self.folder, folder, config)]
 
     def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, **kwargs):

@@ -137,10 +137,24 @@ def exact_index(keys: Iterable[np.ndarray], dim: int) -> faiss.Index:
     return index
 
 
+def has_mapped_lists(index: faiss.Index) -> bool:
+    """Whether ``index`` has IVF lists memory-mapped from its file (``read_index(..., mmap=True)``)."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(
+        faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists
+    )
+
+
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     """Write through Python's file object: faiss's own writer ignores a failed final flush (a full
     disk leaves a silently truncated file), Python's raises."""
     faiss = import_faiss("writing a faiss index")
+    if has_mapped_lists(index):  # faiss would write a reference to a file name it keeps empty
+        raise ValueError(
+            f"cannot write {path}: the index's IVF lists are memory-mapped from its file; read it with "
+            f"mmap=False (read_index(path, mmap=False)) and write that copy."
+        )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         f.flush()
