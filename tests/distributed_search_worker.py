@@ -73,29 +73,42 @@ def train_rows(tokenizer, text: str, rows: int = 4, length: int = 24) -> list[di
 
 
 def trainer_loss(store: Datastore, model_dir: str, data: str, out: Path, retomaton: int | None) -> dict:
-    """``Trainer.evaluate``'s loss of ``KNNLMForCausalLM`` on ``train_rows`` (split over the ranks by the
-    Trainer) and the loss of one forward on the first two rows (the same batch on every rank)."""
+    """Losses of ``KNNLMForCausalLM`` on ``train_rows``: ``Trainer.evaluate``'s (rows split over the ranks
+    by the Trainer), one ``Trainer.train`` step's at learning rate 0 (the 4 rows are one global batch,
+    split over the ranks under DDP; the backward runs) and one forward's on the first two rows (the same
+    batch on every rank)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_knnlm import KNNLMForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for module in model.modules():  # train mode without dropout: the same loss as eval
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     wrapped = KNNLMForCausalLM.from_pretrained(model, datastore=store, k=8, lmbda=0.5, retomaton=retomaton)
     rows = train_rows(tokenizer, Path(data).read_text(encoding="utf-8"))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     args = TrainingArguments(
         output_dir=str(out / "trainer"),
         per_device_eval_batch_size=1,
+        per_device_train_batch_size=len(rows) // world,
+        max_steps=1,
+        learning_rate=0.0,
+        save_strategy="no",
+        logging_steps=1,  # a logged step gathers the loss of every rank (train_loss is else the local one)
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         label_names=["labels"],  # forward also takes shift_labels, which Trainer would wait for too
     )
-    metrics = Trainer(model=wrapped, args=args, eval_dataset=rows).evaluate()
+    trainer = Trainer(model=wrapped, args=args, eval_dataset=rows, train_dataset=rows)
+    metrics = trainer.evaluate()
+    trained = trainer.train()
     batch = {name: torch.stack([r[name] for r in rows[:2]]) for name in ("input_ids", "labels")}
     with torch.no_grad():
-        loss = wrapped(**batch).loss.item()
-    return {"eval_loss": metrics["eval_loss"], "batch_loss": loss}
+        loss = wrapped.eval()(**batch).loss.item()
+    return {"eval_loss": metrics["eval_loss"], "train_loss": trained.training_loss, "batch_loss": loss}
 
 
 def trainer(store: Datastore, out: Path, model_dir: str, data: str, retomaton: str = "") -> None:
