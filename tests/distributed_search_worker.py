@@ -170,7 +170,8 @@ def build(store_dir: str, out: Path, model_dir: str, data: str, factory: str, fa
     store = Datastore.build(
         model, tokenizer, [text], store_dir, index_factory=factory, shard_per_rank=True, **kwargs
     )
-    assert store.sharded is None  # Datastore.build returns the whole store in every process
+    part = store.config.rank_shards[rank]  # Datastore.build returns each process its own part
+    assert (store.sharded.shard.start, store.sharded.shard.end) == (part["start"], part["end"])
     (out / f"build-{rank}.json").write_text(json.dumps(written), encoding="utf-8")
 
 

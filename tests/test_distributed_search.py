@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNProcessor, evaluate_perplexity, tune
+from hf_knnlm.datastore.clusters import list_assignment
+from hf_knnlm.datastore.rank_index import open_ivf_range
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.conftest import require
@@ -249,6 +251,11 @@ def test_per_rank_build_opens_sharded_and_whole_as_a_default_build(
     assert torch.equal(a.ids, b.ids) and torch.equal(a.token_ids, b.token_ids)
     torch.testing.assert_close(a.distances, b.distances, atol=1e-5, rtol=1e-5)
 
+    if factory != "Flat":  # a range across both ranks' files (N = 3 processes would open such ranges)
+        mid = parts[0]["end"]
+        part = open_ivf_range(remote, whole.config, mid - 100, mid + 100, mmap=True)
+        lists = list_assignment(part, mid - 100, mid + 100)
+        assert part.ntotal == 200 and (lists == list_assignment(single.index, mid - 100, mid + 100)).all()
     single.nprobe = 8  # every list: exact, so the ranks' merged ids compare one to one
     rows, queries = _write_queries(single, tmp_path)
     _run("hub", remote, tmp_path)  # each rank downloads and reads its own files only

@@ -163,8 +163,8 @@ class Datastore(HubMixin):
             document_names (`list[str]`, *optional*): one name per document, shown by attribution
                 (default: the file name, or ``texts[i]`` / ``dataset[i]``).
             shard_per_rank (`bool`, defaults to `False`): under accelerate / torchrun every process writes
-                its own shards and IVF lists (one shared quantizer), read back by ``distributed="shard"``
-                on as many processes or whole in one (``hf_knnlm.datastore.rank_build``; Flat or IVF).
+                its own shards and IVF lists (one shared quantizer) and gets its part back (``distributed=
+                "shard"``); one process opens it whole (``hf_knnlm.datastore.rank_build``; Flat or IVF).
 
         Each entry's corpus position and every document's text and token character spans are
         recorded (``entries.safetensors``, ``documents.safetensors``) for RetoMaton and attribution.
@@ -188,7 +188,8 @@ class Datastore(HubMixin):
             document_names=document_names,
             shard_per_rank=shard_per_rank,
         )
-        return cls.from_pretrained(folder, verify=False)
+        sharded = shard_per_rank and process_group()[1] > 1  # each process opens its own part
+        return cls.from_pretrained(folder, verify=False, distributed="shard" if sharded else None)
 
     @classmethod
     def from_pretrained(
