@@ -59,6 +59,17 @@ def test_save_load_round_trip_gives_identical_search(store, tmp_path):
     assert torch.equal(got.distances, expected.distances) and torch.equal(got.ids, expected.ids)
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_saved_ivf_store_searches_as_the_original(store, tmp_path, mmap):
+    """A memory-mapped IVF index is saved from an in-RAM copy (faiss writes mapped lists as a dangling
+    file reference, which crashed the next search)."""
+    ivf = Datastore.from_pretrained(store.rebuild_index("IVF4,Flat", tmp_path / "ivf").folder, mmap=mmap)
+    queries = torch.from_numpy(ivf.keys.take(np.arange(0, len(ivf), 41)).astype(np.float32)) + 0.05
+    copy = Datastore.from_pretrained(ivf.save_pretrained(tmp_path / "copy"), nprobe=ivf.nprobe)
+    a, b = ivf.search(queries, 8), copy.search(queries, 8)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.distances, b.distances)
+
+
 def test_killed_build_resumes_to_the_same_store(model, tokenizer, corpus_text, tmp_path, monkeypatch):
     kwargs = dict(max_length=64, stride=32, batch_size=2, checkpoint_every=100, disable_progress=True)
     reference = Datastore.build(model, tokenizer, [corpus_text], tmp_path / "ref", **kwargs)

@@ -41,7 +41,8 @@ def test_window_range_rejects_bad_rank():
 
 
 @pytest.mark.slow
-def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, corpus_text):
+@pytest.mark.parametrize("shard_per_rank", [False, True])
+def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, corpus_text, shard_per_rank):
     # The launcher of the active environment (an activated virtual environment puts it on PATH).
     launcher = shutil.which("accelerate")
     require(
@@ -91,6 +92,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
         "32",
         "--batch-size",
         "4",
+        *(["--shard-per-rank"] if shard_per_rank else []),
     ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -99,7 +101,14 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
     multi = Datastore.from_pretrained(tmp_path / "multi")
     assert not (tmp_path / "multi" / ".partial").exists()
     assert len(multi) == len(single)
-    assert multi.config.shards == single.config.shards
+    if shard_per_rank:  # one keys and one values shard per process, each process's own entries
+        parts = multi.config.rank_shards
+        assert [(s["start"], s["end"]) for s in multi.config.shards] == [
+            (p["start"], p["end"]) for p in parts
+        ]
+        assert len(parts) == 2 and 0 < parts[0]["end"] < len(single)
+    else:
+        assert multi.config.shards == single.config.shards
     np.testing.assert_array_equal(multi.values.to_numpy(), single.values.to_numpy())
     # Same model, same windows: the keys are bitwise equal in fp16 (not merely close).
     np.testing.assert_array_equal(multi.keys.to_numpy(), single.keys.to_numpy())
@@ -119,3 +128,47 @@ def test_rank_progresses_single_process_layout(tmp_path):
     progresses = rank_progresses(tmp_path / ".partial2", "fp", 5, state)
     assert [p.folder.name for p in progresses] == ["rank-00000", "rank-00001"]
     assert not progresses[0].folder.exists() and progresses[1].folder.exists()  # only its own folder
+
+
+def test_shard_per_rank_is_checked_before_the_model_runs(tmp_path, model, tokenizer):
+    with pytest.raises(ValueError, match=r"shard_per_rank=.*yes"):
+        Datastore.build(
+            model, tokenizer, ["a b c"], tmp_path / "a", max_length=16, stride=8, shard_per_rank="yes"
+        )
+    with pytest.raises(ValueError, match=r"index_factory='HNSW8' is not an IVF index.*'Flat'"):
+        Datastore.build(
+            model,
+            tokenizer,
+            ["a b c"],
+            tmp_path / "b",
+            max_length=16,
+            stride=8,
+            index_factory="HNSW8",
+            shard_per_rank=True,
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_one_process_shard_per_rank_build_equals_default(tmp_path, model, tokenizer, corpus_text):
+    """One process is one rank: its files, an index-00001-of-00001.faiss, the default build's answers."""
+    kwargs = {
+        "max_length": 64,
+        "stride": 32,
+        "batch_size": 4,
+        "index_factory": "IVF4,Flat",
+        "disable_progress": True,
+    }
+    single = Datastore.build(model, tokenizer, [corpus_text], tmp_path / "single", **kwargs)
+    ranked = Datastore.build(
+        model, tokenizer, [corpus_text], tmp_path / "ranked", shard_per_rank=True, **kwargs
+    )
+    assert ranked.config.rank_shards == [
+        {"start": 0, "end": len(single), "index": "index-00001-of-00001.faiss"}
+    ]
+    assert ranked.config.temperature == single.config.temperature
+    q = single.keys.take(np.arange(0, len(single), 31)).astype(np.float32) + 0.05
+    single.nprobe = ranked.nprobe = 1
+    np.testing.assert_array_equal(ranked.search_ids(q, 16)[1], single.search_ids(q, 16)[1])
+    resaved = Datastore.from_pretrained(ranked.save_pretrained(tmp_path / "resaved"), nprobe=1)
+    assert resaved.config.rank_shards is None and (tmp_path / "resaved" / "index.faiss").is_file()
+    np.testing.assert_array_equal(resaved.search_ids(q, 16)[1], single.search_ids(q, 16)[1])

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNProcessor, evaluate_perplexity, tune
+from hf_knnlm.datastore.clusters import list_assignment
+from hf_knnlm.datastore.rank_index import open_ivf_range
 
 try:  # tests/ is a package on main, a plain folder elsewhere
     from tests.conftest import require
@@ -163,15 +165,16 @@ def test_sharded_evaluation_and_tuning_equal_one_process(
         assert got["tune_points"] == pytest.approx([p.knn_ppl for p in tuned.points], rel=1e-5)
 
 
+@pytest.mark.parametrize("retomaton", [None, 2])
 def test_uneven_generation_finishes_and_equals_serial(
-    gloo, tmp_path, store_dir, saved_model, model, tokenizer
+    gloo, tmp_path, store_dir, saved_model, model, tokenizer, retomaton
 ):
     sys.path.insert(0, str(WORKER.parent))
     from distributed_search_worker import NEW_TOKENS, PROMPTS
 
-    _run("generate", store_dir, tmp_path, str(saved_model))
+    _run("generate", store_dir, tmp_path, str(saved_model), *([str(retomaton)] if retomaton else []))
 
-    knn = KNNProcessor(model, Datastore.from_pretrained(store_dir), k=8, lmbda=0.5)
+    knn = KNNProcessor(model, Datastore.from_pretrained(store_dir), k=8, lmbda=0.5, retomaton=retomaton)
     serial = []
     for prompt, new in zip(PROMPTS, NEW_TOKENS, strict=True):
         ids = model.generate(
@@ -184,6 +187,126 @@ def test_uneven_generation_finishes_and_equals_serial(
         serial.append(ids[0].tolist())
     got = [t for r in range(2) for t in json.loads((tmp_path / f"rank-{r}.json").read_text(encoding="utf-8"))]
     assert got == serial
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_sharded_retomaton_equals_one_process(gloo, tmp_path, store_dir, factory):
+    """Pointer steps read keys and values of entries on either rank (and, for IVF, every rank's lists)."""
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import reto_streams, reto_walk
+
+    single = Datastore.from_pretrained(store_dir)
+    if factory != "Flat":
+        single = single.rebuild_index(factory, tmp_path / "ivf")
+    _run("retomaton", single.folder, tmp_path, "2")
+    for rank, positions in enumerate(reto_streams(len(single), 2)):
+        got = load_file(str(tmp_path / f"rank-{rank}.safetensors"))
+        ref = reto_walk(single, positions, 2)
+        steps, searches = ref["stats"].tolist()
+        assert got["stats"].tolist() == [steps, searches] and searches < steps / 2  # mostly pointer steps
+        assert torch.equal(got["ids"], ref["ids"])
+        torch.testing.assert_close(got["distances"], ref["distances"], atol=1e-5, rtol=1e-5)
+        found = ref["ids"] >= 0
+        assert torch.equal(got["values"][found], ref["values"][found])
+        owners = (got["ids"][found] >= len(single) - len(single) // 2).unique().tolist()
+        assert owners == [False, True]  # the neighbours came from both ranks' entries
+
+
+def _build_per_rank(tmp_path: Path, saved_model: Path, text: str, factory: str, *fail: str):
+    data = tmp_path / "corpus.txt"
+    data.write_text(text, encoding="utf-8")
+    args = (
+        str(WORKER),
+        "build",
+        str(tmp_path / "remote"),
+        str(tmp_path),
+        str(saved_model),
+        str(data),
+        factory,
+    )
+    return _torchrun(*args, *fail, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_per_rank_build_opens_sharded_and_whole_as_a_default_build(
+    gloo, tmp_path, saved_model, model, tokenizer, corpus_text, factory
+):
+    kwargs = {"max_length": 64, "stride": 32, "batch_size": 4, "index_factory": factory}
+    single = Datastore.build(
+        model, tokenizer, [corpus_text], tmp_path / "single", disable_progress=True, **kwargs
+    )
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, factory)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    remote = tmp_path / "remote"
+    whole = Datastore.from_pretrained(remote)  # one process: every rank's files
+    parts = whole.config.rank_shards
+    assert [(p["start"], p["end"]) for p in parts] == [(0, parts[0]["end"]), (parts[0]["end"], len(single))]
+    assert not (remote / ".partial").exists() and not (remote / "index.faiss").exists()
+    np.testing.assert_array_equal(whole.keys.to_numpy(), single.keys.to_numpy())  # bitwise, entry order
+    np.testing.assert_array_equal(whole.values.to_numpy(), single.values.to_numpy())
+    assert whole.config.temperature == pytest.approx(single.config.temperature, rel=1e-5)
+    queries = torch.from_numpy(single.keys.take(np.arange(0, len(single), 23)).astype(np.float32)) + 0.05
+    single.nprobe = whole.nprobe = 2  # not every list: the same quantizer probes the same ones
+    a, b = single.search(queries, 32), whole.search(queries, 32)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.distances, b.distances, atol=1e-5, rtol=1e-5)
+
+    if factory != "Flat":  # a range across both ranks' files (N = 3 processes would open such ranges)
+        mid = parts[0]["end"]
+        part = open_ivf_range(remote, whole.config, mid - 100, mid + 100, mmap=True)
+        lists = list_assignment(part, mid - 100, mid + 100)
+        assert part.ntotal == 200 and (lists == list_assignment(single.index, mid - 100, mid + 100)).all()
+    single.nprobe = 8  # every list: exact, so the ranks' merged ids compare one to one
+    rows, queries = _write_queries(single, tmp_path)
+    _run("hub", remote, tmp_path)  # each rank downloads and reads its own files only
+    _assert_ranks_found_as_one(single, rows, queries, tmp_path)
+    every = {p.name for p in remote.iterdir()}
+    for rank, part in enumerate(parts):
+        shards = [s for s in whole.config.shards if part["start"] <= s["start"] < part["end"]]
+        own = {s[f] for s in shards for f in ("keys", "values")} | ({part["index"]} - {None})
+        others = {n for n in whole.config.files if n.startswith(("keys-", "values-", "index-"))} - own
+        files = set(json.loads((tmp_path / f"files-{rank}.json").read_text()))
+        assert own and files == every - others, (rank, sorted(files ^ (every - others)))
+
+
+def test_per_rank_build_resumes_a_killed_rank(gloo, tmp_path, saved_model, store, corpus_text):
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, "IVF8,Flat", "1")
+    assert result.returncode != 0 and "rank 1 killed" in result.stdout + result.stderr
+    stage = tmp_path / "remote" / ".partial" / "store"
+    assert not (tmp_path / "remote" / "datastore_config.json").exists()
+    assert sorted(p.name for p in stage.glob("rank-*.json")) == ["rank-00000.json", "rank-00001.json"]
+    result = _build_per_rank(tmp_path, saved_model, corpus_text, "IVF8,Flat")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(2):  # neither rank writes its shards again
+        assert json.loads((tmp_path / f"build-{rank}.json").read_text()) == []
+    whole = Datastore.from_pretrained(tmp_path / "remote")
+    np.testing.assert_array_equal(whole.keys.to_numpy(), store.keys.to_numpy())
+    assert whole.index.ntotal == len(store)
+
+
+@pytest.mark.parametrize("retomaton", [None, 2])
+def test_wrapper_loss_under_trainer_equals_one_process(
+    gloo, tmp_path, store_dir, saved_model, other_text, retomaton
+):
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import trainer_loss
+
+    data = tmp_path / "eval.txt"
+    data.write_text(other_text, encoding="utf-8")
+    _run(
+        "trainer", store_dir, tmp_path, str(saved_model), str(data), *([str(retomaton)] if retomaton else [])
+    )
+    ref = trainer_loss(Datastore.from_pretrained(store_dir), str(saved_model), str(data), tmp_path, retomaton)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+        assert got["batch_loss"] == pytest.approx(ref["batch_loss"], rel=1e-5)
+        assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
+    if retomaton:  # pointer steps changed the loss: the comparison sees RetoMaton, not plain kNN-LM
+        plain = trainer_loss(
+            Datastore.from_pretrained(store_dir), str(saved_model), str(data), tmp_path, None
+        )
+        assert ref["batch_loss"] != pytest.approx(plain["batch_loss"], rel=1e-6)
 
 
 def test_bad_distributed_value_is_refused(store_dir):

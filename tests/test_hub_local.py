@@ -197,7 +197,7 @@ def test_modified_file_is_refused_by_name(sharded_dir, name, monkeypatch):
     _corrupt(sharded_dir / name)
     # Nothing may be read before the check: faiss and safetensors would fail on their own otherwise.
     monkeypatch.setattr(
-        "hf_knnlm.datastore.datastore.read_index", lambda *a, **k: pytest.fail("faiss read first")
+        "hf_knnlm.datastore.rank_index.read_index", lambda *a, **k: pytest.fail("faiss read first")
     )
     monkeypatch.setattr(
         "hf_knnlm.datastore.datastore.open_memmap", lambda *a, **k: pytest.fail("tensors read first")

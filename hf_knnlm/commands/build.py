@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         train_size=args.train_size,
         overwrite=args.overwrite,
+        shard_per_rank=args.shard_per_rank,
     )
     print(store)
     return 0
@@ -60,5 +61,11 @@ def register(subparsers) -> None:
         type=size,
         default=DEFAULT_MAX_SHARD_SIZE,
         help=f"Largest keys shard (default: {DEFAULT_MAX_SHARD_SIZE}).",
+    )
+    p.add_argument(
+        "--shard-per-rank",
+        action="store_true",
+        help="Under accelerate launch / torchrun, every process writes the shards and IVF lists of its own "
+        "entries (one shared quantizer); open with distributed='shard' on as many processes.",
     )
     p.set_defaults(func=run)

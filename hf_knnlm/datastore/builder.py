@@ -47,6 +47,8 @@ from .index import (
 )
 from .progress import build_fingerprint, check_ranks_done, embed_windows, merged_arrays, rank_progresses
 from .provenance import record_provenance
+from .rank_build import check_shard_per_rank, finish_per_rank
+from .rank_index import RANK_INDEX_PATTERN
 from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, write_shard_index
 from .storage import ShardedArray, open_memmap, parse_size, shard_bounds, write_sharded
 
@@ -58,15 +60,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".partial"
-# The files of a store (besides its config and card); a new build or save replaces them as a whole.
-DATA_PATTERNS = (
+# Files split by entries (keys, values, per-rank index files), whose count changes with the split.
+SHARD_PATTERNS = (
     f"{KEYS_PREFIX}*.safetensors",
     f"{VALUES_PREFIX}*.safetensors",
     f"*{INDEX_SUFFIX}",
-    "index.faiss*",
-    "*.ivfdata",
-    *EXTRA_FILES,
+    RANK_INDEX_PATTERN,
 )
+# The files of a store (besides its config and card); a new build or save replaces them as a whole.
+DATA_PATTERNS = (*SHARD_PATTERNS, "index.faiss*", "*.ivfdata", *EXTRA_FILES)
 STORE_PATTERNS = (CONFIG_NAME, CARD_NAME, *DATA_PATTERNS)
 _INDEX_ADD_ROWS = 65536
 
@@ -159,6 +161,7 @@ def index_shards(
     for stale in folder.glob(f"*{INDEX_SUFFIX}"):  # a store with one shard has no shard index json
         stale.unlink()
     config.num_entries = bounds[-1][1] if bounds else 0
+    config.rank_shards = None  # one index over every entry, whoever built the source
     config.shards = [
         {"keys": k, "values": v, "start": s, "end": e}
         for k, v, (s, e) in zip(key_files, value_files, bounds, strict=True)
@@ -222,6 +225,7 @@ def build_datastore(
     separator: str = "\n\n",
     disable_progress: bool | None = None,
     document_names: Sequence[str] | None = None,
+    shard_per_rank: bool = False,
 ) -> Path:
     """Build a datastore folder; see [`hf_knnlm.Datastore.build`][hf_knnlm.Datastore.build] for the arguments.
 
@@ -234,6 +238,7 @@ def build_datastore(
     )
     parse_size(max_shard_size)  # a bad size fails now, not after the model pass
     path, width = _hook_and_width(model, hook_module, index_factory)
+    check_shard_per_rank(shard_per_rank, index_factory, width)
     tokens = tokenize_corpus(tokenizer, data, text_column, separator)
     check_index_factory(index_factory, width, len(tokens) - 1, train_size)
     state = build_state()
@@ -260,14 +265,29 @@ def build_datastore(
             expected_width=width if hook_module is not None else None,
         )
         state.wait_for_everyone()
-        if state.is_main_process:
+        keep = not_matching((*STORE_PATTERNS, PARTIAL_DIR))
+
+        def write_extras(folder: Path) -> list[str]:
+            return record_provenance(folder, tokenizer, data, tokens, text_column, separator, document_names)
+
+        if shard_per_rank:  # every process writes its own files (hf_knnlm.datastore.rank_build)
+            finish_per_rank(
+                output_dir / PARTIAL_DIR,
+                progresses,
+                state,
+                config,
+                num_windows=len(windows),
+                max_shard_size=max_shard_size,
+                train_size=train_size,
+                keep=keep,
+                write_extras=write_extras,
+            )
+        elif state.is_main_process:
             check_ranks_done(progresses, len(windows), state.num_processes)
             # The finished store is written beside the folder and swapped in whole: an old store (with
             # overwrite=True) stays loadable until then, and the swap takes .partial away with it.
-            with atomic_folder(output_dir, keep=not_matching((*STORE_PATTERNS, PARTIAL_DIR))) as folder:
-                extra = record_provenance(
-                    folder, tokenizer, data, tokens, text_column, separator, document_names
-                )
+            with atomic_folder(output_dir, keep=keep) as folder:
+                extra = write_extras(folder)
                 _finalize(*merged_arrays(progresses), folder, config, max_shard_size, train_size, extra)
         state.wait_for_everyone()
     return output_dir

@@ -41,22 +41,10 @@ class Clusters:
     @classmethod
     def from_index(cls, index: faiss.Index, num_entries: int) -> Clusters | None:
         """The IVF lists of ``index`` as clusters; None when it has none or misses entries."""
-        faiss = import_faiss()
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is None:
+        assignment = list_assignment(index, 0, num_entries)
+        if (assignment < 0).any():  # no lists, or a partial index (entries not added): no reliable clusters
             return None
-        lists = ivf.invlists
-        assignment = np.full(num_entries, -1, dtype=np.int64)
-        for cluster in range(ivf.nlist):
-            size = lists.list_size(cluster)
-            if size:
-                ptr = lists.get_ids(cluster)
-                ids = faiss.rev_swig_ptr(ptr, size).copy()
-                lists.release_ids(cluster, ptr)
-                assignment[ids[(ids >= 0) & (ids < num_entries)]] = cluster
-        if (assignment < 0).any():  # a partial index (entries not added): no reliable clusters
-            return None
-        return cls(assignment, ivf.nlist)
+        return cls(assignment, import_faiss().extract_index_ivf(index).nlist)
 
     def members(self, clusters: np.ndarray) -> np.ndarray:
         """The entries of ``clusters``, cluster after cluster in the order given."""
@@ -78,3 +66,21 @@ class Clusters:
         members = self.members(clusters[:enough])
         extra = members[~np.isin(members, ids)][: limit - len(ids)]
         return np.concatenate([ids, extra])
+
+
+def list_assignment(index: faiss.Index, start: int, end: int) -> np.ndarray:
+    """The IVF list of each entry ``start .. end - 1`` in ``index`` (-1: in no list, or no lists at all)."""
+    faiss = import_faiss()
+    assignment = np.full(end - start, -1, dtype=np.int64)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return assignment
+    lists = ivf.invlists
+    for cluster in range(ivf.nlist):
+        size = lists.list_size(cluster)
+        if size:
+            ptr = lists.get_ids(cluster)
+            ids = faiss.rev_swig_ptr(ptr, size).copy()
+            lists.release_ids(cluster, ptr)
+            assignment[ids[(ids >= start) & (ids < end)] - start] = cluster
+    return assignment

@@ -76,6 +76,15 @@ class DatastoreConfig(StoreConfig):
         default_factory=list,
         metadata={"help": "Entry ranges: [{'keys': file, 'values': file, 'start': i, 'end': j}], relative."},
     )
+    rank_shards: list[dict[str, Any]] | None = field(
+        default=None,
+        metadata={
+            "help": "Set by a build with shard_per_rank: [{'start': i, 'end': j, 'index': file or None}], "
+            "the "
+            "entries each of its processes wrote and that process's IVF index file (over one shared "
+            "quantizer); distributed='shard' on as many processes gives each its own range and files."
+        },
+    )
     evaluation: dict[str, Any] | None = field(
         default=None, metadata={"help": "Recorded perplexities (base_ppl, knn_ppl, ...) for the model card."}
     )
@@ -99,3 +108,8 @@ class DatastoreConfig(StoreConfig):
                 raise ValueError(f"shard {shard!r} needs 'keys', 'values', 'start' and 'end'.")
         for name in [f for s in self.shards for f in (s["keys"], s["values"])]:
             check_relative(name, self.WHAT)
+        for part in self.rank_shards or []:
+            if not {"start", "end", "index"} <= set(part):
+                raise ValueError(f"rank shard {part!r} needs 'start', 'end' and 'index'.")
+            if part["index"] is not None:
+                check_relative(part["index"], self.WHAT)

@@ -16,7 +16,7 @@ from ..lm.corpus import CorpusLike
 from ..utils.checks import check_positive_int
 from ..utils.faiss_support import import_faiss
 from ..utils.hub_mixin import HubMixin
-from .builder import DATA_PATTERNS, build_datastore, rebuild_store, write_store
+from .builder import DATA_PATTERNS, SHARD_PATTERNS, build_datastore, rebuild_store, write_store
 from .calibration import calibrate_temperature
 from .card import datastore_card
 from .clusters import Clusters
@@ -27,17 +27,16 @@ from .index import (
     DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
     DEFAULT_TRAIN_SIZE,
-    INDEX_NAME,
     configure_threads,
     exact_index,
-    is_exact,
-    read_index,
+    has_mapped_lists,
 )
 from .neighbours import Neighbours
 from .provenance import Provenance
+from .rank_index import index_files, open_index
 from .search_index import SearchIndex, prepare_queries, search_keys
 from .sharded import ShardedSearch, check_distributed, open_rank_shard, process_group, rank_files, rank_gpu
-from .shards import DEFAULT_MAX_SHARD_SIZE, INDEX_SUFFIX, KEYS_PREFIX, VALUES_PREFIX, shard_layout
+from .shards import DEFAULT_MAX_SHARD_SIZE, shard_layout
 from .storage import ShardedArray, open_memmap, shard_bounds
 
 if TYPE_CHECKING:
@@ -45,11 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _NOT_READ = object()  # Datastore._clusters before the index lists were first read
-
-
-def _has_index_file(config: DatastoreConfig) -> bool:
-    """Every store but an exact one written by format version 2 or later keeps ``index.faiss``."""
-    return INDEX_NAME in config.files or not is_exact(config.index_factory)
 
 
 class Datastore(HubMixin):
@@ -82,7 +76,7 @@ class Datastore(HubMixin):
     # The files a Hub download fetches (into one snapshot folder: faiss side files must sit together).
     hub_patterns = DATA_PATTERNS
     # Remote files a push replaces: stale shards of an earlier push with another shard count go.
-    delete_patterns = (f"{KEYS_PREFIX}*.safetensors", f"{VALUES_PREFIX}*.safetensors", f"*{INDEX_SUFFIX}")
+    delete_patterns = SHARD_PATTERNS
     default_commit_message = "Upload kNN-LM datastore"
 
     def __init__(
@@ -108,9 +102,8 @@ class Datastore(HubMixin):
             self.keys = ShardedArray([open_memmap(self.folder / s["keys"], "keys") for s in layout])
             # Token ids stay memory-mapped (int32 on disk); search gathers the few it needs.
             self.values = ShardedArray([open_memmap(self.folder / s["values"], "values") for s in layout])
-            if _has_index_file(config):
-                index = read_index(self.folder / INDEX_NAME, mmap=mmap)
-            else:  # exact search keeps no second copy of the keys on disk: rebuild it from them
+            index = open_index(self.folder, config, mmap)  # index.faiss, or one file per build rank
+            if index is None:  # exact search keeps no second copy of the keys on disk: rebuild it from them
                 index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         self.key_transform = read_key_transform(self.folder, config)
         self._provenance = None
@@ -148,6 +141,7 @@ class Datastore(HubMixin):
         overwrite: bool = False,
         disable_progress: bool | None = None,
         document_names: Sequence[str] | None = None,
+        shard_per_rank: bool = False,
     ) -> Datastore:
         """Run ``model`` over ``data`` and store (FFN input at t, token t+1) for every target.
 
@@ -168,6 +162,9 @@ class Datastore(HubMixin):
             overwrite (`bool`, defaults to `False`): replace a finished store in ``output_dir``.
             document_names (`list[str]`, *optional*): one name per document, shown by attribution
                 (default: the file name, or ``texts[i]`` / ``dataset[i]``).
+            shard_per_rank (`bool`, defaults to `False`): under accelerate / torchrun every process writes
+                its own shards and IVF lists (one shared quantizer) and gets its part back (``distributed=
+                "shard"``); one process opens it whole (``hf_knnlm.datastore.rank_build``; Flat or IVF).
 
         Each entry's corpus position and every document's text and token character spans are
         recorded (``entries.safetensors``, ``documents.safetensors``) for RetoMaton and attribution.
@@ -189,8 +186,10 @@ class Datastore(HubMixin):
             overwrite=overwrite,
             disable_progress=disable_progress,
             document_names=document_names,
+            shard_per_rank=shard_per_rank,
         )
-        return cls.from_pretrained(folder, verify=False)
+        sharded = shard_per_rank and process_group()[1] > 1  # each process opens its own part
+        return cls.from_pretrained(folder, verify=False, distributed="shard" if sharded else None)
 
     @classmethod
     def from_pretrained(
@@ -233,7 +232,7 @@ class Datastore(HubMixin):
 
     @classmethod
     def _files_read(cls, config: DatastoreConfig) -> list[str]:
-        index = [INDEX_NAME] if _has_index_file(config) else []
+        index = index_files(config)
         return [*(name for shard in config.shards for name in (shard["keys"], shard["values"])), *index]
 
     @classmethod
@@ -263,9 +262,10 @@ class Datastore(HubMixin):
             bounds = [(s["start"], s["end"]) for s in config.shards]
         else:
             bounds = shard_bounds(len(self), self.key_dim * 2, max_shard_size)
-        values = self.values.iter_rows(1 << 20)
-        keys = self.keys.iter_rows(65536)
-        files = write_store(folder, config, keys, values, bounds, index=self.index, key_dim=self.key_dim)
+        keys, values, index = self.keys.iter_rows(65536), self.values.iter_rows(1 << 20), self.index
+        if has_mapped_lists(index):  # faiss cannot write lists mapped from a file: an in-RAM copy
+            index = open_index(self.folder, self.config, mmap=False)
+        files = write_store(folder, config, keys, values, bounds, index=index, key_dim=self.key_dim)
         return config, [*files, *copy_extra_files(self.folder, folder, config)]
 
     def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, **kwargs):
@@ -314,6 +314,8 @@ class Datastore(HubMixin):
     @property
     def clusters(self) -> Clusters | None:
         """The IVF lists of the index as clusters of entries (RetoMaton); None for an index without lists."""
+        if self._sharded is not None:  # every rank's lists (the first call is collective)
+            return self._sharded.clusters()
         if self._clusters is _NOT_READ:
             self._clusters = Clusters.from_index(self.index, len(self))
         return self._clusters

@@ -92,6 +92,23 @@ def build_index(
     metric: int | None = None,
 ) -> faiss.Index:
     """Create, train (on a sample of ``keys``) and fill an index from float16/float32 row chunks."""
+    index = trained_index(factory, dim, keys, train_size=train_size, seed=seed, metric=metric)
+    for chunk in chunks:
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+    return index
+
+
+def trained_index(
+    factory: str,
+    dim: int,
+    keys,
+    *,
+    train_size: int = DEFAULT_TRAIN_SIZE,
+    seed: int = 0,
+    metric: int | None = None,
+) -> faiss.Index:
+    """An empty index of type ``factory`` trained on a sample of ``keys`` (the ``train_sample`` of
+    ``build_index``: the same keys give the same quantizer, whichever process trains it)."""
     index = new_index(factory, dim, metric)
     if not index.is_trained:
         sample = train_sample(keys, len(keys), train_size, seed)
@@ -104,8 +121,6 @@ def build_index(
                 f"index_factory={factory!r} could not be trained on {len(sample)} keys "
                 f"({str(err).splitlines()[-1][:200]}); use a smaller index (fewer lists or codes) or 'Flat'."
             ) from err
-    for chunk in chunks:
-        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
     return index
 
 
@@ -122,10 +137,24 @@ def exact_index(keys: Iterable[np.ndarray], dim: int) -> faiss.Index:
     return index
 
 
+def has_mapped_lists(index: faiss.Index) -> bool:
+    """Whether ``index`` has IVF lists memory-mapped from its file (``read_index(..., mmap=True)``)."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(
+        faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists
+    )
+
+
 def write_index(index: faiss.Index, path: str | os.PathLike) -> None:
     """Write through Python's file object: faiss's own writer ignores a failed final flush (a full
     disk leaves a silently truncated file), Python's raises."""
     faiss = import_faiss("writing a faiss index")
+    if has_mapped_lists(index):  # faiss would write a reference to a file name it keeps empty
+        raise ValueError(
+            f"cannot write {path}: the index's IVF lists are memory-mapped from its file; read it with "
+            f"mmap=False (read_index(path, mmap=False)) and write that copy."
+        )
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         f.flush()

@@ -14,6 +14,10 @@ index over them:
   rank keeps 1/N of the codes. Probing the same lists of the same quantizer on every rank, the
   merged result holds what a one-process search of the whole index finds.
 
+A store built with ``shard_per_rank=True`` on as many processes gives each rank the entries it wrote and
+its own files only (its keys and values shards, its ``index-0000r-of-0000N.faiss`` memory-mapped as it
+is); opened on another number of processes it is split as above (:mod:`~hf_knnlm.datastore.rank_index`).
+
 A search is a collective call (every rank calls it, a rank without queries with none):
 
 1. the ranks all-gather a header (query count, k, recompute flag, "done" flag), then the queries;
@@ -43,13 +47,14 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..utils.faiss_support import import_faiss
 from .calibration import calibration_sample, nearest_other_distances, temperature_from_distances
+from .clusters import Clusters, list_assignment
 from .config import DatastoreConfig
 from .distributed import build_state, window_range
 from .extras import ENTRIES_NAME
-from .index import INDEX_NAME, exact_index, is_exact, read_index
+from .index import exact_index, is_exact
 from .neighbours import Neighbours
+from .rank_index import index_files, open_ivf_range, parts_for, rank_range
 from .search_index import SearchIndex, search_keys
 from .storage import ShardedArray, open_memmap
 
@@ -58,6 +63,7 @@ if TYPE_CHECKING:
 
 DISTRIBUTED_MODES = ("shard",)
 _FIELDS = 4  # distance, entry id, value, log count: packed in float64 (exact for ids < 2**53)
+_UNREAD = object()  # ShardedSearch._clusters before a round gathered them
 
 
 def check_distributed(distributed: object) -> None:
@@ -117,8 +123,8 @@ def _slices(folder: Path, layout: list[dict], part: str, start: int, end: int) -
 def rank_files(
     config: DatastoreConfig, rank: int | None = None, world: int | None = None
 ) -> list[str] | None:
-    """The files a rank reads of a sharded store: the key and value shards that hold its entries and
-    every file that is not a shard (index, merge counts, side files); ``None`` for a single process.
+    """The files a rank reads of a sharded store: the key and value shards and the index files that hold
+    its entries and every other file (merge counts, side files); ``None`` for a single process.
 
     A rank of a store opened from the Hub downloads and checks only these (``rank``/``world``: this
     process's unless given).
@@ -127,13 +133,15 @@ def rank_files(
         rank, world = process_group()
     if world == 1:
         return None
-    start, end = window_range(config.num_entries, rank, world)
+    start, end = rank_range(config, rank, world)
     layout = config.shards
     own = [s for s in layout if max(s["start"], start) < min(s["end"], end)] or layout[-1:]
     shard_names = {shard[part] for shard in layout for part in ("keys", "values")}
+    own_index = [p["index"] for p in parts_for(config, start, end)]
     return [
         *(shard[part] for shard in own for part in ("keys", "values")),
-        *sorted(set(config.files) - shard_names),
+        *own_index,
+        *sorted(set(config.files) - shard_names - set(index_files(config))),
     ]
 
 
@@ -147,37 +155,17 @@ def _log_counts(folder: Path, config: DatastoreConfig, start: int, end: int) -> 
     return torch.from_numpy(np.log(counts.astype(np.float32)))
 
 
-def _ivf_slice(path: Path, start: int, end: int, mmap: bool) -> faiss.Index:
-    """The IVF index at ``path`` with only the entries ``[start, end)`` in its lists (same quantizer)."""
-    faiss = import_faiss("opening a datastore shard")
-    full = read_index(path, mmap=mmap)  # faiss returns the concrete type (a downcast copy would not own it)
-    if not isinstance(full, faiss.IndexIVF):
-        raise ValueError(
-            f"distributed='shard' slices exact (Flat) and IVF indexes; {path} is a {type(full).__name__}. "
-            f"Rebuild the store with Datastore.rebuild_index('IVF4096,PQ64', ...) or 'Flat'."
-        )
-    part = read_index(path, mmap=mmap)
-    lists = faiss.ArrayInvertedLists(part.nlist, part.code_size)
-    part.replace_invlists(lists, True)
-    lists.this.disown()  # the index frees its lists
-    part.ntotal = 0
-    subset = getattr(faiss.InvertedLists, "SUBSET_TYPE_ID_RANGE", 0)
-    full.copy_subset_to(part, subset, start, end)
-    del full  # unmaps the whole file: the rank keeps its own lists only
-    return part
-
-
 def open_rank_shard(
     folder: Path, config: DatastoreConfig, layout: list[dict], rank: int, world: int, mmap: bool = True
 ) -> tuple[RankShard, int, int]:
     """``(shard, rank, world)``: the entries of ``rank`` (of ``world``) of the store in ``folder``."""
-    start, end = window_range(config.num_entries, rank, world)
+    start, end = rank_range(config, rank, world)
     keys = _slices(folder, layout, "keys", start, end)
     values = _slices(folder, layout, "values", start, end)
     if is_exact(config.index_factory):  # as a one-process exact store: an index from the keys
         index, first_id = exact_index(keys.iter_rows(65536), int(keys.shape[1])), 0
     else:
-        index, first_id = _ivf_slice(folder / INDEX_NAME, start, end, mmap), start
+        index, first_id = open_ivf_range(folder, config, start, end, mmap), start
     shard = RankShard(start, end, keys, values, _log_counts(folder, config, start, end), index, first_id)
     return shard, rank, world
 
@@ -215,6 +203,7 @@ class ShardedSearch:
         if world > 1 and dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.comm_seconds = 0.0  # time spent in collectives, for bench/distributed.py
+        self._clusters: Clusters | None | object = _UNREAD
 
     # ------------------------------------------------------------- collectives
     def _all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -267,45 +256,77 @@ class ShardedSearch:
                 out[:, :kk, 3] = torch.where(found, self.shard.log_counts[local], 0).double()
         return out
 
-    def _round(self, queries: np.ndarray, k: int, recompute: bool, done: bool) -> torch.Tensor | None:
-        """One collective round; this rank's ``[Q, k_max, 4]`` merged candidates, None once all are done."""
+    def _exchange(self, counts: list[int], mine: torch.Tensor, answer) -> torch.Tensor:
+        """Gather every rank's request rows (``counts``; this rank's ``mine``), answer them all with
+        ``answer(rows) -> [R, W, 4]`` and return ``[world, len(mine), W, 4]``: each rank's answers to ours."""
         started = time.perf_counter()
-        header = torch.tensor([[len(queries), k, int(recompute), int(done)]])
-        headers = torch.cat(self._all_gather(header))
+        padded = mine.new_zeros((max(counts), *mine.shape[1:]))
+        padded[: len(mine)] = mine
+        gathered = torch.cat([p[:n] for p, n in zip(self._all_gather(padded), counts, strict=True)])
+        comm = time.perf_counter() - started
+        local = answer(gathered)
+        started = time.perf_counter()
+        send = local.reshape(len(local), -1).to(self.device)
+        out = torch.empty((self.world * len(mine), send.shape[1]), dtype=send.dtype, device=self.device)
+        dist.all_to_all_single(out, send, [len(mine)] * self.world, counts)
+        self.comm_seconds += comm + time.perf_counter() - started
+        return out.cpu().view(self.world, len(mine), *local.shape[1:])
+
+    def _round(
+        self, queries: np.ndarray, k: int, recompute: bool, done: bool, lookup=None, clusters: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """One collective round: ``(merged [Q, k_max, 4] candidates, looked-up entries or None)``, None once
+        every rank is done. Any rank may ask for a search, a lookup (``(queries, ids)``, see ``lookup``)
+        or the store's clusters; every rank takes part in whatever any asked for."""
+        started = time.perf_counter()
+        lookup_ids = np.zeros((0, 0), np.int64) if lookup is None else lookup[1]
+        header = [len(queries), k, int(recompute), int(done), *lookup_ids.shape, int(clusters)]
+        headers = torch.cat(self._all_gather(torch.tensor([header])))
+        self.comm_seconds += time.perf_counter() - started
         if bool(headers[:, 3].all()):
-            self.comm_seconds += time.perf_counter() - started
             return None
+        if bool(headers[:, 6].any()):
+            self._gather_clusters()
         asking = headers[:, 0] > 0
         if asking.any() and len(set(headers[asking, 2].tolist())) > 1:
             raise ValueError(
                 "ranks searched with different recompute_dists in one collective search; every rank must "
                 "use the same settings."
             )
-        counts = headers[:, 0].tolist()
+        counts, pairs = headers[:, 0].tolist(), headers[:, 4].tolist()
         k_max, flag = int(headers[:, 1].max()), bool(headers[asking, 2].any())
-        if sum(counts) == 0:
-            self.comm_seconds += time.perf_counter() - started
-            return torch.zeros((0, k_max, _FIELDS), dtype=torch.float64)
-        dim = self.shard.keys.shape[1]
-        padded = torch.zeros((max(counts), dim), dtype=torch.float32)
-        padded[: len(queries)] = torch.from_numpy(queries)
-        gathered = torch.cat([p[:n] for p, n in zip(self._all_gather(padded), counts, strict=True)])
-        comm = time.perf_counter() - started
-        local = self._local(gathered.numpy(), k_max, flag)
-        started = time.perf_counter()
-        send = local.view(len(local), -1).to(self.device)
-        out = torch.empty((self.world * len(queries), send.shape[1]), dtype=send.dtype, device=self.device)
-        dist.all_to_all_single(out, send, [len(queries)] * self.world, counts)
-        received = out.cpu().view(self.world, len(queries), k_max, _FIELDS)
-        self.comm_seconds += comm + time.perf_counter() - started
-        return _merge(received, k_max)
+        merged = torch.zeros((len(queries), k_max, _FIELDS), dtype=torch.float64)
+        if sum(counts):
+            mine = torch.from_numpy(queries)
+            found = self._exchange(counts, mine, lambda rows: self._local(rows.numpy(), k_max, flag))
+            merged = _merge(found, k_max)
+        if not sum(pairs):
+            return merged, None
+        width, dim = int(headers[:, 5].max()), self.shard.keys.shape[1]
+        rows = torch.full((len(lookup_ids), dim + width), -1, dtype=torch.float64)
+        if lookup is not None:
+            rows[:, :dim] = torch.from_numpy(lookup[0]).double()
+            rows[:, dim : dim + lookup_ids.shape[1]] = torch.from_numpy(lookup_ids).double()
+        answer = self._exchange(pairs, rows, lambda r: self._lookup(r[:, :dim].float().numpy(), r[:, dim:]))
+        return merged, _looked_up(answer.sum(0), rows[:, dim:])[:, : lookup_ids.shape[1]]
 
-    def search(self, queries: np.ndarray, k: int, recompute_dists: bool = False) -> Neighbours:
-        """The ``k`` nearest entries of the whole store for this rank's float32 ``queries`` (collective)."""
-        if self.world == 1:
-            packed = self._local(queries, k, recompute_dists)
-        else:
-            packed = self._round(queries, k, recompute_dists, done=False)[:, :k]
+    def _lookup(self, queries: np.ndarray, ids: torch.Tensor) -> torch.Tensor:
+        """``[R, W, 4]``: exact distance (as RetoMaton's own), value and log count of the entries ``ids``
+        that this rank holds; zeros for the others' (the sum over ranks has every entry once)."""
+        ids = ids.long().numpy()
+        out = torch.zeros((*ids.shape, _FIELDS), dtype=torch.float64)
+        rows, cols = np.nonzero((ids >= self.shard.start) & (ids < self.shard.end))
+        if len(rows):
+            local = ids[rows, cols] - self.shard.start
+            keys = self.shard.keys.take(local).astype(np.float32)
+            keys -= queries[rows]
+            out[rows, cols, 0] = torch.from_numpy(np.einsum("ij,ij->i", keys, keys)).double()
+            out[rows, cols, 2] = torch.from_numpy(self.shard.values.take(local).astype(np.int64)).double()
+            if self.shard.log_counts is not None:
+                out[rows, cols, 3] = self.shard.log_counts[torch.from_numpy(local)].double()
+        return out
+
+    def _neighbours(self, packed: torch.Tensor) -> Neighbours:
         return Neighbours(
             packed[:, :, 0].float(),
             packed[:, :, 1].long(),
@@ -313,11 +334,49 @@ class ShardedSearch:
             packed[:, :, 3].float() if self.shard.log_counts is not None else None,
         )
 
+    def search(self, queries: np.ndarray, k: int, recompute_dists: bool = False) -> Neighbours:
+        """The ``k`` nearest entries of the whole store for this rank's float32 ``queries`` (collective)."""
+        return self.search_and_look_up(queries, k, recompute_dists)[0]
+
+    def search_and_look_up(
+        self, queries: np.ndarray, k: int, recompute_dists: bool = False, lookup=None
+    ) -> tuple[Neighbours, Neighbours | None]:
+        """``search`` and, in the same collective round, the entries ``lookup = (queries [P, d], ids [P, W])``
+        wherever they are stored: ``[P, W]`` exact distances to ``queries[p]`` (as RetoMaton computes
+        them), values and merge counts; an id of -1 gives distance ``inf``."""
+        if self.world == 1:
+            packed, looked = self._local(queries, k, recompute_dists), None
+            if lookup is not None:
+                ids = torch.from_numpy(lookup[1])
+                looked = _looked_up(self._lookup(lookup[0], ids), ids)
+        else:
+            packed, looked = self._round(queries, k, recompute_dists, done=False, lookup=lookup)
+        return self._neighbours(packed[:, :k]), None if looked is None else self._neighbours(looked)
+
     def serve_until_done(self) -> None:
         """Answer the other ranks' searches (with no queries) until every rank has called this."""
         empty = np.zeros((0, self.shard.keys.shape[1]), dtype=np.float32)
         while self.world > 1 and self._round(empty, 0, False, done=True) is not None:
             pass
+
+    def _gather_clusters(self) -> None:
+        """Every rank's IVF list of each of its entries, all-gathered (a round did it for every rank)."""
+        own = list_assignment(self.shard.index, self.shard.start, self.shard.end)
+        every = self.all_gather_rows(torch.from_numpy(own)).numpy()
+        nlist = getattr(self.shard.index, "nlist", 0)
+        self._clusters = Clusters(every, nlist) if nlist and (every >= 0).all() else None
+
+    def clusters(self) -> Clusters | None:
+        """The IVF lists of the whole store as clusters (RetoMaton), None without lists; the first call is
+        collective (a round: ranks serving or searching meanwhile take part)."""
+        if self._clusters is _UNREAD:
+            if self.world == 1:
+                self._gather_clusters()
+            else:
+                self._round(
+                    np.zeros((0, self.shard.keys.shape[1]), np.float32), 0, False, False, clusters=True
+                )
+        return self._clusters
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
@@ -344,6 +403,13 @@ class ShardedSearch:
             return found.distances.numpy(), found.ids.numpy()
 
         return temperature_from_distances(nearest_other_distances(search, sample, ids))
+
+
+def _looked_up(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Looked-up rows with their entry ids, a missing one (-1) at distance ``inf``."""
+    rows[:, :, 1] = ids
+    rows[:, :, 0] = torch.where(ids < 0, math.inf, rows[:, :, 0])
+    return rows
 
 
 def _merge(received: torch.Tensor, k: int) -> torch.Tensor:

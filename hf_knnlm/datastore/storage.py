@@ -137,9 +137,11 @@ def write_sharded(
     row_shape: tuple[int, ...],
     bounds: list[tuple[int, int]],
     chunks: Iterable[np.ndarray],
+    names: list[str] | None = None,
 ) -> list[str]:
-    """Stream ``chunks`` (rows in order) into shard files with the given row ranges."""
-    names = shard_names(prefix, len(bounds))
+    """Stream ``chunks`` (rows in order) into shard files with the given row ranges (and ``names``, by
+    default ``shard_names(prefix, len(bounds))``)."""
+    names = names or shard_names(prefix, len(bounds))
     rows = _RowStream(chunks)
     for file_name, (start, end) in zip(names, bounds, strict=True):
         with StreamingSafetensorsWriter(folder / file_name, name, dtype, (end - start, *row_shape)) as writer:

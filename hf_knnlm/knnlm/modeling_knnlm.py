@@ -371,11 +371,14 @@ class KNNLMForCausalLM(PreTrainedModel):
         policy = search_policy(self.datastore, settings)  # a store's gate is read from disk once
         mixed = lm_log_probs.clone()
         if policy.follows_tokens:  # each row is one stream: position t follows t - 1 through token t
-            for row in range(len(mixed)):
-                policy.reset()
-                pos = torch.nonzero(scored[row]).flatten()
-                found, _ = policy(Step(hidden[row, pos], tokens=tokens[row, pos].tolist()))
-                mixed[row, pos] = mix(found, lm_log_probs[row, pos], settings)
+            # A sharded store: one collective round per position, and ranks' batches have different
+            # positions (masks); a rank done with its rows serves the others' until all are.
+            with self.datastore.serving():
+                for row in range(len(mixed)):
+                    policy.reset()
+                    pos = torch.nonzero(scored[row]).flatten()
+                    found, _ = policy(Step(hidden[row, pos], tokens=tokens[row, pos].tolist()))
+                    mixed[row, pos] = mix(found, lm_log_probs[row, pos], settings)
         else:
             found, lmbda = policy(Step(hidden[scored], lm_log_probs=lm_log_probs[scored]))
             mixed[scored] = mix(found, lm_log_probs[scored], settings, lmbda)

@@ -32,6 +32,7 @@ from .settings import check_retomaton
 
 if TYPE_CHECKING:
     from ..datastore import Datastore
+    from ..datastore.clusters import Clusters
 
 
 # Pointer steps keep the k nearest of 4k candidates from the pointers' IVF lists: on the 40-speech
@@ -79,21 +80,29 @@ class RetoMaton:
         pool: int | None = None,
     ):
         check_retomaton(threshold)
-        if getattr(datastore, "sharded", None) is not None:  # pointers need every rank's values and keys
-            raise ValueError(
-                "retomaton is not available on a store opened with distributed='shard' (its pointers read "
-                "entries of every rank); open the store without distributed=, or use plain kNN-LM / the gate."
-            )
         self.datastore = datastore
         self.threshold = threshold
         self.k = datastore.clamp_k(k)
         self.recompute_dists = recompute_dists
-        self.clusters = datastore.clusters if clusters else None
+        # A sharded store's clusters are all-gathered in a collective round: at the first pointer step,
+        # when every rank is in a search loop, not here (a rank may build its automaton and never step).
+        self.sharded = getattr(datastore, "sharded", None)
+        self._use_clusters, self._clusters = clusters, None
+        if clusters and self.sharded is None:
+            self._clusters = datastore.clusters
         self.pool = POOL_FACTOR * self.k if pool is None else max(int(pool), self.k)
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
         self.steps = 0
         self.searches = 0
-        self._prev: list[np.ndarray | None] = []
+        self._prev: list[tuple[np.ndarray, np.ndarray] | None] = []  # (ids, values) of each row's last step
+
+    @property
+    def clusters(self) -> Clusters | None:
+        """The store's IVF lists that pointer sets are topped up from (None: pointers alone)."""
+        if self._use_clusters and self._clusters is None and self.sharded is not None:
+            self._clusters = self.datastore.clusters
+            self._use_clusters = self._clusters is not None
+        return self._clusters
 
     @property
     def searches_saved(self) -> float:
@@ -107,17 +116,24 @@ class RetoMaton:
         """Forget every sequence's pointers (the next step searches); counters are kept."""
         self._prev = []
 
-    def pointers(self, row_ids: np.ndarray | None, token: int | None) -> np.ndarray:
-        """Successors of the entries in ``row_ids`` whose value is ``token`` (unique, valid ids)."""
+    def pointers(
+        self, row_ids: np.ndarray | None, token: int | None, values: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Successors of the entries in ``row_ids`` whose value is ``token`` (unique, valid ids); ``values``:
+        those entries' values when known (a search returned them), else they are read from the store."""
         if row_ids is None or token is None or not len(row_ids):
             return np.zeros(0, dtype=np.int64)
-        right = row_ids[self.datastore.values.take(row_ids) == token]
-        nxt = self.datastore.provenance.successors(right)
+        values = self.datastore.values.take(row_ids) if values is None else values
+        nxt = self.datastore.provenance.successors(row_ids[values == token])
         return np.unique(nxt[nxt >= 0])
 
+    def _candidates(self, ptrs: np.ndarray) -> np.ndarray:
+        """The entries a pointer step ranks: the pointers, topped up from their clusters."""
+        clusters = self.clusters
+        return ptrs if clusters is None else clusters.extend(ptrs, self.pool)
+
     def _pointer_row(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.clusters is not None:
-            ids = self.clusters.extend(ids, self.pool)
+        ids = self._candidates(ids)
         d = self._distances(query, ids)
         order = np.argsort(d, kind="stable")[: self.k]
         return d[order], ids[order]
@@ -130,7 +146,7 @@ class RetoMaton:
         """
         n = len(ids)
         if self._buffers is None or len(self._buffers[0]) < n:
-            width = max(n, self.pool if self.clusters is not None else self.k)
+            width = max(n, self.pool if self._use_clusters else self.k)
             dim = self.datastore.key_dim
             stored = self.datastore.keys.dtype
             self._buffers = (np.empty((width, dim), stored), np.empty((width, dim), np.float32))
@@ -161,13 +177,27 @@ class RetoMaton:
         if self.datastore.key_transform is not None:
             q = self.datastore.key_transform.apply(np.ascontiguousarray(q))
         tokens = None if prev_tokens is None else [int(t) for t in prev_tokens]
-        rows: list[tuple[np.ndarray, np.ndarray] | None] = []
+        follow: list[np.ndarray | None] = []  # each row's pointers, None where it must search
         for row in range(len(q)):
             parent = row if parents is None else int(parents[row])
-            prev = self._prev[parent] if 0 <= parent < len(self._prev) else None
-            ptrs = self.pointers(prev, None if tokens is None else tokens[row])
-            rows.append(self._pointer_row(q[row], ptrs) if len(ptrs) >= self.threshold else None)
-        todo = [row for row, r in enumerate(rows) if r is None]
+            prev = self._prev[parent] if 0 <= parent < len(self._prev) else (None, None)
+            ptrs = self.pointers(prev[0], None if tokens is None else tokens[row], prev[1])
+            follow.append(ptrs if len(ptrs) >= self.threshold else None)
+        todo = [row for row, c in enumerate(follow) if c is None]
+        if self.sharded is not None:
+            found = self._sharded_step(q, follow, todo, precomputed)
+        else:
+            found = self._local_step(queries, q, follow, todo, precomputed)
+        self.steps += len(follow)
+        self.searches += len(todo)
+        valid = found.ids >= 0
+        self._prev = [
+            (i[v].numpy(), t[v].numpy()) for i, t, v in zip(found.ids, found.token_ids, valid, strict=True)
+        ]
+        return found
+
+    def _local_step(self, queries, q, follow, todo, precomputed: Neighbours | None) -> Neighbours:
+        rows = [None if c is None else self._pointer_row(q[row], c) for row, c in enumerate(follow)]
         if todo:
             if precomputed is not None:
                 found_d = precomputed.distances[todo, : self.k].numpy()
@@ -176,11 +206,48 @@ class RetoMaton:
                 found_d, found_i = self.datastore.search_ids(queries[todo], self.k, self.recompute_dists)
             for j, row in enumerate(todo):
                 rows[row] = (found_d[j], found_i[j])
-        self.steps += len(rows)
-        self.searches += len(todo)
         distances, ids = pad_rows(rows, self.k)
-        self._prev = [i[i >= 0] for i in ids.numpy()]
         return Neighbours.from_ids(self.datastore, distances, ids)
+
+    def _sharded_step(self, q: np.ndarray, follow, todo, precomputed: Neighbours | None) -> Neighbours:
+        """One collective round: the rows that search search, the others' candidates are looked up on
+        the ranks that hold them (exact distances, values); the ``k`` nearest kept as ``_pointer_row``."""
+        pointer_rows = [row for row, c in enumerate(follow) if c is not None]
+        lookup = None
+        if pointer_rows:
+            candidates = [self._candidates(follow[row]) for row in pointer_rows]
+            ids = np.full((len(pointer_rows), max(map(len, candidates))), -1, dtype=np.int64)
+            for j, c in enumerate(candidates):
+                ids[j, : len(c)] = c
+            lookup = (np.ascontiguousarray(q[pointer_rows]), ids)
+        search = q[todo] if precomputed is None else q[:0]
+        found, looked = self.sharded.search_and_look_up(search, self.k, self.recompute_dists, lookup)
+        out = Neighbours.empty(len(q), self.k)
+        if todo:
+            part = found if precomputed is None else precomputed[todo]
+            out = _put_rows(out, todo, part, self.k)
+        if pointer_rows:
+            order = torch.from_numpy(np.argsort(looked.distances.numpy(), axis=1, kind="stable")[:, : self.k])
+            out = _put_rows(out, pointer_rows, _take(looked, order), self.k)
+        return out
+
+
+def _take(found: Neighbours, order: torch.Tensor) -> Neighbours:
+    """The columns ``order`` ``[Q, n]`` of every row of ``found``."""
+    pick = lambda t: None if t is None else torch.take_along_dim(t, order, dim=1)  # noqa: E731
+    return Neighbours(pick(found.distances), pick(found.ids), pick(found.token_ids), pick(found.log_counts))
+
+
+def _put_rows(out: Neighbours, rows: list[int], part: Neighbours, k: int) -> Neighbours:
+    """``out`` with ``part``'s rows (their first ``k`` columns) at ``rows``."""
+    n = min(k, part.ids.shape[1])
+    out.distances[rows, :n], out.ids[rows, :n] = part.distances[:, :n], part.ids[:, :n]
+    out.token_ids[rows, :n] = part.token_ids[:, :n]
+    if part.log_counts is not None:
+        if out.log_counts is None:
+            out.log_counts = torch.zeros_like(out.distances)
+        out.log_counts[rows, :n] = part.log_counts[:, :n]
+    return out
 
 
 def stream_neighbours(

@@ -199,15 +199,18 @@ def finish_folder(
     config: StoreConfig,
     files: Iterable[str],
     card: Callable[[StoreConfig], ModelCard | None] | None = None,
+    hashes: dict[str, str] | None = None,
 ) -> StoreConfig:
     """Complete a folder whose data files are written: hashes, model card, then the config, last.
 
     Every save and every build ends here, so a folder that has a config is a complete store.
-    ``card`` renders the ``README.md`` from the finished config.
+    ``card`` renders the ``README.md`` from the finished config. ``hashes``: the sha256 of files
+    besides ``files`` already hashed by the processes that wrote them (a per-rank datastore build), so
+    that no single process reads every file again.
     """
     folder = Path(folder)
     config.hf_knnlm_version = __version__
-    config.files = file_hashes(folder, files)
+    config.files = {**(hashes or {}), **file_hashes(folder, files)}
     rendered = card(config) if card is not None else None
     if rendered is not None:  # not hashed: users edit their cards on the Hub
         atomic_write_bytes(folder / CARD_NAME, str(rendered).encode("utf-8"))
