@@ -82,9 +82,15 @@ QA_ROWS = ("ralm-dense", "ralm-bm25", "replug")
 def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     splits = corpus_splits("shakespeare", False, args.store_chars)
     passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
-    bm25 = cached_bm25(passages, work / "bm25")
-    dense = cached_dense(passages, work / "dense", *load_minilm())
-    store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
+    wanted = set(args.ppl_rows)
+    # Only what the asked rows read is built: the datastore alone takes minutes on the whole text.
+    bm25 = cached_bm25(passages, work / "bm25") if "ralm-bm25" in wanted else None
+    dense = (
+        cached_dense(passages, work / "dense", *load_minilm()) if {"ralm-dense", "replug"} & wanted else None
+    )
+    store = None
+    if {"knn", "ralm-bm25"} & wanted:
+        store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
     print(f"{len(passages):,} passages; {bm25}; {dense}; {store}", flush=True)
     test = [splits["test"]]
     common = dict(
@@ -114,9 +120,22 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
         ("replug", f"REPLUG k=4, dense (tau {args.replug_temperature})", dense, 4, None),
     ]
     for name, label, retriever, k, datastore in runs:
-        if name not in args.ppl_rows:
-            continue
-        extra = {"datastore": datastore, "knn_temperature": KNN["temperature"], "k": KNN["k"]}
+        if name in args.ppl_rows:
+            retrieval_rows(model, tokenizer, test, args, common, (label, retriever, k, datastore), base, add)
+    print(f"scored tokens: {base['num_tokens']:,}", flush=True)
+    return rows
+
+
+CACHE_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
+
+
+def retrieval_rows(model, tokenizer, test, args, common, run, base, add) -> None:
+    """One row per ``--reuse-cache`` mode (off before on, so both see about the same machine load),
+    then how far apart the two modes' perplexities are."""
+    label, retriever, k, datastore = run
+    extra = {"datastore": datastore, "knn_temperature": KNN["temperature"], "k": KNN["k"]}
+    results = {}
+    for reuse in CACHE_MODES[args.reuse_cache]:
         result = evaluate_retrieval_perplexity(
             model,
             tokenizer,
@@ -126,22 +145,38 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
             temperature=args.replug_temperature,
             retrieval_stride=args.retrieval_stride,
             row_batch_size=args.row_batch_size,
+            reuse_cache=reuse,
             **({**extra, "lmbda": KNN["lmbda"]} if datastore is not None else {}),
             **common,
         )
-        print(json.dumps({"run": label, **result}), flush=True)
+        results[reuse] = result
+        print(json.dumps({"run": label, **result.to_dict()}), flush=True)
         t = result["times"]
         assert abs(result["base_ppl"] - base["base_ppl"]) < 1e-6 * base["base_ppl"], (result, base)
         ralm_s = t["base_s"] + t["retrieval_s"] + t["prefixed_s"]
         keys = ("retrieved_fraction", "forward_tokens", "padded_tokens", "base_forward_tokens")
+        keys += ("stride_hit_rate", "passage_hit_rate")
         # The call's own plain window pass, next to the base row's: how much the machine's load moved.
-        info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"]}
-        add({"method": label.replace(" (+ kNN-LM)", ""), "ppl": result["ppl"], "wall_s": ralm_s, **info})
+        info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"], "reuse_cache": reuse}
+        mode = f" [cache {'on' if reuse else 'off'}]"
+        add(
+            {
+                "method": label.replace(" (+ kNN-LM)", "") + mode,
+                "ppl": result["ppl"],
+                "wall_s": ralm_s,
+                **info,
+            }
+        )
         if datastore is not None:
-            combined = {"method": "kNN-LM + In-Context RALM, BM25", "ppl": result["knn_ralm_ppl"]}
+            combined = {"method": "kNN-LM + In-Context RALM, BM25" + mode, "ppl": result["knn_ralm_ppl"]}
             add({**combined, "wall_s": ralm_s + t["knn_s"], **info})
-    print(f"scored tokens: {base['num_tokens']:,}", flush=True)
-    return rows
+    if len(results) == 2:
+        gaps = {
+            key: abs(results[True][key] - results[False][key]) / results[False][key]
+            for key in ("ppl", "knn_ralm_ppl")
+            if results[False][key] is not None
+        }
+        print(json.dumps({"run": label, "cache on vs off, relative perplexity difference": gaps}), flush=True)
 
 
 def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
@@ -252,6 +287,12 @@ def main() -> None:
     parser.add_argument("--retrieval-stride", type=int, default=4)
     parser.add_argument("--replug-temperature", type=float, default=0.1)
     parser.add_argument("--row-batch-size", type=int, default=4)
+    parser.add_argument(
+        "--reuse-cache",
+        default="both",
+        choices=sorted(CACHE_MODES),
+        help="Passage KV reuse in the retrieval rows: both runs each row with it off, then on.",
+    )
     parser.add_argument("--qa-batch-size", type=int, default=8)
     parser.add_argument(
         "--qa-shard", type=shard, default=(0, 1), help="I/N: run every N-th question from the I-th (0-based)."
@@ -297,7 +338,14 @@ def main() -> None:
         atomic_write_json(args.output_json, results)
     print()
     for row in results.get("perplexity", []):
-        print(f"| {row['method']} | {row['ppl']:.3f} ({row['change']:+.1f}%) | {row['wall_ratio']:.2f}x |")
+        hits = (
+            f" | {row['stride_hit_rate']:.3f} / {row['passage_hit_rate']:.3f}"
+            if "stride_hit_rate" in row
+            else ""
+        )
+        print(
+            f"| {row['method']} | {row['ppl']:.3f} ({row['change']:+.1f}%) | {row['wall_ratio']:.2f}x{hits} |"
+        )
     print_qa(results.get("qa", []))
     print(f"\ntotal wall {time.time() - started:.0f} s")
 

@@ -158,11 +158,14 @@ class _Runner:
     head: HeadCapture | None = None
     passages: PassageKV | None = None
 
+    @torch.no_grad()
     def run(self, chunk: list[Row]) -> None:
         if self.head is not None and self._head_is_exact(chunk[0]):
             self.cached(chunk)
-        else:
-            self.full(chunk)
+            return
+        if self.head is not None:
+            self.head.use_full_forward()  # the head's hook must not stop the model's own forward
+        self.full(chunk)
 
     def _head_is_exact(self, row: Row) -> bool:
         """The LM head applied to its input gives the model's logits (checked once per model)."""
