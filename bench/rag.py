@@ -164,7 +164,7 @@ def retrieval_rows(model, tokenizer, test, args, common, run, base, add) -> None
         assert abs(result["base_ppl"] - base["base_ppl"]) < 1e-6 * base["base_ppl"], (result, base)
         ralm_s = t["base_s"] + t["retrieval_s"] + t["prefixed_s"]
         keys = ("retrieved_fraction", "forward_tokens", "padded_tokens", "base_forward_tokens")
-        keys += ("stride_hit_rate", "passage_hit_rate")
+        keys += ("stride_hit_rate", "passage_hit_rate", "context_tokens")
         # The call's own plain window pass, next to the base row's: how much the machine's load moved.
         info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"], "reuse_cache": reuse}
         info["cpu_s"] = cpu_s

@@ -12,6 +12,7 @@ from hf_knnlm.rag import RetrievalSettings, evaluate_retrieval_perplexity
 from hf_knnlm.rag.passage_cache import supports
 from hf_knnlm.rag.perplexity import _plan, _retrieve
 from hf_knnlm.rag.prefixed_rows import Row, blocks_of, extends, plan_rows, run_rows
+from hf_knnlm.retrieval.retriever import document_text
 
 WINDOWS = dict(max_length=48, stride=16, batch_size=4, disable_progress=True)
 PASSAGES = [f"Passage {i}: the {w} of the north sells {i} crowns." for i, w in enumerate("abcdefghij" * 5)]
@@ -98,6 +99,8 @@ def test_hit_rates(model, tokenizer, other_text):
     strides = len(blocks_of(windows, 4))
     assert same["stride_hit_rate"] == pytest.approx((strides - len(windows)) / strides)
     assert same["passage_hit_rate"] == pytest.approx((len(windows) - 1) / len(windows))
+    passage = tokenizer(document_text("", PASSAGES[0]), add_special_tokens=False)["input_ids"]
+    assert same["forward_tokens"] == same["context_tokens"] + len(passage)  # the passage ran once
     off = evaluate_retrieval_perplexity(
         model, tokenizer, [text], SameRetriever(), reuse_cache=False, **WINDOWS
     )

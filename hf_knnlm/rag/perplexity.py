@@ -60,6 +60,8 @@ class RetrievalPerplexityOutput(Output):
             the (passage + context) row of an earlier stride of the same window with the same passage,
             instead of recomputing it. passage_hit_rate: the share of rows whose passage KV came from
             the cache (0 with ``reuse_cache=False`` or a model the cache does not serve).
+            context_tokens: the rows' context tokens alone, what any exact evaluation runs through the
+            model even with every passage's KV cached (a row's context keys depend on its passage).
         times: seconds (``base_s`` the plain window pass, ``retrieval_s``, ``prefixed_s`` the
             document-prefixed passes, ``knn_s`` the datastore searches).
         retrieval, knn, windows, search: every setting used.
@@ -94,6 +96,7 @@ class RetrievalPerplexityOutput(Output):
     search: dict[str, Any] = field(default_factory=dict)
     stride_hit_rate: float = 0.0
     passage_hit_rate: float = 0.0
+    context_tokens: int = 0
 
 
 def _search(retriever: Retriever, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,6 +298,7 @@ def _output(
         base_forward_tokens=sum(w.end - w.begin for w in plan.windows),
         stride_hit_rate=prefixed.stride_hit_rate,
         passage_hit_rate=prefixed.passage_hit_rate,
+        context_tokens=prefixed.context_tokens,
         times={name: round(value, 3) for name, value in times.items()},
         retrieval=plan.retrieval,
         knn=plan.knn,

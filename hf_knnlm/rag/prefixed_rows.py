@@ -73,6 +73,7 @@ class Prefixed:
     stride_hit_rate: float = 0.0
     passage_hit_rate: float = 0.0
     reused_cache: bool = False
+    context_tokens: int = 0  # the rows' contexts: what runs through the model with every passage cached
 
 
 def blocks_of(windows: list[Window], stride: int | None) -> list[tuple[int, int, int]]:
@@ -128,6 +129,7 @@ def run_rows(
         key=lambda r: -(len(doc_tokens(r.doc)) + r.end - r.window.begin),
     )
     out.stride_hit_rate = stride_hit_rate(rows)
+    out.context_tokens = sum(r.end - 1 - r.window.begin for r in rows)
     runner = _Runner(model, plan, doc_tokens, pad_token_id(tokenizer), next(model.parameters()).device, out)
     if datastore is not None:
         runner.capture = FFNInputCapture(model, datastore.config.hook_module)
