@@ -96,17 +96,21 @@ def extends(row: Row, window: Window, doc: int) -> bool:
 
 def plan_rows(windows: list[Window], blocks, doc_ids: np.ndarray) -> list[Row]:
     """One row per (window, passage): its first stride opens it, every later one extends it."""
-    rows: dict[tuple[int, int], Row] = {}
+    rows: list[Row] = []
+    open_rows: dict[int, Row] = {}  # passage -> the row a stride of the current window may extend
     for b, (w_index, start, end) in enumerate(blocks):
+        if b and blocks[b - 1][0] != w_index:
+            open_rows = {}  # blocks come window by window: no row of an earlier window is extended
         for slot, doc in enumerate(doc_ids[b].tolist()):
             if doc < 0:
                 continue
-            row = rows.get((w_index, doc))
+            row = open_rows.get(doc)
             if row is None or not extends(row, windows[w_index], doc):
-                rows[(w_index, doc)] = row = Row(windows[w_index], doc, end, start, [])
+                row = open_rows[doc] = Row(windows[w_index], doc, end, start, [])
+                rows.append(row)
             row.end = max(row.end, end)
             row.uses.append((b, slot))
-    return list(rows.values())
+    return rows
 
 
 def stride_hit_rate(rows: list[Row]) -> float:
