@@ -9,7 +9,8 @@ A causal LM's prediction at position ``t`` depends only on what precedes it, so 
 that retrieved passage ``d`` is scored from **one** forward pass over ``d ⊕ tokens[window.begin:end]``
 (``end`` = the last of those blocks' ends): the result is the same as one pass per block, at a fraction of
 the cost. Blocks that retrieved nothing keep the base model's log-probs from the plain window pass, so an
-empty retriever gives the base model's perplexity exactly.
+empty retriever gives the base model's perplexity exactly. How rows are planned, batched and served from
+the passage KV cache (``reuse_cache``): ``prefixed_rows`` and ``passage_cache``.
 
 With a datastore, the kNN-LM is mixed in through the same [`KNNSettings`][hf_knnlm.KNNSettings] and
 [`mix_targets`][hf_knnlm.knnlm.mixture.mix_targets] as everywhere else (merge counts of a pruned store
