@@ -140,3 +140,24 @@ def test_reuse_cache_setting_is_validated():
     assert RetrievalSettings.__dataclass_fields__["reuse_cache"].metadata["help"]
     with pytest.raises(ValueError, match="reuse_cache='no' must be True or False"):
         RetrievalSettings(reuse_cache="no")
+
+
+def test_a_sliding_window_model_is_recomputed_whole(tokenizer, other_text):
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        sliding_window=16,
+    )
+    mistral = AutoModelForCausalLM.from_config(config).eval()
+    assert not supports(mistral)  # a left-padded prefix would shift its windows
+    out = _log_probs(mistral, tokenizer, other_text[:200], CountingRetriever(2), True, retrieval_stride=4)
+    assert not out.reused_cache and out.passage_hit_rate == 0.0
+    assert torch.isfinite(out.log_probs).sum() > 20
