@@ -13,8 +13,10 @@
     PYTHONPATH=. nice -n 10 python bench/rag.py               # the documented run
 
 ``--ppl-rows`` / ``--qa-rows`` run a subset of the rows (the base / closed-book row always runs, so every
-ratio is measured in one process). Not part of the test suite. Text comes from ``../shared/data`` (or
-``$HF_KNNLM_SHARED_DATA``).
+ratio is measured in one process). Each retrieval row of (a) runs with the passage KV cache off, then
+on (``--reuse-cache both``), with process CPU time next to wall time, the stride / passage hit rates and
+the relative perplexity gap between the two. Not part of the test suite. Text comes from
+``../shared/data`` (or ``$HF_KNNLM_SHARED_DATA``).
 """
 
 from __future__ import annotations
