@@ -13,8 +13,10 @@
     PYTHONPATH=. nice -n 10 python bench/rag.py               # the documented run
 
 ``--ppl-rows`` / ``--qa-rows`` run a subset of the rows (the base / closed-book row always runs, so every
-ratio is measured in one process). Not part of the test suite. Text comes from ``../shared/data`` (or
-``$HF_KNNLM_SHARED_DATA``).
+ratio is measured in one process). Each retrieval row of (a) runs with the passage KV cache off, then
+on (``--reuse-cache both``), with process CPU time next to wall time, the stride / passage hit rates and
+the relative perplexity gap between the two. Not part of the test suite. Text comes from
+``../shared/data`` (or ``$HF_KNNLM_SHARED_DATA``).
 """
 
 from __future__ import annotations
@@ -82,9 +84,15 @@ QA_ROWS = ("ralm-dense", "ralm-bm25", "replug")
 def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     splits = corpus_splits("shakespeare", False, args.store_chars)
     passages = chunk_documents([splits["store"]], tokenizer, chunk_tokens=128, overlap=32)
-    bm25 = cached_bm25(passages, work / "bm25")
-    dense = cached_dense(passages, work / "dense", *load_minilm())
-    store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
+    wanted = set(args.ppl_rows)
+    # Only what the asked rows read is built: the datastore alone takes minutes on the whole text.
+    bm25 = cached_bm25(passages, work / "bm25") if "ralm-bm25" in wanted else None
+    dense = (
+        cached_dense(passages, work / "dense", *load_minilm()) if {"ralm-dense", "replug"} & wanted else None
+    )
+    store = None
+    if {"knn", "ralm-bm25"} & wanted:
+        store, _ = quality.get_store(model, tokenizer, splits["store"], work / "flat", False)
     print(f"{len(passages):,} passages; {bm25}; {dense}; {store}", flush=True)
     test = [splits["test"]]
     common = dict(
@@ -93,13 +101,18 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
     # Untimed first: a process's first forward pass pays one-off start-up costs (allocator, kernels),
     # which would inflate the base time every ratio is divided by.
     evaluate_perplexity(model, tokenizer, test, **common | {"max_tokens": min(args.test_tokens, 64) + 1})
+    cpu = time.process_time()
     base, base_s = timed(evaluate_perplexity, model, tokenizer, test, **common)
+    base_cpu = time.process_time() - cpu
     rows = [{"method": "base", "ppl": base["base_ppl"], "wall_s": base_s, "wall_ratio": 1.0, "change": 0.0}]
+    rows[0] |= {"cpu_s": base_cpu, "cpu_ratio": 1.0}
     print(json.dumps({"scored_tokens": base["num_tokens"], **rows[0]}), flush=True)
 
     def add(row: dict) -> None:
         row["wall_ratio"] = row["wall_s"] / base_s
         row["change"] = 100 * (row["ppl"] / base["base_ppl"] - 1)
+        if "cpu_s" in row:
+            row["cpu_ratio"] = row["cpu_s"] / base_cpu
         rows.append(row)
         print(json.dumps(row), flush=True)
         save(rows)
@@ -114,9 +127,23 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
         ("replug", f"REPLUG k=4, dense (tau {args.replug_temperature})", dense, 4, None),
     ]
     for name, label, retriever, k, datastore in runs:
-        if name not in args.ppl_rows:
-            continue
-        extra = {"datastore": datastore, "knn_temperature": KNN["temperature"], "k": KNN["k"]}
+        if name in args.ppl_rows:
+            retrieval_rows(model, tokenizer, test, args, common, (label, retriever, k, datastore), base, add)
+    print(f"scored tokens: {base['num_tokens']:,}", flush=True)
+    return rows
+
+
+CACHE_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
+
+
+def retrieval_rows(model, tokenizer, test, args, common, run, base, add) -> None:
+    """One row per ``--reuse-cache`` mode (off before on, so both see about the same machine load),
+    then how far apart the two modes' perplexities are."""
+    label, retriever, k, datastore = run
+    extra = {"datastore": datastore, "knn_temperature": KNN["temperature"], "k": KNN["k"]}
+    results = {}
+    for reuse in CACHE_MODES[args.reuse_cache]:
+        cpu = time.process_time()
         result = evaluate_retrieval_perplexity(
             model,
             tokenizer,
@@ -126,22 +153,42 @@ def perplexity_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
             temperature=args.replug_temperature,
             retrieval_stride=args.retrieval_stride,
             row_batch_size=args.row_batch_size,
+            reuse_cache=reuse,
             **({**extra, "lmbda": KNN["lmbda"]} if datastore is not None else {}),
             **common,
         )
-        print(json.dumps({"run": label, **result}), flush=True)
+        results[reuse] = result
+        # Process CPU seconds next to wall: with one thread they are the work done, whatever else the
+        # machine runs (the whole call: its plain window pass and retrieval included).
+        cpu_s = time.process_time() - cpu
+        print(json.dumps({"run": label, **result.to_dict()}), flush=True)
         t = result["times"]
         assert abs(result["base_ppl"] - base["base_ppl"]) < 1e-6 * base["base_ppl"], (result, base)
         ralm_s = t["base_s"] + t["retrieval_s"] + t["prefixed_s"]
         keys = ("retrieved_fraction", "forward_tokens", "padded_tokens", "base_forward_tokens")
+        keys += ("stride_hit_rate", "passage_hit_rate", "context_tokens")
         # The call's own plain window pass, next to the base row's: how much the machine's load moved.
-        info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"]}
-        add({"method": label.replace(" (+ kNN-LM)", ""), "ppl": result["ppl"], "wall_s": ralm_s, **info})
+        info = {key: result[key] for key in keys} | {"plain_pass_s": t["base_s"], "reuse_cache": reuse}
+        info["cpu_s"] = cpu_s
+        mode = f" [cache {'on' if reuse else 'off'}]"
+        add(
+            {
+                "method": label.replace(" (+ kNN-LM)", "") + mode,
+                "ppl": result["ppl"],
+                "wall_s": ralm_s,
+                **info,
+            }
+        )
         if datastore is not None:
-            combined = {"method": "kNN-LM + In-Context RALM, BM25", "ppl": result["knn_ralm_ppl"]}
+            combined = {"method": "kNN-LM + In-Context RALM, BM25" + mode, "ppl": result["knn_ralm_ppl"]}
             add({**combined, "wall_s": ralm_s + t["knn_s"], **info})
-    print(f"scored tokens: {base['num_tokens']:,}", flush=True)
-    return rows
+    if len(results) == 2:
+        gaps = {
+            key: abs(results[True][key] - results[False][key]) / results[False][key]
+            for key in ("ppl", "knn_ralm_ppl")
+            if results[False][key] is not None
+        }
+        print(json.dumps({"run": label, "cache on vs off, relative perplexity difference": gaps}), flush=True)
 
 
 def qa_rows(model, tokenizer, args, work: Path, save) -> list[dict]:
@@ -221,6 +268,19 @@ def merge_qa(paths: list[str]) -> dict:
     return {"merged": list(paths), "qa": rows}
 
 
+def print_ppl(rows: list[dict]) -> None:
+    print("\n| method | perplexity | wall / token vs base | CPU / token vs base | stride / passage hits |")
+    for row in rows:
+        cpu = f"{row['cpu_ratio']:.2f}x" if "cpu_ratio" in row else ""
+        hits = (
+            f"{row['stride_hit_rate']:.3f} / {row['passage_hit_rate']:.3f}"
+            if "stride_hit_rate" in row
+            else ""
+        )
+        change = f"{row['ppl']:.3f} ({row['change']:+.1f}%)"
+        print(f"| {row['method']} | {change} | {row['wall_ratio']:.2f}x | {cpu} | {hits} |")
+
+
 def print_qa(rows: list[dict]) -> None:
     for row in rows:
         print(f"| {row['method']} | {row['exact_match']:.1f} | {row['f1']:.1f} | {row['wall_ratio']:.2f}x |")
@@ -252,6 +312,12 @@ def main() -> None:
     parser.add_argument("--retrieval-stride", type=int, default=4)
     parser.add_argument("--replug-temperature", type=float, default=0.1)
     parser.add_argument("--row-batch-size", type=int, default=4)
+    parser.add_argument(
+        "--reuse-cache",
+        default="both",
+        choices=sorted(CACHE_MODES),
+        help="Passage KV reuse in the retrieval rows: both runs each row with it off, then on.",
+    )
     parser.add_argument("--qa-batch-size", type=int, default=8)
     parser.add_argument(
         "--qa-shard", type=shard, default=(0, 1), help="I/N: run every N-th question from the I-th (0-based)."
@@ -295,9 +361,7 @@ def main() -> None:
     results["total_wall_s"] = time.time() - started
     if args.output_json:
         atomic_write_json(args.output_json, results)
-    print()
-    for row in results.get("perplexity", []):
-        print(f"| {row['method']} | {row['ppl']:.3f} ({row['change']:+.1f}%) | {row['wall_ratio']:.2f}x |")
+    print_ppl(results.get("perplexity", []))
     print_qa(results.get("qa", []))
     print(f"\ntotal wall {time.time() - started:.0f} s")
 

@@ -76,10 +76,11 @@ class HeadCapture:
         if self.capture is not None:
             self.capture.stop_forward = False
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The head's inputs ``[windows, positions, d]`` (the forward stops before the head)."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> torch.Tensor:
+        """The head's inputs ``[windows, positions, d]`` (the forward stops before the head); ``inputs``
+        go to the model as well (e.g. ``position_ids`` and a KV cache to extend, with ``use_cache``)."""
         try:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            self.model(input_ids=ids, attention_mask=mask, **({"use_cache": False} | inputs))
         except StopForward:
             pass
         return self.capture.hidden_states(len(ids))

@@ -9,7 +9,8 @@ A causal LM's prediction at position ``t`` depends only on what precedes it, so 
 that retrieved passage ``d`` is scored from **one** forward pass over ``d ⊕ tokens[window.begin:end]``
 (``end`` = the last of those blocks' ends): the result is the same as one pass per block, at a fraction of
 the cost. Blocks that retrieved nothing keep the base model's log-probs from the plain window pass, so an
-empty retriever gives the base model's perplexity exactly.
+empty retriever gives the base model's perplexity exactly. How rows are planned, batched and served from
+the passage KV cache (``reuse_cache``): ``prefixed_rows`` and ``passage_cache``.
 
 With a datastore, the kNN-LM is mixed in through the same [`KNNSettings`][hf_knnlm.KNNSettings] and
 [`mix_targets`][hf_knnlm.knnlm.mixture.mix_targets] as everywhere else (merge counts of a pruned store
@@ -26,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..datastore.datastore import Datastore
 from ..knnlm.evaluation import recorded_windows, search_setup
@@ -34,19 +34,12 @@ from ..knnlm.mixture import mix_targets
 from ..knnlm.scored import ScoredTokens, iter_scored_batches, scored_tokens
 from ..knnlm.settings import KNNSettings
 from ..lm.corpus import CorpusLike
-from ..lm.hooks import FFNInputCapture
-from ..lm.windows import Window, WindowSettings, sliding_windows
+from ..lm.windows import WindowSettings, sliding_windows
 from ..retrieval.retriever import Retriever, check_num_documents
 from ..utils.checks import check_positive_int
 from ..utils.outputs import Output
-from .prefix import (
-    DocumentTokens,
-    document_log_weights,
-    last_log_probs,
-    left_pad,
-    max_positions,
-    pad_token_id,
-)
+from .prefix import document_log_weights, max_positions
+from .prefixed_rows import Plan, Prefixed, blocks_of, run_rows
 from .settings import RetrievalSettings
 
 _SEARCH_CHUNK = 1024
@@ -61,8 +54,15 @@ class RetrievalPerplexityOutput(Output):
         base_ppl: the model alone; ppl: In-Context RALM / REPLUG; knn_ppl: the kNN-LM alone;
             knn_ralm_ppl: the kNN-LM mixed into In-Context RALM (the last two None without a datastore).
         num_tokens: tokens scored; retrieved_fraction: the share scored with at least one passage.
-        forward_tokens: tokens through the model in prefixed rows; padded_tokens: the same with the
-            left padding of batched rows; base_forward_tokens: tokens of the plain window pass.
+        forward_tokens: tokens through the model in prefixed rows (with ``reuse_cache``, each cached
+            passage once); padded_tokens: the same with the padding of batched rows; base_forward_tokens:
+            tokens of the plain window pass.
+        stride_hit_rate: the share of strides (passage slots) that read a passage scored by extending
+            the (passage + context) row of an earlier stride of the same window with the same passage,
+            instead of recomputing it. passage_hit_rate: the share of rows whose passage KV came from
+            the cache (0 with ``reuse_cache=False`` or a model the cache does not serve).
+            context_tokens: the rows' context tokens alone, what any exact evaluation runs through the
+            model even with every passage's KV cached (a row's context keys depend on its passage).
         times: seconds (``base_s`` the plain window pass, ``retrieval_s``, ``prefixed_s`` the
             document-prefixed passes, ``knn_s`` the datastore searches).
         retrieval, knn, windows, search: every setting used.
@@ -95,48 +95,9 @@ class RetrievalPerplexityOutput(Output):
     knn: KNNSettings | None = None
     windows: WindowSettings | None = None
     search: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Row:
-    """One document-prefixed forward pass: passage ``doc`` before ``tokens[window.begin:end]``."""
-
-    window: Window
-    doc: int
-    end: int
-    first_target: int
-    uses: list[tuple[int, int]]  # (block, slot) pairs scored from this row
-
-
-@dataclass
-class _Plan:
-    tokens: np.ndarray
-    windows: list[Window]
-    window_settings: WindowSettings
-    retrieval: RetrievalSettings
-    knn: KNNSettings | None
-    document_budget: int
-    blocks: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-@dataclass
-class _Prefixed:
-    """What the document-prefixed rows gave: per block and slot the targets' log-probs, and kNN queries."""
-
-    log_probs: torch.Tensor  # [blocks, slots, width]
-    queries: torch.Tensor | None  # [blocks, width, d] FFN inputs of the prefixed pass (with a datastore)
-    forward_tokens: int = 0
-    padded_tokens: int = 0
-
-
-def _blocks(windows: list[Window], stride: int | None) -> list[tuple[int, int, int]]:
-    """(window, first target, end) of every retrieval block, in corpus order."""
-    blocks = []
-    for w_index, w in enumerate(windows):
-        step = stride or (w.end - w.first_target)
-        for start in range(w.first_target, w.end, step):
-            blocks.append((w_index, start, min(start + step, w.end)))
-    return blocks
+    stride_hit_rate: float = 0.0
+    passage_hit_rate: float = 0.0
+    context_tokens: int = 0
 
 
 def _search(retriever: Retriever, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,20 +105,6 @@ def _search(retriever: Retriever, queries: list[str], k: int) -> tuple[np.ndarra
         retriever.search(queries[i : i + _SEARCH_CHUNK], k) for i in range(0, len(queries), _SEARCH_CHUNK)
     ]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def _rows(windows, blocks, doc_ids) -> list[_Row]:
-    rows: dict[tuple[int, int], _Row] = {}
-    for b, (w_index, start, end) in enumerate(blocks):
-        for slot, doc in enumerate(doc_ids[b].tolist()):
-            if doc < 0:
-                continue
-            row = rows.get((w_index, doc))
-            if row is None:
-                rows[(w_index, doc)] = row = _Row(windows[w_index], doc, end, start, [])
-            row.end = max(row.end, end)
-            row.uses.append((b, slot))
-    return list(rows.values())
 
 
 def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -176,7 +123,7 @@ def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     return groups
 
 
-def _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_column, max_tokens) -> _Plan:
+def _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_column, max_tokens) -> Plan:
     if datastore is not None and retrieval.num_documents != 1:
         raise ValueError(
             f"a datastore mixes kNN-LM into In-Context RALM, which reads one passage; got "
@@ -193,12 +140,12 @@ def _plan(model, tokenizer, data, datastore, retrieval, knn, windows, text_colum
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
     knn = knn.resolve(datastore) if datastore is not None else None
     spans = list(sliding_windows(len(tokens), windows.max_length, windows.stride))
-    plan = _Plan(tokens, spans, windows, retrieval, knn, budget)
-    plan.blocks = _blocks(spans, retrieval.retrieval_stride)
+    plan = Plan(tokens, spans, windows, retrieval, knn, budget)
+    plan.blocks = blocks_of(spans, retrieval.retrieval_stride)
     return plan
 
 
-def _base_pass(model, plan: _Plan, datastore, times: dict, progress) -> tuple[torch.Tensor, torch.Tensor]:
+def _base_pass(model, plan: Plan, datastore, times: dict, progress) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) of the LM alone and of the kNN-LM alone (the LM's without a datastore)."""
     started = time.perf_counter()
     keep = datastore is not None  # queries kept, so that LM time and search time are measured apart
@@ -221,7 +168,7 @@ def _base_pass(model, plan: _Plan, datastore, times: dict, progress) -> tuple[to
     return scored.lm_log_probs, knn_only
 
 
-def _retrieve(tokenizer, retriever, plan: _Plan, times: dict) -> tuple[np.ndarray, torch.Tensor]:
+def _retrieve(tokenizer, retriever, plan: Plan, times: dict) -> tuple[np.ndarray, torch.Tensor]:
     started = time.perf_counter()
     length = plan.retrieval.query_length
     queries = [tokenizer.decode(plan.tokens[max(0, s - length) : s].tolist()) for _, s, _ in plan.blocks]
@@ -231,55 +178,7 @@ def _retrieve(tokenizer, retriever, plan: _Plan, times: dict) -> tuple[np.ndarra
     return doc_ids, log_weights
 
 
-def _score_rows(chunk, log_probs, hidden, keep, plan: _Plan, out: _Prefixed) -> None:
-    """Copy each prefixed row's target log-probs (and kNN queries) into its blocks' slots."""
-    device = log_probs.device
-    for r, row in enumerate(chunk):
-        for b, slot in row.uses:
-            _, start, end = plan.blocks[b]
-            positions = (keep - 1 - (row.end - torch.arange(start, end))).to(device)
-            targets = torch.from_numpy(plan.tokens[start:end].astype("int64")).to(device)
-            picked = log_probs[r, positions].gather(-1, targets[:, None]).squeeze(-1)
-            out.log_probs[b, slot, : end - start] = picked.cpu()
-            if hidden is not None:
-                if out.queries is None:
-                    out.queries = torch.zeros(len(plan.blocks), out.log_probs.shape[-1], hidden.shape[-1])
-                out.queries[b, : end - start] = hidden[r, positions].float().cpu()
-
-
-def _prefixed_pass(model, tokenizer, retriever, plan: _Plan, doc_ids, datastore, row_batch_size, progress):
-    """Every (window, passage) row through the model once, longest first."""
-    width = max(end - start for _, start, end in plan.blocks)
-    out = _Prefixed(torch.full((len(plan.blocks), plan.retrieval.num_documents, width), -math.inf), None)
-    doc_tokens = DocumentTokens(tokenizer, retriever, plan.document_budget)
-    # Longest first, so that a batch holds rows of about one length (padding is compute thrown away: ~15%
-    # of the tokens on Tiny Shakespeare in corpus order) and an out-of-memory shows in the first batch.
-    rows = sorted(
-        _rows(plan.windows, plan.blocks, doc_ids),
-        key=lambda r: -(len(doc_tokens(r.doc)) + r.end - r.window.begin),
-    )
-    device = next(model.parameters()).device
-    capture = FFNInputCapture(model, datastore.config.hook_module) if datastore is not None else None
-    try:
-        for first in tqdm(
-            range(0, len(rows), row_batch_size), desc="prefixed rows", unit="batch", disable=progress
-        ):
-            chunk = rows[first : first + row_batch_size]
-            sequences = [doc_tokens(r.doc) + plan.tokens[r.window.begin : r.end].tolist() for r in chunk]
-            out.forward_tokens += sum(len(s) for s in sequences)
-            out.padded_tokens += len(sequences) * max(len(s) for s in sequences)
-            keep = max(r.end - r.first_target + 1 for r in chunk)
-            padded = left_pad(sequences, pad_token_id(tokenizer), device)
-            log_probs, _ = last_log_probs(model, padded, keep, use_cache=False)
-            hidden = capture.hidden_states(len(chunk))[:, -keep:] if capture is not None else None
-            _score_rows(chunk, log_probs, hidden, keep, plan, out)
-    finally:
-        if capture is not None:
-            capture.remove()
-    return out
-
-
-def _combine(plan: _Plan, base, log_weights, prefixed: _Prefixed, found) -> torch.Tensor:
+def _combine(plan: Plan, base, log_weights, prefixed: Prefixed, found) -> torch.Tensor:
     """log sum_d w_d p_LM(t | d ⊕ x) for the targets of blocks that read a passage; base elsewhere."""
     mixed = base.clone()
     for b in found.nonzero()[0].tolist():
@@ -290,7 +189,7 @@ def _combine(plan: _Plan, base, log_weights, prefixed: _Prefixed, found) -> torc
     return mixed
 
 
-def _mix_knn(plan: _Plan, datastore, prefixed: _Prefixed, found, mixed, knn_only) -> torch.Tensor:
+def _mix_knn(plan: Plan, datastore, prefixed: Prefixed, found, mixed, knn_only) -> torch.Tensor:
     """log(λ p_kNN + (1 - λ) p_RALM) for the targets of blocks that read a passage; kNN-LM elsewhere."""
     picks = [(b, start, end) for b, (_, start, end) in enumerate(plan.blocks) if found[b]]
     queries = torch.cat([prefixed.queries[b, : end - start] for b, start, end in picks])
@@ -365,7 +264,7 @@ def evaluate_retrieval_perplexity(
     base, knn_only = _base_pass(model, plan, datastore, times, disable_progress)
     doc_ids, log_weights = _retrieve(tokenizer, retriever, plan, times)
     started = time.perf_counter()
-    prefixed = _prefixed_pass(
+    prefixed = run_rows(
         model, tokenizer, retriever, plan, doc_ids, datastore, row_batch_size, disable_progress
     )
     found = (doc_ids >= 0).any(axis=1)
@@ -398,6 +297,9 @@ def _output(
         forward_tokens=prefixed.forward_tokens,
         padded_tokens=prefixed.padded_tokens,
         base_forward_tokens=sum(w.end - w.begin for w in plan.windows),
+        stride_hit_rate=prefixed.stride_hit_rate,
+        passage_hit_rate=prefixed.passage_hit_rate,
+        context_tokens=prefixed.context_tokens,
         times={name: round(value, 3) for name, value in times.items()},
         retrieval=plan.retrieval,
         knn=plan.knn,

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..utils.checks import check_positive_finite, check_positive_int
+from ..utils.checks import check_flag, check_positive_finite, check_positive_int
 
 
 @dataclass
@@ -52,6 +52,14 @@ class RetrievalSettings:
     max_document_tokens: int = field(
         default=256, metadata={"help": "A passage is cut from the left to this many LM tokens."}
     )
+    reuse_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Perplexity evaluation: compute each passage's KV cache once and extend it with the "
+            "context of every row that reads it, the LM head only at scored positions (same log-probs); "
+            "False recomputes passage + context of every row."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_positive_int("num_documents", self.num_documents, "passages per retrieval, e.g. 4")
@@ -60,6 +68,7 @@ class RetrievalSettings:
         check_positive_int("query_length", self.query_length, "the last tokens that query, e.g. 32")
         check_positive_finite("document_temperature", self.document_temperature, "it divides the scores")
         check_positive_int("max_document_tokens", self.max_document_tokens, "LM tokens per passage, e.g. 256")
+        check_flag("reuse_cache", self.reuse_cache)
 
     def replace(self, **changes: Any) -> RetrievalSettings:
         """A copy with the changes that are not ``None`` (``retrieval_stride=None`` is kept as given)."""
