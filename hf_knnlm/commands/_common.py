@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from ..utils.allocator import fix_mmap_threshold
 from ._options import add_dataclass_options, dataclass_from_args
 
 # Errors that mean "the input is wrong" (files, values, ids, network): the message is the report.
@@ -51,6 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
     if not debug:
         hub_logger.setLevel(logging.ERROR)
     try:
+        fix_mmap_threshold()  # a long run's freed batch buffers go back to the system (utils/allocator.py)
         return args.func(args) or 0
     except KeyboardInterrupt:
         if debug:
