@@ -141,7 +141,8 @@ def fit_gate(
 def _gate_data(
     model, tokenizer, data, datastore, settings, windows, training, text_column, max_tokens, progress
 ):
-    """One pass over ``data``: every token searched once, with the LM features and queries kept."""
+    """One pass over ``data``: every token searched once, with the LM features and queries kept, and
+    ``log p_kNN(target)`` of every token; the ``[tokens x k]`` neighbours are dropped batch by batch."""
     windows = windows.resolve(recorded_windows(datastore))
     check_forward_args(model, windows.max_length, windows.stride, windows.batch_size)
     tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
@@ -157,7 +158,12 @@ def _gate_data(
         disable_progress=progress,
         desc="gate data",
     )
-    return ScoredTokens.cat(list(batches)), windows
+    parts, knn = [], []
+    for batch in batches:  # neighbours held for the whole text would grow with it (8 kB a token at k 1024)
+        knn.append(knn_target_log_probs(batch.neighbours, batch.targets, settings.temperature))
+        batch.neighbours = None
+        parts.append(batch)
+    return ScoredTokens.cat(parts), torch.cat(knn), windows
 
 
 def train_gate(
@@ -215,7 +221,7 @@ def train_gate(
     settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
     # Held from the start: a build or save of the store under way fails this at once, not after the pass.
     with folder_lock(datastore.folder) if save else contextlib.nullcontext():
-        cache, windows = _gate_data(
+        cache, knn, windows = _gate_data(
             model,
             tokenizer,
             data,
@@ -227,7 +233,6 @@ def train_gate(
             max_tokens,
             disable_progress,
         )
-        knn = knn_target_log_probs(cache.neighbours, cache.targets, settings.temperature)
         queries = cache.queries if training.use_queries else None
         gate = fit_gate(cache.lm_features, queries, cache.lm_log_probs, knn, training)
         gate.info.update({"k": settings.k, "temperature": settings.temperature, **windows.to_dict()})
