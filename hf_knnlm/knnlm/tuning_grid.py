@@ -27,8 +27,9 @@ class TuningGrid:
         temperature_multiples (`tuple[float, ...]`): multiples of that distance used by default.
         ks (`tuple[int, ...]`, *optional*): k values to try, each at most the k searched; default:
             those of ``DEFAULT_KS`` below it, and it.
-        max_cache_bytes (`int`, defaults to 1 GiB): cap of the neighbour cache (tokens x k x 8 bytes);
-            the text is cut to fit.
+        max_cache_bytes (`int`, defaults to 512 MiB): cap of the neighbour cache (tokens x k x 8 bytes);
+            the text is cut to fit (65,536 tokens at k 1024), so that tuning stays within 1 GB of the
+            model and the store.
 
     Examples:
 
@@ -72,7 +73,7 @@ class TuningGrid:
         },
     )
     max_cache_bytes: int = field(
-        default=1 << 30,
+        default=1 << 29,
         metadata={"help": "Cap of the neighbour cache (tokens x k x 8 bytes); the text is cut to fit."},
     )
 
