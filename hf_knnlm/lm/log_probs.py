@@ -24,6 +24,8 @@ from .hooks import FFNInputCapture, StopForward
 logger = logging.getLogger(__name__)
 
 _ROWS_PER_CHUNK = 512  # [512 x vocab] float32 logits at a time: 100 MB for a 49k vocabulary
+# LM features (a gate's entropy, top log-probs) make a few more [rows x vocab] temporaries: fewer rows.
+_ROWS_PER_FEATURE_CHUNK = 128
 _TOLERANCE = 1e-4
 _CHECK_POSITIONS = 32
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the head path is exact
@@ -43,11 +45,12 @@ def scored_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(log p(target) [n], lm_features(log p) [n, F] or None)`` from the head's inputs ``hidden`` [n, d]."""
     picked, features = [], []
-    for start in range(0, len(hidden), _ROWS_PER_CHUNK):
+    rows = _ROWS_PER_CHUNK if lm_features is None else _ROWS_PER_FEATURE_CHUNK
+    for start in range(0, len(hidden), rows):
         # .forward: not through the module's hooks, whose capture would stop this call too
-        logits = head.forward(hidden[start : start + _ROWS_PER_CHUNK]).float()
+        logits = head.forward(hidden[start : start + rows]).float()
         log_probs = torch.log_softmax(logits, dim=-1)
-        picked.append(log_probs.gather(-1, targets[start : start + _ROWS_PER_CHUNK, None]).squeeze(-1))
+        picked.append(log_probs.gather(-1, targets[start : start + rows, None]).squeeze(-1))
         if lm_features is not None:
             features.append(lm_features(log_probs))
     empty = hidden.new_zeros(0)
