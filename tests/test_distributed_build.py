@@ -109,6 +109,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
             (p["start"], p["end"]) for p in parts
         ]
         assert len(parts) == 2 and 0 < parts[0]["end"] < len(single)
+        assert multi.config.format_version == 2  # a Flat per-rank store has no index file to announce
     else:
         assert multi.config.shards == single.config.shards
     np.testing.assert_array_equal(multi.values.to_numpy(), single.values.to_numpy())
