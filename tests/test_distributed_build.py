@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from accelerate import PartialState
 
 from hf_knnlm import Datastore
+from hf_knnlm.datastore.config import CONFIG_NAME, DatastoreConfig
 from hf_knnlm.datastore.distributed import window_range
 
 try:  # tests/ is a package on main, a plain folder elsewhere
@@ -107,6 +109,7 @@ def test_two_process_build_equals_single_process(tmp_path, model, tokenizer, cor
             (p["start"], p["end"]) for p in parts
         ]
         assert len(parts) == 2 and 0 < parts[0]["end"] < len(single)
+        assert multi.config.format_version == 2  # a Flat per-rank store has no index file to announce
     else:
         assert multi.config.shards == single.config.shards
     np.testing.assert_array_equal(multi.values.to_numpy(), single.values.to_numpy())
@@ -166,9 +169,27 @@ def test_one_process_shard_per_rank_build_equals_default(tmp_path, model, tokeni
         {"start": 0, "end": len(single), "index": "index-00001-of-00001.faiss"}
     ]
     assert ranked.config.temperature == single.config.temperature
+    # Its index files are ones a reader of format 2 does not know: only this store says 3.
+    assert (ranked.config.format_version, single.config.format_version) == (3, 2)
     q = single.keys.take(np.arange(0, len(single), 31)).astype(np.float32) + 0.05
     single.nprobe = ranked.nprobe = 1
     np.testing.assert_array_equal(ranked.search_ids(q, 16)[1], single.search_ids(q, 16)[1])
     resaved = Datastore.from_pretrained(ranked.save_pretrained(tmp_path / "resaved"), nprobe=1)
     assert resaved.config.rank_shards is None and (tmp_path / "resaved" / "index.faiss").is_file()
     np.testing.assert_array_equal(resaved.search_ids(q, 16)[1], single.search_ids(q, 16)[1])
+
+
+def test_an_older_reader_refuses_a_per_rank_store_by_its_version(tmp_path, model, tokenizer, monkeypatch):
+    """A reader of format 2 names the version and the upgrade, not a missing index.faiss hash."""
+    kwargs = {"max_length": 16, "stride": 8, "index_factory": "IVF2,Flat", "disable_progress": True}
+    text = ["a b c d e f g h i j k l m n o p q r s t u v w x y z " * 4]
+    Datastore.build(model, tokenizer, text, tmp_path / "ranked", shard_per_rank=True, **kwargs)
+    Datastore.build(model, tokenizer, text, tmp_path / "single", **kwargs)
+    saved = json.loads((tmp_path / "ranked" / CONFIG_NAME).read_text())
+    assert saved["format_version"] == 3 and "index.faiss" not in saved["files"]
+    monkeypatch.setattr(DatastoreConfig, "FORMAT_VERSION", 2)  # the release before per-rank builds
+    assert len(Datastore.from_pretrained(tmp_path / "single")) > 0
+    with pytest.raises(
+        ValueError, match=r"format_version 3 in datastore_config.json, newer than the 2 .*pip install -U"
+    ):
+        Datastore.from_pretrained(tmp_path / "ranked")

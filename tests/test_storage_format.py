@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hf_knnlm import Datastore, evaluate_perplexity
-from hf_knnlm.datastore.config import FORMAT_VERSION
+from hf_knnlm.datastore.config import FORMAT_VERSION, SINGLE_INDEX_FORMAT_VERSION
 from hf_knnlm.utils.files import sha256_file
 
 
@@ -25,7 +25,9 @@ def _search(store: Datastore, queries: np.ndarray, k: int = 8):
 def test_an_exact_store_keeps_one_copy_of_its_keys(store_dir, store):
     files = sorted(p.name for p in store_dir.iterdir() if p.is_file())
     assert "index.faiss" not in files and "index.faiss" not in store.config.files
-    assert store.config.format_version == FORMAT_VERSION == 2
+    # Only a per-rank IVF build writes format 3; this store stays readable by a version-2 reader.
+    assert store.config.format_version == SINGLE_INDEX_FORMAT_VERSION == 2 and FORMAT_VERSION == 3
+    assert json.loads((store_dir / "datastore_config.json").read_text())["format_version"] == 2
     keys = store.keys.to_numpy()
     on_disk = sum(p.stat().st_size for p in store_dir.iterdir() if p.is_file())
     assert on_disk < 1.2 * keys.nbytes + 4 * len(store) + 64 * 1024  # keys, values, config and card
@@ -60,7 +62,12 @@ def test_a_newer_format_names_the_fix(store_dir, tmp_path):
     shutil.copytree(store_dir, folder)
     path = folder / "datastore_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(ValueError, match="pip install -U hf-knnlm"):
+    newer = FORMAT_VERSION + 1
+    with pytest.raises(
+        ValueError,
+        match=rf"format_version {newer} in datastore_config.json, newer than the {FORMAT_VERSION} .*"
+        r"upgrade with `pip install -U hf-knnlm`",
+    ):
         Datastore.from_pretrained(folder)
 
 

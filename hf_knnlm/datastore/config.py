@@ -16,7 +16,10 @@ from ..utils.hub_mixin import StoreConfig, check_relative
 CONFIG_NAME = "datastore_config.json"
 # 1: every store has index.faiss. 2: an exact ("Flat") store has none; its index is rebuilt from the
 # fp16 keys when the store is opened (a reader of version 1 would not find the file, so it refuses).
-FORMAT_VERSION = 2
+# 3: a per-rank IVF build (``rank_shards``) has one index-0000r-of-0000N.faiss per rank and no
+# index.faiss; only such stores are written as 3, so every other store stays readable by version 2.
+FORMAT_VERSION = 3
+SINGLE_INDEX_FORMAT_VERSION = 2
 KEY_DTYPES = ("float16", "float32")
 METRICS = ("l2",)
 
@@ -92,6 +95,24 @@ class DatastoreConfig(StoreConfig):
         default=None,
         metadata={"help": "How the store was compressed: source_entries, pca_dim, prune_to, merge_k."},
     )
+
+    def written_format_version(self) -> int:
+        """3 for a store with per-rank index files, else 2 (a per-rank Flat store has no index file).
+
+        Examples:
+
+        ```python
+        >>> config = DatastoreConfig(model_type="gpt2", hook_module="h.1.mlp", hidden_size=8, vocab_size=9)
+        >>> config.written_format_version()
+        2
+        >>> config.rank_shards = [{"start": 0, "end": 5, "index": "index-00001-of-00001.faiss"}]
+        >>> config.written_format_version()
+        3
+        ```
+        """
+        if any(part.get("index") is not None for part in self.rank_shards or []):
+            return FORMAT_VERSION
+        return SINGLE_INDEX_FORMAT_VERSION
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -62,8 +62,10 @@ class StoreConfig:
     """The on-disk contract every saved store shares; a store type subclasses it with its own fields.
 
     Class attributes a subclass sets: ``CONFIG_NAME`` (the file name), ``WHAT`` (how errors name
-    the store), ``FORMAT_VERSION`` (bumped whenever an older hf_knnlm could not read new files) and,
-    for a store whose config has a ``format`` field, ``FORMAT``: the only value that field may hold.
+    the store), ``FORMAT_VERSION`` (the newest version this hf_knnlm reads, bumped whenever an older
+    hf_knnlm could not read new files) and, for a store whose config has a ``format`` field,
+    ``FORMAT``: the only value that field may hold. A store type whose newer layout is optional
+    overrides ``written_format_version`` so that its other folders stay readable by older releases.
 
     Examples:
 
@@ -94,7 +96,7 @@ class StoreConfig:
 
     def __post_init__(self) -> None:
         if not self.format_version:
-            self.format_version = self.FORMAT_VERSION
+            self.format_version = self.written_format_version()
         if self.format_version > self.FORMAT_VERSION:
             raise ValueError(
                 f"this {self.WHAT} has format_version {self.format_version} in {self.CONFIG_NAME}, "
@@ -108,6 +110,10 @@ class StoreConfig:
             raise ValueError(
                 f"{self.CONFIG_NAME} has format {found!r}, not {self.FORMAT!r}: not a {self.WHAT}."
             )
+
+    def written_format_version(self) -> int:
+        """The format version a folder with this config is saved as: the oldest that reads it."""
+        return self.FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,6 +216,7 @@ def finish_folder(
     """
     folder = Path(folder)
     config.hf_knnlm_version = __version__
+    config.format_version = config.written_format_version()
     config.files = {**(hashes or {}), **file_hashes(folder, files)}
     rendered = card(config) if card is not None else None
     if rendered is not None:  # not hashed: users edit their cards on the Hub
