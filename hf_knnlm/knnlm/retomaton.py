@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..datastore.neighbours import Neighbours, pad_rows
+from ..datastore.neighbours import Neighbours
+from ..utils.checks import check_positive_int
 from .settings import check_retomaton
 
 if TYPE_CHECKING:
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
 # and 4k cost +0.65% with more searches saved. The 4k exact distances are not free: on that small
 # IVF-PQ store a pointer step took longer than the search it replaced.
 POOL_FACTOR = 4
+
+# Lockstep segments of a teacher-forced stream (see RetoMaton.stream): TODO measured.
+SEGMENTS = 64
+MIN_SEGMENT_LENGTH = 16
+
+# Most stored keys gathered at once by a pointer step (fp16 + fp32 copies: 6 bytes per dimension each).
+CHUNK = 16384
 
 
 class RetoMaton:
@@ -52,6 +60,9 @@ class RetoMaton:
         clusters (`bool`, defaults to `True`): top pointer sets up with the members of their IVF lists.
         pool (`int`, *optional*): candidates gathered from the lists before keeping the ``k`` nearest
             (defaults to ``4 * k``).
+        segments (`int`, defaults to `SEGMENTS`): a teacher-forced stream of queries
+            ([`stream`][hf_knnlm.knnlm.retomaton.RetoMaton.stream]) is walked as this many contiguous
+            segments in lockstep, so that the searches of a step are one batched faiss call.
 
     Examples:
 
@@ -77,8 +88,10 @@ class RetoMaton:
         recompute_dists: bool = False,
         clusters: bool = True,
         pool: int | None = None,
+        segments: int = SEGMENTS,
     ):
         check_retomaton(threshold)
+        check_positive_int("segments", segments, "contiguous parts of a stream walked in lockstep, e.g. 64")
         if getattr(datastore, "sharded", None) is not None:  # pointers need every rank's values and keys
             raise ValueError(
                 "retomaton is not available on a store opened with distributed='shard' (its pointers read "
@@ -90,10 +103,11 @@ class RetoMaton:
         self.recompute_dists = recompute_dists
         self.clusters = datastore.clusters if clusters else None
         self.pool = POOL_FACTOR * self.k if pool is None else max(int(pool), self.k)
+        self.segments = segments
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
         self.steps = 0
         self.searches = 0
-        self._prev: list[np.ndarray | None] = []
+        self._state: np.ndarray | None = None  # [rows, k] entry ids of the last step (-1: none)
 
     @property
     def searches_saved(self) -> float:
@@ -105,41 +119,125 @@ class RetoMaton:
 
     def reset(self) -> None:
         """Forget every sequence's pointers (the next step searches); counters are kept."""
-        self._prev = []
+        self._state = None
 
     def pointers(self, row_ids: np.ndarray | None, token: int | None) -> np.ndarray:
         """Successors of the entries in ``row_ids`` whose value is ``token`` (unique, valid ids)."""
         if row_ids is None or token is None or not len(row_ids):
             return np.zeros(0, dtype=np.int64)
-        right = row_ids[self.datastore.values.take(row_ids) == token]
-        nxt = self.datastore.provenance.successors(right)
-        return np.unique(nxt[nxt >= 0])
+        ptrs, counts = self.pointer_sets(np.asarray(row_ids, np.int64)[None], np.array([token]))
+        return ptrs[0, : counts[0]]
 
-    def _pointer_row(self, query: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.clusters is not None:
-            ids = self.clusters.extend(ids, self.pool)
-        d = self._distances(query, ids)
-        order = np.argsort(d, kind="stable")[: self.k]
-        return d[order], ids[order]
+    def pointer_sets(self, prev: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pointers of many rows at once.
 
-    def _distances(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact squared L2 distances from ``query`` to the stored keys of ``ids``.
+        Args:
+            prev (`np.ndarray`): ``[R, K]`` entry ids of each row's previous step (-1: none).
+            tokens (`np.ndarray`): ``[R]`` the token each row produced (-1: none).
 
-        The keys go through two buffers kept for the automaton's life: fresh multi-MB arrays of a
-        different size at every step fragment glibc's heap (RSS grew by GBs over a long stream).
+        Returns:
+            ``([R, K] successors of the entries whose value is the row's token, unique and ascending,
+            then -1, [R] how many)``.
         """
+        valid = prev >= 0
+        safe = np.where(valid, prev, 0).reshape(-1)
+        values = self.datastore.values.take(safe).reshape(prev.shape)
+        right = valid & (values == np.asarray(tokens, np.int64)[:, None])
+        nxt = np.where(right, self.datastore.provenance.successors(safe).reshape(prev.shape), -1)
+        nxt.sort(axis=1)
+        keep = nxt >= 0
+        keep[:, 1:] &= nxt[:, 1:] != nxt[:, :-1]
+        order = np.argsort(~keep, axis=1, kind="stable")  # the kept ones first, still ascending
+        return np.take_along_axis(np.where(keep, nxt, -1), order, 1), keep.sum(1)
+
+    def _candidates(self, ptrs: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+        rows = [row[:n] for row, n in zip(ptrs, counts, strict=True)]
+        if self.clusters is None:
+            return rows
+        return [self.clusters.extend(row, self.pool) for row in rows]
+
+    def _follow(self, q: np.ndarray, ptrs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``[P, k]`` distances and ids of pointer steps: the ``k`` nearest candidates by exact distance."""
+        cands = self._candidates(ptrs, counts)
+        sizes = np.array([len(c) for c in cands])
+        width = max(self.k, int(sizes.max()))
+        dist = np.full((len(cands), width), np.inf, np.float32)
+        ids = np.full((len(cands), width), -1, np.int64)
+        filled = np.arange(width) < sizes[:, None]
+        flat = np.concatenate(cands)
+        dist[filled] = self._distances(q, flat, sizes)
+        ids[filled] = flat
+        order = np.argsort(dist, axis=1, kind="stable")[:, : self.k]
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+    def _distances(self, q: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Exact squared L2 distances from row ``r`` of ``q`` to the stored keys of its ``sizes[r]`` ids.
+
+        The keys go through two buffers kept for the automaton's life (fresh multi-MB arrays of a
+        different size at every step fragment glibc's heap: RSS grew by GBs over a long stream), a
+        chunk of rows at a time so that lockstep rows do not grow them past ``CHUNK`` keys.
+        """
+        out = np.empty(len(ids), np.float32)
+        ends = np.cumsum(sizes)
+        begins = ends - sizes
+        first = 0
+        while first < len(sizes):  # the rows whose candidates fit in CHUNK keys (at least one row)
+            last = max(first + 1, int(np.searchsorted(ends, begins[first] + CHUNK, "right")))
+            a, b = int(begins[first]), int(ends[last - 1])
+            keys = self._gather(ids[a:b])
+            for row in range(first, last):
+                keys[begins[row] - a : ends[row] - a] -= q[row]
+            out[a:b] = np.einsum("ij,ij->i", keys, keys)
+            first = last
+        return out
+
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
         n = len(ids)
         if self._buffers is None or len(self._buffers[0]) < n:
-            width = max(n, self.pool if self.clusters is not None else self.k)
-            dim = self.datastore.key_dim
-            stored = self.datastore.keys.dtype
+            width = max(n, min(CHUNK, self.pool if self.clusters is not None else self.k))
+            dim, stored = self.datastore.key_dim, self.datastore.keys.dtype
             self._buffers = (np.empty((width, dim), stored), np.empty((width, dim), np.float32))
         half, full = self._buffers
         self.datastore.keys.take(ids, out=half[:n])
-        keys = full[:n]
-        np.copyto(keys, half[:n])
-        keys -= query
-        return np.einsum("ij,ij->i", keys, keys)
+        np.copyto(full[:n], half[:n])
+        return full[:n]
+
+    def _queries(self, queries: torch.Tensor) -> np.ndarray:
+        q = queries.detach().float().cpu().numpy().reshape(len(queries), -1)
+        if self.datastore.key_transform is not None:
+            q = self.datastore.key_transform.apply(np.ascontiguousarray(q))
+        return q
+
+    def _step(
+        self, q: np.ndarray, prev: np.ndarray, tokens: np.ndarray, search
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One step of ``R`` rows: pointer steps where enough pointers survive, one batched search else.
+
+        ``search(rows)`` returns the ``(distances, ids)`` a search gives for those rows.
+        """
+        ptrs, counts = self.pointer_sets(prev, tokens)
+        follow = counts >= self.threshold
+        dist = np.full((len(q), self.k), np.inf, np.float32)
+        ids = np.full((len(q), self.k), -1, np.int64)
+        if follow.any():
+            dist[follow], ids[follow] = self._follow(q[follow], ptrs[follow], counts[follow])
+        todo = np.flatnonzero(~follow)
+        if len(todo):
+            found_d, found_i = search(todo)
+            width = min(self.k, found_i.shape[1])
+            dist[todo, :width], ids[todo, :width] = found_d[:, :width], found_i[:, :width]
+        self.steps += len(q)
+        self.searches += len(todo)
+        return dist, ids
+
+    def _searcher(self, queries: torch.Tensor, positions: np.ndarray, precomputed: Neighbours | None):
+        def search(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            at = positions[rows]
+            if precomputed is not None:
+                return precomputed.distances[at].numpy(), precomputed.ids[at].numpy()
+            return self.datastore.search_ids(queries[torch.from_numpy(at)], self.k, self.recompute_dists)
+
+        return search
 
     def neighbours(
         self,
@@ -157,30 +255,64 @@ class RetoMaton:
             precomputed: neighbours a search would return for these queries (evaluation caches);
                 rows that must search take them instead of calling faiss.
         """
-        q = queries.detach().float().cpu().numpy().reshape(len(queries), -1)
-        if self.datastore.key_transform is not None:
-            q = self.datastore.key_transform.apply(np.ascontiguousarray(q))
-        tokens = None if prev_tokens is None else [int(t) for t in prev_tokens]
-        rows: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for row in range(len(q)):
-            parent = row if parents is None else int(parents[row])
-            prev = self._prev[parent] if 0 <= parent < len(self._prev) else None
-            ptrs = self.pointers(prev, None if tokens is None else tokens[row])
-            rows.append(self._pointer_row(q[row], ptrs) if len(ptrs) >= self.threshold else None)
-        todo = [row for row, r in enumerate(rows) if r is None]
-        if todo:
-            if precomputed is not None:
-                found_d = precomputed.distances[todo, : self.k].numpy()
-                found_i = precomputed.ids[todo, : self.k].numpy()
-            else:
-                found_d, found_i = self.datastore.search_ids(queries[todo], self.k, self.recompute_dists)
-            for j, row in enumerate(todo):
-                rows[row] = (found_d[j], found_i[j])
-        self.steps += len(rows)
-        self.searches += len(todo)
-        distances, ids = pad_rows(rows, self.k)
-        self._prev = [i[i >= 0] for i in ids.numpy()]
-        return Neighbours.from_ids(self.datastore, distances, ids)
+        rows = len(queries)
+        parents = np.arange(rows) if parents is None else np.asarray([int(p) for p in parents], np.int64)
+        prev = np.full((rows, self.k), -1, np.int64)
+        if self._state is not None:
+            known = (parents >= 0) & (parents < len(self._state))
+            prev[known] = self._state[parents[known]]
+        tokens = np.full(rows, -1) if prev_tokens is None else np.asarray([int(t) for t in prev_tokens])
+        search = self._searcher(queries, np.arange(rows), precomputed)
+        dist, ids = self._step(self._queries(queries), prev, tokens, search)
+        self._state = ids
+        return Neighbours.from_ids(self.datastore, dist, ids)
+
+    def stream(
+        self,
+        queries: torch.Tensor,
+        prev_tokens: Sequence[int | None],
+        precomputed: Neighbours | None = None,
+        segments: int | None = None,
+    ) -> Neighbours:
+        """Walk a token stream (teacher forcing): query ``i`` follows the pointers of query ``i - 1``
+        through ``prev_tokens[i]``, the token at query ``i``'s own position.
+
+        The stream is cut into ``segments`` (default: the automaton's) contiguous parts walked in
+        lockstep: at each step the rows that must search are searched in one faiss call (a Flat search
+        of many queries reads the store once). The first part continues the last step of the previous
+        call; the others start with a search, so a part gives exactly what walking it alone gives.
+        """
+        n = len(queries)
+        if self.threshold > self.k:  # no pointer step is possible: plain kNN-LM's one search, exactly
+            return self._search_all(queries, precomputed)
+        wanted = min(self.segments, n // MIN_SEGMENT_LENGTH) if segments is None else segments
+        parts = max(1, min(wanted, n))
+        lengths = np.full(parts, n // parts)
+        lengths[: n % parts] += 1  # non-increasing: the rows still walking at step t are the first ones
+        starts = np.cumsum(lengths) - lengths
+        tokens = np.asarray([-1 if t is None else int(t) for t in prev_tokens], np.int64)
+        q = self._queries(queries)
+        dist = np.full((n, self.k), np.inf, np.float32)
+        ids = np.full((n, self.k), -1, np.int64)
+        state = np.full((parts, self.k), -1, np.int64)
+        if self._state is not None and len(self._state):
+            state[0] = self._state[-1]
+        for t in range(int(lengths[0]) if n else 0):
+            at = starts[: int((lengths > t).sum())] + t
+            rows = np.arange(len(at))
+            dist[at], ids[at] = self._step(
+                q[at], state[rows], tokens[at], self._searcher(queries, at, precomputed)
+            )
+            state[rows] = ids[at]
+        self._state = ids[-1:] if n else self._state
+        return Neighbours.from_ids(self.datastore, torch.from_numpy(dist), torch.from_numpy(ids))
+
+    def _search_all(self, queries: torch.Tensor, precomputed: Neighbours | None) -> Neighbours:
+        rows = np.arange(len(queries))
+        dist, ids = self._step(self._queries(queries), np.full((len(rows), 1), -1), rows * 0 - 1,
+                               self._searcher(queries, rows, precomputed))  # fmt: skip
+        self._state = ids[-1:] if len(ids) else self._state
+        return Neighbours.from_ids(self.datastore, torch.from_numpy(dist), torch.from_numpy(ids))
 
 
 def stream_neighbours(
@@ -188,15 +320,11 @@ def stream_neighbours(
     queries: torch.Tensor,
     prev_tokens: Sequence[int | None],
     precomputed: Neighbours | None = None,
+    segments: int = 1,
 ) -> Neighbours:
-    """Walk a token stream (teacher forcing) one query at a time: query ``i`` follows the pointers
-    of query ``i - 1`` through ``prev_tokens[i]``, the token at query ``i``'s own position."""
-    steps = []
-    for i in range(len(queries)):
-        token = prev_tokens[i]
-        pre = None if precomputed is None else precomputed[i : i + 1]
-        steps.append(automaton.neighbours(queries[i : i + 1], None if token is None else [token], None, pre))
-    return Neighbours.cat(steps)
+    """Walk a token stream (teacher forcing) as ``segments`` contiguous parts in lockstep (default one:
+    query ``i`` follows the pointers of query ``i - 1`` for every ``i``); see ``RetoMaton.stream``."""
+    return automaton.stream(queries, prev_tokens, precomputed, segments)
 
 
-__all__ = ["POOL_FACTOR", "RetoMaton", "stream_neighbours"]
+__all__ = ["POOL_FACTOR", "SEGMENTS", "RetoMaton", "stream_neighbours"]
