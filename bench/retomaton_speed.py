@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -87,6 +88,65 @@ def compare(model, tokenizer, text: str, store, args) -> dict:
     }
 
 
+def scored_batches(model, tokenizer, text: str, store, args) -> list:
+    """The batches ``evaluate_perplexity`` scores, with their queries (one model pass, reused)."""
+    from hf_knnlm.knnlm.scored import iter_scored_batches, scored_tokens
+    from hf_knnlm.lm.windows import WindowSettings
+
+    windows = WindowSettings(max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
+    tokens = scored_tokens(model, tokenizer, [text], store)
+    batches = iter_scored_batches(
+        model, tokens, store, None, windows, keep_queries=True, disable_progress=True
+    )
+    return list(batches)
+
+
+def retrieve(batches: list, store, policy, settings) -> tuple[float, float]:
+    """``(seconds in the policy calls, kNN-LM perplexity)``: evaluate_perplexity's retrieval alone."""
+    from hf_knnlm.knnlm.policies import Step
+
+    nll, count, seconds, last = 0.0, 0, 0.0, None
+    for batch in batches:
+        tokens = [last, *batch.targets[:-1].tolist()] if policy.follows_tokens else None
+        last = int(batch.targets[-1])
+        start = time.perf_counter()
+        batch.neighbours, _ = policy(Step(batch.queries, tokens=tokens))
+        seconds += time.perf_counter() - start
+        nll -= batch.mixed(settings).double().sum().item()
+        count += len(batch)
+    return seconds, math.exp(nll / count)
+
+
+def compare_retrieval(batches: list, store, args) -> dict:
+    """Plain search and RetoMaton at each ``--segments`` on the same batches, interleaved, best of N."""
+    from hf_knnlm import KNNSettings
+    from hf_knnlm.knnlm.policies import PlainSearch, RetoMatonSearch
+    from hf_knnlm.knnlm.retomaton import RetoMaton
+
+    settings = KNNSettings(k=args.k, lmbda=args.lmbda, recompute_dists=args.recompute).resolve(store)
+    makers = {"plain": lambda: PlainSearch(store, settings)}
+    for seg in args.segments:
+        makers[f"retomaton/{seg}"] = lambda seg=seg: RetoMatonSearch(
+            RetoMaton(store, args.threshold, settings.k, args.recompute, segments=seg)
+        )
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    rows: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, make in makers.items():
+            policy = make()
+            seconds, ppl = retrieve(batches, store, policy, settings)
+            times[name].append(seconds)
+            rows[name] = {"ppl": ppl, "searches_saved": policy.stats.searches_saved}
+    plain_s, plain_ppl = min(times["plain"]), rows["plain"]["ppl"]
+    for name, row in rows.items():
+        row |= {
+            "seconds": times[name],
+            "ratio": min(times[name]) / plain_s,
+            "ppl_change": row["ppl"] / plain_ppl - 1,
+        }
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a 30k-token store, 2k scored tokens")
@@ -97,6 +157,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--lmbda", type=float, default=0.25)
     p.add_argument("--threshold", type=int, default=16, help="RetoMaton's threshold")
+    p.add_argument(
+        "--segments",
+        type=int,
+        nargs="+",
+        default=[1, 64],
+        help="lockstep segments of the retrieval-only rows",
+    )
+    p.add_argument(
+        "--skip-eval", action="store_true", help="only the retrieval-only rows (no evaluate_perplexity)"
+    )
     p.add_argument("--recompute", action="store_true", help="recompute_dists=True in both runs")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
@@ -120,10 +190,26 @@ def main(argv=None) -> dict:
     model, tokenizer = load_smollm2()
     text = _wiki_tokens(tokenizer, "wiki.test.tokens", args.eval_tokens)
     results = {"machine": f"{os.cpu_count()}-core CPU", "args": vars(args), "stores": {}}
-    for name, store in stores(model, tokenizer, args).items():
-        log(f"{name}: plain kNN-LM vs RetoMaton (threshold {args.threshold}), {args.repeats} rounds")
-        row = results["stores"][name] = compare(model, tokenizer, text, store, args)
-        log(f"{name}: {row}")
+    all_stores = stores(model, tokenizer, args)
+    batches = scored_batches(model, tokenizer, text, all_stores["Flat"], args)
+    results["retrieval"] = {}
+    for name, store in all_stores.items():
+        log(f"{name}: retrieval only, plain vs RetoMaton (threshold {args.threshold}), {args.repeats} rounds")
+        rows = results["retrieval"][name] = compare_retrieval(batches, store, args)
+        log(f"{name}: {rows}")
+        if not args.skip_eval:
+            log(f"{name}: evaluate_perplexity, plain kNN-LM vs RetoMaton, {args.repeats} rounds")
+            row = results["stores"][name] = compare(model, tokenizer, text, store, args)
+            log(f"{name}: {row}")
+    print("\n| store | policy | retrieval s | ratio | searches saved | ppl | vs plain |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results["retrieval"].items():
+        for policy, r in rows.items():
+            print(
+                f"| {name} | {policy} | {min(r['seconds']):.2f} | {r['ratio']:.2f}x "
+                f"| {r['searches_saved']:.1%} "
+                f"| {r['ppl']:.3f} | {r['ppl_change']:+.2%} |"
+            )
     print("\n| store | entries | tokens | plain s | RetoMaton s | ratio | searches saved | ppl change |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["stores"].items():

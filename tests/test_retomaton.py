@@ -221,3 +221,29 @@ def test_lockstep_walk_searches_each_step_in_one_call(store, monkeypatch):
     automaton = RetoMaton(store, 2, 8)
     stream_neighbours(automaton, queries, [None] * 64, segments=8)  # no tokens: every row searches
     assert calls == [8] * 8 and automaton.searches == 64
+
+
+def test_index_pointer_steps_scan_the_pointed_lists(ivf_store):
+    automaton = RetoMaton(ivf_store, 1, 4, pool=16, pointer_step="index")
+    clusters = ivf_store.clusters
+    ptrs = np.stack([clusters.members([0])[:2], clusters.members([3])[:2]])
+    query = ivf_store.keys.take(np.array([5, 9])).astype(np.float32)
+    distances, kept = automaton._follow(query, ptrs, np.array([2, 2]))
+    for row in range(2):  # IVF-Flat: the index's distances are exact ones over the pointed lists' members
+        members = clusters.members(clusters.pointed(ptrs[row], 16))
+        exact = ((ivf_store.keys.take(members).astype(np.float32) - query[row]) ** 2).sum(1)
+        assert kept[row].tolist() == members[np.argsort(exact, kind="stable")[:4]].tolist()
+        np.testing.assert_allclose(distances[row], np.sort(exact)[:4], rtol=1e-4, atol=1e-4)
+
+
+def test_index_pointer_steps_fall_back_to_exact_without_lists(store):
+    queries = torch.from_numpy(store.keys.take(np.arange(40, 70)).astype(np.float32))
+    prev = [None] + store.values[40:69].tolist()
+    exact = stream_neighbours(RetoMaton(store, 1, 8), queries, prev)
+    index = stream_neighbours(RetoMaton(store, 1, 8, pointer_step="index"), queries, prev)
+    assert torch.equal(exact.ids, index.ids) and torch.equal(exact.distances, index.distances)
+
+
+def test_bad_pointer_step_is_refused(store):
+    with pytest.raises(ValueError, match="pointer_step='pq'"):
+        RetoMaton(store, 2, 8, pointer_step="pq")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..datastore.neighbours import Neighbours
+from ..datastore.search_index import exact_order
 from ..utils.checks import check_positive_int
 from .settings import check_retomaton
 
@@ -44,6 +45,10 @@ POOL_FACTOR = 4
 # Lockstep segments of a teacher-forced stream (see RetoMaton.stream): TODO measured.
 SEGMENTS = 64
 MIN_SEGMENT_LENGTH = 16
+
+# How a pointer step scores its candidates: exact distances to the stored keys of the pointers and
+# their lists' members (up to the pool), or the store's IVF index scanning the pointed lists.
+POINTER_STEPS = ("exact", "index")
 
 # Most stored keys gathered at once by a pointer step (fp16 + fp32 copies: 6 bytes per dimension each).
 CHUNK = 16384
@@ -89,6 +94,7 @@ class RetoMaton:
         clusters: bool = True,
         pool: int | None = None,
         segments: int = SEGMENTS,
+        pointer_step: str = "exact",
     ):
         check_retomaton(threshold)
         check_positive_int("segments", segments, "contiguous parts of a stream walked in lockstep, e.g. 64")
@@ -104,6 +110,9 @@ class RetoMaton:
         self.clusters = datastore.clusters if clusters else None
         self.pool = POOL_FACTOR * self.k if pool is None else max(int(pool), self.k)
         self.segments = segments
+        if pointer_step not in POINTER_STEPS:
+            raise ValueError(f"pointer_step={pointer_step!r} must be one of {POINTER_STEPS}.")
+        self.pointer_step = pointer_step
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
         self.steps = 0
         self.searches = 0
@@ -157,7 +166,29 @@ class RetoMaton:
         return [self.clusters.extend(row, self.pool) for row in rows]
 
     def _follow(self, q: np.ndarray, ptrs: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[P, k]`` distances and ids of pointer steps: the ``k`` nearest candidates by exact distance."""
+        """``[P, k]`` distances and ids of pointer steps."""
+        if self.pointer_step == "index" and self.clusters is not None and self.clusters.searchable:
+            return self._follow_lists(q, ptrs, counts)
+        return self._follow_exact(q, ptrs, counts)
+
+    def _follow_lists(
+        self, q: np.ndarray, ptrs: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest members of the pointers' lists (up to ``pool`` entries' worth, most pointed
+        first) by the index's own distances: one ``search_preassigned`` call for every row."""
+        lists = [self.clusters.pointed(row[:n], self.pool) for row, n in zip(ptrs, counts, strict=True)]
+        assign = np.full((len(lists), max(len(c) for c in lists)), -1, np.int64)
+        for row, chosen in enumerate(lists):
+            assign[row, : len(chosen)] = chosen
+        dist, ids = self.clusters.search(q, assign, self.k)
+        if self.recompute_dists:
+            dist, ids = exact_order(self.datastore.keys, q, dist, ids)
+        return dist, ids
+
+    def _follow_exact(
+        self, q: np.ndarray, ptrs: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of the pointers (topped up from their lists to ``pool``) by exact distance."""
         cands = self._candidates(ptrs, counts)
         sizes = np.array([len(c) for c in cands])
         width = max(self.k, int(sizes.max()))
