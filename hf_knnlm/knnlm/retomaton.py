@@ -21,7 +21,7 @@ per thread / generation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -308,10 +308,12 @@ class RetoMaton:
         """Walk a token stream (teacher forcing): query ``i`` follows the pointers of query ``i - 1``
         through ``prev_tokens[i]``, the token at query ``i``'s own position.
 
-        The stream is cut into ``segments`` (default: the automaton's) contiguous parts walked in
-        lockstep: at each step the rows that must search are searched in one faiss call (a Flat search
-        of many queries reads the store once). The first part continues the last step of the previous
-        call; the others start with a search, so a part gives exactly what walking it alone gives.
+        The stream is cut into ``segments`` (default: the automaton's) contiguous parts walked side
+        by side: the parts follow their pointers together (one key gather for all) and a part whose
+        pointers die waits; when every part waits, their searches are one faiss call (a Flat search
+        of many queries costs little more than one). The first part continues the last step of the
+        previous call; the others start with a search, so a part gives exactly what walking it alone
+        gives.
         """
         n = len(queries)
         if self.threshold > self.k:  # no pointer step is possible: plain kNN-LM's one search, exactly
@@ -319,24 +321,56 @@ class RetoMaton:
         wanted = min(self.segments, n // MIN_SEGMENT_LENGTH) if segments is None else segments
         parts = max(1, min(wanted, n))
         lengths = np.full(parts, n // parts)
-        lengths[: n % parts] += 1  # non-increasing: the rows still walking at step t are the first ones
+        lengths[: n % parts] += 1
         starts = np.cumsum(lengths) - lengths
         tokens = np.asarray([-1 if t is None else int(t) for t in prev_tokens], np.int64)
-        q = self._queries(queries)
-        dist = np.full((n, self.k), np.inf, np.float32)
-        ids = np.full((n, self.k), -1, np.int64)
+        out = (np.full((n, self.k), np.inf, np.float32), np.full((n, self.k), -1, np.int64))
         state = np.full((parts, self.k), -1, np.int64)
         if self._state is not None and len(self._state):
             state[0] = self._state[-1]
-        for t in range(int(lengths[0]) if n else 0):
-            at = starts[: int((lengths > t).sum())] + t
-            rows = np.arange(len(at))
-            dist[at], ids[at] = self._step(
-                q[at], state[rows], tokens[at], self._searcher(queries, at, precomputed)
-            )
-            state[rows] = ids[at]
-        self._state = ids[-1:] if n else self._state
-        return Neighbours.from_ids(self.datastore, torch.from_numpy(dist), torch.from_numpy(ids))
+        search = self._searcher(queries, np.arange(n), precomputed)
+        self._walk(self._queries(queries), tokens, starts, starts + lengths, state, search, out)
+        self._state = out[1][-1:] if n else self._state
+        return Neighbours.from_ids(self.datastore, torch.from_numpy(out[0]), torch.from_numpy(out[1]))
+
+    def _walk(
+        self,
+        q: np.ndarray,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        ends: np.ndarray,
+        state: np.ndarray,
+        search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+        out: tuple[np.ndarray, np.ndarray],
+    ) -> None:
+        """Advance every part (row) from ``pos`` to ``ends``: pointer steps of the rows that can take
+        one, together; a row whose pointers die waits; when all wait, one search for them all."""
+        dist, ids = out
+        waiting = np.zeros(len(pos), bool)
+        while True:
+            active = pos < ends
+            walking = np.flatnonzero(active & ~waiting)
+            if len(walking):
+                ptrs, counts = self.pointer_sets(state[walking], tokens[pos[walking]])
+                follow = counts >= self.threshold
+                waiting[walking[~follow]] = True
+                rows = walking[follow]
+                if len(rows):
+                    at = pos[rows]
+                    dist[at], ids[at] = self._follow(q[at], ptrs[follow], counts[follow])
+                    state[rows], pos[rows] = ids[at], at + 1
+                    self.steps += len(rows)
+                continue
+            rows = np.flatnonzero(active & waiting)
+            if not len(rows):
+                return
+            at = pos[rows]
+            found_d, found_i = search(at)
+            width = min(self.k, found_i.shape[1])
+            dist[at, :width], ids[at, :width] = found_d[:, :width], found_i[:, :width]
+            state[rows], pos[rows], waiting[rows] = ids[at], at + 1, False
+            self.steps += len(rows)
+            self.searches += len(rows)
 
     def _search_all(self, queries: torch.Tensor, precomputed: Neighbours | None) -> Neighbours:
         rows = np.arange(len(queries))
