@@ -125,10 +125,11 @@ def compare_retrieval(batches: list, store, args) -> dict:
 
     settings = KNNSettings(k=args.k, lmbda=args.lmbda, recompute_dists=args.recompute).resolve(store)
     makers = {"plain": lambda: PlainSearch(store, settings)}
-    for seg in args.segments:
-        makers[f"retomaton/{seg}"] = lambda seg=seg: RetoMatonSearch(
-            RetoMaton(store, args.threshold, settings.k, args.recompute, segments=seg)
-        )
+    for threshold in args.thresholds:
+        for seg in args.segments:
+            makers[f"retomaton {threshold}, {seg} parts"] = lambda t=threshold, seg=seg: RetoMatonSearch(
+                RetoMaton(store, t, settings.k, args.recompute, segments=seg)
+            )
     times: dict[str, list[float]] = {name: [] for name in makers}
     rows: dict[str, dict] = {}
     for _ in range(args.repeats):
@@ -156,14 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--lmbda", type=float, default=0.25)
-    p.add_argument("--threshold", type=int, default=16, help="RetoMaton's threshold")
-    p.add_argument(
-        "--segments",
-        type=int,
-        nargs="+",
-        default=[1, 64],
-        help="lockstep segments of the retrieval-only rows",
-    )
+    p.add_argument("--threshold", type=int, default=16, help="RetoMaton's threshold in evaluate_perplexity")
+    p.add_argument("--thresholds", type=int, nargs="+", default=[16, 64], help="of the retrieval-only rows")
+    p.add_argument("--segments", type=int, nargs="+", default=[64], help="parts walked side by side")
     p.add_argument(
         "--skip-eval", action="store_true", help="only the retrieval-only rows (no evaluate_perplexity)"
     )
@@ -194,7 +190,7 @@ def main(argv=None) -> dict:
     batches = scored_batches(model, tokenizer, text, all_stores["Flat"], args)
     results["retrieval"] = {}
     for name, store in all_stores.items():
-        log(f"{name}: retrieval only, plain vs RetoMaton (threshold {args.threshold}), {args.repeats} rounds")
+        log(f"{name}: retrieval only, plain vs RetoMaton {args.thresholds}, {args.repeats} rounds")
         rows = results["retrieval"][name] = compare_retrieval(batches, store, args)
         log(f"{name}: {rows}")
         if not args.skip_eval:
