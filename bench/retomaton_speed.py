@@ -1,13 +1,19 @@
 """RetoMaton's wall time against plain kNN-LM on the same real store, in one run (issue 27, item 2).
 
-A store of SmolLM2-135M keys over the first ``--store-tokens`` tokens of WikiText-2 valid (Flat), the
-same keys re-indexed as ``--factory`` (IVF-PQ); then ``evaluate_perplexity`` over ``--eval-tokens``
-tokens of WikiText-2 test, plain kNN-LM and RetoMaton (``retomaton=threshold``) interleaved
-``--repeats`` times on each store, best of N. It prints, per store, the wall-time ratio
-RetoMaton / plain and the perplexity change; the targets are ratio <= 0.7 at <= +1%.
+A store of SmolLM2-135M keys over the first ``--store-tokens`` tokens of WikiText-2 valid (Flat) and
+the same keys re-indexed as ``--factory`` (IVF-PQ); ``--eval-tokens`` tokens of WikiText-2 test
+scored on each, plain kNN-LM and RetoMaton interleaved ``--repeats`` times, best of N:
+
+- **retrieval**: the batches ``evaluate_perplexity`` scores (one model pass, kept), and only the
+  policy calls timed (plain search, RetoMaton at each of ``--thresholds`` and ``--segments``);
+- **whole run**: ``evaluate_perplexity`` itself (``retomaton=--threshold``), model pass included.
+
+Each prints the ratio RetoMaton / plain and the perplexity change; the targets are ratio <= 0.7 at
+<= +1%. ``--grow-to N`` adds a store of the real keys plus perturbed copies (bench/speed.py's P2
+store, not a real one) indexed as ``--grow-factory``.
 
     PYTHONPATH=. python bench/retomaton_speed.py --quick
-    PYTHONPATH=. python bench/retomaton_speed.py --workdir /tmp/reto-bench --output-json reto.json
+    PYTHONPATH=. python bench/retomaton_speed.py --eval-tokens 3000 --output-json reto.json
 
 The stores are cached in ``--workdir`` (a second run reuses them).
 """
@@ -15,6 +21,7 @@ The stores are cached in ``--workdir`` (a second run reuses them).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -55,7 +62,19 @@ def stores(model, tokenizer, args) -> dict:
         ivf_dir, lambda: flat.rebuild_index(args.factory, ivf_dir, train_size=len(flat)), nprobe=args.nprobe
     )
     log(f"{args.factory} store: nprobe {args.nprobe} ({index_s:.0f} s to index)")
-    return {"Flat": flat, args.factory: ivf}
+    found = {"Flat": flat, args.factory: ivf}
+    if args.grow_to:  # not a real store: the real keys and perturbed copies, as bench/speed.py's P2 store
+        from speed import make_big_store
+
+        big_dir = work / f"{args.grow_factory.replace(',', '_')}_{args.store_tokens}_{args.grow_to}"
+        big, index_s = cached_store(
+            big_dir,
+            lambda: make_big_store(flat, big_dir, args.grow_to, args.grow_factory, 0.1, 131072)[0],
+            nprobe=args.nprobe,
+        )
+        log(f"{args.grow_factory} store of {len(big):,} entries (copies): {index_s:.0f} s")
+        found[f"{args.grow_factory} (copies)"] = big
+    return found
 
 
 def compare(model, tokenizer, text: str, store, args) -> dict:
@@ -125,11 +144,10 @@ def compare_retrieval(batches: list, store, args) -> dict:
 
     settings = KNNSettings(k=args.k, lmbda=args.lmbda, recompute_dists=args.recompute).resolve(store)
     makers = {"plain": lambda: PlainSearch(store, settings)}
-    for threshold in args.thresholds:
-        for seg in args.segments:
-            makers[f"retomaton {threshold}, {seg} parts"] = lambda t=threshold, seg=seg: RetoMatonSearch(
-                RetoMaton(store, t, settings.k, args.recompute, segments=seg)
-            )
+    for threshold, seg, step in itertools.product(args.thresholds, args.segments, args.pointer_steps):
+        makers[f"retomaton {threshold}, {seg} parts, {step}"] = lambda t=threshold, seg=seg, step=step: (
+            RetoMatonSearch(RetoMaton(store, t, settings.k, args.recompute, segments=seg, pointer_step=step))
+        )
     times: dict[str, list[float]] = {name: [] for name in makers}
     rows: dict[str, dict] = {}
     for _ in range(args.repeats):
@@ -155,11 +173,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=None, help="WikiText-2 test tokens scored")
     p.add_argument("--factory", default="IVF1024,PQ64", help="index of the second store (same keys)")
     p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--grow-to", type=int, default=0, help="also a store of the keys + perturbed copies")
+    p.add_argument("--grow-factory", default="IVF4096,PQ64", help="index of the --grow-to store")
+    p.add_argument("--only", nargs="+", default=None, help="measure only these stores (names as printed)")
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--lmbda", type=float, default=0.25)
     p.add_argument("--threshold", type=int, default=16, help="RetoMaton's threshold in evaluate_perplexity")
     p.add_argument("--thresholds", type=int, nargs="+", default=[16, 64], help="of the retrieval-only rows")
     p.add_argument("--segments", type=int, nargs="+", default=[64], help="parts walked side by side")
+    p.add_argument("--pointer-steps", nargs="+", default=["index"], choices=["index", "exact"])
     p.add_argument(
         "--skip-eval", action="store_true", help="only the retrieval-only rows (no evaluate_perplexity)"
     )
@@ -190,6 +212,8 @@ def main(argv=None) -> dict:
     batches = scored_batches(model, tokenizer, text, all_stores["Flat"], args)
     results["retrieval"] = {}
     for name, store in all_stores.items():
+        if args.only and name not in args.only:
+            continue
         log(f"{name}: retrieval only, plain vs RetoMaton {args.thresholds}, {args.repeats} rounds")
         rows = results["retrieval"][name] = compare_retrieval(batches, store, args)
         log(f"{name}: {rows}")

@@ -17,7 +17,7 @@ pointers are topped up with their lists' members to ``pool`` candidates and the 
 exact distance to the stored keys are kept. ``clusters=False`` (or a ``Flat`` store, which has no
 lists) follows the pointers alone, by exact distance.
 
-Teacher forcing ([`stream`][hf_knnlm.knnlm.retomaton.RetoMaton.stream]) walks a call's queries as
+Teacher forcing ([`stream`][hf_knnlm.RetoMaton.stream]) walks a call's queries as
 ``segments`` contiguous parts side by side, so that the searches of several parts are one faiss call.
 
 With ``threshold > k`` no step can skip (at most ``k`` pointers survive), which is plain kNN-LM
@@ -57,10 +57,10 @@ MIN_SEGMENT_LENGTH = 16
 
 # How a pointer step scores its candidates. "index" (the default where the store's index is IVF):
 # the index itself scans the pointed lists, the distances a search gives; on a 97,558-entry
-# IVF1024,PQ64 store of SmolLM2 keys (nprobe 32, k 1024) a stream of 3,038 tokens took 1.9-2.1 s
-# of pointer steps and searches instead of 7.3-7.8 s with "exact", at the same perplexity
-# (docs/how-to/retomaton.md). "exact": exact distances to the stored keys of the pointers and their
-# lists' members up to the pool (what a store without lists, e.g. Flat, always uses).
+# IVF1024,PQ64 store of SmolLM2 keys (nprobe 32, k 1024, threshold 16) a stream of 3,038 tokens took
+# 6.8 s of pointer steps and searches instead of 10.8 s with "exact", at +0.51% / +0.41% perplexity
+# over plain kNN-LM (bench/retomaton_speed.py). "exact": exact distances to the stored keys of the
+# pointers and their lists' members up to the pool (what a store without lists, e.g. Flat, uses).
 POINTER_STEPS = ("exact", "index")
 
 # Most stored keys gathered at once by a pointer step (fp16 + fp32 copies: 6 bytes per dimension each).
@@ -79,7 +79,7 @@ class RetoMaton:
         pool (`int`, *optional*): entries of the pointed lists scored before keeping the ``k`` nearest
             (defaults to ``4 * k``).
         segments (`int`, defaults to `SEGMENTS`): a teacher-forced stream of queries
-            ([`stream`][hf_knnlm.knnlm.retomaton.RetoMaton.stream]) is walked as up to this many
+            ([`stream`][hf_knnlm.RetoMaton.stream]) is walked as up to this many
             contiguous parts (of at least ``MIN_SEGMENT_LENGTH`` queries) side by side.
         pointer_step (`str`, defaults to `"index"`): ``"index"`` scores a pointer step with the
             store's IVF index over the pointed lists, ``"exact"`` by exact distances to the stored keys
