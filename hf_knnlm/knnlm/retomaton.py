@@ -50,8 +50,8 @@ POOL_FACTOR = 4
 
 # Parts of a teacher-forced call walked side by side (RetoMaton.stream); each part's first query
 # searches, so parts shorter than MIN_SEGMENT_LENGTH would search more than they save. On a
-# 97,558-entry Flat store of SmolLM2 keys (3,038 tokens, k 1024, threshold 16) the walk took 101.6 s
-# as one part and 24-33 s as 64-128 parts, at -0.4% to -0.5% perplexity against one part.
+# 97,558-entry Flat store of SmolLM2 keys (3,038 tokens, k 1024, threshold 16) the walk took 55.7 s
+# as one part and 15.8 s as 64 parts, at -0.4% perplexity (bench/retomaton_speed.py --segments 1 64).
 SEGMENTS = 64
 MIN_SEGMENT_LENGTH = 16
 
