@@ -185,7 +185,8 @@ def reto_walk(store: Datastore, positions: range, threshold: int) -> dict[str, t
     """RetoMaton down the stored keys of ``positions`` (a little off, as unseen text would be)."""
     from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours
 
-    automaton = RetoMaton(store, threshold=threshold, k=8, pool=24)
+    # A sharded step ranks pointer candidates by exact distance: the one-process walk it must equal.
+    automaton = RetoMaton(store, threshold=threshold, k=8, pool=24, pointer_step="exact")
     keys = torch.from_numpy(store_keys(store, positions)).float()
     queries = keys + 0.01 * torch.sin(torch.arange(keys.numel(), dtype=torch.float32)).view_as(keys)
     tokens = [None, *store_values(store, positions)[:-1]]

@@ -146,7 +146,7 @@ def test_clusters_give_pointer_steps_k_neighbours(ivf_store):
     queries = torch.from_numpy(ivf_store.keys.take(np.arange(40, 70)).astype(np.float32))
     prev = [None] + ivf_store.values[40:69].tolist()  # the token at each query's own position
     alone = stream_neighbours(RetoMaton(ivf_store, 1, 8, clusters=False), queries, prev)
-    grouped = stream_neighbours(RetoMaton(ivf_store, 1, 8), queries, prev)
+    grouped = stream_neighbours(RetoMaton(ivf_store, 1, 8, pointer_step="exact"), queries, prev)
     assert ((alone.ids >= 0).sum(1) < 8).any()  # a few surviving pointers: a few candidates
     assert ((grouped.ids >= 0).sum(1) == 8).all()  # topped up from their lists to k
     # each query is a stored key, reached by its predecessor's pointer: itself at distance 0
@@ -161,11 +161,94 @@ def test_clusters_keep_threshold_above_k_plain(model, tokenizer, ivf_store, othe
 
 
 def test_pointer_steps_keep_the_k_nearest_of_the_pool(ivf_store):
-    automaton = RetoMaton(ivf_store, 1, 4, pool=16)
+    automaton = RetoMaton(ivf_store, 1, 4, pool=16, pointer_step="exact")
     ids = ivf_store.clusters.members([0])[:2]
     query = ivf_store.keys.take(np.array([5])).astype(np.float32)[0]
-    distances, kept = automaton._pointer_row(query, ids)
+    distances, kept = (a[0] for a in automaton._follow(query[None], ids[None], np.array([len(ids)])))
     pool = ivf_store.clusters.extend(ids, 16)
     exact = ((ivf_store.keys.take(pool).astype(np.float32) - query) ** 2).sum(1)
     assert len(pool) == 16 and kept.tolist() == pool[np.argsort(exact, kind="stable")[:4]].tolist()
     np.testing.assert_allclose(distances, np.sort(exact)[:4], rtol=1e-5)
+
+
+def _reference_walk(store, threshold, k, queries, prev, searched, pointer_step):
+    """The one-query-at-a-time RetoMaton, written out: pointers of the right entries, their lists'
+    members up to 4k candidates, the k nearest by exact distance (or the index's search of the lists
+    chosen by ``Clusters.pointed``); else the searched row."""
+    keys, values, last, rows = store.keys, store.values.to_numpy(), None, []
+    for i, q in enumerate(queries.numpy()):
+        ptrs = np.zeros(0, np.int64)
+        if last is not None and prev[i] is not None:
+            nxt = store.provenance.successors(last[values[last] == prev[i]])
+            ptrs = np.unique(nxt[nxt >= 0])
+        if len(ptrs) >= threshold and pointer_step == "index" and store.clusters is not None:
+            lists = store.clusters.pointed(ptrs, 4 * k)[None]
+            d, ids = (a[0] for a in store.clusters.search(q[None], lists, k))
+        elif len(ptrs) >= threshold:
+            cands = store.clusters.extend(ptrs, 4 * k) if store.clusters else ptrs
+            diff = keys.take(cands).astype(np.float32) - q
+            d = np.einsum("ij,ij->i", diff, diff)
+            order = np.argsort(d, kind="stable")[:k]
+            d, ids = np.pad(d[order], (0, k - len(order)), constant_values=np.inf), cands[order]
+            ids = np.pad(ids, (0, k - len(order)), constant_values=-1)
+        else:
+            d, ids = searched.distances[i].numpy(), searched.ids[i].numpy()
+        rows.append((d, ids))
+        last = ids[ids >= 0]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+@pytest.mark.parametrize("which", ["flat", "ivf exact", "ivf index"])
+@pytest.mark.parametrize("segments", [1, 3, 7])
+def test_lockstep_walk_equals_walking_each_segment_alone(store, ivf_store, which, segments):
+    ds = store if which == "flat" else ivf_store
+    pointer_step = which.split()[-1] if which != "flat" else "exact"
+    ids = np.arange(20, 120)
+    queries = torch.from_numpy(ds.keys.take(ids).astype(np.float32))
+    queries[::5] += 0.5  # some queries off the corpus: a few pointers die and those rows search
+    prev = [None] + ds.values[20:119].tolist()  # the token at each query's own position
+    searched = ds.search(queries, 8)
+    automaton = RetoMaton(ds, 2, 8, pointer_step=pointer_step)
+    walked = stream_neighbours(automaton, queries, prev, searched, segments=segments)
+    assert 0.3 < automaton.searches_saved < 1  # both kinds of steps happen
+    bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(len(ids)), segments)])
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        d, i = _reference_walk(ds, 2, 8, queries[a:b], prev[a:b], searched[a:b], pointer_step)
+        assert np.array_equal(walked.ids[a:b].numpy(), i)
+        assert np.array_equal(walked.distances[a:b].numpy(), d)
+
+
+def test_lockstep_walk_searches_each_step_in_one_call(store, monkeypatch):
+    queries = torch.from_numpy(store.keys.take(np.arange(0, 64)).astype(np.float32)) + 0.3
+    calls = []
+    search = store.search_ids
+    monkeypatch.setattr(store, "search_ids", lambda q, *a, **kw: calls.append(len(q)) or search(q, *a, **kw))
+    automaton = RetoMaton(store, 2, 8)
+    stream_neighbours(automaton, queries, [None] * 64, segments=8)  # no tokens: every row searches
+    assert calls == [8] * 8 and automaton.searches == 64
+
+
+def test_index_pointer_steps_scan_the_pointed_lists(ivf_store):
+    automaton = RetoMaton(ivf_store, 1, 4, pool=16, pointer_step="index")
+    clusters = ivf_store.clusters
+    ptrs = np.stack([clusters.members([0])[:2], clusters.members([3])[:2]])
+    query = ivf_store.keys.take(np.array([5, 9])).astype(np.float32)
+    distances, kept = automaton._follow(query, ptrs, np.array([2, 2]))
+    for row in range(2):  # IVF-Flat: the index's distances are exact ones over the pointed lists' members
+        members = clusters.members(clusters.pointed(ptrs[row], 16))
+        exact = ((ivf_store.keys.take(members).astype(np.float32) - query[row]) ** 2).sum(1)
+        assert kept[row].tolist() == members[np.argsort(exact, kind="stable")[:4]].tolist()
+        np.testing.assert_allclose(distances[row], np.sort(exact)[:4], rtol=1e-4, atol=1e-4)
+
+
+def test_index_pointer_steps_fall_back_to_exact_without_lists(store):
+    queries = torch.from_numpy(store.keys.take(np.arange(40, 70)).astype(np.float32))
+    prev = [None] + store.values[40:69].tolist()
+    exact = stream_neighbours(RetoMaton(store, 1, 8), queries, prev)
+    index = stream_neighbours(RetoMaton(store, 1, 8, pointer_step="index"), queries, prev)
+    assert torch.equal(exact.ids, index.ids) and torch.equal(exact.distances, index.distances)
+
+
+def test_bad_pointer_step_is_refused(store):
+    with pytest.raises(ValueError, match="pointer_step='pq'"):
+        RetoMaton(store, 2, 8, pointer_step="pq")

@@ -29,10 +29,12 @@ class Clusters:
         num_clusters (`int`): number of clusters.
     """
 
-    def __init__(self, assignment: np.ndarray, num_clusters: int):
+    def __init__(self, assignment: np.ndarray, num_clusters: int, ivf: faiss.IndexIVF | None = None):
         self.assignment = np.asarray(assignment, dtype=np.int32)
         self._members = np.argsort(self.assignment, kind="stable")
         self._starts = np.searchsorted(self.assignment[self._members], np.arange(num_clusters + 1))
+        self._ivf = ivf  # the index whose lists these are, when queries reach it untransformed
+        self._centroids: np.ndarray | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -44,7 +46,9 @@ class Clusters:
         assignment = list_assignment(index, 0, num_entries)
         if (assignment < 0).any():  # no lists, or a partial index (entries not added): no reliable clusters
             return None
-        return cls(assignment, import_faiss().extract_index_ivf(index).nlist)
+        faiss = import_faiss()
+        ivf = faiss.extract_index_ivf(index)
+        return cls(assignment, ivf.nlist, ivf if isinstance(index, faiss.IndexIVF) else None)
 
     def members(self, clusters: np.ndarray) -> np.ndarray:
         """The entries of ``clusters``, cluster after cluster in the order given."""
@@ -66,6 +70,49 @@ class Clusters:
         members = self.members(clusters[:enough])
         extra = members[~np.isin(members, ids)][: limit - len(ids)]
         return np.concatenate([ids, extra])
+
+    def pointed(self, ids: np.ndarray, limit: int) -> np.ndarray:
+        """The clusters of ``ids``, most-shared first, as many as it takes to hold ``limit`` entries."""
+        clusters, counts = np.unique(self.assignment[ids], return_counts=True)
+        clusters = clusters[np.argsort(-counts, kind="stable")]
+        sizes = self._starts[clusters + 1] - self._starts[clusters]
+        return clusters[: int(np.searchsorted(np.cumsum(sizes), limit)) + 1]
+
+    @property
+    def searchable(self) -> bool:
+        """Whether ``search`` can score members with the index (its queries need no transform)."""
+        return self._ivf is not None
+
+    def search(self, queries: np.ndarray, clusters: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest members of the given clusters by the index's own (e.g. PQ) distances.
+
+        A plain search scans the lists of the ``nprobe`` centroids nearest each query; this scans
+        the lists chosen for each row instead (faiss ``search_preassigned``), the same distances.
+
+        Args:
+            queries (`np.ndarray`): ``[Q, d]`` float32, in the index's space.
+            clusters (`np.ndarray`): ``[Q, m]`` cluster ids per row, ``-1`` for none.
+            k (`int`): neighbours per row.
+
+        Returns:
+            ``(distances [Q, k], ids [Q, k])``; missing neighbours are inf / -1.
+        """
+        faiss = import_faiss()
+        if self._centroids is None:
+            self._centroids = self._ivf.quantizer.reconstruct_n(0, self._ivf.nlist)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        assign = np.ascontiguousarray(clusters, dtype=np.int64)
+        diff = self._centroids[np.where(assign >= 0, assign, 0)] - queries[:, None]
+        coarse = np.ascontiguousarray(np.einsum("qmd,qmd->qm", diff, diff), dtype=np.float32)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = assign.shape[1]  # per call, not on the shared index: other threads search it
+        n = len(queries)
+        distances, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        ptr = faiss.swig_ptr
+        self._ivf.search_preassigned_c(
+            n, ptr(queries), k, ptr(assign), ptr(coarse), ptr(distances), ptr(ids), False, params
+        )
+        return np.where(ids < 0, np.inf, distances).astype(np.float32), ids
 
 
 def list_assignment(index: faiss.Index, start: int, end: int) -> np.ndarray:

@@ -121,13 +121,21 @@ def search_keys(
     for the slice of a shared IVF index, whose lists keep the store's ids).
     """
     distances, ids = searcher.search(queries, k)
-    missing = ids < 0
     if recompute_dists:
-        distances = exact_sq_distances(keys, queries, np.where(missing, 0, ids - first_id))
-        # Approximate search orders by approximate distance; exact ones may reorder.
-        order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
-        distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
+        return exact_order(keys, queries, distances, ids, first_id)
+    return np.where(ids < 0, np.inf, distances).astype(np.float32), ids
+
+
+def exact_order(
+    keys: ShardedArray, queries: np.ndarray, distances: np.ndarray, ids: np.ndarray, first_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate neighbours ``(distances, ids)`` ``[Q, k]`` with exact distances instead, reordered."""
+    missing = ids < 0
+    distances = exact_sq_distances(keys, queries, np.where(missing, 0, ids - first_id))
+    # Approximate search orders by approximate distance; exact ones may reorder.
+    order = np.argsort(np.where(missing, np.inf, distances), axis=1, kind="stable")
+    distances, ids, missing = (np.take_along_axis(a, order, 1) for a in (distances, ids, missing))
     return np.where(missing, np.inf, distances).astype(np.float32), ids
 
 
-__all__ = ["SearchIndex", "prepare_queries", "search_keys"]
+__all__ = ["SearchIndex", "exact_order", "prepare_queries", "search_keys"]

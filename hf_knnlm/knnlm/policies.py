@@ -23,7 +23,7 @@ import torch
 
 from ..datastore.neighbours import Neighbours
 from .gate import RetrievalGate, gated_neighbours, lm_features, load_gate
-from .retomaton import RetoMaton, stream_neighbours
+from .retomaton import RetoMaton
 from .settings import KNNSettings
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class RetoMatonSearch:
     def __call__(self, step: Step) -> tuple[Neighbours, None]:
         tokens = step.tokens if step.tokens is not None else [None] * len(step.queries)
         if step.parents is None:
-            return stream_neighbours(self.automaton, step.queries, tokens), None
+            return self.automaton.stream(step.queries, tokens), None
         known = None if step.tokens is None else list(tokens)
         return self.automaton.neighbours(step.queries, known, step.parents), None
 
