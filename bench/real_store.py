@@ -132,6 +132,7 @@ def curve(model, tokenizer, text: str, store, indexes: dict, args) -> list[dict]
     names = ["base", *args.settings]
     times: dict[str, list[float]] = {name: [] for name in names}
     out: dict[str, dict] = {}
+    evaluate_perplexity(model, tokenizer, [text[:2000]], store, **common)  # warm-up: first-call costs
     for round_ in range(args.repeats):
         for name in names:
             if name != "base":
