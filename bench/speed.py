@@ -2,6 +2,7 @@
 
     PYTHONPATH=. nice -n 10 python bench/speed.py --quick      # a few minutes
     PYTHONPATH=. nice -n 10 python bench/speed.py              # the full run (1M store, 10M P6 store)
+    PYTHONPATH=. nice -n 10 python bench/speed.py --real-store --quick  # real keys only: real_store.py
 
 P2  kNN-LM evaluation throughput / base evaluation throughput (same model, same text, one run),
     IVFPQ store of ``--store-size`` entries; kNN-LM perplexity vs exact (Flat) search on the same keys.
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import real_store
 from _common import BENCH, REPO, load_smollm2, log, read_shared
 
 
@@ -344,6 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: p2,p4,p6")
     p.add_argument("--workdir", default=None, help="default: a temporary folder under /tmp")
     p.add_argument("--output-json", default=None)
+    real_store.add_arguments(p)
     args = p.parse_args(argv)
     quick = {"build_tokens": 6000, "store_size": 200_000, "eval_chars": 12_000, "p6_sizes": "1000000"}
     full = {
@@ -360,6 +363,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.real_store:
+        return real_store.run(args)
     from hf_knnlm.datastore.index import configure_threads
 
     args.faiss_threads, torch_threads = configure_threads(args.faiss_threads)
