@@ -70,7 +70,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build_store(work: Path) -> Path:
+def build_store(work: Path, given: Path | None = None) -> Path:
+    if given is not None:
+        return given
     store = work / "store"
     if (store / "datastore_config.json").exists():
         return store
@@ -89,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, nargs="+", default=[5000, 50000], help="Scored tokens per run.")
     parser.add_argument("--verbs", nargs="+", default=["evaluate", "tune", "train-gate"])
     parser.add_argument("--allocator", choices=["both", "fixed", "glibc"], default="both")
+    parser.add_argument("--store", type=Path, default=None, help="A store folder (default: built once).")
     parser.add_argument("--workdir", type=Path, default=Path("runs/peak-memory"))
     parser.add_argument("--output-json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    store = build_store(args.workdir)
+    store = build_store(args.workdir, args.store)
     weights, store_size = model_bytes(), folder_bytes(store)
     budget = weights + store_size + BUDGET_ABOVE
     sizes = f"model weights {weights / GB:.2f} GB, store files {store_size / GB:.3f} GB"

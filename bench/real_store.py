@@ -54,7 +54,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.peak_memory_args is None:
-        args.peak_memory_args = "--quick" if args.quick else ""
+        args.peak_memory_args = "--tokens 2000 --allocator fixed" if args.quick else ""
     if not any(s.split("@")[0] == "Flat" for s in args.settings):
         args.settings = ["Flat", *args.settings]  # the reference of the perplexity gap
 
@@ -173,12 +173,12 @@ def retomaton_rows(model, tokenizer, text: str, store, indexes: dict, args) -> d
     return found
 
 
-def peak_memory(args) -> dict:
-    """Item 3: ``bench/peak_memory.py`` as a child process; its output's last lines."""
+def peak_memory(args, store_folder: Path) -> dict:
+    """Item 3: ``bench/peak_memory.py`` on the same store, as a child process; its output's last lines."""
     script = BENCH / "peak_memory.py"
-    if not script.is_file():
-        return {"missing": "bench/peak_memory.py is not in this tree"}
-    command = [sys.executable, str(script), *shlex.split(args.peak_memory_args)]
+    extra = shlex.split(args.peak_memory_args)
+    extra += [] if "--store" in extra else ["--store", str(store_folder)]
+    command = [sys.executable, str(script), *extra, "--workdir", str(Path(args.workdir) / "peak-memory")]
     log(f"item 3: {' '.join(command[1:])}")
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
@@ -207,8 +207,9 @@ def run(args: argparse.Namespace) -> dict:
     if "2" not in skip:
         results["retomaton"] = retomaton_rows(model, tokenizer, text, store, indexes, args)
     if "3" not in skip:
+        folder = Path(store.folder)
         del model, store, indexes  # the child measures its own process; free ours first
-        results["peak_memory"] = peak_memory(args)
+        results["peak_memory"] = peak_memory(args, folder)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_table(results)
