@@ -299,6 +299,20 @@ def cached_store(
     return store, seconds
 
 
+def cached_flat_store(model, tokenizer, text: str, folder: Path, args) -> tuple[object, float]:
+    """``cached_store`` of a Flat store of ``text``, windows and batch from ``args`` (``max_length``,
+    ``stride``, ``batch_size``): the real-key store the speed benches share."""
+    from hf_knnlm import Datastore
+
+    def build():
+        return Datastore.build(
+            model, tokenizer, [text], folder, max_length=args.max_length, stride=args.stride,
+            batch_size=args.batch_size, index_factory="Flat", disable_progress=True,
+        )  # fmt: skip
+
+    return cached_store(folder, build)
+
+
 # ------------------------------------------------------------------------------------------ headless Chromium
 CHROMIUM_ARGS = [
     "--headless",

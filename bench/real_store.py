@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import BENCH, cached_store, load_smollm2, log, read_shared
+from _common import BENCH, cached_flat_store, load_smollm2, log, read_shared
 
 QUICK_SETTINGS = ["Flat", "IVF1024,PQ64@8", "IVF1024,PQ64@32", "IVF1024,PQ32x4fs,RFlat@16"]
 FULL_SETTINGS = [*QUICK_SETTINGS[:3], "IVF1024,PQ64@64", QUICK_SETTINGS[3], "IVF1024,PQ64x4fs,RFlat@32"]
@@ -78,13 +78,7 @@ def open_store(model, tokenizer, args):
     folder = Path(args.workdir) / f"flat{args.store_tokens}"
     text = wiki_tokens(tokenizer, "wiki.valid.tokens", args.store_tokens)
 
-    def build():
-        return Datastore.build(
-            model, tokenizer, [text], folder, max_length=args.max_length, stride=args.stride,
-            batch_size=args.batch_size, index_factory="Flat", disable_progress=True,
-        )  # fmt: skip
-
-    store, seconds = cached_store(folder, build)
+    store, seconds = cached_flat_store(model, tokenizer, text, folder, args)
     log(f"Flat store of {len(store):,} real entries ({seconds:.0f} s to build)")
     return store
 

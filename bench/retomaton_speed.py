@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cached_store, load_smollm2, log, read_shared  # noqa: E402
+from _common import cached_flat_store, cached_store, load_smollm2, log, read_shared  # noqa: E402
 
 
 def _wiki_tokens(tokenizer, name: str, tokens: int) -> str:
@@ -43,19 +43,11 @@ def _wiki_tokens(tokenizer, name: str, tokens: int) -> str:
 
 def stores(model, tokenizer, args) -> dict:
     """The Flat store over the real keys and its ``args.factory`` re-index (both cached in workdir)."""
-    from hf_knnlm import Datastore
-
     work = Path(args.workdir)
     text = _wiki_tokens(tokenizer, "wiki.valid.tokens", args.store_tokens)
     flat_dir = work / f"flat{args.store_tokens}"
 
-    def build():
-        return Datastore.build(
-            model, tokenizer, [text], flat_dir, max_length=args.max_length, stride=args.stride,
-            batch_size=args.batch_size, index_factory="Flat", disable_progress=True,
-        )  # fmt: skip
-
-    flat, build_s = cached_store(flat_dir, build)
+    flat, build_s = cached_flat_store(model, tokenizer, text, flat_dir, args)
     log(f"Flat store: {len(flat):,} entries ({build_s:.0f} s to build)")
     ivf_dir = work / f"{args.factory.replace(',', '_')}_{args.store_tokens}"
     ivf, index_s = cached_store(
