@@ -38,19 +38,18 @@ class SameRetriever(CountingRetriever):
         return np.ones((len(queries), k), np.float32), np.tile(np.arange(k), (len(queries), 1))
 
 
-def tiny_llama(vocab_size: int):
+def tiny_decoder(config_class, vocab_size: int, **extra):
+    """A 2-layer random decoder with rotary positions and grouped KV heads (Llama, Mistral)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=256,
-        pad_token_id=1,
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = config_class(
+        num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=256, **sizes, **extra
     )
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_llama(vocab_size: int):
+    return tiny_decoder(LlamaConfig, vocab_size, pad_token_id=1)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -145,18 +144,7 @@ def test_reuse_cache_setting_is_validated():
 def test_a_sliding_window_model_is_recomputed_whole(tokenizer, other_text):
     from transformers import MistralConfig
 
-    torch.manual_seed(0)
-    config = MistralConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        sliding_window=16,
-    )
-    mistral = AutoModelForCausalLM.from_config(config).eval()
+    mistral = tiny_decoder(MistralConfig, len(tokenizer), sliding_window=16)
     assert not supports(mistral)  # a left-padded prefix would shift its windows
     out = _log_probs(mistral, tokenizer, other_text[:200], CountingRetriever(2), True, retrieval_stride=4)
     assert not out.reused_cache and out.passage_hit_rate == 0.0
