@@ -14,7 +14,6 @@ freed. The ``hf-knnlm`` command sets it for its own process; a Python program ca
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -59,10 +58,12 @@ def fix_mmap_threshold(threshold: int | None = None) -> bool:
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     threshold = _threshold_from_env() if threshold is None else threshold
-    name = ctypes.util.find_library("c")
-    if threshold is None or name is None:
+    if threshold is None:
         return False
-    libc = ctypes.CDLL(name)
+    try:
+        libc = ctypes.CDLL(None)  # the symbols of the running process, its C library's among them
+    except (OSError, TypeError):  # Windows has no such handle
+        return False
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: no knob
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
