@@ -255,7 +255,13 @@ def main() -> None:
     else:
         generate(Datastore.from_pretrained(store_dir, distributed="shard"), out, *sys.argv[4:])
     if torch.distributed.is_initialized():  # gloo's threads must stop before the interpreter exits
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # After Trainer under DDP the interpreter's teardown aborted now and then ("terminate called without an
+    # active exception" from a C++ thread left by the run); the results are written, so leave without it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
