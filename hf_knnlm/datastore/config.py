@@ -83,8 +83,7 @@ class DatastoreConfig(StoreConfig):
         default=None,
         metadata={
             "help": "Set by a build with shard_per_rank: [{'start': i, 'end': j, 'index': file or None}], "
-            "the "
-            "entries each of its processes wrote and that process's IVF index file (over one shared "
+            "the entries each of its processes wrote and that process's IVF index file (over one shared "
             "quantizer); distributed='shard' on as many processes gives each its own range and files."
         },
     )
