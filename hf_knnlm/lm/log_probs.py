@@ -24,7 +24,8 @@ from .hooks import FFNInputCapture, StopForward
 logger = logging.getLogger(__name__)
 
 # [256 x vocab] float32 logits at a time: 50 MB for a 49k vocabulary, above the 32 MB up to which glibc may
-# serve blocks from its heap (where freed ones fragment it); 512 rows held 0.1 GB more at the peak.
+# serve blocks from its heap (where freed ones fragment it); 512 rows held 0.06-0.08 GB more at the peak of
+# an evaluate run (5k and 50k tokens, bench/peak_memory.py).
 _ROWS_PER_CHUNK = 256
 # LM features (a gate's entropy, top log-probs) make a few more [rows x vocab] temporaries: fewer rows.
 _ROWS_PER_FEATURE_CHUNK = 128
