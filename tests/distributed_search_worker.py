@@ -42,6 +42,16 @@ def search(store: Datastore, out: Path) -> None:
     save_file({k: v.contiguous() for k, v in results.items()}, str(out / f"rank-{rank}.safetensors"))
 
 
+def tune_variants(num_tokens: int) -> dict[str, dict]:
+    """tune's grids on a text of ``num_tokens`` targets (k=8): the whole text within the scale sample (the
+    default), a sample inside rank 0's share, one that spans both shares, and explicit temperatures."""
+    return {
+        "in_rank_0": {"max_cache_bytes": 40 * 8 * 8},
+        "spanning": {"max_cache_bytes": (num_tokens * 3 // 4) * 8 * 8},
+        "explicit": {"max_cache_bytes": 40 * 8 * 8, "temperatures": [2.0, 30.0]},
+    }
+
+
 def evaluate(store: Datastore, out: Path, model_dir: str, data: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,8 +61,23 @@ def evaluate(store: Datastore, out: Path, model_dir: str, data: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = Path(data).read_text(encoding="utf-8")
     result = evaluate_perplexity(model, tokenizer, [text], store, k=8, lmbda=0.5, batch_size=2)
-    tuned = tune(model, tokenizer, [text], store, out / f"tune-{store.sharded.rank}", k=8, lmbdas=[0.25, 0.5])
+    rank = store.sharded.rank
+    tuned = tune(model, tokenizer, [text], store, out / f"tune-{rank}", k=8, lmbdas=[0.25, 0.5])
+    variants = {
+        name: tune(
+            model, tokenizer, [text], store, out / f"tune-{name}-{rank}", k=8, lmbdas=[0.25, 0.5], **grid
+        )
+        for name, grid in tune_variants(tuned.num_tokens).items()
+    }
     summary = {
+        "tune_variants": {
+            name: {
+                "points": [p.knn_ppl for p in v.points],
+                "tokens": v.num_tokens,
+                "scale": v.median_nn_distance,
+            }
+            for name, v in variants.items()
+        },
         "base_ppl": result.base_ppl,
         "knn_ppl": result.knn_ppl,
         "num_tokens": result.num_tokens,

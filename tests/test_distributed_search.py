@@ -156,6 +156,13 @@ def test_sharded_evaluation_and_tuning_equal_one_process(
     single = Datastore.from_pretrained(store_dir)
     ref = evaluate_perplexity(model, tokenizer, [other_text], single, k=8, lmbda=0.5, batch_size=2)
     tuned = tune(model, tokenizer, [other_text], single, tmp_path / "tune-ref", k=8, lmbdas=[0.25, 0.5])
+    sys.path.insert(0, str(WORKER.parent))
+    from distributed_search_worker import tune_variants
+
+    variants = {
+        name: tune(model, tokenizer, [other_text], single, tmp_path / name, k=8, lmbdas=[0.25, 0.5], **grid)
+        for name, grid in tune_variants(tuned.num_tokens).items()
+    }
     for rank in range(2):
         got = json.loads((tmp_path / f"rank-{rank}.json").read_text(encoding="utf-8"))
         assert got["num_tokens"] == ref.num_tokens and got["searches"] == ref.searches
@@ -163,6 +170,12 @@ def test_sharded_evaluation_and_tuning_equal_one_process(
         assert got["knn_ppl"] == pytest.approx(ref.knn_ppl, rel=1e-5)
         assert got["tune_tokens"] == tuned.num_tokens
         assert got["tune_points"] == pytest.approx([p.knn_ppl for p in tuned.points], rel=1e-5)
+        for name, ref_tuned in variants.items():  # the scale sample streamed, gathered across the ranks
+            variant = got["tune_variants"][name]
+            assert (
+                variant["tokens"] == ref_tuned.num_tokens and variant["scale"] == ref_tuned.median_nn_distance
+            )
+            assert variant["points"] == pytest.approx([p.knn_ppl for p in ref_tuned.points], rel=1e-5)
 
 
 @pytest.mark.parametrize("retomaton", [None, 2])

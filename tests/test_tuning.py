@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -11,16 +12,21 @@ import pytest
 from hf_knnlm import Datastore, evaluate_perplexity
 from hf_knnlm.commands import main
 from hf_knnlm.datastore.config import CONFIG_NAME
-from hf_knnlm.knnlm.scored import collect_queries
+from hf_knnlm.knnlm import tuning
+from hf_knnlm.knnlm.scored import collect_queries, iter_scored_batches
 from hf_knnlm.knnlm.tuning import (
+    CACHE_BYTES,
     PLOT_NAME,
     RESULTS_NAME,
+    base_perplexity,
     build_tuning_cache,
     median_nn_distance,
     sweep,
+    sweep_result,
     temperature_grid,
     tune,
 )
+from hf_knnlm.knnlm.tuning_grid import TuningGrid
 from hf_knnlm.lm.windows import count_windows
 
 WINDOWS = {"max_length": 64, "stride": 32, "batch_size": 4, "disable_progress": True}
@@ -110,15 +116,96 @@ def test_temperature_grid_follows_distance_scale(cache):
     assert grid == pytest.approx(sorted([0.5 * scale, 2.0 * scale, 1.0]), rel=1e-5)
 
 
-def test_cache_is_capped(model, tokenizer, other_text, store):
+def test_cache_is_capped_and_tune_is_not(model, tokenizer, other_text, store, tmp_path):
     k = 16
+    assert CACHE_BYTES == 512 << 20 and TuningGrid().max_cache_bytes == 64 << 20
     capped = build_tuning_cache(
         model, tokenizer, [other_text], store, k=k, max_cache_bytes=100 * k * 8, **WINDOWS
     )
     assert len(capped.targets) == 100
     assert capped.neighbours.distances.shape == (100, k) and capped.neighbours.token_ids.dtype.itemsize == 4
-    with pytest.raises(ValueError, match="max_cache_bytes"):
-        build_tuning_cache(model, tokenizer, [other_text], store, k=k, max_cache_bytes=8, **WINDOWS)
+    # for tune, max_cache_bytes is the scale sample: the whole text is still scored
+    result = tune(
+        model, tokenizer, [other_text], store, tmp_path, k=k, max_cache_bytes=100 * k * 8, **WINDOWS
+    )
+    assert result.num_tokens == len(tokenizer(other_text)["input_ids"]) - 1 > 100
+    for call in (
+        lambda: build_tuning_cache(model, tokenizer, [other_text], store, k=k, max_cache_bytes=8, **WINDOWS),
+        lambda: tune(model, tokenizer, [other_text], store, tmp_path, k=k, max_cache_bytes=8, **WINDOWS),
+    ):
+        with pytest.raises(ValueError, match=r"max_cache_bytes=8 cannot hold one token's 16 neighbours"):
+            call()
+
+
+STREAM = {**WINDOWS, "batch_size": 1}  # many batches of 32 targets (the first 64)
+SAMPLE = 40  # tokens in the scale sample: the first batch and part of the second
+
+
+def _streamed(model, tokenizer, text, store, tmp_path, **grid):
+    k = 16
+    return tune(
+        model, tokenizer, [text], store, tmp_path, k=k, max_cache_bytes=SAMPLE * k * 8, **grid, **STREAM
+    )
+
+
+def _full_cache(model, tokenizer, text, store):
+    return build_tuning_cache(model, tokenizer, [text], store, k=16, **STREAM)
+
+
+def test_streamed_sweep_equals_the_sweep_of_the_whole_cache(model, tokenizer, other_text, store, tmp_path):
+    grid = {"lmbdas": [0.0, 0.3, 0.9], "temperatures": [0.5, 4.0, 30.0], "ks": [1, 5, 16]}
+    result = _streamed(model, tokenizer, other_text, store, tmp_path, **grid)
+    cache = _full_cache(model, tokenizer, other_text, store)
+    assert len(cache) > 10 * SAMPLE and result.num_tokens == len(cache)
+    expected = sweep(cache, grid["lmbdas"], grid["temperatures"], grid["ks"])
+    assert [(p.k, p.temperature, p.lmbda) for p in result.points] == [
+        (p.k, p.temperature, p.lmbda) for p in expected
+    ]
+    assert [p.knn_ppl for p in result.points] == pytest.approx([p.knn_ppl for p in expected], rel=1e-9)
+    assert result.base_ppl == pytest.approx(base_perplexity(cache), rel=1e-9)
+    first = cache.neighbours.distances[:SAMPLE, 0].numpy()
+    assert result.median_nn_distance == float(np.median(first))
+
+
+def test_default_temperatures_come_from_the_first_tokens(model, tokenizer, other_text, store, tmp_path):
+    multiples = [0.5, 1.0, 3.0]
+    result = _streamed(model, tokenizer, other_text, store, tmp_path, temperature_multiples=multiples)
+    cache = _full_cache(model, tokenizer, other_text, store)
+    scale = float(np.median(cache.neighbours.distances[:SAMPLE, 0].numpy()))
+    assert result.median_nn_distance == scale != median_nn_distance(cache)  # not the whole text's
+    temperatures = sorted({float(f"{m * scale:.6g}") for m in multiples} | {1.0, 10.0})
+    assert sorted({p.temperature for p in result.points}) == temperatures
+    expected = sweep(cache, TuningGrid().lmbdas, temperatures, [8, 16])
+    assert [p.knn_ppl for p in result.points] == pytest.approx([p.knn_ppl for p in expected], rel=1e-9)
+
+
+def test_a_text_within_the_sample_gives_the_cache_sweep_exactly(
+    model, tokenizer, other_text, store, tmp_path
+):
+    result = tune(model, tokenizer, [other_text], store, tmp_path, k=16, **STREAM)  # 64 MiB: all of it
+    expected = sweep_result(_full_cache(model, tokenizer, other_text, store))
+    assert result.points == expected.points and result.best == expected.best
+    assert (result.median_nn_distance, result.base_ppl) == (expected.median_nn_distance, expected.base_ppl)
+
+
+@pytest.mark.parametrize("temperatures", [None, [2.0, 20.0]])
+def test_tune_holds_no_more_than_the_sample_and_one_batch(
+    model, tokenizer, other_text, store, tmp_path, monkeypatch, temperatures
+):
+    alive: list[tuple[weakref.ref, int]] = []
+    most = []
+
+    def spied(*args, **kwargs):
+        for batch in iter_scored_batches(*args, **kwargs):
+            most.append(sum(rows for ref, rows in alive if ref() is not None) + len(batch))
+            alive.append((weakref.ref(batch.neighbours.distances), len(batch)))
+            yield batch
+
+    monkeypatch.setattr(tuning, "iter_scored_batches", spied)
+    result = _streamed(model, tokenizer, other_text, store, tmp_path, temperatures=temperatures)
+    biggest = max(rows for _, rows in alive)
+    assert len(most) > 10 and result.num_tokens > 10 * SAMPLE
+    assert max(most) <= SAMPLE + biggest  # the sample's batches and one batch, not the text
 
 
 def test_sweep_rejects_k_above_searched(cache):

@@ -1,4 +1,4 @@
-"""``hf-knnlm tune``: a lmbda x temperature x k sweep from one cached pass over validation text."""
+"""``hf-knnlm tune``: a lmbda x temperature x k sweep from one pass over validation text."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     from ..knnlm.tuning_grid import TuningGrid
 
     p = subparsers.add_parser(
-        "tune", help="Sweep lmbda x temperature x k from one cached pass over validation text."
+        "tune", help="Sweep lmbda x temperature x k from one pass over validation text."
     )
     add_scoring_args(p, knn_fields=SEARCH_FIELDS)
     add_dataclass_options(p.add_argument_group("grid"), TuningGrid)

@@ -3,7 +3,8 @@
 The mixture (``mixture.py``), the processor for ``generate`` (``logits_process.py``), the
 ``PreTrainedModel`` wrapper and its config (``modeling_knnlm.py``, ``configuration_knnlm.py``),
 sliding-window perplexity (``evaluation.py``, over the scored-token stream of ``scored.py``) and
-cached λ × T × k sweeps (``tuning.py``, grid in ``tuning_grid.py``, picture in ``tuning_plot.py``),
+λ × T × k sweeps (``tuning.py``, streamed by ``tuning_stream.py``, grid in ``tuning_grid.py``, picture
+in ``tuning_plot.py``),
 the ways to search at fewer steps (``policies.py``: RetoMaton in ``retomaton.py``, adaptive retrieval
 in ``gate.py`` / ``gate_training.py``) and attribution (``attribution.py``). Every entry point takes
 one [`KNNSettings`][hf_knnlm.KNNSettings] (``settings.py``).

@@ -1,13 +1,17 @@
 """Tuning lmbda, temperature and k of a kNN-LM from one forward pass and one neighbour search.
 
-The cache is [`ScoredTokens`][hf_knnlm.knnlm.scored.ScoredTokens] over the whole tuning text: per scored
-token, log p_LM(target) and its ``k`` nearest neighbours' squared L2 distances (float32) and values
-(int32), so ``num_tokens * k * 8`` bytes, capped by ``max_cache_bytes``. Every
-(lmbda, temperature, k' <= k) point is then computed from the cache alone, never re-running the model.
+Per scored token the sweep needs log p_LM(target) and its ``k`` nearest neighbours' squared L2 distances
+(float32) and values (int32), ``k * 8`` bytes. [`tune`][hf_knnlm.tune] sweeps every
+(lmbda, temperature, k' <= k) point over each batch of them as the batch is scored and then drops it
+(``tuning_stream.py``), so its memory does not grow with the text and the model runs once.
+[`build_tuning_cache`][hf_knnlm.knnlm.tuning.build_tuning_cache] keeps them all instead
+([`ScoredTokens`][hf_knnlm.knnlm.scored.ScoredTokens], ``num_tokens * k * 8`` bytes, capped), for
+[`sweep`][hf_knnlm.knnlm.tuning.sweep] and [`sweep_result`][hf_knnlm.knnlm.tuning.sweep_result].
 
 Squared L2 distances between FFN inputs of real models are large (hundreds to thousands for
 SmolLM2), so a temperature of 1 makes p_kNN a one-hot on the nearest neighbour; the default grid is
-therefore multiples of the median nearest-neighbour distance of the cache, plus a few plain values.
+therefore multiples of the median nearest-neighbour distance (of the first tokens of the text, for
+``tune``), plus a few plain values.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,26 +34,25 @@ from ..lm.windows import WindowSettings
 from ..utils.files import atomic_write_json
 from ..utils.outputs import Output
 from .evaluation import recorded_windows, search_setup
-from .mixture import interpolate, knn_target_log_probs
 from .policies import PlainSearch
 from .scored import ScoredTokens, gather_scored, iter_scored_batches, scored_tokens
 from .settings import KNNSettings, settings_from
 from .tuning_grid import TuningGrid
 from .tuning_plot import plot_sweep
+from .tuning_stream import (
+    PLAIN_TEMPERATURES,
+    SweepAccumulator,
+    TuningPoint,
+    median_distance,
+    sample_rows,
+    sweep_stream,
+    temperatures_for,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME, PLOT_NAME = "tune_results.json", "tune_plot.png"
-PLAIN_TEMPERATURES = (1.0, 10.0)
-_ROWS = 4096  # rows per softmax block: bounds the temporaries of a sweep point to ~_ROWS * k * 12 bytes
-
-
-@dataclass
-class TuningPoint(Output):
-    k: int
-    temperature: float
-    lmbda: float
-    knn_ppl: float
+CACHE_BYTES = 1 << 29  # build_tuning_cache's cap: 512 MiB, 65,536 tokens at k 1024
 
 
 @dataclass
@@ -58,9 +61,11 @@ class TuningOutput(Output):
 
     Attributes:
         base_ppl: perplexity of the model alone on the tuning text.
-        num_tokens: tokens scored (the text may be cut to fit ``max_cache_bytes``).
+        num_tokens: tokens scored: every target of the text (of ``max_tokens``, when given).
         k_searched: neighbours searched once per token.
-        median_nn_distance: median squared L2 distance to the nearest neighbour (the temperature scale).
+        median_nn_distance: median squared L2 distance to the nearest neighbour, the temperature scale:
+            over the first ``max_cache_bytes // (8 k_searched)`` tokens for ``tune``, over the cache
+            for ``sweep_result``.
         best: the point of lowest perplexity; [`best_settings`][hf_knnlm.TuningOutput.best_settings] as a
             [`KNNSettings`][hf_knnlm.KNNSettings].
         points: every point of the grid.
@@ -114,34 +119,27 @@ def build_tuning_cache(
     windows: WindowSettings | None = None,
     text_column: str = "text",
     max_tokens: int | None = None,
-    max_cache_bytes: int = TuningGrid.max_cache_bytes,
+    max_cache_bytes: int = CACHE_BYTES,
     disable_progress: bool | None = None,
     **overrides: Any,
 ) -> ScoredTokens:
     """One forward pass and one ``settings.k``-neighbour search over ``data``, kept in memory.
 
-    The cache (``num_tokens * k * 8`` bytes) is cut to ``max_cache_bytes``: only the first
-    ``max_cache_bytes // (8 k)`` targets are scored (with a warning). Other arguments are those of
+    The cache (``num_tokens * k * 8`` bytes) is cut to ``max_cache_bytes`` (512 MiB by default): only
+    the first ``max_cache_bytes // (8 k)`` targets are scored (with a warning); [`tune`][hf_knnlm.tune]
+    sweeps the whole text without keeping it. Other arguments are those of
     [`evaluate_perplexity`][hf_knnlm.evaluate_perplexity].
     """
     settings, windows = settings_from(settings, windows, overrides)
-    settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
-    windows = windows.resolve(recorded_windows(datastore))
-    max_targets = max_cache_bytes // (8 * settings.k)
-    if max_targets < 1:
-        raise ValueError(
-            f"max_cache_bytes={max_cache_bytes} cannot hold one token's {settings.k} neighbours "
-            f"({8 * settings.k} bytes)."
-        )
+    settings, windows = _resolved(datastore, settings, windows)
+    max_targets = sample_rows(max_cache_bytes, settings.k)
     check_forward_args(model, windows.max_length, windows.stride, windows.batch_size)
     tokens = _fit_cache(
         scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens), max_targets, settings.k
     )
-    policy = PlainSearch(datastore, settings)
-    batches = iter_scored_batches(
-        model, tokens, datastore, policy, windows, disable_progress=disable_progress
-    )
-    parts = [_compact(b) for b in batches]
+    parts = [
+        _compact(b) for b in _search_batches(model, tokens, datastore, settings, windows, disable_progress)
+    ]
     # A sharded store: each rank scored its own windows; every rank sweeps the whole text's cache.
     sharded = datastore.sharded
     cache = ScoredTokens.cat(parts) if sharded is None else gather_scored(parts, sharded, settings.k)
@@ -150,11 +148,30 @@ def build_tuning_cache(
     return cache
 
 
+def _resolved(
+    datastore: Datastore, settings: KNNSettings, windows: WindowSettings
+) -> tuple[KNNSettings, WindowSettings]:
+    settings = settings.replace(retomaton=None, gate=False).resolve(datastore)
+    return settings, windows.resolve(recorded_windows(datastore))
+
+
+def _search_batches(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    datastore: Datastore,
+    settings: KNNSettings,
+    windows: WindowSettings,
+    disable_progress: bool | None,
+) -> Iterator[ScoredTokens]:
+    policy = PlainSearch(datastore, settings)
+    return iter_scored_batches(model, tokens, datastore, policy, windows, disable_progress=disable_progress)
+
+
 def _fit_cache(tokens: np.ndarray, max_targets: int, k: int) -> np.ndarray:
     if len(tokens) - 1 > max_targets:
         logger.warning(
             "the tuning cache would take %d MB (%d tokens x k=%d x 8 bytes); scoring only the first %d "
-            "tokens (raise max_cache_bytes / --max-cache-bytes or lower k to use more).",
+            "tokens (raise max_cache_bytes or lower k to use more; tune() sweeps the whole text).",
             (len(tokens) - 1) * k * 8 >> 20,
             len(tokens) - 1,
             k,
@@ -171,11 +188,7 @@ def _compact(batch: ScoredTokens) -> ScoredTokens:
 
 def median_nn_distance(cache: ScoredTokens) -> float:
     """Median squared L2 distance to the nearest neighbour: the scale of useful temperatures."""
-    first = cache.neighbours.distances[:, 0]
-    first = first[torch.isfinite(first)]
-    if not len(first):
-        raise ValueError("no token of the tuning text has a neighbour; is the datastore empty?")
-    return float(np.median(first.numpy()))  # the mean of the middle two, unlike torch.median
+    return median_distance(cache.neighbours.distances[:, 0])
 
 
 def temperature_grid(
@@ -184,22 +197,7 @@ def temperature_grid(
     plain: Sequence[float] = PLAIN_TEMPERATURES,
 ) -> list[float]:
     """``multiples`` x the median nearest-neighbour distance, plus the ``plain`` temperatures."""
-    scale = median_nn_distance(cache)
-    grid = {float(f"{m * scale:.6g}") for m in multiples if m * scale > 0} | {float(t) for t in plain}
-    return sorted(grid)
-
-
-def cached_knn_log_probs(cache: ScoredTokens, temperature: float, k: int) -> torch.Tensor:
-    """log p_kNN(target) of every cached token with the first ``k`` neighbours, ``[n]``."""
-    blocks = range(0, len(cache), _ROWS)
-    return torch.cat(
-        [
-            knn_target_log_probs(
-                cache.neighbours[i : i + _ROWS].truncate(k), cache.targets[i : i + _ROWS], temperature
-            )
-            for i in blocks
-        ]
-    )
+    return temperatures_for(median_nn_distance(cache), multiples, plain)
 
 
 def sweep(
@@ -207,15 +205,9 @@ def sweep(
 ) -> list[TuningPoint]:
     """Perplexity of the kNN-LM at every (k, temperature, lmbda), from the cache only."""
     TuningGrid(lmbdas=lmbdas, temperatures=temperatures, ks=ks).check_ks(cache.neighbours.k)
-    n = len(cache)
-    points = []
-    for k in ks:
-        for temperature in temperatures:
-            knn = cached_knn_log_probs(cache, temperature, k)
-            for lmbda in lmbdas:
-                nll = -interpolate(cache.lm_log_probs, knn, lmbda).double().sum().item()
-                points.append(TuningPoint(k, temperature, lmbda, math.exp(nll / n)))
-    return points
+    acc = SweepAccumulator(lmbdas, temperatures, ks)
+    acc.add(cache)
+    return acc.points()
 
 
 def base_perplexity(cache: ScoredTokens) -> float:
@@ -228,12 +220,18 @@ def sweep_result(cache: ScoredTokens, grid: TuningGrid | None = None, **override
     searched = cache.neighbours.k
     grid.check_ks(searched)
     temperatures = grid.temperatures or temperature_grid(cache, grid.temperature_multiples)
-    points = sweep(cache, grid.lmbdas, temperatures, grid.ks_for(searched))
+    acc = SweepAccumulator(grid.lmbdas, temperatures, grid.ks_for(searched))
+    acc.add(cache)
+    return _summary(acc, median_nn_distance(cache), searched)
+
+
+def _summary(acc: SweepAccumulator, scale: float, searched: int) -> TuningOutput:
+    points = acc.points()
     return TuningOutput(
-        base_ppl=base_perplexity(cache),
-        num_tokens=len(cache),
+        base_ppl=acc.base_ppl(),
+        num_tokens=acc.count,
         k_searched=searched,
-        median_nn_distance=median_nn_distance(cache),
+        median_nn_distance=scale,
         best=min(points, key=lambda p: p.knn_ppl),
         points=points,
     )
@@ -254,13 +252,23 @@ def tune(
     disable_progress: bool | None = None,
     **overrides: Any,
 ) -> TuningOutput:
-    """Cache one pass over ``data``, sweep lmbda x temperature x k, write JSON + PNG to ``output_dir``.
+    """Sweep lmbda x temperature x k over one pass over ``data``, write JSON + PNG to ``output_dir``.
+
+    The model runs and the store is searched once per batch of windows; every point of the grid is
+    summed over each batch, which is then dropped, so the whole text is scored and memory does not grow
+    with it. Default temperatures are multiples of the median nearest-neighbour distance of the first
+    ``grid.max_cache_bytes // (8 k)`` tokens, whose batches are held until they have all been scored;
+    a text shorter than that gives what ``sweep_result`` (``hf_knnlm.knnlm.tuning``) gives on its
+    whole cache. On a sharded store with default temperatures each rank holds its share of the
+    text's neighbours until the end (the first tokens are another rank's); explicit ``temperatures``
+    stream there too.
 
     Args:
         settings (`KNNSettings`, *optional*): ``k`` is the number of neighbours searched once (the
             sweep tries every k' <= k of the grid) and ``recompute_dists`` how they are searched.
         windows (`WindowSettings`, *optional*): the windows (default: the store's).
-        grid (`TuningGrid`, *optional*): the lmbdas, temperatures and ks to try, and the cache cap.
+        grid (`TuningGrid`, *optional*): the lmbdas, temperatures and ks to try, and the bytes held to
+            set the temperature scale (``max_cache_bytes``).
         overrides: single fields of any of the three, e.g. ``k=256, lmbdas=[0.1, 0.3]``.
 
     Returns:
@@ -294,21 +302,14 @@ def tune(
     }
     grid = (grid or TuningGrid()).replace(**grid_changes)
     settings, windows = settings_from(settings, windows, overrides)
-    grid.check_ks(datastore.clamp_k(settings.k))
-    windows = windows.resolve(recorded_windows(datastore))
-    cache = build_tuning_cache(
-        model,
-        tokenizer,
-        data,
-        datastore,
-        settings=settings,
-        windows=windows,
-        text_column=text_column,
-        max_tokens=max_tokens,
-        max_cache_bytes=grid.max_cache_bytes,
-        disable_progress=disable_progress,
-    )
-    result = sweep_result(cache, grid)
+    settings, windows = _resolved(datastore, settings, windows)
+    grid.check_ks(settings.k)
+    sample_rows(grid.max_cache_bytes, settings.k)  # checked before the model runs
+    check_forward_args(model, windows.max_length, windows.stride, windows.batch_size)
+    tokens = scored_tokens(model, tokenizer, data, datastore, text_column, max_tokens)
+    batches = _search_batches(model, tokens, datastore, settings, windows, disable_progress)
+    acc, scale = sweep_stream(batches, grid, settings.k, datastore.sharded)
+    result = _summary(acc, scale, settings.k)
     result.settings = {
         **windows.to_dict(),
         "recompute_dists": settings.recompute_dists,

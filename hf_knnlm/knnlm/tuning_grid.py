@@ -23,13 +23,14 @@ class TuningGrid:
     Args:
         lmbdas (`tuple[float, ...]`): lmbda values to try, each in [0, 1].
         temperatures (`tuple[float, ...]`, *optional*): temperatures to try; default:
-            ``temperature_multiples`` x the median nearest-neighbour distance of the text, plus 1 and 10.
+            ``temperature_multiples`` x the median nearest-neighbour distance (of the tokens that
+            ``max_cache_bytes`` holds), plus 1 and 10.
         temperature_multiples (`tuple[float, ...]`): multiples of that distance used by default.
         ks (`tuple[int, ...]`, *optional*): k values to try, each at most the k searched; default:
             those of ``DEFAULT_KS`` below it, and it.
-        max_cache_bytes (`int`, defaults to 512 MiB): cap of the neighbour cache (tokens x k x 8 bytes);
-            the text is cut to fit (65,536 tokens at k 1024), so that tuning stays within 1 GB of the
-            model and the store.
+        max_cache_bytes (`int`, defaults to 64 MiB): bytes of neighbours (tokens x k x 8) held before
+            the sweep streams: the first tokens of the text that fit (8,192 at k 1024) set the
+            temperature scale (their median nearest-neighbour distance). The whole text is swept.
 
     Examples:
 
@@ -59,7 +60,7 @@ class TuningGrid:
         default=None,
         metadata={
             "help": "Temperatures to try; default: temperature_multiples x the median nearest-neighbour "
-            "distance of the text, plus 1 and 10."
+            "distance of the first tokens of the text (see max_cache_bytes), plus 1 and 10."
         },
     )
     temperature_multiples: tuple[float, ...] = field(
@@ -73,8 +74,11 @@ class TuningGrid:
         },
     )
     max_cache_bytes: int = field(
-        default=1 << 29,
-        metadata={"help": "Cap of the neighbour cache (tokens x k x 8 bytes); the text is cut to fit."},
+        default=1 << 26,
+        metadata={
+            "help": "Bytes of neighbours (tokens x k x 8) held before the sweep streams: the first tokens "
+            "of the text that fit set the temperature scale (their median nearest-neighbour distance)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ class TuningGrid:
         for k in self.ks or ():
             if not is_int(k) or k < 1:
                 raise ValueError(f"ks contains {k!r}; every k must be a positive integer.")
-        check_positive_int("max_cache_bytes", self.max_cache_bytes, "bytes of the neighbour cache")
+        check_positive_int("max_cache_bytes", self.max_cache_bytes, "bytes of neighbours held for the scale")
 
     def check_ks(self, searched: int) -> None:
         """Every k of the grid is one the cache holds (``<= searched``)."""
