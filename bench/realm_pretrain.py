@@ -55,11 +55,11 @@ MODEL = dict(
 )  # fmt: skip
 PRESETS = {
     "quick": dict(
-        steps=60,
+        steps=150,
         batch_size=4,
         top_k=2,
         max_reader_length=112,
-        refresh_every=20,
+        refresh_every=50,
         eval_questions=300,
         head_warmup_steps=200,
     ),
