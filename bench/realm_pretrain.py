@@ -5,23 +5,26 @@
   knowledge corpus *and* the source of the masked sentences (one salient span each, the sentence's own
   paragraph never retrieved); every 10th masked sentence is held out of training;
 * model: query and document embedders and the knowledge-augmented encoder all start from all-MiniLM-L6-v2
-  (mean pooling, unit vectors, score scale 20; the masked-LM head starts fresh: the checkpoint has none);
+  (mean pooling, unit vectors, score scale 20; the masked-LM head starts fresh, the checkpoint has none, and
+  is warmed up by ``head_warm_start``: plain masked LM with the null document only, before both runs);
 * rows: masked salient-span accuracy on the held-out sentences (every token of the span right, under the
-  marginal over the retrieved documents and the null document) with retrieval and with the null document
-  alone, before pre-training, after a run whose index is refreshed every ``--refresh-every`` steps and
-  after one whose index is never refreshed; zero-shot recall@1/5/20 of the questions of the 10 evaluation
-  articles (the open-QA benchmark's split; no question is used in pre-training) before and after; steps/s
-  of both runs; the wall time of every stage.
+  marginal over the retrieved documents and the null document) and the NLL per masked token, with
+  retrieval and with the null document alone, before pre-training, after the head's warm start, after a
+  run whose index is refreshed every ``--refresh-every`` steps and after one whose index is never
+  refreshed; zero-shot recall@1/5/20 of the questions of the 10 evaluation articles (the open-QA
+  benchmark's split; no question is used in pre-training) before and after; steps/s of both runs; the
+  wall time of every stage.
 
 End-to-end EM / F1 after reader warm-start and REALM fine-tuning from the pre-trained retriever is
 ``bench/open_qa.py``'s pipeline and is not run here.
 
-    nice -n 10 python bench/realm_pretrain.py --quick --output-dir /tmp/realm_pretrain_quick
+    python bench/realm_pretrain.py --quick --output-dir runs/realm-pretrain
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -38,9 +41,11 @@ from hf_knnlm.open_qa.pretraining import (
     RealmForMaskedLM,
     RealmPretrainingCollator,
     RealmPretrainingSettings,
+    head_warm_start,
     masked_examples,
     pretrain_realm,
 )
+from hf_knnlm.open_qa.pretraining.head_warmup import null_document_batch
 from hf_knnlm.utils.files import atomic_write_json
 
 EVAL_ARTICLES = slice(38, 48)
@@ -50,29 +55,24 @@ MODEL = dict(
 )  # fmt: skip
 PRESETS = {
     "quick": dict(
-        steps=60, batch_size=4, top_k=2, max_reader_length=112, refresh_every=20, eval_questions=300
+        steps=150,
+        batch_size=4,
+        top_k=2,
+        max_reader_length=112,
+        refresh_every=50,
+        eval_questions=300,
+        head_warmup_steps=200,
     ),
     "full": dict(
-        steps=1000, batch_size=8, top_k=4, max_reader_length=192, refresh_every=100, eval_questions=0
+        steps=1000,
+        batch_size=8,
+        top_k=4,
+        max_reader_length=192,
+        refresh_every=100,
+        eval_questions=0,
+        head_warmup_steps=1000,
     ),
 }
-
-
-def _null_only(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """The batch that gives the model the null document alone: the masked text, no retrieved document."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = (
-            torch.tensor(row["input_ids"]),
-            torch.tensor(row["labels"]),
-            1,
-        )
-    return dict(input_ids=ids, attention_mask=mask, joined_input_ids=ids[:, None],
-                joined_attention_mask=mask[:, None], labels=labels[:, None])  # fmt: skip
 
 
 def span_accuracy(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16) -> float:
@@ -82,12 +82,29 @@ def span_accuracy(model, tokenizer, index, rows: list[dict], retrieval: bool, ba
     right = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = collator(chunk) if retrieval else _null_only(chunk)
+        batch = collator(chunk) if retrieval else null_document_batch(chunk, tokenizer.pad_token_id)
         predicted = model.masked_predictions(**batch)
         for row, guess in zip(chunk, predicted, strict=True):
             targets = [(i, t) for i, t in enumerate(row["labels"]) if t != -100]
             right += all(int(guess[i]) == t for i, t in targets)
     return right / len(rows)
+
+
+@torch.no_grad()
+def span_nll(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per masked token, -log sum_z p(z|x) p(y|z, x) (or p(y|x) alone)."""
+    collator = RealmPretrainingCollator(model, tokenizer, index)
+    model.eval()
+    total = tokens = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        if retrieval:
+            total -= model(**collator(chunk)).log_marginal.sum().item()
+        else:
+            batch = null_document_batch(chunk, tokenizer.pad_token_id)
+            total -= model.mlm_log_likelihood(batch["joined_input_ids"], batch["labels"]).sum().item()
+        tokens += sum(t != -100 for row in chunk for t in row["labels"])
+    return total / tokens
 
 
 def _recall(model, tokenizer, documents, questions, index=None) -> dict[str, float]:
@@ -102,13 +119,13 @@ def _accuracies(model, tokenizer, index, held_out) -> dict[str, float]:
     return {
         "with_retrieval": span_accuracy(model, tokenizer, index, held_out, retrieval=True),
         "null_document_only": span_accuracy(model, tokenizer, index, held_out, retrieval=False),
+        "nll_with_retrieval": round(span_nll(model, tokenizer, index, held_out, retrieval=True), 4),
+        "nll_null_document_only": round(span_nll(model, tokenizer, index, held_out, retrieval=False), 4),
     }
 
 
-def _run(args, preset, tokenizer, documents, train_rows, refresh_every: int, name: str):
-    model = RealmForMaskedLM.from_encoders(
-        str(minilm_path()), top_k=preset["top_k"], max_reader_length=preset["max_reader_length"], **MODEL
-    )
+def _run(args, preset, start, tokenizer, documents, train_rows, refresh_every: int, name: str):
+    model = copy.deepcopy(start).train()  # both runs start from the same warmed-up weights
     started = time.perf_counter()
     trainer = pretrain_realm(
         model, tokenizer, documents, output_dir=args.output_dir / name, examples=train_rows,
@@ -128,9 +145,10 @@ def _run(args, preset, tokenizer, documents, train_rows, refresh_every: int, nam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the evaluation articles' paragraphs, 60 steps")
+    parser.add_argument("--quick", action="store_true", help="the evaluation articles' paragraphs, 150 steps")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--head-learning-rate", type=float, default=1e-3, help="the fresh head's, warming up")
     args = parser.parse_args()
     preset = PRESETS["quick" if args.quick else "full"]
     out = args.output_dir / f"results_{'quick' if args.quick else 'full'}.json"
@@ -163,8 +181,19 @@ def main() -> None:
     timings["before"] = time.perf_counter() - started
     atomic_write_json(out, results | {"seconds": timings})  # every finished stage is kept
 
+    started = time.perf_counter()
+    losses = head_warm_start(
+        start_model, tokenizer, train_rows, steps=preset["head_warmup_steps"], batch_size=16,
+        learning_rate=args.learning_rate, head_learning_rate=args.head_learning_rate,
+    )  # fmt: skip
+    timings["head_warmup"] = time.perf_counter() - started
+    results["after_head_warmup"] = _accuracies(start_model.eval(), tokenizer, start_index, held_out)
+    results["head_warmup_loss"] = [round(losses[0], 3), round(losses[-1], 3)] if losses else []
+    timings["head_warmup_eval"] = time.perf_counter() - started - timings["head_warmup"]
+    atomic_write_json(out, results | {"seconds": timings})
+
     for name, every in (("refreshed", preset["refresh_every"]), ("never_refreshed", 0)):
-        model, index, run = _run(args, preset, tokenizer, documents, train_rows, every, name)
+        model, index, run = _run(args, preset, start_model, tokenizer, documents, train_rows, every, name)
         started = time.perf_counter()
         results[name] = _accuracies(model, tokenizer, index, held_out) | run
         if name == "refreshed":

@@ -9,6 +9,12 @@ import torch
 from transformers import AutoModel
 
 from hf_knnlm.open_qa.pretraining import RealmForMaskedLM, RealmMaskedLMConfig, RealmPretrainingCollator
+from hf_knnlm.open_qa.pretraining.head_warmup import (
+    head_parameters,
+    head_warm_start,
+    masked_lm_loss,
+    null_document_batch,
+)
 from hf_knnlm.open_qa.pretraining.ict import ict_loss, ict_pairs, ict_warm_start
 
 try:  # tests/ is a package on main, a plain folder elsewhere
@@ -196,3 +202,36 @@ def test_masked_predictions_take_the_argmax_of_the_marginal(tokenizer):
             masked = [i for i, label in enumerate(row["labels"]) if label != -100]
             assert predicted[b, masked].tolist() == mixture[masked].argmax(-1).tolist()
             assert (predicted[b] != -100).sum() == len(masked)
+
+
+def test_head_warm_start_loss_is_the_plain_masked_lm_loss(tokenizer):
+    model = make_mlm_model(tokenizer)
+    rows = _rows(tokenizer)
+    batch = null_document_batch(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = masked_lm_loss(model, batch)
+        plain = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"][:, 0]).loss  # fmt: skip
+    assert float(got) == pytest.approx(float(plain), abs=1e-6)  # both: mean CE over the masked tokens
+
+
+def test_head_warm_start_trains_the_encoder_with_the_head_faster(tokenizer):
+    model = make_mlm_model(tokenizer)
+    head, rest = head_parameters(model.encoder)
+    embeddings = model.encoder.get_input_embeddings().weight
+    assert head and all(p is not embeddings for p in head) and any(p is embeddings for p in rest)
+    retriever_before = [p.clone() for p in model.query_embedder.parameters()]
+    head_before, rest_before = [p.clone() for p in head], [p.clone() for p in rest]
+    losses = head_warm_start(model, tokenizer, _rows(tokenizer), steps=20, batch_size=2,
+                             learning_rate=1e-5, head_learning_rate=1e-2)  # fmt: skip
+    assert len(losses) == 20 and sum(losses[-5:]) < sum(losses[:5])
+    retriever = zip(retriever_before, model.query_embedder.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in retriever)
+
+    def largest_change(now, then):
+        return max(float((p - q).abs().max()) for p, q in zip(now, then, strict=True))
+
+    # an AdamW step moves a weight by about its learning rate: 1e-2 for the head, 1e-5 for the rest
+    assert largest_change(head, head_before) > 10 * largest_change(rest, rest_before) > 0
+    with pytest.raises(ValueError, match="rows is empty"):
+        head_warm_start(model, tokenizer, [], steps=1)

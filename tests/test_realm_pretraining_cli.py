@@ -42,9 +42,10 @@ def _argv(inputs, output, *extra):
 
 def test_realm_pretrain_writes_the_open_qa_checkpoint(inputs, tmp_path, capsys):
     argv = _argv(inputs, tmp_path / "out", "--refresh-index-every", "1", "--ict-steps", "2")
-    assert main(argv) == 0
+    assert main([*argv, "--head-warmup-steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert '"ict_losses"' in printed and '"index_staleness"' in printed
+    assert len(json.loads(printed)["head_warmup_losses"]) == 3
     summary = json.loads((tmp_path / "out" / "pretraining.json").read_text())
     assert summary["steps"] == 2 and len(summary["losses"]) == 2
     assert summary["index_staleness"][0] == 1 and summary["settings"]["masking"] == "salient"

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from ..open_qa.pretraining import (
         RealmForMaskedLM,
         RealmPretrainingSettings,
+        head_warm_start,
         ict_warm_start,
+        masked_examples,
         pretrain_realm,
     )
 
@@ -77,9 +79,24 @@ def run(args: argparse.Namespace) -> int:
         else []
     )
     ict_seconds = time.perf_counter() - started
+    rows = masked_examples(documents, tokenizer, settings, max_length=model.config.max_question_length)
+    head = (
+        head_warm_start(
+            model,
+            tokenizer,
+            rows,
+            steps=args.head_warmup_steps,
+            learning_rate=args.learning_rate,
+            head_learning_rate=args.head_learning_rate,
+            seed=args.seed,
+        )  # fmt: skip
+        if args.head_warmup_steps
+        else []
+    )
+    head_seconds = time.perf_counter() - started - ict_seconds
     pretrain_realm(
-        model, tokenizer, documents, output_dir=args.output_dir, settings=settings, bf16=args.bf16,
-        use_cpu=args.cpu, **values(args, HELPS),
+        model, tokenizer, documents, output_dir=args.output_dir, settings=settings, examples=rows or None,
+        bf16=args.bf16, use_cpu=args.cpu, **values(args, HELPS),
     )  # fmt: skip
     summary = json.loads((Path(args.output_dir) / "pretraining.json").read_text(encoding="utf-8"))
     summary |= {
@@ -87,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         "documents": len(documents),
         "ict_losses": [round(loss, 4) for loss in ict],
         "ict_seconds": round(ict_seconds, 1),
-        "train_seconds": round(time.perf_counter() - started - ict_seconds, 1),
+        "head_warmup_losses": [round(loss, 4) for loss in head],
+        "head_warmup_seconds": round(head_seconds, 1),
+        "train_seconds": round(time.perf_counter() - started - ict_seconds - head_seconds, 1),
     }
     print(json.dumps(summary, indent=2))
     return 0
@@ -142,6 +161,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="warm-start the retriever with N ICT steps first (default: 0)",
+    )
+    parser.add_argument(
+        "--head-warmup-steps",
+        type=int,
+        default=0,
+        help="train a fresh masked-LM head with N plain masked-LM steps first, the null document only "
+        "(for an encoder checkpoint without one, e.g. all-MiniLM-L6-v2; default: 0)",
+    )
+    parser.add_argument(
+        "--head-learning-rate",
+        type=float,
+        default=1e-3,
+        help="learning rate of the head's own parameters in that warm start (default: 1e-3)",
     )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (default: off)")
     parser.add_argument(

@@ -16,6 +16,7 @@ _IMPORT_STRUCTURE = {
     ".collator": ["RealmPretrainingCollator"],
     ".configuration": ["RealmMaskedLMConfig"],
     ".export": ["open_qa_from_pretraining", "save_for_open_qa"],
+    ".head_warmup": ["head_warm_start"],
     ".ict": ["ict_warm_start"],
     ".masking": ["masked_examples"],
     ".modeling": ["RealmForMaskedLM", "RealmMaskedLMOutput"],
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .collator import RealmPretrainingCollator
     from .configuration import RealmMaskedLMConfig
     from .export import open_qa_from_pretraining, save_for_open_qa
+    from .head_warmup import head_warm_start
     from .ict import ict_warm_start
     from .masking import masked_examples
     from .modeling import RealmForMaskedLM, RealmMaskedLMOutput
