@@ -130,7 +130,8 @@ def _run(args, preset, start, tokenizer, documents, train_rows, refresh_every: i
     trainer = pretrain_realm(
         model, tokenizer, documents, output_dir=args.output_dir / name, examples=train_rows,
         settings=RealmPretrainingSettings(refresh_index_every=refresh_every), max_steps=preset["steps"],
-        batch_size=preset["batch_size"], learning_rate=args.learning_rate, logging_steps=10, use_cpu=True,
+        batch_size=preset["batch_size"], learning_rate=args.learning_rate,
+        retriever_learning_rate=args.retriever_learning_rate, logging_steps=10, use_cpu=True,
         disable_tqdm=True,
     )  # fmt: skip
     seconds = time.perf_counter() - started
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the evaluation articles' paragraphs, 150 steps")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--retriever-learning-rate", type=float, default=5e-6, help="the two embedders'")
     parser.add_argument("--head-learning-rate", type=float, default=1e-3, help="the fresh head's, warming up")
     args = parser.parse_args()
     preset = PRESETS["quick" if args.quick else "full"]
@@ -168,6 +170,11 @@ def main() -> None:
         questions = questions.shuffle(seed=0).select(range(min(preset["eval_questions"], len(questions))))
     rows = masked_examples(documents, tokenizer, max_length=MODEL["max_question_length"])
     held_out, train_rows = rows[::10], [r for i, r in enumerate(rows) if i % 10]
+    results["learning_rates"] = {
+        "encoder": args.learning_rate,
+        "retriever": args.retriever_learning_rate,
+        "head": args.head_learning_rate,
+    }
     results |= {"documents": len(documents), "train_sentences": len(train_rows), "held_out": len(held_out)}
     timings["data"] = time.perf_counter() - started
 

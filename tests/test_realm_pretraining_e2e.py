@@ -108,3 +108,17 @@ def test_pretraining_on_given_examples_only(tokenizer, tmp_path):
     assert summary["masked_sentences"] == 2 and trainer.state.global_step == 1
     with pytest.raises(ValueError, match="no sentence"):
         pretrain_realm(model, tokenizer, DOCUMENTS, output_dir=tmp_path / "none", examples=[], max_steps=1)
+
+
+def test_retriever_learning_rate_zero_keeps_the_retriever(tokenizer, tmp_path):
+    trainer = _pretrain(tokenizer, tmp_path / "out", retriever_learning_rate=0.0, save_steps=None)
+    model = trainer.model
+    start = make_mlm_model(tokenizer, top_k=2)  # the same seeded weights _pretrain started from
+    for name in ("query_embedder", "doc_embedder", "encoder"):
+        now, then = getattr(model, name).state_dict(), getattr(start, name).state_dict()
+        same = all(torch.equal(now[key], then[key]) for key in now)
+        assert same == (name != "encoder"), name  # the encoder trains at learning_rate
+    lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert lrs[0] == 0.0
+    with pytest.raises(ValueError, match="retriever_learning_rate=-1.0 must be a finite number >= 0"):
+        _pretrain(tokenizer, tmp_path / "bad", retriever_learning_rate=-1.0)

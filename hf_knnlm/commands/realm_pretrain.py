@@ -44,6 +44,8 @@ HELPS = {
     "max_steps": "Stop after this many steps (-1: the epochs decide)",
     "batch_size": "Masked sentences per step",
     "learning_rate": "Peak learning rate",
+    "retriever_learning_rate": "Learning rate of the query and document encoders (none: --learning-rate; "
+    "0 keeps them)",
     "warmup_steps": "Warm-up steps, or a ratio of all steps when below 1",
     "weight_decay": "AdamW weight decay",
     "seed": "Seed of the run",

@@ -30,8 +30,8 @@ def realm_optimizer(
     retriever_learning_rate: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters in three groups: the reader encoder (``learning_rate``), the query
-    encoder (``retriever_learning_rate``, default ``learning_rate``) and the freshly initialised span head and
-    projections (``head_learning_rate``, default ``learning_rate``).
+    and document encoders (``retriever_learning_rate``, default ``learning_rate``) and the freshly
+    initialised span head and projections (``head_learning_rate``, default ``learning_rate``).
 
     Examples:
 
@@ -47,8 +47,8 @@ def realm_optimizer(
     """
     rates = {
         "reader": learning_rate,
-        "retriever": retriever_learning_rate or learning_rate,
-        "head": head_learning_rate or learning_rate,
+        "retriever": learning_rate if retriever_learning_rate is None else retriever_learning_rate,
+        "head": learning_rate if head_learning_rate is None else head_learning_rate,
     }
     params: dict[str, list[torch.nn.Parameter]] = {group: [] for group in rates}
     for name, parameter in model.named_parameters():
@@ -56,7 +56,7 @@ def realm_optimizer(
             continue
         if any(part in name for part in _NEW_PARAMETERS):
             params["head"].append(parameter)
-        elif name.startswith("query_embedder."):
+        elif name.startswith(("query_embedder.", "doc_embedder.")):
             params["retriever"].append(parameter)
         else:
             params["reader"].append(parameter)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
 from ...retrieval.document_index import DocumentIndex
+from ...utils.checks import is_real
 from ...utils.files import atomic_path, atomic_write_json, folder_lock
 from ...utils.fingerprints import encoder_fingerprint
 from ..reader_training import _open_scratch
-from ..training import training_arguments_for
+from ..training import realm_optimizer, training_arguments_for
 from .collator import RealmPretrainingCollator
 from .export import save_for_open_qa
 from .masking import masked_examples
@@ -107,7 +109,7 @@ def _index_for(
     )
 
 
-def _check_run(model: Any, settings: Any, save_steps: int | None) -> None:
+def _check_run(model: Any, settings: Any, save_steps: int | None, retriever_rate: float | None) -> None:
     if not hasattr(model, "mlm_log_likelihood"):
         raise ValueError(
             f"model is a {type(model).__name__}; pass a RealmForMaskedLM "
@@ -117,6 +119,21 @@ def _check_run(model: Any, settings: Any, save_steps: int | None) -> None:
         raise ValueError(f"settings must be a RealmPretrainingSettings, got {type(settings).__name__}.")
     if save_steps is not None and (isinstance(save_steps, bool) or save_steps <= 0):
         raise ValueError(f"save_steps={save_steps} must be a positive number of steps, or None (none).")
+    if retriever_rate is not None and (not is_real(retriever_rate) or not 0.0 <= retriever_rate < math.inf):
+        raise ValueError(
+            f"retriever_learning_rate={retriever_rate!r} must be a finite number >= 0 (e.g. 5e-6; 0 keeps "
+            "the retriever as it starts), or None for the learning rate."
+        )
+
+
+def _optimizers(model: Any, learning_rate: float, weight_decay: float, retriever_rate: float | None):
+    """The Trainer's own optimizer, unless the retriever has a rate of its own."""
+    if retriever_rate is None:
+        return (None, None)
+    # realm_optimizer's "head" group is the span head and the retriever projections; this model has no
+    # span head, so the group is the projections, which are the retriever's here.
+    optimizer = realm_optimizer(model, learning_rate, retriever_rate, weight_decay, retriever_rate)
+    return (optimizer, None)
 
 
 def _summary(trainer: Trainer, refresh: AsyncIndexRefresh, rows: int, settings: RealmPretrainingSettings):
@@ -144,6 +161,7 @@ def pretrain_realm(
     max_steps: int = -1,
     batch_size: int = 8,
     learning_rate: float = 3e-5,
+    retriever_learning_rate: float | None = None,
     warmup_steps: float = 0,
     weight_decay: float = 0.0,
     seed: int = 0,
@@ -161,7 +179,9 @@ def pretrain_realm(
 
     ``settings`` sets masking, source exclusion and the refresh interval; ``examples`` are the masked rows
     to train on (default: [`masked_examples`][hf_knnlm.open_qa.pretraining.masked_examples] of every
-    document, e.g. a subset that keeps held-out sentences apart); ``save_steps`` keeps a resumable
+    document, e.g. a subset that keeps held-out sentences apart); ``retriever_learning_rate`` is the query
+    and document encoders' own rate (None: ``learning_rate``; 0 keeps them as they start, and the index
+    with them); ``save_steps`` keeps a resumable
     checkpoint every that many steps (see above). Extra keyword arguments go to ``TrainingArguments``.
 
     Examples:
@@ -192,7 +212,7 @@ def pretrain_realm(
     ```
     """
     settings = settings or RealmPretrainingSettings()
-    _check_run(model, settings, save_steps)
+    _check_run(model, settings, save_steps, retriever_learning_rate)
     index = _index_for(documents, model, tokenizer, index_batch_size, not disable_tqdm)
     rows = examples
     if rows is None:
@@ -209,8 +229,11 @@ def pretrain_realm(
     with folder_lock(output, ".train"):
         rows_digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         run = _run_settings(
-            model, index, {**trainer_settings, **settings.to_dict(), "rows_sha256": rows_digest}
-        )
+            model,
+            index,
+            {**trainer_settings, **settings.to_dict(), "rows_sha256": rows_digest,
+             "retriever_learning_rate": retriever_learning_rate},
+        )  # fmt: skip
         scratch, resume = _open_scratch(output, run, "REALM pre-training")
         if save_steps is not None:
             trainer_settings |= dict(save_strategy="steps", save_steps=save_steps, save_total_limit=1)
@@ -229,6 +252,7 @@ def pretrain_realm(
                 model, tokenizer, index, exclude_source=settings.exclude_source
             ),
             callbacks=[refresh, IndexCheckpoint(index, refresh, resume), *(callbacks or [])],
+            optimizers=_optimizers(model, learning_rate, weight_decay, retriever_learning_rate),
         )
         trainer.train(resume_from_checkpoint=resume)
         save_for_open_qa(trainer.model, tokenizer, output)
