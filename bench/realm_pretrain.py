@@ -179,6 +179,7 @@ def main() -> None:
     timings["data"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    torch.manual_seed(0)  # the fresh masked-LM head's initial weights
     start_model = RealmForMaskedLM.from_encoders(
         str(path), top_k=preset["top_k"], max_reader_length=preset["max_reader_length"], **MODEL
     ).eval()
