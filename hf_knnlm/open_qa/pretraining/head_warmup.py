@@ -11,13 +11,13 @@ take a larger learning rate than the pre-trained encoder, which must not be push
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .modeling import IGNORE_INDEX
+from .warm_start import warm_start_steps
 
 
 def null_document_batch(rows: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -114,20 +114,10 @@ def head_warm_start(
         [{"params": head, "lr": head_learning_rate}, {"params": rest, "lr": learning_rate}]
     )
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    pool, rng, losses = list(rows), random.Random(seed), []
-    was_training = model.training
-    model.train()
-    try:
-        for _ in range(steps):
-            chunk = rng.sample(pool, min(batch_size, len(pool)))
-            loss = masked_lm_loss(model, null_document_batch(chunk, pad))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
-    return losses
+    return warm_start_steps(
+        model, optimizer, rows, lambda chunk: masked_lm_loss(model, null_document_batch(chunk, pad)),
+        steps=steps, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
 
 
 __all__ = ["head_parameters", "head_warm_start", "masked_lm_loss", "null_document_batch"]

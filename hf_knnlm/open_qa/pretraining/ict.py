@@ -18,6 +18,7 @@ from ...retrieval.document_index import DocumentIndex
 from ...retrieval.documents import rows_of
 from ...retrieval.embedder import retriever_tokenizer
 from .spans import split_sentences
+from .warm_start import warm_start_steps
 
 
 def ict_pairs(
@@ -138,19 +139,10 @@ def ict_warm_start(
     embedders = [model.query_embedder] + ([model.doc_embedder] if model.doc_embedder is not None else [])
     parameters = [p for embedder in embedders for p in embedder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate)
-    rng, losses = random.Random(seed), []
-    was_training = model.training
-    model.train()
-    try:
-        for _ in range(steps):
-            loss = ict_loss(model, tokenizer, rng.sample(pairs, min(batch_size, len(pairs))))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    finally:
-        model.train(was_training)
-    return losses
+    return warm_start_steps(
+        model, optimizer, pairs, lambda batch: ict_loss(model, tokenizer, batch), steps=steps,
+        batch_size=batch_size, seed=seed,
+    )  # fmt: skip
 
 
 __all__ = ["ict_loss", "ict_pairs", "ict_warm_start"]
