@@ -75,36 +75,23 @@ PRESETS = {
 }
 
 
-def span_accuracy(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16) -> float:
-    """Share of rows whose every masked token is predicted right."""
+@torch.no_grad()
+def span_scores(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16):
+    """``(accuracy, nll)``: the share of rows whose every masked token is predicted right, and the mean
+    negative log-likelihood per masked token, -log sum_z p(z|x) p(y|z, x) (or p(y|x) alone); one batch
+    (one retrieval) serves both."""
     collator = RealmPretrainingCollator(model, tokenizer, index)
     model.eval()
-    right = 0
+    right, total, tokens = 0, 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collator(chunk) if retrieval else null_document_batch(chunk, tokenizer.pad_token_id)
-        predicted = model.masked_predictions(**batch)
-        for row, guess in zip(chunk, predicted, strict=True):
+        for row, guess in zip(chunk, model.masked_predictions(**batch), strict=True):
             targets = [(i, t) for i, t in enumerate(row["labels"]) if t != -100]
             right += all(int(guess[i]) == t for i, t in targets)
-    return right / len(rows)
-
-
-@torch.no_grad()
-def span_nll(model, tokenizer, index, rows: list[dict], retrieval: bool, batch_size: int = 16) -> float:
-    """Mean negative log-likelihood per masked token, -log sum_z p(z|x) p(y|z, x) (or p(y|x) alone)."""
-    collator = RealmPretrainingCollator(model, tokenizer, index)
-    model.eval()
-    total = tokens = 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        if retrieval:
-            total -= model(**collator(chunk)).log_marginal.sum().item()
-        else:
-            batch = null_document_batch(chunk, tokenizer.pad_token_id)
-            total -= model.mlm_log_likelihood(batch["joined_input_ids"], batch["labels"]).sum().item()
-        tokens += sum(t != -100 for row in chunk for t in row["labels"])
-    return total / tokens
+            tokens += len(targets)
+        total -= model(**batch).log_marginal.sum().item()
+    return right / len(rows), total / tokens
 
 
 def _recall(model, tokenizer, documents, questions, index=None) -> dict[str, float]:
@@ -116,11 +103,14 @@ def _recall(model, tokenizer, documents, questions, index=None) -> dict[str, flo
 
 
 def _accuracies(model, tokenizer, index, held_out) -> dict[str, float]:
+    (with_retrieval, nll_with), (null_only, nll_null) = (
+        span_scores(model, tokenizer, index, held_out, retrieval) for retrieval in (True, False)
+    )
     return {
-        "with_retrieval": span_accuracy(model, tokenizer, index, held_out, retrieval=True),
-        "null_document_only": span_accuracy(model, tokenizer, index, held_out, retrieval=False),
-        "nll_with_retrieval": round(span_nll(model, tokenizer, index, held_out, retrieval=True), 4),
-        "nll_null_document_only": round(span_nll(model, tokenizer, index, held_out, retrieval=False), 4),
+        "with_retrieval": with_retrieval,
+        "null_document_only": null_only,
+        "nll_with_retrieval": round(nll_with, 4),
+        "nll_null_document_only": round(nll_null, 4),
     }
 
 

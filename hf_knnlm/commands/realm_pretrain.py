@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     )
     head_seconds = time.perf_counter() - started - ict_seconds
     pretrain_realm(
-        model, tokenizer, documents, output_dir=args.output_dir, settings=settings, examples=rows or None,
+        model, tokenizer, documents, output_dir=args.output_dir, settings=settings, examples=rows,
         bf16=args.bf16, use_cpu=args.cpu, **values(args, HELPS),
     )  # fmt: skip
     summary = json.loads((Path(args.output_dir) / "pretraining.json").read_text(encoding="utf-8"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .collator import _pad
 from .modeling import IGNORE_INDEX
 from .warm_start import warm_start_steps
 
@@ -33,14 +34,9 @@ def null_document_batch(rows: Sequence[Mapping[str, Any]], pad_token_id: int = 0
     (torch.Size([1, 1, 4]), [-100, 5, -100, -100])
     ```
     """
-    width = max(len(row["input_ids"]) for row in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        ids[i, :n], labels[i, :n] = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
-        mask[i, :n] = 1
+    ids = _pad([row["input_ids"] for row in rows], pad_token_id)
+    labels = _pad([row["labels"] for row in rows], IGNORE_INDEX)
+    mask = _pad([[1] * len(row["input_ids"]) for row in rows], 0)
     return {
         "input_ids": ids,
         "attention_mask": mask,
