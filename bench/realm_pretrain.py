@@ -16,7 +16,10 @@
   wall time of every stage.
 
 End-to-end EM / F1 after reader warm-start and REALM fine-tuning from the pre-trained retriever is
-``bench/open_qa.py``'s pipeline and is not run here.
+``bench/open_qa.py``'s pipeline, run on a checkpoint this writes (``<output-dir>/refreshed``)::
+
+    python bench/open_qa.py --retrievers pretrained minilm \
+        --pretrained-retriever runs/realm-pretrain/refreshed
 
     python bench/realm_pretrain.py --quick --output-dir runs/realm-pretrain
 """
