@@ -55,6 +55,11 @@ def stores(model, tokenizer, args) -> dict:
     )
     log(f"{args.factory} store: nprobe {args.nprobe} ({index_s:.0f} s to index)")
     found = {"Flat": flat, args.factory: ivf}
+    if args.flat_clusters is not None:  # the same Flat store with k-means clusters to top pointers up from
+        km_dir = work / f"flat{args.store_tokens}_kmeans{args.flat_clusters}"
+        km, km_s = cached_store(km_dir, lambda: _with_clusters(flat, km_dir, args.flat_clusters or None))
+        log(f"Flat + k-means store: {km.clusters.num_clusters} clusters ({km_s:.0f} s to copy and cluster)")
+        found["Flat + k-means"] = km
     if args.grow_to:  # not a real store: the real keys and perturbed copies, as bench/speed.py's P2 store
         from speed import make_big_store
 
@@ -67,6 +72,15 @@ def stores(model, tokenizer, args) -> dict:
         log(f"{args.grow_factory} store of {len(big):,} entries (copies): {index_s:.0f} s")
         found[f"{args.grow_factory} (copies)"] = big
     return found
+
+
+def _with_clusters(flat, folder: Path, num_clusters: int | None):
+    from hf_knnlm import Datastore
+    from hf_knnlm.datastore.kmeans_clusters import add_clusters
+
+    copy = Datastore.from_pretrained(flat.save_pretrained(folder))
+    add_clusters(copy, num_clusters)
+    return copy
 
 
 def compare(model, tokenizer, text: str, store, args) -> dict:
@@ -167,6 +181,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--grow-to", type=int, default=0, help="also a store of the keys + perturbed copies")
     p.add_argument("--grow-factory", default="IVF4096,PQ64", help="index of the --grow-to store")
+    p.add_argument(
+        "--flat-clusters", type=int, default=None,
+        help="also the Flat store with this many k-means clusters (add_clusters; 0: its default, 4 sqrt(N))",
+    )  # fmt: skip
     p.add_argument("--only", nargs="+", default=None, help="measure only these stores (names as printed)")
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--lmbda", type=float, default=0.25)

@@ -48,6 +48,18 @@ def test_stored_key_is_its_own_nearest_neighbour(store):
     np.testing.assert_array_equal(store.keys.take(nearest[:, 0]), store.keys.take(ids))
 
 
+def test_large_indexes_take_faiss_blas_path_from_a_few_queries():
+    import faiss
+
+    from hf_knnlm.utils.faiss_support import BLAS_MIN_INDEX_SIZE, BLAS_MIN_QUERIES, use_blas_from
+
+    use_blas_from(576, BLAS_MIN_INDEX_SIZE // 576 + 1)
+    # Not faiss's own (1.15: 128,000, compared with queries x dimensions; before: 20 queries).
+    assert faiss.cvar.distance_compute_blas_threshold in (BLAS_MIN_QUERIES * 576, BLAS_MIN_QUERIES)
+    use_blas_from(576, 100)  # a small index: faiss's own choice, the same distances in any batch
+    assert faiss.cvar.distance_compute_blas_threshold in (128_000, 20)
+
+
 def test_save_load_round_trip_gives_identical_search(store, tmp_path):
     queries = torch.randn(7, store.hidden_size)
     expected = store.search(queries, k=5)

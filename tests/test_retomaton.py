@@ -8,7 +8,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
-from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours
+from hf_knnlm.datastore.kmeans_clusters import add_clusters
+from hf_knnlm.knnlm.retomaton import RetoMaton, flat_distances_by_id, stream_neighbours
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 
@@ -198,11 +199,43 @@ def _reference_walk(store, threshold, k, queries, prev, searched, pointer_step):
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
-@pytest.mark.parametrize("which", ["flat", "ivf exact", "ivf index"])
+@pytest.fixture()
+def clustered_store(store, tmp_path):
+    """The Flat store with k-means clusters of its own (add_clusters)."""
+    copy = Datastore.from_pretrained(store.save_pretrained(tmp_path / "clustered"))
+    add_clusters(copy, num_clusters=32)
+    return copy
+
+
+def test_add_clusters_keeps_each_entry_in_its_nearest_centroids_cluster(clustered_store):
+    from safetensors.numpy import load_file
+
+    reloaded = Datastore.from_pretrained(clustered_store.folder)
+    saved = load_file(str(reloaded.folder / "clusters.safetensors"))
+    keys = reloaded.keys.take(np.arange(len(reloaded))).astype(np.float32)
+    nearest = ((keys[:, None] - saved["centroids"][None]) ** 2).sum(-1).argmin(1)
+    assert reloaded.clusters.num_clusters == 32 and "clusters.safetensors" in reloaded.config.files
+    assert (reloaded.clusters.assignment == nearest).mean() > 0.99  # argmin ties and float sums aside
+
+
+def test_add_clusters_refuses_a_store_with_lists(ivf_store):
+    with pytest.raises(ValueError, match="IVF lists are its clusters already"):
+        add_clusters(ivf_store)
+
+
+def test_a_clustered_flat_store_tops_pointers_up(clustered_store):
+    automaton = RetoMaton(clustered_store, 2, 8)
+    ptrs = np.array([[5, 6, -1]])
+    cands = automaton._candidates(ptrs, np.array([2]))[0]
+    assert cands[:2].tolist() == [5, 6] and len(cands) == min(32, len(clustered_store))
+
+
+@pytest.mark.parametrize("which", ["flat", "flat clusters", "ivf exact", "ivf index"])
 @pytest.mark.parametrize("segments", [1, 3, 7])
-def test_lockstep_walk_equals_walking_each_segment_alone(store, ivf_store, which, segments):
-    ds = store if which == "flat" else ivf_store
-    pointer_step = which.split()[-1] if which != "flat" else "exact"
+def test_lockstep_walk_equals_walking_each_segment_alone(request, store, ivf_store, which, segments):
+    ds = request.getfixturevalue("clustered_store") if which == "flat clusters" else store
+    ds = ivf_store if which.startswith("ivf") else ds
+    pointer_step = which.split()[-1] if which.startswith("ivf") else "exact"
     ids = np.arange(20, 120)
     queries = torch.from_numpy(ds.keys.take(ids).astype(np.float32))
     queries[::5] += 0.5  # some queries off the corpus: a few pointers die and those rows search
@@ -215,7 +248,20 @@ def test_lockstep_walk_equals_walking_each_segment_alone(store, ivf_store, which
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         d, i = _reference_walk(ds, 2, 8, queries[a:b], prev[a:b], searched[a:b], pointer_step)
         assert np.array_equal(walked.ids[a:b].numpy(), i)
-        assert np.array_equal(walked.distances[a:b].numpy(), d)
+        # A Flat store's pointer steps sum in faiss (SIMD), the reference in numpy: equal up to rounding.
+        np.testing.assert_allclose(walked.distances[a:b].numpy(), d, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_pointer_steps_read_the_index_vectors(store):
+    automaton = RetoMaton(store, 2, 8)
+    vectors = automaton._flat_vectors()
+    assert vectors is not None  # a Flat store: distances from the index's own float32 keys
+    queries = store.keys.take(np.array([3, 50])).astype(np.float32) + 0.25
+    ids = np.array([[3, 4, -1], [50, -1, 7]])
+    got = flat_distances_by_id(vectors, queries, ids)
+    keys = store.keys.take(np.where(ids >= 0, ids, 0)).astype(np.float32)
+    expected = np.where(ids >= 0, ((keys - queries[:, None]) ** 2).sum(-1), np.inf)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_lockstep_walk_searches_each_step_in_one_call(store, monkeypatch):

@@ -31,6 +31,7 @@ from .index import (
     exact_index,
     has_mapped_lists,
 )
+from .kmeans_clusters import clusters_of
 from .neighbours import Neighbours
 from .provenance import Provenance
 from .rank_index import index_files, open_index
@@ -313,11 +314,11 @@ class Datastore(HubMixin):
 
     @property
     def clusters(self) -> Clusters | None:
-        """The IVF lists of the index as clusters of entries (RetoMaton); None for an index without lists."""
+        """Clusters of entries (RetoMaton): the index's IVF lists, else those ``add_clusters`` kept."""
         if self._sharded is not None:  # every rank's lists (the first call is collective)
             return self._sharded.clusters()
         if self._clusters is _NOT_READ:
-            self._clusters = Clusters.from_index(self.index, len(self))
+            self._clusters = clusters_of(self)
         return self._clusters
 
     @property
@@ -358,10 +359,8 @@ class Datastore(HubMixin):
         return self._searcher.on_gpu
 
     def __repr__(self) -> str:
-        return (
-            f"Datastore(folder={str(self.folder)!r}, entries={len(self)}, hidden_size={self.hidden_size}, "
-            f"index={self.config.index_factory!r}, model_type={self.config.model_type!r})"
-        )
+        fields = f"entries={len(self)}, hidden_size={self.hidden_size}, index={self.config.index_factory!r}"
+        return f"Datastore(folder={str(self.folder)!r}, {fields}, model_type={self.config.model_type!r})"
 
     # ----------------------------------------------------------------- search
     def clamp_k(self, k: int) -> int:

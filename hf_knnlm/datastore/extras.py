@@ -18,7 +18,8 @@ ENTRIES_NAME = "entries.safetensors"  # corpus positions, RetoMaton pointers, me
 DOCUMENTS_NAME = "documents.safetensors"  # document names, texts and token character spans
 TRANSFORM_NAME = "key_transform.faiss"  # PCA applied to queries of a store with reduced keys
 GATE_NAME = "gate.safetensors"  # the adaptive-retrieval gate trained for this store
-EXTRA_FILES = (ENTRIES_NAME, DOCUMENTS_NAME, TRANSFORM_NAME, GATE_NAME)
+CLUSTERS_NAME = "clusters.safetensors"  # k-means clusters of a store without IVF lists (RetoMaton)
+EXTRA_FILES = (ENTRIES_NAME, DOCUMENTS_NAME, TRANSFORM_NAME, GATE_NAME, CLUSTERS_NAME)
 
 
 def extra_files(config: DatastoreConfig) -> list[str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..utils.checks import check_positive_int
+from ..utils.faiss_support import use_blas_from
 from .index import GPU_MAX_K, index_to_gpus, search_parameters, set_nprobe
 from .storage import ShardedArray, exact_sq_distances
 
@@ -84,6 +85,7 @@ class SearchIndex:
             with self._lock:
                 return index.search(queries, k)
         nprobe = self._nprobe  # read once: the whole search uses one value
+        use_blas_from(index.d, index.ntotal)  # BLAS for small batches too: see faiss_support
         return index.search(queries, k, params=search_parameters(index, nprobe))
 
 

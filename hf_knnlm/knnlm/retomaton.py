@@ -39,6 +39,7 @@ import torch
 from ..datastore.neighbours import Neighbours
 from ..datastore.search_index import exact_order
 from ..utils.checks import check_positive_int
+from ..utils.faiss_support import import_faiss
 from .retomaton_shard import sharded_step, walk_one_by_one
 from .settings import check_retomaton
 
@@ -135,6 +136,7 @@ class RetoMaton:
             raise ValueError(f"pointer_step={pointer_step!r} must be one of {POINTER_STEPS}.")
         self.pointer_step = pointer_step
         self._buffers: tuple[np.ndarray, np.ndarray] | None = None
+        self._flat_index, self._flat = None, None  # the Flat index whose vectors _flat points to
         self.steps = 0
         self.searches = 0
         self._state: np.ndarray | None = None  # [rows, k] entry ids of the last step (-1: none)
@@ -226,14 +228,32 @@ class RetoMaton:
         cands = self._candidates(ptrs, counts)
         sizes = np.array([len(c) for c in cands])
         width = max(self.k, int(sizes.max()))
-        dist = np.full((len(cands), width), np.inf, np.float32)
         ids = np.full((len(cands), width), -1, np.int64)
         filled = np.arange(width) < sizes[:, None]
         flat = np.concatenate(cands)
-        dist[filled] = self._distances(q, flat, sizes)
         ids[filled] = flat
+        vectors = self._flat_vectors()
+        if vectors is not None:
+            dist = flat_distances_by_id(vectors, q, ids)
+        else:
+            dist = np.full((len(cands), width), np.inf, np.float32)
+            dist[filled] = self._distances(q, flat, sizes)
         order = np.argsort(dist, axis=1, kind="stable")[:, : self.k]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+    def _flat_vectors(self):
+        """The float32 keys of the store's CPU ``IndexFlatL2`` (None for any other index), the vectors a
+        search compares queries with: reading them in place saves the fp16 gather and copy (``_gather``)."""
+        index = self.datastore.index
+        if index is not self._flat_index:
+            faiss = import_faiss()
+            usable = (
+                isinstance(index, faiss.IndexFlatL2)
+                and index.ntotal == len(self.datastore)
+                and index.d == self.datastore.key_dim
+            )
+            self._flat_index, self._flat = index, (index.get_xb() if usable else None)
+        return self._flat
 
     def _distances(self, q: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Exact squared L2 distances from row ``r`` of ``q`` to the stored keys of its ``sizes[r]`` ids.
@@ -434,6 +454,18 @@ class RetoMaton:
         return Neighbours.from_ids(self.datastore, torch.from_numpy(dist), torch.from_numpy(ids))
 
 
+def flat_distances_by_id(vectors, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[R, m]`` squared L2 distances from row ``r`` of ``queries`` to the vectors ``ids[r]`` of a Flat
+    index (``vectors``: its ``get_xb()``); inf where an id is -1 (faiss ``fvec_L2sqr_by_idx``)."""
+    faiss = import_faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    dist = np.empty(ids.shape, np.float32)
+    ptr = faiss.swig_ptr
+    faiss.fvec_L2sqr_by_idx(ptr(dist), ptr(q), vectors, ptr(ids), q.shape[1], ids.shape[0], ids.shape[1])
+    return dist
+
+
 def stream_neighbours(
     automaton: RetoMaton,
     queries: torch.Tensor,
@@ -446,4 +478,12 @@ def stream_neighbours(
     return automaton.stream(queries, prev_tokens, precomputed, segments)
 
 
-__all__ = ["MIN_SEGMENT_LENGTH", "POINTER_STEPS", "POOL_FACTOR", "SEGMENTS", "RetoMaton", "stream_neighbours"]
+__all__ = [
+    "MIN_SEGMENT_LENGTH",
+    "POINTER_STEPS",
+    "POOL_FACTOR",
+    "SEGMENTS",
+    "RetoMaton",
+    "flat_distances_by_id",
+    "stream_neighbours",
+]
