@@ -9,7 +9,8 @@ from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
 from hf_knnlm.datastore.kmeans_clusters import add_clusters
-from hf_knnlm.knnlm.retomaton import RetoMaton, flat_distances_by_id, stream_neighbours
+from hf_knnlm.knnlm.pointer_distances import flat_distances_by_id
+from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
 
@@ -254,7 +255,7 @@ def test_lockstep_walk_equals_walking_each_segment_alone(request, store, ivf_sto
 
 def test_flat_pointer_steps_read_the_index_vectors(store):
     automaton = RetoMaton(store, 2, 8)
-    vectors = automaton._flat_vectors()
+    vectors = automaton._distances.flat_vectors()
     assert vectors is not None  # a Flat store: distances from the index's own float32 keys
     queries = store.keys.take(np.array([3, 50])).astype(np.float32) + 0.25
     ids = np.array([[3, 4, -1], [50, -1, 7]])

@@ -39,7 +39,7 @@ import torch
 from ..datastore.neighbours import Neighbours
 from ..datastore.search_index import exact_order
 from ..utils.checks import check_positive_int
-from ..utils.faiss_support import import_faiss
+from .pointer_distances import PointerDistances
 from .retomaton_shard import sharded_step, walk_one_by_one
 from .settings import check_retomaton
 
@@ -68,9 +68,6 @@ MIN_SEGMENT_LENGTH = 16
 # over plain kNN-LM (bench/retomaton_speed.py). "exact": exact distances to the stored keys of the
 # pointers and their lists' members up to the pool (what a store without lists, e.g. Flat, uses).
 POINTER_STEPS = ("exact", "index")
-
-# Most stored keys gathered at once by a pointer step (fp16 + fp32 copies: 6 bytes per dimension each).
-CHUNK = 16384
 
 
 class RetoMaton:
@@ -135,8 +132,7 @@ class RetoMaton:
         if pointer_step not in POINTER_STEPS:
             raise ValueError(f"pointer_step={pointer_step!r} must be one of {POINTER_STEPS}.")
         self.pointer_step = pointer_step
-        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
-        self._flat_index, self._flat = None, None  # the Flat index whose vectors _flat points to
+        self._distances = PointerDistances(datastore, self.pool if clusters else self.k)
         self.steps = 0
         self.searches = 0
         self._state: np.ndarray | None = None  # [rows, k] entry ids of the last step (-1: none)
@@ -229,63 +225,10 @@ class RetoMaton:
         sizes = np.array([len(c) for c in cands])
         width = max(self.k, int(sizes.max()))
         ids = np.full((len(cands), width), -1, np.int64)
-        filled = np.arange(width) < sizes[:, None]
-        flat = np.concatenate(cands)
-        ids[filled] = flat
-        vectors = self._flat_vectors()
-        if vectors is not None:
-            dist = flat_distances_by_id(vectors, q, ids)
-        else:
-            dist = np.full((len(cands), width), np.inf, np.float32)
-            dist[filled] = self._distances(q, flat, sizes)
+        ids[np.arange(width) < sizes[:, None]] = np.concatenate(cands)
+        dist = self._distances(q, ids, sizes)
         order = np.argsort(dist, axis=1, kind="stable")[:, : self.k]
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
-
-    def _flat_vectors(self):
-        """The float32 keys of the store's CPU ``IndexFlatL2`` (None for any other index), the vectors a
-        search compares queries with: reading them in place saves the fp16 gather and copy (``_gather``)."""
-        index = self.datastore.index
-        if index is not self._flat_index:
-            faiss = import_faiss()
-            usable = (
-                isinstance(index, faiss.IndexFlatL2)
-                and index.ntotal == len(self.datastore)
-                and index.d == self.datastore.key_dim
-            )
-            self._flat_index, self._flat = index, (index.get_xb() if usable else None)
-        return self._flat
-
-    def _distances(self, q: np.ndarray, ids: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        """Exact squared L2 distances from row ``r`` of ``q`` to the stored keys of its ``sizes[r]`` ids.
-
-        The keys go through two buffers kept for the automaton's life (fresh multi-MB arrays of a
-        different size at every step fragment glibc's heap: RSS grew by GBs over a long stream), a
-        chunk of rows at a time so that lockstep rows do not grow them past ``CHUNK`` keys.
-        """
-        out = np.empty(len(ids), np.float32)
-        ends = np.cumsum(sizes)
-        begins = ends - sizes
-        first = 0
-        while first < len(sizes):  # the rows whose candidates fit in CHUNK keys (at least one row)
-            last = max(first + 1, int(np.searchsorted(ends, begins[first] + CHUNK, "right")))
-            a, b = int(begins[first]), int(ends[last - 1])
-            keys = self._gather(ids[a:b])
-            for row in range(first, last):
-                keys[begins[row] - a : ends[row] - a] -= q[row]
-            out[a:b] = np.einsum("ij,ij->i", keys, keys)
-            first = last
-        return out
-
-    def _gather(self, ids: np.ndarray) -> np.ndarray:
-        n = len(ids)
-        if self._buffers is None or len(self._buffers[0]) < n:
-            width = max(n, min(CHUNK, self.pool if self._use_clusters else self.k))
-            dim, stored = self.datastore.key_dim, self.datastore.keys.dtype
-            self._buffers = (np.empty((width, dim), stored), np.empty((width, dim), np.float32))
-        half, full = self._buffers
-        self.datastore.keys.take(ids, out=half[:n])
-        np.copyto(full[:n], half[:n])
-        return full[:n]
 
     def _queries(self, queries: torch.Tensor) -> np.ndarray:
         q = queries.detach().float().cpu().numpy().reshape(len(queries), -1)
@@ -454,18 +397,6 @@ class RetoMaton:
         return Neighbours.from_ids(self.datastore, torch.from_numpy(dist), torch.from_numpy(ids))
 
 
-def flat_distances_by_id(vectors, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``[R, m]`` squared L2 distances from row ``r`` of ``queries`` to the vectors ``ids[r]`` of a Flat
-    index (``vectors``: its ``get_xb()``); inf where an id is -1 (faiss ``fvec_L2sqr_by_idx``)."""
-    faiss = import_faiss()
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    dist = np.empty(ids.shape, np.float32)
-    ptr = faiss.swig_ptr
-    faiss.fvec_L2sqr_by_idx(ptr(dist), ptr(q), vectors, ptr(ids), q.shape[1], ids.shape[0], ids.shape[1])
-    return dist
-
-
 def stream_neighbours(
     automaton: RetoMaton,
     queries: torch.Tensor,
@@ -484,6 +415,5 @@ __all__ = [
     "POOL_FACTOR",
     "SEGMENTS",
     "RetoMaton",
-    "flat_distances_by_id",
     "stream_neighbours",
 ]
