@@ -22,7 +22,7 @@ from .card import datastore_card
 from .clusters import Clusters
 from .compat import check_compatible
 from .config import DatastoreConfig
-from .extras import copy_extra_files, read_key_transform
+from .extras import CLUSTERS_NAME, copy_extra_files, read_key_transform
 from .index import (
     DEFAULT_INDEX_FACTORY,
     DEFAULT_NPROBE,
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     import faiss
 
 logger = logging.getLogger(__name__)
-_NOT_READ = object()  # Datastore._clusters before the index lists were first read
 
 
 class Datastore(HubMixin):
@@ -108,7 +107,7 @@ class Datastore(HubMixin):
                 index = exact_index(self.keys.iter_rows(65536), self.key_dim)
         self.key_transform = read_key_transform(self.folder, config)
         self._provenance = None
-        self._clusters: Clusters | None | object = _NOT_READ
+        self._clusters, self._clusters_of = None, None  # the clusters, and the (index, file) they are of
         if index.ntotal != len(self.keys) or len(self.keys) != len(self.values):
             raise ValueError(
                 f"{self.folder}: index has {index.ntotal} entries, keys {len(self.keys)}, values "
@@ -317,8 +316,9 @@ class Datastore(HubMixin):
         """Clusters of entries (RetoMaton): the index's IVF lists, else those ``add_clusters`` kept."""
         if self._sharded is not None:  # every rank's lists (the first call is collective)
             return self._sharded.clusters()
-        if self._clusters is _NOT_READ:
-            self._clusters = clusters_of(self)
+        key = (self.index, self.config.files.get(CLUSTERS_NAME))  # a new index or add_clusters: read again
+        if self._clusters_of != key:
+            self._clusters, self._clusters_of = clusters_of(self), key
         return self._clusters
 
     @property
@@ -346,7 +346,6 @@ class Datastore(HubMixin):
     @index.setter
     def index(self, value: faiss.Index) -> None:
         self._searcher.cpu = value
-        self._clusters = _NOT_READ
 
     @property
     def search_index(self) -> faiss.Index:

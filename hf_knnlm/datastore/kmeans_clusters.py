@@ -97,8 +97,7 @@ def add_clusters(datastore: Any, num_clusters: int | None = None, *, train_size:
         return [CLUSTERS_NAME]
 
     add_files(datastore, write)
-    datastore._clusters = Clusters(assignment, count)  # the store's cache, read again from now on
-    return datastore._clusters
+    return datastore.clusters  # read back from the file just written
 
 
 def _check_clusterable(datastore: Any) -> None:
@@ -116,14 +115,14 @@ def read_clusters(folder: str | Path, config: DatastoreConfig, num_entries: int)
     if CLUSTERS_NAME not in config.files:
         return None
     with safe_open(str(Path(folder) / CLUSTERS_NAME), framework="pt") as f:
-        assignment, centroids = f.get_tensor("assignment").numpy(), f.get_tensor("centroids")
+        assignment, num_clusters = f.get_tensor("assignment").numpy(), f.get_slice("centroids").get_shape()[0]
     if len(assignment) != num_entries:
         logger.warning(
             "%s covers %d entries, the store has %d: not used (add_clusters again).",
             CLUSTERS_NAME, len(assignment), num_entries,
         )  # fmt: skip
         return None
-    return Clusters(assignment, len(centroids))
+    return Clusters(assignment, num_clusters)
 
 
 def clusters_of(datastore: Any) -> Clusters | None:

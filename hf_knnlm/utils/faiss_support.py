@@ -18,8 +18,8 @@ INSTALL_HINT = "pip install 'hf-knnlm[cpu]' (faiss-cpu) or 'hf-knnlm[gpu]' (fais
 # scan -> BLAS: 4 queries 4.1 -> 3.3, 36 queries 4.7 -> 0.78, 128 queries 4.9 -> 0.70; for 1-2 queries
 # the scan wins (one query: 4.4 vs 12.9 ms). RetoMaton's walk searches a few dozen queries at a time
 # and generation a batch of sequences, both below faiss's own size. The two paths round differently
-# (~1e-5), so a small index, where the scan costs little anyway, keeps faiss's own choice and gives
-# the same distances whatever the batch.
+# (~1e-5), so a small index, where the scan costs little anyway, keeps faiss's own choice and the
+# distances it gave before (exact-equality tests compare batches of different sizes on such indexes).
 BLAS_MIN_QUERIES = 4
 BLAS_MIN_INDEX_SIZE = 1 << 22  # entries x dimensions (7,282 entries of 576 dimensions)
 _FAISS_DEFAULT: list[int] = []  # faiss's own threshold, read before the first change
