@@ -150,9 +150,11 @@ def compare_retrieval(batches: list, store, args) -> dict:
 
     settings = KNNSettings(k=args.k, lmbda=args.lmbda, recompute_dists=args.recompute).resolve(store)
     makers = {"plain": lambda: PlainSearch(store, settings)}
-    for threshold, seg, step in itertools.product(args.thresholds, args.segments, args.pointer_steps):
-        makers[f"retomaton {threshold}, {seg} parts, {step}"] = lambda t=threshold, seg=seg, step=step: (
-            RetoMatonSearch(RetoMaton(store, t, settings.k, args.recompute, segments=seg, pointer_step=step))
+    grid = itertools.product(args.thresholds, args.segments, args.pointer_steps, args.pools or [None])
+    for threshold, seg, step, pool in grid:
+        name = f"retomaton {threshold}, {seg} parts, {step}" + (f", pool {pool}" if pool else "")
+        makers[name] = lambda t=threshold, seg=seg, step=step, pool=pool: RetoMatonSearch(
+            RetoMaton(store, t, settings.k, args.recompute, pool=pool, segments=seg, pointer_step=step)
         )
     times: dict[str, list[float]] = {name: [] for name in makers}
     rows: dict[str, dict] = {}
@@ -191,6 +193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threshold", type=int, default=16, help="RetoMaton's threshold in evaluate_perplexity")
     p.add_argument("--thresholds", type=int, nargs="+", default=[16, 64], help="of the retrieval-only rows")
     p.add_argument("--segments", type=int, nargs="+", default=[64], help="parts walked side by side")
+    p.add_argument(
+        "--pools", type=int, nargs="+", default=None,
+        help="entries scored per pointer step with clusters (default: RetoMaton's, 4 k)",
+    )  # fmt: skip
     p.add_argument("--pointer-steps", nargs="+", default=["index"], choices=["index", "exact"])
     p.add_argument(
         "--skip-eval", action="store_true", help="only the retrieval-only rows (no evaluate_perplexity)"

@@ -9,7 +9,7 @@ from transformers import LogitsProcessorList
 
 from hf_knnlm import Datastore, KNNLMForCausalLM, KNNProcessor, evaluate_perplexity
 from hf_knnlm.datastore.kmeans_clusters import add_clusters
-from hf_knnlm.knnlm.pointer_distances import flat_distances_by_id
+from hf_knnlm.knnlm.pointer_distances import flat_distances_by_id, nearest_columns
 from hf_knnlm.knnlm.retomaton import RetoMaton, stream_neighbours
 
 WINDOWS = dict(max_length=64, stride=32, batch_size=4, disable_progress=True)
@@ -142,6 +142,26 @@ def test_clusters_top_pointers_up_with_their_lists_most_shared_first(ivf_store):
     assert out[:3].tolist() == ids.tolist() and len(np.unique(out)) == len(out)
     assert set(out.tolist()) == set(clusters.members([big]).tolist()) | {int(ids[0])}
     assert clusters.extend(ids, limit=2).tolist() == ids[:2].tolist()
+
+
+def test_extend_equals_the_sorting_formulation(ivf_store):
+    clusters, rng = ivf_store.clusters, np.random.default_rng(0)
+    for size, limit in [(1, 5), (3, 40), (10, 17), (25, 200)]:
+        ids = np.sort(rng.choice(len(ivf_store), size, replace=False))
+        found, counts = np.unique(clusters.assignment[ids], return_counts=True)
+        order = found[np.argsort(-counts, kind="stable")]
+        members = clusters.members(order)
+        expected = np.concatenate([ids, members[~np.isin(members, ids, kind="sort")]])[:limit]
+        assert clusters.extend(ids, limit).tolist() == expected.tolist()
+
+
+def test_nearest_columns_equal_a_stable_argsort():
+    rng = np.random.default_rng(0)
+    for rows, width, k in [(3, 50, 7), (4, 300, 128), (2, 16, 16), (5, 40, 64), (0, 10, 3)]:
+        dist = rng.integers(0, 12, size=(rows, width)).astype(np.float32)  # many ties at the k-th value
+        dist[dist > 9] = np.inf  # padding
+        expected = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(nearest_columns(dist, k), expected)
 
 
 def test_clusters_give_pointer_steps_k_neighbours(ivf_store):

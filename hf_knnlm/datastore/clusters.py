@@ -20,6 +20,8 @@ from ..utils.faiss_support import import_faiss
 if TYPE_CHECKING:
     import faiss
 
+TABLE_RANGE = 1 << 24
+
 
 class Clusters:
     """Which cluster each entry is in, and the members of each cluster.
@@ -55,6 +57,12 @@ class Clusters:
         parts = [self._members[self._starts[c] : self._starts[c + 1]] for c in clusters]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
+    def _most_pointed(self, ids: np.ndarray) -> np.ndarray:
+        """The clusters of ``ids``, those holding more of them first (ties: lower cluster id first)."""
+        counts = np.bincount(self.assignment[ids], minlength=self.num_clusters)  # no sort, unlike unique
+        clusters = np.flatnonzero(counts)
+        return clusters[np.argsort(-counts[clusters], kind="stable")]
+
     def extend(self, ids: np.ndarray, limit: int) -> np.ndarray:
         """``ids`` followed by the other members of their clusters, up to ``limit`` entries in all.
 
@@ -62,19 +70,20 @@ class Clusters:
         """
         if len(ids) >= limit or not len(ids):
             return ids[:limit]
-        clusters, counts = np.unique(self.assignment[ids], return_counts=True)
-        clusters = clusters[np.argsort(-counts, kind="stable")]
+        clusters = self._most_pointed(ids)
         sizes = self._starts[clusters + 1] - self._starts[clusters]
         # Enough clusters to fill the limit even if every given id is among their members.
         enough = int(np.searchsorted(np.cumsum(sizes), limit + len(ids))) + 1
         members = self.members(clusters[:enough])
-        extra = members[~np.isin(members, ids)][: limit - len(ids)]
+        # A lookup table over the ids' range (when that fits in 16 MB): a RetoMaton step calls this per row,
+        # and numpy's sorting isin cost as much as the distances it feeds.
+        kind = "table" if int(np.ptp(ids)) < TABLE_RANGE else None
+        extra = members[~np.isin(members, ids, kind=kind)][: limit - len(ids)]
         return np.concatenate([ids, extra])
 
     def pointed(self, ids: np.ndarray, limit: int) -> np.ndarray:
         """The clusters of ``ids``, most-shared first, as many as it takes to hold ``limit`` entries."""
-        clusters, counts = np.unique(self.assignment[ids], return_counts=True)
-        clusters = clusters[np.argsort(-counts, kind="stable")]
+        clusters = self._most_pointed(ids)
         sizes = self._starts[clusters + 1] - self._starts[clusters]
         return clusters[: int(np.searchsorted(np.cumsum(sizes), limit)) + 1]
 

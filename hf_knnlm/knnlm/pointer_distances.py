@@ -34,6 +34,20 @@ def flat_distances_by_id(vectors, queries: np.ndarray, ids: np.ndarray) -> np.nd
     return dist
 
 
+def nearest_columns(dist: np.ndarray, k: int) -> np.ndarray:
+    """``[R, min(k, m)]`` column indices of the ``k`` smallest of each row of ``dist`` ``[R, m]``, ascending,
+    ties in column order: ``np.argsort(dist, axis=1, kind="stable")[:, :k]`` without sorting whole rows."""
+    if dist.shape[1] <= k:
+        return np.argsort(dist, axis=1, kind="stable")
+    kth = np.take_along_axis(dist, np.argpartition(dist, k - 1, axis=1)[:, k - 1 : k], 1)
+    less, tied = dist < kth, dist == kth
+    keep = less | (tied & (np.cumsum(tied, axis=1) <= k - less.sum(1, keepdims=True)))  # k per row
+    if keep.sum() != len(dist) * k:  # a NaN compares false with everything: sort whole rows then
+        return np.argsort(dist, axis=1, kind="stable")[:, :k]
+    columns = np.nonzero(keep)[1].reshape(len(dist), k)  # still in column order: a stable sort keeps ties
+    return np.take_along_axis(columns, np.argsort(np.take_along_axis(dist, columns, 1), 1, kind="stable"), 1)
+
+
 class PointerDistances:
     """``self(q, ids, sizes)``: ``[R, m]`` squared L2 distances from row ``r`` of ``q`` to the entries
     ``ids[r, :sizes[r]]`` (inf past them), for one store.
@@ -103,4 +117,4 @@ class PointerDistances:
         return full[:n]
 
 
-__all__ = ["CHUNK", "PointerDistances", "flat_distances_by_id"]
+__all__ = ["CHUNK", "PointerDistances", "flat_distances_by_id", "nearest_columns"]

@@ -39,7 +39,7 @@ import torch
 from ..datastore.neighbours import Neighbours
 from ..datastore.search_index import exact_order
 from ..utils.checks import check_positive_int
-from .pointer_distances import PointerDistances
+from .pointer_distances import PointerDistances, nearest_columns
 from .retomaton_shard import sharded_step, walk_one_by_one
 from .settings import check_retomaton
 
@@ -227,7 +227,7 @@ class RetoMaton:
         ids = np.full((len(cands), width), -1, np.int64)
         ids[np.arange(width) < sizes[:, None]] = np.concatenate(cands)
         dist = self._distances(q, ids, sizes)
-        order = np.argsort(dist, axis=1, kind="stable")[:, : self.k]
+        order = nearest_columns(dist, self.k)
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
     def _queries(self, queries: torch.Tensor) -> np.ndarray:
