@@ -38,7 +38,7 @@ class RetrieverEmbedder(nn.Module):
     >>> embedder = RetrieverEmbedder(tiny, pooling="mean", normalize=True).eval()
     >>> batch = tokenizer(["The cat sat.", "A dog ran to the park."], padding=True, return_tensors="pt")
     >>> vectors = embedder(**batch)
-    >>> tuple(vectors.shape), [round(float(n), 4) for n in vectors.norm(dim=-1)]  # one unit vector per text
+    >>> tuple(vectors.shape), [round(float(n), 4) for n in vectors.detach().norm(dim=-1)]  # unit vectors
     ((2, 32), [1.0, 1.0])
     ```
     """
