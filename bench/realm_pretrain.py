@@ -95,21 +95,20 @@ def span_scores(model, tokenizer, index, rows: list[dict], retrieval: bool, batc
     """``(right, nll, in_documents)``: per row, whether its every masked token is predicted right; the mean
     negative log-likelihood per masked token, -log sum_z p(z|x) p(y|z, x) (or p(y|x) alone); per row,
     whether a retrieved document holds its span (all False without retrieval). One batch (one
-    retrieval) serves all three."""
+    retrieval, one model pass) serves all three."""
     collator = RealmPretrainingCollator(model, tokenizer, index)
     model.eval()
     right, in_documents, total, tokens = [], [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collator(chunk) if retrieval else null_document_batch(chunk, tokenizer.pad_token_id)
-        for row, guess, joined in zip(
-            chunk, model.masked_predictions(**batch), batch["joined_input_ids"], strict=True
-        ):
+        predicted, log_marginal = model.score_masked(**batch)  # one model pass for both
+        for row, guess, joined in zip(chunk, predicted, batch["joined_input_ids"], strict=True):
             targets = [(i, t) for i, t in enumerate(row["labels"]) if t != -100]
             right.append(all(int(guess[i]) == t for i, t in targets))
             in_documents.append(retrieval and _span_in_documents(row, joined, collator.top_k))
             tokens += len(targets)
-        total -= model(**batch).log_marginal.sum().item()
+        total -= log_marginal.sum().item()
     return right, total / tokens, in_documents
 
 

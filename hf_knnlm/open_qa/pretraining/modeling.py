@@ -78,6 +78,23 @@ def marginal_log_likelihood(retriever_logits: torch.Tensor, mlm_log_likelihood: 
     return torch.logsumexp(log_p_doc + mlm_log_likelihood.float(), dim=-1)
 
 
+def _marginal_argmax(
+    log_probs: torch.Tensor, selected: torch.Tensor, log_p_doc: torch.Tensor, shape: torch.Size, width: int
+) -> torch.Tensor:
+    """``[b, width]`` argmax over the vocabulary of sum_z p(z|x) p(y_j|z, x) at every masked position j
+    (-100 elsewhere): ``log_probs`` ``[n, vocab]`` at the ``selected`` ``[b * c, seq]`` positions of
+    joined inputs of ``shape`` ``[b, c, seq]``, ``log_p_doc`` ``[b, c]``."""
+    batch, candidates, seq = shape
+    rows, positions = selected.nonzero(as_tuple=True)
+    weighted = (log_probs + log_p_doc.reshape(-1)[rows, None]).exp()
+    example = rows // candidates  # x leads every joined input, so a position means the same token in all
+    keys, inverse = torch.unique(example * seq + positions, return_inverse=True)
+    marginal = weighted.new_zeros(len(keys), weighted.shape[1]).index_add_(0, inverse, weighted)
+    out = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long, device=log_probs.device)
+    out[keys // seq, keys % seq] = marginal.argmax(dim=-1)
+    return out
+
+
 class RealmForMaskedLM(PreTrainedModel):
     """REALM's pre-training model: query and document embedders plus a knowledge-augmented masked-LM encoder.
 
@@ -194,6 +211,35 @@ class RealmForMaskedLM(PreTrainedModel):
             return self.encoder(**inputs).logits[selected]
         return head(base(**inputs).last_hidden_state[selected])
 
+    def _masked_log_probs(
+        self,
+        joined_input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        joined_attention_mask: torch.Tensor | None = None,
+        joined_token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([n, vocab] log-probabilities at the n masked positions, [b * c, seq] where they are)`` of the
+        joined inputs ``[b, c, seq]``: one encoder pass, the head on the masked rows only."""
+        seq = joined_input_ids.shape[-1]
+        inputs = {"input_ids": joined_input_ids.reshape(-1, seq)}
+        for name, tensor in (
+            ("attention_mask", joined_attention_mask),
+            ("token_type_ids", joined_token_type_ids),
+        ):
+            if tensor is not None:
+                inputs[name] = tensor.reshape(-1, seq)
+        selected = labels.reshape(-1, seq) != IGNORE_INDEX
+        return torch.log_softmax(self._masked_logits(inputs, selected).float(), dim=-1), selected
+
+    @staticmethod
+    def _summed_targets(
+        log_probs: torch.Tensor, selected: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """log p(y|z, x) ``[b, c]``: the target tokens' log-probabilities summed per joined input."""
+        token_ll = log_probs.gather(-1, labels.reshape(selected.shape)[selected].unsqueeze(-1)).squeeze(-1)
+        totals = token_ll.new_zeros(selected.shape[0]).index_add(0, selected.nonzero()[:, 0], token_ll)
+        return totals.view(labels.shape[:2])
+
     def mlm_log_likelihood(
         self,
         joined_input_ids: torch.Tensor,
@@ -203,19 +249,10 @@ class RealmForMaskedLM(PreTrainedModel):
     ) -> torch.Tensor:
         """log p(y|z, x) ``[b, c]``: the masked tokens' summed log-probabilities for every joined input
         ``[b, c, seq]`` (``labels`` hold the target ids at masked positions and -100 elsewhere)."""
-        batch, candidates, seq = joined_input_ids.shape
-        inputs = {"input_ids": joined_input_ids.reshape(-1, seq)}
-        if joined_attention_mask is not None:
-            inputs["attention_mask"] = joined_attention_mask.reshape(-1, seq)
-        if joined_token_type_ids is not None:
-            inputs["token_type_ids"] = joined_token_type_ids.reshape(-1, seq)
-        flat_labels = labels.reshape(-1, seq)
-        selected = flat_labels != IGNORE_INDEX
-        log_probs = torch.log_softmax(self._masked_logits(inputs, selected).float(), dim=-1)
-        token_ll = log_probs.gather(-1, flat_labels[selected].unsqueeze(-1)).squeeze(-1)
-        rows = selected.nonzero()[:, 0]
-        totals = token_ll.new_zeros(batch * candidates).index_add(0, rows, token_ll)
-        return totals.view(batch, candidates)
+        log_probs, selected = self._masked_log_probs(
+            joined_input_ids, labels, joined_attention_mask, joined_token_type_ids
+        )
+        return self._summed_targets(log_probs, selected, labels)
 
     @torch.no_grad()
     def masked_predictions(
@@ -247,30 +284,38 @@ class RealmForMaskedLM(PreTrainedModel):
         (torch.Size([1, 8]), 1)
         ```
         """
-        log_p_doc = torch.log_softmax(
-            self.retriever_logits(
-                input_ids, attention_mask, doc_input_ids, doc_attention_mask, doc_valid
-            ).float(),
-            dim=-1,
+        return self.score_masked(
+            input_ids, joined_input_ids, labels, attention_mask, doc_input_ids, doc_attention_mask,
+            doc_valid, joined_attention_mask, joined_token_type_ids,
+        )[0]  # fmt: skip
+
+    @torch.no_grad()
+    def score_masked(
+        self,
+        input_ids: torch.Tensor,
+        joined_input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        doc_input_ids: torch.Tensor | None = None,
+        doc_attention_mask: torch.Tensor | None = None,
+        doc_valid: torch.Tensor | None = None,
+        joined_attention_mask: torch.Tensor | None = None,
+        joined_token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(masked_predictions, log_marginal)`` from one pass of the model: what ``masked_predictions``
+        and ``forward`` return, for an evaluation that needs both (the same batch)."""
+        retriever_logits = self.retriever_logits(
+            input_ids, attention_mask, doc_input_ids, doc_attention_mask, doc_valid
         )
-        batch, candidates, seq = joined_input_ids.shape
-        inputs = {"input_ids": joined_input_ids.reshape(-1, seq)}
-        for name, tensor in (
-            ("attention_mask", joined_attention_mask),
-            ("token_type_ids", joined_token_type_ids),
-        ):
-            if tensor is not None:
-                inputs[name] = tensor.reshape(-1, seq)
-        selected = labels.reshape(-1, seq) != IGNORE_INDEX
-        rows, positions = selected.nonzero(as_tuple=True)
-        log_probs = torch.log_softmax(self._masked_logits(inputs, selected).float(), dim=-1)
-        weighted = (log_probs + log_p_doc.reshape(-1)[rows, None]).exp()
-        example = rows // candidates  # x leads every joined input, so a position means the same token in all
-        keys, inverse = torch.unique(example * seq + positions, return_inverse=True)
-        marginal = weighted.new_zeros(len(keys), weighted.shape[1]).index_add_(0, inverse, weighted)
-        out = torch.full((batch, input_ids.shape[1]), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
-        out[keys // seq, keys % seq] = marginal.argmax(dim=-1)
-        return out
+        log_probs, selected = self._masked_log_probs(
+            joined_input_ids, labels, joined_attention_mask, joined_token_type_ids
+        )
+        mlm = self._summed_targets(log_probs, selected, labels)
+        log_p_doc = torch.log_softmax(retriever_logits.float(), dim=-1)
+        predicted = _marginal_argmax(
+            log_probs, selected, log_p_doc, joined_input_ids.shape, input_ids.shape[1]
+        )
+        return predicted, marginal_log_likelihood(retriever_logits, mlm)
 
     def forward(
         self,
