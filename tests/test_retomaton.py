@@ -144,7 +144,11 @@ def test_clusters_top_pointers_up_with_their_lists_most_shared_first(ivf_store):
     assert clusters.extend(ids, limit=2).tolist() == ids[:2].tolist()
 
 
-def test_extend_equals_the_sorting_formulation(ivf_store):
+@pytest.mark.parametrize("lookup", ["table", "sort"])
+def test_extend_equals_the_sorting_formulation(ivf_store, lookup, monkeypatch):
+    if lookup == "sort":  # the path of a store with more clusters or entries than the lookup tables cover
+        monkeypatch.setattr("hf_knnlm.datastore.clusters.BINCOUNT_CLUSTERS", 0)
+        monkeypatch.setattr("hf_knnlm.datastore.clusters.TABLE_RANGE", 0)
     clusters, rng = ivf_store.clusters, np.random.default_rng(0)
     for size, limit in [(1, 5), (3, 40), (10, 17), (25, 200)]:
         ids = np.sort(rng.choice(len(ivf_store), size, replace=False))

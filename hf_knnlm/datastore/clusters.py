@@ -20,7 +20,9 @@ from ..utils.faiss_support import import_faiss
 if TYPE_CHECKING:
     import faiss
 
+# Above these, Clusters' lookups sort instead of scanning a table as long as the store or its cluster list.
 TABLE_RANGE = 1 << 24
+BINCOUNT_CLUSTERS = 1 << 16
 
 
 class Clusters:
@@ -59,9 +61,13 @@ class Clusters:
 
     def _most_pointed(self, ids: np.ndarray) -> np.ndarray:
         """The clusters of ``ids``, those holding more of them first (ties: lower cluster id first)."""
-        counts = np.bincount(self.assignment[ids], minlength=self.num_clusters)  # no sort, unlike unique
-        clusters = np.flatnonzero(counts)
-        return clusters[np.argsort(-counts[clusters], kind="stable")]
+        if self.num_clusters <= BINCOUNT_CLUSTERS:  # a count per cluster is cheaper than unique's sort
+            counts = np.bincount(self.assignment[ids], minlength=self.num_clusters)
+            clusters = np.flatnonzero(counts)
+            counts = counts[clusters]
+        else:  # but scanning that many clusters for each pointer row is not
+            clusters, counts = np.unique(self.assignment[ids], return_counts=True)
+        return clusters[np.argsort(-counts, kind="stable")]
 
     def extend(self, ids: np.ndarray, limit: int) -> np.ndarray:
         """``ids`` followed by the other members of their clusters, up to ``limit`` entries in all.
