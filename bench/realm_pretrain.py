@@ -102,7 +102,7 @@ def span_scores(model, tokenizer, index, rows: list[dict], retrieval: bool, batc
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = collator(chunk) if retrieval else null_document_batch(chunk, tokenizer.pad_token_id)
-        predicted, log_marginal = model.score_masked(**batch)  # one model pass for both
+        predicted, log_marginal = model.masked_predictions(**batch, return_log_marginal=True)  # one pass
         for row, guess, joined in zip(chunk, predicted, batch["joined_input_ids"], strict=True):
             targets = [(i, t) for i, t in enumerate(row["labels"]) if t != -100]
             right.append(all(int(guess[i]) == t for i, t in targets))

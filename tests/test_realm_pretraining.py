@@ -204,12 +204,12 @@ def test_masked_predictions_take_the_argmax_of_the_marginal(tokenizer):
             assert (predicted[b] != -100).sum() == len(masked)
 
 
-def test_score_masked_is_the_predictions_and_the_forward_marginal_in_one_pass(tokenizer):
+def test_masked_predictions_return_forward_s_log_marginal_from_the_same_pass(tokenizer):
     model = make_mlm_model(tokenizer).eval()
     index = make_mlm_index(model, tokenizer)
     batch = RealmPretrainingCollator(model, tokenizer, index)(_rows(tokenizer))
     with torch.no_grad():
-        predicted, log_marginal = model.score_masked(**batch)
+        predicted, log_marginal = model.masked_predictions(**batch, return_log_marginal=True)
         assert torch.equal(predicted, model.masked_predictions(**batch))
         assert torch.equal(log_marginal, model(**batch).log_marginal)
 

@@ -266,10 +266,12 @@ class RealmForMaskedLM(PreTrainedModel):
         doc_valid: torch.Tensor | None = None,
         joined_attention_mask: torch.Tensor | None = None,
         joined_token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_log_marginal: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The most likely token at every masked position of x under the marginal
         p(y_j|x) = sum_z p(z|x) p(y_j|z, x): ``[b, q]`` ids, -100 where x is not masked. Takes the batch
-        ``forward`` takes.
+        ``forward`` takes; with ``return_log_marginal``, also the ``[b]`` log p(y|x) that ``forward``
+        returns, from the same model pass (an evaluation that needs both runs the model once).
 
         Examples:
 
@@ -284,37 +286,19 @@ class RealmForMaskedLM(PreTrainedModel):
         (torch.Size([1, 8]), 1)
         ```
         """
-        return self.score_masked(
-            input_ids, joined_input_ids, labels, attention_mask, doc_input_ids, doc_attention_mask,
-            doc_valid, joined_attention_mask, joined_token_type_ids,
-        )[0]  # fmt: skip
-
-    @torch.no_grad()
-    def score_masked(
-        self,
-        input_ids: torch.Tensor,
-        joined_input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        doc_input_ids: torch.Tensor | None = None,
-        doc_attention_mask: torch.Tensor | None = None,
-        doc_valid: torch.Tensor | None = None,
-        joined_attention_mask: torch.Tensor | None = None,
-        joined_token_type_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(masked_predictions, log_marginal)`` from one pass of the model: what ``masked_predictions``
-        and ``forward`` return, for an evaluation that needs both (the same batch)."""
         retriever_logits = self.retriever_logits(
             input_ids, attention_mask, doc_input_ids, doc_attention_mask, doc_valid
         )
         log_probs, selected = self._masked_log_probs(
             joined_input_ids, labels, joined_attention_mask, joined_token_type_ids
         )
-        mlm = self._summed_targets(log_probs, selected, labels)
         log_p_doc = torch.log_softmax(retriever_logits.float(), dim=-1)
         predicted = _marginal_argmax(
             log_probs, selected, log_p_doc, joined_input_ids.shape, input_ids.shape[1]
         )
+        if not return_log_marginal:
+            return predicted
+        mlm = self._summed_targets(log_probs, selected, labels)
         return predicted, marginal_log_likelihood(retriever_logits, mlm)
 
     def forward(
